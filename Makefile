@@ -1,0 +1,36 @@
+# Two commands matter: `make demo` (the whole pipeline on one machine) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+UV_VERSION := 0.13.9
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(PYTHON) -m uv
+
+.PHONY: venv test test-fast demo lint constraints clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
+	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
+	$(UV) pip install --quiet --python $(PY) -r requirements-dev.txt -c constraints.txt
+	touch $@
+
+venv: $(VENV)/.installed  ## create .venv with uv from the pinned constraints
+
+test: venv  ## the whole suite: fast tier and slow tier (Airflow end to end)
+	$(PY) -m pytest -m "slow or not slow"
+
+test-fast: venv  ## the fast tier only (the default of a bare `pytest`)
+	$(PY) -m pytest
+
+demo: venv  ## embedded S3 + Airflow standalone + image_qa on generated samples; needs VQA_BASE_URL
+	$(PY) scripts/demo.py
+
+lint: venv
+	$(VENV)/bin/hadolint Dockerfile docker/worker.Dockerfile
+
+constraints: venv  ## re-pin every package after changing a requirements file
+	$(UV) pip install --quiet --python $(PY) -r requirements-dev.txt
+	$(UV) pip freeze --python $(PY) | grep -v '^-e' > constraints.txt
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache

@@ -1,0 +1,32 @@
+"""Visual question-answer dataset generation with vision-language models, for Apache Airflow.
+
+The names below are the seeds' public API; they are imported on first use so that importing this
+package (as every DAG file does) stays cheap.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "FileStorage": "vqa_operators.storage.file_storage",
+    "ImageQAGenerate": "vqa_operators.generators.seed_api",
+    "APIVLMServing_openai": "vqa_operators.serving.openai_api",
+    "LocalModelVLMServing_vllm": "vqa_operators.serving.vllm_local",
+    "ImageQAGenerator": "vqa_operators.generators.image_qa",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vqa_operators' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,0 +1,203 @@
+"""What every generator shares: prompts, the ask-parse-repair step, and the bounded row runner.
+
+A generator is plain Python: it knows nothing of Airflow, of files or of S3 output. It turns one
+input row into the fields to add, or raises RowError with a reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from vqa_operators.exceptions import ConfigError, RowError
+from vqa_operators.media import DEFAULT_MAX_PIXELS, MediaReader, PreparedImage
+from vqa_operators.parsing import ParseError, describe_validation_error, parse_structured
+from vqa_operators.prompts import load_prompts
+from vqa_operators.serving.base import ChatRequest, VLMServing
+from vqa_operators.storage.jsonl import BadLine
+from vqa_operators.storage.uris import Storage
+
+M = TypeVar("M", bound=BaseModel)
+RAW_OUTPUT_LIMIT = 2000
+
+
+class GeneratorOptions(BaseModel):
+    """Base of each generator's typed options; unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def row_key(row: dict[str, Any]) -> str:
+    """A stable key for a row: the hash of its canonical JSON."""
+    canonical = json.dumps(row, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:20]
+
+
+def derive_seed(seed: int | None, key: str) -> int | None:
+    """A per-row seed from the run seed and the row key, so reruns sample the same way."""
+    if seed is None:
+        return None
+    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16)
+
+
+@dataclass
+class Usage:
+    """Token and request counts, summed over a run."""
+
+    requests: int = 0
+    repairs: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass
+class RowOutcome:
+    """One input line's result: the fields to add, or the error that sends it to the errors file."""
+
+    line: int
+    row: dict[str, Any] | None
+    fields: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: RowError | BadLine | None = None
+
+    def error_entry(self, stage: str) -> dict[str, Any]:
+        """The errors-file record: the input (row or raw line) with a reason."""
+        err = self.error
+        assert err is not None
+        entry: dict[str, Any] = {"stage": stage, "line": self.line, "reason": err.reason, "detail": err.detail}
+        if isinstance(err, BadLine):
+            entry["raw_line"] = err.raw
+        else:
+            entry["row"] = self.row
+            if err.raw_output is not None:
+                entry["raw_output"] = err.raw_output[:RAW_OUTPUT_LIMIT]
+        return entry
+
+
+class Generator(ABC):
+    """Base class: subclasses set ``name`` and ``Options`` and implement ``generate``."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[GeneratorOptions]] = GeneratorOptions
+
+    def __init__(
+        self,
+        serving: VLMServing,
+        *,
+        options: GeneratorOptions | dict[str, Any] | None = None,
+        media: MediaReader | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.serving = serving
+        try:
+            self.options = options if isinstance(options, self.Options) else self.Options.model_validate(options or {})
+        except ValidationError as err:
+            raise ConfigError(f"bad {self.name} options: {describe_validation_error(err)}") from None
+        self.media = media or MediaReader(Storage(), max_pixels=DEFAULT_MAX_PIXELS)
+        self.seed = seed
+        self.prompts = load_prompts(self.name)
+        self.usage = Usage()
+
+    @abstractmethod
+    async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Return (fields to add to the row, provenance details) or raise RowError."""
+
+    def provenance(self) -> dict[str, Any]:
+        """What produced this stage's output: model, prompt hash, sampling and options."""
+        sampling = self.serving.sampling
+        return {
+            "model": self.serving.model_name,
+            "prompt_sha256": self.prompts.sha256,
+            "seed": self.seed,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "max_tokens": sampling.max_tokens,
+            "options": self.options.model_dump(),
+        }
+
+    @staticmethod
+    def image_paths(row: dict[str, Any], key: str, limit: int) -> list[str]:
+        """The row's image paths: a string is a one-element list; anything else is a RowError."""
+        value = row.get(key)
+        if value is None:
+            raise RowError("missing_field", f"the row has no {key!r} field" if key not in row else f"{key!r} is null")
+        paths = [value] if isinstance(value, str) else value
+        if not isinstance(paths, list) or not all(isinstance(p, str) and p.strip() for p in paths):
+            raise RowError("bad_field", f"{key!r} must be a path or a list of non-empty paths, got {type(value).__name__}")
+        if not paths:
+            raise RowError("bad_field", f"{key!r} is an empty list")
+        if len(paths) > limit:
+            raise RowError("bad_field", f"{key!r} has {len(paths)} images; the limit per row is {limit}")
+        return paths
+
+    @staticmethod
+    def user_message(images: list[PreparedImage], text: str) -> dict[str, Any]:
+        """One user turn: every image as a data URL part, in order, then the text."""
+        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": img.data_url}} for img in images]
+        parts.append({"type": "text", "text": text})
+        return {"role": "user", "content": parts}
+
+    async def ask(self, messages: list[dict[str, Any]], answer_model: type[M], *, key: str) -> M:
+        """Ask for JSON matching ``answer_model``; on unusable output, repair once, then raise RowError."""
+        schema = answer_model.model_json_schema()
+        name = answer_model.__name__
+        seed = derive_seed(self.seed, key)
+        result = await self._chat(ChatRequest(messages=messages, schema=schema, schema_name=name, seed=seed))
+        try:
+            return parse_structured(result.text, answer_model, truncated=result.finish_reason == "length")
+        except ParseError as first:
+            self.usage.repairs += 1
+            repair = self.prompts.render("repair", error=str(first), schema=json.dumps(schema, ensure_ascii=False))
+            follow_up = [*messages, {"role": "assistant", "content": result.text}, {"role": "user", "content": repair}]
+            retry = await self._chat(ChatRequest(messages=follow_up, schema=schema, schema_name=name, seed=seed))
+            try:
+                return parse_structured(retry.text, answer_model, truncated=retry.finish_reason == "length")
+            except ParseError as second:
+                raise RowError("unparseable_output", f"after one repair: {second}", raw_output=retry.text) from None
+
+    async def _chat(self, request: ChatRequest) -> Any:
+        result = await self.serving.chat(request)
+        self.usage.requests += 1
+        self.usage.prompt_tokens += result.prompt_tokens
+        self.usage.completion_tokens += result.completion_tokens
+        return result
+
+
+async def run_rows(
+    generator: Generator, items: Iterable[tuple[int, dict[str, Any] | BadLine]], *, window: int
+) -> AsyncIterator[RowOutcome]:
+    """Process rows with at most ``window`` in flight, yielding outcomes in input order.
+
+    A JobError from any row propagates (the remaining rows are cancelled): the job fails as a whole.
+    """
+
+    async def one(line: int, item: dict[str, Any] | BadLine) -> RowOutcome:
+        if isinstance(item, BadLine):
+            return RowOutcome(line=line, row=None, error=item)
+        try:
+            fields, meta = await generator.generate(item)
+        except RowError as err:
+            return RowOutcome(line=line, row=item, error=err)
+        return RowOutcome(line=line, row=item, fields=fields, meta=meta)
+
+    pending: deque[asyncio.Task[RowOutcome]] = deque()
+    try:
+        for line, item in items:
+            pending.append(asyncio.ensure_future(one(line, item)))
+            while len(pending) >= window:
+                yield await pending.popleft()
+        while pending:
+            yield await pending.popleft()
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)

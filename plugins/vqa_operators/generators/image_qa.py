@@ -1,0 +1,60 @@
+"""Image QA (seed 002): images -> ``qa_pairs``, a list of ``{"question", "answer"}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from vqa_operators.generators.base import Generator, GeneratorOptions, row_key
+
+
+class QAPair(BaseModel):
+    """One question with its answer; both non-empty."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+    question: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+
+
+def image_qa_answer_model(pairs: int) -> type[BaseModel]:
+    """The JSON the model must return: exactly ``pairs`` QA pairs under ``qa_pairs``."""
+    return create_model(
+        "ImageQAAnswer",
+        __config__=ConfigDict(extra="forbid"),
+        qa_pairs=(list[QAPair], Field(min_length=pairs, max_length=pairs)),
+    )
+
+
+class ImageQAOptions(GeneratorOptions):
+    """Options of the image QA generator."""
+
+    pairs_per_row: int = Field(3, ge=1, le=20, description="QA pairs to generate per row")
+    image_key: str = Field("image", min_length=1, description="input field with the image path(s)")
+    output_key: str = Field("qa_pairs", min_length=1, description="output field for the QA pairs")
+    max_images_per_row: int = Field(8, ge=1, le=64, description="rows with more images go to errors")
+
+
+class ImageQAGenerator(Generator):
+    """Sends all of a row's images in one multi-image prompt and returns validated QA pairs."""
+
+    name = "image_qa"
+    Options = ImageQAOptions
+    options: ImageQAOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.answer_model = image_qa_answer_model(self.options.pairs_per_row)
+
+    async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Ask for ``pairs_per_row`` QA pairs about every image of ``row``."""
+        opts = self.options
+        paths = self.image_paths(row, opts.image_key, opts.max_images_per_row)
+        images = await self.media.prepare(paths)
+        messages = [
+            {"role": "system", "content": self.prompts.render("system")},
+            self.user_message(images, self.prompts.render("user", image_count=len(images), pairs=opts.pairs_per_row)),
+        ]
+        answer = await self.ask(messages, self.answer_model, key=row_key(row))
+        pairs = [pair.model_dump() for pair in answer.qa_pairs]  # type: ignore[attr-defined]
+        return {opts.output_key: pairs}, {"images": [img.summary() for img in images]}

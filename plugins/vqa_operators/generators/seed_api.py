@@ -1,0 +1,106 @@
+"""The seeds' operator classes (``ImageQAGenerate`` ...): ``run(storage, ...)`` over a FileStorage step.
+
+They drive the same generators as the worker. Rows that fail are written to the step's errors file
+(``..._step<N>.errors.jsonl``) instead of being dropped or stored as fake answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from vqa_operators.generators.base import Generator, run_rows
+from vqa_operators.media import DEFAULT_MAX_PIXELS, MediaReader
+from vqa_operators.storage.jsonl import BadLine
+from vqa_operators.storage.file_storage import FileStorage, records
+from vqa_operators.storage.uris import Storage
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion, also from code that already has a running loop (notebooks)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def _process(generator: Generator, items: list[tuple[int, dict[str, Any] | BadLine]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    good: list[dict[str, Any]] = []
+    bad: list[dict[str, Any]] = []
+    try:
+        async for outcome in run_rows(generator, items, window=2 * generator.serving.max_concurrency):
+            if outcome.error is not None:
+                bad.append(outcome.error_entry(generator.name))
+            else:
+                assert outcome.row is not None and outcome.fields is not None
+                good.append({**outcome.row, **outcome.fields})
+    finally:
+        await generator.serving.aclose()
+    return good, bad
+
+
+def run_step(
+    generator: Generator, storage: FileStorage | None = None, df: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """Read rows (from ``df`` or the storage step), generate, write results and errors to storage, return the results."""
+    import pandas as pd
+
+    if df is not None:
+        items: list[tuple[int, dict[str, Any] | BadLine]] = list(enumerate(records(df), start=1))
+    elif storage is not None:
+        rows = storage.read_rows()
+        items = [(b.line, b) for b in storage.bad_lines] + list(enumerate(rows, start=1))
+    else:
+        raise TypeError("pass storage= or df=")
+    good, bad = run_sync(_process(generator, items))
+    if storage is not None:
+        storage.write(good)
+        storage.write_errors(bad)
+    if bad:
+        log.warning("%s: %d of %d rows failed; see %s", generator.name, len(bad), len(items), storage.errors_path if storage else "the returned errors")
+    return pd.DataFrame.from_records(good)
+
+
+class _SeedOperator:
+    """Shared constructor of the seed-compatible operator classes."""
+
+    def __init__(
+        self,
+        llm_serving: Any,
+        *,
+        seed: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        media_root: str = ".",
+        **options: Any,
+    ) -> None:
+        self.serving = llm_serving
+        self.seed = seed
+        self.max_pixels = max_pixels
+        self.media_root = media_root
+        self.options = options
+
+    def _generator(self, cls: type[Generator], storage: FileStorage | None, **overrides: Any) -> Generator:
+        media = MediaReader(storage.storage if storage else Storage(), media_root=self.media_root, max_pixels=self.max_pixels)
+        return cls(self.serving, options={**self.options, **overrides}, media=media, seed=self.seed)
+
+
+class ImageQAGenerate(_SeedOperator):
+    """Seed 002: ``ImageQAGenerate(serving).run(storage, multi_modal_key="image", output_key="qa_pairs")``."""
+
+    def run(self, storage: FileStorage, multi_modal_key: str = "image", output_key: str = "qa_pairs") -> pd.DataFrame:
+        """Generate QA pairs for every row of the storage step and write the next step."""
+        from vqa_operators.generators.image_qa import ImageQAGenerator
+
+        generator = self._generator(ImageQAGenerator, storage, image_key=multi_modal_key, output_key=output_key)
+        return run_step(generator, storage)

@@ -1,0 +1,121 @@
+"""The one image encoder: read bytes, respect EXIF orientation, fit a pixel budget, emit a data URL."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import math
+import warnings
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from vqa_operators.exceptions import RowError
+from vqa_operators.storage.uris import Storage, join_uri
+
+# Qwen2.5-VL's common serving budget (1280 visual tokens of 28x28 pixels).
+DEFAULT_MAX_PIXELS = 1280 * 28 * 28
+JPEG_QUALITY = 90
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    """An image ready for a chat request, with the sizes that were read and sent."""
+
+    source: str
+    data_url: str
+    width: int
+    height: int
+    original_width: int
+    original_height: int
+
+    def summary(self) -> dict[str, object]:
+        """What was sent, for provenance (no pixels)."""
+        return {"source": self.source, "sent": [self.width, self.height], "original": [self.original_width, self.original_height]}
+
+
+def target_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """Largest size with the same aspect ratio and at most ``max_pixels`` pixels (never upscales)."""
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(1, int(width * scale)), max(1, int(height * scale))
+
+
+def prepare_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
+    """Decode ``data``, apply EXIF orientation, convert to RGB, fit ``max_pixels`` and JPEG-encode it.
+
+    Raises RowError("bad_image", ...) for anything Pillow cannot decode, including decompression bombs.
+    """
+    from PIL import Image, ImageOps
+
+    if not data:
+        raise RowError("bad_image", f"{source}: the file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            original = img.size
+            orientation_swaps = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            display_w, display_h = (original[1], original[0]) if orientation_swaps else original
+            tw, th = target_size(display_w, display_h, max_pixels)
+            if img.format == "JPEG" and (tw, th) != (display_w, display_h):
+                # decode at a reduced DCT scale (>= the target size) instead of full size, then resize
+                img.draft("RGB", (th, tw) if orientation_swaps else (tw, th))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                img = Image.new("RGB", rgba.size, (255, 255, 255))
+                img.paste(rgba, mask=rgba.getchannel("A"))
+            elif img.mode != "RGB":
+                img = img.convert("RGB")
+            if img.size != (tw, th):
+                img = img.resize((tw, th), Image.Resampling.LANCZOS)
+            buffer = io.BytesIO()
+            img.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+    except RowError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise RowError("bad_image", f"{source}: image too large to decode safely ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+        raise RowError("bad_image", f"{source}: cannot decode image ({exc})") from None
+    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return PreparedImage(
+        source=source,
+        data_url=f"data:image/jpeg;base64,{encoded}",
+        width=img.width,
+        height=img.height,
+        original_width=display_w,
+        original_height=display_h,
+    )
+
+
+class MediaReader:
+    """Resolve image paths against a media root, read them (local or S3) and prepare them off the event loop."""
+
+    def __init__(self, storage: Storage, *, media_root: str = ".", max_pixels: int = DEFAULT_MAX_PIXELS, executor: Executor | None = None) -> None:
+        self.storage = storage
+        self.media_root = media_root
+        self.max_pixels = max_pixels
+        self.executor = executor
+
+    def _load(self, path: str) -> PreparedImage:
+        uri = join_uri(self.media_root, path)
+        try:
+            data = self.storage.read_bytes(uri)
+        except FileNotFoundError:
+            raise RowError("image_not_found", f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise RowError("image_not_found", f"{path}: is a directory") from None
+        except Exception as exc:
+            code = getattr(exc, "response", {}).get("Error", {}).get("Code") if hasattr(exc, "response") else None
+            if code is None:
+                raise
+            raise RowError("image_not_found" if code in {"NoSuchKey", "404"} else "image_unreadable", f"{path}: {code}") from None
+        return prepare_image(data, source=path, max_pixels=self.max_pixels)
+
+    async def prepare(self, paths: list[str]) -> list[PreparedImage]:
+        """Read and prepare every image of one row concurrently, in the executor's threads."""
+        loop = asyncio.get_running_loop()
+        return list(await asyncio.gather(*(loop.run_in_executor(self.executor, self._load, p) for p in paths)))

@@ -1,0 +1,136 @@
+"""``VQAWorkerPodOperator``: the same worker command in a pod on a GPU node (``VQA_EXECUTION=kubernetes``).
+
+The model server is either an existing vLLM service (the ``vqa_vlm`` connection's host, passed as
+``VQA_BASE_URL``) or, when no URL is configured, ``vllm serve`` started inside the pod by the
+worker (``--serve-vllm``), health-checked before the first row. Secrets come from Kubernetes
+Secrets by reference; no secret value is ever written into the pod spec.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.cncf.kubernetes.secret import Secret
+from kubernetes.client import models as k8s
+from pydantic import BaseModel, ConfigDict, Field
+
+from vqa_operators.operators.spec import WorkerSpec
+
+XCOM_FILE = "/airflow/xcom/return.json"
+
+
+class PodSettings(BaseModel):
+    """How worker pods are placed and what they mount; override per DAG or with ``VQA_WORKER_IMAGE``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image: str = Field(default_factory=lambda: os.environ.get("VQA_WORKER_IMAGE", "vqa-worker:latest"))
+    namespace: str | None = Field(default_factory=lambda: os.environ.get("VQA_NAMESPACE") or None)
+    gpus: int = Field(1, ge=0, le=16)
+    gpu_resource: str = "nvidia.com/gpu"
+    cpu: str = "4"
+    memory: str = "32Gi"
+    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
+    tolerations: list[dict[str, str]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
+    shm_size: str = "16Gi"
+    model_cache_claim: str | None = "vqa-model-cache"
+    api_key_secret: str | None = "vqa-vlm"
+    api_key_secret_key: str = "api-key"
+    s3_secret: str | None = "vqa-s3"
+    service_account_name: str | None = None
+    run_as_user: int = 1000
+    startup_timeout_seconds: int = 1800
+
+
+def _volumes(settings: PodSettings) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
+    cache = (
+        k8s.V1PersistentVolumeClaimVolumeSource(claim_name=settings.model_cache_claim)
+        if settings.model_cache_claim
+        else None
+    )
+    volumes = [
+        k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=settings.shm_size)),
+        k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()),
+        k8s.V1Volume(name="model-cache", persistent_volume_claim=cache, empty_dir=None if cache else k8s.V1EmptyDirVolumeSource()),
+    ]
+    mounts = [
+        k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
+        k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
+        k8s.V1VolumeMount(name="model-cache", mount_path="/models"),
+    ]
+    return volumes, mounts
+
+
+class VQAWorkerPodOperator(KubernetesPodOperator):
+    """Run ``python -m vqa_operators run ...`` in a GPU pod; the manifest comes back through XCom."""
+
+    def __init__(self, *, spec: WorkerSpec, pod: PodSettings | None = None, vlm_conn_id: str = "vqa_vlm", **kwargs: Any) -> None:
+        settings = pod or PodSettings()
+        volumes, mounts = _volumes(settings)
+        limits = {"cpu": settings.cpu, "memory": settings.memory}
+        if settings.gpus:
+            limits[settings.gpu_resource] = str(settings.gpus)
+        secrets = []
+        if settings.api_key_secret:
+            secrets.append(Secret("env", "VQA_API_KEY", settings.api_key_secret, settings.api_key_secret_key))
+        if settings.s3_secret:
+            secrets.append(Secret("env", None, settings.s3_secret))  # envFrom: AWS_* keys of the Secret
+        kwargs.setdefault("name", f"vqa-{spec.generator.replace('_', '-')}")
+        super().__init__(
+            image=settings.image,
+            namespace=settings.namespace,
+            cmds=["python3", "-m", "vqa_operators"],
+            arguments=[*spec.argv(), "--xcom-file", XCOM_FILE],
+            env_vars=[
+                k8s.V1EnvVar(name="HOME", value="/tmp"),
+                k8s.V1EnvVar(name="HF_HOME", value="/models"),
+                k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
+            ],
+            secrets=secrets,
+            container_resources=k8s.V1ResourceRequirements(limits=limits, requests={"cpu": settings.cpu, "memory": settings.memory}),
+            node_selector=settings.node_selector,
+            tolerations=[k8s.V1Toleration(**t) for t in settings.tolerations],
+            volumes=volumes,
+            volume_mounts=mounts,
+            service_account_name=settings.service_account_name,
+            security_context=k8s.V1PodSecurityContext(
+                run_as_non_root=True,
+                run_as_user=settings.run_as_user,
+                run_as_group=settings.run_as_user,
+                fs_group=settings.run_as_user,
+                seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+            ),
+            container_security_context=k8s.V1SecurityContext(
+                allow_privilege_escalation=False,
+                read_only_root_filesystem=True,
+                capabilities=k8s.V1Capabilities(drop=["ALL"]),
+            ),
+            startup_timeout_seconds=settings.startup_timeout_seconds,
+            do_xcom_push=True,
+            get_logs=True,
+            on_finish_action="delete_succeeded_pod",
+            **kwargs,
+        )
+        self.spec = spec
+        self.vlm_conn_id = vlm_conn_id
+
+    def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:
+        """The KubernetesPodOperator's pod, plus the model endpoint: a service URL, or vLLM in the pod."""
+        from vqa_operators.hooks.vlm import VLMHook
+
+        pod = super().build_pod_request_obj(context, dry_run=dry_run)
+        endpoint = VLMHook(self.vlm_conn_id).get_endpoint()
+        container = pod.spec.containers[0]
+        env = list(container.env or [])
+        if endpoint.base_url:
+            env.append(k8s.V1EnvVar(name="VQA_BASE_URL", value=endpoint.base_url))
+        else:
+            container.args = [*container.args, "--serve-vllm"]
+        if endpoint.model and not self.spec.model:
+            env.append(k8s.V1EnvVar(name="VQA_MODEL", value=endpoint.model))
+        container.env = env
+        return pod

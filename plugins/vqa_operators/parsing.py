@@ -1,0 +1,116 @@
+"""Pure functions that turn a model's text into validated data, or say precisely why they cannot."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+_FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
+
+
+class ParseError(ValueError):
+    """The model's output is not usable; the message is the reason recorded for the row."""
+
+
+def _scan(text: str, start: int) -> tuple[int, bool]:
+    """Return (bracket depth, inside-a-string) after scanning ``text`` from ``start``, skipping string contents."""
+    depth, in_string, escaped = 0, False, False
+    for ch in text[start:]:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return 0, False
+    return depth, in_string
+
+
+def _strip_trailing_commas(text: str) -> str:
+    """Remove commas that directly precede ``}`` or ``]`` outside of strings."""
+    out: list[str] = []
+    in_string, escaped = False, False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == ",":
+            j = i + 1
+            while j < len(text) and text[j] in " \t\r\n":
+                j += 1
+            if j < len(text) and text[j] in "}]":
+                i += 1
+                continue
+        out.append(ch)
+        i += 1
+    return "".join(out)
+
+
+def extract_json(text: str, *, truncated: bool = False) -> Any:
+    """Return the first JSON object or array in ``text``, tolerating code fences, prose and trailing commas.
+
+    ``truncated`` says the server stopped on its token limit; it makes the error say so.
+    """
+    body = (text or "").strip()
+    if not body:
+        raise ParseError("empty output")
+    fence = _FENCE.search(body)
+    if fence:
+        body = fence.group(1).strip()
+    starts = [i for i in (body.find("{"), body.find("[")) if i >= 0]
+    if not starts:
+        raise ParseError("no JSON object in output")
+    start = min(starts)
+    decoder = json.JSONDecoder()
+    try:
+        return decoder.raw_decode(body, start)[0]
+    except json.JSONDecodeError as first:
+        try:
+            return decoder.raw_decode(_strip_trailing_commas(body), start)[0]
+        except json.JSONDecodeError:
+            pass
+        depth, in_string = _scan(body, start)
+        if truncated or depth > 0 or in_string:
+            limit = " (the server hit max_tokens)" if truncated else ""
+            raise ParseError(f"truncated JSON: output ended before the value was closed{limit}") from None
+        raise ParseError(f"invalid JSON: {first.msg} at char {first.pos}") from None
+
+
+def describe_validation_error(err: ValidationError, limit: int = 4) -> str:
+    """Summarise a pydantic error as ``path: message; ...`` (at most ``limit`` entries)."""
+    parts = []
+    for e in err.errors()[:limit]:
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        parts.append(f"{loc}: {e['msg']}")
+    more = len(err.errors()) - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def parse_structured(text: str, model: type[M], *, truncated: bool = False) -> M:
+    """Extract JSON from ``text`` and validate it against ``model``; raise ParseError with the reason."""
+    data = extract_json(text, truncated=truncated)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ParseError(f"output does not match the schema: {describe_validation_error(err)}") from None

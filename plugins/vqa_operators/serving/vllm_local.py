@@ -1,0 +1,136 @@
+"""``LocalModelVLMServing_vllm``: vLLM in this process, on this machine's GPU (the seeds' local path).
+
+UNTESTED HERE: vLLM needs a CUDA GPU, which the project's development and CI machines do not
+have. ``vllm`` is imported only when the first request is made. What the tests do cover is the
+code around it: requests from concurrent rows are gathered into one ``LLM.chat`` batch, and the
+OpenAI-format messages, sampling parameters and JSON schema are passed through unchanged (checked
+against a stand-in engine). For production, prefer ``vllm serve`` plus ``APIVLMServing_openai``,
+which is what the DAGs use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from vqa_operators.exceptions import ConfigError
+from vqa_operators.serving.base import ChatRequest, ChatResult, SamplingParams
+
+
+class LocalModelVLMServing_vllm:  # noqa: N801 - the original toolkit's class name, kept for drop-in use
+    """Batching adapter from async per-row requests to ``vllm.LLM.chat``."""
+
+    def __init__(
+        self,
+        hf_model_name_or_path: str,
+        hf_cache_dir: str | None = None,
+        hf_local_dir: str | None = None,
+        vllm_tensor_parallel_size: int = 1,
+        vllm_temperature: float = 0.7,
+        vllm_top_p: float = 0.9,
+        vllm_max_tokens: int = 1024,
+        vllm_max_model_len: int | None = None,
+        vllm_gpu_memory_utilization: float = 0.9,
+        vllm_seed: int | None = None,
+        *,
+        max_batch_size: int = 256,
+        max_images_per_prompt: int = 16,
+        engine: Any | None = None,
+    ) -> None:
+        if not hf_model_name_or_path:
+            raise ConfigError("hf_model_name_or_path is required")
+        self.model_name = hf_model_name_or_path
+        self.sampling = SamplingParams(temperature=vllm_temperature, top_p=vllm_top_p, max_tokens=vllm_max_tokens, seed=vllm_seed)
+        self.max_concurrency = max_batch_size
+        self._engine_kwargs = {
+            "model": hf_model_name_or_path,
+            "download_dir": hf_local_dir or hf_cache_dir,
+            "tensor_parallel_size": vllm_tensor_parallel_size,
+            "max_model_len": vllm_max_model_len,
+            "gpu_memory_utilization": vllm_gpu_memory_utilization,
+            "limit_mm_per_prompt": {"image": max_images_per_prompt},
+        }
+        self._engine = engine
+        self._queue: asyncio.Queue[tuple[ChatRequest, asyncio.Future[ChatResult]]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    @property
+    def engine(self) -> Any:
+        """The ``vllm.LLM`` instance, created on first use (loads the model onto the GPU)."""
+        if self._engine is None:
+            import vllm  # lazy: heavy, and CUDA-only
+
+            kwargs = {k: v for k, v in self._engine_kwargs.items() if v is not None}
+            self._engine = vllm.LLM(**kwargs)
+        return self._engine
+
+    def _sampling_params(self, request: ChatRequest) -> Any:
+        from vllm.sampling_params import SamplingParams as VllmSamplingParams
+        from vllm.sampling_params import StructuredOutputsParams
+
+        seed = request.seed if request.seed is not None else self.sampling.seed
+        structured = StructuredOutputsParams(json=request.schema) if request.schema is not None else None
+        return VllmSamplingParams(
+            temperature=self.sampling.temperature,
+            top_p=self.sampling.top_p,
+            max_tokens=self.sampling.max_tokens,
+            seed=seed,
+            structured_outputs=structured,
+        )
+
+    def _run_batch(self, requests: list[ChatRequest]) -> list[ChatResult]:
+        outputs = self.engine.chat(
+            [r.messages for r in requests],
+            sampling_params=[self._sampling_params(r) for r in requests],
+            use_tqdm=False,
+        )
+        results = []
+        for out in outputs:
+            completion = out.outputs[0]
+            results.append(
+                ChatResult(
+                    text=completion.text,
+                    finish_reason=completion.finish_reason,
+                    prompt_tokens=len(out.prompt_token_ids or []),
+                    completion_tokens=len(completion.token_ids or []),
+                )
+            )
+        return results
+
+    async def _drain(self) -> None:
+        assert self._queue is not None
+        while True:
+            batch = [await self._queue.get()]
+            await asyncio.sleep(0)  # let the other rows of this wave enqueue
+            while not self._queue.empty() and len(batch) < self.max_concurrency:
+                batch.append(self._queue.get_nowait())
+            try:
+                results = await asyncio.to_thread(self._run_batch, [req for req, _ in batch])
+            except Exception as exc:  # one engine failure fails every request of its batch
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), result in zip(batch, results, strict=True):
+                if not fut.done():
+                    fut.set_result(result)
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        """Queue one request; it runs in the next ``LLM.chat`` batch."""
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._worker is None or self._worker.get_loop() is not loop or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = loop.create_task(self._drain())
+        future: asyncio.Future[ChatResult] = loop.create_future()
+        await self._queue.put((request, future))
+        return await future
+
+    async def check(self) -> None:
+        """Load the engine now so that a bad model path fails before any row is read."""
+        await asyncio.to_thread(lambda: self.engine)
+
+    async def aclose(self) -> None:
+        """Stop the batching task of the current event loop (the engine stays loaded)."""
+        if self._worker is not None:
+            self._worker.cancel()
+        self._worker, self._queue = None, None

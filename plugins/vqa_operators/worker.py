@@ -1,0 +1,245 @@
+"""The worker: ``python -m vqa_operators run <generator> --input URI --output URI [...]``.
+
+The one entry point that a Kubernetes pod runs and that an in-process Airflow task calls
+(``run_job``). Every input line ends in exactly one place: the output JSONL (input fields +
+generated fields + provenance) or the errors JSONL (input + reason). Both files are written
+atomically at the end. The last stdout line is a JSON manifest. Job-level failures exit non-zero
+with a one-line message, so that Airflow retries the task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+from vqa_operators.exceptions import ConfigError, JobError
+from vqa_operators.generators import GENERATORS, generator_class
+from vqa_operators.generators.base import Generator, row_key, run_rows
+from vqa_operators.media import DEFAULT_MAX_PIXELS, MediaReader
+from vqa_operators.parsing import describe_validation_error
+from vqa_operators.serving.base import VLMServing
+from vqa_operators.storage.jsonl import JsonlWriter, read_jsonl
+from vqa_operators.storage.uris import Storage, errors_uri_for
+
+log = logging.getLogger("vqa_operators.worker")
+
+PROVENANCE_KEY = "vqa_provenance"
+PROGRESS_EVERY_S = 10.0
+
+
+class JobOptions(BaseModel):
+    """Everything one worker run needs; validated before any model call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    generator: str
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+    errors: str | None = None
+    base_url: str | None = None
+    model: str | None = None
+    api_key: SecretStr | None = None
+    concurrency: int = Field(64, ge=1, le=4096)
+    seed: int | None = None
+    temperature: float = Field(0.7, ge=0.0, le=2.0)
+    top_p: float = Field(0.9, gt=0.0, le=1.0)
+    max_tokens: int = Field(1024, ge=16, le=65536)
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=28 * 28, le=50_000_000)
+    media_root: str = "."
+    params: dict[str, Any] = Field(default_factory=dict)
+    serve_vllm: bool = False
+    request_timeout: float = Field(300.0, gt=0)
+    max_retries: int = Field(5, ge=0, le=20)
+
+    @property
+    def errors_uri(self) -> str:
+        """The errors file: ``--errors`` or ``<output name>.errors.jsonl`` beside the output."""
+        return self.errors or errors_uri_for(self.output)
+
+
+def _provenance(generator: Generator, prior: Any, key: str, meta: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(prior) if isinstance(prior, dict) else {}
+    merged[generator.name] = {**generator.provenance(), "row_key": key, **meta}
+    return merged
+
+
+async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> dict[str, Any]:
+    started = time.monotonic()
+    reasons: Counter[str] = Counter()
+    rows_in = rows_out = 0
+    try:
+        await generator.serving.check()
+        items = read_jsonl(storage.iter_lines(opts.input))
+        with storage.open_atomic(opts.output) as out_file, storage.open_atomic(opts.errors_uri) as err_file:
+            out, err = JsonlWriter(out_file), JsonlWriter(err_file)
+            last_report = started
+            async for outcome in run_rows(generator, items, window=2 * opts.concurrency):
+                rows_in += 1
+                if outcome.error is not None:
+                    reasons[outcome.error.reason] += 1
+                    err.write(outcome.error_entry(generator.name))
+                else:
+                    assert outcome.row is not None and outcome.fields is not None
+                    row = {**outcome.row, **outcome.fields}
+                    row[PROVENANCE_KEY] = _provenance(generator, outcome.row.get(PROVENANCE_KEY), row_key(outcome.row), outcome.meta)
+                    out.write(row)
+                    rows_out += 1
+                now = time.monotonic()
+                if now - last_report >= PROGRESS_EVERY_S:
+                    last_report = now
+                    log.info("%s: %d rows done (%.1f rows/s), %d failed", generator.name, rows_in, rows_in / (now - started), sum(reasons.values()))
+    finally:
+        await generator.serving.aclose()
+    usage = generator.usage
+    return {
+        "generator": generator.name,
+        "input": opts.input,
+        "output": opts.output,
+        "errors": opts.errors_uri,
+        "rows_in": rows_in,
+        "rows_out": rows_out,
+        "rows_failed": sum(reasons.values()),
+        "failures_by_reason": dict(sorted(reasons.items())),
+        "model": generator.serving.model_name,
+        "prompt_sha256": generator.prompts.sha256,
+        "seed": opts.seed,
+        "requests": usage.requests,
+        "repairs": usage.repairs,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "duration_s": round(time.monotonic() - started, 3),
+    }
+
+
+def run_job(opts: JobOptions, *, storage: Storage | None = None, serving: VLMServing | None = None) -> dict[str, Any]:
+    """Run one generator over one input file and return the manifest; raise JobError for job-level failures."""
+    storage = storage or Storage()
+    # one INFO line per HTTP request would drown the task log; progress lines report instead
+    for noisy in ("httpx", "httpx2", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cls = generator_class(opts.generator)
+    if opts.output in (opts.input, opts.errors_uri) or opts.input == opts.errors_uri:
+        raise ConfigError("--input, --output and --errors must be three different locations")
+    with contextlib.ExitStack() as stack:
+        base_url = opts.base_url
+        if serving is None:
+            if not opts.model:
+                raise ConfigError("no model name: pass --model or set VQA_MODEL (or the vqa_vlm connection's extra.model)")
+            if opts.serve_vllm:
+                from vqa_operators.serving.vllm_server import serve_vllm
+
+                base_url = stack.enter_context(serve_vllm(opts.model))
+            if not base_url:
+                raise ConfigError("no model server: pass --base-url or set VQA_BASE_URL (an OpenAI-compatible /v1 URL, e.g. vllm serve)")
+            from vqa_operators.serving.openai_api import APIVLMServing_openai
+
+            serving = APIVLMServing_openai(
+                api_url=base_url,
+                model_name=opts.model,
+                max_workers=opts.concurrency,
+                api_key=opts.api_key.get_secret_value() if opts.api_key else None,
+                temperature=opts.temperature,
+                top_p=opts.top_p,
+                max_tokens=opts.max_tokens,
+                seed=opts.seed,
+                timeout=opts.request_timeout,
+                max_retries=opts.max_retries,
+            )
+        executor = stack.enter_context(ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vqa-media"))
+        media = MediaReader(storage, media_root=opts.media_root, max_pixels=opts.max_pixels, executor=executor)
+        generator = cls(serving, options=opts.params, media=media, seed=opts.seed)
+        log.info("%s: %s -> %s (model %s, concurrency %d)", cls.name, opts.input, opts.output, serving.model_name, serving.max_concurrency)
+        manifest = asyncio.run(_process(generator, storage, opts))
+    log.info(
+        "%s: %d rows in, %d out, %d failed %s",
+        manifest["generator"], manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"], manifest["failures_by_reason"],
+    )
+    return manifest
+
+
+def _param(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--param takes KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI: ``run <generator>`` with URIs, model endpoint and sampling options."""
+    parser = argparse.ArgumentParser(prog="python -m vqa_operators", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one generator over a JSONL file")
+    run.add_argument("generator", choices=sorted(GENERATORS))
+    run.add_argument("--input", required=True, help="input JSONL: a path or s3://bucket/key")
+    run.add_argument("--output", required=True, help="output JSONL: a path or s3://bucket/key")
+    run.add_argument("--errors", help="errors JSONL (default: <output name>.errors.jsonl)")
+    run.add_argument("--base-url", default=os.environ.get("VQA_BASE_URL"), help="OpenAI-compatible /v1 URL [VQA_BASE_URL]")
+    run.add_argument("--model", default=os.environ.get("VQA_MODEL"), help="served model name [VQA_MODEL]")
+    run.add_argument("--concurrency", type=int, default=int(os.environ.get("VQA_CONCURRENCY", "64")), help="requests in flight [VQA_CONCURRENCY]")
+    run.add_argument("--seed", type=int, default=None, help="sampling seed; per-row seeds derive from it")
+    run.add_argument("--temperature", type=float, default=0.7)
+    run.add_argument("--top-p", type=float, default=0.9)
+    run.add_argument("--max-tokens", type=int, default=1024)
+    run.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel budget per image")
+    run.add_argument("--media-root", default=os.environ.get("VQA_MEDIA_ROOT", "."), help="folder or s3:// prefix for relative image paths [VQA_MEDIA_ROOT]")
+    run.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE", help="generator option, e.g. pairs_per_row=5")
+    run.add_argument("--max-retries", type=int, default=5, help="HTTP retries per request (backoff with jitter)")
+    run.add_argument("--request-timeout", type=float, default=300.0, help="seconds per HTTP request")
+    run.add_argument("--serve-vllm", action="store_true", help="start `vllm serve MODEL` here and use it")
+    run.add_argument("--xcom-file", default=os.environ.get("VQA_XCOM_FILE"), help="also write the manifest here (KubernetesPodOperator XCom)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        try:
+            opts = JobOptions(
+                generator=args.generator,
+                input=args.input,
+                output=args.output,
+                errors=args.errors,
+                base_url=args.base_url,
+                model=args.model,
+                api_key=os.environ.get("VQA_API_KEY") or None,
+                concurrency=args.concurrency,
+                seed=args.seed,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                max_tokens=args.max_tokens,
+                max_pixels=args.max_pixels,
+                media_root=args.media_root,
+                params=dict(args.param),
+                serve_vllm=args.serve_vllm,
+                max_retries=args.max_retries,
+                request_timeout=args.request_timeout,
+            )
+        except ValidationError as err:
+            raise ConfigError(f"bad options: {describe_validation_error(err)}") from None
+        manifest = run_job(opts)
+    except JobError as err:
+        print(f"vqa_operators: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    line = json.dumps(manifest, sort_keys=True)
+    if args.xcom_file:
+        os.makedirs(os.path.dirname(args.xcom_file) or ".", exist_ok=True)
+        with open(args.xcom_file, "w", encoding="utf-8") as handle:
+            handle.write(line)
+    print(line, flush=True)
+    return 0

@@ -1,0 +1,215 @@
+"""`make demo`: the whole image QA pipeline on one machine.
+
+Starts an embedded S3 server (moto) and Airflow standalone (SQLite, LocalExecutor, in-process
+execution), uploads generated sample images and an input JSONL, triggers `image_qa` through the
+REST API, waits, and prints the manifest and a few records. The model comes from VQA_BASE_URL
+(an OpenAI-compatible server such as `vllm serve`). Exits non-zero on any failure.
+
+Set DEMO_KEEP=1 to keep Airflow (http://localhost:<port>) and S3 running afterwards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+BUCKET = "vqa-demo"
+NEEDS_MODEL = """\
+VQA_BASE_URL is not set: the demo needs an OpenAI-compatible vision-language model server.
+
+  For example, on a machine with a GPU:
+    vllm serve Qwen/Qwen2.5-VL-3B-Instruct --port 8000
+  then here:
+    VQA_BASE_URL=http://<that-host>:8000/v1 VQA_MODEL=Qwen/Qwen2.5-VL-3B-Instruct make demo
+
+  VQA_API_KEY is sent as the bearer token if the server needs one. VQA_MODEL may be left out
+  when the server serves a single model.
+"""
+
+
+def say(message: str) -> None:
+    print(f"[demo] {message}", flush=True)
+
+
+def free_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+def http(method: str, url: str, body: Any = None, token: str | None = None, timeout: float = 10) -> Any:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - local URLs
+        payload = response.read()
+    return json.loads(payload) if payload else None
+
+
+def wait_for(what: str, check, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = check()
+            if result:
+                return result
+        except (OSError, urllib.error.URLError, ValueError, KeyError) as exc:
+            last = exc
+        time.sleep(1)
+    raise SystemExit(f"[demo] FAILED: {what} not ready after {timeout:.0f}s ({last})")
+
+
+def served_model(base_url: str) -> str:
+    models = http("GET", base_url.rstrip("/") + "/models", token=os.environ.get("VQA_API_KEY"))
+    ids = [m["id"] for m in models.get("data", [])]
+    if len(ids) != 1:
+        raise SystemExit(f"[demo] set VQA_MODEL: the server at {base_url} serves {ids}")
+    return ids[0]
+
+
+def sample_images() -> dict[str, bytes]:
+    """A few synthetic scenes (shapes and text), so the demo needs no downloads."""
+    from PIL import Image, ImageDraw
+
+    scenes = {
+        "red_ball.jpg": ((640, 480), (70, 130, 180), [("ellipse", (220, 140, 420, 340), (220, 30, 30))]),
+        "two_boxes.jpg": ((800, 600), (240, 240, 230), [("rectangle", (80, 200, 300, 420), (30, 160, 60)), ("rectangle", (450, 150, 700, 400), (250, 200, 0))]),
+        "traffic_light.jpg": ((480, 640), (20, 20, 30), [("rectangle", (170, 80, 310, 560), (60, 60, 60)), ("ellipse", (200, 110, 280, 190), (230, 0, 0)), ("ellipse", (200, 290, 280, 370), (80, 80, 0)), ("ellipse", (200, 460, 280, 540), (0, 90, 0))]),
+        "sunset.jpg": ((1024, 576), (250, 150, 60), [("ellipse", (412, 300, 612, 500), (255, 220, 80)), ("rectangle", (0, 420, 1024, 576), (30, 60, 120))]),
+    }
+    out = {}
+    for name, (size, background, shapes) in scenes.items():
+        img = Image.new("RGB", size, background)
+        draw = ImageDraw.Draw(img)
+        for kind, box, colour in shapes:
+            getattr(draw, kind)(box, fill=colour)
+        buffer = io.BytesIO()
+        img.save(buffer, format="JPEG", quality=90)
+        out[name] = buffer.getvalue()
+    return out
+
+
+def main() -> int:
+    base_url = os.environ.get("VQA_BASE_URL", "").strip()
+    if not base_url:
+        print(NEEDS_MODEL, file=sys.stderr)
+        return 2
+    model = os.environ.get("VQA_MODEL") or served_model(base_url)
+    work = Path(os.environ.get("VQA_DEMO_DIR", ROOT / ".demo")).resolve()
+    shutil.rmtree(work / "airflow", ignore_errors=True)
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    (work / "output").mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, argv: list[str], env: dict[str, str]) -> None:
+        log = open(work / "logs" / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
+        procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))  # noqa: S603
+
+    try:
+        import boto3
+
+        s3_port = free_port(5055)
+        s3_url = f"http://127.0.0.1:{s3_port}"
+        say(f"starting embedded S3 (moto) on {s3_url}")
+        start("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], dict(os.environ))
+        s3 = boto3.client("s3", endpoint_url=s3_url, aws_access_key_id="demo", aws_secret_access_key="demo", region_name="us-east-1")
+        wait_for("S3 server", lambda: urllib.request.urlopen(s3_url, timeout=2).status == 200, 30)  # noqa: S310
+        s3.create_bucket(Bucket=BUCKET)
+        images = sample_images()
+        for name, data in images.items():
+            s3.put_object(Bucket=BUCKET, Key=f"media/{name}", Body=data)
+        rows = [
+            {"id": "scene-1", "image": ["media/red_ball.jpg"]},
+            {"id": "scene-2", "image": ["media/two_boxes.jpg", "media/traffic_light.jpg"]},
+            {"id": "scene-3", "image": "media/sunset.jpg"},
+            {"id": "scene-4", "image": ["media/traffic_light.jpg"]},
+        ]
+        s3.put_object(Bucket=BUCKET, Key="input/image_qa.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+        say(f"uploaded {len(images)} images and {len(rows)} rows to s3://{BUCKET}/")
+
+        api_port = free_port(8080)
+        api = f"http://localhost:{api_port}"
+        home = work / "airflow"
+        env = {
+            **os.environ,
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__API__PORT": str(api_port),
+            "AIRFLOW__API__BASE_URL": api,
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "demo", "password": "demo", "extra": {"endpoint_url": s3_url, "region_name": "us-east-1"}}),
+            "AIRFLOW_CONN_VQA_VLM": json.dumps({"conn_type": "http", "host": base_url, "password": os.environ.get("VQA_API_KEY", ""), "extra": {"model": model}}),
+            "VQA_EXECUTION": "local",
+            "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+        }
+        say(f"starting Airflow standalone on {api} (log: {work / 'logs' / 'airflow.log'})")
+        start("airflow", [str(BIN / "airflow"), "standalone"], env)
+        wait_for("Airflow API", lambda: http("GET", f"{api}/api/v2/monitor/health")["scheduler"]["status"] == "healthy", 240)
+        password_file = home / "simple_auth_manager_passwords.json.generated"
+        password = wait_for("admin password", lambda: json.loads(password_file.read_text()).get("admin"), 60)
+        token = http("POST", f"{api}/auth/token", {"username": "admin", "password": password})["access_token"]
+        wait_for("image_qa DAG", lambda: http("GET", f"{api}/api/v2/dags/image_qa", token=token), 120)
+        http("PATCH", f"{api}/api/v2/dags/image_qa", {"is_paused": False}, token=token)
+        conf = {"input_uri": f"s3://{BUCKET}/input/image_qa.jsonl", "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/", "pairs_per_row": 3, "seed": 0}
+        run = http("POST", f"{api}/api/v2/dags/image_qa/dagRuns", {"logical_date": None, "conf": conf}, token=token)
+        run_id = run["dag_run_id"]
+        say(f"triggered image_qa run {run_id} (model {model} at {base_url}); waiting")
+        run_url = f"{api}/api/v2/dags/image_qa/dagRuns/{run_id}"
+        state = wait_for("the DAG run", lambda: (s := http("GET", run_url, token=token)["state"]) in ("success", "failed") and s, 900)
+        if state != "success":
+            say(f"FAILED: run {run_id} ended {state}; see the task log in the UI ({api}) or {home / 'logs'}")
+            return 1
+        manifest = http("GET", f"{run_url}/taskInstances/generate/xcomEntries/return_value", token=token)["value"]
+        if isinstance(manifest, str):
+            manifest = json.loads(manifest)
+        bucket, key = manifest["output"][len("s3://") :].split("/", 1)
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        (work / "output" / "image_qa.jsonl").write_bytes(body)
+        records = [json.loads(line) for line in body.decode().splitlines()]
+        say(f"manifest: rows_in={manifest['rows_in']} rows_out={manifest['rows_out']} rows_failed={manifest['rows_failed']} failures={manifest['failures_by_reason']}")
+        say(f"output: {manifest['output']} (copied to {work / 'output' / 'image_qa.jsonl'})")
+        for record in records[:3]:
+            print(json.dumps({"image": record["image"], "qa_pairs": record["qa_pairs"]}, ensure_ascii=False, indent=2))
+        if manifest["rows_out"] == 0:
+            say("FAILED: no row produced QA pairs; the errors file says why: " + manifest["errors"])
+            return 1
+        if os.environ.get("DEMO_KEEP"):
+            say(f"DEMO_KEEP set: Airflow at {api} (admin / {password}), S3 at {s3_url}; Ctrl-C to stop")
+            signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        return 0
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

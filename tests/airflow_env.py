@@ -1,0 +1,43 @@
+"""Helpers for tests that run the real ``airflow`` CLI against this repository's dags/ and plugins/."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+
+
+def airflow_env(home: Path, *, s3_endpoint: str, vlm_base_url: str, model: str, api_key: str = "sk-airflow-secret-456") -> dict[str, str]:
+    """Environment for an isolated Airflow on SQLite that sees this project and the local servers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VQA_", "AWS_"))}
+    env.update(
+        {
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
+                {
+                    "conn_type": "aws",
+                    "login": "testing-key-id",
+                    "password": "testing-secret-value",
+                    "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
+                }
+            ),
+            "AIRFLOW_CONN_VQA_VLM": json.dumps({"conn_type": "http", "host": vlm_base_url, "password": api_key, "extra": {"model": model}}),
+            "VQA_EXECUTION": "local",
+        }
+    )
+    return env
+
+
+def airflow(*args: str, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    """Run ``airflow <args>`` and capture its output."""
+    return subprocess.run([AIRFLOW, *args], env=env, capture_output=True, text=True, timeout=timeout, check=False, cwd=ROOT)

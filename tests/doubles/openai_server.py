@@ -1,0 +1,296 @@
+"""TEST DOUBLE: an OpenAI-compatible chat server on localhost, shaped like ``vllm serve``.
+
+It is not a model. It speaks real HTTP, validates requests the way vLLM does (unknown model ->
+404; image parts that are not base64 data URLs, undecodable images, malformed ``response_format``
+or sampling fields -> 400) and answers with JSON built from the requested schema. The strings it
+writes state what it received (image count and sizes), so tests can check what reached the server.
+Tests script faults with ``enqueue(Reply(...))`` or a ``responder`` hook.
+
+Run it standalone: ``python tests/doubles/openai_server.py MODEL --host 127.0.0.1 --port 8000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import io
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import jsonschema
+from PIL import Image
+
+
+@dataclass
+class Reply:
+    """A scripted answer: ``content`` (None = generated from the schema), HTTP ``status``, or a dropped connection."""
+
+    content: str | None = None
+    status: int = 200
+    finish_reason: str = "stop"
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    drop: bool = False
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, status: int = 400, kind: str = "BadRequestError") -> None:
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+def _describe_images(messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    sizes = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") == "image_url":
+                    sizes.append(part["_size"])
+    return sizes
+
+
+def _validate_image_part(part: dict[str, Any]) -> None:
+    url = (part.get("image_url") or {}).get("url")
+    if not isinstance(url, str):
+        raise BadRequest("image_url.url must be a string")
+    if not url.startswith("data:image/") or ";base64," not in url:
+        raise BadRequest(f"Only base64 data URLs are supported for image_url here, got {url[:40]!r}")
+    try:
+        raw = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+        with Image.open(io.BytesIO(raw)) as img:
+            img.load()
+            part["_size"] = img.size
+    except (binascii.Error, OSError) as exc:
+        raise BadRequest(f"Failed to load image: {exc}") from None
+
+
+def _validate(body: dict[str, Any], model: str) -> None:
+    if body.get("model") != model:
+        raise BadRequest(f"The model `{body.get('model')}` does not exist.", status=404, kind="NotFoundError")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("messages must be a non-empty list")
+    for message in messages:
+        if message.get("role") not in {"system", "user", "assistant"}:
+            raise BadRequest(f"unknown role {message.get('role')!r}")
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") == "image_url":
+                    _validate_image_part(part)
+                elif part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise BadRequest(f"unsupported content part {part.get('type')!r}")
+        elif not isinstance(content, str):
+            raise BadRequest("message content must be a string or a list of parts")
+    for name, kind in (("temperature", (int, float)), ("top_p", (int, float)), ("max_tokens", int), ("seed", int)):
+        if name in body and not isinstance(body[name], kind):
+            raise BadRequest(f"{name} has the wrong type")
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if fmt.get("type") not in {"text", "json_object", "json_schema"}:
+            raise BadRequest(f"response_format.type {fmt.get('type')!r} is not supported")
+        if fmt["type"] == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("schema"), dict):
+                raise BadRequest("response_format.json_schema needs a name and a schema object")
+            try:
+                jsonschema.Draft202012Validator.check_schema(spec["schema"])
+            except jsonschema.SchemaError as exc:
+                raise BadRequest(f"invalid JSON schema: {exc.message}") from None
+
+
+def schema_instance(schema: dict[str, Any], root: dict[str, Any], note: str, name: str = "value", index: int = 0) -> Any:
+    """A value that satisfies ``schema`` (the subset pydantic emits), with strings that carry ``note``."""
+    if "$ref" in schema:
+        target: Any = root
+        for part in schema["$ref"].lstrip("#/").split("/"):
+            target = target[part]
+        return schema_instance(target, root, note, name, index)
+    if "anyOf" in schema:
+        options = [s for s in schema["anyOf"] if s.get("type") != "null"] or schema["anyOf"]
+        return schema_instance(options[0], root, note, name, index)
+    if "const" in schema:
+        return schema["const"]
+    if "enum" in schema:
+        return schema["enum"][index % len(schema["enum"])]
+    kind = schema.get("type")
+    if kind == "object":
+        return {k: schema_instance(v, root, note, k, index) for k, v in schema.get("properties", {}).items()}
+    if kind == "array":
+        count = max(schema.get("minItems", 1), 1)
+        count = min(count, schema.get("maxItems", count))
+        return [schema_instance(schema.get("items", {}), root, note, name, i) for i in range(count)]
+    if kind == "integer":
+        return int(schema.get("minimum", 0))
+    if kind == "number":
+        return float(schema.get("minimum", 0))
+    if kind == "boolean":
+        return True
+    return f"{name} {index + 1}: {note}"
+
+
+class OpenAITestServer:
+    """The test double's state and lifecycle (``start``/``stop``), with its recorded requests."""
+
+    def __init__(self, model: str = "test-vlm", host: str = "127.0.0.1", port: int = 0) -> None:
+        self.model = model
+        self.requests: list[dict[str, Any]] = []
+        self.script: deque[Reply] = deque()
+        self.responder: Callable[[dict[str, Any]], Reply | None] | None = None
+        self.latency = 0.0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer((host, port), self._handler())
+        self._httpd.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def enqueue(self, *replies: Reply) -> None:
+        """Answer the next requests with these replies, in order."""
+        self.script.extend(replies)
+
+    def reset(self) -> None:
+        """Forget recorded requests, scripts and counters."""
+        with self._lock:
+            self.requests.clear()
+            self.script.clear()
+            self.responder = None
+            self.latency = 0.0
+            self.max_in_flight = 0
+
+    def start(self) -> OpenAITestServer:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="openai-test-double", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def _next_reply(self, body: dict[str, Any]) -> Reply:
+        with self._lock:
+            if self.script:
+                return self.script.popleft()
+        if self.responder is not None:
+            reply = self.responder(body)
+            if reply is not None:
+                return reply
+        return Reply()
+
+    def _complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+        try:
+            _validate(body, self.model)
+        except BadRequest as exc:
+            return exc.status, {"error": {"message": str(exc), "type": exc.kind, "param": None, "code": exc.status}}, {}
+        with self._lock:
+            self.requests.append(body)
+        reply = self._next_reply(body)
+        time.sleep(self.latency + reply.delay)
+        if reply.status != 200:
+            return reply.status, {"error": {"message": f"scripted HTTP {reply.status}", "type": "ServerError", "code": reply.status}}, reply.headers
+        content = reply.content
+        if content is None:
+            sizes = _describe_images(body["messages"])
+            note = f"saw {len(sizes)} image(s) " + ",".join(f"{w}x{h}" for w, h in sizes)
+            fmt = body.get("response_format") or {}
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            content = json.dumps(schema_instance(schema, schema, note)) if schema else note
+        prompt_chars = sum(len(json.dumps(m.get("content"))) for m in body["messages"])
+        return 200, {
+            "id": f"chatcmpl-{len(self.requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reply.finish_reason}],
+            "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(content) // 4, "total_tokens": prompt_chars // 4 + len(content) // 4},
+        }, reply.headers
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path == "/health":
+                    self._send(200, {})
+                elif self.path == "/v1/models":
+                    self._send(200, {"object": "list", "data": [{"id": server.model, "object": "model", "owned_by": "vllm"}]})
+                else:
+                    self._send(404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
+
+            def do_POST(self) -> None:  # noqa: N802
+                length = int(self.headers.get("Content-Length", 0))
+                raw = self.rfile.read(length)
+                if self.path != "/v1/chat/completions":
+                    self._send(404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
+                    return
+                try:
+                    body = json.loads(raw)
+                except json.JSONDecodeError:
+                    self._send(400, {"error": {"message": "invalid JSON body", "type": "BadRequestError", "code": 400}})
+                    return
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    if server.script and server.script[0].drop:
+                        with server._lock:
+                            server.requests.append(body)
+                            server.script.popleft()
+                        self.close_connection = True
+                        self.connection.shutdown(2)  # dropped connection, no response
+                        return
+                    status, payload, headers = server._complete(body)
+                    self._send(status, payload, headers)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+        return Handler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="OpenAI-compatible TEST DOUBLE (not a model)")
+    parser.add_argument("model")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--latency", type=float, default=0.0)
+    args, _ = parser.parse_known_args()
+    server = OpenAITestServer(args.model, args.host, args.port)
+    server.latency = args.latency
+    print(f"test double serving {args.model} at {server.base_url}", flush=True)
+    try:
+        server._httpd.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

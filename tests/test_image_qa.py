@@ -1,0 +1,95 @@
+"""The image QA generator: multi-image prompts, configurable pair count, repair, and per-row errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MODEL
+from tests.doubles.openai_server import OpenAITestServer, Reply
+from vqa_operators.exceptions import ConfigError, RowError
+from vqa_operators.generators.image_qa import ImageQAGenerator
+from vqa_operators.media import MediaReader
+from vqa_operators.serving.openai_api import APIVLMServing_openai
+from vqa_operators.storage import Storage
+
+
+def generator(server: OpenAITestServer, root: Path, **options) -> ImageQAGenerator:
+    serving = APIVLMServing_openai(api_url=server.base_url, model_name=MODEL, max_workers=4, max_retries=0)
+    return ImageQAGenerator(serving, options=options, media=MediaReader(Storage(), media_root=str(root)), seed=11)
+
+
+def image_parts(body: dict) -> list[dict]:
+    user = [m for m in body["messages"] if m["role"] == "user"][0]
+    return [p for p in user["content"] if p["type"] == "image_url"]
+
+
+def test_several_images_go_in_one_prompt(vlm_server: OpenAITestServer, images: list[Path]) -> None:
+    gen = generator(vlm_server, images[0].parent, pairs_per_row=4)
+    fields, meta = asyncio.run(gen.generate({"image": [p.name for p in images]}))
+    assert len(vlm_server.requests) == 1
+    assert len(image_parts(vlm_server.requests[0])) == 3
+    pairs = fields["qa_pairs"]
+    assert len(pairs) == 4 and all(set(p) == {"question", "answer"} for p in pairs)
+    # the double states what it received: three images, in order, at their sizes
+    assert "saw 3 image(s) 64x48,80x80,40x100" in pairs[0]["answer"]
+    assert [m["source"] for m in meta["images"]] == [p.name for p in images]
+    schema = vlm_server.requests[0]["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["qa_pairs"]["minItems"] == 4 == schema["properties"]["qa_pairs"]["maxItems"]
+
+
+def test_single_string_counts_as_one_image(vlm_server: OpenAITestServer, images: list[Path]) -> None:
+    fields, _ = asyncio.run(generator(vlm_server, images[0].parent).generate({"image": images[0].name}))
+    assert len(image_parts(vlm_server.requests[0])) == 1
+    assert len(fields["qa_pairs"]) == 3
+
+
+def test_prompt_comes_from_the_template(vlm_server: OpenAITestServer, images: list[Path]) -> None:
+    gen = generator(vlm_server, images[0].parent, pairs_per_row=2)
+    asyncio.run(gen.generate({"image": [images[0].name, images[1].name]}))
+    user = [m for m in vlm_server.requests[0]["messages"] if m["role"] == "user"][0]
+    text = user["content"][-1]["text"]
+    assert "Write exactly 2 diverse question-answer pairs" in text and "compares the images" in text
+    assert len(gen.prompts.sha256) == 64
+
+
+def test_unusable_output_is_repaired_once(vlm_server: OpenAITestServer, images: list[Path]) -> None:
+    good = json.dumps({"qa_pairs": [{"question": f"Q{i}?", "answer": f"A{i}"} for i in range(3)]})
+    vlm_server.enqueue(Reply(content="Question: what is it? Answer: a dog."), Reply(content=f"```json\n{good}\n```"))
+    gen = generator(vlm_server, images[0].parent)
+    fields, _ = asyncio.run(gen.generate({"image": images[0].name}))
+    assert [p["answer"] for p in fields["qa_pairs"]] == ["A0", "A1", "A2"]
+    repair = vlm_server.requests[1]["messages"]
+    assert repair[-2] == {"role": "assistant", "content": "Question: what is it? Answer: a dog."}
+    assert "no JSON object" in repair[-1]["content"]
+    assert gen.usage.repairs == 1 and gen.usage.requests == 2
+
+
+def test_still_unusable_after_repair_is_a_row_error(vlm_server: OpenAITestServer, images: list[Path]) -> None:
+    vlm_server.enqueue(Reply(content='{"qa_pairs": [', finish_reason="length"), Reply(content='{"qa_pairs": []}'))
+    with pytest.raises(RowError, match="after one repair") as info:
+        asyncio.run(generator(vlm_server, images[0].parent).generate({"image": images[0].name}))
+    assert info.value.reason == "unparseable_output"
+    assert info.value.raw_output == '{"qa_pairs": []}'
+    assert "max_tokens" in vlm_server.requests[1]["messages"][-1]["content"]
+
+
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [({}, "missing_field"), ({"image": None}, "missing_field"), ({"image": 3}, "bad_field"), ({"image": []}, "bad_field"), ({"image": ["missing.jpg"]}, "image_not_found")],
+)
+def test_bad_rows_raise_row_errors(vlm_server: OpenAITestServer, tmp_path: Path, row: dict, reason: str) -> None:
+    with pytest.raises(RowError) as info:
+        asyncio.run(generator(vlm_server, tmp_path).generate(row))
+    assert info.value.reason == reason
+    assert vlm_server.requests == []  # no model call for bad input
+
+
+def test_options_are_validated(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="pairs_per_row"):
+        generator(vlm_server, tmp_path, pairs_per_row=0)
+    with pytest.raises(ConfigError, match="Extra inputs"):
+        generator(vlm_server, tmp_path, pairs=3)

@@ -1,0 +1,78 @@
+"""Storage: streaming JSONL, atomic writes (local and S3), the AWS environment selecting the endpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vqa_operators.exceptions import InputError
+from vqa_operators.storage import BadLine, JsonlWriter, Storage, errors_uri_for, join_uri, read_jsonl
+
+
+def test_read_jsonl_reports_every_bad_line() -> None:
+    lines = [b'{"a": 1}', b"", b"{broken", b"[1, 2]", b"\xff\xfe", '{"b": "caf\u00e9"}'.encode()]
+    out = list(read_jsonl(lines))
+    assert [n for n, _ in out] == [1, 2, 3, 4, 5, 6]
+    assert out[0][1] == {"a": 1} and out[5][1] == {"b": "caf\u00e9"}
+    reasons = [item.reason for _, item in out if isinstance(item, BadLine)]
+    assert reasons == ["blank_line", "malformed_json", "not_an_object", "not_utf8"]
+
+
+def test_local_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "out" / "rows.jsonl"
+    storage = Storage()
+    with pytest.raises(RuntimeError):
+        with storage.open_atomic(str(target)) as handle:
+            handle.write(b"partial\n")
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert list(target.parent.iterdir()) == []
+
+
+def test_local_atomic_write_replaces(tmp_path: Path) -> None:
+    target = tmp_path / "rows.jsonl"
+    target.write_text("old\n")
+    storage = Storage()
+    with storage.open_atomic(str(target)) as handle:
+        JsonlWriter(handle).write({"x": 1})
+        assert target.read_text() == "old\n"  # not visible before the block ends
+    assert target.read_text() == '{"x": 1}\n'
+
+
+def test_missing_local_input_is_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="cannot read"):
+        list(Storage().iter_lines(str(tmp_path / "nope.jsonl")))
+
+
+def test_s3_roundtrip_streams_lines(s3, bucket: str) -> None:
+    storage = Storage()  # endpoint from AWS_ENDPOINT_URL_S3
+    uri = f"s3://{bucket}/dir/rows.jsonl"
+    with storage.open_atomic(uri) as handle:
+        writer = JsonlWriter(handle)
+        for i in range(3000):
+            writer.write({"i": i, "text": "x" * 50})
+    rows = [row for _, row in read_jsonl(storage.iter_lines(uri))]
+    assert [r["i"] for r in rows] == list(range(3000))
+    assert storage.exists(uri) and not storage.exists(f"s3://{bucket}/dir/other.jsonl")
+
+
+def test_s3_failed_write_creates_no_object(s3, bucket: str) -> None:
+    storage = Storage()
+    with pytest.raises(RuntimeError):
+        with storage.open_atomic(f"s3://{bucket}/out.jsonl") as handle:
+            handle.write(b'{"partial": true}\n')
+            raise RuntimeError("killed mid-write")
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
+def test_missing_s3_object_is_an_input_error(s3, bucket: str) -> None:
+    with pytest.raises(InputError, match="NoSuchKey"):
+        list(Storage().iter_lines(f"s3://{bucket}/missing.jsonl"))
+
+
+def test_uri_helpers() -> None:
+    assert errors_uri_for("s3://b/k/out.jsonl") == "s3://b/k/out.errors.jsonl"
+    assert join_uri("s3://b/media/", "./a.jpg") == "s3://b/media/a.jpg"
+    assert join_uri("/data", "imgs/a.jpg") == "/data/imgs/a.jpg"
+    assert join_uri("/data", "s3://x/y.jpg") == "s3://x/y.jpg"
