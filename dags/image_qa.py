@@ -70,7 +70,7 @@ def image_qa() -> None:
         task_id="generate",
         spec=WorkerSpec(
             generator="image_qa",
-            input_uri="{{ params.input_uri }}",
+            input="{{ params.input_uri }}",
             media_root="{{ params.media_root }}",
             seed="{{ params.seed }}",
             params={"pairs_per_row": "{{ params.pairs_per_row }}"},

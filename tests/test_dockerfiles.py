@@ -18,7 +18,16 @@ def test_hadolint_clean(dockerfile: str) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_worker_image_entrypoint_matches_the_pod_command() -> None:
-    text = (ROOT / "docker/worker.Dockerfile").read_text()
-    assert 'ENTRYPOINT ["python3", "-m", "vqa_operators"]' in text
-    from vqa_operators.operators.pod import VQAWorkerPodOperator  # noqa: F401 - the pod uses the same argv
+def test_worker_image_entrypoint_matches_the_pod_command(tmp_path, monkeypatch) -> None:
+    """The pod overrides the image's command; both must be the worker CLI."""
+    import json
+    import re
+
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path))
+    from vqa_operators.operators.pod import VQAWorkerPodOperator
+    from vqa_operators.operators.spec import WorkerSpec
+
+    entrypoint = re.search(r"^ENTRYPOINT (.+)$", (ROOT / "docker/worker.Dockerfile").read_text(), re.MULTILINE)
+    assert entrypoint is not None
+    pod = VQAWorkerPodOperator(task_id="t", spec=WorkerSpec(generator="image_qa", input="s3://b/in.jsonl"))
+    assert pod.cmds == json.loads(entrypoint.group(1)) == ["python3", "-m", "vqa_operators"]

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import MODEL
 from tests.doubles.openai_server import OpenAITestServer, Reply
-from vqa_operators.exceptions import ConfigError, RowError
+from vqa_operators.exceptions import ConfigError, RowError, StorageError
 from vqa_operators.generators.image_qa import ImageQAGenerator
 from vqa_operators.media import MediaReader
 from vqa_operators.serving.openai_api import APIVLMServing_openai
@@ -93,3 +93,44 @@ def test_options_are_validated(vlm_server: OpenAITestServer, tmp_path: Path) -> 
         generator(vlm_server, tmp_path, pairs_per_row=0)
     with pytest.raises(ConfigError, match="Extra inputs"):
         generator(vlm_server, tmp_path, pairs=3)
+
+
+def _client_error(code: str) -> Exception:
+    from botocore.exceptions import ClientError
+
+    return ClientError({"Error": {"Code": code, "Message": code}}, "GetObject")
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason", "detail"),
+    [
+        (PermissionError(13, "Permission denied"), "image_unreadable", "Permission denied"),
+        (_client_error("AccessDenied"), "image_unreadable", "AccessDenied"),
+        (_client_error("NoSuchKey"), "image_not_found", "NoSuchKey"),
+    ],
+    ids=["local-permission", "s3-access-denied", "s3-missing"],
+)
+def test_unreadable_images_are_row_errors(vlm_server: OpenAITestServer, exc: Exception, reason: str, detail: str) -> None:
+    class FailingStorage(Storage):
+        def read_bytes(self, uri: str) -> bytes:
+            raise exc
+
+    serving = APIVLMServing_openai(api_url=vlm_server.base_url, model_name=MODEL, max_retries=0)
+    gen = ImageQAGenerator(serving, media=MediaReader(FailingStorage(), media_root="/media"))
+    with pytest.raises(RowError, match=detail) as info:
+        asyncio.run(gen.generate({"image": "a.jpg"}))
+    assert info.value.reason == reason
+    assert vlm_server.requests == []
+
+
+def test_unreachable_s3_for_an_image_fails_the_job(vlm_server: OpenAITestServer) -> None:
+    from botocore.exceptions import EndpointConnectionError
+
+    class DownStorage(Storage):
+        def read_bytes(self, uri: str) -> bytes:
+            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
+
+    serving = APIVLMServing_openai(api_url=vlm_server.base_url, model_name=MODEL, max_retries=0)
+    gen = ImageQAGenerator(serving, media=MediaReader(DownStorage(), media_root="s3://b/"))
+    with pytest.raises(StorageError, match="cannot read s3://b/a.jpg: EndpointConnectionError"):
+        asyncio.run(gen.generate({"image": "a.jpg"}))

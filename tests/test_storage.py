@@ -76,3 +76,11 @@ def test_uri_helpers() -> None:
     assert join_uri("s3://b/media/", "./a.jpg") == "s3://b/media/a.jpg"
     assert join_uri("/data", "imgs/a.jpg") == "/data/imgs/a.jpg"
     assert join_uri("/data", "s3://x/y.jpg") == "s3://x/y.jpg"
+
+
+def test_s3_write_to_a_missing_bucket_is_a_storage_error(s3) -> None:
+    from vqa_operators.exceptions import StorageError
+
+    with pytest.raises(StorageError, match="cannot write s3://no-such-bucket-x/out.jsonl: NoSuchBucket"):
+        with Storage().open_atomic("s3://no-such-bucket-x/out.jsonl") as handle:
+            handle.write(b"{}\n")

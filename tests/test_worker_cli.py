@@ -75,6 +75,7 @@ def test_end_to_end_on_s3(vlm_server: OpenAITestServer, s3, bucket: str, s3_inpu
     first = next(e for e in errors if e["line"] == 1)
     assert first["row"]["id"] == 1 and first["raw_output"] == "still not JSON"
     assert next(e for e in errors if e["line"] == 3)["raw_line"] == "{not json"
+    assert set(vlm_server.authorizations) == {"Bearer sk-test-secret-123"}  # VQA_API_KEY is sent, as a bearer token
     # no secret reaches the output, errors, manifest or logs
     for text in (proc.stdout, proc.stderr, json.dumps(out), json.dumps(errors)):
         assert "sk-test-secret-123" not in text and "testing-secret-value" not in text

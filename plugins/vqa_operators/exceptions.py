@@ -31,6 +31,12 @@ class ServerUnavailableError(JobError):
     exit_code = 4
 
 
+class StorageError(JobError):
+    """Object storage failed for the job as a whole (endpoint unreachable, upload refused)."""
+
+    exit_code = 5
+
+
 class RowError(VQAError):
     """One row cannot be processed; it goes to the errors file with ``reason`` and ``detail``."""
 

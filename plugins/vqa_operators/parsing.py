@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
+_CLOSER_AHEAD = re.compile(r"[ \t\r\n]*[}\]]")
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
 
 
@@ -17,34 +19,10 @@ class ParseError(ValueError):
     """The model's output is not usable; the message is the reason recorded for the row."""
 
 
-def _scan(text: str, start: int) -> tuple[int, bool]:
-    """Return (bracket depth, inside-a-string) after scanning ``text`` from ``start``, skipping string contents."""
-    depth, in_string, escaped = 0, False, False
-    for ch in text[start:]:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                in_string = False
-        elif ch == '"':
-            in_string = True
-        elif ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return 0, False
-    return depth, in_string
-
-
-def _strip_trailing_commas(text: str) -> str:
-    """Remove commas that directly precede ``}`` or ``]`` outside of strings."""
-    out: list[str] = []
+def _outside_strings(text: str, start: int = 0) -> Iterator[tuple[int, str, bool]]:
+    """Yield (index, char, inside_a_string) for ``text[start:]``, following JSON string escapes."""
     in_string, escaped = False, False
-    i = 0
-    while i < len(text):
+    for i in range(start, len(text)):
         ch = text[i]
         if in_string:
             if escaped:
@@ -55,16 +33,31 @@ def _strip_trailing_commas(text: str) -> str:
                 in_string = False
         elif ch == '"':
             in_string = True
-        elif ch == ",":
-            j = i + 1
-            while j < len(text) and text[j] in " \t\r\n":
-                j += 1
-            if j < len(text) and text[j] in "}]":
-                i += 1
-                continue
-        out.append(ch)
-        i += 1
-    return "".join(out)
+        yield i, ch, in_string
+
+
+def _scan(text: str, start: int) -> tuple[int, bool]:
+    """Return (bracket depth, inside-a-string) at the end of ``text`` scanned from ``start``."""
+    depth, in_string = 0, False
+    for _, ch, in_string in _outside_strings(text, start):
+        if in_string:
+            continue
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return 0, False
+    return depth, in_string
+
+
+def _strip_trailing_commas(text: str) -> str:
+    """Remove commas that directly precede ``}`` or ``]`` outside of strings."""
+    drop = set()
+    for i, ch, in_string in _outside_strings(text):
+        if ch == "," and not in_string and _CLOSER_AHEAD.match(text, i + 1):
+            drop.add(i)
+    return "".join(ch for i, ch in enumerate(text) if i not in drop)
 
 
 def extract_json(text: str, *, truncated: bool = False) -> Any:

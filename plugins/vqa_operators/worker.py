@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-tokens", type=int, default=1024)
     run.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel budget per image")
     run.add_argument("--media-root", default=os.environ.get("VQA_MEDIA_ROOT", "."), help="folder or s3:// prefix for relative image paths [VQA_MEDIA_ROOT]")
-    run.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=VALUE", help="generator option, e.g. pairs_per_row=5")
+    run.add_argument("--param", dest="params", type=_param, action="append", default=[], metavar="KEY=VALUE", help="generator option, e.g. pairs_per_row=5")
     run.add_argument("--max-retries", type=int, default=5, help="HTTP retries per request (backoff with jitter)")
     run.add_argument("--request-timeout", type=float, default=300.0, help="seconds per HTTP request")
     run.add_argument("--serve-vllm", action="store_true", help="start `vllm serve MODEL` here and use it")
@@ -210,26 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         try:
-            opts = JobOptions(
-                generator=args.generator,
-                input=args.input,
-                output=args.output,
-                errors=args.errors,
-                base_url=args.base_url,
-                model=args.model,
-                api_key=os.environ.get("VQA_API_KEY") or None,
-                concurrency=args.concurrency,
-                seed=args.seed,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                max_tokens=args.max_tokens,
-                max_pixels=args.max_pixels,
-                media_root=args.media_root,
-                params=dict(args.param),
-                serve_vllm=args.serve_vllm,
-                max_retries=args.max_retries,
-                request_timeout=args.request_timeout,
-            )
+            fields = {k: v for k, v in vars(args).items() if k in JobOptions.model_fields}
+            opts = JobOptions(**{**fields, "params": dict(args.params)}, api_key=os.environ.get("VQA_API_KEY") or None)
         except ValidationError as err:
             raise ConfigError(f"bad options: {describe_validation_error(err)}") from None
         manifest = run_job(opts)

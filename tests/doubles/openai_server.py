@@ -143,6 +143,7 @@ class OpenAITestServer:
     def __init__(self, model: str = "test-vlm", host: str = "127.0.0.1", port: int = 0) -> None:
         self.model = model
         self.requests: list[dict[str, Any]] = []
+        self.authorizations: list[str | None] = []
         self.script: deque[Reply] = deque()
         self.responder: Callable[[dict[str, Any]], Reply | None] | None = None
         self.latency = 0.0
@@ -166,6 +167,7 @@ class OpenAITestServer:
         """Forget recorded requests, scripts and counters."""
         with self._lock:
             self.requests.clear()
+            self.authorizations.clear()
             self.script.clear()
             self.responder = None
             self.latency = 0.0
@@ -257,6 +259,7 @@ class OpenAITestServer:
                     self._send(400, {"error": {"message": "invalid JSON body", "type": "BadRequestError", "code": 400}})
                     return
                 with server._lock:
+                    server.authorizations.append(self.headers.get("Authorization"))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:

@@ -44,25 +44,13 @@ class VQAWorkerOperator(BaseOperator):
         spec = self.spec
         try:
             opts = JobOptions(
-                generator=spec.generator,
-                input=spec.input_uri,
-                output=spec.output_uri,
-                errors=spec.errors_uri or None,
+                **{**spec.options(), "model": spec.model or endpoint.model},
                 base_url=endpoint.base_url,
-                model=spec.model or endpoint.model,
                 api_key=endpoint.api_key,
-                concurrency=spec.concurrency,
-                seed=spec.seed,
-                temperature=spec.temperature,
-                top_p=spec.top_p,
-                max_tokens=spec.max_tokens,
-                max_pixels=spec.max_pixels,
-                media_root=spec.media_root,
-                params=spec.params,
             )
         except ValidationError as err:
             raise ConfigError(f"bad options: {describe_validation_error(err)}") from None
-        self.log.info("running %s in-process: %s -> %s", spec.generator, spec.input_uri, spec.output_uri)
+        self.log.info("running %s in-process: %s -> %s", spec.generator, spec.input, spec.output)
         manifest = run_job(opts, storage=Storage(s3_client=self.s3_client if self.aws_conn_id else None))
         self.log.info("manifest: %s", manifest)
         return manifest

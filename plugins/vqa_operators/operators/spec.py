@@ -1,9 +1,13 @@
-"""``WorkerSpec``: one description of a worker run, turned into CLI arguments (pods) or JobOptions (in-process)."""
+"""``WorkerSpec``: one description of a worker run, turned into CLI arguments (pods) or JobOptions (in-process).
+
+Its field names are the worker's option names (``JobOptions`` and the CLI flags), so both
+translations are mechanical.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from vqa_operators.media import DEFAULT_MAX_PIXELS
@@ -17,12 +21,12 @@ class WorkerSpec:
     """The worker's arguments; string fields may hold Jinja templates that Airflow renders."""
 
     # Airflow renders the template fields of objects held in an operator's template fields
-    template_fields: ClassVar[tuple[str, ...]] = ("input_uri", "output_uri", "errors_uri", "model", "params", "concurrency", "seed", "media_root")
+    template_fields: ClassVar[tuple[str, ...]] = ("input", "output", "errors", "model", "params", "concurrency", "seed", "media_root")
 
     generator: str
-    input_uri: str
-    output_uri: str = STAGED_OUTPUT_URI
-    errors_uri: str | None = None
+    input: str
+    output: str = STAGED_OUTPUT_URI
+    errors: str | None = None
     model: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     concurrency: int | str = 64
@@ -33,23 +37,18 @@ class WorkerSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     media_root: str = "."
 
+    def options(self) -> dict[str, Any]:
+        """The fields as ``JobOptions`` keyword arguments (empty strings from templates become None)."""
+        return {k: (None if v == "" else v) for k, v in asdict(self).items()}
+
     def argv(self) -> list[str]:
         """``run <generator> --input ... --output ...`` for ``python -m vqa_operators``."""
-        args = ["run", self.generator, "--input", self.input_uri, "--output", self.output_uri]
-        if self.errors_uri:
-            args += ["--errors", self.errors_uri]
-        if self.model:
-            args += ["--model", self.model]
-        args += ["--concurrency", str(self.concurrency)]
-        if self.seed is not None:
-            args += ["--seed", str(self.seed)]
-        args += [
-            "--temperature", str(self.temperature),
-            "--top-p", str(self.top_p),
-            "--max-tokens", str(self.max_tokens),
-            "--max-pixels", str(self.max_pixels),
-            "--media-root", self.media_root,
-        ]
+        args = ["run", self.generator]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("generator", "params") or value is None or value == "":
+                continue
+            args += [f"--{f.name.replace('_', '-')}", str(value)]
         for key, value in self.params.items():
             args += ["--param", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
         return args

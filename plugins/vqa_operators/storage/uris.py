@@ -15,7 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import IO, Any
 
-from vqa_operators.exceptions import InputError
+from vqa_operators.exceptions import InputError, StorageError
 
 
 def is_s3(uri: str) -> bool:
@@ -46,7 +46,8 @@ def errors_uri_for(output_uri: str) -> str:
     return stem + ".errors.jsonl"
 
 
-def _client_error_code(exc: BaseException) -> str | None:
+def s3_error_code(exc: BaseException) -> str | None:
+    """The S3 error code of a botocore ClientError (``NoSuchKey``, ``AccessDenied`` ...), else None."""
     response = getattr(exc, "response", None)
     if isinstance(response, dict):
         return response.get("Error", {}).get("Code")
@@ -69,7 +70,7 @@ class Storage:
         return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
 
     def _s3_error(self, uri: str, exc: Exception) -> InputError:
-        code = _client_error_code(exc) or type(exc).__name__
+        code = s3_error_code(exc) or type(exc).__name__
         return InputError(f"cannot read {uri}: {code}")
 
     def iter_lines(self, uri: str) -> Iterator[bytes]:
@@ -105,7 +106,7 @@ class Storage:
             try:
                 self.s3.head_object(Bucket=bucket, Key=key)
             except Exception as exc:
-                if _client_error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                if s3_error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
                     return False
                 raise
             return True
@@ -124,7 +125,10 @@ class Storage:
                 yield spool
                 spool.flush()
                 spool.seek(0)
-                self.s3.upload_fileobj(spool, bucket, key)
+                try:
+                    self.s3.upload_fileobj(spool, bucket, key)
+                except Exception as exc:  # boto3 raises ClientError, S3UploadFailedError, EndpointConnectionError
+                    raise StorageError(f"cannot write {uri}: {s3_error_code(exc) or type(exc).__name__}") from exc
             return
         target = Path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
