@@ -101,24 +101,41 @@ def _client_error(code: str) -> Exception:
     return ClientError({"Error": {"Code": code, "Message": code}}, "GetObject")
 
 
-@pytest.mark.parametrize(
-    ("exc", "reason", "detail"),
-    [
-        (PermissionError(13, "Permission denied"), "image_unreadable", "Permission denied"),
-        (_client_error("AccessDenied"), "image_unreadable", "AccessDenied"),
-        (_client_error("NoSuchKey"), "image_not_found", "NoSuchKey"),
-    ],
-    ids=["local-permission", "s3-access-denied", "s3-missing"],
-)
-def test_unreadable_images_are_row_errors(vlm_server: OpenAITestServer, exc: Exception, reason: str, detail: str) -> None:
-    class FailingStorage(Storage):
-        def read_bytes(self, uri: str) -> bytes:
-            raise exc
+class RaisingS3:
+    """An S3 client stand-in whose get_object raises ``exc``."""
 
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def get_object(self, **_: object) -> dict:
+        raise self.exc
+
+
+class RaisingLocalStorage(Storage):
+    def __init__(self, exc: Exception) -> None:
+        super().__init__()
+        self.exc = exc
+
+    def read_bytes(self, uri: str) -> bytes:
+        raise self.exc
+
+
+@pytest.mark.parametrize(
+    ("storage", "root", "reason", "detail"),
+    [
+        (RaisingLocalStorage(PermissionError(13, "Permission denied")), "/media", "image_unreadable", "Permission denied"),
+        (Storage(s3_client=RaisingS3(_client_error("AccessDenied"))), "s3://b/", "image_unreadable", "AccessDenied"),
+        (Storage(s3_client=RaisingS3(_client_error("NoSuchKey"))), "s3://b/", "image_not_found", "NoSuchKey"),
+        (Storage(s3_client=RaisingS3(_client_error("NoSuchKey"))), "s3://bucket-only", "bad_field", "not an s3://bucket/key URI"),
+    ],
+    ids=["local-permission", "s3-access-denied", "s3-missing", "malformed-s3-uri"],
+)
+def test_unreadable_images_are_row_errors(vlm_server: OpenAITestServer, storage: Storage, root: str, reason: str, detail: str) -> None:
     serving = APIVLMServing_openai(api_url=vlm_server.base_url, model_name=MODEL, max_retries=0)
-    gen = ImageQAGenerator(serving, media=MediaReader(FailingStorage(), media_root="/media"))
+    gen = ImageQAGenerator(serving, media=MediaReader(storage, media_root=root))
+    image = "s3://bucket-only" if root == "s3://bucket-only" else "a.jpg"
     with pytest.raises(RowError, match=detail) as info:
-        asyncio.run(gen.generate({"image": "a.jpg"}))
+        asyncio.run(gen.generate({"image": image}))
     assert info.value.reason == reason
     assert vlm_server.requests == []
 
@@ -126,11 +143,8 @@ def test_unreadable_images_are_row_errors(vlm_server: OpenAITestServer, exc: Exc
 def test_unreachable_s3_for_an_image_fails_the_job(vlm_server: OpenAITestServer) -> None:
     from botocore.exceptions import EndpointConnectionError
 
-    class DownStorage(Storage):
-        def read_bytes(self, uri: str) -> bytes:
-            raise EndpointConnectionError(endpoint_url="http://127.0.0.1:9")
-
     serving = APIVLMServing_openai(api_url=vlm_server.base_url, model_name=MODEL, max_retries=0)
-    gen = ImageQAGenerator(serving, media=MediaReader(DownStorage(), media_root="s3://b/"))
+    storage = Storage(s3_client=RaisingS3(EndpointConnectionError(endpoint_url="http://127.0.0.1:9")))
+    gen = ImageQAGenerator(serving, media=MediaReader(storage, media_root="s3://b/"))
     with pytest.raises(StorageError, match="cannot read s3://b/a.jpg: EndpointConnectionError"):
         asyncio.run(gen.generate({"image": "a.jpg"}))

@@ -10,8 +10,8 @@ import warnings
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from vqa_operators.exceptions import RowError, StorageError
-from vqa_operators.storage.uris import Storage, join_uri, s3_error_code
+from vqa_operators.exceptions import RowError
+from vqa_operators.storage.uris import Storage, join_uri
 
 # Qwen2.5-VL's common serving budget (1280 visual tokens of 28x28 pixels).
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28
@@ -104,15 +104,12 @@ class MediaReader:
         uri = join_uri(self.media_root, path)
         try:
             data = self.storage.read_bytes(uri)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise RowError("image_not_found", f"{path}: no such file") from None
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+            raise RowError("image_not_found", f"{path}: {exc.strerror or 'no such file'}") from None
         except OSError as exc:
             raise RowError("image_unreadable", f"{path}: {exc.strerror or exc}") from None
-        except Exception as exc:
-            code = s3_error_code(exc)
-            if code is None:  # e.g. the S3 endpoint is unreachable: a job-level failure, retried by Airflow
-                raise StorageError(f"cannot read {uri}: {type(exc).__name__}") from exc
-            raise RowError("image_not_found" if code in {"NoSuchKey", "404"} else "image_unreadable", f"{path}: {code}") from None
+        except ValueError as exc:  # a malformed s3:// URI in the row
+            raise RowError("bad_field", f"{path}: {exc}") from None
         return prepare_image(data, source=path, max_pixels=self.max_pixels)
 
     async def prepare(self, paths: list[str]) -> list[PreparedImage]:

@@ -8,6 +8,7 @@ can instead hand in a client built from its connection.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -93,11 +94,24 @@ class Storage:
                 yield line.rstrip(b"\r\n")
 
     def read_bytes(self, uri: str) -> bytes:
-        """Read a whole (small) file or object, such as one image."""
-        if is_s3(uri):
-            bucket, key = split_s3(uri)
+        """Read a whole (small) file or object, such as one image.
+
+        S3 answers become the local errors: FileNotFoundError for a missing object, PermissionError
+        for any other S3 error code (AccessDenied ...); an unreachable endpoint is a StorageError.
+        A malformed ``s3://`` URI is a ValueError.
+        """
+        if not is_s3(uri):
+            return Path(uri).read_bytes()
+        bucket, key = split_s3(uri)
+        try:
             return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-        return Path(uri).read_bytes()
+        except Exception as exc:  # botocore raises ClientError, EndpointConnectionError, ...
+            code = s3_error_code(exc)
+            if code in {"NoSuchKey", "NoSuchBucket", "404"}:
+                raise FileNotFoundError(errno.ENOENT, code, uri) from None
+            if code is not None:
+                raise PermissionError(errno.EACCES, code, uri) from None
+            raise StorageError(f"cannot read {uri}: {type(exc).__name__}") from exc
 
     def exists(self, uri: str) -> bool:
         """True if the file or object exists."""
