@@ -17,52 +17,29 @@ writes `{"image": [...], "qa_pairs": [{"question", "answer"}, ...]}` rows to S3.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-import pendulum
 from airflow.sdk import Param, dag
 
 from vqa_operators.operators import WorkerSpec, worker_task
+from vqa_operators.operators.dag_config import DEFAULT_ARGS, START_DATE, io_params
 
 
 @dag(
     dag_id="image_qa",
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    start_date=START_DATE,
     schedule=None,
     catchup=False,
     max_active_runs=4,
     doc_md=__doc__,
     tags=["vqa", "image_qa", "generation"],
-    default_args={
-        "owner": "vqa",
-        "retries": 3,
-        "retry_delay": timedelta(minutes=1),
-        "retry_exponential_backoff": True,
-        "max_retry_delay": timedelta(minutes=30),
-    },
+    default_args=DEFAULT_ARGS,
     params={
-        "input_uri": Param(
-            "s3://vqa-demo/input/image_qa.jsonl",
-            type="string",
-            minLength=1,
-            title="Input JSONL",
-            description="JSONL of rows with an `image` field (a path or a list of paths): local path or s3://bucket/key.",
-        ),
-        "output_prefix": Param(
-            "s3://vqa-demo/output",
-            type="string",
-            pattern="^(s3://[a-z0-9.-]{3,63}/?.*|/.*)$",
-            title="Output prefix",
-            description="Folder or s3:// prefix; the output lands at <prefix>/image_qa/<run_id>/generate.jsonl.",
-        ),
-        "media_root": Param(
-            ".",
-            type="string",
-            title="Media root",
-            description="Folder or s3:// prefix that relative image paths are resolved against.",
+        **io_params(
+            "image_qa",
+            example_input="s3://vqa-demo/input/image_qa.jsonl",
+            rows_doc="an `image` field (a path or a list of paths)",
+            final_task="generate",
         ),
         "pairs_per_row": Param(3, type="integer", minimum=1, maximum=20, title="QA pairs per row"),
-        "seed": Param(0, type="integer", minimum=0, title="Sampling seed", description="Per-row seeds derive from it, so reruns ask the same way."),
     },
 )
 def image_qa() -> None:

@@ -1,9 +1,10 @@
-"""`make demo`: the whole image QA pipeline on one machine.
+"""`make demo`: the three pipelines (image_qa, pers_qa, video_qa) on one machine.
 
 Starts an embedded S3 server (moto) and Airflow standalone (SQLite, LocalExecutor, in-process
-execution), uploads generated sample images and an input JSONL, triggers `image_qa` through the
-REST API, waits, and prints the manifest and a few records. The model comes from VQA_BASE_URL
-(an OpenAI-compatible server such as `vllm serve`). Exits non-zero on any failure.
+execution), uploads generated sample data (images, and videos as frame sequences) with an input
+JSONL per DAG, triggers the three DAGs through the REST API, waits, and prints each manifest and
+a record. The model comes from VQA_BASE_URL (an OpenAI-compatible server such as `vllm serve`).
+Exits non-zero on any failure.
 
 Set DEMO_KEEP=1 to keep Airflow (http://localhost:<port>) and S3 running afterwards.
 """
@@ -87,8 +88,14 @@ def served_model(base_url: str) -> str:
     return ids[0]
 
 
+def jpeg(img) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
 def sample_images() -> dict[str, bytes]:
-    """A few synthetic scenes (shapes and text), so the demo needs no downloads."""
+    """Synthetic scenes (shapes), so the demo needs no downloads."""
     from PIL import Image, ImageDraw
 
     scenes = {
@@ -96,6 +103,9 @@ def sample_images() -> dict[str, bytes]:
         "two_boxes.jpg": ((800, 600), (240, 240, 230), [("rectangle", (80, 200, 300, 420), (30, 160, 60)), ("rectangle", (450, 150, 700, 400), (250, 200, 0))]),
         "traffic_light.jpg": ((480, 640), (20, 20, 30), [("rectangle", (170, 80, 310, 560), (60, 60, 60)), ("ellipse", (200, 110, 280, 190), (230, 0, 0)), ("ellipse", (200, 290, 280, 370), (80, 80, 0)), ("ellipse", (200, 460, 280, 540), (0, 90, 0))]),
         "sunset.jpg": ((1024, 576), (250, 150, 60), [("ellipse", (412, 300, 612, 500), (255, 220, 80)), ("rectangle", (0, 420, 1024, 576), (30, 60, 120))]),
+        # the same figure (the personalised QA's main character) in two settings
+        "figure_park.jpg": ((640, 480), (120, 190, 110), [("ellipse", (290, 90, 350, 150), (240, 200, 170)), ("rectangle", (285, 150, 355, 300), (200, 40, 40)), ("rectangle", (290, 300, 350, 420), (40, 40, 120))]),
+        "figure_beach.jpg": ((640, 480), (240, 220, 160), [("rectangle", (0, 0, 640, 200), (90, 160, 230)), ("ellipse", (400, 120, 460, 180), (240, 200, 170)), ("rectangle", (395, 180, 465, 330), (200, 40, 40)), ("rectangle", (400, 330, 460, 450), (40, 40, 120))]),
     }
     out = {}
     for name, (size, background, shapes) in scenes.items():
@@ -103,10 +113,70 @@ def sample_images() -> dict[str, bytes]:
         draw = ImageDraw.Draw(img)
         for kind, box, colour in shapes:
             getattr(draw, kind)(box, fill=colour)
-        buffer = io.BytesIO()
-        img.save(buffer, format="JPEG", quality=90)
-        out[name] = buffer.getvalue()
+        out[name] = jpeg(img)
     return out
+
+
+def sample_video(name: str, clips: list[tuple[tuple[int, int, int], tuple[int, int, int], str, str]], frames_per_clip: int = 6) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """A video as frame sequences: per clip, a ball moving across a background; returns (files, row)."""
+    from PIL import Image, ImageDraw
+
+    files: dict[str, bytes] = {}
+    row_clips = []
+    for c, (background, ball, description, audio) in enumerate(clips):
+        paths = []
+        for f in range(frames_per_clip):
+            img = Image.new("RGB", (640, 360), background)
+            x = 40 + f * (560 // frames_per_clip)
+            ImageDraw.Draw(img).ellipse((x, 150, x + 60, 210), fill=ball)
+            path = f"media/video/{name}/clip{c}_frame{f:02d}.jpg"
+            files[path] = jpeg(img)
+            paths.append(path)
+        row_clips.append({"Audio_Text": audio, "Frames_Images": paths, "Description": description})
+    return files, {"id": name, "Clips": row_clips}
+
+
+def sample_data() -> tuple[dict[str, bytes], dict[str, list[dict[str, Any]]]]:
+    """Every object to upload (key -> bytes) and each DAG's input rows."""
+    files = {f"media/{name}": data for name, data in sample_images().items()}
+    video_rows = []
+    for name, meta, clips in [
+        ("bouncing_ad", "A 15-second advertisement for a bouncy ball brand, aimed at children.", [
+            ((70, 130, 180), (220, 30, 30), "A red ball rolls across a blue background.", "Meet Bouncy, the ball that never stops!"),
+            ((240, 240, 230), (250, 200, 0), "A yellow ball crosses a bright studio.", "Now in five colours."),
+            ((20, 20, 30), (0, 200, 90), "A green ball glows in the dark.", "Bouncy. Play all night."),
+        ]),
+        ("sunset_teaser", "A calm teaser for a travel company.", [
+            ((250, 150, 60), (255, 220, 80), "The sun moves across an orange sky.", ""),
+            ((30, 60, 120), (255, 255, 255), "A white boat crosses the sea at dusk.", "Your next escape starts here."),
+        ]),
+    ]:
+        video_files, row = sample_video(name, clips)
+        files.update(video_files)
+        video_rows.append({**row, "Meta": meta})
+    rows = {
+        "image_qa": [
+            {"id": "scene-1", "image": ["media/red_ball.jpg"]},
+            {"id": "scene-2", "image": ["media/two_boxes.jpg", "media/traffic_light.jpg"]},
+            {"id": "scene-3", "image": "media/sunset.jpg"},
+            {"id": "scene-4", "image": ["media/traffic_light.jpg"]},
+        ],
+        "pers_qa": [
+            {"id": "figure", "image": ["media/figure_park.jpg", "media/figure_beach.jpg"], "subject_type": "person"},
+            {"id": "ball", "image": "media/red_ball.jpg", "subject_type": "object"},
+            {"id": "light", "image": ["media/traffic_light.jpg"]},
+        ],
+        "video_qa": video_rows,
+    }
+    return files, rows
+
+
+# each DAG's run conf (beyond input and output) and the task whose manifest is the result
+RUNS: dict[str, tuple[dict[str, Any], str]] = {
+    "image_qa": ({"pairs_per_row": 3}, "generate"),
+    "pers_qa": ({"tag": "<mam>"}, "generate"),
+    "video_qa": ({"max_frames": 8, "max_iterations": 3, "final_pairs": 10}, "final"),
+}
 
 
 def main() -> int:
@@ -135,17 +205,12 @@ def main() -> int:
         s3 = boto3.client("s3", endpoint_url=s3_url, aws_access_key_id="demo", aws_secret_access_key="demo", region_name="us-east-1")
         wait_for("S3 server", lambda: urllib.request.urlopen(s3_url, timeout=2).status == 200, 30)  # noqa: S310
         s3.create_bucket(Bucket=BUCKET)
-        images = sample_images()
-        for name, data in images.items():
-            s3.put_object(Bucket=BUCKET, Key=f"media/{name}", Body=data)
-        rows = [
-            {"id": "scene-1", "image": ["media/red_ball.jpg"]},
-            {"id": "scene-2", "image": ["media/two_boxes.jpg", "media/traffic_light.jpg"]},
-            {"id": "scene-3", "image": "media/sunset.jpg"},
-            {"id": "scene-4", "image": ["media/traffic_light.jpg"]},
-        ]
-        s3.put_object(Bucket=BUCKET, Key="input/image_qa.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
-        say(f"uploaded {len(images)} images and {len(rows)} rows to s3://{BUCKET}/")
+        files, rows = sample_data()
+        for key, data in files.items():
+            s3.put_object(Bucket=BUCKET, Key=key, Body=data)
+        for dag_id, dag_rows in rows.items():
+            s3.put_object(Bucket=BUCKET, Key=f"input/{dag_id}.jsonl", Body="".join(json.dumps(r) + "\n" for r in dag_rows).encode())
+        say(f"uploaded {len(files)} images and frames and {sum(map(len, rows.values()))} rows to s3://{BUCKET}/")
 
         api_port = free_port(8080)
         api = f"http://localhost:{api_port}"
@@ -171,30 +236,37 @@ def main() -> int:
         password_file = home / "simple_auth_manager_passwords.json.generated"
         password = wait_for("admin password", lambda: json.loads(password_file.read_text()).get("admin"), 60)
         token = http("POST", f"{api}/auth/token", {"username": "admin", "password": password})["access_token"]
-        wait_for("image_qa DAG", lambda: http("GET", f"{api}/api/v2/dags/image_qa", token=token), 120)
-        http("PATCH", f"{api}/api/v2/dags/image_qa", {"is_paused": False}, token=token)
-        conf = {"input_uri": f"s3://{BUCKET}/input/image_qa.jsonl", "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/", "pairs_per_row": 3, "seed": 0}
-        run = http("POST", f"{api}/api/v2/dags/image_qa/dagRuns", {"logical_date": None, "conf": conf}, token=token)
-        run_id = run["dag_run_id"]
-        say(f"triggered image_qa run {run_id} (model {model} at {base_url}); waiting")
-        run_url = f"{api}/api/v2/dags/image_qa/dagRuns/{run_id}"
-        state = wait_for("the DAG run", lambda: (s := http("GET", run_url, token=token)["state"]) in ("success", "failed") and s, 900)
-        if state != "success":
-            say(f"FAILED: run {run_id} ended {state}; see the task log in the UI ({api}) or {home / 'logs'}")
-            return 1
-        manifest = http("GET", f"{run_url}/taskInstances/generate/xcomEntries/return_value", token=token)["value"]
-        if isinstance(manifest, str):
-            manifest = json.loads(manifest)
-        bucket, key = manifest["output"][len("s3://") :].split("/", 1)
-        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-        (work / "output" / "image_qa.jsonl").write_bytes(body)
-        records = [json.loads(line) for line in body.decode().splitlines()]
-        say(f"manifest: rows_in={manifest['rows_in']} rows_out={manifest['rows_out']} rows_failed={manifest['rows_failed']} failures={manifest['failures_by_reason']}")
-        say(f"output: {manifest['output']} (copied to {work / 'output' / 'image_qa.jsonl'})")
-        for record in records[:3]:
-            print(json.dumps({"image": record["image"], "qa_pairs": record["qa_pairs"]}, ensure_ascii=False, indent=2))
-        if manifest["rows_out"] == 0:
-            say("FAILED: no row produced QA pairs; the errors file says why: " + manifest["errors"])
+        run_urls = {}
+        for dag_id, (extra, _) in RUNS.items():
+            wait_for(f"{dag_id} DAG", lambda dag_id=dag_id: http("GET", f"{api}/api/v2/dags/{dag_id}", token=token), 120)
+            http("PATCH", f"{api}/api/v2/dags/{dag_id}", {"is_paused": False}, token=token)
+            conf = {"input_uri": f"s3://{BUCKET}/input/{dag_id}.jsonl", "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/", "seed": 0, **extra}
+            run = http("POST", f"{api}/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf}, token=token)
+            run_urls[dag_id] = f"{api}/api/v2/dags/{dag_id}/dagRuns/{run['dag_run_id']}"
+            say(f"triggered {dag_id} run {run['dag_run_id']} (model {model} at {base_url})")
+        failed = False
+        for dag_id, run_url in run_urls.items():
+            state = wait_for(f"the {dag_id} run", lambda run_url=run_url: (s := http("GET", run_url, token=token)["state"]) in ("success", "failed") and s, 1200)
+            if state != "success":
+                say(f"FAILED: {dag_id} run ended {state}; see the task logs in the UI ({api}) or {home / 'logs'}")
+                failed = True
+                continue
+            manifest = http("GET", f"{run_url}/taskInstances/{RUNS[dag_id][1]}/xcomEntries/return_value", token=token)["value"]
+            if isinstance(manifest, str):
+                manifest = json.loads(manifest)
+            bucket, key = manifest["output"][len("s3://") :].split("/", 1)
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            (work / "output" / f"{dag_id}.jsonl").write_bytes(body)
+            records = [json.loads(line) for line in body.decode().splitlines()]
+            say(f"{dag_id}: rows_in={manifest['rows_in']} rows_out={manifest['rows_out']} rows_failed={manifest['rows_failed']} failures={manifest['failures_by_reason']}")
+            say(f"{dag_id}: output {manifest['output']} (copied to {work / 'output' / f'{dag_id}.jsonl'}); errors {manifest['errors']}")
+            if records:
+                shown = {k: v for k, v in records[0].items() if k != "vqa_provenance"}
+                print(json.dumps(shown, ensure_ascii=False, indent=2)[:2500], flush=True)
+            if manifest["rows_out"] == 0:
+                say(f"FAILED: {dag_id} produced no rows; the errors file says why: {manifest['errors']}")
+                failed = True
+        if failed:
             return 1
         if os.environ.get("DEMO_KEEP"):
             say(f"DEMO_KEEP set: Airflow at {api} (admin / {password}), S3 at {s3_url}; Ctrl-C to stop")

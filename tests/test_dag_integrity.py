@@ -25,10 +25,20 @@ def dagbag(tmp_path_factory):
 
 def test_no_import_errors(dagbag) -> None:
     assert dagbag.import_errors == {}
-    assert "image_qa" in dagbag.dags
+    assert set(dagbag.dags) == {"image_qa", "pers_qa", "video_qa"}
 
 
-@pytest.mark.parametrize("dag_id", ["image_qa"])
+def test_video_qa_is_three_chained_tasks(dagbag) -> None:
+    dag = dagbag.dags["video_qa"]
+    assert [t.task_id for t in dag.topological_sort()] == ["initial", "multiagent", "final"]
+    assert dag.get_task("multiagent").upstream_task_ids == {"initial"}
+    assert dag.get_task("final").upstream_task_ids == {"multiagent"}
+    # each stage reads what the one before it staged
+    assert dag.get_task("multiagent").spec.input.endswith("/initial.jsonl")
+    assert dag.get_task("final").spec.input.endswith("/multiagent.jsonl")
+
+
+@pytest.mark.parametrize("dag_id", ["image_qa", "pers_qa", "video_qa"])
 def test_dag_conventions(dagbag, dag_id: str) -> None:
     dag = dagbag.dags[dag_id]
     assert dag.tags and "vqa" in dag.tags

@@ -15,8 +15,23 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("airflow_home")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITestServer, s3_endpoint: str) -> Path:
+    """An Airflow home on SQLite, migrated once for the module's DAG runs."""
+    home = tmp_path_factory.mktemp("airflow_home")
+    migrate = airflow("db", "migrate", env=airflow_env(home, s3_endpoint=s3_endpoint, vlm_base_url=_vlm_server.base_url, model=MODEL))
+    assert migrate.returncode == 0, migrate.stderr[-2000:]
+    return home
+
+
+def read_jsonl(s3, bucket: str, key: str) -> list[dict]:
+    return [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode().splitlines()]
+
+
+def run_keys(s3, bucket: str, dag_id: str) -> list[str]:
+    """The objects one DAG run staged: output/<dag_id>/<run_id>/..."""
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"output/{dag_id}/")["Contents"]]
+    assert len({k.split("/")[2] for k in keys}) == 1 and keys[0].split("/")[2].startswith("manual__")
+    return keys
 
 
 def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path) -> None:
@@ -25,8 +40,6 @@ def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     rows = [{"image": ["media/street.jpg", "media/side.jpg"]}, {"image": "media/street.jpg"}, {"image": "media/missing.jpg"}]
     s3.put_object(Bucket=bucket, Key="input/rows.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
     env = airflow_env(airflow_home, s3_endpoint=s3_endpoint, vlm_base_url=vlm_server.base_url, model=MODEL)
-    migrate = airflow("db", "migrate", env=env)
-    assert migrate.returncode == 0, migrate.stderr[-2000:]
 
     conf = {
         "input_uri": f"s3://{bucket}/input/rows.jsonl",
@@ -51,3 +64,59 @@ def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     assert out[0]["vqa_provenance"]["image_qa"]["seed"] == 5
     assert all(r["seed"] is not None for r in vlm_server.requests)
     assert "sk-airflow-secret-456" not in log and "testing-secret-value" not in log
+
+
+def test_pers_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path) -> None:
+    s3.put_object(Bucket=bucket, Key="media/dog.jpg", Body=make_jpeg((500, 400)))
+    s3.put_object(Bucket=bucket, Key="media/dog2.jpg", Body=make_jpeg((400, 500)))
+    rows = [{"image": ["media/dog.jpg", "media/dog2.jpg"], "subject_type": "pet"}, {"image": "media/dog.jpg"}, {"image": ["media/nope.jpg"]}]
+    s3.put_object(Bucket=bucket, Key="input/pers.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+    env = airflow_env(airflow_home, s3_endpoint=s3_endpoint, vlm_base_url=vlm_server.base_url, model=MODEL)
+    conf = {"input_uri": f"s3://{bucket}/input/pers.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/", "tag": "<mam>", "seed": 2}
+    proc = airflow("dags", "test", "pers_qa", "-c", json.dumps(conf), env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    keys = run_keys(s3, bucket, "pers_qa")
+    out = read_jsonl(s3, bucket, next(k for k in keys if k.endswith("/generate.jsonl")))
+    errors = read_jsonl(s3, bucket, next(k for k in keys if k.endswith("/generate.errors.jsonl")))
+    assert [r["image"] for r in out] == [rows[0]["image"], rows[1]["image"]]
+    for row in out:
+        question, answer = row["pers_qa"].removeprefix("Question: ").split(" Answer: ")
+        assert "<mam>" in question and answer.startswith("<mam> ")
+    assert "saw 2 image(s) 500x400,400x500" in out[0]["pers_qa"]
+    assert [e["reason"] for e in errors] == ["image_not_found"]
+
+
+def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path) -> None:
+    for i in range(8):
+        s3.put_object(Bucket=bucket, Key=f"media/clip/f{i}.jpg", Body=make_jpeg((640, 360)))
+    clips = [
+        {"Description": "a runner on a trail", "Audio_Text": "Go further.", "Frames_Images": [f"media/clip/f{i}.jpg" for i in range(4)]},
+        {"Description": "the shoe, close up", "Audio_Text": "", "Frames_Images": [f"media/clip/f{i}.jpg" for i in range(4, 8)]},
+    ]
+    rows = [{"id": "ad-1", "Meta": "Trail shoe ad", "Clips": clips}, {"id": "ad-2", "Meta": "Teaser", "Clips": clips[1:]}, {"id": "ad-3", "Meta": "broken", "Clips": "x"}]
+    s3.put_object(Bucket=bucket, Key="input/videos.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+    env = airflow_env(airflow_home, s3_endpoint=s3_endpoint, vlm_base_url=vlm_server.base_url, model=MODEL)
+    conf = {
+        "input_uri": f"s3://{bucket}/input/videos.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/",
+        "max_frames": 6, "max_iterations": 2, "final_pairs": 6, "seed": 4,
+    }
+    proc = airflow("dags", "test", "video_qa", "-c", json.dumps(conf), env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+    keys = run_keys(s3, bucket, "video_qa")
+    names = sorted(k.rsplit("/", 1)[1] for k in keys)
+    assert names == sorted(f"{t}{ext}" for t in ("initial", "multiagent", "final") for ext in (".jsonl", ".errors.jsonl"))
+    prefix = keys[0].rsplit("/", 1)[0]
+    middle = read_jsonl(s3, bucket, f"{prefix}/multiagent.jsonl")
+    assert [r["video_qa_state"]["iterations"] for r in middle] == [2, 2]
+    final = read_jsonl(s3, bucket, f"{prefix}/final.jsonl")
+    assert [r["id"] for r in final] == ["ad-1", "ad-2"]
+    for row in final:
+        assert len(row["QA"]) == 6 and all(set(p) == {"Label", "Question", "Answer"} for p in row["QA"])
+        assert "video_qa_state" not in row
+    assert [e["reason"] for e in read_jsonl(s3, bucket, f"{prefix}/initial.errors.jsonl")] == ["bad_field"]
+    # the frame budget: 6 of ad-1's 8 frames and all 4 of ad-2's reach the model in the initial requests
+    initial = [r for r in vlm_server.requests if r["response_format"]["json_schema"]["name"] == "VideoQASet"]
+    counts = [sum(p["type"] == "image_url" for m in r["messages"] if isinstance(m["content"], list) for p in m["content"]) for r in initial]
+    assert sorted(counts) == [4, 6]

@@ -28,12 +28,24 @@ def test_without_a_model_server_it_says_what_to_set() -> None:
 
 
 @pytest.mark.slow
-def test_demo_runs_image_qa_through_airflow_standalone(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
+def test_demo_runs_the_three_dags_through_airflow_standalone(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
     # the double lists one model, so VQA_MODEL may be omitted
-    proc = run_demo({"VQA_BASE_URL": vlm_server.base_url, "VQA_DEMO_DIR": str(tmp_path)}, timeout=600)
+    proc = run_demo({"VQA_BASE_URL": vlm_server.base_url, "VQA_DEMO_DIR": str(tmp_path)}, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + (tmp_path / "logs/airflow.log").read_text()[-5000:]
-    assert "rows_in=4 rows_out=4 rows_failed=0" in proc.stdout
-    records = [json.loads(line) for line in (tmp_path / "output" / "image_qa.jsonl").read_text().splitlines()]
-    assert len(records) == 4 and all(len(r["qa_pairs"]) == 3 for r in records)
-    assert records[1]["vqa_provenance"]["image_qa"]["model"] == MODEL
-    assert len(vlm_server.requests) == 4
+    assert "image_qa: rows_in=4 rows_out=4 rows_failed=0" in proc.stdout
+    assert "pers_qa: rows_in=3 rows_out=3 rows_failed=0" in proc.stdout
+    assert "video_qa: rows_in=2 rows_out=2 rows_failed=0" in proc.stdout
+
+    def output(dag_id: str) -> list[dict]:
+        return [json.loads(line) for line in (tmp_path / "output" / f"{dag_id}.jsonl").read_text().splitlines()]
+
+    image_qa, pers_qa, video_qa = output("image_qa"), output("pers_qa"), output("video_qa")
+    assert len(image_qa) == 4 and all(len(r["qa_pairs"]) == 3 for r in image_qa)
+    assert image_qa[1]["vqa_provenance"]["image_qa"]["model"] == MODEL
+    assert all(r["pers_qa"].startswith("Question: ") and " Answer: <mam> " in r["pers_qa"] for r in pers_qa)
+    assert [r["id"] for r in video_qa] == ["bouncing_ad", "sunset_teaser"]
+    assert all(len(r["QA"]) == 10 and set(r["QA"][0]) == {"Label", "Question", "Answer"} for r in video_qa)
+    # the videos' frames (18 and 12) are sampled to the 8-frame budget
+    assert [len(r["vqa_provenance"]["video_qa_initial"]["frames_sent"]) for r in video_qa] == [8, 8]
+    # image 4 + pers 3 + video 2 x (initial + 3 x (recruit, expert, revise) + final)
+    assert len(vlm_server.requests) == 4 + 3 + 2 * 11

@@ -23,21 +23,31 @@ def vlm_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
-def build_manifest(monkeypatch: pytest.MonkeyPatch) -> dict:
+RUN_ID = "manual__2026-11-21T00:00:00+00:00"
+PARAMS = {
+    "image_qa": {"input_uri": "s3://in/rows.jsonl", "output_prefix": "s3://out/prefix", "media_root": "s3://in/", "pairs_per_row": 4, "seed": 9},
+    "video_qa": {
+        "input_uri": "s3://in/videos.jsonl", "output_prefix": "s3://out/prefix", "media_root": "s3://in/", "seed": 9,
+        "max_frames": 12, "max_iterations": 2, "final_pairs": 8,
+    },
+}
+
+
+def build_manifest(monkeypatch: pytest.MonkeyPatch, dag_id: str = "image_qa", task_id: str = "generate") -> dict:
     from kubernetes.client import ApiClient
 
     from airflow.dag_processing.dagbag import DagBag
 
     monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
     monkeypatch.setenv("VQA_WORKER_IMAGE", "registry.example/vqa-worker:1.0")
-    dag = DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "dags")).dags["image_qa"]
-    task = dag.get_task("generate")
+    dag = DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "dags")).dags[dag_id]
+    task = dag.get_task(task_id)
     context = {
-        "params": {"input_uri": "s3://in/rows.jsonl", "output_prefix": "s3://out/prefix", "media_root": "s3://in/", "pairs_per_row": 4, "seed": 9},
+        "params": PARAMS[dag_id],
         "dag": dag,
         "task": task,
-        "run_id": "manual__2026-11-21T00:00:00+00:00",
-        "ti": SimpleNamespace(dag_id="image_qa", task_id="generate", map_index=-1, try_number=1),
+        "run_id": RUN_ID,
+        "ti": SimpleNamespace(dag_id=dag_id, task_id=task_id, map_index=-1, try_number=1),
     }
     task.render_template_fields(context)
     pod = task.build_pod_request_obj(context, dry_run=True)
@@ -84,3 +94,29 @@ def test_without_a_service_url_vllm_runs_in_the_pod(monkeypatch: pytest.MonkeyPa
     container = manifest["spec"]["containers"][0]
     assert container["args"][-1] == "--serve-vllm"
     assert {e["name"]: e.get("value") for e in container["env"]}["VQA_MODEL"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+@pytest.mark.parametrize(
+    ("task_id", "generator", "source", "params"),
+    [
+        ("initial", "video_qa_initial", "s3://in/videos.jsonl", ["max_frames=12"]),
+        ("multiagent", "video_qa_multiagent", f"s3://out/prefix/video_qa/{RUN_ID}/initial.jsonl", ["max_frames=12", "max_iterations=2"]),
+        ("final", "video_qa_final", f"s3://out/prefix/video_qa/{RUN_ID}/multiagent.jsonl", ["final_pairs=8"]),
+    ],
+)
+def test_video_qa_tasks_are_valid_gpu_pods_chained_through_s3(
+    vlm_connection, monkeypatch: pytest.MonkeyPatch, task_id: str, generator: str, source: str, params: list[str]
+) -> None:
+    import kubernetes_validate
+
+    manifest = build_manifest(monkeypatch, "video_qa", task_id)
+    kubernetes_validate.validate(manifest, "1.33", strict=True)
+    container = manifest["spec"]["containers"][0]
+    args = container["args"]
+    output = f"s3://out/prefix/video_qa/{RUN_ID}/{task_id}.jsonl"
+    assert args[:6] == ["run", generator, "--input", source, "--output", output]
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--param"] == params
+    assert args[args.index("--seed") + 1] == "9" and args[args.index("--max-tokens") + 1] == "4096"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert manifest["metadata"]["labels"]["task_id"] == task_id
+    assert SECRET_KEY not in json.dumps(manifest)

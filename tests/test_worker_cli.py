@@ -118,3 +118,60 @@ def test_job_level_failures_exit_non_zero_with_one_line(vlm_server: OpenAITestSe
     assert message.format(bucket=bucket) in last
     assert proc.stdout == ""  # no manifest for a failed job
     assert "Contents" not in s3.list_objects_v2(Bucket=bucket, Prefix="out/")  # nothing partial written
+
+
+def test_video_qa_stages_chain_through_s3(vlm_server: OpenAITestServer, s3, bucket: str) -> None:
+    for i in range(6):
+        s3.put_object(Bucket=bucket, Key=f"video/f{i}.jpg", Body=make_jpeg((320, 180)))
+    clip = {"Audio_Text": "hello", "Description": "a runner", "Frames_Images": ["video/f0.jpg", "video/f1.jpg", "video/f2.jpg"]}
+    lines = [
+        json.dumps({"id": "a", "Meta": "ad one", "Clips": [clip, {**clip, "Frames_Images": ["video/f3.jpg", "video/f4.jpg", "video/f5.jpg"]}]}),
+        json.dumps({"id": "b", "Meta": "ad two", "Clips": [clip]}),
+        json.dumps({"id": "c", "Meta": "no clips"}),
+        "[1, 2]",
+    ]
+    s3.put_object(Bucket=bucket, Key="in/videos.jsonl", Body=("\n".join(lines) + "\n").encode())
+    env = {"VQA_BASE_URL": vlm_server.base_url, "VQA_MODEL": MODEL}
+    common = ("--media-root", f"s3://{bucket}/", "--seed", "3", "--max-tokens", "4096")
+    stages = [
+        ("video_qa_initial", f"s3://{bucket}/in/videos.jsonl", ["--param", "max_frames=4"]),
+        ("video_qa_multiagent", f"s3://{bucket}/run/initial.jsonl", ["--param", "max_iterations=2"]),
+        ("video_qa_final", f"s3://{bucket}/run/multiagent.jsonl", ["--param", "final_pairs=5"]),
+    ]
+    manifests = []
+    for generator, source, extra in stages:
+        target = f"s3://{bucket}/run/{generator.removeprefix('video_qa_')}.jsonl"
+        proc = run_worker(generator, "--input", source, "--output", target, *common, *extra, env=env)
+        assert proc.returncode == 0, proc.stderr
+        manifests.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    assert [(m["rows_in"], m["rows_out"], m["rows_failed"]) for m in manifests] == [(4, 2, 2), (2, 2, 0), (2, 2, 0)]
+    assert manifests[0]["failures_by_reason"] == {"missing_field": 1, "not_an_object": 1}
+    middle = read_jsonl(s3, manifests[1]["output"])
+    assert all(r["video_qa_state"]["iterations"] == 2 and len(r["video_qa_state"]["experts"]) == 2 for r in middle)
+    final = read_jsonl(s3, manifests[2]["output"])
+    assert [r["id"] for r in final] == ["a", "b"]
+    for row in final:
+        assert set(row) == {"id", "Meta", "Clips", "QA", "vqa_provenance"}
+        assert len(row["QA"]) == 5 and all(set(p) == {"Label", "Question", "Answer"} for p in row["QA"])
+        # each stage's provenance is kept; the final one holds the experts the state carried
+        prov = row["vqa_provenance"]
+        assert set(prov) == {"video_qa_initial", "video_qa_multiagent", "video_qa_final"}
+        assert len(prov["video_qa_initial"]["frames_sent"]) == (4 if row["id"] == "a" else 3)  # the budget, or every frame
+        assert [e["iteration"] for e in prov["video_qa_final"]["state"]["experts"]] == [1, 2]
+    # 2 videos: initial 2 + multiagent 2 x 2 x 3 + final 2
+    assert len(vlm_server.requests) == 16
+
+
+def test_pers_qa_command(vlm_server: OpenAITestServer, s3, bucket: str, s3_input: str) -> None:
+    output = f"s3://{bucket}/out/pers.jsonl"
+    proc = run_worker(
+        "pers_qa", "--input", s3_input, "--output", output, "--media-root", f"s3://{bucket}/", "--param", "tag=<hero>",
+        env={"VQA_BASE_URL": vlm_server.base_url, "VQA_MODEL": MODEL},
+    )
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert manifest["rows_in"] == 7 and manifest["rows_out"] + manifest["rows_failed"] == 7 and manifest["rows_out"] == 3
+    for row in read_jsonl(s3, output):
+        question, answer = row["pers_qa"].removeprefix("Question: ").split(" Answer: ")
+        assert "<hero>" in question and answer.startswith("<hero> ")
+        assert row["vqa_provenance"]["pers_qa"]["question_category"]

@@ -15,6 +15,14 @@ _EXPORTS = {
     "APIVLMServing_openai": "vqa_operators.serving.openai_api",
     "LocalModelVLMServing_vllm": "vqa_operators.serving.vllm_local",
     "ImageQAGenerator": "vqa_operators.generators.image_qa",
+    "PersQAGenerate": "vqa_operators.generators.seed_api",
+    "MultiroleVideoQAInitialGenerator": "vqa_operators.generators.seed_api",
+    "MultiroleVideoQAMultiAgentGenerator": "vqa_operators.generators.seed_api",
+    "MultiroleVideoQAFinalGenerator": "vqa_operators.generators.seed_api",
+    "PersQAGenerator": "vqa_operators.generators.pers_qa",
+    "VideoQAInitialGenerator": "vqa_operators.generators.video_qa",
+    "VideoQAMultiAgentGenerator": "vqa_operators.generators.video_qa",
+    "VideoQAFinalGenerator": "vqa_operators.generators.video_qa",
 }
 
 __all__ = sorted(_EXPORTS)

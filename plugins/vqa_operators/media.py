@@ -100,7 +100,7 @@ class MediaReader:
         self.max_pixels = max_pixels
         self.executor = executor
 
-    def _load(self, path: str) -> PreparedImage:
+    def _load(self, path: str, max_pixels: int) -> PreparedImage:
         uri = join_uri(self.media_root, path)
         try:
             data = self.storage.read_bytes(uri)
@@ -110,9 +110,13 @@ class MediaReader:
             raise RowError("image_unreadable", f"{path}: {exc.strerror or exc}") from None
         except ValueError as exc:  # a malformed s3:// URI in the row
             raise RowError("bad_field", f"{path}: {exc}") from None
-        return prepare_image(data, source=path, max_pixels=self.max_pixels)
+        return prepare_image(data, source=path, max_pixels=max_pixels)
 
-    async def prepare(self, paths: list[str]) -> list[PreparedImage]:
-        """Read and prepare every image of one row concurrently, in the executor's threads."""
+    async def prepare(self, paths: list[str], *, max_pixels: int | None = None) -> list[PreparedImage]:
+        """Read and prepare every image of one row concurrently, in the executor's threads.
+
+        ``max_pixels`` lowers the reader's pixel budget for this call (video frames use less).
+        """
+        budget = min(max_pixels, self.max_pixels) if max_pixels else self.max_pixels
         loop = asyncio.get_running_loop()
-        return list(await asyncio.gather(*(loop.run_in_executor(self.executor, self._load, p) for p in paths)))
+        return list(await asyncio.gather(*(loop.run_in_executor(self.executor, self._load, p, budget) for p in paths)))

@@ -16,7 +16,14 @@ _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
 
 
 class ParseError(ValueError):
-    """The model's output is not usable; the message is the reason recorded for the row."""
+    """The model's output is not usable; the message is the detail recorded for the row.
+
+    ``reason`` is the errors-file reason code if the output is still unusable after the repair.
+    """
+
+    def __init__(self, message: str, *, reason: str = "unparseable_output") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def _outside_strings(text: str, start: int = 0) -> Iterator[tuple[int, str, bool]]:

@@ -91,7 +91,7 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> 
                     err.write(outcome.error_entry(generator.name))
                 else:
                     assert outcome.row is not None and outcome.fields is not None
-                    row = {**outcome.row, **outcome.fields}
+                    row = generator.finish_row(outcome.row, outcome.fields)
                     row[PROVENANCE_KEY] = _provenance(generator, outcome.row.get(PROVENANCE_KEY), row_key(outcome.row), outcome.meta)
                     out.write(row)
                     rows_out += 1

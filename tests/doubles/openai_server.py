@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import hashlib
 import io
 import json
+import re
 import threading
 import time
 from collections import deque
@@ -134,7 +136,16 @@ def schema_instance(schema: dict[str, Any], root: dict[str, Any], note: str, nam
         return float(schema.get("minimum", 0))
     if kind == "boolean":
         return True
-    return f"{name} {index + 1}: {note}"
+    return f"{_pattern_prefix(schema.get('pattern'))}{name} {index + 1}: {note}"
+
+
+def _pattern_prefix(pattern: str | None) -> str:
+    """The literal a ``^literal`` pattern demands at the start (what guided decoding would emit)."""
+    if not pattern or not pattern.startswith("^"):
+        return ""
+    if re.search(r"[.*+?()\[\]{}|$^\\]", re.sub(r"\\.", "", pattern[1:])):
+        return ""  # beyond this double: the client's own validation will reject the string
+    return re.sub(r"\\(.)", r"\1", pattern[1:]) + " "
 
 
 class OpenAITestServer:
@@ -206,7 +217,10 @@ class OpenAITestServer:
         content = reply.content
         if content is None:
             sizes = _describe_images(body["messages"])
-            note = f"saw {len(sizes)} image(s) " + ",".join(f"{w}x{h}" for w, h in sizes)
+            # a digest of the request makes different prompts get different strings, as a model's
+            # would, while the same request (same seed) gets the same reply, as seeded sampling does
+            digest = hashlib.sha256(json.dumps([body["messages"], body.get("seed")], sort_keys=True).encode()).hexdigest()[:8]
+            note = f"saw {len(sizes)} image(s) " + ",".join(f"{w}x{h}" for w, h in sizes) + f" (reply {digest})"
             fmt = body.get("response_format") or {}
             schema = (fmt.get("json_schema") or {}).get("schema")
             content = json.dumps(schema_instance(schema, schema, note)) if schema else note
@@ -270,7 +284,10 @@ class OpenAITestServer:
                         self.close_connection = True
                         self.connection.shutdown(2)  # dropped connection, no response
                         return
-                    status, payload, headers = server._complete(body)
+                    try:
+                        status, payload, headers = server._complete(body)
+                    except Exception as exc:  # a broken test responder: say so instead of dropping the connection
+                        status, payload, headers = 500, {"error": {"message": f"test double failed: {exc!r}", "type": "InternalServerError", "code": 500}}, {}
                     self._send(status, payload, headers)
                 finally:
                     with server._lock:

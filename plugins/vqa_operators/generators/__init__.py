@@ -9,6 +9,10 @@ from vqa_operators.generators.base import Generator
 # name -> "module:Class"; imported only when chosen
 GENERATORS: dict[str, str] = {
     "image_qa": "vqa_operators.generators.image_qa:ImageQAGenerator",
+    "pers_qa": "vqa_operators.generators.pers_qa:PersQAGenerator",
+    "video_qa_initial": "vqa_operators.generators.video_qa:VideoQAInitialGenerator",
+    "video_qa_multiagent": "vqa_operators.generators.video_qa:VideoQAMultiAgentGenerator",
+    "video_qa_final": "vqa_operators.generators.video_qa:VideoQAFinalGenerator",
 }
 
 

@@ -11,11 +11,11 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vqa_operators.exceptions import ConfigError, RowError
 from vqa_operators.media import DEFAULT_MAX_PIXELS, MediaReader, PreparedImage
@@ -33,6 +33,13 @@ class GeneratorOptions(BaseModel):
     """Base of each generator's typed options; unknown keys are an error."""
 
     model_config = ConfigDict(extra="forbid")
+
+
+class ImageRowOptions(GeneratorOptions):
+    """Options of generators whose rows hold image paths."""
+
+    image_key: str = Field("image", min_length=1, description="input field with the image path(s)")
+    max_images_per_row: int = Field(8, ge=1, le=64, description="rows with more images go to errors")
 
 
 def row_key(row: dict[str, Any]) -> str:
@@ -87,6 +94,8 @@ class Generator(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[GeneratorOptions]] = GeneratorOptions
+    # the folder under include/prompts/ (default: ``name``); stages of one task share a folder
+    prompt_set: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -103,12 +112,16 @@ class Generator(ABC):
             raise ConfigError(f"bad {self.name} options: {describe_validation_error(err)}") from None
         self.media = media or MediaReader(Storage(), max_pixels=DEFAULT_MAX_PIXELS)
         self.seed = seed
-        self.prompts = load_prompts(self.name)
+        self.prompts = load_prompts(self.prompt_set or self.name)
         self.usage = Usage()
 
     @abstractmethod
     async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return (fields to add to the row, provenance details) or raise RowError."""
+
+    def finish_row(self, row: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+        """The output row: the input row with the generated fields added (a stage may also drop fields)."""
+        return {**row, **fields}
 
     def provenance(self) -> dict[str, Any]:
         """What produced this stage's output: model, prompt hash, sampling and options."""
@@ -145,23 +158,42 @@ class Generator(ABC):
         parts.append({"type": "text", "text": text})
         return {"role": "user", "content": parts}
 
-    async def ask(self, messages: list[dict[str, Any]], answer_model: type[M], *, key: str) -> M:
-        """Ask for JSON matching ``answer_model``; on unusable output, repair once, then raise RowError."""
+    async def ask(
+        self,
+        messages: list[dict[str, Any]],
+        answer_model: type[M],
+        *,
+        key: str,
+        check: Callable[[M], None] | None = None,
+    ) -> M:
+        """Ask for JSON matching ``answer_model`` (and passing ``check``); repair once, then raise RowError.
+
+        ``check`` enforces rules a JSON schema cannot express (the answer starts with a tag, a role
+        is new). It raises ParseError with a reason code, which names the row's failure if the
+        repaired answer still breaks the rule.
+        """
         schema = answer_model.model_json_schema()
         name = answer_model.__name__
         seed = derive_seed(self.seed, key)
+
+        def accept(text: str, finish_reason: str) -> M:
+            answer = parse_structured(text, answer_model, truncated=finish_reason == "length")
+            if check is not None:
+                check(answer)
+            return answer
+
         result = await self._chat(ChatRequest(messages=messages, schema=schema, schema_name=name, seed=seed))
         try:
-            return parse_structured(result.text, answer_model, truncated=result.finish_reason == "length")
+            return accept(result.text, result.finish_reason)
         except ParseError as first:
             self.usage.repairs += 1
             repair = self.prompts.render("repair", error=str(first), schema=json.dumps(schema, ensure_ascii=False))
             follow_up = [*messages, {"role": "assistant", "content": result.text}, {"role": "user", "content": repair}]
             retry = await self._chat(ChatRequest(messages=follow_up, schema=schema, schema_name=name, seed=seed))
             try:
-                return parse_structured(retry.text, answer_model, truncated=retry.finish_reason == "length")
+                return accept(retry.text, retry.finish_reason)
             except ParseError as second:
-                raise RowError("unparseable_output", f"after one repair: {second}", raw_output=retry.text) from None
+                raise RowError(second.reason, f"after one repair: {second}", raw_output=retry.text) from None
 
     async def _chat(self, request: ChatRequest) -> Any:
         result = await self.serving.chat(request)

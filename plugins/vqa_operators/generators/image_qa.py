@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from vqa_operators.generators.base import Generator, GeneratorOptions, row_key
+from vqa_operators.generators.base import Generator, ImageRowOptions, row_key
 
 
 class QAPair(BaseModel):
@@ -26,13 +26,11 @@ def image_qa_answer_model(pairs: int) -> type[BaseModel]:
     )
 
 
-class ImageQAOptions(GeneratorOptions):
+class ImageQAOptions(ImageRowOptions):
     """Options of the image QA generator."""
 
     pairs_per_row: int = Field(3, ge=1, le=20, description="QA pairs to generate per row")
-    image_key: str = Field("image", min_length=1, description="input field with the image path(s)")
     output_key: str = Field("qa_pairs", min_length=1, description="output field for the QA pairs")
-    max_images_per_row: int = Field(8, ge=1, le=64, description="rows with more images go to errors")
 
 
 class ImageQAGenerator(Generator):

@@ -1,7 +1,9 @@
 """The seeds' operator classes (``ImageQAGenerate`` ...): ``run(storage, ...)`` over a FileStorage step.
 
 They drive the same generators as the worker. Rows that fail are written to the step's errors file
-(``..._step<N>.errors.jsonl``) instead of being dropped or stored as fake answers.
+(``..._step<N>.errors.jsonl``) instead of being dropped or stored as fake answers. When stages are
+chained through ``df=`` (the video QA example), the returned DataFrame carries the failed rows in
+``df.attrs["vqa_errors"]``; the next stage that writes to storage writes them with its own.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from vqa_operators.generators.base import Generator, run_rows
 from vqa_operators.media import DEFAULT_MAX_PIXELS, MediaReader
@@ -23,6 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+ERRORS_ATTR = "vqa_errors"
 
 
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
@@ -44,7 +47,7 @@ async def _process(generator: Generator, items: list[tuple[int, dict[str, Any] |
                 bad.append(outcome.error_entry(generator.name))
             else:
                 assert outcome.row is not None and outcome.fields is not None
-                good.append({**outcome.row, **outcome.fields})
+                good.append(generator.finish_row(outcome.row, outcome.fields))
     finally:
         await generator.serving.aclose()
     return good, bad
@@ -53,23 +56,32 @@ async def _process(generator: Generator, items: list[tuple[int, dict[str, Any] |
 def run_step(
     generator: Generator, storage: FileStorage | None = None, df: pd.DataFrame | None = None
 ) -> pd.DataFrame:
-    """Read rows (from ``df`` or the storage step), generate, write results and errors to storage, return the results."""
+    """Read rows (from ``df`` or the storage step), generate, write results and errors to storage, return the results.
+
+    Errors of earlier stages carried in ``df.attrs["vqa_errors"]`` are written (and passed on) too.
+    """
     import pandas as pd
 
+    carried: list[dict[str, Any]] = []
     if df is not None:
         items: list[tuple[int, dict[str, Any] | BadLine]] = list(enumerate(records(df), start=1))
+        carried = list(df.attrs.get(ERRORS_ATTR, []))
     elif storage is not None:
         rows = storage.read_rows()
         items = [(b.line, b) for b in storage.bad_lines] + list(enumerate(rows, start=1))
     else:
         raise TypeError("pass storage= or df=")
     good, bad = run_sync(_process(generator, items))
+    errors = carried + bad
     if storage is not None:
         storage.write(good)
-        storage.write_errors(bad)
+        storage.write_errors(errors)
     if bad:
-        log.warning("%s: %d of %d rows failed; see %s", generator.name, len(bad), len(items), storage.errors_path if storage else "the returned errors")
-    return pd.DataFrame.from_records(good)
+        where = storage.errors_path if storage is not None else f'the returned DataFrame\'s attrs["{ERRORS_ATTR}"]'
+        log.warning("%s: %d of %d rows failed; see %s", generator.name, len(bad), len(items), where)
+    result = pd.DataFrame.from_records(good)
+    result.attrs[ERRORS_ATTR] = errors
+    return result
 
 
 class _SeedOperator:
@@ -104,3 +116,54 @@ class ImageQAGenerate(_SeedOperator):
 
         generator = self._generator(ImageQAGenerator, storage, image_key=multi_modal_key, output_key=output_key)
         return run_step(generator, storage)
+
+
+class PersQAGenerate(_SeedOperator):
+    """Seed 003: ``PersQAGenerate(serving).run(storage, multi_modal_key="image", output_key="pers_qa")``."""
+
+    def run(self, storage: FileStorage, multi_modal_key: str = "image", output_key: str = "pers_qa") -> pd.DataFrame:
+        """Ask one personalised question per row of the storage step and write the next step."""
+        from vqa_operators.generators.pers_qa import PersQAGenerator
+
+        generator = self._generator(PersQAGenerator, storage, image_key=multi_modal_key, output_key=output_key)
+        return run_step(generator, storage)
+
+
+class _MultiroleVideoQAStage(_SeedOperator):
+    """Seed 000's stages: ``run(storage=None, df=None, input_meta_key="Meta", input_clips_key="Clips", output_key="QA")``."""
+
+    stage: ClassVar[str]
+
+    def run(
+        self,
+        storage: FileStorage | None = None,
+        df: pd.DataFrame | None = None,
+        input_meta_key: str = "Meta",
+        input_clips_key: str = "Clips",
+        output_key: str = "QA",
+    ) -> pd.DataFrame:
+        """Run this stage over ``df`` (or the storage step); write to ``storage`` if given; return the rows."""
+        from vqa_operators.generators import generator_class
+
+        generator = self._generator(
+            generator_class(self.stage), storage, meta_key=input_meta_key, clips_key=input_clips_key, output_key=output_key
+        )
+        return run_step(generator, storage, df)
+
+
+class MultiroleVideoQAInitialGenerator(_MultiroleVideoQAStage):
+    """Seed 000, stage 1: ``Meta`` + ``Clips`` -> the initial QA set."""
+
+    stage = "video_qa_initial"
+
+
+class MultiroleVideoQAMultiAgentGenerator(_MultiroleVideoQAStage):
+    """Seed 000, stage 2: ``MultiroleVideoQAMultiAgentGenerator(serving, max_iterations=3)``; experts refine the set."""
+
+    stage = "video_qa_multiagent"
+
+
+class MultiroleVideoQAFinalGenerator(_MultiroleVideoQAStage):
+    """Seed 000, stage 3: about ten best pairs, labelled, as ``QA``: ``[{"Label", "Question", "Answer"}]``."""
+
+    stage = "video_qa_final"

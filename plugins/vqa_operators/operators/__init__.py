@@ -11,11 +11,11 @@ import os
 from typing import Any
 
 from vqa_operators.operators.local import VQAWorkerOperator
-from vqa_operators.operators.spec import STAGED_OUTPUT_URI, WorkerSpec
+from vqa_operators.operators.spec import STAGED_OUTPUT_URI, WorkerSpec, staged_output
 
 MODES = ("local", "kubernetes")
 
-__all__ = ["MODES", "STAGED_OUTPUT_URI", "VQAWorkerOperator", "WorkerSpec", "execution_mode", "worker_task"]
+__all__ = ["MODES", "STAGED_OUTPUT_URI", "VQAWorkerOperator", "WorkerSpec", "execution_mode", "staged_output", "worker_task"]
 
 
 def execution_mode() -> str:

@@ -12,8 +12,17 @@ from typing import Any, ClassVar
 
 from vqa_operators.media import DEFAULT_MAX_PIXELS
 
-# Staged outputs live under the run's identity, never the clock: a retry rewrites the same key.
-STAGED_OUTPUT_URI = "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}/{{ task.task_id }}.jsonl"
+
+def staged_output(task_id: str = "{{ task.task_id }}") -> str:
+    """Where a task of this DAG run stages its JSONL: ``<output_prefix>/<dag_id>/<run_id>/<task_id>.jsonl``.
+
+    Staged outputs live under the run's identity, never the clock: a retry rewrites the same key,
+    and a downstream task finds its input by the upstream task's id.
+    """
+    return "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}/" + task_id + ".jsonl"
+
+
+STAGED_OUTPUT_URI = staged_output()
 
 
 @dataclass

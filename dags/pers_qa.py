@@ -1,0 +1,59 @@
+"""
+### Personalised QA
+
+Asks one question per row about the row's main character, who is called by a tag (default
+`<mam>`), and writes `{"image": [...], "pers_qa": "Question: ... <mam> ... Answer: <mam> ..."}`.
+The question comes from the bank in `include/prompts/pers_qa/questions.j2`, chosen from the seed
+and the row, so a rerun asks the same question. An optional `subject_type` field (`person`,
+`pet` or `object`) widens the choice to questions that suit that kind of main character.
+
+- **Input**: `input_uri`, JSONL rows with `image` (a path or a list of paths of the same main
+  character); relative paths resolve against `media_root`.
+- **Output**: `<output_prefix>/pers_qa/<run_id>/generate.jsonl`, failed rows with a reason in
+  `generate.errors.jsonl` (for example `answer_missing_tag` when the model would not start its
+  answer with the tag even after a repair request). XCom holds only the manifest.
+- **Model**: the `vqa_vlm` connection, or `VQA_BASE_URL` / `VQA_MODEL` / `VQA_API_KEY`.
+- **Where it runs**: `VQA_EXECUTION=local` (in the task process) or `kubernetes` (GPU pod).
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import Param, dag
+
+from vqa_operators.operators import WorkerSpec, worker_task
+from vqa_operators.operators.dag_config import DEFAULT_ARGS, START_DATE, io_params
+
+
+@dag(
+    dag_id="pers_qa",
+    start_date=START_DATE,
+    schedule=None,
+    catchup=False,
+    max_active_runs=4,
+    doc_md=__doc__,
+    tags=["vqa", "pers_qa", "generation"],
+    default_args=DEFAULT_ARGS,
+    params={
+        **io_params(
+            "pers_qa",
+            example_input="s3://vqa-demo/input/pers_qa.jsonl",
+            rows_doc="an `image` field (paths of one main character) and optionally `subject_type`",
+            final_task="generate",
+        ),
+        "tag": Param("<mam>", type="string", pattern=r"^\S{1,40}$", title="Main character tag", description="Name the model must use for the main character; every answer starts with it."),
+    },
+)
+def pers_qa() -> None:
+    worker_task(
+        task_id="generate",
+        spec=WorkerSpec(
+            generator="pers_qa",
+            input="{{ params.input_uri }}",
+            media_root="{{ params.media_root }}",
+            seed="{{ params.seed }}",
+            params={"tag": "{{ params.tag }}"},
+        ),
+    )
+
+
+pers_qa()

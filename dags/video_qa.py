@@ -1,0 +1,75 @@
+"""
+### Multi-role video QA
+
+Three tasks turn videos, given as `Meta` text and ordered `Clips` (each with `Description`,
+`Audio_Text` and `Frames_Images`), into labelled question-answer pairs:
+
+1. **initial**: every clip's text and evenly sampled frames (at most `max_frames` per request)
+   plus `Meta` -> up to 10 QA pairs.
+2. **multiagent**: up to `max_iterations` rounds; in each, a master recruits one new expert (or
+   stops), the expert adds pairs, and the master merges and deduplicates the set.
+3. **final**: the `final_pairs` best pairs, each labelled with one or two of
+   `visual_understanding`, `emotion_recognition`, `theme_and_brand`, `persuasion_strategy`,
+   `audience_and_engagement`, written as `QA: [{"Label", "Question", "Answer"}]`.
+
+The tasks pass JSONL through `<output_prefix>/video_qa/<run_id>/<task>.jsonl`; the state between
+them (current QA set, experts, iteration count) travels in the rows (`QA`, `video_qa_state`).
+Each task writes its failed rows, with a reason, to `<task>.errors.jsonl`. XCom holds only
+manifests.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import Param, dag
+
+from vqa_operators.operators import WorkerSpec, staged_output, worker_task
+from vqa_operators.operators.dag_config import DEFAULT_ARGS, START_DATE, io_params
+
+# the revised and final sets are long JSON answers
+MAX_TOKENS = 4096
+
+
+@dag(
+    dag_id="video_qa",
+    start_date=START_DATE,
+    schedule=None,
+    catchup=False,
+    max_active_runs=4,
+    doc_md=__doc__,
+    tags=["vqa", "video_qa", "generation"],
+    default_args=DEFAULT_ARGS,
+    params={
+        **io_params(
+            "video_qa",
+            example_input="s3://vqa-demo/input/video_qa.jsonl",
+            rows_doc="`Meta` (text) and `Clips` (a list of {Description, Audio_Text, Frames_Images})",
+            final_task="final",
+        ),
+        "max_frames": Param(16, type="integer", minimum=1, maximum=256, title="Frames per request", description="Sampled evenly across the video."),
+        "max_iterations": Param(3, type="integer", minimum=0, maximum=20, title="Expert rounds", description="Multi-agent iterations; the master may stop earlier."),
+        "final_pairs": Param(10, type="integer", minimum=1, maximum=50, title="Final QA pairs per video"),
+    },
+)
+def video_qa() -> None:
+    common = {"media_root": "{{ params.media_root }}", "seed": "{{ params.seed }}", "max_tokens": MAX_TOKENS}
+    initial = worker_task(
+        task_id="initial",
+        spec=WorkerSpec(generator="video_qa_initial", input="{{ params.input_uri }}", params={"max_frames": "{{ params.max_frames }}"}, **common),
+    )
+    multiagent = worker_task(
+        task_id="multiagent",
+        spec=WorkerSpec(
+            generator="video_qa_multiagent",
+            input=staged_output("initial"),
+            params={"max_frames": "{{ params.max_frames }}", "max_iterations": "{{ params.max_iterations }}"},
+            **common,
+        ),
+    )
+    final = worker_task(
+        task_id="final",
+        spec=WorkerSpec(generator="video_qa_final", input=staged_output("multiagent"), params={"final_pairs": "{{ params.final_pairs }}"}, **common),
+    )
+    initial >> multiagent >> final
+
+
+video_qa()

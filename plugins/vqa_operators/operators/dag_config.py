@@ -1,0 +1,57 @@
+"""What every VQA DAG shares: retry policy and the input/output params a run is triggered with.
+
+DAG files stay configuration: they take these and add their own task-specific params.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import Param
+
+START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
+
+# Model-server and S3 hiccups the client's own retries could not absorb fail the task; Airflow
+# retries it with growing delays. Staged outputs are keyed by run and task, so a retry rewrites them.
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "vqa",
+    "retries": 3,
+    "retry_delay": timedelta(minutes=1),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=30),
+}
+
+
+def io_params(dag_id: str, *, example_input: str, rows_doc: str, final_task: str) -> dict[str, Param]:
+    """``input_uri``, ``output_prefix``, ``media_root`` and ``seed``, documented for the trigger form."""
+    return {
+        "input_uri": Param(
+            example_input,
+            type="string",
+            minLength=1,
+            title="Input JSONL",
+            description=f"JSONL of rows with {rows_doc}: a local path or s3://bucket/key.",
+        ),
+        "output_prefix": Param(
+            "s3://vqa-demo/output",
+            type="string",
+            pattern="^(s3://[a-z0-9.-]{3,63}/?.*|/.*)$",
+            title="Output prefix",
+            description=f"Folder or s3:// prefix; the output lands at <prefix>/{dag_id}/<run_id>/{final_task}.jsonl.",
+        ),
+        "media_root": Param(
+            ".",
+            type="string",
+            title="Media root",
+            description="Folder or s3:// prefix that relative image paths are resolved against.",
+        ),
+        "seed": Param(
+            0,
+            type="integer",
+            minimum=0,
+            title="Sampling seed",
+            description="Per-row seeds (and choices such as pers_qa's question) derive from it, so reruns ask the same way.",
+        ),
+    }
