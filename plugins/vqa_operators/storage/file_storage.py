@@ -9,7 +9,6 @@ copy); ``read`` reads the current step (step 0 is ``first_entry_file_name``) and
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
