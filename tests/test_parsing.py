@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from vqa_operators.generators.image_qa import image_qa_answer_model
+from vqa_operators.generators.image_qa import qa_set_model
 from vqa_operators.parsing import ParseError, extract_json, parse_structured
 
-Answer = image_qa_answer_model(2)
+Answer = qa_set_model("ImageQAAnswer", 2, min_pairs=2)
 GOOD = '{"qa_pairs": [{"question": "What colour is the car?", "answer": "Red"}, {"question": "How many people?", "answer": "Two"}]}'
 
 

@@ -137,11 +137,17 @@ class Generator(ABC):
         }
 
     @staticmethod
-    def image_paths(row: dict[str, Any], key: str, limit: int) -> list[str]:
-        """The row's image paths: a string is a one-element list; anything else is a RowError."""
+    def required(row: dict[str, Any], key: str) -> Any:
+        """The row's ``key`` field; a missing or null one is a RowError (``missing_field``)."""
         value = row.get(key)
         if value is None:
             raise RowError("missing_field", f"the row has no {key!r} field" if key not in row else f"{key!r} is null")
+        return value
+
+    @classmethod
+    def image_paths(cls, row: dict[str, Any], key: str, limit: int) -> list[str]:
+        """The row's image paths: a string is a one-element list; anything else is a RowError."""
+        value = cls.required(row, key)
         paths = [value] if isinstance(value, str) else value
         if not isinstance(paths, list) or not all(isinstance(p, str) and p.strip() for p in paths):
             raise RowError("bad_field", f"{key!r} must be a path or a list of non-empty paths, got {type(value).__name__}")
@@ -152,9 +158,14 @@ class Generator(ABC):
         return paths
 
     @staticmethod
-    def user_message(images: list[PreparedImage], text: str) -> dict[str, Any]:
+    def image_part(image: PreparedImage) -> dict[str, Any]:
+        """One image as a message part: a base64 data URL."""
+        return {"type": "image_url", "image_url": {"url": image.data_url}}
+
+    @classmethod
+    def user_message(cls, images: list[PreparedImage], text: str) -> dict[str, Any]:
         """One user turn: every image as a data URL part, in order, then the text."""
-        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": img.data_url}} for img in images]
+        parts = [cls.image_part(img) for img in images]
         parts.append({"type": "text", "text": text})
         return {"role": "user", "content": parts}
 

@@ -17,12 +17,12 @@ class QAPair(BaseModel):
     answer: str = Field(min_length=1)
 
 
-def image_qa_answer_model(pairs: int) -> type[BaseModel]:
-    """The JSON the model must return: exactly ``pairs`` QA pairs under ``qa_pairs``."""
+def qa_set_model(name: str, max_pairs: int, *, min_pairs: int = 1) -> type[BaseModel]:
+    """The JSON the model must return: ``{"qa_pairs": [{"question", "answer"}]}`` with min..max pairs."""
     return create_model(
-        "ImageQAAnswer",
+        name,
         __config__=ConfigDict(extra="forbid"),
-        qa_pairs=(list[QAPair], Field(min_length=pairs, max_length=pairs)),
+        qa_pairs=(list[QAPair], Field(min_length=min_pairs, max_length=max_pairs)),
     )
 
 
@@ -42,7 +42,8 @@ class ImageQAGenerator(Generator):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.answer_model = image_qa_answer_model(self.options.pairs_per_row)
+        pairs = self.options.pairs_per_row
+        self.answer_model = qa_set_model("ImageQAAnswer", pairs, min_pairs=pairs)
 
     async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Ask for ``pairs_per_row`` QA pairs about every image of ``row``."""

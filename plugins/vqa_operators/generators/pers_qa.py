@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from vqa_operators.exceptions import ConfigError, RowError
-from vqa_operators.generators.base import Generator, ImageRowOptions, row_key
+from vqa_operators.generators.base import Generator, ImageRowOptions, derive_seed, row_key
 from vqa_operators.parsing import ParseError
 from vqa_operators.prompts import PromptSet
 
@@ -70,8 +70,9 @@ def load_question_bank(prompts: PromptSet, tag: str) -> list[Question]:
 def choose_question(bank: list[Question], *, seed: int | None, key: str, subject: str | None) -> Question:
     """The row's question: a hash of (seed, row key) indexes the questions that suit the subject."""
     candidates = [q for q in bank if q.suits(subject)]
-    digest = hashlib.sha256(f"{seed if seed is not None else 0}:{key}:pers_qa".encode()).hexdigest()
-    return candidates[int(digest[:12], 16) % len(candidates)]
+    index = derive_seed(seed or 0, f"{key}:pers_qa")
+    assert index is not None  # a seed was given
+    return candidates[index % len(candidates)]
 
 
 def pers_answer_model(tag: str) -> type[BaseModel]:

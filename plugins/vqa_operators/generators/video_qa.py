@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from vqa_operators.exceptions import RowError
 from vqa_operators.generators.base import Generator, GeneratorOptions, row_key
-from vqa_operators.generators.image_qa import QAPair
+from vqa_operators.generators.image_qa import QAPair, qa_set_model
 from vqa_operators.media import PreparedImage
 from vqa_operators.parsing import ParseError, describe_validation_error
 
@@ -129,13 +129,6 @@ class VideoQAState(BaseModel):
 # --- model answers ---------------------------------------------------------------------------
 
 
-def qa_set_model(name: str, max_pairs: int) -> type[BaseModel]:
-    """``{"qa_pairs": [{"question", "answer"}]}`` with 1..max_pairs pairs."""
-    return create_model(
-        name, __config__=ConfigDict(extra="forbid"), qa_pairs=(list[QAPair], Field(min_length=1, max_length=max_pairs))
-    )
-
-
 class MasterDecision(BaseModel):
     """The master's move in one iteration: recruit one new expert, or terminate."""
 
@@ -221,15 +214,12 @@ class _VideoQAStage(Generator):
     def read_video(self, row: dict[str, Any]) -> Video:
         """Validate ``Meta`` and ``Clips``; a RowError names the problem."""
         opts = self.options
-        for key in (opts.meta_key, opts.clips_key):
-            if row.get(key) is None:
-                raise RowError("missing_field", f"the row has no {key!r} field" if key not in row else f"{key!r} is null")
-        meta = row[opts.meta_key]
+        meta = self.required(row, opts.meta_key)
+        raw = self.required(row, opts.clips_key)
         if isinstance(meta, dict):
             meta = json.dumps(meta, ensure_ascii=False)
         if not isinstance(meta, str):
             raise RowError("bad_field", f"{opts.meta_key!r} must be text (or an object), got {type(meta).__name__}")
-        raw = row[opts.clips_key]
         if not isinstance(raw, list) or not raw:
             raise RowError("bad_field", f"{opts.clips_key!r} must be a non-empty list of clips")
         if len(raw) > opts.max_clips:
@@ -272,7 +262,7 @@ class _VideoQAStage(Generator):
                 shown=len(frames), frames=len(clip.frames),
             )
             parts.append({"type": "text", "text": text})
-            parts.extend({"type": "image_url", "image_url": {"url": img.data_url}} for img in frames)
+            parts.extend(self.image_part(img) for img in frames)
         return parts
 
     def messages(self, video: Video, images: list[PreparedImage] | None, task: str, *, system: str | None = None) -> list[dict[str, Any]]:
@@ -323,12 +313,16 @@ class VideoQAInitialGenerator(_VideoQAStage):
     Options = VideoQAInitialOptions
     options: VideoQAInitialOptions
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.answer_model = qa_set_model("VideoQASet", self.options.initial_pairs)
+
     async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         opts = self.options
         video = self.read_video(row)
         images = await self.load_frames(video)
         task = self.prompts.render("initial", pairs=opts.initial_pairs)
-        answer = await self.ask(self.messages(video, images, task), qa_set_model("VideoQASet", opts.initial_pairs), key=row_key(row))
+        answer = await self.ask(self.messages(video, images, task), self.answer_model, key=row_key(row))
         pairs = to_rows(answer.qa_pairs)  # type: ignore[attr-defined]
         unique = dedupe(pairs)
         fields = {opts.output_key: unique, opts.state_key: VideoQAState().model_dump()}
@@ -356,6 +350,11 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
     Options = VideoQAMultiAgentOptions
     options: VideoQAMultiAgentOptions
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.expert_model = qa_set_model("ExpertQASet", self.options.expert_pairs)
+        self.revised_model = qa_set_model("RevisedQASet", self.options.max_pairs)
+
     async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         opts = self.options
         video = self.read_video(row)
@@ -377,7 +376,7 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
             task = self.prompts.render("expert", subtask=expert.subtask, current_qa=qa_json(current), pairs=opts.expert_pairs)
             system = self.prompts.render("expert_system", role=expert.role, description=expert.description)
             added = await self.ask(
-                self.messages(video, images, task, system=system), qa_set_model("ExpertQASet", opts.expert_pairs), key=f"{key}:expert:{iteration}"
+                self.messages(video, images, task, system=system), self.expert_model, key=f"{key}:expert:{iteration}"
             )
             expert_rows = to_rows(added.qa_pairs)  # type: ignore[attr-defined]
             current = await self.revise(video, current=current, expert_pairs=expert_rows, role=expert.role, key=f"{key}:revise:{iteration}")
@@ -422,7 +421,7 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
             "revise", current_qa=qa_json(current), current_count=len(current), expert_qa=qa_json(expert_pairs),
             expert_count=len(expert_pairs), role=role, max_pairs=opts.max_pairs,
         )
-        revised = await self.ask(self.messages(video, None, task), qa_set_model("RevisedQASet", opts.max_pairs), key=key)
+        revised = await self.ask(self.messages(video, None, task), self.revised_model, key=key)
         return dedupe(to_rows(revised.qa_pairs))  # type: ignore[attr-defined]
 
 
@@ -440,6 +439,10 @@ class VideoQAFinalGenerator(_VideoQAStage):
     Options = VideoQAFinalOptions
     options: VideoQAFinalOptions
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.answer_model = final_model(self.options.final_pairs)
+
     def finish_row(self, row: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         """The seed's output row: the carried state leaves the row (it is kept in provenance)."""
         out = {**row, **fields}
@@ -452,7 +455,7 @@ class VideoQAFinalGenerator(_VideoQAStage):
         current = self.current_set(row)
         state = self.read_state(row)
         task = self.prompts.render("final", current_qa=qa_json(current), current_count=len(current), pairs=opts.final_pairs, labels=LABELS)
-        answer = await self.ask(self.messages(video, None, task), final_model(opts.final_pairs), key=f"{row_key(row)}:final")
+        answer = await self.ask(self.messages(video, None, task), self.answer_model, key=f"{row_key(row)}:final")
         pairs = [{"Label": LABEL_SEPARATOR.join(p.labels), "Question": p.question, "Answer": p.answer} for p in answer.qa]  # type: ignore[attr-defined]
         unique = dedupe(pairs)
         meta = {"state": state.model_dump(), "duplicates_dropped": len(pairs) - len(unique)}
