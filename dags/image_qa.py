@@ -50,6 +50,7 @@ def image_qa() -> None:
             input="{{ params.input_uri }}",
             media_root="{{ params.media_root }}",
             seed="{{ params.seed }}",
+            concurrency="{{ params.concurrency }}",
             params={"pairs_per_row": "{{ params.pairs_per_row }}"},
         ),
     )

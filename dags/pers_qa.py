@@ -51,6 +51,7 @@ def pers_qa() -> None:
             input="{{ params.input_uri }}",
             media_root="{{ params.media_root }}",
             seed="{{ params.seed }}",
+            concurrency="{{ params.concurrency }}",
             params={"tag": "{{ params.tag }}"},
         ),
     )

@@ -51,7 +51,7 @@ MAX_TOKENS = 4096
     },
 )
 def video_qa() -> None:
-    common = {"media_root": "{{ params.media_root }}", "seed": "{{ params.seed }}", "max_tokens": MAX_TOKENS}
+    common = {"media_root": "{{ params.media_root }}", "seed": "{{ params.seed }}", "concurrency": "{{ params.concurrency }}", "max_tokens": MAX_TOKENS}
     initial = worker_task(
         task_id="initial",
         spec=WorkerSpec(generator="video_qa_initial", input="{{ params.input_uri }}", params={"max_frames": "{{ params.max_frames }}"}, **common),

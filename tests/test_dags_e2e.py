@@ -29,8 +29,11 @@ def read_jsonl(s3, bucket: str, key: str) -> list[dict]:
 
 def run_keys(s3, bucket: str, dag_id: str) -> list[str]:
     """The objects one DAG run staged: output/<dag_id>/<run_id>/..."""
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"output/{dag_id}/")["Contents"]]
-    assert len({k.split("/")[2] for k in keys}) == 1 and keys[0].split("/")[2].startswith("manual__")
+    every = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"output/{dag_id}/")["Contents"]]
+    assert len({k.split("/")[2] for k in every}) == 1 and every[0].split("/")[2].startswith("manual__")
+    keys = [k for k in every if ".checkpoint/" not in k]
+    # each output has its task's checkpoint beside it
+    assert {k.split(".checkpoint/")[0] for k in every if ".checkpoint/" in k} == {k.removesuffix(".jsonl") for k in keys if not k.endswith(".errors.jsonl")}
     return keys
 
 
@@ -120,3 +123,45 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     initial = [r for r in vlm_server.requests if r["response_format"]["json_schema"]["name"] == "VideoQASet"]
     counts = [sum(p["type"] == "image_url" for m in r["messages"] if isinstance(m["content"], list) for p in m["content"]) for r in initial]
     assert sorted(counts) == [4, 6]
+
+
+def test_a_retried_task_resumes_from_the_failed_try(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path) -> None:
+    import sqlite3
+
+    from tests.doubles.openai_server import Reply
+
+    s3.put_object(Bucket=bucket, Key="media/a.jpg", Body=make_jpeg((200, 100)))
+    rows = [{"id": i, "image": "media/a.jpg"} for i in range(10)]
+    s3.put_object(Bucket=bucket, Key="input/rows.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+    served = 0
+
+    def outage_after_four(body: dict) -> Reply:
+        # try 1 finishes four rows, then the server drops every connection until that try has
+        # given up (its checkpoint part appears on S3); then it answers again
+        nonlocal served
+        served += 1
+        checkpointed = s3.list_objects_v2(Bucket=bucket, Prefix="output/").get("KeyCount", 0) > 0
+        return Reply(drop=True) if served > 4 and not checkpointed else Reply()
+
+    vlm_server.responder = outage_after_four
+    env = airflow_env(airflow_home, s3_endpoint=s3_endpoint, vlm_base_url=vlm_server.base_url, model=MODEL)
+    env["VQA_RETRY_DELAY_SECONDS"] = "1"
+    conf = {"input_uri": f"s3://{bucket}/input/rows.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/", "concurrency": 1, "pairs_per_row": 1}
+    proc = airflow("dags", "test", "image_qa", "-c", json.dumps(conf), env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+
+    assert "ServerUnavailableError: model server at" in log  # try 1 failed on the outage, as a job error
+    assert "holds 4 rows finished by earlier tries" in log and "4 reused from earlier tries" in log  # try 2 said so
+    keys = run_keys(s3, bucket, "image_qa")
+    out = read_jsonl(s3, bucket, next(k for k in keys if k.endswith("/generate.jsonl")))
+    assert [r["id"] for r in out] == list(range(10))
+
+    with sqlite3.connect(airflow_home / "airflow.db") as db:
+        run_id = db.execute("SELECT run_id FROM dag_run WHERE dag_id='image_qa' ORDER BY id DESC LIMIT 1").fetchone()[0]
+        tries = db.execute("SELECT try_number, state FROM task_instance WHERE dag_id='image_qa' AND run_id=?", (run_id,)).fetchone()
+        xcom = db.execute("SELECT value FROM xcom WHERE dag_id='image_qa' AND run_id=? AND key='return_value'", (run_id,)).fetchone()[0]
+    manifest = json.loads(xcom if isinstance(xcom, str) else xcom.decode())
+    assert tries == (2, "success")
+    assert (manifest["rows_reused"], manifest["requests"], manifest["rows_out"]) == (4, 6, 10)
+    assert "sk-airflow-secret-456" not in log + json.dumps(manifest) and "testing-secret-value" not in log + json.dumps(manifest)

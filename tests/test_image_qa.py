@@ -72,7 +72,7 @@ def test_still_unusable_after_repair_is_a_row_error(vlm_server: OpenAITestServer
     vlm_server.enqueue(Reply(content='{"qa_pairs": [', finish_reason="length"), Reply(content='{"qa_pairs": []}'))
     with pytest.raises(RowError, match="after one repair") as info:
         asyncio.run(generator(vlm_server, images[0].parent).generate({"image": images[0].name}))
-    assert info.value.reason == "unparseable_output"
+    assert info.value.reason == "schema_mismatch"
     assert info.value.raw_output == '{"qa_pairs": []}'
     assert "max_tokens" in vlm_server.requests[1]["messages"][-1]["content"]
 

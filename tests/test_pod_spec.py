@@ -25,9 +25,9 @@ def vlm_connection(monkeypatch: pytest.MonkeyPatch) -> None:
 
 RUN_ID = "manual__2026-11-21T00:00:00+00:00"
 PARAMS = {
-    "image_qa": {"input_uri": "s3://in/rows.jsonl", "output_prefix": "s3://out/prefix", "media_root": "s3://in/", "pairs_per_row": 4, "seed": 9},
+    "image_qa": {"input_uri": "s3://in/rows.jsonl", "output_prefix": "s3://out/prefix", "media_root": "s3://in/", "pairs_per_row": 4, "seed": 9, "concurrency": 32},
     "video_qa": {
-        "input_uri": "s3://in/videos.jsonl", "output_prefix": "s3://out/prefix", "media_root": "s3://in/", "seed": 9,
+        "input_uri": "s3://in/videos.jsonl", "output_prefix": "s3://out/prefix", "media_root": "s3://in/", "seed": 9, "concurrency": 32,
         "max_frames": 12, "max_iterations": 2, "final_pairs": 8,
     },
 }
@@ -120,3 +120,22 @@ def test_video_qa_tasks_are_valid_gpu_pods_chained_through_s3(
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert manifest["metadata"]["labels"]["task_id"] == task_id
     assert SECRET_KEY not in json.dumps(manifest)
+
+
+def test_pod_runs_locked_down_with_the_allowlist_and_its_checkpoint_identity(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VQA_ALLOWED_MEDIA_ROOTS", "s3://in/,s3://shared-media/frames")
+    manifest = build_manifest(monkeypatch)
+    spec, container = manifest["spec"], manifest["spec"]["containers"][0]
+    assert spec["securityContext"] == {
+        "fsGroup": 1000, "runAsGroup": 1000, "runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+    }
+    # the read-only root filesystem leaves /tmp (checkpoint index, upload spool) and the caches writable
+    assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/tmp", "/dev/shm", "/models"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["VQA_ALLOWED_MEDIA_ROOTS"] == "s3://in/,s3://shared-media/frames"
+    args = container["args"]
+    assert args[args.index("--task-key") + 1] == f"image_qa/generate/{RUN_ID}/-1"
+    assert args[args.index("--concurrency") + 1] == "32"

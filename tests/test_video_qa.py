@@ -333,7 +333,7 @@ def test_bad_labels_are_repaired_then_row_errors(vlm_server: OpenAITestServer, f
     vlm_server.enqueue(Reply(content=bad), Reply(content=bad))
     with pytest.raises(RowError) as info:
         asyncio.run(make(VideoQAFinalGenerator, vlm_server, frames, final_pairs=2).generate(initial_row("a")))
-    assert info.value.reason == "unparseable_output" and len(vlm_server.requests) == 2
+    assert info.value.reason == "schema_mismatch" and len(vlm_server.requests) == 2
     assert "does not match the schema" in vlm_server.requests[1]["messages"][-1]["content"]
 
 

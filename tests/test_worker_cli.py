@@ -61,7 +61,7 @@ def test_end_to_end_on_s3(vlm_server: OpenAITestServer, s3, bucket: str, s3_inpu
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads(proc.stdout.strip().splitlines()[-1])
     assert manifest["rows_in"] == 7 and manifest["rows_out"] == 2 and manifest["rows_failed"] == 5
-    assert manifest["failures_by_reason"] == {"bad_image": 1, "image_not_found": 1, "malformed_json": 1, "missing_field": 1, "unparseable_output": 1}
+    assert manifest["failures_by_reason"] == {"bad_image": 1, "image_not_found": 1, "malformed_json": 1, "missing_field": 1, "invalid_json": 1}
     assert manifest["errors"] == f"s3://{bucket}/out/image_qa.errors.jsonl"
     out = read_jsonl(s3, output)
     errors = read_jsonl(s3, manifest["errors"])

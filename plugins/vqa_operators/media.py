@@ -6,12 +6,13 @@ import asyncio
 import base64
 import io
 import math
+import os
 import warnings
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from vqa_operators.exceptions import RowError
-from vqa_operators.storage.uris import Storage, join_uri
+from vqa_operators.storage.uris import Storage, is_s3, join_uri
 
 # Qwen2.5-VL's common serving budget (1280 visual tokens of 28x28 pixels).
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28
@@ -91,17 +92,55 @@ def prepare_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIX
     )
 
 
-class MediaReader:
-    """Resolve image paths against a media root, read them (local or S3) and prepare them off the event loop."""
+def within(uri: str, root: str) -> bool:
+    """True if ``uri`` lies inside ``root``: a folder (symlinks resolved) or an ``s3://bucket[/prefix]``.
 
-    def __init__(self, storage: Storage, *, media_root: str = ".", max_pixels: int = DEFAULT_MAX_PIXELS, executor: Executor | None = None) -> None:
+    An S3 key with a ``..`` or ``.`` segment is never inside anything: S3 would not resolve it.
+    """
+    if is_s3(uri) != is_s3(root):
+        return False
+    if is_s3(uri):
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        root_bucket, _, prefix = root[len("s3://") :].partition("/")
+        if any(part in (".", "..") for part in key.split("/")):
+            return False
+        prefix = prefix.rstrip("/")
+        return bucket == root_bucket and (not prefix or key.startswith(prefix + "/"))
+    real, real_root = os.path.realpath(uri), os.path.realpath(root)
+    return os.path.commonpath([real, real_root]) == real_root
+
+
+class MediaReader:
+    """Resolve image paths against a media root, read them (local or S3) and prepare them off the event loop.
+
+    Only paths inside ``allowed_roots`` (default: the media root itself) are read: a row cannot
+    reach ``../`` or an absolute path elsewhere (``path_not_allowed``).
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        media_root: str = ".",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        executor: Executor | None = None,
+        allowed_roots: list[str] | None = None,
+    ) -> None:
         self.storage = storage
         self.media_root = media_root
         self.max_pixels = max_pixels
         self.executor = executor
+        self.allowed_roots = allowed_roots or [media_root]
+
+    def resolve(self, path: str) -> str:
+        """The URI of a row's media ``path``; a RowError if it lies outside every allowed root."""
+        uri = join_uri(self.media_root, path)
+        if not any(within(uri, root) for root in self.allowed_roots):
+            raise RowError("path_not_allowed", f"{path}: outside the allowed media roots")
+        return uri
 
     def _load(self, path: str, max_pixels: int) -> PreparedImage:
-        uri = join_uri(self.media_root, path)
+        uri = self.resolve(path)
         try:
             data = self.storage.read_bytes(uri)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:

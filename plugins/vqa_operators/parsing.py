@@ -18,10 +18,12 @@ _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
 class ParseError(ValueError):
     """The model's output is not usable; the message is the detail recorded for the row.
 
-    ``reason`` is the errors-file reason code if the output is still unusable after the repair.
+    ``reason`` is the errors-file reason code if the output is still unusable after the repair:
+    ``invalid_json``, ``truncated_output`` (cut off, usually by ``max_tokens``), ``schema_mismatch``,
+    or a generator's own rule.
     """
 
-    def __init__(self, message: str, *, reason: str = "unparseable_output") -> None:
+    def __init__(self, message: str, *, reason: str = "invalid_json") -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -93,7 +95,7 @@ def extract_json(text: str, *, truncated: bool = False) -> Any:
         depth, in_string = _scan(body, start)
         if truncated or depth > 0 or in_string:
             limit = " (the server hit max_tokens)" if truncated else ""
-            raise ParseError(f"truncated JSON: output ended before the value was closed{limit}") from None
+            raise ParseError(f"truncated JSON: output ended before the value was closed{limit}", reason="truncated_output") from None
         raise ParseError(f"invalid JSON: {first.msg} at char {first.pos}") from None
 
 
@@ -113,4 +115,4 @@ def parse_structured(text: str, model: type[M], *, truncated: bool = False) -> M
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ParseError(f"output does not match the schema: {describe_validation_error(err)}") from None
+        raise ParseError(f"output does not match the schema: {describe_validation_error(err)}", reason="schema_mismatch") from None

@@ -5,6 +5,10 @@ The one entry point that a Kubernetes pod runs and that an in-process Airflow ta
 generated fields + provenance) or the errors JSONL (input + reason). Both files are written
 atomically at the end. The last stdout line is a JSON manifest. Job-level failures exit non-zero
 with a one-line message, so that Airflow retries the task.
+
+Finished rows are checkpointed as the run goes (``storage/checkpoint.py``). A rerun of the same
+task with the same settings reuses them and sends only the other rows to the model; the manifest
+reports ``rows_reused``. A rerun after full success makes no model call and writes nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -25,17 +30,26 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from vqa_operators.exceptions import ConfigError, JobError
 from vqa_operators.generators import GENERATORS, generator_class
-from vqa_operators.generators.base import Generator, row_key, run_rows
-from vqa_operators.media import DEFAULT_MAX_PIXELS, MediaReader
+from vqa_operators.generators.base import Generator, RowOutcome, row_key, run_rows
+from vqa_operators.media import DEFAULT_MAX_PIXELS, MediaReader, within
 from vqa_operators.parsing import describe_validation_error
 from vqa_operators.serving.base import VLMServing
-from vqa_operators.storage.jsonl import JsonlWriter, read_jsonl
+from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix, fingerprint
+from vqa_operators.storage.jsonl import BadLine, JsonlWriter, read_jsonl
 from vqa_operators.storage.uris import Storage, errors_uri_for
 
 log = logging.getLogger("vqa_operators.worker")
 
 PROVENANCE_KEY = "vqa_provenance"
 PROGRESS_EVERY_S = 10.0
+# bump when the checkpoint record format changes, so old checkpoints are not reused
+CHECKPOINT_FORMAT = 1
+
+
+def _env_list(name: str) -> list[str] | None:
+    value = os.environ.get(name, "")
+    items = [item.strip() for item in value.split(",") if item.strip()]
+    return items or None
 
 
 class JobOptions(BaseModel):
@@ -57,10 +71,16 @@ class JobOptions(BaseModel):
     max_tokens: int = Field(1024, ge=16, le=65536)
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=28 * 28, le=50_000_000)
     media_root: str = "."
+    # where rows may read media from; a deployment setting, not a run parameter
+    allowed_media_roots: list[str] | None = Field(default_factory=lambda: _env_list("VQA_ALLOWED_MEDIA_ROOTS"))
     params: dict[str, Any] = Field(default_factory=dict)
     serve_vllm: bool = False
     request_timeout: float = Field(300.0, gt=0)
     max_retries: int = Field(5, ge=0, le=20)
+    max_consecutive_failures: int = Field(10, ge=1, le=10_000)
+    task_key: str | None = None
+    checkpoint_every: int = Field(64, ge=1, le=100_000)
+    checkpoint_seconds: float = Field(30.0, gt=0)
 
     @property
     def errors_uri(self) -> str:
@@ -74,32 +94,83 @@ def _provenance(generator: Generator, prior: Any, key: str, meta: dict[str, Any]
     return merged
 
 
+def record_key(line: int, item: dict[str, Any] | BadLine) -> str:
+    """A row's stable key within its input: line number and content hash (an edited or moved row is new)."""
+    if isinstance(item, BadLine):
+        return f"{line}:bad:{hashlib.sha256(item.raw.encode('utf-8', 'replace')).hexdigest()[:20]}"
+    return f"{line}:{row_key(item)}"
+
+
+def _record(generator: Generator, outcome: RowOutcome) -> dict[str, Any]:
+    """The row's final record: ``{"out": output row}`` or ``{"error": errors-file entry}``."""
+    if outcome.error is not None:
+        return {"error": outcome.error_entry(generator.name)}
+    assert outcome.row is not None and outcome.fields is not None
+    row = generator.finish_row(outcome.row, outcome.fields)
+    row[PROVENANCE_KEY] = _provenance(generator, outcome.row.get(PROVENANCE_KEY), row_key(outcome.row), outcome.meta)
+    return {"out": row}
+
+
+def settings_fingerprint(generator: Generator, opts: JobOptions) -> str:
+    """What decides each row's result: generator, options, prompts, model, sampling and image budget."""
+    return fingerprint(
+        {"format": CHECKPOINT_FORMAT, "generator": generator.name, **generator.provenance(), "max_pixels": opts.max_pixels, "media_root": opts.media_root}
+    )
+
+
 async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> dict[str, Any]:
     started = time.monotonic()
     reasons: Counter[str] = Counter()
-    rows_in = rows_out = 0
+    rows_in = rows_out = rows_reused = 0
+    settings = settings_fingerprint(generator, opts)
+    checkpoint = Checkpoint(
+        storage, checkpoint_prefix(opts.output, opts.task_key, settings), every_rows=opts.checkpoint_every, every_seconds=opts.checkpoint_seconds
+    )
+    keys: dict[int, str] = {}
+
+    def items() -> Any:
+        for line, item in read_jsonl(storage.iter_lines(opts.input)):
+            key = keys[line] = record_key(line, item)
+            done = checkpoint.get(key)
+            yield line, (item if done is None else RowOutcome(line=line, row=None, record=done, reused=True))
+
+    def finished(outcome: RowOutcome) -> None:
+        # checkpointed as soon as the row finishes, even if rows before it are still running
+        outcome.record = _record(generator, outcome)
+        checkpoint.add(keys[outcome.line], outcome.record)
+
     try:
+        if checkpoint.load():
+            log.info("%s: checkpoint %s holds %d rows finished by earlier tries; they will be reused", generator.name, checkpoint.prefix, checkpoint.loaded)
         await generator.serving.check()
-        items = read_jsonl(storage.iter_lines(opts.input))
         with storage.open_atomic(opts.output) as out_file, storage.open_atomic(opts.errors_uri) as err_file:
             out, err = JsonlWriter(out_file), JsonlWriter(err_file)
             last_report = started
-            async for outcome in run_rows(generator, items, window=2 * opts.concurrency):
-                rows_in += 1
-                if outcome.error is not None:
-                    reasons[outcome.error.reason] += 1
-                    err.write(outcome.error_entry(generator.name))
-                else:
-                    assert outcome.row is not None and outcome.fields is not None
-                    row = generator.finish_row(outcome.row, outcome.fields)
-                    row[PROVENANCE_KEY] = _provenance(generator, outcome.row.get(PROVENANCE_KEY), row_key(outcome.row), outcome.meta)
-                    out.write(row)
-                    rows_out += 1
-                now = time.monotonic()
-                if now - last_report >= PROGRESS_EVERY_S:
-                    last_report = now
-                    log.info("%s: %d rows done (%.1f rows/s), %d failed", generator.name, rows_in, rows_in / (now - started), sum(reasons.values()))
+            try:
+                async for outcome in run_rows(generator, items(), window=2 * opts.concurrency, on_finished=finished):
+                    rows_in += 1
+                    rows_reused += outcome.reused
+                    del keys[outcome.line]
+                    record = outcome.record
+                    assert record is not None
+                    if "error" in record:
+                        reasons[record["error"]["reason"]] += 1
+                        err.write(record["error"])
+                    else:
+                        out.write(record["out"])
+                        rows_out += 1
+                    now = time.monotonic()
+                    if now - last_report >= PROGRESS_EVERY_S:
+                        last_report = now
+                        log.info(
+                            "%s: %d rows done (%d reused, %.1f rows/s), %d failed",
+                            generator.name, rows_in, rows_reused, rows_in / (now - started), sum(reasons.values()),
+                        )
+            finally:
+                # whatever happens, keep the rows this try finished for the next one
+                checkpoint.flush()
     finally:
+        checkpoint.close()
         await generator.serving.aclose()
     usage = generator.usage
     return {
@@ -110,10 +181,12 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> 
         "rows_in": rows_in,
         "rows_out": rows_out,
         "rows_failed": sum(reasons.values()),
+        "rows_reused": rows_reused,
         "failures_by_reason": dict(sorted(reasons.items())),
         "model": generator.serving.model_name,
         "prompt_sha256": generator.prompts.sha256,
         "seed": opts.seed,
+        "checkpoint": checkpoint.prefix,
         "requests": usage.requests,
         "repairs": usage.repairs,
         "prompt_tokens": usage.prompt_tokens,
@@ -131,6 +204,8 @@ def run_job(opts: JobOptions, *, storage: Storage | None = None, serving: VLMSer
     cls = generator_class(opts.generator)
     if opts.output in (opts.input, opts.errors_uri) or opts.input == opts.errors_uri:
         raise ConfigError("--input, --output and --errors must be three different locations")
+    if opts.allowed_media_roots and not any(within(opts.media_root, root) for root in opts.allowed_media_roots):
+        raise ConfigError(f"media root {opts.media_root!r} is outside the allowed media roots (VQA_ALLOWED_MEDIA_ROOTS)")
     with contextlib.ExitStack() as stack:
         base_url = opts.base_url
         if serving is None:
@@ -155,15 +230,17 @@ def run_job(opts: JobOptions, *, storage: Storage | None = None, serving: VLMSer
                 seed=opts.seed,
                 timeout=opts.request_timeout,
                 max_retries=opts.max_retries,
+                max_consecutive_failures=opts.max_consecutive_failures,
             )
         executor = stack.enter_context(ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vqa-media"))
-        media = MediaReader(storage, media_root=opts.media_root, max_pixels=opts.max_pixels, executor=executor)
+        media = MediaReader(storage, media_root=opts.media_root, max_pixels=opts.max_pixels, executor=executor, allowed_roots=opts.allowed_media_roots)
         generator = cls(serving, options=opts.params, media=media, seed=opts.seed)
         log.info("%s: %s -> %s (model %s, concurrency %d)", cls.name, opts.input, opts.output, serving.model_name, serving.max_concurrency)
         manifest = asyncio.run(_process(generator, storage, opts))
     log.info(
-        "%s: %d rows in, %d out, %d failed %s",
+        "%s: %d rows in, %d out, %d failed %s, %d reused from earlier tries, %d model requests",
         manifest["generator"], manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"], manifest["failures_by_reason"],
+        manifest["rows_reused"], manifest["requests"],
     )
     return manifest
 
@@ -193,11 +270,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="sampling seed; per-row seeds derive from it")
     run.add_argument("--temperature", type=float, default=0.7)
     run.add_argument("--top-p", type=float, default=0.9)
-    run.add_argument("--max-tokens", type=int, default=1024)
+    run.add_argument("--max-tokens", type=int, default=1024, help="completion token limit (video QA needs ~4096)")
     run.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="pixel budget per image")
     run.add_argument("--media-root", default=os.environ.get("VQA_MEDIA_ROOT", "."), help="folder or s3:// prefix for relative image paths [VQA_MEDIA_ROOT]")
     run.add_argument("--param", dest="params", type=_param, action="append", default=[], metavar="KEY=VALUE", help="generator option, e.g. pairs_per_row=5")
+    run.add_argument(
+        "--allowed-media-root", dest="allowed_media_roots", action="append", default=_env_list("VQA_ALLOWED_MEDIA_ROOTS"),
+        help="folder or s3://bucket[/prefix] rows may read media from; repeatable (default: the media root) [VQA_ALLOWED_MEDIA_ROOTS, comma-separated]",
+    )
     run.add_argument("--max-retries", type=int, default=5, help="HTTP retries per request (backoff with jitter)")
+    run.add_argument("--max-consecutive-failures", type=int, default=10, help="fail fast after this many failed requests in a row (server down)")
+    run.add_argument("--task-key", help="the task's identity (dag/task/run/map index): names the checkpoint")
+    run.add_argument("--checkpoint-every", type=int, default=64, help="checkpoint after this many finished rows")
+    run.add_argument("--checkpoint-seconds", type=float, default=30.0, help="... or after this many seconds")
     run.add_argument("--request-timeout", type=float, default=300.0, help="seconds per HTTP request")
     run.add_argument("--serve-vllm", action="store_true", help="start `vllm serve MODEL` here and use it")
     run.add_argument("--xcom-file", default=os.environ.get("VQA_XCOM_FILE"), help="also write the manifest here (KubernetesPodOperator XCom)")

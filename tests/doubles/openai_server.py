@@ -4,7 +4,8 @@ It is not a model. It speaks real HTTP, validates requests the way vLLM does (un
 404; image parts that are not base64 data URLs, undecodable images, malformed ``response_format``
 or sampling fields -> 400) and answers with JSON built from the requested schema. The strings it
 writes state what it received (image count and sizes), so tests can check what reached the server.
-Tests script faults with ``enqueue(Reply(...))`` or a ``responder`` hook.
+Tests script faults with ``enqueue(Reply(...))`` or a ``responder`` hook, or inject them at
+random with ``inject(rates, seed=...)``: each request draws at most one fault from ``FAULTS``.
 
 Run it standalone: ``python tests/doubles/openai_server.py MODEL --host 127.0.0.1 --port 8000``.
 """
@@ -17,10 +18,11 @@ import binascii
 import hashlib
 import io
 import json
+import random
 import re
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -40,6 +42,22 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     delay: float = 0.0
     drop: bool = False
+    # spoil the generated content: "truncate" (cut, finish_reason "length"), "invalid_json", "schema_mismatch"
+    spoil: str | None = None
+
+
+# what ``inject`` can draw: HTTP faults, a hang longer than any test's client timeout, a dropped
+# connection, and content the client must repair or reject
+FAULTS: dict[str, Reply] = {
+    "429": Reply(status=429, headers={"Retry-After": "0.05"}),
+    "500": Reply(status=500),
+    "503": Reply(status=503),
+    "timeout": Reply(delay=3.0),
+    "drop": Reply(drop=True),
+    "truncated": Reply(spoil="truncate", finish_reason="length"),
+    "invalid_json": Reply(spoil="invalid_json"),
+    "schema_mismatch": Reply(spoil="schema_mismatch"),
+}
 
 
 class BadRequest(Exception):
@@ -160,6 +178,10 @@ class OpenAITestServer:
         self.latency = 0.0
         self.in_flight = 0
         self.max_in_flight = 0
+        self.fault_rates: dict[str, float] = {}
+        self.required_key: str | None = None  # if set, other bearer tokens get 401, as `vllm serve --api-key`
+        self.injected: Counter[str] = Counter()
+        self._rng = random.Random(0)
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer((host, port), self._handler())
         self._httpd.daemon_threads = True
@@ -174,8 +196,17 @@ class OpenAITestServer:
         """Answer the next requests with these replies, in order."""
         self.script.extend(replies)
 
+    def inject(self, rates: dict[str, float], *, seed: int = 0) -> None:
+        """Answer each request with fault ``name`` at probability ``rates[name]`` (see FAULTS)."""
+        unknown = set(rates) - set(FAULTS)
+        if unknown or sum(rates.values()) > 1:
+            raise ValueError(f"unknown faults {unknown} or rates summing over 1: {rates}")
+        with self._lock:
+            self.fault_rates = dict(rates)
+            self._rng = random.Random(seed)
+
     def reset(self) -> None:
-        """Forget recorded requests, scripts and counters."""
+        """Forget recorded requests, scripts, injected faults and counters."""
         with self._lock:
             self.requests.clear()
             self.authorizations.clear()
@@ -183,6 +214,9 @@ class OpenAITestServer:
             self.responder = None
             self.latency = 0.0
             self.max_in_flight = 0
+            self.fault_rates = {}
+            self.required_key = None
+            self.injected.clear()
 
     def start(self) -> OpenAITestServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="openai-test-double", daemon=True)
@@ -197,13 +231,20 @@ class OpenAITestServer:
         with self._lock:
             if self.script:
                 return self.script.popleft()
+            draw, edge = self._rng.random(), 0.0
+            for name, rate in self.fault_rates.items():
+                edge += rate
+                if draw < edge:
+                    self.injected[name] += 1
+                    return FAULTS[name]
         if self.responder is not None:
             reply = self.responder(body)
             if reply is not None:
                 return reply
         return Reply()
 
-    def _complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]]:
+    def _complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]] | None:
+        """(status, payload, headers), or None to drop the connection."""
         try:
             _validate(body, self.model)
         except BadRequest as exc:
@@ -211,6 +252,8 @@ class OpenAITestServer:
         with self._lock:
             self.requests.append(body)
         reply = self._next_reply(body)
+        if reply.drop:
+            return None
         time.sleep(self.latency + reply.delay)
         if reply.status != 200:
             return reply.status, {"error": {"message": f"scripted HTTP {reply.status}", "type": "ServerError", "code": reply.status}}, reply.headers
@@ -224,6 +267,12 @@ class OpenAITestServer:
             fmt = body.get("response_format") or {}
             schema = (fmt.get("json_schema") or {}).get("schema")
             content = json.dumps(schema_instance(schema, schema, note)) if schema else note
+        if reply.spoil == "truncate":
+            content = content[: len(content) // 2]
+        elif reply.spoil == "invalid_json":
+            content = "Sure! Here are the pairs: question one, answer one"
+        elif reply.spoil == "schema_mismatch":
+            content = json.dumps({"unexpected": ["not", "the", "schema"]})
         prompt_chars = sum(len(json.dumps(m.get("content"))) for m in body["messages"])
         return 200, {
             "id": f"chatcmpl-{len(self.requests)}",
@@ -245,13 +294,16 @@ class OpenAITestServer:
 
             def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
                 data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    for k, v in (headers or {}).items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout, or it was killed)
+                    self.close_connection = True
 
             def do_GET(self) -> None:  # noqa: N802
                 if self.path == "/health":
@@ -272,23 +324,23 @@ class OpenAITestServer:
                 except json.JSONDecodeError:
                     self._send(400, {"error": {"message": "invalid JSON body", "type": "BadRequestError", "code": 400}})
                     return
+                if server.required_key is not None and self.headers.get("Authorization") != f"Bearer {server.required_key}":
+                    self._send(401, {"error": {"message": "Unauthorized", "type": "AuthenticationError", "code": 401}})
+                    return
                 with server._lock:
                     server.authorizations.append(self.headers.get("Authorization"))
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
-                    if server.script and server.script[0].drop:
-                        with server._lock:
-                            server.requests.append(body)
-                            server.script.popleft()
+                    try:
+                        answer = server._complete(body)
+                    except Exception as exc:  # a broken test responder: say so instead of dropping the connection
+                        answer = 500, {"error": {"message": f"test double failed: {exc!r}", "type": "InternalServerError", "code": 500}}, {}
+                    if answer is None:
                         self.close_connection = True
                         self.connection.shutdown(2)  # dropped connection, no response
                         return
-                    try:
-                        status, payload, headers = server._complete(body)
-                    except Exception as exc:  # a broken test responder: say so instead of dropping the connection
-                        status, payload, headers = 500, {"error": {"message": f"test double failed: {exc!r}", "type": "InternalServerError", "code": 500}}, {}
-                    self._send(status, payload, headers)
+                    self._send(*answer)
                 finally:
                     with server._lock:
                         server.in_flight -= 1

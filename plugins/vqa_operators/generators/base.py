@@ -34,6 +34,10 @@ class GeneratorOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    max_prompt_chars: int = Field(
+        60_000, ge=1_000, le=2_000_000, description="a request whose text is longer goes to errors (prompt_too_long) unsent"
+    )
+
 
 class ImageRowOptions(GeneratorOptions):
     """Options of generators whose rows hold image paths."""
@@ -55,6 +59,18 @@ def derive_seed(seed: int | None, key: str) -> int | None:
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:8], 16)
 
 
+def prompt_chars(messages: list[dict[str, Any]]) -> int:
+    """Characters of text in chat messages (images not counted)."""
+    total = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(part.get("text", "")) for part in content if part.get("type") == "text")
+    return total
+
+
 @dataclass
 class Usage:
     """Token and request counts, summed over a run."""
@@ -74,6 +90,10 @@ class RowOutcome:
     fields: dict[str, Any] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
     error: RowError | BadLine | None = None
+    # the row's final record, {"out": row} or {"error": entry}, once the worker has made it ...
+    record: dict[str, Any] | None = None
+    # ... or when an earlier try had already made it
+    reused: bool = False
 
     def error_entry(self, stage: str) -> dict[str, Any]:
         """The errors-file record: the input (row or raw line) with a reason."""
@@ -183,6 +203,9 @@ class Generator(ABC):
         is new). It raises ParseError with a reason code, which names the row's failure if the
         repaired answer still breaks the rule.
         """
+        chars = prompt_chars(messages)
+        if chars > self.options.max_prompt_chars:
+            raise RowError("prompt_too_long", f"the prompt has {chars} characters of text; the budget is {self.options.max_prompt_chars} (max_prompt_chars)")
         schema = answer_model.model_json_schema()
         name = answer_model.__name__
         seed = derive_seed(self.seed, key)
@@ -215,30 +238,58 @@ class Generator(ABC):
 
 
 async def run_rows(
-    generator: Generator, items: Iterable[tuple[int, dict[str, Any] | BadLine]], *, window: int
+    generator: Generator,
+    items: Iterable[tuple[int, dict[str, Any] | BadLine | RowOutcome]],
+    *,
+    window: int,
+    on_finished: Callable[[RowOutcome], None] | None = None,
 ) -> AsyncIterator[RowOutcome]:
     """Process rows with at most ``window`` in flight, yielding outcomes in input order.
 
-    A JobError from any row propagates (the remaining rows are cancelled): the job fails as a whole.
+    ``on_finished`` sees each new outcome as soon as its row finishes, in completion order, so
+    that rows finished behind a slow one are not lost if the job fails. An item that is already
+    a RowOutcome (a row finished by an earlier try) is passed through. Any other exception than
+    RowError, from any row in flight, propagates at once and cancels the rest: the job fails as
+    a whole (a down server is not a reason to fail rows).
     """
+    loop = asyncio.get_running_loop()
+    fatal: asyncio.Future[None] = loop.create_future()
 
-    async def one(line: int, item: dict[str, Any] | BadLine) -> RowOutcome:
-        if isinstance(item, BadLine):
-            return RowOutcome(line=line, row=None, error=item)
+    async def one(line: int, item: dict[str, Any] | BadLine | RowOutcome) -> RowOutcome:
+        if isinstance(item, RowOutcome):
+            return item
         try:
-            fields, meta = await generator.generate(item)
-        except RowError as err:
-            return RowOutcome(line=line, row=item, error=err)
-        return RowOutcome(line=line, row=item, fields=fields, meta=meta)
+            if isinstance(item, BadLine):
+                outcome = RowOutcome(line=line, row=None, error=item)
+            else:
+                try:
+                    fields, meta = await generator.generate(item)
+                    outcome = RowOutcome(line=line, row=item, fields=fields, meta=meta)
+                except RowError as err:
+                    outcome = RowOutcome(line=line, row=item, error=err)
+            if on_finished is not None:
+                on_finished(outcome)
+        except BaseException as exc:
+            if not fatal.done() and not isinstance(exc, asyncio.CancelledError):
+                fatal.set_exception(exc)
+            raise
+        return outcome
+
+    async def next_outcome() -> RowOutcome:
+        head = pending[0]
+        await asyncio.wait((head, fatal), return_when=asyncio.FIRST_COMPLETED)
+        if fatal.done():
+            fatal.result()  # raises the first job-level error; the finally below cancels the rest
+        return pending.popleft().result()
 
     pending: deque[asyncio.Task[RowOutcome]] = deque()
     try:
         for line, item in items:
             pending.append(asyncio.ensure_future(one(line, item)))
             while len(pending) >= window:
-                yield await pending.popleft()
+                yield await next_outcome()
         while pending:
-            yield await pending.popleft()
+            yield await next_outcome()
     finally:
         for task in pending:
             task.cancel()

@@ -5,6 +5,7 @@ DAG files stay configuration: they take these and add their own task-specific pa
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -14,11 +15,12 @@ from airflow.sdk import Param
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
 
 # Model-server and S3 hiccups the client's own retries could not absorb fail the task; Airflow
-# retries it with growing delays. Staged outputs are keyed by run and task, so a retry rewrites them.
+# retries it with growing delays (VQA_RETRY_DELAY_SECONDS sets the first). A retry resumes from the
+# rows the failed try checkpointed, and rewrites the staged output at the same key.
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "vqa",
     "retries": 3,
-    "retry_delay": timedelta(minutes=1),
+    "retry_delay": timedelta(seconds=float(os.environ.get("VQA_RETRY_DELAY_SECONDS", "60"))),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=30),
 }
@@ -46,6 +48,14 @@ def io_params(dag_id: str, *, example_input: str, rows_doc: str, final_task: str
             type="string",
             title="Media root",
             description="Folder or s3:// prefix that relative image paths are resolved against.",
+        ),
+        "concurrency": Param(
+            64,
+            type="integer",
+            minimum=1,
+            maximum=4096,
+            title="Requests in flight",
+            description="Model requests each task keeps in flight; match the vLLM server's batch capacity.",
         ),
         "seed": Param(
             0,

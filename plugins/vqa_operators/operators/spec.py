@@ -23,6 +23,8 @@ def staged_output(task_id: str = "{{ task.task_id }}") -> str:
 
 
 STAGED_OUTPUT_URI = staged_output()
+# the task's identity, which names its checkpoint: every try of one task instance shares it
+TASK_KEY = "{{ dag.dag_id }}/{{ task.task_id }}/{{ run_id }}/{{ ti.map_index }}"
 
 
 @dataclass
@@ -30,7 +32,7 @@ class WorkerSpec:
     """The worker's arguments; string fields may hold Jinja templates that Airflow renders."""
 
     # Airflow renders the template fields of objects held in an operator's template fields
-    template_fields: ClassVar[tuple[str, ...]] = ("input", "output", "errors", "model", "params", "concurrency", "seed", "media_root")
+    template_fields: ClassVar[tuple[str, ...]] = ("input", "output", "errors", "model", "params", "concurrency", "seed", "media_root", "task_key")
 
     generator: str
     input: str
@@ -45,6 +47,7 @@ class WorkerSpec:
     max_tokens: int = 1024
     max_pixels: int = DEFAULT_MAX_PIXELS
     media_root: str = "."
+    task_key: str = TASK_KEY
 
     def options(self) -> dict[str, Any]:
         """The fields as ``JobOptions`` keyword arguments (empty strings from templates become None)."""

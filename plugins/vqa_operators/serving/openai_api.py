@@ -1,20 +1,89 @@
 """``APIVLMServing_openai``: an async client for OpenAI-compatible servers such as ``vllm serve``.
 
-Retries are the openai client's own: exponential backoff with jitter on 408/409/429/5xx,
-timeouts and dropped connections, honouring ``Retry-After``. What is still failing after them is
-a job-level error (the server is unavailable), except a 400/422 answer about this one request.
+Faults, and what becomes of them:
+
+- 429: wait as long as ``Retry-After`` (or ``retry-after-ms``) says, up to ``MAX_RETRY_AFTER_S``,
+  then try again; 408/409/5xx, timeouts and dropped connections: exponential backoff with jitter.
+  Each request has at most ``max_retries`` retries; what still fails is a job-level
+  ``ServerUnavailableError`` (Airflow retries the task), never a row failure.
+- Consecutive failures are also counted across all requests. ``max_consecutive_failures`` of them
+  in a row, with no success in between, mean the server is down: every request stops at once and
+  the job fails fast instead of each request exhausting its own retries.
+- 400/413/422 reject this one request: a RowError (``request_rejected``). 401/403/404 are
+  configuration errors.
+
+The openai client's own retries are off (``max_retries=0``), so that this is the one retry policy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import os
-from typing import Any
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 from vqa_operators.exceptions import ConfigError, RowError, ServerUnavailableError
 from vqa_operators.serving.base import ChatRequest, ChatResult, SamplingParams
 
 DEFAULT_API_KEY_ENV = "VQA_API_KEY"
+MAX_RETRY_AFTER_S = 60.0
+MAX_BACKOFF_S = 30.0
+RETRY_BASE_DELAY_S = 0.5  # the first backoff is 0.25-0.5 s, then it doubles
+T = TypeVar("T")
+
+
+def redact_url(url: str) -> str:
+    """``url`` without any user:password part, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    return urlunsplit(parts._replace(netloc=f"***@{host}" + (f":{parts.port}" if parts.port else "")))
+
+
+def retry_after(headers: Any) -> float | None:
+    """Seconds a ``retry-after-ms`` / ``Retry-After`` (seconds or HTTP date) header asks for, or None."""
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(0.0, float(value) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class _Outage:
+    """Consecutive failures across every request of a run; ``limit`` of them in a row trip it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0
+        self.tripped: str | None = None
+
+    def success(self) -> None:
+        self.count = 0
+
+    def failure(self, what: str) -> None:
+        self.count += 1
+        if self.count >= self.limit and self.tripped is None:
+            self.tripped = f"{self.count} consecutive failures, the last: {what}"
 
 
 class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, kept for drop-in use
@@ -34,6 +103,8 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
         seed: int | None = None,
         timeout: float = 300.0,
         max_retries: int = 5,
+        max_consecutive_failures: int = 10,
+        retry_base_delay: float | None = None,
         structured_output: bool = True,
     ) -> None:
         if not api_url:
@@ -46,15 +117,17 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
         self.sampling = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         self.timeout = timeout
         self.max_retries = max_retries
+        self.retry_base_delay = RETRY_BASE_DELAY_S if retry_base_delay is None else retry_base_delay
         self.structured_output = structured_output
         # an API key is optional for a local vLLM server; "EMPTY" is what vLLM's docs use
         self._api_key = api_key or os.environ.get(key_name_of_api_key) or "EMPTY"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self._slots: asyncio.Semaphore | None = None
+        self._outage = _Outage(max_consecutive_failures)
 
     def __repr__(self) -> str:  # never show the key
-        return f"APIVLMServing_openai(api_url={self.api_url!r}, model_name={self.model_name!r}, max_workers={self.max_concurrency})"
+        return f"APIVLMServing_openai(api_url={redact_url(self.api_url)!r}, model_name={self.model_name!r}, max_workers={self.max_concurrency})"
 
     def _bound(self) -> tuple[Any, asyncio.Semaphore]:
         # httpx connections and semaphores belong to one event loop; the seed API runs one loop per run()
@@ -63,7 +136,7 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
             from openai import AsyncOpenAI
 
             self._client = AsyncOpenAI(
-                base_url=self.api_url, api_key=self._api_key, max_retries=self.max_retries, timeout=self.timeout
+                base_url=self.api_url, api_key=self._api_key, max_retries=0, timeout=self.timeout
             )
             self._slots = asyncio.Semaphore(self.max_concurrency)
             self._loop = loop
@@ -89,28 +162,51 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
             }
         return body
 
-    async def chat(self, request: ChatRequest) -> ChatResult:
-        """Send one request; map what the retries could not fix to job- or row-level errors."""
+    async def _call(self, send: Callable[[Any], Awaitable[T]]) -> T:
+        """``send(client)`` under the concurrency bound, with the retry policy of the module docstring."""
         import openai
 
         client, slots = self._bound()
-        async with slots:
+        where = redact_url(self.api_url)
+        for attempt in range(self.max_retries + 1):
             try:
-                response = await client.chat.completions.create(**self.request_body(request))
+                async with slots:
+                    if self._outage.tripped:  # checked once a slot is free: no request is sent after the trip
+                        raise ServerUnavailableError(f"model server at {where} is down: {self._outage.tripped}")
+                    result = await send(client)
             except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
                 raise ConfigError(f"model server refused the API key: HTTP {exc.status_code}") from None
             except openai.NotFoundError as exc:
                 raise ConfigError(f"model server has no model {self.model_name!r}: {_message(exc)}") from None
-            except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
-                raise RowError("request_rejected", f"HTTP {exc.status_code}: {_message(exc)}") from None
             except openai.APIStatusError as exc:
-                raise ServerUnavailableError(
-                    f"model server at {self.api_url} still failing after {self.max_retries} retries: HTTP {exc.status_code}"
-                ) from None
+                if exc.status_code in (400, 413, 422):
+                    raise RowError("request_rejected", f"HTTP {exc.status_code}: {_message(exc)}") from None
+                if exc.status_code not in (408, 409, 429) and exc.status_code < 500:
+                    raise ConfigError(f"model server at {where} answered HTTP {exc.status_code}: {_message(exc)}") from None
+                what, state = f"HTTP {exc.status_code}", "still failing"
+                wait = retry_after(exc.response.headers) if exc.status_code == 429 else None
+                if exc.status_code != 429:  # a 429 is a busy server, not a down one
+                    self._outage.failure(what)
             except (openai.APIConnectionError, openai.APITimeoutError) as exc:
-                raise ServerUnavailableError(
-                    f"model server at {self.api_url} unreachable after {self.max_retries} retries: {type(exc).__name__}"
-                ) from None
+                what, state, wait = type(exc).__name__, "unreachable", None
+                self._outage.failure(what)
+            else:
+                self._outage.success()
+                return result
+            if attempt == self.max_retries:
+                break
+            if wait is None:  # exponential backoff with equal jitter
+                ceiling = min(MAX_BACKOFF_S, self.retry_base_delay * 2**attempt)
+                wait = ceiling / 2 + random.uniform(0, ceiling / 2)
+            await asyncio.sleep(min(wait, MAX_RETRY_AFTER_S))
+        if self._outage.tripped:
+            raise ServerUnavailableError(f"model server at {where} is down: {self._outage.tripped}")
+        raise ServerUnavailableError(f"model server at {where} {state} after {self.max_retries} retries: {what}")
+
+    async def chat(self, request: ChatRequest) -> ChatResult:
+        """Send one request; map what the retries could not fix to job- or row-level errors."""
+        body = self.request_body(request)
+        response = await self._call(lambda client: client.chat.completions.create(**body))
         if not response.choices:
             raise RowError("empty_response", "the server returned no choices")
         choice = response.choices[0]
@@ -124,23 +220,20 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
 
     async def check(self) -> None:
         """Fail fast if the server is unreachable or does not serve ``model_name``."""
-        import openai
 
-        client, _ = self._bound()
-        try:
-            served = [m.id async for m in client.models.list()]
-        except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-            raise ConfigError(f"model server refused the API key: HTTP {exc.status_code}") from None
-        except (openai.APIConnectionError, openai.APITimeoutError, openai.APIStatusError) as exc:
-            raise ServerUnavailableError(f"model server at {self.api_url} unreachable: {type(exc).__name__}") from None
-        if self.model_name not in served:
-            raise ConfigError(f"model {self.model_name!r} is not served at {self.api_url}; it serves {served}")
+        async def served(client: Any) -> list[str]:
+            return [m.id async for m in client.models.list()]
+
+        models = await self._call(served)
+        if self.model_name not in models:
+            raise ConfigError(f"model {self.model_name!r} is not served at {redact_url(self.api_url)}; it serves {models}")
 
     async def aclose(self) -> None:
         """Close the HTTP client of the current event loop."""
         if self._client is not None:
             await self._client.close()
         self._client, self._loop, self._slots = None, None, None
+        self._outage = _Outage(self._outage.limit)
 
 
 def _message(exc: Any) -> str:

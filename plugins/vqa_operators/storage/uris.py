@@ -9,14 +9,30 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import IO, Any
 
 from vqa_operators.exceptions import InputError, StorageError
+
+# S3's single-PutObject limit; larger files go up as a multipart upload
+S3_PUT_LIMIT = 5 * 1024**3
+S3_PART_SIZE = 256 * 1024**2
+# user metadata holding the content's sha256, so an identical rewrite can be skipped
+SHA256_METADATA = "sha256"
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """What a conditional write compares: the version token, and the content hash if one was recorded."""
+
+    token: str
+    sha256: str | None
 
 
 def is_s3(uri: str) -> bool:
@@ -115,45 +131,132 @@ class Storage:
 
     def exists(self, uri: str) -> bool:
         """True if the file or object exists."""
+        return self.version(uri) is not None
+
+    def version(self, uri: str) -> ObjectVersion | None:
+        """The object's current version (S3 ETag or local mtime/size/inode) and recorded sha256, or None if absent."""
         if is_s3(uri):
             bucket, key = split_s3(uri)
             try:
-                self.s3.head_object(Bucket=bucket, Key=key)
+                head = self.s3.head_object(Bucket=bucket, Key=key)
             except Exception as exc:
                 if s3_error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
-                    return False
-                raise
-            return True
-        return os.path.exists(uri)
+                    return None
+                raise StorageError(f"cannot stat {uri}: {s3_error_code(exc) or type(exc).__name__}") from exc
+            return ObjectVersion(token=head["ETag"], sha256=(head.get("Metadata") or {}).get(SHA256_METADATA))
+        try:
+            stat = os.stat(uri)
+        except FileNotFoundError:
+            return None
+        return ObjectVersion(token=f"{stat.st_mtime_ns}:{stat.st_size}:{stat.st_ino}", sha256=None)
+
+    def list(self, prefix: str) -> list[str]:
+        """The URIs of the objects directly under ``prefix`` (a folder or an ``s3://`` prefix ending in /), sorted."""
+        if is_s3(prefix):
+            bucket, key = split_s3(prefix)
+            try:
+                pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key)
+                return sorted(f"s3://{bucket}/{obj['Key']}" for page in pages for obj in page.get("Contents", []))
+            except Exception as exc:
+                raise StorageError(f"cannot list {prefix}: {s3_error_code(exc) or type(exc).__name__}") from exc
+        folder = Path(prefix)
+        if not folder.is_dir():
+            return []
+        return sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
     @contextlib.contextmanager
-    def open_atomic(self, uri: str) -> Iterator[IO[bytes]]:
+    def open_atomic(self, uri: str, *, exclusive: bool = False) -> Iterator[IO[bytes]]:
         """Yield a binary file whose content appears at ``uri`` only if the block completes.
 
-        Local: a temporary file in the same folder, fsynced, then ``os.replace``. S3: a local spool
-        uploaded in one PutObject/multipart upload, which S3 exposes only once complete.
+        The bytes are spooled (locally: a temporary file in the target's folder), then published in
+        one step: ``os.replace``, or one S3 PutObject (multipart above ``S3_PUT_LIMIT``), which S3
+        exposes only once complete. No reader ever sees a partial object, even after kill -9.
+
+        If the target already holds exactly these bytes, nothing is written, so a rerun is a no-op.
+        Otherwise the write is conditional on the target being unchanged since the block began
+        (S3: ``If-Match`` the ETag read then, or ``If-None-Match: *`` if there was none); with
+        ``exclusive`` it must not exist at all. A writer that raced another gets a StorageError
+        instead of silently replacing the other's output.
         """
+        before = self.version(uri)
+        if exclusive and before is not None:
+            raise StorageError(f"cannot write {uri}: it already exists")
         if is_s3(uri):
-            bucket, key = split_s3(uri)
             with tempfile.TemporaryFile(prefix="vqa-upload-") as spool:
                 yield spool
-                spool.flush()
-                spool.seek(0)
-                try:
-                    self.s3.upload_fileobj(spool, bucket, key)
-                except Exception as exc:  # boto3 raises ClientError, S3UploadFailedError, EndpointConnectionError
-                    raise StorageError(f"cannot write {uri}: {s3_error_code(exc) or type(exc).__name__}") from exc
+                self._publish_s3(uri, spool, before)
             return
         target = Path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
-            with os.fdopen(fd, "wb") as handle:
+            with os.fdopen(fd, "w+b") as handle:
                 yield handle
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(tmp, target)
-        except BaseException:
+                digest = _sha256(handle)
+            self._publish_local(target, tmp, digest, before, exclusive=exclusive)
+        finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+    def _publish_local(self, target: Path, tmp: str, digest: str, before: ObjectVersion | None, *, exclusive: bool) -> None:
+        now = self.version(str(target))
+        if now is not None and now == before and not exclusive:
+            with open(target, "rb") as current:
+                if _sha256(current) == digest:
+                    return  # already holds these bytes
+        if now != before:
+            raise StorageError(f"cannot write {target}: {_RACED}")
+        if before is None:
+            try:
+                os.link(tmp, target)  # atomic create-if-absent
+            except FileExistsError:
+                raise StorageError(f"cannot write {target}: {_RACED}") from None
+        else:
+            os.replace(tmp, target)
+
+    def _publish_s3(self, uri: str, spool: IO[bytes], before: ObjectVersion | None) -> None:
+        bucket, key = split_s3(uri)
+        spool.flush()
+        digest = _sha256(spool)
+        size = spool.tell()
+        if before is not None and before.sha256 == digest:
+            now = self.version(uri)
+            if now is not None and now.token == before.token:
+                return  # already holds these bytes
+        condition = {"IfMatch": before.token} if before is not None else {"IfNoneMatch": "*"}
+        spool.seek(0)
+        try:
+            if size <= S3_PUT_LIMIT:
+                self.s3.put_object(Bucket=bucket, Key=key, Body=spool, Metadata={SHA256_METADATA: digest}, **condition)
+            else:
+                self._multipart_s3(bucket, key, spool, digest, condition)
+        except Exception as exc:  # botocore raises ClientError, EndpointConnectionError
+            code = s3_error_code(exc)
+            if code in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}:
+                raise StorageError(f"cannot write {uri}: {_RACED} ({code})") from None
+            raise StorageError(f"cannot write {uri}: {code or type(exc).__name__}") from exc
+
+    def _multipart_s3(self, bucket: str, key: str, spool: IO[bytes], digest: str, condition: dict[str, str]) -> None:
+        upload = self.s3.create_multipart_upload(Bucket=bucket, Key=key, Metadata={SHA256_METADATA: digest})["UploadId"]
+        try:
+            parts = []
+            while chunk := spool.read(S3_PART_SIZE):
+                number = len(parts) + 1
+                etag = self.s3.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=number, Body=chunk)["ETag"]
+                parts.append({"PartNumber": number, "ETag": etag})
+            self.s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}, **condition)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)
             raise
+
+
+_RACED = "another writer changed it while this one ran (is another try of this task still running?)"
+
+
+def _sha256(handle: IO[bytes]) -> str:
+    """The sha256 of a file's whole content; leaves the position at the end."""
+    handle.seek(0)
+    return hashlib.file_digest(handle, "sha256").hexdigest()

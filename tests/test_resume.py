@@ -1,0 +1,205 @@
+"""Resume on retry: checkpointed rows are reused, the output is whole and written once, settings changes start afresh."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MODEL
+from tests.doubles.openai_server import OpenAITestServer, Reply
+from tests.test_faults import options, read, write_rows
+from vqa_operators.exceptions import ServerUnavailableError
+from vqa_operators.generators.image_qa import ImageQAGenerator
+from vqa_operators.serving import openai_api
+from vqa_operators.serving.openai_api import APIVLMServing_openai
+from vqa_operators.storage import Storage
+from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix
+from vqa_operators.worker import JobOptions, run_job, settings_fingerprint
+
+ROOT = Path(__file__).resolve().parents[1]
+N = 24
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(openai_api, "RETRY_BASE_DELAY_S", 0.01)
+
+
+def fail_after(server: OpenAITestServer, good: int) -> None:
+    """The server answers ``good`` requests, then drops every connection (an outage)."""
+    served = 0
+
+    def responder(body: dict) -> Reply:
+        nonlocal served
+        served += 1
+        return Reply() if served <= good else Reply(drop=True)
+
+    server.responder = responder
+
+
+def checkpointed_rows(folder: Path) -> int:
+    return sum(len(p.read_text().splitlines()) for p in folder.glob("*.checkpoint/**/part-*.jsonl"))
+
+
+@pytest.fixture(params=["local", "s3"])
+def place(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Where the output and its checkpoint live: a folder, or a bucket on the moto server."""
+    if request.param == "local":
+        return str(tmp_path / "out")
+    s3 = request.getfixturevalue("s3")
+    bucket = request.getfixturevalue("bucket")
+    assert s3 is not None
+    return f"s3://{bucket}/out"
+
+
+def read_uri(uri: str) -> bytes:
+    storage = Storage()
+    return storage.read_bytes(uri) if storage.exists(uri) else b""
+
+
+def test_a_failed_try_is_resumed_with_fewer_calls_and_the_same_output(vlm_server: OpenAITestServer, tmp_path: Path, place: str) -> None:
+    source = write_rows(tmp_path, N)
+    (tmp_path / "in.jsonl").write_text((tmp_path / "in.jsonl").read_text() + "{broken\n")  # a bad line is accounted for too
+    clean = run_job(options(vlm_server, tmp_path, source, output=f"{place}/clean.jsonl"))
+    clean_bytes = read_uri(f"{place}/clean.jsonl"), read_uri(f"{place}/clean.errors.jsonl")
+    vlm_server.reset()
+
+    fail_after(vlm_server, 10)
+    opts = options(vlm_server, tmp_path, source, output=f"{place}/rows.jsonl", concurrency=2, checkpoint_every=3, max_consecutive_failures=4)
+    with pytest.raises(ServerUnavailableError):
+        run_job(opts)
+    assert not Storage().exists(f"{place}/rows.jsonl") and not Storage().exists(f"{place}/rows.errors.jsonl")
+    vlm_server.reset()  # the server is back
+
+    manifest = run_job(opts)
+    assert manifest["rows_reused"] == 10 and manifest["requests"] == N - 10
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"]) == (N + 1, N, 1)
+    # byte for byte what an uninterrupted run wrote: complete, in order, no duplicates
+    assert (read_uri(f"{place}/rows.jsonl"), read_uri(f"{place}/rows.errors.jsonl")) == clean_bytes
+    assert clean["requests"] == N
+    print(f"\nresume ({place}): {manifest['rows_reused']} of {N} rows reused; calls saved {1 - manifest['requests'] / clean['requests']:.0%}")
+
+
+def test_a_rerun_after_success_is_a_no_op(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
+    source = write_rows(tmp_path, 8)
+    opts = options(vlm_server, tmp_path, source)
+    first = run_job(opts)
+    out, errors = tmp_path / "out" / "rows.jsonl", tmp_path / "out" / "rows.errors.jsonl"
+    stamps = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (out, errors)]
+    parts = sorted((tmp_path / "out").glob("rows.checkpoint/**/part-*"))
+    vlm_server.reset()
+
+    again = run_job(opts)
+    assert (again["requests"], again["rows_reused"], again["rows_out"]) == (0, 8, first["rows_out"])
+    assert vlm_server.requests == []
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (out, errors)] == stamps  # not rewritten
+    assert sorted((tmp_path / "out").glob("rows.checkpoint/**/part-*")) == parts  # no new checkpoint part
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"temperature": 0.1}, {"top_p": 0.5}, {"max_tokens": 512}, {"seed": 4}, {"params": {"pairs_per_row": 3}}, {"max_pixels": 50_000}],
+    ids=["temperature", "top_p", "max_tokens", "seed", "options", "image-budget"],
+)
+def test_changed_settings_are_not_reused(vlm_server: OpenAITestServer, tmp_path: Path, change: dict) -> None:
+    source = write_rows(tmp_path, 6)
+    run_job(options(vlm_server, tmp_path, source))
+    vlm_server.reset()
+    manifest = run_job(options(vlm_server, tmp_path, source, **change))
+    assert (manifest["rows_reused"], manifest["requests"]) == (0, 6)
+
+
+def test_fingerprint_covers_model_and_prompt_templates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vqa_operators import prompts as prompts_module
+    from vqa_operators.generators import base
+
+    opts = JobOptions(generator="image_qa", input="i.jsonl", output="o.jsonl")
+
+    def fingerprint_with(model: str) -> str:
+        return settings_fingerprint(ImageQAGenerator(APIVLMServing_openai(api_url="http://x/v1", model_name=model)), opts)
+
+    assert fingerprint_with("model-a") == fingerprint_with("model-a") != fingerprint_with("model-b")
+    # the same templates with one word changed
+    edited = tmp_path / "prompts"
+    for source in (prompts_module.prompts_dir()).rglob("*.j2"):
+        target = edited / source.relative_to(prompts_module.prompts_dir())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(source.read_text())
+    user = edited / "image_qa" / "user.j2"
+    user.write_text(user.read_text() + "\nBe brief.")
+    baseline = fingerprint_with("model-a")
+    monkeypatch.setattr(base, "load_prompts", lambda name: prompts_module.load_prompts(name, root=str(edited)))
+    assert fingerprint_with("model-a") != baseline
+
+
+def test_identical_rows_are_each_kept(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
+    source = write_rows(tmp_path, 1)
+    source.write_text(source.read_text() * 3)
+    opts = options(vlm_server, tmp_path, source)
+    assert run_job(opts)["rows_out"] == 3
+    again = run_job(opts)
+    assert (again["rows_out"], again["rows_reused"], again["requests"]) == (3, 3, 0)
+    assert len(read(tmp_path / "out" / "rows.jsonl")) == 3
+
+
+def test_the_task_identity_names_the_checkpoint(tmp_path: Path) -> None:
+    prefix = checkpoint_prefix("s3://b/out/video_qa/run/final.jsonl", "video_qa/final/manual__2026-11-22T10:00:00+00:00/-1", "abc123")
+    assert prefix == "s3://b/out/video_qa/run/final.checkpoint/video_qa/final/manual__2026-11-22T10:00:00+00:00/-1/abc123/"
+    assert checkpoint_prefix(str(tmp_path / "o.jsonl"), None, "f") == f"{tmp_path}/o.checkpoint/cli/f/"
+    assert "/a_b/" in checkpoint_prefix("o.jsonl", "a b/x", "f")  # path-unsafe characters are replaced
+
+
+def test_overlapping_writers_never_overwrite_each_others_parts(tmp_path: Path) -> None:
+    storage = Storage()
+    prefix = f"{tmp_path}/o.checkpoint/cli/f/"
+    first, second = Checkpoint(storage, prefix, every_rows=2), Checkpoint(storage, prefix, every_rows=2)
+    for i in range(4):
+        first.add(f"{i}:a", {"out": {"by": "first", "i": i}})
+        second.add(f"{i + 2}:a", {"out": {"by": "second", "i": i + 2}})
+    assert len(list(Path(prefix).glob("part-*"))) == 4
+    reader = Checkpoint(storage, prefix)
+    assert reader.load() == 6  # keys 2 and 3 were finished by both; either record is the row's
+    assert reader.get("0:a") == {"key": "0:a", "out": {"by": "first", "i": 0}}
+    assert reader.get("5:a")["out"]["by"] == "second"
+    for checkpoint in (first, second, reader):
+        checkpoint.close()
+
+
+def test_sigkill_mid_run_then_rerun(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
+    rows = 40
+    source = write_rows(tmp_path, rows)
+    vlm_server.latency = 0.1
+    output = tmp_path / "out" / "rows.jsonl"
+    argv = [
+        sys.executable, "-m", "vqa_operators", "run", "image_qa", "--input", str(source), "--output", str(output),
+        "--media-root", str(tmp_path / "media"), "--concurrency", "2", "--seed", "1", "--checkpoint-every", "3", "--param", "pairs_per_row=2",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins"), "VQA_BASE_URL": vlm_server.base_url, "VQA_MODEL": MODEL}
+    worker = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while checkpointed_rows(output.parent) < 12 and time.monotonic() < deadline and worker.poll() is None:
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=10)
+    assert worker.returncode == -signal.SIGKILL
+    saved = checkpointed_rows(output.parent)
+    assert 12 <= saved < rows
+    assert not output.exists() and not output.with_name("rows.errors.jsonl").exists()  # nothing partial at the keys
+    first_calls = len(vlm_server.requests)
+    vlm_server.reset()
+
+    rerun = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    manifest = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert manifest["rows_reused"] == saved and manifest["requests"] == rows - saved
+    assert f"{saved} reused from earlier tries" in rerun.stderr
+    out = read(output)
+    assert [r["id"] for r in out] == list(range(rows))  # complete, in order, no duplicates
+    print(f"\nSIGKILL after {first_calls} calls; rerun made {manifest['requests']} calls for {rows} rows ({saved} reused)")
