@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "plugins"), str(ROOT)]
 
-from tests.conftest import make_jpeg  # noqa: E402
-from tests.doubles.openai_server import OpenAITestServer, Reply  # noqa: E402
+from tests.conftest import MODEL, job_options, write_image_rows  # noqa: E402
+from tests.doubles.openai_server import OpenAITestServer, outage_after  # noqa: E402
 from vqa_operators.exceptions import ServerUnavailableError  # noqa: E402
 from vqa_operators.serving import openai_api  # noqa: E402
 from vqa_operators.worker import JobOptions, run_job  # noqa: E402
@@ -38,23 +38,10 @@ MIXES: dict[str, dict[str, float]] = {
 }
 
 
-def make_input(folder: Path, rows: int) -> Path:
-    media = folder / "media"
-    media.mkdir()
-    for i in range(4):
-        (media / f"{i}.jpg").write_bytes(make_jpeg((320 + 40 * i, 240), color=(40 * i, 90, 160)))
-    source = folder / "in.jsonl"
-    source.write_text("".join(json.dumps({"id": i, "image": f"{i % 4}.jpg"}) + "\n" for i in range(rows)))
-    return source
-
-
 def options(server: OpenAITestServer, folder: Path, source: Path, output: str, concurrency: int, **extra: object) -> JobOptions:
-    settings: dict[str, object] = {
-        "generator": "image_qa", "input": str(source), "output": str(folder / output), "base_url": server.base_url, "model": "bench-vlm",
-        "media_root": str(folder / "media"), "concurrency": concurrency, "seed": 1, "params": {"pairs_per_row": 2}, "max_retries": 8,
-        "request_timeout": 1.0, "max_consecutive_failures": 10_000, **extra,
-    }
-    return JobOptions(**settings)  # type: ignore[arg-type]
+    """The tests' image_qa run, with more retries and no outage breaker unless asked for."""
+    settings = {"output": str(folder / output), "concurrency": concurrency, "seed": 1, "max_retries": 8, "max_consecutive_failures": 10_000, **extra}
+    return job_options(server, folder, source, **settings)
 
 
 def accounted(folder: Path, output: str, rows: int) -> tuple[bool, int]:
@@ -72,10 +59,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     openai_api.RETRY_BASE_DELAY_S = 0.02  # the backoff's shape, scaled down: this measures accounting, not waiting
-    server = OpenAITestServer("bench-vlm").start()
+    server = OpenAITestServer(MODEL).start()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        source = make_input(folder, args.rows)
+        source = write_image_rows(folder, args.rows)
         print(f"## Fault mixes: {args.rows} image_qa rows, concurrency {args.concurrency}, max_retries 8, one repair\n")
         print("| mix | faults injected | tries (a job error is retried, as Airflow would) | rows in | out | errors | accounted (each id once) | reused by the last try | requests, all tries | error reasons |")
         print("|---|---|---|---|---|---|---|---|---|---|")
@@ -107,14 +94,7 @@ def main() -> None:
         clean_bytes = (folder / "clean.jsonl").read_bytes()
         for share in (0.25, 0.5, 0.9):
             server.reset()
-            served = 0
-
-            def outage(body: dict, limit: int = int(args.rows * share)) -> Reply:
-                nonlocal served
-                served += 1
-                return Reply() if served <= limit else Reply(drop=True)
-
-            server.responder = outage
+            server.responder = outage_after(int(args.rows * share))
             output = f"resume-{share}.jsonl"
             opts = options(server, folder, source, output, args.concurrency, max_consecutive_failures=10, checkpoint_every=16)
             started = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.doubles.openai_server import OpenAITestServer
+from vqa_operators.worker import JobOptions
 
 MODEL = "test-vlm"
 
@@ -92,3 +94,42 @@ def images(tmp_path: Path) -> list[Path]:
         path.write_bytes(make_jpeg(size))
         paths.append(path)
     return paths
+
+
+@pytest.fixture
+def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the client's backoff shape but scale it down, so fault tests take seconds."""
+    from vqa_operators.serving import openai_api
+
+    monkeypatch.setattr(openai_api, "RETRY_BASE_DELAY_S", 0.01)
+
+
+def write_image_rows(folder: Path, n: int) -> Path:
+    """``folder/in.jsonl``: ``n`` image_qa rows (ids 0..n-1) over two small images in ``folder/media``."""
+    media = folder / "media"
+    media.mkdir(exist_ok=True)
+    (media / "a.jpg").write_bytes(make_jpeg((64, 48)))
+    (media / "b.jpg").write_bytes(make_jpeg((48, 64), color=(20, 120, 200)))
+    source = folder / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "image": "a.jpg" if i % 2 else ["a.jpg", "b.jpg"]}) + "\n" for i in range(n)))
+    return source
+
+
+def job_options(server: OpenAITestServer, folder: Path, source: Path, **extra: object) -> JobOptions:
+    """A worker run of image_qa over ``source`` into ``folder/out/rows.jsonl``; ``extra`` overrides any option."""
+    settings: dict[str, object] = {
+        "generator": "image_qa", "input": str(source), "output": str(folder / "out" / "rows.jsonl"), "base_url": server.base_url,
+        "model": MODEL, "media_root": str(folder / "media"), "concurrency": 8, "seed": 3, "params": {"pairs_per_row": 2},
+        "max_retries": 6, "request_timeout": 1.0, **extra,
+    }
+    return JobOptions(**settings)  # type: ignore[arg-type]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a local JSONL file (which must exist)."""
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def checkpointed_rows(folder: Path) -> int:
+    """Rows saved in every checkpoint part under ``folder``."""
+    return sum(len(p.read_text().splitlines()) for p in folder.glob("*.checkpoint/**/part-*.jsonl"))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL, make_jpeg
+from tests.conftest import MODEL, make_jpeg, read_rows
 from tests.doubles.openai_server import OpenAITestServer
 from vqa_operators.exceptions import ConfigError, InputError
 from vqa_operators.storage import Storage
@@ -27,10 +27,6 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
-
-
 def job(tmp_path: Path, server: OpenAITestServer, lines: list[bytes], generator: str = "image_qa", **extra) -> tuple[dict, list[dict], list[dict]]:
     source = tmp_path / "in.jsonl"
     source.write_bytes(b"\n".join(lines) + b"\n")
@@ -40,7 +36,7 @@ def job(tmp_path: Path, server: OpenAITestServer, lines: list[bytes], generator:
         media_root=str(tmp_path / "media"), concurrency=4, max_retries=0, **extra,
     )
     manifest = run_job(opts)
-    return manifest, read(out), read(tmp_path / "out" / "rows.errors.jsonl")
+    return manifest, read_rows(out), read_rows(tmp_path / "out" / "rows.errors.jsonl")
 
 
 @pytest.fixture
@@ -126,8 +122,8 @@ def test_s3_media_missing_and_denied(vlm_server: OpenAITestServer, tmp_path: Pat
         media_root=f"s3://{bucket}/", max_retries=0,
     )
     manifest = run_job(opts, storage=Storage(s3_client=client))
-    errors = read(tmp_path / "rows.errors.jsonl")
-    assert [r["id"] for r in read(out)] == ["ok"]
+    errors = read_rows(tmp_path / "rows.errors.jsonl")
+    assert [r["id"] for r in read_rows(out)] == ["ok"]
     assert [(e["row"]["id"], e["reason"]) for e in errors] == [
         ("missing", "image_not_found"), ("denied", "image_unreadable"), ("other-bucket", "path_not_allowed"), ("dotdot", "path_not_allowed"),
     ]

@@ -4,52 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import json
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL, make_jpeg
-from tests.doubles.openai_server import OpenAITestServer, Reply
+from tests.conftest import MODEL, checkpointed_rows, job_options, read_rows, write_image_rows
+from tests.doubles.openai_server import FAULTS, OpenAITestServer, Reply, outage_after
 from vqa_operators.exceptions import ServerUnavailableError
 from vqa_operators.serving import openai_api
 from vqa_operators.serving.base import ChatRequest
 from vqa_operators.serving.openai_api import APIVLMServing_openai, redact_url, retry_after
 from vqa_operators.worker import JobOptions, run_job
 
+pytestmark = pytest.mark.usefixtures("fast_backoff")
 REQUEST = ChatRequest(messages=[{"role": "user", "content": "hi"}], schema={"type": "object"}, schema_name="X")
 CONTENT_REASONS = {"truncated_output", "invalid_json", "schema_mismatch"}
-
-
-def write_rows(tmp_path: Path, n: int) -> Path:
-    """``n`` image rows (ids 0..n-1) over two small images under tmp_path/media."""
-    media = tmp_path / "media"
-    media.mkdir(exist_ok=True)
-    (media / "a.jpg").write_bytes(make_jpeg((64, 48)))
-    (media / "b.jpg").write_bytes(make_jpeg((48, 64), color=(20, 120, 200)))
-    source = tmp_path / "in.jsonl"
-    source.write_text("".join(json.dumps({"id": i, "image": "a.jpg" if i % 2 else ["a.jpg", "b.jpg"]}) + "\n" for i in range(n)))
-    return source
-
-
-def options(server: OpenAITestServer, tmp_path: Path, source: Path, **extra) -> JobOptions:
-    settings = {
-        "generator": "image_qa", "input": str(source), "output": str(tmp_path / "out" / "rows.jsonl"), "base_url": server.base_url,
-        "model": MODEL, "media_root": str(tmp_path / "media"), "concurrency": 8, "seed": 3, "params": {"pairs_per_row": 2},
-        "max_retries": 6, "request_timeout": 1.0, **extra,
-    }
-    return JobOptions(**settings)
-
-
-def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the backoff's shape but scale it down, so fault tests take seconds."""
-    monkeypatch.setattr(openai_api, "RETRY_BASE_DELAY_S", 0.01)
 
 
 def test_retry_after_header_forms() -> None:
@@ -91,8 +61,6 @@ def test_backoff_grows_with_jitter_and_is_bounded(vlm_server: OpenAITestServer, 
 
 @pytest.mark.parametrize("fault", ["500", "503", "drop", "timeout"])
 def test_transient_faults_are_retried(vlm_server: OpenAITestServer, fault: str) -> None:
-    from tests.doubles.openai_server import FAULTS
-
     vlm_server.enqueue(FAULTS[fault], FAULTS[fault])
     client = APIVLMServing_openai(api_url=vlm_server.base_url, model_name=MODEL, max_retries=3, timeout=0.5, retry_base_delay=0.01)
     assert asyncio.run(client.chat(REQUEST)).text
@@ -100,16 +68,9 @@ def test_transient_faults_are_retried(vlm_server: OpenAITestServer, fault: str) 
 
 
 def test_an_outage_fails_the_job_fast_and_marks_no_row_failed(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
-    source = write_rows(tmp_path, 30)
-    served = 0
-
-    def down_after_six(body: dict) -> Reply:
-        nonlocal served
-        served += 1
-        return Reply() if served <= 6 else Reply(drop=True)
-
-    vlm_server.responder = down_after_six
-    opts = options(vlm_server, tmp_path, source, max_retries=20, max_consecutive_failures=5, concurrency=2, checkpoint_every=1000)
+    source = write_image_rows(tmp_path, 30)
+    vlm_server.responder = outage_after(6)
+    opts = job_options(vlm_server, tmp_path, source, max_retries=20, max_consecutive_failures=5, concurrency=2, checkpoint_every=1000)
     start = time.monotonic()
     with pytest.raises(ServerUnavailableError, match=r"is down: 5 consecutive failures, the last: APIConnectionError"):
         run_job(opts)
@@ -119,12 +80,11 @@ def test_an_outage_fails_the_job_fast_and_marks_no_row_failed(vlm_server: OpenAI
     # no output and no errors file: an outage is not the rows' fault
     assert not (tmp_path / "out" / "rows.jsonl").exists() and not (tmp_path / "out" / "rows.errors.jsonl").exists()
     # the six finished rows were checkpointed on the way out
-    parts = list((tmp_path / "out").glob("rows.checkpoint/cli/*/part-*.jsonl"))
-    assert sum(len(p.read_text().splitlines()) for p in parts) == 6
+    assert checkpointed_rows(tmp_path / "out") == 6
 
 
 def test_a_dead_server_fails_before_any_row(tmp_path: Path) -> None:
-    source = write_rows(tmp_path, 3)
+    source = write_image_rows(tmp_path, 3)
     opts = JobOptions(
         generator="image_qa", input=str(source), output=str(tmp_path / "o.jsonl"), base_url="http://127.0.0.1:9/v1", model=MODEL,
         media_root=str(tmp_path / "media"), max_retries=20, max_consecutive_failures=3,
@@ -143,10 +103,10 @@ MIXES = {
 @pytest.mark.parametrize("mix", sorted(MIXES))
 def test_every_row_is_accounted_for_under_a_fault_mix(vlm_server: OpenAITestServer, tmp_path: Path, mix: str) -> None:
     n = 40
-    source = write_rows(tmp_path, n)
+    source = write_image_rows(tmp_path, n)
     vlm_server.inject(MIXES[mix], seed=7)
-    manifest = run_job(options(vlm_server, tmp_path, source, max_consecutive_failures=50))
-    out, errors = read(tmp_path / "out" / "rows.jsonl"), read(tmp_path / "out" / "rows.errors.jsonl")
+    manifest = run_job(job_options(vlm_server, tmp_path, source, max_consecutive_failures=50))
+    out, errors = read_rows(tmp_path / "out" / "rows.jsonl"), read_rows(tmp_path / "out" / "rows.errors.jsonl")
     ids = [r["id"] for r in out] + [e["row"]["id"] for e in errors]
     assert sorted(ids) == list(range(n))  # each row exactly once, in output or errors
     assert [r["id"] for r in out] == sorted(r["id"] for r in out)  # input order kept
@@ -172,12 +132,10 @@ def test_urls_lose_their_credentials_in_messages() -> None:
     ("fault", "reason"), [("truncated", "truncated_output"), ("invalid_json", "invalid_json"), ("schema_mismatch", "schema_mismatch")]
 )
 def test_bad_output_gets_one_repair_then_goes_to_errors(vlm_server: OpenAITestServer, tmp_path: Path, fault: str, reason: str) -> None:
-    from tests.doubles.openai_server import FAULTS
-
-    source = write_rows(tmp_path, 2)
+    source = write_image_rows(tmp_path, 2)
     vlm_server.enqueue(FAULTS[fault], FAULTS[fault], FAULTS[fault])  # one row: bad twice; the other: bad, then repaired
-    manifest = run_job(options(vlm_server, tmp_path, source, concurrency=1))
-    out, errors = read(tmp_path / "out" / "rows.jsonl"), read(tmp_path / "out" / "rows.errors.jsonl")
+    manifest = run_job(job_options(vlm_server, tmp_path, source, concurrency=1))
+    out, errors = read_rows(tmp_path / "out" / "rows.jsonl"), read_rows(tmp_path / "out" / "rows.errors.jsonl")
     assert sorted([r["id"] for r in out] + [e["row"]["id"] for e in errors]) == [0, 1]
     assert [e["reason"] for e in errors] == [reason] and len(out) == 1
     assert (manifest["requests"], manifest["repairs"]) == (4, 2)

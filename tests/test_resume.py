@@ -12,12 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL
-from tests.doubles.openai_server import OpenAITestServer, Reply
-from tests.test_faults import options, read, write_rows
+from tests.conftest import MODEL, checkpointed_rows, job_options, read_rows, write_image_rows
+from tests.doubles.openai_server import OpenAITestServer, outage_after
 from vqa_operators.exceptions import ServerUnavailableError
 from vqa_operators.generators.image_qa import ImageQAGenerator
-from vqa_operators.serving import openai_api
 from vqa_operators.serving.openai_api import APIVLMServing_openai
 from vqa_operators.storage import Storage
 from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix
@@ -25,27 +23,7 @@ from vqa_operators.worker import JobOptions, run_job, settings_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 24
-
-
-@pytest.fixture(autouse=True)
-def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(openai_api, "RETRY_BASE_DELAY_S", 0.01)
-
-
-def fail_after(server: OpenAITestServer, good: int) -> None:
-    """The server answers ``good`` requests, then drops every connection (an outage)."""
-    served = 0
-
-    def responder(body: dict) -> Reply:
-        nonlocal served
-        served += 1
-        return Reply() if served <= good else Reply(drop=True)
-
-    server.responder = responder
-
-
-def checkpointed_rows(folder: Path) -> int:
-    return sum(len(p.read_text().splitlines()) for p in folder.glob("*.checkpoint/**/part-*.jsonl"))
+pytestmark = pytest.mark.usefixtures("fast_backoff")
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -65,14 +43,14 @@ def read_uri(uri: str) -> bytes:
 
 
 def test_a_failed_try_is_resumed_with_fewer_calls_and_the_same_output(vlm_server: OpenAITestServer, tmp_path: Path, place: str) -> None:
-    source = write_rows(tmp_path, N)
+    source = write_image_rows(tmp_path, N)
     (tmp_path / "in.jsonl").write_text((tmp_path / "in.jsonl").read_text() + "{broken\n")  # a bad line is accounted for too
-    clean = run_job(options(vlm_server, tmp_path, source, output=f"{place}/clean.jsonl"))
+    clean = run_job(job_options(vlm_server, tmp_path, source, output=f"{place}/clean.jsonl"))
     clean_bytes = read_uri(f"{place}/clean.jsonl"), read_uri(f"{place}/clean.errors.jsonl")
     vlm_server.reset()
 
-    fail_after(vlm_server, 10)
-    opts = options(vlm_server, tmp_path, source, output=f"{place}/rows.jsonl", concurrency=2, checkpoint_every=3, max_consecutive_failures=4)
+    vlm_server.responder = outage_after(10)
+    opts = job_options(vlm_server, tmp_path, source, output=f"{place}/rows.jsonl", concurrency=2, checkpoint_every=3, max_consecutive_failures=4)
     with pytest.raises(ServerUnavailableError):
         run_job(opts)
     assert not Storage().exists(f"{place}/rows.jsonl") and not Storage().exists(f"{place}/rows.errors.jsonl")
@@ -88,8 +66,8 @@ def test_a_failed_try_is_resumed_with_fewer_calls_and_the_same_output(vlm_server
 
 
 def test_a_rerun_after_success_is_a_no_op(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
-    source = write_rows(tmp_path, 8)
-    opts = options(vlm_server, tmp_path, source)
+    source = write_image_rows(tmp_path, 8)
+    opts = job_options(vlm_server, tmp_path, source)
     first = run_job(opts)
     out, errors = tmp_path / "out" / "rows.jsonl", tmp_path / "out" / "rows.errors.jsonl"
     stamps = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (out, errors)]
@@ -109,10 +87,10 @@ def test_a_rerun_after_success_is_a_no_op(vlm_server: OpenAITestServer, tmp_path
     ids=["temperature", "top_p", "max_tokens", "seed", "options", "image-budget"],
 )
 def test_changed_settings_are_not_reused(vlm_server: OpenAITestServer, tmp_path: Path, change: dict) -> None:
-    source = write_rows(tmp_path, 6)
-    run_job(options(vlm_server, tmp_path, source))
+    source = write_image_rows(tmp_path, 6)
+    run_job(job_options(vlm_server, tmp_path, source))
     vlm_server.reset()
-    manifest = run_job(options(vlm_server, tmp_path, source, **change))
+    manifest = run_job(job_options(vlm_server, tmp_path, source, **change))
     assert (manifest["rows_reused"], manifest["requests"]) == (0, 6)
 
 
@@ -140,13 +118,13 @@ def test_fingerprint_covers_model_and_prompt_templates(tmp_path: Path, monkeypat
 
 
 def test_identical_rows_are_each_kept(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
-    source = write_rows(tmp_path, 1)
+    source = write_image_rows(tmp_path, 1)
     source.write_text(source.read_text() * 3)
-    opts = options(vlm_server, tmp_path, source)
+    opts = job_options(vlm_server, tmp_path, source)
     assert run_job(opts)["rows_out"] == 3
     again = run_job(opts)
     assert (again["rows_out"], again["rows_reused"], again["requests"]) == (3, 3, 0)
-    assert len(read(tmp_path / "out" / "rows.jsonl")) == 3
+    assert len(read_rows(tmp_path / "out" / "rows.jsonl")) == 3
 
 
 def test_the_task_identity_names_the_checkpoint(tmp_path: Path) -> None:
@@ -174,7 +152,7 @@ def test_overlapping_writers_never_overwrite_each_others_parts(tmp_path: Path) -
 
 def test_sigkill_mid_run_then_rerun(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
     rows = 40
-    source = write_rows(tmp_path, rows)
+    source = write_image_rows(tmp_path, rows)
     vlm_server.latency = 0.1
     output = tmp_path / "out" / "rows.jsonl"
     argv = [
@@ -200,6 +178,6 @@ def test_sigkill_mid_run_then_rerun(vlm_server: OpenAITestServer, tmp_path: Path
     manifest = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert manifest["rows_reused"] == saved and manifest["requests"] == rows - saved
     assert f"{saved} reused from earlier tries" in rerun.stderr
-    out = read(output)
+    out = read_rows(output)
     assert [r["id"] for r in out] == list(range(rows))  # complete, in order, no duplicates
     print(f"\nSIGKILL after {first_calls} calls; rerun made {manifest['requests']} calls for {rows} rows ({saved} reused)")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from vqa_operators.exceptions import RowError
 from vqa_operators.storage.uris import Storage, is_s3, join_uri
 
+# comma-separated folders and s3://bucket[/prefix]es rows may read media from (a deployment setting)
+ALLOWED_ROOTS_ENV = "VQA_ALLOWED_MEDIA_ROOTS"
 # Qwen2.5-VL's common serving budget (1280 visual tokens of 28x28 pixels).
 DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 JPEG_QUALITY = 90
@@ -90,6 +92,11 @@ def prepare_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIX
         original_width=display_w,
         original_height=display_h,
     )
+
+
+def allowed_roots_from_env() -> list[str]:
+    """The roots listed in ``VQA_ALLOWED_MEDIA_ROOTS`` (empty if unset)."""
+    return [root.strip() for root in os.environ.get(ALLOWED_ROOTS_ENV, "").split(",") if root.strip()]
 
 
 def within(uri: str, root: str) -> bool:

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from vqa_operators.exceptions import ConfigError, JobError
 from vqa_operators.generators import GENERATORS, generator_class
 from vqa_operators.generators.base import Generator, RowOutcome, row_key, run_rows
-from vqa_operators.media import DEFAULT_MAX_PIXELS, MediaReader, within
+from vqa_operators.media import DEFAULT_MAX_PIXELS, MediaReader, allowed_roots_from_env, within
 from vqa_operators.parsing import describe_validation_error
 from vqa_operators.serving.base import VLMServing
 from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix, fingerprint
@@ -44,12 +44,6 @@ PROVENANCE_KEY = "vqa_provenance"
 PROGRESS_EVERY_S = 10.0
 # bump when the checkpoint record format changes, so old checkpoints are not reused
 CHECKPOINT_FORMAT = 1
-
-
-def _env_list(name: str) -> list[str] | None:
-    value = os.environ.get(name, "")
-    items = [item.strip() for item in value.split(",") if item.strip()]
-    return items or None
 
 
 class JobOptions(BaseModel):
@@ -72,7 +66,7 @@ class JobOptions(BaseModel):
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=28 * 28, le=50_000_000)
     media_root: str = "."
     # where rows may read media from; a deployment setting, not a run parameter
-    allowed_media_roots: list[str] | None = Field(default_factory=lambda: _env_list("VQA_ALLOWED_MEDIA_ROOTS"))
+    allowed_media_roots: list[str] | None = Field(default_factory=lambda: allowed_roots_from_env() or None)
     params: dict[str, Any] = Field(default_factory=dict)
     serve_vllm: bool = False
     request_timeout: float = Field(300.0, gt=0)
@@ -275,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--media-root", default=os.environ.get("VQA_MEDIA_ROOT", "."), help="folder or s3:// prefix for relative image paths [VQA_MEDIA_ROOT]")
     run.add_argument("--param", dest="params", type=_param, action="append", default=[], metavar="KEY=VALUE", help="generator option, e.g. pairs_per_row=5")
     run.add_argument(
-        "--allowed-media-root", dest="allowed_media_roots", action="append", default=_env_list("VQA_ALLOWED_MEDIA_ROOTS"),
+        "--allowed-media-root", dest="allowed_media_roots", action="append", default=allowed_roots_from_env() or None,
         help="folder or s3://bucket[/prefix] rows may read media from; repeatable (default: the media root) [VQA_ALLOWED_MEDIA_ROOTS, comma-separated]",
     )
     run.add_argument("--max-retries", type=int, default=5, help="HTTP retries per request (backoff with jitter)")

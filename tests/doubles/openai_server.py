@@ -60,6 +60,20 @@ FAULTS: dict[str, Reply] = {
 }
 
 
+def outage_after(good: int) -> Callable[[dict[str, Any]], Reply]:
+    """A responder: answer ``good`` requests, then drop every connection (the server went down)."""
+    served = 0
+    lock = threading.Lock()
+
+    def responder(body: dict[str, Any]) -> Reply:
+        nonlocal served
+        with lock:
+            served += 1
+            return Reply() if served <= good else Reply(drop=True)
+
+    return responder
+
+
 class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400, kind: str = "BadRequestError") -> None:
         super().__init__(message)

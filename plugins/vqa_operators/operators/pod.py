@@ -16,6 +16,7 @@ from airflow.providers.cncf.kubernetes.secret import Secret
 from kubernetes.client import models as k8s
 from pydantic import BaseModel, ConfigDict, Field
 
+from vqa_operators.media import ALLOWED_ROOTS_ENV, allowed_roots_from_env
 from vqa_operators.operators.spec import WorkerSpec
 
 XCOM_FILE = "/airflow/xcom/return.json"
@@ -44,9 +45,7 @@ class PodSettings(BaseModel):
     service_account_name: str | None = None
     run_as_user: int = 1000
     # the only places rows may read media from (the worker's --allowed-media-root); default: the media root
-    allowed_media_roots: list[str] = Field(
-        default_factory=lambda: [r.strip() for r in os.environ.get("VQA_ALLOWED_MEDIA_ROOTS", "").split(",") if r.strip()]
-    )
+    allowed_media_roots: list[str] = Field(default_factory=allowed_roots_from_env)
     startup_timeout_seconds: int = 1800
 
 
@@ -93,7 +92,7 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
                 k8s.V1EnvVar(name="HOME", value="/tmp"),
                 k8s.V1EnvVar(name="HF_HOME", value="/models"),
                 k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
-                *([k8s.V1EnvVar(name="VQA_ALLOWED_MEDIA_ROOTS", value=",".join(settings.allowed_media_roots))] if settings.allowed_media_roots else []),
+                *([k8s.V1EnvVar(name=ALLOWED_ROOTS_ENV, value=",".join(settings.allowed_media_roots))] if settings.allowed_media_roots else []),
             ],
             secrets=secrets,
             container_resources=k8s.V1ResourceRequirements(limits=limits, requests={"cpu": settings.cpu, "memory": settings.memory}),

@@ -27,7 +27,7 @@ import uuid
 from typing import Any
 
 from vqa_operators.storage.jsonl import JsonlWriter, read_jsonl
-from vqa_operators.storage.uris import Storage
+from vqa_operators.storage.uris import Storage, beside
 
 log = logging.getLogger("vqa_operators.checkpoint")
 
@@ -42,9 +42,8 @@ def fingerprint(settings: dict[str, Any]) -> str:
 
 def checkpoint_prefix(output_uri: str, task: str | None, settings_hash: str) -> str:
     """``<output name>.checkpoint/<task>/<fingerprint>/``, with each identity part made path-safe."""
-    stem = output_uri[: -len(".jsonl")] if output_uri.endswith(".jsonl") else output_uri
     parts = [_UNSAFE.sub("_", p) or "_" for p in (task or "cli").split("/")]
-    return f"{stem}.checkpoint/{'/'.join(parts)}/{settings_hash}/"
+    return beside(output_uri, f".checkpoint/{'/'.join(parts)}/{settings_hash}/")
 
 
 class Checkpoint:
@@ -57,7 +56,6 @@ class Checkpoint:
         self.every_seconds = every_seconds
         self.writer = uuid.uuid4().hex[:8]
         self.loaded = 0
-        self.saved = 0
         self._buffer: list[dict[str, Any]] = []
         self._last_flush = time.monotonic()
         self._seq = 0
@@ -103,7 +101,6 @@ class Checkpoint:
             writer = JsonlWriter(handle)
             for record in self._buffer:
                 writer.write(record)
-        self.saved += len(self._buffer)
         self._buffer.clear()
 
     def close(self) -> None:

@@ -57,10 +57,14 @@ def join_uri(root: str, path: str) -> str:
     return os.path.normpath(os.path.join(root, path))
 
 
+def beside(output_uri: str, suffix: str) -> str:
+    """``.../name.jsonl`` -> ``.../name<suffix>``: a file or prefix kept next to an output."""
+    return output_uri.removesuffix(".jsonl") + suffix
+
+
 def errors_uri_for(output_uri: str) -> str:
     """``.../name.jsonl`` -> ``.../name.errors.jsonl``: the default errors file beside an output."""
-    stem = output_uri[: -len(".jsonl")] if output_uri.endswith(".jsonl") else output_uri
-    return stem + ".errors.jsonl"
+    return beside(output_uri, ".errors.jsonl")
 
 
 def s3_error_code(exc: BaseException) -> str | None:
@@ -190,21 +194,20 @@ class Storage:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
-            with os.fdopen(fd, "w+b") as handle:
+            with os.fdopen(fd, "wb") as handle:
                 yield handle
                 handle.flush()
                 os.fsync(handle.fileno())
-                digest = _sha256(handle)
-            self._publish_local(target, tmp, digest, before, exclusive=exclusive)
+            self._publish_local(target, tmp, before, exclusive=exclusive)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
 
-    def _publish_local(self, target: Path, tmp: str, digest: str, before: ObjectVersion | None, *, exclusive: bool) -> None:
+    def _publish_local(self, target: Path, tmp: str, before: ObjectVersion | None, *, exclusive: bool) -> None:
         now = self.version(str(target))
         if now is not None and now == before and not exclusive:
-            with open(target, "rb") as current:
-                if _sha256(current) == digest:
+            with open(target, "rb") as current, open(tmp, "rb") as new:
+                if _sha256(current) == _sha256(new):
                     return  # already holds these bytes
         if now != before:
             raise StorageError(f"cannot write {target}: {_RACED}")
