@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag
 
-from vqa_operators.operators import WorkerSpec, worker_task
+from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, worker_task
 from vqa_operators.operators.dag_config import DEFAULT_ARGS, START_DATE, io_params
 
 
@@ -43,8 +43,10 @@ from vqa_operators.operators.dag_config import DEFAULT_ARGS, START_DATE, io_para
     },
 )
 def image_qa() -> None:
-    worker_task(
+    plan = shard_plan()
+    generate = worker_task(
         task_id="generate",
+        shards=plan.output,
         spec=WorkerSpec(
             generator="image_qa",
             input="{{ params.input_uri }}",
@@ -54,6 +56,7 @@ def image_qa() -> None:
             params={"pairs_per_row": "{{ params.pairs_per_row }}"},
         ),
     )
+    merge_shards({"generate": generate}, plan)
 
 
 image_qa()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag
 
-from vqa_operators.operators import WorkerSpec, worker_task
+from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, worker_task
 from vqa_operators.operators.dag_config import DEFAULT_ARGS, START_DATE, io_params
 
 
@@ -44,8 +44,10 @@ from vqa_operators.operators.dag_config import DEFAULT_ARGS, START_DATE, io_para
     },
 )
 def pers_qa() -> None:
-    worker_task(
+    plan = shard_plan()
+    generate = worker_task(
         task_id="generate",
+        shards=plan.output,
         spec=WorkerSpec(
             generator="pers_qa",
             input="{{ params.input_uri }}",
@@ -55,6 +57,7 @@ def pers_qa() -> None:
             params={"tag": "{{ params.tag }}"},
         ),
     )
+    merge_shards({"generate": generate}, plan)
 
 
 pers_qa()

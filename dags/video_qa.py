@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag
 
-from vqa_operators.operators import WorkerSpec, staged_output, worker_task
+from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, staged_output, worker_task
 from vqa_operators.operators.dag_config import DEFAULT_ARGS, START_DATE, io_params
 
 # the revised and final sets are long JSON answers
@@ -51,13 +51,16 @@ MAX_TOKENS = 4096
     },
 )
 def video_qa() -> None:
+    plan = shard_plan()
     common = {"media_root": "{{ params.media_root }}", "seed": "{{ params.seed }}", "concurrency": "{{ params.concurrency }}", "max_tokens": MAX_TOKENS}
     initial = worker_task(
         task_id="initial",
+        shards=plan.output,
         spec=WorkerSpec(generator="video_qa_initial", input="{{ params.input_uri }}", params={"max_frames": "{{ params.max_frames }}"}, **common),
     )
     multiagent = worker_task(
         task_id="multiagent",
+        shards=plan.output,
         spec=WorkerSpec(
             generator="video_qa_multiagent",
             input=staged_output("initial"),
@@ -67,9 +70,11 @@ def video_qa() -> None:
     )
     final = worker_task(
         task_id="final",
+        shards=plan.output,
         spec=WorkerSpec(generator="video_qa_final", input=staged_output("multiagent"), params={"final_pairs": "{{ params.final_pairs }}"}, **common),
     )
     initial >> multiagent >> final
+    merge_shards({"initial": initial, "multiagent": multiagent, "final": final}, plan)
 
 
 video_qa()

@@ -33,6 +33,7 @@ def airflow_env(home: Path, *, s3_endpoint: str, vlm_base_url: str, model: str, 
             ),
             "AIRFLOW_CONN_VQA_VLM": json.dumps({"conn_type": "http", "host": vlm_base_url, "password": api_key, "extra": {"model": model}}),
             "VQA_EXECUTION": "local",
+            "VQA_RETRY_DELAY_SECONDS": "3",  # a failing task fails the test in seconds, not minutes
         }
     )
     return env

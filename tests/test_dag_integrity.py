@@ -28,14 +28,25 @@ def test_no_import_errors(dagbag) -> None:
     assert set(dagbag.dags) == {"image_qa", "pers_qa", "video_qa"}
 
 
-def test_video_qa_is_three_chained_tasks(dagbag) -> None:
+def test_video_qa_is_three_chained_tasks_mapped_over_shards(dagbag) -> None:
     dag = dagbag.dags["video_qa"]
-    assert [t.task_id for t in dag.topological_sort()] == ["initial", "multiagent", "final"]
-    assert dag.get_task("multiagent").upstream_task_ids == {"initial"}
-    assert dag.get_task("final").upstream_task_ids == {"multiagent"}
-    # each stage reads what the one before it staged
-    assert dag.get_task("multiagent").spec.input.endswith("/initial.jsonl")
-    assert dag.get_task("final").spec.input.endswith("/multiagent.jsonl")
+    assert [t.task_id for t in dag.topological_sort()] == ["plan", "initial", "multiagent", "final", "merge"]
+    assert dag.get_task("multiagent").upstream_task_ids == {"initial", "plan"}
+    assert dag.get_task("final").upstream_task_ids == {"multiagent", "plan"}
+    assert dag.get_task("merge").upstream_task_ids == {"initial", "multiagent", "final", "plan"}
+    for task_id in ("initial", "multiagent", "final"):
+        assert dag.get_task(task_id).expand_input.value.keys() == {"shard"}  # one mapped instance per shard
+    # each stage reads what the one before it staged for the same shard (map index)
+    assert dag.get_task("multiagent").partial_kwargs["spec"].input.endswith("/initial{{ '/shard-%05d' % ti.map_index if ti.map_index is not none and ti.map_index >= 0 else '' }}.jsonl")
+    assert dag.get_task("final").partial_kwargs["spec"].input.split("}}/")[-1].startswith("multiagent{{")
+
+
+@pytest.mark.parametrize("dag_id", ["image_qa", "pers_qa"])
+def test_single_stage_dags_plan_map_and_merge(dagbag, dag_id: str) -> None:
+    dag = dagbag.dags[dag_id]
+    assert [t.task_id for t in dag.topological_sort()] == ["plan", "generate", "merge"]
+    assert dag.get_task("generate").expand_input.value.keys() == {"shard"}
+    assert {"rows_per_shard", "max_shards"} <= set(dag.params)
 
 
 @pytest.mark.parametrize("dag_id", ["image_qa", "pers_qa", "video_qa"])

@@ -28,13 +28,19 @@ def read_jsonl(s3, bucket: str, key: str) -> list[dict]:
 
 
 def run_keys(s3, bucket: str, dag_id: str) -> list[str]:
-    """The objects one DAG run staged: output/<dag_id>/<run_id>/..."""
+    """The objects one DAG run staged: output/<dag_id>/<run_id>/..., without checkpoints."""
     every = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"output/{dag_id}/")["Contents"]]
     assert len({k.split("/")[2] for k in every}) == 1 and every[0].split("/")[2].startswith("manual__")
     keys = [k for k in every if ".checkpoint/" not in k]
-    # each output has its task's checkpoint beside it
-    assert {k.split(".checkpoint/")[0] for k in every if ".checkpoint/" in k} == {k.removesuffix(".jsonl") for k in keys if not k.endswith(".errors.jsonl")}
+    # checkpoints sit beside shard outputs (a shard with no rows has none)
+    shard_outputs = {k.removesuffix(".jsonl") for k in keys if "/shard-" in k and not k.endswith(".errors.jsonl")}
+    assert {k.split(".checkpoint/")[0] for k in every if ".checkpoint/" in k} <= shard_outputs
     return keys
+
+
+def names(keys: list[str]) -> list[str]:
+    """The keys below output/<dag_id>/<run_id>/."""
+    return sorted(k.split("/", 3)[3] for k in keys)
 
 
 def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path) -> None:
@@ -50,14 +56,21 @@ def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
         "media_root": f"s3://{bucket}/",
         "pairs_per_row": 2,
         "seed": 5,
+        "rows_per_shard": 2,
     }
     proc = airflow("dags", "test", "image_qa", "-c", json.dumps(conf), env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
 
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="output/")["Contents"]]
+    keys = run_keys(s3, bucket, "image_qa")
+    # two mapped shards, each staged under its map index, merged into the run's output
+    assert names(keys) == [
+        "generate.errors.jsonl", "generate.jsonl", "generate.manifest.json",
+        "generate/shard-00000.errors.jsonl", "generate/shard-00000.jsonl", "generate/shard-00001.errors.jsonl", "generate/shard-00001.jsonl",
+    ]
     outputs = [k for k in keys if k.endswith("/generate.jsonl")]
-    assert len(outputs) == 1 and outputs[0].startswith("output/image_qa/manual__")  # dag id / run id / task id
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=outputs[0].replace(".jsonl", ".manifest.json"))["Body"].read())
+    assert (manifest["shards"], manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"]) == (2, 3, 2, 1)
     out = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=outputs[0])["Body"].read().decode().splitlines()]
     errors_key = outputs[0].replace("generate.jsonl", "generate.errors.jsonl")
     errors = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=errors_key)["Body"].read().decode().splitlines()]
@@ -102,16 +115,17 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     env = airflow_env(airflow_home, s3_endpoint=s3_endpoint, vlm_base_url=vlm_server.base_url, model=MODEL)
     conf = {
         "input_uri": f"s3://{bucket}/input/videos.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/",
-        "max_frames": 6, "max_iterations": 2, "final_pairs": 6, "seed": 4,
+        "max_frames": 6, "max_iterations": 2, "final_pairs": 6, "seed": 4, "rows_per_shard": 2,
     }
     proc = airflow("dags", "test", "video_qa", "-c", json.dumps(conf), env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
     keys = run_keys(s3, bucket, "video_qa")
-    names = sorted(k.rsplit("/", 1)[1] for k in keys)
-    assert names == sorted(f"{t}{ext}" for t in ("initial", "multiagent", "final") for ext in (".jsonl", ".errors.jsonl"))
-    prefix = keys[0].rsplit("/", 1)[0]
-    middle = read_jsonl(s3, bucket, f"{prefix}/multiagent.jsonl")
+    shards = [f"{t}/shard-0000{i}{ext}" for t in ("initial", "multiagent", "final") for i in (0, 1) for ext in (".jsonl", ".errors.jsonl")]
+    merged = ["final.jsonl", "final.errors.jsonl", "final.manifest.json", "initial.errors.jsonl", "multiagent.errors.jsonl"]
+    assert names(keys) == sorted(shards + merged)
+    prefix = next(k for k in keys if k.endswith("/final.jsonl")).rsplit("/", 1)[0]
+    middle = read_jsonl(s3, bucket, f"{prefix}/multiagent/shard-00000.jsonl") + read_jsonl(s3, bucket, f"{prefix}/multiagent/shard-00001.jsonl")
     assert [r["video_qa_state"]["iterations"] for r in middle] == [2, 2]
     final = read_jsonl(s3, bucket, f"{prefix}/final.jsonl")
     assert [r["id"] for r in final] == ["ad-1", "ad-2"]
@@ -159,8 +173,10 @@ def test_a_retried_task_resumes_from_the_failed_try(vlm_server: OpenAITestServer
 
     with sqlite3.connect(airflow_home / "airflow.db") as db:
         run_id = db.execute("SELECT run_id FROM dag_run WHERE dag_id='image_qa' ORDER BY id DESC LIMIT 1").fetchone()[0]
-        tries = db.execute("SELECT try_number, state FROM task_instance WHERE dag_id='image_qa' AND run_id=?", (run_id,)).fetchone()
-        xcom = db.execute("SELECT value FROM xcom WHERE dag_id='image_qa' AND run_id=? AND key='return_value'", (run_id,)).fetchone()[0]
+        tries = db.execute("SELECT try_number, state FROM task_instance WHERE dag_id='image_qa' AND run_id=? AND task_id='generate'", (run_id,)).fetchone()
+        xcom = db.execute(
+            "SELECT value FROM xcom WHERE dag_id='image_qa' AND run_id=? AND task_id='generate' AND key='return_value'", (run_id,)
+        ).fetchone()[0]
     manifest = json.loads(xcom if isinstance(xcom, str) else xcom.decode())
     assert tries == (2, "success")
     assert (manifest["rows_reused"], manifest["requests"], manifest["rows_out"]) == (4, 6, 10)

@@ -10,6 +10,7 @@ import os
 import warnings
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import Any
 
 from vqa_operators.exceptions import RowError
 from vqa_operators.storage.uris import Storage, is_s3, join_uri
@@ -46,9 +47,17 @@ def target_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
 
 
 def prepare_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
-    """Decode ``data``, apply EXIF orientation, convert to RGB, fit ``max_pixels`` and JPEG-encode it.
+    """Fit ``data`` to ``max_pixels`` as an RGB JPEG data URL, upright by its EXIF orientation.
 
-    Raises RowError("bad_image", ...) for anything Pillow cannot decode, including decompression bombs.
+    Three paths, cheapest first:
+
+    - an RGB JPEG or PNG that already fits, upright, is sent as it is (no decode, no re-encode);
+    - a JPEG larger than the budget is decoded at a reduced DCT scale (``draft``: 1/2, 1/4 or
+      1/8, never below the target size), then resized to exactly the budget;
+    - anything else is decoded in full, flattened onto white if transparent, and resized.
+
+    Resizing is bicubic, as the Qwen2-VL and LLaVA image processors do. Raises RowError
+    ("bad_image", ...) for anything Pillow cannot read, including decompression bombs.
     """
     from PIL import Image, ImageOps
 
@@ -57,16 +66,19 @@ def prepare_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIX
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data))  # reads the header only
             original = img.size
-            orientation_swaps = img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            display_w, display_h = (original[1], original[0]) if orientation_swaps else original
+            orientation = img.getexif().get(0x0112, 1)
+            swaps = orientation in (5, 6, 7, 8)
+            display_w, display_h = (original[1], original[0]) if swaps else original
             tw, th = target_size(display_w, display_h, max_pixels)
+            if _sendable_as_is(img, data, orientation, (tw, th) == original):
+                return _prepared(source, data, img.format.lower(), original, original)
             if img.format == "JPEG" and (tw, th) != (display_w, display_h):
-                # decode at a reduced DCT scale (>= the target size) instead of full size, then resize
-                img.draft("RGB", (th, tw) if orientation_swaps else (tw, th))
+                img.draft("RGB", (th, tw) if swaps else (tw, th))
             img.load()
-            img = ImageOps.exif_transpose(img)
+            if orientation != 1:
+                img = ImageOps.exif_transpose(img)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 img = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -74,7 +86,7 @@ def prepare_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIX
             elif img.mode != "RGB":
                 img = img.convert("RGB")
             if img.size != (tw, th):
-                img = img.resize((tw, th), Image.Resampling.LANCZOS)
+                img = img.resize((tw, th), Image.Resampling.BICUBIC)
             buffer = io.BytesIO()
             img.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     except RowError:
@@ -83,14 +95,26 @@ def prepare_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIX
         raise RowError("bad_image", f"{source}: image too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
         raise RowError("bad_image", f"{source}: cannot decode image ({exc})") from None
-    encoded = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return _prepared(source, buffer.getvalue(), "jpeg", img.size, (display_w, display_h))
+
+
+def _sendable_as_is(img: Any, data: bytes, orientation: int, fits: bool) -> bool:
+    """True for an RGB JPEG or opaque RGB PNG within the budget and upright: nothing to fix.
+
+    A JPEG must also end with its end-of-image marker; a cut-off file goes through the decoder,
+    which names the fault (``bad_image``) instead of the model server rejecting the request.
+    """
+    if not fits or orientation != 1 or img.mode != "RGB":
+        return False
+    if img.format == "JPEG":
+        return data.endswith(b"\xff\xd9")
+    return img.format == "PNG" and "transparency" not in img.info
+
+
+def _prepared(source: str, data: bytes, subtype: str, sent: tuple[int, int], original: tuple[int, int]) -> PreparedImage:
+    encoded = base64.b64encode(data).decode("ascii")
     return PreparedImage(
-        source=source,
-        data_url=f"data:image/jpeg;base64,{encoded}",
-        width=img.width,
-        height=img.height,
-        original_width=display_w,
-        original_height=display_h,
+        source=source, data_url=f"data:image/{subtype};base64,{encoded}", width=sent[0], height=sent[1], original_width=original[0], original_height=original[1]
     )
 
 

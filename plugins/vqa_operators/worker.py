@@ -28,12 +28,13 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from vqa_operators.exceptions import ConfigError, JobError
+from vqa_operators.exceptions import ConfigError, InputError, JobError
 from vqa_operators.generators import GENERATORS, generator_class
 from vqa_operators.generators.base import Generator, RowOutcome, row_key, run_rows
 from vqa_operators.media import DEFAULT_MAX_PIXELS, MediaReader, allowed_roots_from_env, within
 from vqa_operators.parsing import describe_validation_error
 from vqa_operators.serving.base import VLMServing
+from vqa_operators.sharding import Shard
 from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix, fingerprint
 from vqa_operators.storage.jsonl import BadLine, JsonlWriter, read_jsonl
 from vqa_operators.storage.uris import Storage, errors_uri_for
@@ -75,6 +76,8 @@ class JobOptions(BaseModel):
     task_key: str | None = None
     checkpoint_every: int = Field(64, ge=1, le=100_000)
     checkpoint_seconds: float = Field(30.0, gt=0)
+    # one shard of the input (from plan_shards); None = the whole input
+    shard: Shard | None = None
 
     @property
     def errors_uri(self) -> str:
@@ -122,8 +125,12 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> 
     )
     keys: dict[int, str] = {}
 
+    # the shard's byte range, if the input is the file that was split (a later stage reads its own file whole)
+    shard = opts.shard if opts.shard and opts.shard.input == opts.input else None
+    lines = storage.iter_lines(opts.input, start=shard.start, end=shard.end, version=shard.version) if shard else storage.iter_lines(opts.input)
+
     def items() -> Any:
-        for line, item in read_jsonl(storage.iter_lines(opts.input)):
+        for line, item in read_jsonl(lines, first_line=shard.first_line if shard else 1):
             key = keys[line] = record_key(line, item)
             done = checkpoint.get(key)
             yield line, (item if done is None else RowOutcome(line=line, row=None, record=done, reused=True))
@@ -160,6 +167,8 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> 
                             "%s: %d rows done (%d reused, %.1f rows/s), %d failed",
                             generator.name, rows_in, rows_reused, rows_in / (now - started), sum(reasons.values()),
                         )
+                if shard is not None and rows_in != shard.rows:
+                    raise InputError(f"shard {shard.index} of {opts.input} has {rows_in} rows, not the {shard.rows} planned: the input changed")
             finally:
                 # whatever happens, keep the rows this try finished for the next one
                 checkpoint.flush()
@@ -170,6 +179,7 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> 
     return {
         "generator": generator.name,
         "input": opts.input,
+        "shard": opts.shard.index if opts.shard else None,
         "output": opts.output,
         "errors": opts.errors_uri,
         "rows_in": rows_in,
@@ -277,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--task-key", help="the task's identity (dag/task/run/map index): names the checkpoint")
     run.add_argument("--checkpoint-every", type=int, default=64, help="checkpoint after this many finished rows")
     run.add_argument("--checkpoint-seconds", type=float, default=30.0, help="... or after this many seconds")
+    run.add_argument("--shard", type=json.loads, help="one shard of the input, as JSON (what the DAG's plan task returns)")
     run.add_argument("--request-timeout", type=float, default=300.0, help="seconds per HTTP request")
     run.add_argument("--serve-vllm", action="store_true", help="start `vllm serve MODEL` here and use it")
     run.add_argument("--xcom-file", default=os.environ.get("VQA_XCOM_FILE"), help="also write the manifest here (KubernetesPodOperator XCom)")

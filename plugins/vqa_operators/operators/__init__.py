@@ -1,8 +1,8 @@
 """Airflow operators that wrap the worker, and the factory that picks local or Kubernetes execution.
 
-``VQA_EXECUTION`` (environment variable, or Airflow Variable of that name) selects the mode:
+``VQA_EXECUTION`` (an environment variable of the dag-processor and workers) selects the mode:
 ``local`` (default) runs the worker inside the task process; ``kubernetes`` runs it in a GPU pod.
-The pod operator is imported only in Kubernetes mode, to keep DAG parsing light.
+It is not read from an Airflow Variable: that would be a metadata lookup on every parse.
 """
 
 from __future__ import annotations
@@ -10,32 +10,54 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from vqa_operators.operators.fanout import VQAMergeOperator, VQAShardPlanOperator
 from vqa_operators.operators.local import VQAWorkerOperator
 from vqa_operators.operators.spec import STAGED_OUTPUT_URI, WorkerSpec, staged_output
 
 MODES = ("local", "kubernetes")
 
-__all__ = ["MODES", "STAGED_OUTPUT_URI", "VQAWorkerOperator", "WorkerSpec", "execution_mode", "staged_output", "worker_task"]
+__all__ = [
+    "MODES", "STAGED_OUTPUT_URI", "VQAMergeOperator", "VQAShardPlanOperator", "VQAWorkerOperator", "WorkerSpec",
+    "execution_mode", "merge_shards", "shard_plan", "staged_output", "worker_task",
+]
 
 
 def execution_mode() -> str:
-    """``VQA_EXECUTION`` from the environment, else the Airflow Variable, else ``local``."""
-    mode = os.environ.get("VQA_EXECUTION")
-    if not mode:
-        from airflow.sdk import Variable
-
-        mode = Variable.get("VQA_EXECUTION", default="local")
-    mode = mode.strip().lower()
+    """``VQA_EXECUTION`` from the environment, else ``local``."""
+    mode = (os.environ.get("VQA_EXECUTION") or "local").strip().lower()
     if mode not in MODES:
         raise ValueError(f"VQA_EXECUTION must be one of {MODES}, got {mode!r}")
     return mode
 
 
-def worker_task(*, task_id: str, spec: WorkerSpec, mode: str | None = None, pod: Any = None, **kwargs: Any) -> Any:
-    """The operator that runs ``spec``: in-process (local) or in a pod (kubernetes; ``pod`` is its PodSettings)."""
+def worker_task(*, task_id: str, spec: WorkerSpec, shards: Any = None, mode: str | None = None, pod: Any = None, **kwargs: Any) -> Any:
+    """The operator that runs ``spec``: in-process (local) or in a pod (kubernetes; ``pod`` is its PodSettings).
+
+    With ``shards`` (a plan task's output), one mapped task instance per shard: N pods, or N
+    in-process tasks.
+    """
     mode = mode or execution_mode()
     if mode == "kubernetes":
         from vqa_operators.operators.pod import VQAWorkerPodOperator
 
-        return VQAWorkerPodOperator(task_id=task_id, spec=spec, pod=pod, **kwargs)
-    return VQAWorkerOperator(task_id=task_id, spec=spec, **kwargs)
+        cls: Any = VQAWorkerPodOperator
+        kwargs["pod"] = pod
+    else:
+        cls = VQAWorkerOperator
+    if shards is None:
+        return cls(task_id=task_id, spec=spec, **kwargs)
+    return cls.partial(task_id=task_id, spec=spec, **kwargs).expand(shard=shards)
+
+
+def shard_plan(task_id: str = "plan") -> VQAShardPlanOperator:
+    """The task that splits the run's ``input_uri`` by its ``rows_per_shard`` and ``max_shards`` params."""
+    return VQAShardPlanOperator(
+        task_id=task_id, input="{{ params.input_uri }}", rows_per_shard="{{ params.rows_per_shard }}", max_shards="{{ params.max_shards }}"
+    )
+
+
+def merge_shards(stages: dict[str, Any], plan: VQAShardPlanOperator, task_id: str = "merge") -> VQAMergeOperator:
+    """The task that joins the mapped ``stages`` (in order; the last one's rows are the run's output)."""
+    return VQAMergeOperator(
+        task_id=task_id, stages={name: task.output for name, task in stages.items()}, output_uri=staged_output(list(stages)[-1]), plan=plan.output
+    )

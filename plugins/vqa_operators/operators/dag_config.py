@@ -12,6 +12,8 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param
 
+from vqa_operators.sharding import MAX_SHARDS
+
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
 
 # Model-server and S3 hiccups the client's own retries could not absorb fail the task; Airflow
@@ -41,7 +43,7 @@ def io_params(dag_id: str, *, example_input: str, rows_doc: str, final_task: str
             type="string",
             pattern="^(s3://[a-z0-9.-]{3,63}/?.*|/.*)$",
             title="Output prefix",
-            description=f"Folder or s3:// prefix; the output lands at <prefix>/{dag_id}/<run_id>/{final_task}.jsonl.",
+            description=f"Folder or s3:// prefix; the output lands at <prefix>/{dag_id}/<run_id>/{final_task}.jsonl, with a manifest and errors file beside it.",
         ),
         "media_root": Param(
             ".",
@@ -56,6 +58,21 @@ def io_params(dag_id: str, *, example_input: str, rows_doc: str, final_task: str
             maximum=4096,
             title="Requests in flight",
             description="Model requests each task keeps in flight; match the vLLM server's batch capacity.",
+        ),
+        "rows_per_shard": Param(
+            10_000,
+            type="integer",
+            minimum=1,
+            title="Rows per shard",
+            description="The input is split into shards of this many rows; each shard is one mapped task (one GPU pod in kubernetes mode).",
+        ),
+        "max_shards": Param(
+            16,
+            type="integer",
+            minimum=1,
+            maximum=MAX_SHARDS,
+            title="Most shards",
+            description="At most this many shards (parallel GPU tasks); a larger input gets larger shards.",
         ),
         "seed": Param(
             0,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from functools import cached_property
 from typing import Any
 
 from airflow.sdk import BaseOperator
 
+from vqa_operators.operators.fanout import s3_storage
 from vqa_operators.operators.spec import WorkerSpec
 
 
@@ -17,18 +18,15 @@ class VQAWorkerOperator(BaseOperator):
     template_fields: Sequence[str] = ("spec",)
     ui_color = "#e8f4fd"
 
-    def __init__(self, *, spec: WorkerSpec, vlm_conn_id: str = "vqa_vlm", aws_conn_id: str | None = "aws_default", **kwargs: Any) -> None:
+    def __init__(
+        self, *, spec: WorkerSpec, shard: dict[str, Any] | None = None, vlm_conn_id: str = "vqa_vlm", aws_conn_id: str | None = "aws_default", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
-        self.spec = spec
+        # Airflow renders template fields in place, and mapped instances share partial()'s spec
+        self.spec = copy.deepcopy(spec)
+        self.shard = shard
         self.vlm_conn_id = vlm_conn_id
         self.aws_conn_id = aws_conn_id
-
-    @cached_property
-    def s3_client(self) -> Any:
-        """A boto3 S3 client from the ``aws_default`` connection (or the default AWS chain without one)."""
-        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-        return S3Hook(aws_conn_id=self.aws_conn_id).get_conn()
 
     def execute(self, context: Any) -> dict[str, Any]:
         """Run the worker and return its manifest."""
@@ -37,7 +35,6 @@ class VQAWorkerOperator(BaseOperator):
         from vqa_operators.exceptions import ConfigError
         from vqa_operators.hooks.vlm import VLMHook
         from vqa_operators.parsing import describe_validation_error
-        from vqa_operators.storage import Storage
         from vqa_operators.worker import JobOptions, run_job
 
         endpoint = VLMHook(self.vlm_conn_id).get_endpoint()
@@ -45,12 +42,13 @@ class VQAWorkerOperator(BaseOperator):
         try:
             opts = JobOptions(
                 **{**spec.options(), "model": spec.model or endpoint.model},
+                shard=self.shard,
                 base_url=endpoint.base_url,
                 api_key=endpoint.api_key,
             )
         except ValidationError as err:
             raise ConfigError(f"bad options: {describe_validation_error(err)}") from None
         self.log.info("running %s in-process: %s -> %s", spec.generator, spec.input, spec.output)
-        manifest = run_job(opts, storage=Storage(s3_client=self.s3_client if self.aws_conn_id else None))
+        manifest = run_job(opts, storage=s3_storage(self.aws_conn_id))
         self.log.info("manifest: %s", manifest)
         return manifest

@@ -8,6 +8,8 @@ Secrets by reference; no secret value is ever written into the pod spec.
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 from typing import Any
 
@@ -71,7 +73,9 @@ def _volumes(settings: PodSettings) -> tuple[list[k8s.V1Volume], list[k8s.V1Volu
 class VQAWorkerPodOperator(KubernetesPodOperator):
     """Run ``python -m vqa_operators run ...`` in a GPU pod; the manifest comes back through XCom."""
 
-    def __init__(self, *, spec: WorkerSpec, pod: PodSettings | None = None, vlm_conn_id: str = "vqa_vlm", **kwargs: Any) -> None:
+    def __init__(
+        self, *, spec: WorkerSpec, shard: dict[str, Any] | None = None, pod: PodSettings | None = None, vlm_conn_id: str = "vqa_vlm", **kwargs: Any
+    ) -> None:
         settings = pod or PodSettings()
         volumes, mounts = _volumes(settings)
         limits = {"cpu": settings.cpu, "memory": settings.memory}
@@ -87,7 +91,7 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
             image=settings.image,
             namespace=settings.namespace,
             cmds=["python3", "-m", "vqa_operators"],
-            arguments=[*spec.argv(), "--xcom-file", XCOM_FILE],
+            arguments=[*spec.argv(), *(["--shard", json.dumps(shard, sort_keys=True)] if shard else []), "--xcom-file", XCOM_FILE],
             env_vars=[
                 k8s.V1EnvVar(name="HOME", value="/tmp"),
                 k8s.V1EnvVar(name="HF_HOME", value="/models"),
@@ -119,7 +123,9 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
             on_finish_action="delete_succeeded_pod",
             **kwargs,
         )
-        self.spec = spec
+        # Airflow renders template fields in place, and mapped instances share partial()'s spec
+        self.spec = copy.deepcopy(spec)
+        self.shard = shard
         self.vlm_conn_id = vlm_conn_id
 
     def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:

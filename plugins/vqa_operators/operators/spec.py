@@ -16,10 +16,13 @@ from vqa_operators.media import DEFAULT_MAX_PIXELS
 def staged_output(task_id: str = "{{ task.task_id }}") -> str:
     """Where a task of this DAG run stages its JSONL: ``<output_prefix>/<dag_id>/<run_id>/<task_id>.jsonl``.
 
-    Staged outputs live under the run's identity, never the clock: a retry rewrites the same key,
-    and a downstream task finds its input by the upstream task's id.
+    A mapped task instance (one shard) stages ``<task_id>/shard-<map index>.jsonl`` instead, and
+    a mapped downstream task reads the upstream shard of its own map index. Staged outputs live
+    under the run's identity, never the clock: a retry rewrites the same key, and a downstream
+    task finds its input by the upstream task's id.
     """
-    return "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}/" + task_id + ".jsonl"
+    shard = "{{ '/shard-%05d' % ti.map_index if ti.map_index is not none and ti.map_index >= 0 else '' }}"
+    return "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}/" + task_id + shard + ".jsonl"
 
 
 STAGED_OUTPUT_URI = staged_output()

@@ -32,9 +32,9 @@ def dumps_line(row: Any) -> bytes:
     return json.dumps(row, ensure_ascii=False, default=_json_default).encode("utf-8") + b"\n"
 
 
-def read_jsonl(lines: Iterable[bytes]) -> Iterator[tuple[int, dict[str, Any] | BadLine]]:
-    """Yield (1-based line number, row or BadLine) for every line, including blank ones."""
-    for number, raw in enumerate(lines, start=1):
+def read_jsonl(lines: Iterable[bytes], *, first_line: int = 1) -> Iterator[tuple[int, dict[str, Any] | BadLine]]:
+    """Yield (line number, row or BadLine) for every line, including blank ones; numbering starts at ``first_line``."""
+    for number, raw in enumerate(lines, start=first_line):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -12,7 +12,7 @@ import errno
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -94,24 +94,51 @@ class Storage:
         code = s3_error_code(exc) or type(exc).__name__
         return InputError(f"cannot read {uri}: {code}")
 
-    def iter_lines(self, uri: str) -> Iterator[bytes]:
-        """Stream the lines of a file or object (newlines stripped) without loading it whole."""
+    def iter_lines(self, uri: str, *, start: int = 0, end: int | None = None, version: str | None = None, keepends: bool = False) -> Iterator[bytes]:
+        """Stream the lines of a file or object, or of its bytes ``[start, end)``, without loading it whole.
+
+        Lines end at ``\\n`` only (a trailing ``\\r`` is dropped unless ``keepends``), locally and on S3
+        alike, so byte offsets counted with ``keepends=True`` address the same lines in both.
+        ``version`` (from ``version()``) makes the read fail with InputError if the input has
+        changed since then, instead of reading other lines than were planned.
+        """
+        if end is not None and end <= start:
+            return
         if is_s3(uri):
             bucket, key = split_s3(uri)
+            extra: dict[str, str] = {}
+            if start or end is not None:
+                extra["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+            if version is not None:
+                extra["IfMatch"] = version
             try:
-                body = self.s3.get_object(Bucket=bucket, Key=key)["Body"]
+                body = self.s3.get_object(Bucket=bucket, Key=key, **extra)["Body"]
             except Exception as exc:  # botocore raises ClientError / EndpointConnectionError
+                if version is not None and s3_error_code(exc) in {"PreconditionFailed", "412"}:
+                    raise InputError(f"{uri} changed after it was split into shards; run the DAG again") from None
                 raise self._s3_error(uri, exc) from exc
             with contextlib.closing(body):
-                yield from body.iter_lines(chunk_size=1 << 16, keepends=False)
+                yield from _split_lines(body.read, keepends)
             return
         try:
             handle = open(uri, "rb")  # noqa: SIM115 - closed by the with below
         except OSError as exc:
             raise InputError(f"cannot read {uri}: {exc.strerror or exc}") from exc
         with handle:
-            for line in handle:
-                yield line.rstrip(b"\r\n")
+            if version is not None and _local_version(os.fstat(handle.fileno())) != version:
+                raise InputError(f"{uri} changed after it was split into shards; run the DAG again")
+            handle.seek(start)
+            remaining = None if end is None else end - start
+
+            def read(size: int) -> bytes:
+                nonlocal remaining
+                if remaining is None:
+                    return handle.read(size)
+                chunk = handle.read(min(size, remaining))
+                remaining -= len(chunk)
+                return chunk
+
+            yield from _split_lines(read, keepends)
 
     def read_bytes(self, uri: str) -> bytes:
         """Read a whole (small) file or object, such as one image.
@@ -152,7 +179,7 @@ class Storage:
             stat = os.stat(uri)
         except FileNotFoundError:
             return None
-        return ObjectVersion(token=f"{stat.st_mtime_ns}:{stat.st_size}:{stat.st_ino}", sha256=None)
+        return ObjectVersion(token=_local_version(stat), sha256=None)
 
     def list(self, prefix: str) -> list[str]:
         """The URIs of the objects directly under ``prefix`` (a folder or an ``s3://`` prefix ending in /), sorted."""
@@ -257,6 +284,27 @@ class Storage:
 
 
 _RACED = "another writer changed it while this one ran (is another try of this task still running?)"
+
+
+def _local_version(stat: os.stat_result) -> str:
+    return f"{stat.st_mtime_ns}:{stat.st_size}:{stat.st_ino}"
+
+
+def _split_lines(read: Callable[[int], bytes], keepends: bool) -> Iterator[bytes]:
+    """The ``\\n``-terminated lines of a stream read in 64 KiB chunks (the last may lack its newline)."""
+    buffer = bytearray()
+    scanned = 0
+    while chunk := read(1 << 16):
+        buffer += chunk
+        begin = 0
+        while (newline := buffer.find(b"\n", max(begin, scanned))) >= 0:
+            line = bytes(buffer[begin : newline + 1])
+            yield line if keepends else line.rstrip(b"\r\n")
+            begin = newline + 1
+        del buffer[:begin]
+        scanned = len(buffer)
+    if buffer:
+        yield bytes(buffer) if keepends else bytes(buffer).rstrip(b"\r")
 
 
 def _sha256(handle: IO[bytes]) -> str:

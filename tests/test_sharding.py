@@ -1,0 +1,116 @@
+"""Sharded fan-out: the plan covers every line once, workers read only their range, the merge loses nothing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import job_options, read_rows, write_image_rows
+from vqa_operators.exceptions import InputError
+from vqa_operators.sharding import MAX_SHARDS, merge_run, plan_shards
+from vqa_operators.storage import Storage
+from vqa_operators.storage.jsonl import read_jsonl
+from vqa_operators.worker import run_job
+
+
+def lines_of(storage: Storage, uri: str, shard) -> list[tuple[int, object]]:
+    return list(read_jsonl(storage.iter_lines(uri, start=shard.start, end=shard.end, version=shard.version), first_line=shard.first_line))
+
+
+@pytest.mark.parametrize(
+    ("rows", "per_shard", "max_shards", "sizes"),
+    [
+        (10, 3, 16, [3, 3, 3, 1]),
+        (9, 3, 16, [3, 3, 3]),
+        (10, 1, 3, [4, 4, 2]),  # the cap groups shards
+        (1000, 1, 4, [256, 256, 256, 232]),  # the step doubles while reading, then groups
+        (0, 5, 4, [0]),  # an empty input is one empty shard
+        (5, 100, 4, [5]),
+    ],
+)
+def test_the_plan_covers_every_line_once(tmp_path: Path, rows: int, per_shard: int, max_shards: int, sizes: list[int]) -> None:
+    source = tmp_path / "in.jsonl"
+    # mixed line endings, a blank line and a line without its final newline
+    lines = [json.dumps({"id": i, "text": "é" * (i % 7)}) + ("\r\n" if i % 3 == 0 else "\n") for i in range(rows)]
+    if rows > 3:
+        lines[2] = "\n"
+    text = "".join(lines)
+    source.write_text(text[:-1] if text.endswith("\n") and rows % 2 else text, encoding="utf-8")
+    storage = Storage()
+    plan = plan_shards(storage, str(source), rows_per_shard=per_shard, max_shards=max_shards)
+    assert [s.rows for s in plan] == sizes
+    assert [s.index for s in plan] == list(range(len(plan)))
+    seen = [item for shard in plan for item in lines_of(storage, str(source), shard)]
+    assert [n for n, _ in seen] == list(range(1, rows + 1))  # global line numbers, each once, in order
+    assert seen == list(read_jsonl(storage.iter_lines(str(source))))
+
+
+def test_the_plan_reads_s3_ranges_pinned_to_the_version_split(s3, bucket: str) -> None:
+    body = "".join(json.dumps({"id": i}) + "\n" for i in range(7)).encode()
+    s3.put_object(Bucket=bucket, Key="in.jsonl", Body=body)
+    storage = Storage()
+    uri = f"s3://{bucket}/in.jsonl"
+    plan = plan_shards(storage, uri, rows_per_shard=3)
+    assert [[row["id"] for _, row in lines_of(storage, uri, s)] for s in plan] == [[0, 1, 2], [3, 4, 5], [6]]
+    s3.put_object(Bucket=bucket, Key="in.jsonl", Body=body + b'{"id": 7}\n')  # replaced after the split
+    with pytest.raises(InputError, match="changed after it was split"):
+        lines_of(storage, uri, plan[1])
+
+
+def test_a_local_input_changed_after_the_split_is_refused(tmp_path: Path) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 1}\n{"id": 2}\n')
+    plan = plan_shards(Storage(), str(source), rows_per_shard=1)
+    source.write_text('{"id": 1}\n{"id": 2}\n{"id": 3}\n')
+    with pytest.raises(InputError, match="changed after it was split"):
+        lines_of(Storage(), str(source), plan[0])
+
+
+def test_bad_plan_settings_and_missing_input_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="rows_per_shard must be"):
+        plan_shards(Storage(), str(tmp_path), rows_per_shard=0)
+    with pytest.raises(InputError, match="max_shards 1..256"):
+        plan_shards(Storage(), str(tmp_path), rows_per_shard=1, max_shards=MAX_SHARDS + 1)
+    with pytest.raises(InputError, match="does not exist"):
+        plan_shards(Storage(), str(tmp_path / "nope.jsonl"), rows_per_shard=1)
+
+
+def test_shards_run_and_merge_to_the_unsharded_result(vlm_server, tmp_path: Path) -> None:
+    source = write_image_rows(tmp_path, 11)
+    with source.open("a") as handle:  # two bad lines land in errors, in whichever shard holds them
+        handle.write("not json\n" + json.dumps({"id": 99}) + "\n")
+    whole = run_job(job_options(vlm_server, tmp_path, source, output=str(tmp_path / "whole" / "rows.jsonl")))
+    plan = plan_shards(Storage(), str(source), rows_per_shard=4)
+    assert len(plan) == 4
+    manifests = [
+        run_job(job_options(vlm_server, tmp_path, source, output=str(tmp_path / "run" / "generate" / f"shard-{s.index:05d}.jsonl"), shard=s, task_key=f"d/generate/r/{s.index}"))
+        for s in reversed(plan)  # finishing order does not matter
+    ]
+    assert sorted(m["shard"] for m in manifests) == [0, 1, 2, 3] and [m["rows_in"] for m in manifests] == [1, 4, 4, 4]
+    merged = merge_run(Storage(), {"generate": manifests}, output=str(tmp_path / "run" / "generate.jsonl"), plan=[s.model_dump() for s in plan])
+
+    def strip(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "vqa_provenance"} for r in rows]
+
+    assert strip(read_rows(tmp_path / "run" / "generate.jsonl")) == strip(read_rows(tmp_path / "whole" / "rows.jsonl"))
+    assert read_rows(tmp_path / "run" / "generate.errors.jsonl") == read_rows(tmp_path / "whole" / "rows.errors.jsonl")
+    assert (merged["rows_in"], merged["rows_out"], merged["rows_failed"], merged["shards"]) == (13, 11, 2, 4)
+    assert merged["failures_by_reason"] == whole["failures_by_reason"] == {"malformed_json": 1, "missing_field": 1}
+    assert json.loads((tmp_path / "run" / "generate.manifest.json").read_text()) == merged
+
+
+def test_the_merge_refuses_a_shard_that_lost_rows(vlm_server, tmp_path: Path) -> None:
+    source = write_image_rows(tmp_path, 4)
+    plan = plan_shards(Storage(), str(source), rows_per_shard=2)
+    manifests = [
+        run_job(job_options(vlm_server, tmp_path, source, output=str(tmp_path / "g" / f"shard-{s.index}.jsonl"), shard=s, task_key=str(s.index))) for s in plan
+    ]
+    shard_out = tmp_path / "g" / "shard-1.jsonl"
+    shard_out.write_text(shard_out.read_text().splitlines()[0] + "\n")
+    with pytest.raises(InputError, match="holds 1 rows but its task reported 2"):
+        merge_run(Storage(), {"generate": manifests}, output=str(tmp_path / "generate.jsonl"), plan=[s.model_dump() for s in plan])
+    assert not (tmp_path / "generate.jsonl").exists() and not (tmp_path / "generate.errors.jsonl").exists()
+    with pytest.raises(InputError, match="1 shard results for 2 shards"):
+        merge_run(Storage(), {"generate": manifests[:1]}, output=str(tmp_path / "generate.jsonl"), plan=[s.model_dump() for s in plan])
