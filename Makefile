@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(PYTHON) -m uv
 
-.PHONY: venv test test-fast demo lint bench-faults constraints clean
+.PHONY: venv test test-fast demo lint bench bench-faults constraints clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
@@ -27,6 +27,9 @@ demo: venv  ## embedded S3 + Airflow standalone + image_qa on generated samples;
 
 lint: venv
 	$(VENV)/bin/hadolint Dockerfile docker/worker.Dockerfile
+
+bench: venv  ## every performance measure side by side: saturation, video critical path, memory, image preparation, parse time, fan-out
+	cd bench && ../$(PY) run.py
 
 bench-faults: venv  ## rows accounted for under model-server fault mixes; calls saved on resume
 	$(PY) bench/faults.py

@@ -10,6 +10,9 @@ writes `{"image": [...], "qa_pairs": [{"question", "answer"}, ...]}` rows to S3.
 - **Output**: `<output_prefix>/image_qa/<run_id>/generate.jsonl`, with rows that could not be
   processed in `generate.errors.jsonl` beside it (each with a reason). XCom holds only the
   manifest (row counts, output URIs, model, prompt hash).
+- **Fan-out**: `plan` splits the input into shards of `rows_per_shard` rows (at most
+  `max_shards`), `generate` runs once per shard (mapped), `merge` joins them in order and writes
+  `generate.manifest.json`. Shards stage at `generate/shard-<map index>.jsonl`.
 - **Model**: the `vqa_vlm` connection (host = OpenAI-compatible base URL, password = API key,
   `extra.model`), or `VQA_BASE_URL` / `VQA_MODEL` / `VQA_API_KEY`.
 - **Where it runs**: `VQA_EXECUTION=local` (in the task process) or `kubernetes` (GPU pod).
@@ -52,7 +55,7 @@ def image_qa() -> None:
             input="{{ params.input_uri }}",
             media_root="{{ params.media_root }}",
             seed="{{ params.seed }}",
-            concurrency="{{ params.concurrency }}",
+            concurrency="{{ params.concurrency or '' }}",
             params={"pairs_per_row": "{{ params.pairs_per_row }}"},
         ),
     )

@@ -12,6 +12,9 @@ and the row, so a rerun asks the same question. An optional `subject_type` field
 - **Output**: `<output_prefix>/pers_qa/<run_id>/generate.jsonl`, failed rows with a reason in
   `generate.errors.jsonl` (for example `answer_missing_tag` when the model would not start its
   answer with the tag even after a repair request). XCom holds only the manifest.
+- **Fan-out**: `plan` splits the input into shards of `rows_per_shard` rows (at most
+  `max_shards`), `generate` runs once per shard (mapped), `merge` joins them in order and writes
+  `generate.manifest.json`. Shards stage at `generate/shard-<map index>.jsonl`.
 - **Model**: the `vqa_vlm` connection, or `VQA_BASE_URL` / `VQA_MODEL` / `VQA_API_KEY`.
 - **Where it runs**: `VQA_EXECUTION=local` (in the task process) or `kubernetes` (GPU pod).
 """
@@ -53,7 +56,7 @@ def pers_qa() -> None:
             input="{{ params.input_uri }}",
             media_root="{{ params.media_root }}",
             seed="{{ params.seed }}",
-            concurrency="{{ params.concurrency }}",
+            concurrency="{{ params.concurrency or '' }}",
             params={"tag": "{{ params.tag }}"},
         ),
     )

@@ -12,10 +12,12 @@ Three tasks turn videos, given as `Meta` text and ordered `Clips` (each with `De
    `visual_understanding`, `emotion_recognition`, `theme_and_brand`, `persuasion_strategy`,
    `audience_and_engagement`, written as `QA: [{"Label", "Question", "Answer"}]`.
 
-The tasks pass JSONL through `<output_prefix>/video_qa/<run_id>/<task>.jsonl`; the state between
+`plan` splits the input into shards of `rows_per_shard` rows (at most `max_shards`); each of the
+three tasks runs once per shard (mapped), and `merge` joins the shards. The tasks pass JSONL
+through `<output_prefix>/video_qa/<run_id>/<task>/shard-<map index>.jsonl`; the state between
 them (current QA set, experts, iteration count) travels in the rows (`QA`, `video_qa_state`).
-Each task writes its failed rows, with a reason, to `<task>.errors.jsonl`. XCom holds only
-manifests.
+The run's output is `final.jsonl`, with `final.manifest.json` and each task's failed rows, with
+a reason, in `<task>.errors.jsonl` beside it. XCom holds only manifests.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ MAX_TOKENS = 4096
 )
 def video_qa() -> None:
     plan = shard_plan()
-    common = {"media_root": "{{ params.media_root }}", "seed": "{{ params.seed }}", "concurrency": "{{ params.concurrency }}", "max_tokens": MAX_TOKENS}
+    common = {"media_root": "{{ params.media_root }}", "seed": "{{ params.seed }}", "concurrency": "{{ params.concurrency or '' }}", "max_tokens": MAX_TOKENS}
     initial = worker_task(
         task_id="initial",
         shards=plan.output,

@@ -7,10 +7,14 @@ import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.doubles.openai_server import OpenAITestServer
+
+if TYPE_CHECKING:
+    from PIL import Image
 from vqa_operators.worker import JobOptions
 
 MODEL = "test-vlm"
@@ -83,6 +87,21 @@ def make_jpeg(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (2
         exif[0x0112] = exif_orientation
         img.save(buffer, format="JPEG", exif=exif)
     return buffer.getvalue()
+
+
+def photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A photo-like RGB image: smooth colour fields (random) crossed by sharp-edged squares."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    blobs = (max(1, w // 40), max(1, h // 40))
+    img = Image.merge("RGB", [Image.effect_noise(blobs, 50 + 10 * ((i + seed) % 5)).resize(size, Image.Resampling.BICUBIC) for i in range(3)])
+    draw = ImageDraw.Draw(img)
+    step = max(2, w // 170)
+    for x in range(0, w, 2 * step):
+        for y in range(0, h, 2 * step):
+            draw.rectangle((x, y, x + step - 1, y + step - 1), fill=(20, 20, 20))
+    return img
 
 
 @pytest.fixture

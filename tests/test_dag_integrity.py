@@ -60,9 +60,10 @@ def test_dag_conventions(dagbag, dag_id: str) -> None:
     assert {"input_uri", "output_prefix"} <= set(dag.params)
 
 
+@pytest.mark.parametrize("mode", ["local", "kubernetes"])
 @pytest.mark.parametrize("path", DAG_FILES + [ROOT / "plugins" / "vqa_operators" / "operators" / "__init__.py"], ids=lambda p: p.name)
-def test_parsing_imports_nothing_heavy(path: Path) -> None:
-    """Importing a DAG file (or the operator package) must not import model, image or data libraries."""
+def test_parsing_imports_nothing_heavy(path: Path, mode: str) -> None:
+    """Importing a DAG file (or the operator package) must not import model, image or data libraries, in either mode."""
     code = (
         "import runpy, sys; "
         f"runpy.run_path({str(path)!r}); "
@@ -70,7 +71,19 @@ def test_parsing_imports_nothing_heavy(path: Path) -> None:
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
-        env={"PYTHONPATH": str(ROOT / "plugins"), "PATH": "/usr/bin:/bin", "VQA_EXECUTION": "local", "AIRFLOW_HOME": "/tmp/vqa-parse-test"},
+        env={"PYTHONPATH": str(ROOT / "plugins"), "PATH": "/usr/bin:/bin", "VQA_EXECUTION": mode, "AIRFLOW_HOME": "/tmp/vqa-parse-test"},
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1:] in ([], [""]), f"heavy modules imported: {proc.stdout}"
+
+
+@pytest.mark.parametrize(("mode", "preloaded"), [("kubernetes", True), ("local", False)])
+def test_airflow_local_settings_preloads_the_pod_operator_only_in_kubernetes_mode(mode: str, preloaded: bool) -> None:
+    """Airflow imports ``airflow_local_settings`` (from plugins/) at start-up, before the dag-processor forks its parsers."""
+    code = "import sys, airflow; print('airflow.providers.cncf.kubernetes.operators.pod' in sys.modules)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
+        env={"PATH": "/usr/bin:/bin", "VQA_EXECUTION": mode, "AIRFLOW_HOME": "/tmp/vqa-parse-test", "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins")},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(preloaded)

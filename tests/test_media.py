@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from tests.conftest import make_jpeg
+from tests.conftest import make_jpeg, photo
 from vqa_operators.exceptions import RowError
 from vqa_operators.media import prepare_image, target_size
 
@@ -70,21 +70,6 @@ def test_target_size_never_upscales() -> None:
     assert w * h <= 5000 and w == 2 * h
 
 
-def textured(size: tuple[int, int]) -> Image.Image:
-    """A deterministic photo-like RGB image: smooth colour fields crossed by sharp-edged squares."""
-    from PIL import ImageDraw
-
-    w, h = size
-    blobs = (max(1, w // 40), max(1, h // 40))
-    img = Image.merge("RGB", [Image.effect_noise(blobs, 50 + 10 * i).resize(size, Image.Resampling.BICUBIC) for i in range(3)])
-    draw = ImageDraw.Draw(img)
-    step = max(2, w // 170)
-    for x in range(0, w, 2 * step):
-        for y in range(0, h, 2 * step):
-            draw.rectangle((x, y, x + step - 1, y + step - 1), fill=(20, 20, 20))
-    return img
-
-
 def psnr(a: Image.Image, b: Image.Image) -> float:
     import math
 
@@ -97,7 +82,7 @@ def psnr(a: Image.Image, b: Image.Image) -> float:
 @pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
 def test_an_upright_rgb_image_within_the_budget_is_sent_as_it_is(fmt: str) -> None:
     buffer = io.BytesIO()
-    textured((300, 200)).save(buffer, format=fmt)
+    photo((300, 200)).save(buffer, format=fmt)
     data = buffer.getvalue()
     out = prepare_image(data, source=f"a.{fmt.lower()}", max_pixels=300 * 200)
     assert out.data_url == f"data:image/{fmt.lower()};base64," + base64.b64encode(data).decode()  # the very bytes
@@ -108,7 +93,7 @@ def test_an_upright_rgb_image_within_the_budget_is_sent_as_it_is(fmt: str) -> No
     "variant", ["rotated", "grayscale", "over-budget"],
 )
 def test_an_image_with_something_to_fix_is_re_encoded(variant: str) -> None:
-    img, extra, budget = textured((300, 200)), {}, 300 * 200
+    img, extra, budget = photo((300, 200)), {}, 300 * 200
     if variant == "rotated":
         exif = Image.Exif()
         exif[0x0112] = 8
@@ -128,7 +113,7 @@ def test_an_image_with_something_to_fix_is_re_encoded(variant: str) -> None:
 def test_reduced_decoding_keeps_the_budget_and_the_quality() -> None:
     """A 4000x3000 photo decoded at 1/2 DCT scale lands at exactly the budget, as close to a full decode as JPEG allows."""
     buffer = io.BytesIO()
-    textured((4000, 3000)).save(buffer, format="JPEG", quality=92)
+    photo((4000, 3000)).save(buffer, format="JPEG", quality=92)
     data = buffer.getvalue()
     out = prepare_image(data, source="big.jpg")
     assert (out.width, out.height) == target_size(4000, 3000, 1280 * 28 * 28)  # not smaller than the budget allows

@@ -33,6 +33,9 @@ PARAMS = {
 }
 
 
+SHARD = {"input": "s3://in/rows.jsonl", "index": 3, "first_line": 301, "rows": 100, "start": 20480, "end": 27000, "version": '"etag-1"'}
+
+
 def build_manifest(monkeypatch: pytest.MonkeyPatch, dag_id: str = "image_qa", task_id: str = "generate") -> dict:
     from kubernetes.client import ApiClient
 
@@ -41,13 +44,13 @@ def build_manifest(monkeypatch: pytest.MonkeyPatch, dag_id: str = "image_qa", ta
     monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
     monkeypatch.setenv("VQA_WORKER_IMAGE", "registry.example/vqa-worker:1.0")
     dag = DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "dags")).dags[dag_id]
-    task = dag.get_task(task_id)
+    task = dag.get_task(task_id).unmap({"shard": SHARD})  # the mapped task instance for shard 3, as Airflow builds it
     context = {
         "params": PARAMS[dag_id],
         "dag": dag,
         "task": task,
         "run_id": RUN_ID,
-        "ti": SimpleNamespace(dag_id=dag_id, task_id=task_id, map_index=-1, try_number=1),
+        "ti": SimpleNamespace(dag_id=dag_id, task_id=task_id, map_index=SHARD["index"], try_number=1),
     }
     task.render_template_fields(context)
     pod = task.build_pod_request_obj(context, dry_run=True)
@@ -63,7 +66,9 @@ def test_pod_is_valid_and_runs_the_worker_on_a_gpu(vlm_connection, monkeypatch: 
     assert container["image"] == "registry.example/vqa-worker:1.0"
     assert container["command"] == ["python3", "-m", "vqa_operators"]
     args = container["args"]
-    assert args[:6] == ["run", "image_qa", "--input", "s3://in/rows.jsonl", "--output", "s3://out/prefix/image_qa/manual__2026-11-21T00:00:00+00:00/generate.jsonl"]
+    # one pod per shard: its own output key (the map index), and the byte range it reads
+    assert args[:6] == ["run", "image_qa", "--input", "s3://in/rows.jsonl", "--output", f"s3://out/prefix/image_qa/{RUN_ID}/generate/shard-00003.jsonl"]
+    assert json.loads(args[args.index("--shard") + 1]) == SHARD
     assert ["--param", "pairs_per_row=4"] == args[args.index("--param") : args.index("--param") + 2]
     assert "--serve-vllm" not in args  # an existing service URL is configured
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -100,8 +105,8 @@ def test_without_a_service_url_vllm_runs_in_the_pod(monkeypatch: pytest.MonkeyPa
     ("task_id", "generator", "source", "params"),
     [
         ("initial", "video_qa_initial", "s3://in/videos.jsonl", ["max_frames=12"]),
-        ("multiagent", "video_qa_multiagent", f"s3://out/prefix/video_qa/{RUN_ID}/initial.jsonl", ["max_frames=12", "max_iterations=2"]),
-        ("final", "video_qa_final", f"s3://out/prefix/video_qa/{RUN_ID}/multiagent.jsonl", ["final_pairs=8"]),
+        ("multiagent", "video_qa_multiagent", f"s3://out/prefix/video_qa/{RUN_ID}/initial/shard-00003.jsonl", ["max_frames=12", "max_iterations=2"]),
+        ("final", "video_qa_final", f"s3://out/prefix/video_qa/{RUN_ID}/multiagent/shard-00003.jsonl", ["final_pairs=8"]),
     ],
 )
 def test_video_qa_tasks_are_valid_gpu_pods_chained_through_s3(
@@ -113,7 +118,7 @@ def test_video_qa_tasks_are_valid_gpu_pods_chained_through_s3(
     kubernetes_validate.validate(manifest, "1.33", strict=True)
     container = manifest["spec"]["containers"][0]
     args = container["args"]
-    output = f"s3://out/prefix/video_qa/{RUN_ID}/{task_id}.jsonl"
+    output = f"s3://out/prefix/video_qa/{RUN_ID}/{task_id}/shard-00003.jsonl"  # a later stage reads the same shard's upstream output
     assert args[:6] == ["run", generator, "--input", source, "--output", output]
     assert [args[i + 1] for i, a in enumerate(args) if a == "--param"] == params
     assert args[args.index("--seed") + 1] == "9" and args[args.index("--max-tokens") + 1] == "4096"
@@ -137,5 +142,5 @@ def test_pod_runs_locked_down_with_the_allowlist_and_its_checkpoint_identity(vlm
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["VQA_ALLOWED_MEDIA_ROOTS"] == "s3://in/,s3://shared-media/frames"
     args = container["args"]
-    assert args[args.index("--task-key") + 1] == f"image_qa/generate/{RUN_ID}/-1"
+    assert args[args.index("--task-key") + 1] == f"image_qa/generate/{RUN_ID}/3"
     assert args[args.index("--concurrency") + 1] == "32"

@@ -26,7 +26,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from vqa_operators.exceptions import ConfigError, InputError, JobError
 from vqa_operators.generators import GENERATORS, generator_class
@@ -42,6 +42,9 @@ from vqa_operators.storage.uris import Storage, errors_uri_for
 log = logging.getLogger("vqa_operators.worker")
 
 PROVENANCE_KEY = "vqa_provenance"
+# the model server's batch size (vLLM's --max-num-seqs); the default request concurrency derives from it
+MAX_NUM_SEQS_ENV = "VQA_MAX_NUM_SEQS"
+VLLM_MAX_NUM_SEQS = 256
 PROGRESS_EVERY_S = 10.0
 # bump when the checkpoint record format changes, so old checkpoints are not reused
 CHECKPOINT_FORMAT = 1
@@ -59,7 +62,9 @@ class JobOptions(BaseModel):
     base_url: str | None = None
     model: str | None = None
     api_key: SecretStr | None = None
-    concurrency: int = Field(64, ge=1, le=4096)
+    # requests in flight; None = derived from the server's batch size (default_concurrency)
+    concurrency: int | None = Field(None, ge=1, le=4096)
+    max_num_seqs: int = Field(default_factory=lambda: _env_int(MAX_NUM_SEQS_ENV, VLLM_MAX_NUM_SEQS), ge=1, le=65536)
     seed: int | None = None
     temperature: float = Field(0.7, ge=0.0, le=2.0)
     top_p: float = Field(0.9, gt=0.0, le=1.0)
@@ -79,10 +84,37 @@ class JobOptions(BaseModel):
     # one shard of the input (from plan_shards); None = the whole input
     shard: Shard | None = None
 
+    @model_validator(mode="after")
+    def _derive_concurrency(self) -> JobOptions:
+        if self.concurrency is None:
+            self.concurrency = default_concurrency(self.max_num_seqs)
+        return self
+
+    @property
+    def in_flight(self) -> int:
+        """Requests kept in flight (``concurrency``, set or derived)."""
+        assert self.concurrency is not None
+        return self.concurrency
+
     @property
     def errors_uri(self) -> str:
         """The errors file: ``--errors`` or ``<output name>.errors.jsonl`` beside the output."""
         return self.errors or errors_uri_for(self.output)
+
+
+def default_concurrency(max_num_seqs: int) -> int:
+    """Requests in flight for a server that batches ``max_num_seqs``: a quarter more, so a freed slot never waits for the client."""
+    return max_num_seqs + max(1, max_num_seqs // 4)
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
 
 
 def _provenance(generator: Generator, prior: Any, key: str, meta: dict[str, Any]) -> dict[str, Any]:
@@ -148,7 +180,7 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> 
             out, err = JsonlWriter(out_file), JsonlWriter(err_file)
             last_report = started
             try:
-                async for outcome in run_rows(generator, items(), window=2 * opts.concurrency, on_finished=finished):
+                async for outcome in run_rows(generator, items(), window=2 * opts.in_flight, on_finished=finished):
                     rows_in += 1
                     rows_reused += outcome.reused
                     del keys[outcome.line]
@@ -218,7 +250,7 @@ def run_job(opts: JobOptions, *, storage: Storage | None = None, serving: VLMSer
             if opts.serve_vllm:
                 from vqa_operators.serving.vllm_server import serve_vllm
 
-                base_url = stack.enter_context(serve_vllm(opts.model))
+                base_url = stack.enter_context(serve_vllm(opts.model, max_num_seqs=opts.max_num_seqs))
             if not base_url:
                 raise ConfigError("no model server: pass --base-url or set VQA_BASE_URL (an OpenAI-compatible /v1 URL, e.g. vllm serve)")
             from vqa_operators.serving.openai_api import APIVLMServing_openai
@@ -226,7 +258,7 @@ def run_job(opts: JobOptions, *, storage: Storage | None = None, serving: VLMSer
             serving = APIVLMServing_openai(
                 api_url=base_url,
                 model_name=opts.model,
-                max_workers=opts.concurrency,
+                max_workers=opts.in_flight,
                 api_key=opts.api_key.get_secret_value() if opts.api_key else None,
                 temperature=opts.temperature,
                 top_p=opts.top_p,
@@ -270,7 +302,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--errors", help="errors JSONL (default: <output name>.errors.jsonl)")
     run.add_argument("--base-url", default=os.environ.get("VQA_BASE_URL"), help="OpenAI-compatible /v1 URL [VQA_BASE_URL]")
     run.add_argument("--model", default=os.environ.get("VQA_MODEL"), help="served model name [VQA_MODEL]")
-    run.add_argument("--concurrency", type=int, default=int(os.environ.get("VQA_CONCURRENCY", "64")), help="requests in flight [VQA_CONCURRENCY]")
+    run.add_argument(
+        "--concurrency", type=int, default=_env_int("VQA_CONCURRENCY", 0) or None,
+        help="requests in flight (default: --max-num-seqs and a quarter) [VQA_CONCURRENCY]",
+    )
+    run.add_argument(
+        "--max-num-seqs", type=int, default=_env_int(MAX_NUM_SEQS_ENV, VLLM_MAX_NUM_SEQS),
+        help=f"the model server's batch size, vLLM's --max-num-seqs (default {VLLM_MAX_NUM_SEQS}) [{MAX_NUM_SEQS_ENV}]",
+    )
     run.add_argument("--seed", type=int, default=None, help="sampling seed; per-row seeds derive from it")
     run.add_argument("--temperature", type=float, default=0.7)
     run.add_argument("--top-p", type=float, default=0.9)
@@ -296,9 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        args = build_parser().parse_args(argv)  # environment defaults are read here
         try:
             fields = {k: v for k, v in vars(args).items() if k in JobOptions.model_fields}
             opts = JobOptions(**{**fields, "params": dict(args.params)}, api_key=os.environ.get("VQA_API_KEY") or None)

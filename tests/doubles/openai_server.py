@@ -7,7 +7,13 @@ writes state what it received (image count and sizes), so tests can check what r
 Tests script faults with ``enqueue(Reply(...))`` or a ``responder`` hook, or inject them at
 random with ``inject(rates, seed=...)``: each request draws at most one fault from ``FAULTS``.
 
-Run it standalone: ``python tests/doubles/openai_server.py MODEL --host 127.0.0.1 --port 8000``.
+For benchmarks it simulates a continuous-batching server: with ``slots`` set, at most that many
+requests are served at once, each for ``latency`` seconds, the rest wait in a queue (as vLLM's
+``max_num_seqs`` does); ``decode_images=False`` checks image headers only, so the double's own CPU
+stays out of the client's way; ``GET /stats`` reports server-side timings.
+
+Run it standalone: ``python tests/doubles/openai_server.py MODEL --host 127.0.0.1 --port 8000
+[--slots 32 --latency 1.0 --light]``.
 """
 
 from __future__ import annotations
@@ -91,22 +97,36 @@ def _describe_images(messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
     return sizes
 
 
-def _validate_image_part(part: dict[str, Any]) -> None:
+def _without_image_data(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages with each image's data URL replaced by its size (validated parts only)."""
+    light = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = [{"type": "image", "size": p["_size"]} if p.get("type") == "image_url" else p for p in content]
+        light.append({**message, "content": content})
+    return light
+
+
+def _validate_image_part(part: dict[str, Any], decode: bool = True) -> None:
     url = (part.get("image_url") or {}).get("url")
     if not isinstance(url, str):
         raise BadRequest("image_url.url must be a string")
     if not url.startswith("data:image/") or ";base64," not in url:
         raise BadRequest(f"Only base64 data URLs are supported for image_url here, got {url[:40]!r}")
+    encoded = url.split(";base64,", 1)[1]
     try:
-        raw = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+        # without a full decode, the header in the first 48 KiB is enough for the size
+        raw = base64.b64decode(encoded if decode else encoded[: 64 * 1024], validate=True)
         with Image.open(io.BytesIO(raw)) as img:
-            img.load()
+            if decode:
+                img.load()
             part["_size"] = img.size
     except (binascii.Error, OSError) as exc:
         raise BadRequest(f"Failed to load image: {exc}") from None
 
 
-def _validate(body: dict[str, Any], model: str) -> None:
+def _validate(body: dict[str, Any], model: str, decode_images: bool = True) -> None:
     if body.get("model") != model:
         raise BadRequest(f"The model `{body.get('model')}` does not exist.", status=404, kind="NotFoundError")
     messages = body.get("messages")
@@ -119,7 +139,7 @@ def _validate(body: dict[str, Any], model: str) -> None:
         if isinstance(content, list):
             for part in content:
                 if part.get("type") == "image_url":
-                    _validate_image_part(part)
+                    _validate_image_part(part, decode_images)
                 elif part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise BadRequest(f"unsupported content part {part.get('type')!r}")
         elif not isinstance(content, str):
@@ -180,6 +200,13 @@ def _pattern_prefix(pattern: str | None) -> str:
     return re.sub(r"\\(.)", r"\1", pattern[1:]) + " "
 
 
+class _Listener(ThreadingHTTPServer):
+    # socketserver listens with a backlog of 5: dozens of clients connecting at once would see
+    # their SYNs dropped and retried a second later. uvicorn (vLLM's server) uses 2048.
+    request_queue_size = 2048
+    daemon_threads = True
+
+
 class OpenAITestServer:
     """The test double's state and lifecycle (``start``/``stop``), with its recorded requests."""
 
@@ -195,16 +222,44 @@ class OpenAITestServer:
         self.fault_rates: dict[str, float] = {}
         self.required_key: str | None = None  # if set, other bearer tokens get 401, as `vllm serve --api-key`
         self.injected: Counter[str] = Counter()
+        # the continuous-batching simulation: None = unlimited; else at most ``slots`` served at once
+        self.slots: int | None = None
+        self.decode_images = True
+        self.keep_requests = True
+        self.timings: list[tuple[float, float, float]] = []  # (arrived, slot taken, answered), monotonic
+        self._slot_gate: threading.Semaphore | None = None
         self._rng = random.Random(0)
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer((host, port), self._handler())
-        self._httpd.daemon_threads = True
+        self._httpd = _Listener((host, port), self._handler())
         self._thread: threading.Thread | None = None
 
     @property
     def base_url(self) -> str:
         host, port = self._httpd.server_address[:2]
         return f"http://{host}:{port}/v1"
+
+    def simulate(self, *, slots: int, latency: float, decode_images: bool = False, keep_requests: bool = False) -> OpenAITestServer:
+        """Serve like a continuous-batching server: ``slots`` requests at once, ``latency`` seconds each."""
+        self.slots, self.latency = slots, latency
+        self._slot_gate = threading.Semaphore(slots)
+        self.decode_images, self.keep_requests = decode_images, keep_requests
+        return self
+
+    def stats(self, *, reset: bool = False) -> dict[str, Any]:
+        """Server-side figures since the last reset: requests, first arrival to last answer, peak in flight."""
+        with self._lock:
+            timings = list(self.timings)
+            peak = self.max_in_flight
+            if reset:
+                self.timings.clear()
+                self.max_in_flight = 0
+        if not timings:
+            return {"requests": 0, "span_s": 0.0, "peak_in_flight": peak}
+        first, last = min(t[0] for t in timings), max(t[2] for t in timings)
+        return {
+            "requests": len(timings), "first": first, "last": last, "span_s": last - first, "peak_in_flight": peak,
+            "mean_queue_s": sum(t[1] - t[0] for t in timings) / len(timings), "slots": self.slots, "latency": self.latency,
+        }
 
     def enqueue(self, *replies: Reply) -> None:
         """Answer the next requests with these replies, in order."""
@@ -227,6 +282,9 @@ class OpenAITestServer:
             self.script.clear()
             self.responder = None
             self.latency = 0.0
+            self.slots, self._slot_gate = None, None
+            self.decode_images, self.keep_requests = True, True
+            self.timings.clear()
             self.max_in_flight = 0
             self.fault_rates = {}
             self.required_key = None
@@ -259,24 +317,35 @@ class OpenAITestServer:
 
     def _complete(self, body: dict[str, Any]) -> tuple[int, dict[str, Any], dict[str, str]] | None:
         """(status, payload, headers), or None to drop the connection."""
+        arrived = time.monotonic()
         try:
-            _validate(body, self.model)
+            _validate(body, self.model, self.decode_images)
         except BadRequest as exc:
             return exc.status, {"error": {"message": str(exc), "type": exc.kind, "param": None, "code": exc.status}}, {}
         with self._lock:
-            self.requests.append(body)
+            if self.keep_requests:
+                self.requests.append(body)
         reply = self._next_reply(body)
         if reply.drop:
             return None
-        time.sleep(self.latency + reply.delay)
+        if self._slot_gate is not None:
+            with self._slot_gate:
+                taken = time.monotonic()
+                time.sleep(self.latency + reply.delay)
+            with self._lock:
+                self.timings.append((arrived, taken, time.monotonic()))
+        else:
+            time.sleep(self.latency + reply.delay)
         if reply.status != 200:
             return reply.status, {"error": {"message": f"scripted HTTP {reply.status}", "type": "ServerError", "code": reply.status}}, reply.headers
         content = reply.content
+        # in light (benchmark) mode, hash and count the text and image sizes, not megabytes of base64
+        seen = body["messages"] if self.decode_images else _without_image_data(body["messages"])
         if content is None:
             sizes = _describe_images(body["messages"])
             # a digest of the request makes different prompts get different strings, as a model's
             # would, while the same request (same seed) gets the same reply, as seeded sampling does
-            digest = hashlib.sha256(json.dumps([body["messages"], body.get("seed")], sort_keys=True).encode()).hexdigest()[:8]
+            digest = hashlib.sha256(json.dumps([seen, body.get("seed")], sort_keys=True).encode()).hexdigest()[:8]
             note = f"saw {len(sizes)} image(s) " + ",".join(f"{w}x{h}" for w, h in sizes) + f" (reply {digest})"
             fmt = body.get("response_format") or {}
             schema = (fmt.get("json_schema") or {}).get("schema")
@@ -287,7 +356,7 @@ class OpenAITestServer:
             content = "Sure! Here are the pairs: question one, answer one"
         elif reply.spoil == "schema_mismatch":
             content = json.dumps({"unexpected": ["not", "the", "schema"]})
-        prompt_chars = sum(len(json.dumps(m.get("content"))) for m in body["messages"])
+        prompt_chars = sum(len(json.dumps(m.get("content"))) for m in seen)
         return 200, {
             "id": f"chatcmpl-{len(self.requests)}",
             "object": "chat.completion",
@@ -322,6 +391,8 @@ class OpenAITestServer:
             def do_GET(self) -> None:  # noqa: N802
                 if self.path == "/health":
                     self._send(200, {})
+                elif self.path.startswith("/stats"):
+                    self._send(200, server.stats(reset="reset" in self.path))
                 elif self.path == "/v1/models":
                     self._send(200, {"object": "list", "data": [{"id": server.model, "object": "model", "owned_by": "vllm"}]})
                 else:
@@ -368,9 +439,13 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--slots", type=int, default=None, help="simulate a continuous-batching server with this many slots")
+    parser.add_argument("--light", action="store_true", help="check image headers only (no decode)")
     args, _ = parser.parse_known_args()
     server = OpenAITestServer(args.model, args.host, args.port)
     server.latency = args.latency
+    if args.slots:
+        server.simulate(slots=args.slots, latency=args.latency, decode_images=not args.light)
     print(f"test double serving {args.model} at {server.base_url}", flush=True)
     try:
         server._httpd.serve_forever()

@@ -17,6 +17,7 @@ revise) and the final synthesis are text-only: video information, clip texts and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass
@@ -362,27 +363,34 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
         state = self.read_state(row)
         key = row_key(row)
         images: list[PreparedImage] | None = None
+        # the frames are prepared while the master decides, not after: they are off the critical path
+        frames: asyncio.Task[list[PreparedImage]] | None = None
         ran = 0
-        while not state.terminated and state.iterations < opts.max_iterations:
-            iteration = state.iterations + 1
-            decision = await self._recruit(video, current, state, iteration, key)
-            if decision is None or decision.action == "terminate" or decision.expert is None:
-                state.terminated = True
-                state.stop_reason = "duplicate_expert" if decision is None else "master_terminated"
-                break
-            expert = decision.expert
-            if images is None:
-                images = await self.load_frames(video)
-            task = self.prompts.render("expert", subtask=expert.subtask, current_qa=qa_json(current), pairs=opts.expert_pairs)
-            system = self.prompts.render("expert_system", role=expert.role, description=expert.description)
-            added = await self.ask(
-                self.messages(video, images, task, system=system), self.expert_model, key=f"{key}:expert:{iteration}"
-            )
-            expert_rows = to_rows(added.qa_pairs)  # type: ignore[attr-defined]
-            current = await self.revise(video, current=current, expert_pairs=expert_rows, role=expert.role, key=f"{key}:revise:{iteration}")
-            state.experts.append(ExpertRecord(**expert.model_dump(), iteration=iteration))
-            state.iterations = iteration
-            ran += 1
+        try:
+            while not state.terminated and state.iterations < opts.max_iterations:
+                iteration = state.iterations + 1
+                frames = frames or asyncio.ensure_future(self.load_frames(video))
+                decision = await self._recruit(video, current, state, iteration, key)
+                if decision is None or decision.action == "terminate" or decision.expert is None:
+                    state.terminated = True
+                    state.stop_reason = "duplicate_expert" if decision is None else "master_terminated"
+                    break
+                expert = decision.expert
+                images = await frames
+                task = self.prompts.render("expert", subtask=expert.subtask, current_qa=qa_json(current), pairs=opts.expert_pairs)
+                system = self.prompts.render("expert_system", role=expert.role, description=expert.description)
+                added = await self.ask(
+                    self.messages(video, images, task, system=system), self.expert_model, key=f"{key}:expert:{iteration}"
+                )
+                expert_rows = to_rows(added.qa_pairs)  # type: ignore[attr-defined]
+                current = await self.revise(video, current=current, expert_pairs=expert_rows, role=expert.role, key=f"{key}:revise:{iteration}")
+                state.experts.append(ExpertRecord(**expert.model_dump(), iteration=iteration))
+                state.iterations = iteration
+                ran += 1
+        finally:
+            if frames is not None and images is None:  # never needed (the master stopped) or the row failed first
+                frames.cancel()
+                await asyncio.gather(frames, return_exceptions=True)
         if not state.terminated and state.iterations >= opts.max_iterations:
             state.stop_reason = "max_iterations"
         fields = {opts.output_key: current, opts.state_key: state.model_dump()}

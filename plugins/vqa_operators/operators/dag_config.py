@@ -52,12 +52,15 @@ def io_params(dag_id: str, *, example_input: str, rows_doc: str, final_task: str
             description="Folder or s3:// prefix that relative image paths are resolved against.",
         ),
         "concurrency": Param(
-            64,
-            type="integer",
+            None,
+            type=["null", "integer"],
             minimum=1,
             maximum=4096,
             title="Requests in flight",
-            description="Model requests each task keeps in flight; match the vLLM server's batch capacity.",
+            description=(
+                "Model requests each task keeps in flight. Empty: the server's batch size (VQA_MAX_NUM_SEQS, vLLM's --max-num-seqs, "
+                "256 by default) and a quarter more. Tasks sharing one server should split it between them."
+            ),
         ),
         "rows_per_shard": Param(
             10_000,

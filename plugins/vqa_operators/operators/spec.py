@@ -43,7 +43,7 @@ class WorkerSpec:
     errors: str | None = None
     model: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    concurrency: int | str = 64
+    concurrency: int | str | None = None  # None: derived from the server's max_num_seqs
     seed: int | str | None = None
     temperature: float = 0.7
     top_p: float = 0.9

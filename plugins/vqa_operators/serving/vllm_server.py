@@ -20,21 +20,23 @@ from collections.abc import Iterator
 from vqa_operators.exceptions import ServerUnavailableError
 
 
-def vllm_command(model: str, port: int) -> list[str]:
-    """The argv that serves ``model`` on ``127.0.0.1:port``."""
+def vllm_command(model: str, port: int, max_num_seqs: int | None = None) -> list[str]:
+    """The argv that serves ``model`` on ``127.0.0.1:port`` with the batch size the client sizes its concurrency for."""
     base = shlex.split(os.environ.get("VQA_VLLM_COMMAND", "vllm serve"))
     extra = shlex.split(os.environ.get("VQA_VLLM_ARGS", ""))
+    if max_num_seqs is not None and not any(a.startswith("--max-num-seqs") for a in extra):
+        extra += ["--max-num-seqs", str(max_num_seqs)]
     return [*base, model, "--host", "127.0.0.1", "--port", str(port), *extra]
 
 
 @contextlib.contextmanager
-def serve_vllm(model: str, *, port: int | None = None, startup_timeout: float = 1800.0) -> Iterator[str]:
+def serve_vllm(model: str, *, port: int | None = None, max_num_seqs: int | None = None, startup_timeout: float = 1800.0) -> Iterator[str]:
     """Run the server for the duration of the block and yield its ``/v1`` base URL.
 
     Raises ServerUnavailableError if the process exits or ``/health`` does not answer 200 in time.
     """
     port = port or int(os.environ.get("VQA_VLLM_PORT", "8000"))
-    argv = vllm_command(model, port)
+    argv = vllm_command(model, port, max_num_seqs)
     print(f"starting model server: {shlex.join(argv)}", file=sys.stderr, flush=True)
     proc = subprocess.Popen(argv, stdout=sys.stderr, stderr=sys.stderr)  # noqa: S603 - argv from config
     health = f"http://127.0.0.1:{port}/health"
