@@ -171,11 +171,11 @@ def sample_data() -> tuple[dict[str, bytes], dict[str, list[dict[str, Any]]]]:
     return files, rows
 
 
-# each DAG's run conf (beyond input and output) and the task whose manifest is the result
-RUNS: dict[str, tuple[dict[str, Any], str]] = {
-    "image_qa": ({"pairs_per_row": 3}, "generate"),
-    "pers_qa": ({"tag": "<mam>"}, "generate"),
-    "video_qa": ({"max_frames": 8, "max_iterations": 3, "final_pairs": 10}, "final"),
+# each DAG's run conf (beyond input and output); every DAG's `merge` task returns the run's manifest
+RUNS: dict[str, dict[str, Any]] = {
+    "image_qa": {"pairs_per_row": 3},
+    "pers_qa": {"tag": "<mam>"},
+    "video_qa": {"max_frames": 8, "max_iterations": 3, "final_pairs": 10},
 }
 
 
@@ -237,7 +237,7 @@ def main() -> int:
         password = wait_for("admin password", lambda: json.loads(password_file.read_text()).get("admin"), 60)
         token = http("POST", f"{api}/auth/token", {"username": "admin", "password": password})["access_token"]
         run_urls = {}
-        for dag_id, (extra, _) in RUNS.items():
+        for dag_id, extra in RUNS.items():
             wait_for(f"{dag_id} DAG", lambda dag_id=dag_id: http("GET", f"{api}/api/v2/dags/{dag_id}", token=token), 120)
             http("PATCH", f"{api}/api/v2/dags/{dag_id}", {"is_paused": False}, token=token)
             conf = {"input_uri": f"s3://{BUCKET}/input/{dag_id}.jsonl", "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/", "seed": 0, **extra}
@@ -251,7 +251,7 @@ def main() -> int:
                 say(f"FAILED: {dag_id} run ended {state}; see the task logs in the UI ({api}) or {home / 'logs'}")
                 failed = True
                 continue
-            manifest = http("GET", f"{run_url}/taskInstances/{RUNS[dag_id][1]}/xcomEntries/return_value", token=token)["value"]
+            manifest = http("GET", f"{run_url}/taskInstances/merge/xcomEntries/return_value", token=token)["value"]
             if isinstance(manifest, str):
                 manifest = json.loads(manifest)
             bucket, key = manifest["output"][len("s3://") :].split("/", 1)
