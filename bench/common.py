@@ -38,6 +38,15 @@ class Result:
     detail: str = ""
 
 
+def print_table(results: list[Result]) -> None:
+    """The results as one Markdown table."""
+    print("| measure | figure | target | met | detail |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        met = "—" if r.met is None else ("yes" if r.met else "**no**")
+        print(f"| {r.measure} | {r.figure} | {r.target} | {met} | {r.detail} |")
+
+
 class SimServer:
     """A handle on a simulated server process: its base URL and its server-side stats."""
 

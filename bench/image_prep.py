@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import Result, write_photos
+from common import Result, print_table, write_photos
 
 from vqa_operators.media import DEFAULT_MAX_PIXELS, JPEG_QUALITY, prepare_image, target_size
 
@@ -70,5 +70,4 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=24)
     args = parser.parse_args()
-    for r in run(args.images):
-        print(r)
+    print_table(run(args.images))

@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from common import MODEL, PYTHON, ROOT, Result, sim_server, write_jsonl, write_photos
+from common import MODEL, PYTHON, ROOT, Result, print_table, sim_server, write_jsonl, write_photos
 
 
 def peak_rss_mb(argv: list[str]) -> float:
@@ -53,5 +53,4 @@ if __name__ == "__main__":
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--large", type=int, default=20_000)
     args = parser.parse_args()
-    for r in run(args.small, args.large):
-        print(r)
+    print_table(run(args.small, args.large))

@@ -15,7 +15,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from common import ROOT, Result
+from common import ROOT, Result, print_table
 
 AIRFLOW = str(Path(os.sys.executable).with_name("airflow"))
 
@@ -66,5 +66,4 @@ def run() -> list[Result]:
 
 
 if __name__ == "__main__":
-    for r in run():
-        print(r)
+    print_table(run())

@@ -17,6 +17,7 @@ import sys
 import time
 
 import image_prep
+from common import print_table
 import memory
 import parse_time
 import saturation
@@ -47,11 +48,7 @@ def main() -> int:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         results += MEASURES[name]()
     print(f"\n{os.cpu_count()} cores, Python {platform.python_version()}, {time.monotonic() - started:.0f} s\n")
-    print("| measure | figure | target | met | detail |")
-    print("|---|---|---|---|---|")
-    for r in results:
-        met = "—" if r.met is None else ("yes" if r.met else "**no**")
-        print(f"| {r.measure} | {r.figure} | {r.target} | {met} | {r.detail} |")
+    print_table(results)
     return 0
 
 

@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import MODEL, Result, SimServer, sim_server, write_jsonl, write_photos
+from common import MODEL, Result, print_table, SimServer, sim_server, write_jsonl, write_photos
 
 from vqa_operators.media import DEFAULT_MAX_PIXELS, prepare_image
 from vqa_operators.worker import JobOptions, default_concurrency, run_job
@@ -129,5 +129,4 @@ if __name__ == "__main__":
     parser.add_argument("--slots", type=int, default=32)
     parser.add_argument("--latency", type=float, default=1.0)
     args = parser.parse_args()
-    for r in run(args.rows, args.slots, args.latency):
-        print(r)
+    print_table(run(args.rows, args.slots, args.latency))

@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MODEL, PYTHON, ROOT, Result, sim_server, write_jsonl, write_photos
+from common import MODEL, PYTHON, ROOT, Result, print_table, sim_server, write_jsonl, write_photos
 
 from vqa_operators.sharding import merge_run, plan_shards
 from vqa_operators.storage import Storage
@@ -83,5 +83,4 @@ if __name__ == "__main__":
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--latency", type=float, default=0.5)
     args = parser.parse_args()
-    for r in run(args.rows_per_shard, args.slots, args.latency):
-        print(r)
+    print_table(run(args.rows_per_shard, args.slots, args.latency))

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MODEL, Result, sim_server, write_jsonl, write_photos
+from common import MODEL, Result, print_table, sim_server, write_jsonl, write_photos
 
 from vqa_operators.worker import JobOptions, run_job
 
@@ -80,5 +80,4 @@ if __name__ == "__main__":
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--latency", type=float, action="append", help="seconds per call (repeatable; default 1 and 5)")
     args = parser.parse_args()
-    for r in run(args.rows, args.iterations, tuple(args.latency or (1.0, 5.0))):
-        print(r)
+    print_table(run(args.rows, args.iterations, tuple(args.latency or (1.0, 5.0))))
