@@ -3,7 +3,7 @@
 A shard is a byte range of the input, not a copy: ``plan_shards`` reads the input once, and each
 mapped worker reads only its range (an S3 ranged GET, pinned to the version that was split with
 ``If-Match``). Line numbers stay those of the whole input, so errors, checkpoints and provenance
-name the same line whichever shard read it. ``merge_stage`` concatenates the shards' outputs (and
+name the same line whichever shard read it. ``merge_run`` concatenates the shards' outputs (and
 errors files) in shard order into the final files and checks every row is accounted for.
 """
 
@@ -90,17 +90,8 @@ def _concatenate(storage: Storage, jobs: dict[str, list[tuple[str, int]]]) -> No
                     raise InputError(f"{uri} holds {count} rows but its task reported {expected}; rerun that shard")
 
 
-def merge_stage(storage: Storage, manifests: list[dict[str, Any]], *, output: str | None, errors: str) -> dict[str, Any]:
-    """Merge one stage's shard outputs (if ``output``) and errors files, in shard order; return the stage's manifest.
-
-    Fails (InputError) if a shard's file holds another number of rows than its manifest reports,
-    so a merge never publishes a dataset with rows missing.
-    """
-    manifests = sorted(manifests, key=lambda m: m["shard"])
-    jobs = {errors: [(m["errors"], m["rows_failed"]) for m in manifests]}
-    if output is not None:
-        jobs[output] = [(m["output"], m["rows_out"]) for m in manifests]
-    _concatenate(storage, jobs)
+def _stage_summary(manifests: list[dict[str, Any]], *, output: str | None, errors: str) -> dict[str, Any]:
+    """One stage's counts over its shards, and where its merged files are."""
     reasons: Counter[str] = Counter()
     for manifest in manifests:
         reasons.update(manifest["failures_by_reason"])
@@ -121,33 +112,39 @@ def merge_stage(storage: Storage, manifests: list[dict[str, Any]], *, output: st
 
 
 def merge_run(storage: Storage, stages: dict[str, list[dict[str, Any]]], *, output: str, plan: list[dict[str, Any]]) -> dict[str, Any]:
-    """Merge every stage of a sharded run: the last stage's rows into ``output``, each stage's errors beside it.
+    """Merge every stage of a sharded run, in shard order: the last stage's rows into ``output``, each stage's errors beside it.
 
-    Each stage's errors go to ``<stage>.errors.jsonl`` in the output's folder, and the combined
-    manifest to ``<output name>.manifest.json``. Every input row must be in the output or in one
-    stage's errors file.
+    Each stage's errors go to ``<stage>.errors.jsonl`` in the output's folder (the last stage's to
+    ``<output name>.errors.jsonl``), and the combined manifest to ``<output name>.manifest.json``.
+    All or nothing: if the shards' reports do not account for every input row, or a shard's file
+    holds another number of rows than its task reported, InputError and no file is written.
     """
     folder = output.rsplit("/", 1)[0]
     names = list(stages)
-    merged: dict[str, Any] = {}
-    for name in names:
-        if len(stages[name]) != len(plan):
-            raise InputError(f"stage {name} has {len(stages[name])} shard results for {len(plan)} shards")
-        last = name == names[-1]
-        merged[name] = merge_stage(
-            storage, list(stages[name]), output=output if last else None, errors=errors_uri_for(output) if last else f"{folder}/{name}.errors.jsonl"
-        )
+    ordered = {name: sorted(stages[name], key=lambda m: m["shard"]) for name in names}
+    for name, manifests in ordered.items():
+        if len(manifests) != len(plan):
+            raise InputError(f"stage {name} has {len(manifests)} shard results for {len(plan)} shards")
     rows = sum(s["rows"] for s in plan)
+    out = sum(m["rows_out"] for m in ordered[names[-1]])
+    failed = sum(m["rows_failed"] for manifests in ordered.values() for m in manifests)
+    if out + failed != rows:
+        raise InputError(f"{rows} input rows but the shards report {out} in the output and {failed} in errors files")
+    targets = {name: (output if name == names[-1] else None, errors_uri_for(output) if name == names[-1] else f"{folder}/{name}.errors.jsonl") for name in names}
+    jobs: dict[str, list[tuple[str, int]]] = {}
+    for name, (stage_output, stage_errors) in targets.items():
+        jobs[stage_errors] = [(m["errors"], m["rows_failed"]) for m in ordered[name]]
+        if stage_output is not None:
+            jobs[stage_output] = [(m["output"], m["rows_out"]) for m in ordered[name]]
+    _concatenate(storage, jobs)
+    merged = {name: _stage_summary(ordered[name], output=targets[name][0], errors=targets[name][1]) for name in names}
     final = merged[names[-1]]
-    failed = sum(m["rows_failed"] for m in merged.values())
-    if final["rows_out"] + failed != rows:
-        raise InputError(f"{rows} input rows but {final['rows_out']} in the output and {failed} in errors files")
     reasons: Counter[str] = Counter()
     for stage in merged.values():
         reasons.update(stage["failures_by_reason"])
     manifest = {
         **{k: final[k] for k in ("generator", "output", "errors", "shards", "rows_out", "model", "prompt_sha256", "seed")},
-        "input": stages[names[0]][0]["input"],
+        "input": ordered[names[0]][0]["input"],
         "rows_in": rows,
         "rows_failed": failed,
         "failures_by_reason": dict(sorted(reasons.items())),
