@@ -26,7 +26,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from vqa_operators.exceptions import ConfigError, InputError, JobError
 from vqa_operators.generators import GENERATORS, generator_class
@@ -84,17 +84,10 @@ class JobOptions(BaseModel):
     # one shard of the input (from plan_shards); None = the whole input
     shard: Shard | None = None
 
-    @model_validator(mode="after")
-    def _derive_concurrency(self) -> JobOptions:
-        if self.concurrency is None:
-            self.concurrency = default_concurrency(self.max_num_seqs)
-        return self
-
     @property
     def in_flight(self) -> int:
-        """Requests kept in flight (``concurrency``, set or derived)."""
-        assert self.concurrency is not None
-        return self.concurrency
+        """Requests kept in flight: ``concurrency`` if set, else derived from ``max_num_seqs``."""
+        return self.concurrency or default_concurrency(self.max_num_seqs)
 
     @property
     def errors_uri(self) -> str:
@@ -307,8 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="requests in flight (default: --max-num-seqs and a quarter) [VQA_CONCURRENCY]",
     )
     run.add_argument(
-        "--max-num-seqs", type=int, default=_env_int(MAX_NUM_SEQS_ENV, VLLM_MAX_NUM_SEQS),
-        help=f"the model server's batch size, vLLM's --max-num-seqs (default {VLLM_MAX_NUM_SEQS}) [{MAX_NUM_SEQS_ENV}]",
+        "--max-num-seqs", type=int, help=f"the model server's batch size, vLLM's --max-num-seqs (default {VLLM_MAX_NUM_SEQS}) [{MAX_NUM_SEQS_ENV}]"
     )
     run.add_argument("--seed", type=int, default=None, help="sampling seed; per-row seeds derive from it")
     run.add_argument("--temperature", type=float, default=0.7)
@@ -318,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--media-root", default=os.environ.get("VQA_MEDIA_ROOT", "."), help="folder or s3:// prefix for relative image paths [VQA_MEDIA_ROOT]")
     run.add_argument("--param", dest="params", type=_param, action="append", default=[], metavar="KEY=VALUE", help="generator option, e.g. pairs_per_row=5")
     run.add_argument(
-        "--allowed-media-root", dest="allowed_media_roots", action="append", default=allowed_roots_from_env() or None,
+        "--allowed-media-root", dest="allowed_media_roots", action="append",
         help="folder or s3://bucket[/prefix] rows may read media from; repeatable (default: the media root) [VQA_ALLOWED_MEDIA_ROOTS, comma-separated]",
     )
     run.add_argument("--max-retries", type=int, default=5, help="HTTP retries per request (backoff with jitter)")
@@ -337,9 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the process exit code."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        args = build_parser().parse_args(argv)  # environment defaults are read here
+        args = build_parser().parse_args(argv)
         try:
-            fields = {k: v for k, v in vars(args).items() if k in JobOptions.model_fields}
+            # what was not given is left to JobOptions, whose defaults read the environment
+            fields = {k: v for k, v in vars(args).items() if k in JobOptions.model_fields and v is not None}
             opts = JobOptions(**{**fields, "params": dict(args.params)}, api_key=os.environ.get("VQA_API_KEY") or None)
         except ValidationError as err:
             raise ConfigError(f"bad options: {describe_validation_error(err)}") from None

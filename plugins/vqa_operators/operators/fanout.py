@@ -12,16 +12,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-
-def s3_storage(aws_conn_id: str | None) -> Any:
-    """A Storage whose S3 client comes from the ``aws_conn_id`` connection (the default AWS chain if None)."""
-    from vqa_operators.storage import Storage
-
-    if aws_conn_id is None:
-        return Storage()
-    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
-
-    return Storage(s3_client=S3Hook(aws_conn_id=aws_conn_id).get_conn())
+from vqa_operators.hooks.storage import s3_storage
 
 
 class VQAShardPlanOperator(BaseOperator):

@@ -8,7 +8,7 @@ from typing import Any
 
 from airflow.sdk import BaseOperator
 
-from vqa_operators.operators.fanout import s3_storage
+from vqa_operators.hooks.storage import s3_storage
 from vqa_operators.operators.spec import WorkerSpec
 
 
