@@ -23,39 +23,31 @@ from __future__ import annotations
 from airflow.sdk import Param, dag
 
 from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, worker_task
-from vqa_operators.operators.dag_config import DEFAULT_ARGS, START_DATE, io_params
+from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, io_params
 
 
 @dag(
     dag_id="image_qa",
-    start_date=START_DATE,
-    schedule=None,
-    catchup=False,
-    max_active_runs=4,
     doc_md=__doc__,
     tags=["vqa", "image_qa", "generation"],
-    default_args=DEFAULT_ARGS,
+    **DAG_DEFAULTS,
     params={
         **io_params(
             "image_qa",
-            example_input="s3://vqa-demo/input/image_qa.jsonl",
             rows_doc="an `image` field (a path or a list of paths)",
             final_task="generate",
         ),
-        "pairs_per_row": Param(3, type="integer", minimum=1, maximum=20, title="QA pairs per row"),
+        "pairs_per_row": Param(3, type="integer", minimum=1, maximum=20, title="QA pairs per row", description="Question-answer pairs generated for each row's images."),
     },
 )
 def image_qa() -> None:
     plan = shard_plan()
     generate = worker_task(
         task_id="generate",
-        shards=plan.output,
+        shards=plan,
         spec=WorkerSpec(
             generator="image_qa",
-            input="{{ params.input_uri }}",
-            media_root="{{ params.media_root }}",
-            seed="{{ params.seed }}",
-            concurrency="{{ params.concurrency or '' }}",
+            **RUN_OPTIONS,
             params={"pairs_per_row": "{{ params.pairs_per_row }}"},
         ),
     )

@@ -24,22 +24,17 @@ from __future__ import annotations
 from airflow.sdk import Param, dag
 
 from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, worker_task
-from vqa_operators.operators.dag_config import DEFAULT_ARGS, START_DATE, io_params
+from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, io_params
 
 
 @dag(
     dag_id="pers_qa",
-    start_date=START_DATE,
-    schedule=None,
-    catchup=False,
-    max_active_runs=4,
     doc_md=__doc__,
     tags=["vqa", "pers_qa", "generation"],
-    default_args=DEFAULT_ARGS,
+    **DAG_DEFAULTS,
     params={
         **io_params(
             "pers_qa",
-            example_input="s3://vqa-demo/input/pers_qa.jsonl",
             rows_doc="an `image` field (paths of one main character) and optionally `subject_type`",
             final_task="generate",
         ),
@@ -50,13 +45,10 @@ def pers_qa() -> None:
     plan = shard_plan()
     generate = worker_task(
         task_id="generate",
-        shards=plan.output,
+        shards=plan,
         spec=WorkerSpec(
             generator="pers_qa",
-            input="{{ params.input_uri }}",
-            media_root="{{ params.media_root }}",
-            seed="{{ params.seed }}",
-            concurrency="{{ params.concurrency or '' }}",
+            **RUN_OPTIONS,
             params={"tag": "{{ params.tag }}"},
         ),
     )

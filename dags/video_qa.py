@@ -25,7 +25,7 @@ from __future__ import annotations
 from airflow.sdk import Param, dag
 
 from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, staged_output, worker_task
-from vqa_operators.operators.dag_config import DEFAULT_ARGS, START_DATE, io_params
+from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, io_params
 
 # the revised and final sets are long JSON answers
 MAX_TOKENS = 4096
@@ -33,36 +33,31 @@ MAX_TOKENS = 4096
 
 @dag(
     dag_id="video_qa",
-    start_date=START_DATE,
-    schedule=None,
-    catchup=False,
-    max_active_runs=4,
     doc_md=__doc__,
     tags=["vqa", "video_qa", "generation"],
-    default_args=DEFAULT_ARGS,
+    **DAG_DEFAULTS,
     params={
         **io_params(
             "video_qa",
-            example_input="s3://vqa-demo/input/video_qa.jsonl",
             rows_doc="`Meta` (text) and `Clips` (a list of {Description, Audio_Text, Frames_Images})",
             final_task="final",
         ),
         "max_frames": Param(16, type="integer", minimum=1, maximum=256, title="Frames per request", description="Sampled evenly across the video."),
         "max_iterations": Param(3, type="integer", minimum=0, maximum=20, title="Expert rounds", description="Multi-agent iterations; the master may stop earlier."),
-        "final_pairs": Param(10, type="integer", minimum=1, maximum=50, title="Final QA pairs per video"),
+        "final_pairs": Param(10, type="integer", minimum=1, maximum=50, title="Final QA pairs per video", description="Labelled Question/Answer pairs in each video's QA list."),
     },
 )
 def video_qa() -> None:
     plan = shard_plan()
-    common = {"media_root": "{{ params.media_root }}", "seed": "{{ params.seed }}", "concurrency": "{{ params.concurrency or '' }}", "max_tokens": MAX_TOKENS}
+    common = {**RUN_OPTIONS, "max_tokens": MAX_TOKENS}
     initial = worker_task(
         task_id="initial",
-        shards=plan.output,
-        spec=WorkerSpec(generator="video_qa_initial", input="{{ params.input_uri }}", params={"max_frames": "{{ params.max_frames }}"}, **common),
+        shards=plan,
+        spec=WorkerSpec(generator="video_qa_initial", params={"max_frames": "{{ params.max_frames }}"}, **common),
     )
     multiagent = worker_task(
         task_id="multiagent",
-        shards=plan.output,
+        shards=plan,
         spec=WorkerSpec(
             generator="video_qa_multiagent",
             input=staged_output("initial"),
@@ -72,7 +67,7 @@ def video_qa() -> None:
     )
     final = worker_task(
         task_id="final",
-        shards=plan.output,
+        shards=plan,
         spec=WorkerSpec(generator="video_qa_final", input=staged_output("multiagent"), params={"final_pairs": "{{ params.final_pairs }}"}, **common),
     )
     initial >> multiagent >> final

@@ -46,7 +46,7 @@ def build_manifest(monkeypatch: pytest.MonkeyPatch, dag_id: str = "image_qa", ta
     dag = DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "dags")).dags[dag_id]
     task = dag.get_task(task_id).unmap({"shard": SHARD})  # the mapped task instance for shard 3, as Airflow builds it
     context = {
-        "params": PARAMS[dag_id],
+        "params": {**dag.params.dump(), **PARAMS[dag_id]},
         "dag": dag,
         "task": task,
         "run_id": RUN_ID,
@@ -67,8 +67,11 @@ def test_pod_is_valid_and_runs_the_worker_on_a_gpu(vlm_connection, monkeypatch: 
     assert container["command"] == ["python3", "-m", "vqa_operators"]
     args = container["args"]
     # one pod per shard: its own output key (the map index), and the byte range it reads
-    assert args[:6] == ["run", "image_qa", "--input", "s3://in/rows.jsonl", "--output", f"s3://out/prefix/image_qa/{RUN_ID}/generate/shard-00003.jsonl"]
+    # the first stage reads the shard's byte range of the file the plan split (named in the shard)
+    assert args[:4] == ["run", "image_qa", "--output", f"s3://out/prefix/image_qa/{RUN_ID}/generate/shard-00003.jsonl"]
+    assert "--input" not in args
     assert json.loads(args[args.index("--shard") + 1]) == SHARD
+    assert args[args.index("--try-number") + 1] == "1"
     assert ["--param", "pairs_per_row=4"] == args[args.index("--param") : args.index("--param") + 2]
     assert "--serve-vllm" not in args  # an existing service URL is configured
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -104,13 +107,13 @@ def test_without_a_service_url_vllm_runs_in_the_pod(monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize(
     ("task_id", "generator", "source", "params"),
     [
-        ("initial", "video_qa_initial", "s3://in/videos.jsonl", ["max_frames=12"]),
+        ("initial", "video_qa_initial", None, ["max_frames=12"]),
         ("multiagent", "video_qa_multiagent", f"s3://out/prefix/video_qa/{RUN_ID}/initial/shard-00003.jsonl", ["max_frames=12", "max_iterations=2"]),
         ("final", "video_qa_final", f"s3://out/prefix/video_qa/{RUN_ID}/multiagent/shard-00003.jsonl", ["final_pairs=8"]),
     ],
 )
 def test_video_qa_tasks_are_valid_gpu_pods_chained_through_s3(
-    vlm_connection, monkeypatch: pytest.MonkeyPatch, task_id: str, generator: str, source: str, params: list[str]
+    vlm_connection, monkeypatch: pytest.MonkeyPatch, task_id: str, generator: str, source: str | None, params: list[str]
 ) -> None:
     import kubernetes_validate
 
@@ -119,7 +122,7 @@ def test_video_qa_tasks_are_valid_gpu_pods_chained_through_s3(
     container = manifest["spec"]["containers"][0]
     args = container["args"]
     output = f"s3://out/prefix/video_qa/{RUN_ID}/{task_id}/shard-00003.jsonl"  # a later stage reads the same shard's upstream output
-    assert args[:6] == ["run", generator, "--input", source, "--output", output]
+    assert args[:6 if source else 4] == ["run", generator, *(["--input", source] if source else []), "--output", output]
     assert [args[i + 1] for i, a in enumerate(args) if a == "--param"] == params
     assert args[args.index("--seed") + 1] == "9" and args[args.index("--max-tokens") + 1] == "4096"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"

@@ -24,9 +24,9 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from vqa_operators.exceptions import ConfigError, InputError, JobError
 from vqa_operators.generators import GENERATORS, generator_class
@@ -45,7 +45,7 @@ PROVENANCE_KEY = "vqa_provenance"
 # the model server's batch size (vLLM's --max-num-seqs); the default request concurrency derives from it
 MAX_NUM_SEQS_ENV = "VQA_MAX_NUM_SEQS"
 VLLM_MAX_NUM_SEQS = 256
-PROGRESS_EVERY_S = 10.0
+BACKEND_ENV = "VQA_BACKEND"
 # bump when the checkpoint record format changes, so old checkpoints are not reused
 CHECKPOINT_FORMAT = 1
 
@@ -56,11 +56,14 @@ class JobOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     generator: str
-    input: str = Field(min_length=1)
+    # None: the shard's input (the file the plan split)
+    input: str | None = Field(None, min_length=1)
     output: str = Field(min_length=1)
     errors: str | None = None
+    # "openai": an OpenAI-compatible server (vLLM); "transformers": a model on this machine's CPU (the demo)
+    backend: Literal["openai", "transformers"] = Field(default_factory=lambda: (os.environ.get(BACKEND_ENV) or "openai").strip().lower())  # type: ignore[arg-type]
     base_url: str | None = None
-    model: str | None = None
+    model: str | None = Field(default_factory=lambda: os.environ.get("VQA_MODEL") or None)
     api_key: SecretStr | None = None
     # requests in flight; None = derived from the server's batch size (default_concurrency)
     concurrency: int | None = Field(None, ge=1, le=4096)
@@ -83,6 +86,16 @@ class JobOptions(BaseModel):
     checkpoint_seconds: float = Field(30.0, gt=0)
     # one shard of the input (from plan_shards); None = the whole input
     shard: Shard | None = None
+    # which Airflow try this is (logged and kept in the manifest); None outside Airflow
+    try_number: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _input_from_shard(self) -> JobOptions:
+        if self.input is None:
+            if self.shard is None:
+                raise ValueError("input: give --input, or a --shard whose input is read")
+            self.input = self.shard.input
+        return self
 
     @property
     def in_flight(self) -> int:
@@ -108,6 +121,76 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+
+
+class Progress:
+    """Counts of one try, and the progress line logged after each batch of rows."""
+
+    def __init__(self, name: str, total: int | None, batch: int) -> None:
+        self.name = name
+        self.total = total
+        self.batch = max(1, batch)
+        self.started = time.monotonic()
+        self.done = self.reused = self.out = 0
+        self.reasons: Counter[str] = Counter()
+
+    @property
+    def failed(self) -> int:
+        """Rows sent to the errors file so far."""
+        return sum(self.reasons.values())
+
+    def add(self, record: dict[str, Any], reused: bool) -> None:
+        """Count one finished row (in input order)."""
+        self.done += 1
+        self.reused += reused
+        if "error" in record:
+            self.reasons[record["error"]["reason"]] += 1
+        else:
+            self.out += 1
+
+    def due(self) -> bool:
+        """Whether a batch has just completed (or the last row)."""
+        return self.done % self.batch == 0 or self.done == self.total
+
+    def line(self, usage: Any) -> str:
+        """``image_qa: 640/10000 rows (6.4%), 12.3 rows/s, 1,234,567 tokens (in 1,100,000, out 134,567), ETA 12m40s, 3 failed {...}, 128 reused``."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        fresh = self.done - self.reused
+        rate = fresh / elapsed
+        of = f"/{self.total} rows ({100 * self.done / self.total:.1f}%)" if self.total else " rows"
+        if not self.total:
+            eta = "ETA unknown"
+        elif self.done >= self.total:
+            eta = "ETA 0s"
+        elif rate > 0:
+            eta = f"ETA {_duration((self.total - self.done) / rate)}"
+        else:
+            eta = "ETA unknown"
+        tokens = usage.prompt_tokens + usage.completion_tokens
+        failures = f"{self.failed} failed" + (f" {dict(sorted(self.reasons.items()))}" if self.reasons else "")
+        return (
+            f"{self.name}: {self.done}{of}, {rate:.1f} rows/s, {tokens:,} tokens (in {usage.prompt_tokens:,}, out {usage.completion_tokens:,}), "
+            f"{eta}, {failures}, {self.reused} reused"
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a failed try had done: attached to its exception for the failure callback."""
+        return {
+            "rows_total": self.total, "rows_done": self.done, "rows_reused": self.reused, "rows_failed": self.failed,
+            "failures_by_reason": dict(sorted(self.reasons.items())),
+        }
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_batch(total: int | None, in_flight: int) -> int:
+    """Rows per progress line: a window of requests, or a twentieth of the shard if that is smaller."""
+    return min(in_flight, -(-total // 20)) if total else in_flight
 
 
 def _provenance(generator: Generator, prior: Any, key: str, meta: dict[str, Any]) -> dict[str, Any]:
@@ -141,9 +224,7 @@ def settings_fingerprint(generator: Generator, opts: JobOptions) -> str:
 
 
 async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> dict[str, Any]:
-    started = time.monotonic()
-    reasons: Counter[str] = Counter()
-    rows_in = rows_out = rows_reused = 0
+    assert opts.input is not None
     settings = settings_fingerprint(generator, opts)
     checkpoint = Checkpoint(
         storage, checkpoint_prefix(opts.output, opts.task_key, settings), every_rows=opts.checkpoint_every, every_seconds=opts.checkpoint_seconds
@@ -153,6 +234,9 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> 
     # the shard's byte range, if the input is the file that was split (a later stage reads its own file whole)
     shard = opts.shard if opts.shard and opts.shard.input == opts.input else None
     lines = storage.iter_lines(opts.input, start=shard.start, end=shard.end, version=shard.version) if shard else storage.iter_lines(opts.input)
+    total = shard.rows if shard else opts.shard.rows if opts.shard else None
+    progress = Progress(generator.name, total, progress_batch(total, opts.in_flight))
+    attempt = f"try {opts.try_number}: " if opts.try_number else ""
 
     def items() -> Any:
         for line, item in read_jsonl(lines, first_line=shard.first_line if shard else 1):
@@ -166,37 +250,33 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> 
         checkpoint.add(keys[outcome.line], outcome.record)
 
     try:
-        if checkpoint.load():
-            log.info("%s: checkpoint %s holds %d rows finished by earlier tries; they will be reused", generator.name, checkpoint.prefix, checkpoint.loaded)
+        loaded = checkpoint.load()
+        if loaded or (opts.try_number or 1) > 1:
+            log.info("%s: %s%d rows finished by earlier tries will be reused (checkpoint %s)", generator.name, attempt, loaded, checkpoint.prefix)
         await generator.serving.check()
         with storage.open_atomic(opts.output) as out_file, storage.open_atomic(opts.errors_uri) as err_file:
             out, err = JsonlWriter(out_file), JsonlWriter(err_file)
-            last_report = started
             try:
                 async for outcome in run_rows(generator, items(), window=2 * opts.in_flight, on_finished=finished):
-                    rows_in += 1
-                    rows_reused += outcome.reused
                     del keys[outcome.line]
                     record = outcome.record
                     assert record is not None
+                    progress.add(record, outcome.reused)
                     if "error" in record:
-                        reasons[record["error"]["reason"]] += 1
                         err.write(record["error"])
                     else:
                         out.write(record["out"])
-                        rows_out += 1
-                    now = time.monotonic()
-                    if now - last_report >= PROGRESS_EVERY_S:
-                        last_report = now
-                        log.info(
-                            "%s: %d rows done (%d reused, %.1f rows/s), %d failed",
-                            generator.name, rows_in, rows_reused, rows_in / (now - started), sum(reasons.values()),
-                        )
-                if shard is not None and rows_in != shard.rows:
-                    raise InputError(f"shard {shard.index} of {opts.input} has {rows_in} rows, not the {shard.rows} planned: the input changed")
+                    if progress.due():
+                        log.info("%s", progress.line(generator.usage))
+                if shard is not None and progress.done != shard.rows:
+                    raise InputError(f"shard {shard.index} of {opts.input} has {progress.done} rows, not the {shard.rows} planned: the input changed")
             finally:
                 # whatever happens, keep the rows this try finished for the next one
                 checkpoint.flush()
+    except Exception as exc:
+        # what this try had done, for the failure callback's one-line summary
+        exc.progress = progress.snapshot()  # type: ignore[attr-defined]
+        raise
     finally:
         checkpoint.close()
         await generator.serving.aclose()
@@ -205,13 +285,14 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> 
         "generator": generator.name,
         "input": opts.input,
         "shard": opts.shard.index if opts.shard else None,
+        "try_number": opts.try_number,
         "output": opts.output,
         "errors": opts.errors_uri,
-        "rows_in": rows_in,
-        "rows_out": rows_out,
-        "rows_failed": sum(reasons.values()),
-        "rows_reused": rows_reused,
-        "failures_by_reason": dict(sorted(reasons.items())),
+        "rows_in": progress.done,
+        "rows_out": progress.out,
+        "rows_failed": progress.failed,
+        "rows_reused": progress.reused,
+        "failures_by_reason": dict(sorted(progress.reasons.items())),
         "model": generator.serving.model_name,
         "prompt_sha256": generator.prompts.sha256,
         "seed": opts.seed,
@@ -220,8 +301,29 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> 
         "repairs": usage.repairs,
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
-        "duration_s": round(time.monotonic() - started, 3),
+        "duration_s": round(time.monotonic() - progress.started, 3),
     }
+
+
+def check_options(opts: JobOptions) -> type[Generator]:
+    """What can be checked before reading anything: the generator, its options, the locations; ConfigError if bad."""
+    cls = generator_class(opts.generator)
+    cls.parse_options(opts.params)
+    if opts.output in (opts.input, opts.errors_uri) or opts.input == opts.errors_uri:
+        raise ConfigError("--input, --output and --errors must be three different locations")
+    if opts.allowed_media_roots and not any(within(opts.media_root, root) for root in opts.allowed_media_roots):
+        raise ConfigError(f"media root {opts.media_root!r} is outside the allowed media roots (VQA_ALLOWED_MEDIA_ROOTS)")
+    return cls
+
+
+def validate_spec(options: dict[str, Any], input_uri: str) -> JobOptions:
+    """A worker's options (``WorkerSpec.options()``) checked as its run would check them, without any I/O."""
+    try:
+        opts = JobOptions(**{**options, "input": options.get("input") or input_uri})
+    except ValidationError as err:
+        raise ConfigError(f"{options.get('generator')}: {describe_validation_error(err)}") from None
+    check_options(opts)
+    return opts
 
 
 def run_job(opts: JobOptions, *, storage: Storage | None = None, serving: VLMServing | None = None) -> dict[str, Any]:
@@ -230,13 +332,15 @@ def run_job(opts: JobOptions, *, storage: Storage | None = None, serving: VLMSer
     # one INFO line per HTTP request would drown the task log; progress lines report instead
     for noisy in ("httpx", "httpx2", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    cls = generator_class(opts.generator)
-    if opts.output in (opts.input, opts.errors_uri) or opts.input == opts.errors_uri:
-        raise ConfigError("--input, --output and --errors must be three different locations")
-    if opts.allowed_media_roots and not any(within(opts.media_root, root) for root in opts.allowed_media_roots):
-        raise ConfigError(f"media root {opts.media_root!r} is outside the allowed media roots (VQA_ALLOWED_MEDIA_ROOTS)")
+    cls = check_options(opts)
     with contextlib.ExitStack() as stack:
         base_url = opts.base_url
+        if serving is None and opts.backend == "transformers":
+            from vqa_operators.serving.transformers_local import DEFAULT_CPU_MODEL, LocalModelVLMServing_transformers
+
+            serving = LocalModelVLMServing_transformers(
+                opts.model or DEFAULT_CPU_MODEL, temperature=opts.temperature, top_p=opts.top_p, max_tokens=opts.max_tokens, seed=opts.seed
+            )
         if serving is None:
             if not opts.model:
                 raise ConfigError("no model name: pass --model or set VQA_MODEL (or the vqa_vlm connection's extra.model)")
@@ -267,9 +371,9 @@ def run_job(opts: JobOptions, *, storage: Storage | None = None, serving: VLMSer
         log.info("%s: %s -> %s (model %s, concurrency %d)", cls.name, opts.input, opts.output, serving.model_name, serving.max_concurrency)
         manifest = asyncio.run(_process(generator, storage, opts))
     log.info(
-        "%s: %d rows in, %d out, %d failed %s, %d reused from earlier tries, %d model requests",
-        manifest["generator"], manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"], manifest["failures_by_reason"],
-        manifest["rows_reused"], manifest["requests"],
+        "%s: %s%d rows in, %d out, %d failed %s, %d reused from earlier tries, %d model requests",
+        manifest["generator"], f"try {opts.try_number}: " if opts.try_number else "", manifest["rows_in"], manifest["rows_out"],
+        manifest["rows_failed"], manifest["failures_by_reason"], manifest["rows_reused"], manifest["requests"],
     )
     return manifest
 
@@ -290,11 +394,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one generator over a JSONL file")
     run.add_argument("generator", choices=sorted(GENERATORS))
-    run.add_argument("--input", required=True, help="input JSONL: a path or s3://bucket/key")
+    run.add_argument("--input", help="input JSONL: a path or s3://bucket/key (default: the --shard's input)")
     run.add_argument("--output", required=True, help="output JSONL: a path or s3://bucket/key")
     run.add_argument("--errors", help="errors JSONL (default: <output name>.errors.jsonl)")
+    run.add_argument(
+        "--backend", choices=["openai", "transformers"],
+        help="openai: an OpenAI-compatible server such as vllm serve (default); transformers: the model on this machine's CPU [VQA_BACKEND]",
+    )
     run.add_argument("--base-url", default=os.environ.get("VQA_BASE_URL"), help="OpenAI-compatible /v1 URL [VQA_BASE_URL]")
-    run.add_argument("--model", default=os.environ.get("VQA_MODEL"), help="served model name [VQA_MODEL]")
+    run.add_argument("--model", help="served model name, or a Hub id / local folder for --backend transformers [VQA_MODEL]")
     run.add_argument(
         "--concurrency", type=int, default=_env_int("VQA_CONCURRENCY", 0) or None,
         help="requests in flight (default: --max-num-seqs and a quarter) [VQA_CONCURRENCY]",
@@ -319,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-every", type=int, default=64, help="checkpoint after this many finished rows")
     run.add_argument("--checkpoint-seconds", type=float, default=30.0, help="... or after this many seconds")
     run.add_argument("--shard", type=json.loads, help="one shard of the input, as JSON (what the DAG's plan task returns)")
+    run.add_argument("--try-number", type=int, help="the Airflow try this run is (logged, and kept in the manifest)")
     run.add_argument("--request-timeout", type=float, default=300.0, help="seconds per HTTP request")
     run.add_argument("--serve-vllm", action="store_true", help="start `vllm serve MODEL` here and use it")
     run.add_argument("--xcom-file", default=os.environ.get("VQA_XCOM_FILE"), help="also write the manifest here (KubernetesPodOperator XCom)")
@@ -332,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         try:
             # what was not given is left to JobOptions, whose defaults read the environment
-            fields = {k: v for k, v in vars(args).items() if k in JobOptions.model_fields and v is not None}
+            # (a template that rendered empty, such as --model "" from an unset param, counts as not given)
+            fields = {k: v for k, v in vars(args).items() if k in JobOptions.model_fields and v not in (None, "")}
             opts = JobOptions(**{**fields, "params": dict(args.params)}, api_key=os.environ.get("VQA_API_KEY") or None)
         except ValidationError as err:
             raise ConfigError(f"bad options: {describe_validation_error(err)}") from None

@@ -126,14 +126,21 @@ class Generator(ABC):
         seed: int | None = None,
     ) -> None:
         self.serving = serving
-        try:
-            self.options = options if isinstance(options, self.Options) else self.Options.model_validate(options or {})
-        except ValidationError as err:
-            raise ConfigError(f"bad {self.name} options: {describe_validation_error(err)}") from None
+        self.options = self.parse_options(options)
         self.media = media or MediaReader(Storage(), max_pixels=DEFAULT_MAX_PIXELS)
         self.seed = seed
         self.prompts = load_prompts(self.prompt_set or self.name)
         self.usage = Usage()
+
+    @classmethod
+    def parse_options(cls, options: GeneratorOptions | dict[str, Any] | None) -> GeneratorOptions:
+        """The typed options; ConfigError names every bad or unknown key."""
+        if isinstance(options, cls.Options):
+            return options
+        try:
+            return cls.Options.model_validate(options or {})
+        except ValidationError as err:
+            raise ConfigError(f"bad {cls.name} options: {describe_validation_error(err)}") from None
 
     @abstractmethod
     async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

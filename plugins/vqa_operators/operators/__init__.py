@@ -7,6 +7,7 @@ It is not read from an Airflow Variable: that would be a metadata lookup on ever
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
@@ -33,10 +34,13 @@ def execution_mode() -> str:
 def worker_task(*, task_id: str, spec: WorkerSpec, shards: Any = None, mode: str | None = None, pod: Any = None, **kwargs: Any) -> Any:
     """The operator that runs ``spec``: in-process (local) or in a pod (kubernetes; ``pod`` is its PodSettings).
 
-    With ``shards`` (a plan task's output), one mapped task instance per shard: N pods, or N
-    in-process tasks.
+    With ``shards`` (the plan task), one mapped task instance per shard: N pods, or N in-process
+    tasks. The plan validates ``spec`` before it splits the input, so bad params fail there.
     """
     mode = mode or execution_mode()
+    if isinstance(shards, VQAShardPlanOperator):
+        shards.specs.append(copy.deepcopy(spec))
+        shards = shards.output
     if mode == "kubernetes":
         from vqa_operators.operators.pod import VQAWorkerPodOperator
 
@@ -50,7 +54,7 @@ def worker_task(*, task_id: str, spec: WorkerSpec, shards: Any = None, mode: str
 
 
 def shard_plan(task_id: str = "plan") -> VQAShardPlanOperator:
-    """The task that splits the run's ``input_uri`` by its ``rows_per_shard`` and ``max_shards`` params."""
+    """The task that checks the run's params and splits its ``input_uri`` by ``rows_per_shard`` and ``max_shards``."""
     return VQAShardPlanOperator(
         task_id=task_id, input="{{ params.input_uri }}", rows_per_shard="{{ params.rows_per_shard }}", max_shards="{{ params.max_shards }}"
     )

@@ -1,6 +1,10 @@
-"""What every VQA DAG shares: retry policy and the input/output params a run is triggered with.
+"""What every VQA DAG shares: schedule, retry policy, callbacks and the params a run is triggered with.
 
-DAG files stay configuration: they take these and add their own task-specific params.
+DAG files stay configuration: they take ``DAG_DEFAULTS`` and ``io_params`` and add their own
+task-specific params. Every param is typed, titled and described, so the Airflow trigger form
+explains itself; the form and the REST API reject values that break the schema before a run is
+created, and the ``plan`` task checks what a schema cannot (templates, generator options)
+before any model call.
 """
 
 from __future__ import annotations
@@ -12,9 +16,22 @@ from typing import Any
 import pendulum
 from airflow.sdk import Param
 
+from vqa_operators.operators.callbacks import on_task_failure, on_task_retry
 from vqa_operators.sharding import MAX_SHARDS
 
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
+
+
+def _schedule() -> str | None:
+    """``VQA_SCHEDULE`` (a cron expression or preset; ``none`` for manual runs only), else ``@daily``."""
+    value = os.environ.get("VQA_SCHEDULE", "@daily").strip()
+    return None if value.lower() in ("", "none") else value
+
+
+# Runs are date partitions: the scheduled run (and each backfill run) of a day reads the input_uri
+# rendered with that day's logical date. Catchup is off: unpausing does not replay the past;
+# `airflow backfill create` does, on request.
+SCHEDULE = _schedule()
 
 # Model-server and S3 hiccups the client's own retries could not absorb fail the task; Airflow
 # retries it with growing delays (VQA_RETRY_DELAY_SECONDS sets the first). A retry resumes from the
@@ -25,18 +42,42 @@ DEFAULT_ARGS: dict[str, Any] = {
     "retry_delay": timedelta(seconds=float(os.environ.get("VQA_RETRY_DELAY_SECONDS", "60"))),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=30),
+    # one line in the task log saying which try failed, why, and what it had done
+    "on_retry_callback": on_task_retry,
+    "on_failure_callback": on_task_failure,
+}
+
+DAG_DEFAULTS: dict[str, Any] = {
+    "start_date": START_DATE,
+    "schedule": SCHEDULE,
+    "catchup": False,
+    "max_active_runs": 4,
+    "default_args": DEFAULT_ARGS,
 }
 
 
-def io_params(dag_id: str, *, example_input: str, rows_doc: str, final_task: str) -> dict[str, Param]:
-    """``input_uri``, ``output_prefix``, ``media_root`` and ``seed``, documented for the trigger form."""
+# the worker options every task takes from the run's params (WorkerSpec keyword arguments)
+RUN_OPTIONS: dict[str, str] = {
+    "model": "{{ params.model or '' }}",
+    "media_root": "{{ params.media_root }}",
+    "seed": "{{ params.seed }}",
+    "concurrency": "{{ params.concurrency or '' }}",
+}
+
+
+def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param]:
+    """The params every DAG shares (input, output, model, seed, sharding), documented for the trigger form."""
     return {
         "input_uri": Param(
-            example_input,
+            f"s3://vqa-demo/raw/{dag_id}/{{{{ ds }}}}/input.jsonl",
             type="string",
-            minLength=1,
+            pattern="^(s3://[a-z0-9.-]{3,63}/.+|/.+)$",
             title="Input JSONL",
-            description=f"JSONL of rows with {rows_doc}: a local path or s3://bucket/key.",
+            description=(
+                f"JSONL of rows with {rows_doc}: s3://bucket/key or an absolute path. It may use the run's logical date, "
+                "e.g. s3://bucket/raw/{{ ds }}/input.jsonl: each scheduled or backfilled run then reads its own day. "
+                "A run triggered without a logical date needs a concrete path."
+            ),
         ),
         "output_prefix": Param(
             "s3://vqa-demo/output",
@@ -44,6 +85,15 @@ def io_params(dag_id: str, *, example_input: str, rows_doc: str, final_task: str
             pattern="^(s3://[a-z0-9.-]{3,63}/?.*|/.*)$",
             title="Output prefix",
             description=f"Folder or s3:// prefix; the output lands at <prefix>/{dag_id}/<run_id>/{final_task}.jsonl, with a manifest and errors file beside it.",
+        ),
+        "model": Param(
+            None,
+            type=["null", "string"],
+            title="Model",
+            description=(
+                "The served model's name (vLLM), or with VQA_BACKEND=transformers a Hub id or a local folder. "
+                "Empty: the vqa_vlm connection's extra.model, else VQA_MODEL."
+            ),
         ),
         "media_root": Param(
             ".",
@@ -66,7 +116,7 @@ def io_params(dag_id: str, *, example_input: str, rows_doc: str, final_task: str
             10_000,
             type="integer",
             minimum=1,
-            title="Rows per shard",
+            title="Shard size (rows)",
             description="The input is split into shards of this many rows; each shard is one mapped task (one GPU pod in kubernetes mode).",
         ),
         "max_shards": Param(

@@ -16,9 +16,15 @@ from vqa_operators.hooks.storage import s3_storage
 
 
 class VQAShardPlanOperator(BaseOperator):
-    """Split ``input`` into shards of ``rows_per_shard`` lines (at most ``max_shards``); return the plan."""
+    """Check the run's parameters, split ``input`` into shards of ``rows_per_shard`` lines (at most ``max_shards``); return the plan.
 
-    template_fields: Sequence[str] = ("input", "rows_per_shard", "max_shards")
+    ``input`` may hold a template of its own (``{{ ds }}`` in the ``input_uri`` param): it is
+    rendered here with the run's context, and the shards carry the rendered URI to the workers.
+    The worker specs registered by ``worker_task`` are validated here, before any model call: a
+    bad parameter fails this task at once, without retries, with the reason.
+    """
+
+    template_fields: Sequence[str] = ("input", "rows_per_shard", "max_shards", "specs")
     ui_color = "#fdf6e3"
 
     def __init__(self, *, input: str, rows_per_shard: int | str, max_shards: int | str = 32, aws_conn_id: str | None = "aws_default", **kwargs: Any) -> None:  # noqa: A002 - the worker's option name
@@ -27,14 +33,41 @@ class VQAShardPlanOperator(BaseOperator):
         self.rows_per_shard = rows_per_shard
         self.max_shards = max_shards
         self.aws_conn_id = aws_conn_id
+        # the specs of the tasks mapped over this plan (worker_task adds them), validated before the split
+        self.specs: list[Any] = []
+
+    def _input(self, context: Any) -> str:
+        """``input`` with the run's dates filled in (the param's own template, e.g. ``{{ ds }}``)."""
+        import jinja2
+        from airflow.sdk.exceptions import AirflowFailException
+
+        try:
+            return self.render_template(self.input, context) if "{{" in self.input or "{%" in self.input else self.input
+        except jinja2.UndefinedError as err:
+            raise AirflowFailException(
+                f"input_uri {self.input!r} cannot be rendered: {err}. A run triggered without a logical date has no ds; "
+                "give input_uri a concrete path, or trigger the run with a logical date"
+            ) from None
+        except jinja2.TemplateError as err:
+            raise AirflowFailException(f"input_uri {self.input!r} is not a valid template: {err}") from None
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
-        """Read the input once and return one small dict per shard."""
-        from vqa_operators.sharding import plan_shards
+        """Validate the parameters, read the input once and return one small dict per shard."""
+        from airflow.sdk.exceptions import AirflowFailException
 
-        plan = plan_shards(s3_storage(self.aws_conn_id), self.input, rows_per_shard=int(self.rows_per_shard), max_shards=int(self.max_shards))
+        from vqa_operators.exceptions import ConfigError
+        from vqa_operators.sharding import plan_shards
+        from vqa_operators.worker import validate_spec
+
+        input_uri = self._input(context)
+        try:
+            for spec in self.specs:
+                validate_spec(spec.options(), input_uri)
+        except ConfigError as err:
+            raise AirflowFailException(f"invalid parameters: {err}") from None
+        plan = plan_shards(s3_storage(self.aws_conn_id), input_uri, rows_per_shard=int(self.rows_per_shard), max_shards=int(self.max_shards))
         rows = sum(s.rows for s in plan)
-        self.log.info("%s: %d rows in %d shard(s) of up to %d rows", self.input, rows, len(plan), max(s.rows for s in plan))
+        self.log.info("%s: %d rows in %d shard(s) of up to %d rows", input_uri, rows, len(plan), max(s.rows for s in plan))
         return [s.model_dump() for s in plan]
 
 

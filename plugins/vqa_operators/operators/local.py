@@ -30,6 +30,7 @@ class VQAWorkerOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         """Run the worker and return its manifest."""
+        from airflow.sdk.exceptions import AirflowFailException
         from pydantic import ValidationError
 
         from vqa_operators.exceptions import ConfigError
@@ -47,8 +48,13 @@ class VQAWorkerOperator(BaseOperator):
                 api_key=endpoint.api_key,
             )
         except ValidationError as err:
-            raise ConfigError(f"bad options: {describe_validation_error(err)}") from None
-        self.log.info("running %s in-process: %s -> %s", spec.generator, spec.input, spec.output)
-        manifest = run_job(opts, storage=s3_storage(self.aws_conn_id))
+            raise AirflowFailException(f"bad options: {describe_validation_error(err)}") from None
+        ti = context["ti"]
+        self.log.info("try %s of %s: running %s in-process: %s -> %s", ti.try_number, ti.max_tries + 1, spec.generator, opts.input, opts.output)
+        try:
+            manifest = run_job(opts, storage=s3_storage(self.aws_conn_id))
+        except ConfigError as err:
+            # another try would fail the same way: fail now, with the reason, instead of retrying
+            raise AirflowFailException(f"{type(err).__name__}: {err}") from err
         self.log.info("manifest: %s", manifest)
         return manifest

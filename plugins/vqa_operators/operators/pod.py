@@ -140,7 +140,7 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
             env.append(k8s.V1EnvVar(name="VQA_BASE_URL", value=endpoint.base_url))
         else:
             container.args = [*container.args, "--serve-vllm"]
-        if endpoint.model and not self.spec.model:
+        if endpoint.model:  # the default; a --model rendered from the run's params wins
             env.append(k8s.V1EnvVar(name="VQA_MODEL", value=endpoint.model))
         container.env = env
         return pod

@@ -28,6 +28,7 @@ def staged_output(task_id: str = "{{ task.task_id }}") -> str:
 STAGED_OUTPUT_URI = staged_output()
 # the task's identity, which names its checkpoint: every try of one task instance shares it
 TASK_KEY = "{{ dag.dag_id }}/{{ task.task_id }}/{{ run_id }}/{{ ti.map_index }}"
+TRY_NUMBER = "{{ ti.try_number }}"
 
 
 @dataclass
@@ -35,10 +36,13 @@ class WorkerSpec:
     """The worker's arguments; string fields may hold Jinja templates that Airflow renders."""
 
     # Airflow renders the template fields of objects held in an operator's template fields
-    template_fields: ClassVar[tuple[str, ...]] = ("input", "output", "errors", "model", "params", "concurrency", "seed", "media_root", "task_key")
+    template_fields: ClassVar[tuple[str, ...]] = (
+        "input", "output", "errors", "model", "params", "concurrency", "seed", "media_root", "task_key", "try_number",
+    )
 
     generator: str
-    input: str
+    # None: the file the plan task split (the shard's input), with the run's dates filled in
+    input: str | None = None
     output: str = STAGED_OUTPUT_URI
     errors: str | None = None
     model: str | None = None
@@ -51,6 +55,7 @@ class WorkerSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     media_root: str = "."
     task_key: str = TASK_KEY
+    try_number: int | str | None = TRY_NUMBER
 
     def options(self) -> dict[str, Any]:
         """The fields as ``JobOptions`` keyword arguments (empty strings from templates become None)."""
