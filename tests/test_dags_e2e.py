@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,7 @@ def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     keys = run_keys(s3, bucket, "image_qa")
     # two mapped shards, each staged under its map index, merged into the run's output
     assert names(keys) == [
-        "generate.errors.jsonl", "generate.jsonl", "generate.manifest.json",
+        "generate.errors.jsonl", "generate.jsonl", "generate.manifest.json", "generate.preview.html",
         "generate/shard-00000.errors.jsonl", "generate/shard-00000.jsonl", "generate/shard-00001.errors.jsonl", "generate/shard-00001.jsonl",
     ]
     outputs = [k for k in keys if k.endswith("/generate.jsonl")]
@@ -80,6 +81,21 @@ def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     assert out[0]["vqa_provenance"]["image_qa"]["seed"] == 5
     assert all(r["seed"] is not None for r in vlm_server.requests)
     assert "sk-airflow-secret-456" not in log and "testing-secret-value" not in log
+
+    # the QA preview beside the output: the three images as thumbnails, the failure under its reason
+    preview = s3.get_object(Bucket=bucket, Key=outputs[0].replace(".jsonl", ".preview.html"))
+    assert preview["ContentType"].startswith("text/html")
+    page = preview["Body"].read().decode()
+    assert page.count('<img class="thumb" src="data:image/jpeg;base64,') == 3
+    assert "<h3>image_not_found · 1 row</h3>" in page
+    assert manifest["preview"] == f"s3://{bucket}/" + outputs[0].replace(".jsonl", ".preview.html")
+    # the merge task logs where it is, and a link a browser can open (presigned, on the local S3)
+    assert f"QA preview: {manifest['preview']}" in log
+    assert re.search(rf"QA preview in a browser .*: {re.escape(s3_endpoint)}/{bucket}/output/image_qa/\S+/generate\.preview\.html\?\S*Signature=", log)
+    # progress: one line per batch with done/total, rate, tokens, ETA and failures; the try is named
+    assert re.search(r"image_qa: 2/2 rows \(100\.0%\), [\d.]+ rows/s, [\d,]+ tokens \(in [\d,]+, out [\d,]+\), ETA 0s, 0 failed, 0 reused", log)
+    assert re.search(r"image_qa: 1/1 rows \(100\.0%\), .* 1 failed \{'image_not_found': 1\}", log)
+    assert "try 1 of 4: running image_qa in-process" in log
 
 
 def test_pers_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path) -> None:
@@ -122,7 +138,7 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
 
     keys = run_keys(s3, bucket, "video_qa")
     shards = [f"{t}/shard-0000{i}{ext}" for t in ("initial", "multiagent", "final") for i in (0, 1) for ext in (".jsonl", ".errors.jsonl")]
-    merged = ["final.jsonl", "final.errors.jsonl", "final.manifest.json", "initial.errors.jsonl", "multiagent.errors.jsonl"]
+    merged = ["final.jsonl", "final.errors.jsonl", "final.manifest.json", "final.preview.html", "initial.errors.jsonl", "multiagent.errors.jsonl"]
     assert names(keys) == sorted(shards + merged)
     prefix = next(k for k in keys if k.endswith("/final.jsonl")).rsplit("/", 1)[0]
     middle = read_jsonl(s3, bucket, f"{prefix}/multiagent/shard-00000.jsonl") + read_jsonl(s3, bucket, f"{prefix}/multiagent/shard-00001.jsonl")
@@ -137,6 +153,12 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     initial = [r for r in vlm_server.requests if r["response_format"]["json_schema"]["name"] == "VideoQASet"]
     counts = [sum(p["type"] == "image_url" for m in r["messages"] if isinstance(m["content"], list) for p in m["content"]) for r in initial]
     assert sorted(counts) == [4, 6]
+    # the preview shows each video's strip of the frames that were sent, its labelled QA, and the initial stage's failure
+    page = s3.get_object(Bucket=bucket, Key=f"{prefix}/final.preview.html")["Body"].read().decode()
+    strips = re.findall(r'<div class="media strip">(.*?)</div>', page)
+    assert [strip.count('<img class="thumb"') for strip in strips] == [6, 4]
+    assert "6 of 8 frames sent" in page and page.count('<span class="label">') >= 12
+    assert "<h3>bad_field · 1 row</h3>" in page
 
 
 def test_a_retried_task_resumes_from_the_failed_try(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path) -> None:
@@ -166,7 +188,9 @@ def test_a_retried_task_resumes_from_the_failed_try(vlm_server: OpenAITestServer
     assert proc.returncode == 0, log[-4000:]
 
     assert "ServerUnavailableError: model server at" in log  # try 1 failed on the outage, as a job error
-    assert "holds 4 rows finished by earlier tries" in log and "4 reused from earlier tries" in log  # try 2 said so
+    assert "try 2: 4 rows finished by earlier tries will be reused" in log and "try 2: 10 rows in, 10 out, 0 failed {}, 4 reused from earlier tries" in log
+    # the retry callback's one line: which try, why, and what it had done
+    assert re.search(r"image_qa\.generate\[0\] try 1 of 4 failed, will retry: ServerUnavailableError: .*; 4/10 rows done this try \(0 reused\), 0 failed \{\}", log)
     keys = run_keys(s3, bucket, "image_qa")
     out = read_jsonl(s3, bucket, next(k for k in keys if k.endswith("/generate.jsonl")))
     assert [r["id"] for r in out] == list(range(10))
@@ -179,5 +203,5 @@ def test_a_retried_task_resumes_from_the_failed_try(vlm_server: OpenAITestServer
         ).fetchone()[0]
     manifest = json.loads(xcom if isinstance(xcom, str) else xcom.decode())
     assert tries == (2, "success")
-    assert (manifest["rows_reused"], manifest["requests"], manifest["rows_out"]) == (4, 6, 10)
+    assert (manifest["rows_reused"], manifest["requests"], manifest["rows_out"], manifest["try_number"]) == (4, 6, 10, 2)
     assert "sk-airflow-secret-456" not in log + json.dumps(manifest) and "testing-secret-value" not in log + json.dumps(manifest)

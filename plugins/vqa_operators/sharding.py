@@ -151,6 +151,7 @@ def merge_run(storage: Storage, stages: dict[str, list[dict[str, Any]]], *, outp
         **{key: sum(m[key] for m in merged.values()) for key in ("rows_reused", "requests", "prompt_tokens", "completion_tokens")},
         "stages": merged,
         "manifest": beside(output, ".manifest.json"),
+        "preview": beside(output, ".preview.html"),
     }
     with storage.open_atomic(manifest["manifest"]) as handle:
         handle.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8") + b"\n")

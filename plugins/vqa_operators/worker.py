@@ -61,7 +61,7 @@ class JobOptions(BaseModel):
     output: str = Field(min_length=1)
     errors: str | None = None
     # "openai": an OpenAI-compatible server (vLLM); "transformers": a model on this machine's CPU (the demo)
-    backend: Literal["openai", "transformers"] = Field(default_factory=lambda: (os.environ.get(BACKEND_ENV) or "openai").strip().lower())  # type: ignore[arg-type]
+    backend: Literal["openai", "transformers"] = Field(default_factory=lambda: (os.environ.get(BACKEND_ENV) or "openai").strip().lower(), validate_default=True)
     base_url: str | None = None
     model: str | None = Field(default_factory=lambda: os.environ.get("VQA_MODEL") or None)
     api_key: SecretStr | None = None

@@ -63,5 +63,9 @@ def shard_plan(task_id: str = "plan") -> VQAShardPlanOperator:
 def merge_shards(stages: dict[str, Any], plan: VQAShardPlanOperator, task_id: str = "merge") -> VQAMergeOperator:
     """The task that joins the mapped ``stages`` (in order; the last one's rows are the run's output)."""
     return VQAMergeOperator(
-        task_id=task_id, stages={name: task.output for name, task in stages.items()}, output_uri=staged_output(list(stages)[-1]), plan=plan.output
+        task_id=task_id,
+        stages={name: task.output for name, task in stages.items()},
+        output_uri=staged_output(list(stages)[-1]),
+        plan=plan.output,
+        media_root="{{ params.media_root }}",
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from airflow.sdk import BaseOperator
+from airflow.sdk import BaseOperator, BaseOperatorLink
 
 from vqa_operators.hooks.storage import s3_storage
 
@@ -71,27 +71,51 @@ class VQAShardPlanOperator(BaseOperator):
         return [s.model_dump() for s in plan]
 
 
+class QAPreviewLink(BaseOperatorLink):
+    """The merge task's "QA preview" button: the presigned URL of the run's HTML preview."""
+
+    name = "QA preview"
+
+    def get_link(self, operator: BaseOperator, *, ti_key: Any) -> str:
+        """Called in the worker once the task ends (Airflow stores the link in XCom); empty if no preview was written."""
+        return getattr(operator, "preview_url", None) or ""
+
+
 class VQAMergeOperator(BaseOperator):
-    """Concatenate each stage's shard outputs in order into ``output_uri`` (and errors files); return the combined manifest."""
+    """Concatenate each stage's shard outputs in order into ``output_uri`` (and errors files), write the QA preview; return the combined manifest."""
 
-    template_fields: Sequence[str] = ("stages", "output_uri", "plan")
+    template_fields: Sequence[str] = ("stages", "output_uri", "plan", "media_root")
     ui_color = "#e3fdec"
+    operator_extra_links = (QAPreviewLink(),)
 
-    def __init__(self, *, stages: dict[str, Any], output_uri: str, plan: Any, aws_conn_id: str | None = "aws_default", **kwargs: Any) -> None:
+    def __init__(
+        self, *, stages: dict[str, Any], output_uri: str, plan: Any, media_root: str = ".", aws_conn_id: str | None = "aws_default", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.stages = stages
         self.output_uri = output_uri
         self.plan = plan
+        self.media_root = media_root
         self.aws_conn_id = aws_conn_id
+        self.preview_url: str | None = None
 
     def execute(self, context: Any) -> dict[str, Any]:
-        """Merge, check every input row is accounted for, and write the manifest beside the output."""
+        """Merge, check every input row is accounted for, write the manifest and the preview beside the output."""
+        from vqa_operators.media import allowed_roots_from_env
+        from vqa_operators.preview import write_preview
         from vqa_operators.sharding import merge_run
 
+        storage = s3_storage(self.aws_conn_id)
         stages = {name: list(manifests) for name, manifests in self.stages.items()}
-        manifest = merge_run(s3_storage(self.aws_conn_id), stages, output=self.output_uri, plan=list(self.plan))
+        manifest = merge_run(storage, stages, output=self.output_uri, plan=list(self.plan))
         self.log.info(
-            "merged %d shard(s): %d rows in, %d out, %d failed %s -> %s",
-            manifest["shards"], manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"], manifest["failures_by_reason"], manifest["output"],
+            "merged %d shard(s): %d rows in, %d out, %d failed %s, %d reused from earlier tries -> %s",
+            manifest["shards"], manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"], manifest["failures_by_reason"],
+            manifest["rows_reused"], manifest["output"],
         )
+        title = f"{context['dag'].dag_id} · {context['run_id']}"
+        preview = write_preview(storage, manifest, title=title, media_root=self.media_root, allowed_roots=allowed_roots_from_env() or None)
+        self.preview_url = storage.url(preview)
+        self.log.info("QA preview: %s", preview)
+        self.log.info("QA preview in a browser (link valid 7 days; also the task's 'QA preview' button): %s", self.preview_url)
         return manifest

@@ -195,8 +195,15 @@ class Storage:
             return []
         return sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
+    def url(self, uri: str, *, expires_s: int = 7 * 24 * 3600) -> str:
+        """A URL a browser can open: presigned GET for S3 (SigV4 allows at most 7 days), ``file://`` for a local path."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            return self.s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s)
+        return Path(uri).resolve().as_uri()
+
     @contextlib.contextmanager
-    def open_atomic(self, uri: str, *, exclusive: bool = False) -> Iterator[IO[bytes]]:
+    def open_atomic(self, uri: str, *, exclusive: bool = False, content_type: str | None = None) -> Iterator[IO[bytes]]:
         """Yield a binary file whose content appears at ``uri`` only if the block completes.
 
         The bytes are spooled (locally: a temporary file in the target's folder), then published in
@@ -215,7 +222,7 @@ class Storage:
         if is_s3(uri):
             with tempfile.TemporaryFile(prefix="vqa-upload-") as spool:
                 yield spool
-                self._publish_s3(uri, spool, before)
+                self._publish_s3(uri, spool, before, {"ContentType": content_type} if content_type else {})
             return
         target = Path(uri)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -246,7 +253,7 @@ class Storage:
         else:
             os.replace(tmp, target)
 
-    def _publish_s3(self, uri: str, spool: IO[bytes], before: ObjectVersion | None) -> None:
+    def _publish_s3(self, uri: str, spool: IO[bytes], before: ObjectVersion | None, headers: dict[str, str]) -> None:
         bucket, key = split_s3(uri)
         spool.flush()
         digest = _sha256(spool)
@@ -259,17 +266,17 @@ class Storage:
         spool.seek(0)
         try:
             if size <= S3_PUT_LIMIT:
-                self.s3.put_object(Bucket=bucket, Key=key, Body=spool, Metadata={SHA256_METADATA: digest}, **condition)
+                self.s3.put_object(Bucket=bucket, Key=key, Body=spool, Metadata={SHA256_METADATA: digest}, **headers, **condition)
             else:
-                self._multipart_s3(bucket, key, spool, digest, condition)
+                self._multipart_s3(bucket, key, spool, digest, condition, headers)
         except Exception as exc:  # botocore raises ClientError, EndpointConnectionError
             code = s3_error_code(exc)
             if code in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}:
                 raise StorageError(f"cannot write {uri}: {_RACED} ({code})") from None
             raise StorageError(f"cannot write {uri}: {code or type(exc).__name__}") from exc
 
-    def _multipart_s3(self, bucket: str, key: str, spool: IO[bytes], digest: str, condition: dict[str, str]) -> None:
-        upload = self.s3.create_multipart_upload(Bucket=bucket, Key=key, Metadata={SHA256_METADATA: digest})["UploadId"]
+    def _multipart_s3(self, bucket: str, key: str, spool: IO[bytes], digest: str, condition: dict[str, str], headers: dict[str, str]) -> None:
+        upload = self.s3.create_multipart_upload(Bucket=bucket, Key=key, Metadata={SHA256_METADATA: digest}, **headers)["UploadId"]
         try:
             parts = []
             while chunk := spool.read(S3_PART_SIZE):
