@@ -3,8 +3,9 @@
 Starts an embedded S3 server (moto) and Airflow standalone (SQLite, LocalExecutor, in-process
 execution), uploads generated sample data (images, and videos as frame sequences) with an input
 JSONL per DAG, triggers the three DAGs through the REST API, waits, and prints each manifest and
-a record. The model comes from VQA_BASE_URL (an OpenAI-compatible server such as `vllm serve`).
-Exits non-zero on any failure.
+a record. The model comes from VQA_BASE_URL (an OpenAI-compatible server such as `vllm serve`);
+without it, a small VLM runs on this machine's CPU through transformers (VQA_MODEL: a Hub id,
+fetched on first use, or a local folder). Exits non-zero on any failure.
 
 Set DEMO_KEEP=1 to keep Airflow (http://localhost:<port>) and S3 running afterwards.
 """
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 BUCKET = "vqa-demo"
 NEEDS_MODEL = """\
-VQA_BASE_URL is not set: the demo needs an OpenAI-compatible vision-language model server.
+VQA_BACKEND=openai but VQA_BASE_URL is not set: the demo needs an OpenAI-compatible vision-language model server.
 
   For example, on a machine with a GPU:
     vllm serve Qwen/Qwen2.5-VL-3B-Instruct --port 8000
@@ -181,10 +182,18 @@ RUNS: dict[str, dict[str, Any]] = {
 
 def main() -> int:
     base_url = os.environ.get("VQA_BASE_URL", "").strip()
-    if not base_url:
+    backend = os.environ.get("VQA_BACKEND", "").strip().lower() or ("openai" if base_url else "transformers")
+    if backend == "openai" and not base_url:
         print(NEEDS_MODEL, file=sys.stderr)
         return 2
-    model = os.environ.get("VQA_MODEL") or served_model(base_url)
+    if backend == "transformers":
+        sys.path.insert(0, str(ROOT / "plugins"))
+        from vqa_operators.serving.transformers_local import DEFAULT_CPU_MODEL
+
+        model = os.environ.get("VQA_MODEL") or DEFAULT_CPU_MODEL
+        say(f"no VQA_BASE_URL: {model} runs on this machine's CPU (transformers); expect minutes per DAG, not seconds")
+    else:
+        model = os.environ.get("VQA_MODEL") or served_model(base_url)
     work = Path(os.environ.get("VQA_DEMO_DIR", ROOT / ".demo")).resolve()
     shutil.rmtree(work / "airflow", ignore_errors=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -227,7 +236,10 @@ def main() -> int:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
             "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "demo", "password": "demo", "extra": {"endpoint_url": s3_url, "region_name": "us-east-1"}}),
             "AIRFLOW_CONN_VQA_VLM": json.dumps({"conn_type": "http", "host": base_url, "password": os.environ.get("VQA_API_KEY", ""), "extra": {"model": model}}),
+            "VQA_BACKEND": backend,
             "VQA_EXECUTION": "local",
+            # the demo triggers its own runs; a daily schedule would also start runs over s3://vqa-demo/raw/<dag>/<today>/
+            "VQA_SCHEDULE": "none",
             "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
         }
         say(f"starting Airflow standalone on {api} (log: {work / 'logs' / 'airflow.log'})")
@@ -243,7 +255,7 @@ def main() -> int:
             conf = {"input_uri": f"s3://{BUCKET}/input/{dag_id}.jsonl", "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/", "seed": 0, **extra}
             run = http("POST", f"{api}/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf}, token=token)
             run_urls[dag_id] = f"{api}/api/v2/dags/{dag_id}/dagRuns/{run['dag_run_id']}"
-            say(f"triggered {dag_id} run {run['dag_run_id']} (model {model} at {base_url})")
+            say(f"triggered {dag_id} run {run['dag_run_id']} (model {model} {'at ' + base_url if backend == 'openai' else 'on the CPU'})")
         failed = False
         for dag_id, run_url in run_urls.items():
             state = wait_for(f"the {dag_id} run", lambda run_url=run_url: (s := http("GET", run_url, token=token)["state"]) in ("success", "failed") and s, 1200)

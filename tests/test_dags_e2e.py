@@ -190,7 +190,7 @@ def test_a_retried_task_resumes_from_the_failed_try(vlm_server: OpenAITestServer
     assert "ServerUnavailableError: model server at" in log  # try 1 failed on the outage, as a job error
     assert "try 2: 4 rows finished by earlier tries will be reused" in log and "try 2: 10 rows in, 10 out, 0 failed {}, 4 reused from earlier tries" in log
     # the retry callback's one line: which try, why, and what it had done
-    assert re.search(r"image_qa\.generate\[0\] try 1 of 4 failed, will retry: ServerUnavailableError: .*; 4/10 rows done this try \(0 reused\), 0 failed \{\}", log)
+    assert re.search(r"image_qa\.generate\[0\] try 1 of 4 failed, will retry: ServerUnavailableError: .*; 4/10 rows finished \(4 this try, 0 reused\), 0 failed \{\}", log)
     keys = run_keys(s3, bucket, "image_qa")
     out = read_jsonl(s3, bucket, next(k for k in keys if k.endswith("/generate.jsonl")))
     assert [r["id"] for r in out] == list(range(10))

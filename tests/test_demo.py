@@ -21,8 +21,9 @@ def run_demo(env: dict[str, str], timeout: int = 30) -> subprocess.CompletedProc
     return subprocess.run([sys.executable, str(ROOT / "scripts/demo.py")], env={**clean, **env}, capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_without_a_model_server_it_says_what_to_set() -> None:
-    proc = run_demo({})
+def test_the_openai_backend_without_a_server_says_what_to_set() -> None:
+    # (without VQA_BASE_URL and VQA_BACKEND the demo runs a model on the CPU instead)
+    proc = run_demo({"VQA_BACKEND": "openai"})
     assert proc.returncode == 2
     assert "VQA_BASE_URL is not set" in proc.stderr and "vllm serve" in proc.stderr
 

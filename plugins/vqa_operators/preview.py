@@ -16,7 +16,6 @@ import base64
 import io
 import itertools
 import logging
-from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache

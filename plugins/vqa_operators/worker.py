@@ -132,6 +132,8 @@ class Progress:
         self.batch = max(1, batch)
         self.started = time.monotonic()
         self.done = self.reused = self.out = 0
+        # rows this try finished and checkpointed, in any order (a row may finish before one ahead of it)
+        self.finished = 0
         self.reasons: Counter[str] = Counter()
 
     @property
@@ -176,8 +178,8 @@ class Progress:
     def snapshot(self) -> dict[str, Any]:
         """What a failed try had done: attached to its exception for the failure callback."""
         return {
-            "rows_total": self.total, "rows_done": self.done, "rows_reused": self.reused, "rows_failed": self.failed,
-            "failures_by_reason": dict(sorted(self.reasons.items())),
+            "rows_total": self.total, "rows_done": self.done, "rows_finished": self.finished, "rows_reused": self.reused,
+            "rows_failed": self.failed, "failures_by_reason": dict(sorted(self.reasons.items())),
         }
 
 
@@ -248,6 +250,7 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> 
         # checkpointed as soon as the row finishes, even if rows before it are still running
         outcome.record = _record(generator, outcome)
         checkpoint.add(keys[outcome.line], outcome.record)
+        progress.finished += 1
 
     try:
         loaded = checkpoint.load()

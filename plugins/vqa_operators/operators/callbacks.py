@@ -15,7 +15,7 @@ log = logging.getLogger("vqa_operators.callbacks")
 
 
 def summary(context: Any, outcome: str) -> str:
-    """``image_qa.generate[2] try 1 of 4 failed, will retry: ServerUnavailableError: ...; 120/400 rows done (40 reused), 3 failed {...}``."""
+    """``image_qa.generate[2] try 1 of 4 failed, will retry: ServerUnavailableError: ...; 160/400 rows finished (120 this try, 40 reused), 3 failed {...}``."""
     ti = context["ti"]
     map_index = getattr(ti, "map_index", -1)
     name = f"{ti.dag_id}.{ti.task_id}" + (f"[{map_index}]" if map_index is not None and map_index >= 0 else "")
@@ -28,10 +28,11 @@ def summary(context: Any, outcome: str) -> str:
     line = f"{name} try {ti.try_number} of {tries} {outcome}: {reason}"
     progress = getattr(error, "progress", None) or getattr(getattr(error, "__cause__", None), "progress", None)
     if isinstance(progress, dict):
-        total = progress.get("rows_total")
+        # rows finished in any order are checkpointed: the next try reuses exactly these
+        total, new, reused = progress.get("rows_total"), progress.get("rows_finished", 0), progress.get("rows_reused", 0)
         line += (
-            f"; {progress.get('rows_done', 0)}{f'/{total}' if total else ''} rows done this try"
-            f" ({progress.get('rows_reused', 0)} reused), {progress.get('rows_failed', 0)} failed {progress.get('failures_by_reason', {})}"
+            f"; {new + reused}{f'/{total}' if total else ''} rows finished ({new} this try, {reused} reused),"
+            f" {progress.get('rows_failed', 0)} failed {progress.get('failures_by_reason', {})}"
         )
     return line
 

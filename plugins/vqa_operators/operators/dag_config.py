@@ -96,7 +96,7 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
             ),
         ),
         "media_root": Param(
-            ".",
+            "s3://vqa-demo/",
             type="string",
             title="Media root",
             description="Folder or s3:// prefix that relative image paths are resolved against.",
