@@ -36,6 +36,14 @@ def vlm_server(_vlm_server: OpenAITestServer) -> Iterator[OpenAITestServer]:
 
 
 @pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight LLaVA folder, built offline (tests/doubles/tiny_vlm.py)."""
+    from tests.doubles.tiny_vlm import build_tiny_llava
+
+    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server over real HTTP on localhost."""
     from moto.server import ThreadedMotoServer

@@ -50,3 +50,23 @@ def test_demo_runs_the_three_dags_through_airflow_standalone(vlm_server: OpenAIT
     assert [len(r["vqa_provenance"]["video_qa_initial"]["frames_sent"]) for r in video_qa] == [8, 8]
     # image 4 + pers 3 + video 2 x (initial + 3 x (recruit, expert, revise) + final)
     assert len(vlm_server.requests) == 4 + 3 + 2 * 11
+
+
+@pytest.mark.slow
+def test_demo_without_a_model_server_runs_a_model_on_the_cpu(tiny_vlm: Path, tmp_path: Path) -> None:
+    import ast
+    import re
+
+    from tests.doubles.tiny_vlm import PARSE_REASONS
+
+    proc = run_demo({"VQA_MODEL": str(tiny_vlm), "VQA_DEMO_DIR": str(tmp_path)}, timeout=900)
+    out = proc.stdout
+    assert "runs on this machine's CPU (transformers)" in out, out[-3000:] + proc.stderr[-3000:]
+    # the random-weight model's answers never parse: every row of the three DAGs is in errors with
+    # a parse reason, nothing crashed, and the demo says it produced nothing (exit 1)
+    for dag_id, rows in (("image_qa", 4), ("pers_qa", 3), ("video_qa", 2)):
+        found = re.search(rf"{dag_id}: rows_in={rows} rows_out=0 rows_failed={rows} failures=(\{{.*\}})", out)
+        assert found and set(ast.literal_eval(found.group(1))) <= PARSE_REASONS, out[-3000:]
+        assert f"FAILED: {dag_id} produced no rows" in out
+        assert re.search(rf"{dag_id}: QA preview http://127\.0\.0\.1:\d+/vqa-demo/output/{dag_id}/\S+\.preview\.html\?", out)
+    assert proc.returncode == 1

@@ -13,19 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_jpeg, read_rows
-from tests.doubles.tiny_vlm import build_tiny_llava
+from tests.doubles.tiny_vlm import PARSE_REASONS
 from vqa_operators.exceptions import ConfigError
 from vqa_operators.media import prepare_image
 from vqa_operators.serving.base import ChatRequest
 from vqa_operators.serving.transformers_local import LocalModelVLMServing_transformers, to_processor_messages
 from vqa_operators.worker import JobOptions, main, run_job
-
-PARSE_REASONS = {"invalid_json", "schema_mismatch", "truncated_output"}
-
-
-@pytest.fixture(scope="session")
-def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
 
 
 def image_message(*sizes: tuple[int, int]) -> list[dict]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# what its answers fail with: they never parse
+PARSE_REASONS = {"invalid_json", "schema_mismatch", "truncated_output"}
 SPECIAL = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "<image>"]
 # ChatML, as the default model's: an image part becomes one <image> placeholder line
 CHAT_TEMPLATE = (
