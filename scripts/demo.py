@@ -272,8 +272,8 @@ def main() -> int:
             records = [json.loads(line) for line in body.decode().splitlines()]
             say(f"{dag_id}: rows_in={manifest['rows_in']} rows_out={manifest['rows_out']} rows_failed={manifest['rows_failed']} failures={manifest['failures_by_reason']}")
             say(f"{dag_id}: output {manifest['output']} (copied to {work / 'output' / f'{dag_id}.jsonl'}); errors {manifest['errors']}")
-            pbucket, pkey = manifest["preview"][len("s3://") :].split("/", 1)
-            say(f"{dag_id}: QA preview {s3.generate_presigned_url('get_object', Params={'Bucket': pbucket, 'Key': pkey}, ExpiresIn=24 * 3600)}")
+            links = http("GET", f"{run_url}/taskInstances/merge/links", token=token)["extra_links"]
+            say(f"{dag_id}: QA preview {links['QA preview']}")  # the presigned URL the merge task made
             if records:
                 shown = {k: v for k, v in records[0].items() if k != "vqa_provenance"}
                 print(json.dumps(shown, ensure_ascii=False, indent=2)[:2500], flush=True)

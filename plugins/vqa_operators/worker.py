@@ -98,6 +98,11 @@ class JobOptions(BaseModel):
         return self
 
     @property
+    def attempt(self) -> str:
+        """``"try 2: "`` to prefix log lines with, or nothing outside Airflow."""
+        return f"try {self.try_number}: " if self.try_number else ""
+
+    @property
     def in_flight(self) -> int:
         """Requests kept in flight: ``concurrency`` if set, else derived from ``max_num_seqs``."""
         return self.concurrency or default_concurrency(self.max_num_seqs)
@@ -236,9 +241,9 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> 
     # the shard's byte range, if the input is the file that was split (a later stage reads its own file whole)
     shard = opts.shard if opts.shard and opts.shard.input == opts.input else None
     lines = storage.iter_lines(opts.input, start=shard.start, end=shard.end, version=shard.version) if shard else storage.iter_lines(opts.input)
-    total = shard.rows if shard else opts.shard.rows if opts.shard else None
+    # a later stage's input is the upstream shard's output, which may hold fewer rows: its total is unknown
+    total = shard.rows if shard else None
     progress = Progress(generator.name, total, progress_batch(total, opts.in_flight))
-    attempt = f"try {opts.try_number}: " if opts.try_number else ""
 
     def items() -> Any:
         for line, item in read_jsonl(lines, first_line=shard.first_line if shard else 1):
@@ -255,7 +260,7 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions) -> 
     try:
         loaded = checkpoint.load()
         if loaded or (opts.try_number or 1) > 1:
-            log.info("%s: %s%d rows finished by earlier tries will be reused (checkpoint %s)", generator.name, attempt, loaded, checkpoint.prefix)
+            log.info("%s: %s%d rows finished by earlier tries will be reused (checkpoint %s)", generator.name, opts.attempt, loaded, checkpoint.prefix)
         await generator.serving.check()
         with storage.open_atomic(opts.output) as out_file, storage.open_atomic(opts.errors_uri) as err_file:
             out, err = JsonlWriter(out_file), JsonlWriter(err_file)
@@ -375,7 +380,7 @@ def run_job(opts: JobOptions, *, storage: Storage | None = None, serving: VLMSer
         manifest = asyncio.run(_process(generator, storage, opts))
     log.info(
         "%s: %s%d rows in, %d out, %d failed %s, %d reused from earlier tries, %d model requests",
-        manifest["generator"], f"try {opts.try_number}: " if opts.try_number else "", manifest["rows_in"], manifest["rows_out"],
+        manifest["generator"], opts.attempt, manifest["rows_in"], manifest["rows_out"],
         manifest["rows_failed"], manifest["failures_by_reason"], manifest["rows_reused"], manifest["requests"],
     )
     return manifest
