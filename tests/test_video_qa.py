@@ -90,7 +90,7 @@ def recruit(role: str) -> str:
     return json.dumps({"action": "recruit", "reason": "gap", "expert": {"role": role, "description": f"knows {role}", "subtask": f"ask about {role}"}})
 
 
-TERMINATE = json.dumps({"action": "terminate", "reason": "the set is complete", "expert": None})
+TERMINATE = json.dumps({"action": "terminate", "reason": "the set is complete"})
 
 
 # --- frames ------------------------------------------------------------------------------------
@@ -323,11 +323,10 @@ def test_final_labels_and_the_seed_output_format(vlm_server: OpenAITestServer, f
     [
         final_answer((["humour"], "Q1"), (["visual_understanding"], "Q2")),
         final_answer((["visual_understanding", "emotion_recognition", "theme_and_brand"], "Q1"), (["visual_understanding"], "Q2")),
-        final_answer((["visual_understanding", "visual_understanding"], "Q1"), (["visual_understanding"], "Q2")),
         final_answer(([], "Q1"), (["visual_understanding"], "Q2")),
         final_answer((["visual_understanding"], "Q1")),
     ],
-    ids=["unknown", "three", "repeated", "none", "too-few-pairs"],
+    ids=["unknown", "three", "none", "too-few-pairs"],
 )
 def test_bad_labels_are_repaired_then_row_errors(vlm_server: OpenAITestServer, frames: Path, bad: str) -> None:
     vlm_server.enqueue(Reply(content=bad), Reply(content=bad))
@@ -335,6 +334,25 @@ def test_bad_labels_are_repaired_then_row_errors(vlm_server: OpenAITestServer, f
         asyncio.run(make(VideoQAFinalGenerator, vlm_server, frames, final_pairs=2).generate(initial_row("a")))
     assert info.value.reason == "schema_mismatch" and len(vlm_server.requests) == 2
     assert "does not match the schema" in vlm_server.requests[1]["messages"][-1]["content"]
+
+
+def test_a_label_given_twice_is_one_label(vlm_server: OpenAITestServer, frames: Path) -> None:
+    # the schema cannot say "distinct" in terms vLLM accepts (it refuses uniqueItems); the intent is plain
+    vlm_server.enqueue(Reply(content=final_answer((["theme_and_brand", "theme_and_brand"], "Q1"), (["visual_understanding"], "Q2"))))
+    fields, _ = asyncio.run(make(VideoQAFinalGenerator, vlm_server, frames, final_pairs=2).generate(initial_row("a")))
+    assert [p["Label"] for p in fields["QA"]] == ["theme_and_brand", "visual_understanding"] and len(vlm_server.requests) == 1
+
+
+def test_a_recruit_without_an_expert_cannot_be_written(vlm_server: OpenAITestServer, frames: Path) -> None:
+    # the master's answer is a union: "recruit" carries an expert in the schema itself, which guided decoding enforces
+    gen = make(VideoQAMultiAgentGenerator, vlm_server, frames, max_iterations=1)
+    vlm_server.responder = scripted(MasterDecision=lambda body, n: TERMINATE)
+    asyncio.run(gen.generate(initial_row("a")))
+    schema = vlm_server.requests[0]["response_format"]["json_schema"]["schema"]
+    recruit_schema = schema["$defs"]["Recruit"]
+    assert [s["$ref"] for s in schema["anyOf"]] == ["#/$defs/Recruit", "#/$defs/Terminate"]
+    assert "expert" in recruit_schema["required"] and recruit_schema["properties"]["action"]["const"] == "recruit"
+    assert "expert" not in schema["$defs"]["Terminate"]["properties"]
 
 
 def test_deduplication_ignores_case_punctuation_and_spacing() -> None:

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ValidationError
 M = TypeVar("M", bound=BaseModel)
 
 _CLOSER_AHEAD = re.compile(r"[ \t\r\n]*[}\]]")
+# control characters that are never text, escaped or not (tab, newline and CR are whitespace), and U+FFFD
+_NOT_TEXT = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffd]")
 _FENCE = re.compile(r"```[A-Za-z0-9_-]*[ \t]*\n?(.*?)(?:```|\Z)", re.DOTALL)
 
 
@@ -60,6 +62,48 @@ def _scan(text: str, start: int) -> tuple[int, bool]:
     return depth, in_string
 
 
+def _clean_strings(text: str) -> str:
+    """Raw control characters inside JSON strings: tab, newline and CR become spaces, the rest go.
+
+    JSON forbids them unescaped (U+0000-U+001F), but vLLM's default guided decoding (xgrammar) lets
+    them into length-bounded strings. Escaped ones are dealt with after decoding (``_without_non_text``).
+    """
+    if not any(ch < " " for ch in text):
+        return text
+    out = []
+    for _, ch, in_string in _outside_strings(text):
+        if in_string and ch < " ":
+            if ch in "\t\n\r":
+                out.append(" ")
+            continue
+        out.append(ch)
+    return "".join(out)
+
+
+def _without_non_text(value: Any) -> Any:
+    """``value`` with every string (keys too) stripped of control characters that are not whitespace, and of U+FFFD.
+
+    A model may write them escaped (``\\b``, ``\\u0007``), which JSON allows and vLLM's guidance
+    backend lets through; they are no more text than raw ones, and would end up in a training set.
+    U+FFFD stands for bytes the server could not decode (a byte-level token that is half a
+    character): it carries no text, and it makes a string longer than the bound the grammar counted.
+    """
+    if isinstance(value, str):
+        return _NOT_TEXT.sub("", value)
+    if isinstance(value, dict):
+        return {_without_non_text(k): _without_non_text(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_non_text(v) for v in value]
+    return value
+
+
+def _where(text: str, pos: int) -> str:
+    """``line L, column C, near '...'`` for an error at ``pos`` of ``text``."""
+    line = text.count("\n", 0, pos) + 1
+    column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    return f"line {line}, column {column}, near {text[max(0, pos - 20) : pos + 20]!r}"
+
+
 def _strip_trailing_commas(text: str) -> str:
     """Remove commas that directly precede ``}`` or ``]`` outside of strings."""
     drop = set()
@@ -84,19 +128,20 @@ def extract_json(text: str, *, truncated: bool = False) -> Any:
     if not starts:
         raise ParseError("no JSON object in output")
     start = min(starts)
+    body = _clean_strings(body)
     decoder = json.JSONDecoder()
     try:
-        return decoder.raw_decode(body, start)[0]
+        return _without_non_text(decoder.raw_decode(body, start)[0])
     except json.JSONDecodeError as first:
         try:
-            return decoder.raw_decode(_strip_trailing_commas(body), start)[0]
+            return _without_non_text(decoder.raw_decode(_strip_trailing_commas(body), start)[0])
         except json.JSONDecodeError:
             pass
         depth, in_string = _scan(body, start)
         if truncated or depth > 0 or in_string:
             limit = " (the server hit max_tokens)" if truncated else ""
             raise ParseError(f"truncated JSON: output ended before the value was closed{limit}", reason="truncated_output") from None
-        raise ParseError(f"invalid JSON: {first.msg} at char {first.pos}") from None
+        raise ParseError(f"invalid JSON: {first.msg} at {_where(body, first.pos)}") from None
 
 
 def describe_validation_error(err: ValidationError, limit: int = 4) -> str:

@@ -437,7 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard", type=json.loads, help="one shard of the input, as JSON (what the DAG's plan task returns)")
     run.add_argument("--try-number", type=int, help="the Airflow try this run is (logged, and kept in the manifest)")
     run.add_argument("--request-timeout", type=float, default=300.0, help="seconds per HTTP request")
-    run.add_argument("--serve-vllm", action="store_true", help="start `vllm serve MODEL` here and use it")
+    run.add_argument(
+        "--serve-vllm", action="store_true",
+        help="start vLLM's server on MODEL here, use it, and stop it [VQA_VLLM_COMMAND, VQA_VLLM_ARGS, VQA_VLLM_PORT]",
+    )
     run.add_argument("--xcom-file", default=os.environ.get("VQA_XCOM_FILE"), help="also write the manifest here (KubernetesPodOperator XCom)")
     return parser
 

@@ -1,9 +1,14 @@
 """TEST DOUBLE: an OpenAI-compatible chat server on localhost, shaped like ``vllm serve``.
 
-It is not a model. It speaks real HTTP, validates requests the way vLLM does (unknown model ->
-404; image parts that are not base64 data URLs, undecodable images, malformed ``response_format``
-or sampling fields -> 400) and answers with JSON built from the requested schema. The strings it
-writes state what it received (image count and sizes), so tests can check what reached the server.
+It is not a model. It speaks real HTTP and refuses what vLLM 0.32/0.33 refuses, with vLLM's
+status codes and error bodies (``vllm_rules.py``: unknown model 404; too many images, bad image
+URLs, out-of-range sampling fields, JSON schemas vLLM's structured-output backends refuse 400; a
+schema xgrammar's compiler fails on 500), as ``tests/test_real_vllm.py`` checks against vLLM
+itself. It answers with JSON built from the requested schema, as guided decoding would: strings
+stop at their ``maxLength``, follow their ``pattern``, and (on vLLM's default backend) end with
+the raw control characters xgrammar lets through; each answer is checked against xgrammar's own
+grammar for the schema. The strings state what the double received (image count and sizes), so
+tests can check what reached the server.
 Tests script faults with ``enqueue(Reply(...))`` or a ``responder`` hook, or inject them at
 random with ``inject(rates, seed=...)``: each request draws at most one fault from ``FAULTS``.
 
@@ -19,23 +24,23 @@ Run it standalone: ``python tests/doubles/openai_server.py MODEL --host 127.0.0.
 from __future__ import annotations
 
 import argparse
-import base64
-import binascii
 import hashlib
-import io
 import json
 import random
 import re
+import sys
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
-import jsonschema
-from PIL import Image
+if not __package__:  # run as a script (python tests/doubles/openai_server.py): make `tests` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.doubles import vllm_rules  # noqa: E402
 
 
 @dataclass
@@ -80,89 +85,25 @@ def outage_after(good: int) -> Callable[[dict[str, Any]], Reply]:
     return responder
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400, kind: str = "BadRequestError") -> None:
-        super().__init__(message)
-        self.status, self.kind = status, kind
-
-
-def _describe_images(messages: list[dict[str, Any]]) -> list[tuple[int, int]]:
-    sizes = []
+def _without_image_data(messages: list[dict[str, Any]], sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """The messages with each image's data URL replaced by its size."""
+    light, sizes_left = [], iter(sizes)
     for message in messages:
         content = message.get("content")
         if isinstance(content, list):
-            for part in content:
-                if part.get("type") == "image_url":
-                    sizes.append(part["_size"])
-    return sizes
-
-
-def _without_image_data(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The messages with each image's data URL replaced by its size (validated parts only)."""
-    light = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = [{"type": "image", "size": p["_size"]} if p.get("type") == "image_url" else p for p in content]
+            content = [{"type": "image", "size": next(sizes_left)} if p.get("type") == "image_url" else p for p in content]
         light.append({**message, "content": content})
     return light
 
 
-def _validate_image_part(part: dict[str, Any], decode: bool = True) -> None:
-    url = (part.get("image_url") or {}).get("url")
-    if not isinstance(url, str):
-        raise BadRequest("image_url.url must be a string")
-    if not url.startswith("data:image/") or ";base64," not in url:
-        raise BadRequest(f"Only base64 data URLs are supported for image_url here, got {url[:40]!r}")
-    encoded = url.split(";base64,", 1)[1]
-    try:
-        # without a full decode, the header in the first 48 KiB is enough for the size
-        raw = base64.b64decode(encoded if decode else encoded[: 64 * 1024], validate=True)
-        with Image.open(io.BytesIO(raw)) as img:
-            if decode:
-                img.load()
-            part["_size"] = img.size
-    except (binascii.Error, OSError) as exc:
-        raise BadRequest(f"Failed to load image: {exc}") from None
-
-
-def _validate(body: dict[str, Any], model: str, decode_images: bool = True) -> None:
-    if body.get("model") != model:
-        raise BadRequest(f"The model `{body.get('model')}` does not exist.", status=404, kind="NotFoundError")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRequest("messages must be a non-empty list")
-    for message in messages:
-        if message.get("role") not in {"system", "user", "assistant"}:
-            raise BadRequest(f"unknown role {message.get('role')!r}")
-        content = message.get("content")
-        if isinstance(content, list):
-            for part in content:
-                if part.get("type") == "image_url":
-                    _validate_image_part(part, decode_images)
-                elif part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise BadRequest(f"unsupported content part {part.get('type')!r}")
-        elif not isinstance(content, str):
-            raise BadRequest("message content must be a string or a list of parts")
-    for name, kind in (("temperature", (int, float)), ("top_p", (int, float)), ("max_tokens", int), ("seed", int)):
-        if name in body and not isinstance(body[name], kind):
-            raise BadRequest(f"{name} has the wrong type")
-    fmt = body.get("response_format")
-    if fmt is not None:
-        if fmt.get("type") not in {"text", "json_object", "json_schema"}:
-            raise BadRequest(f"response_format.type {fmt.get('type')!r} is not supported")
-        if fmt["type"] == "json_schema":
-            spec = fmt.get("json_schema")
-            if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("schema"), dict):
-                raise BadRequest("response_format.json_schema needs a name and a schema object")
-            try:
-                jsonschema.Draft202012Validator.check_schema(spec["schema"])
-            except jsonschema.SchemaError as exc:
-                raise BadRequest(f"invalid JSON schema: {exc.message}") from None
+# xgrammar lets raw control characters into length-bounded strings (vLLM's default backend): the
+# double writes a tab and a BEL at the end of each such string, which the client must normalise away
+CONTROL_QUIRK = "\t\x07"
+_QUIRK_MARK = "\ue000"
 
 
 def schema_instance(schema: dict[str, Any], root: dict[str, Any], note: str, name: str = "value", index: int = 0) -> Any:
-    """A value that satisfies ``schema`` (the subset pydantic emits), with strings that carry ``note``."""
+    """A value that satisfies ``schema`` (the subset the project sends), with strings that carry ``note``."""
     if "$ref" in schema:
         target: Any = root
         for part in schema["$ref"].lstrip("#/").split("/"):
@@ -188,16 +129,33 @@ def schema_instance(schema: dict[str, Any], root: dict[str, Any], note: str, nam
         return float(schema.get("minimum", 0))
     if kind == "boolean":
         return True
-    return f"{_pattern_prefix(schema.get('pattern'))}{name} {index + 1}: {note}"
+    text = f"{name} {index + 1}: {note}"
+    if "pattern" in schema:
+        return _patterned(schema["pattern"], text)
+    if "maxLength" in schema:
+        # what guided decoding does: the string stops at its bound; and xgrammar's quirk at the end
+        limit = schema["maxLength"] - len(CONTROL_QUIRK)
+        return text[: max(limit, 1)] + (_QUIRK_MARK if limit >= 1 else "")
+    return text
 
 
-def _pattern_prefix(pattern: str | None) -> str:
-    """The literal a ``^literal`` pattern demands at the start (what guided decoding would emit)."""
-    if not pattern or not pattern.startswith("^"):
-        return ""
-    if re.search(r"[.*+?()\[\]{}|$^\\]", re.sub(r"\\.", "", pattern[1:])):
-        return ""  # beyond this double: the client's own validation will reject the string
-    return re.sub(r"\\(.)", r"\1", pattern[1:]) + " "
+def _patterned(pattern: str, text: str) -> str:
+    """``text`` after the literal a ``^literal...`` pattern starts with, cut until the pattern accepts it."""
+    literal = re.match(r"\^((?:[^.*+?()\[\]{}|$^\\]|\\.)*)", pattern)
+    prefix = re.sub(r"\\(.)", r"\1", literal.group(1)) if literal else ""
+    schema = json.dumps({"type": "string", "pattern": pattern})
+
+    def accepted(candidate: str) -> bool:
+        try:
+            return vllm_rules.grammar_accepts(schema, json.dumps(candidate))
+        except vllm_rules.Refusal:  # a pattern xgrammar cannot compile: llguidance decodes it, and means what Python means
+            return re.fullmatch(pattern, candidate) is not None
+
+    for end in range(len(text), 0, -1):
+        candidate = f"{prefix} {text[:end]}" if prefix else text[:end]
+        if accepted(candidate):
+            return candidate
+    raise ValueError(f"the test double cannot write a string for the pattern {pattern!r}")
 
 
 class _Listener(ThreadingHTTPServer):
@@ -227,10 +185,17 @@ class OpenAITestServer:
         self.decode_images = True
         self.keep_requests = True
         self.timings: list[tuple[float, float, float]] = []  # (arrived, slot taken, answered), monotonic
+        # what vLLM was started with: --structured-outputs-config.backend, --limit-mm-per-prompt, --max-model-len
+        self.backend = "auto"
+        self.max_images = 16
+        self.max_model_len = 32768
+        # every generated answer is checked against the request's grammar (off only where the CPU is measured)
+        self.check_answers = True
         self._slot_gate: threading.Semaphore | None = None
         self._rng = random.Random(0)
         self._lock = threading.Lock()
         self._httpd = _Listener((host, port), self._handler())
+        vllm_rules.warm_up()  # importing xgrammar takes seconds: not inside the first request's timeout
         self._thread: threading.Thread | None = None
 
     @property
@@ -243,6 +208,7 @@ class OpenAITestServer:
         self.slots, self.latency = slots, latency
         self._slot_gate = threading.Semaphore(slots)
         self.decode_images, self.keep_requests = decode_images, keep_requests
+        self.check_answers = decode_images  # light mode leaves the CPU to the client being measured
         return self
 
     def stats(self, *, reset: bool = False) -> dict[str, Any]:
@@ -284,6 +250,7 @@ class OpenAITestServer:
             self.latency = 0.0
             self.slots, self._slot_gate = None, None
             self.decode_images, self.keep_requests = True, True
+            self.backend, self.max_images, self.max_model_len, self.check_answers = "auto", 16, 32768, True
             self.timings.clear()
             self.max_in_flight = 0
             self.fault_rates = {}
@@ -319,8 +286,15 @@ class OpenAITestServer:
         """(status, payload, headers), or None to drop the connection."""
         arrived = time.monotonic()
         try:
-            _validate(body, self.model, self.decode_images)
-        except BadRequest as exc:
+            sizes = vllm_rules.validate_request(
+                body, model=self.model, max_images=self.max_images, max_model_len=self.max_model_len, backend=self.backend,
+                decode_images=self.decode_images,
+            )
+            schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
+            decoder = vllm_rules.check_schema(schema, self.backend) if schema is not None else None
+            if decoder == "xgrammar":  # the engine compiles the grammar before decoding; a failure there is a 500
+                vllm_rules.compiled_grammar(json.dumps(schema))
+        except vllm_rules.Refusal as exc:
             return exc.status, {"error": {"message": str(exc), "type": exc.kind, "param": None, "code": exc.status}}, {}
         with self._lock:
             if self.keep_requests:
@@ -339,17 +313,14 @@ class OpenAITestServer:
         if reply.status != 200:
             return reply.status, {"error": {"message": f"scripted HTTP {reply.status}", "type": "ServerError", "code": reply.status}}, reply.headers
         content = reply.content
-        # in light (benchmark) mode, hash and count the text and image sizes, not megabytes of base64
-        seen = body["messages"] if self.decode_images else _without_image_data(body["messages"])
+        # hash and count the text and image sizes, not megabytes of base64
+        seen = _without_image_data(body["messages"], sizes)
         if content is None:
-            sizes = _describe_images(body["messages"])
             # a digest of the request makes different prompts get different strings, as a model's
             # would, while the same request (same seed) gets the same reply, as seeded sampling does
             digest = hashlib.sha256(json.dumps([seen, body.get("seed")], sort_keys=True).encode()).hexdigest()[:8]
             note = f"saw {len(sizes)} image(s) " + ",".join(f"{w}x{h}" for w, h in sizes) + f" (reply {digest})"
-            fmt = body.get("response_format") or {}
-            schema = (fmt.get("json_schema") or {}).get("schema")
-            content = json.dumps(schema_instance(schema, schema, note)) if schema else note
+            content = self._write(schema, note, decoder) if schema is not None else note
         if reply.spoil == "truncate":
             content = content[: len(content) // 2]
         elif reply.spoil == "invalid_json":
@@ -365,6 +336,16 @@ class OpenAITestServer:
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reply.finish_reason}],
             "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(content) // 4, "total_tokens": prompt_chars // 4 + len(content) // 4},
         }, reply.headers
+
+    def _write(self, schema: dict[str, Any], note: str, decoder: str | None) -> str:
+        """The answer guided decoding could have written for ``schema``: checked against xgrammar's own grammar."""
+        content = json.dumps(schema_instance(schema, schema, note))
+        if decoder != "xgrammar":
+            return content.replace(json.dumps(_QUIRK_MARK)[1:-1], "")  # llguidance writes no raw control characters
+        content = content.replace(json.dumps(_QUIRK_MARK)[1:-1], CONTROL_QUIRK)
+        if self.check_answers and not vllm_rules.grammar_accepts(json.dumps(schema), content):
+            raise RuntimeError(f"its answer breaks the request's grammar, which vLLM's guided decoding never would: {content[:300]!r}")
+        return content
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
@@ -435,18 +416,22 @@ class OpenAITestServer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="OpenAI-compatible TEST DOUBLE (not a model)")
-    parser.add_argument("model")
+    parser.add_argument("model", nargs="?")
+    parser.add_argument("--model", dest="model_option", help="as vLLM's server takes it (the worker's --serve-vllm passes --model)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--slots", type=int, default=None, help="simulate a continuous-batching server with this many slots")
     parser.add_argument("--light", action="store_true", help="check image headers only (no decode)")
     args, _ = parser.parse_known_args()
-    server = OpenAITestServer(args.model, args.host, args.port)
+    model = args.model_option or args.model
+    if not model:
+        parser.error("give the model name, as an argument or as --model")
+    server = OpenAITestServer(model, args.host, args.port)
     server.latency = args.latency
     if args.slots:
         server.simulate(slots=args.slots, latency=args.latency, decode_images=not args.light)
-    print(f"test double serving {args.model} at {server.base_url}", flush=True)
+    print(f"test double serving {model} at {server.base_url}", flush=True)
     try:
         server._httpd.serve_forever()
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vqa_operators.exceptions import ConfigError, RowError
+from vqa_operators.generators.answers import TextLimits
 from vqa_operators.media import DEFAULT_MAX_PIXELS, MediaReader, PreparedImage
 from vqa_operators.parsing import ParseError, describe_validation_error, parse_structured
 from vqa_operators.prompts import load_prompts
@@ -37,6 +38,27 @@ class GeneratorOptions(BaseModel):
     max_prompt_chars: int = Field(
         60_000, ge=1_000, le=2_000_000, description="a request whose text is longer goes to errors (prompt_too_long) unsent"
     )
+
+
+class AnswerTextOptions(GeneratorOptions):
+    """Options of generators whose model writes answers."""
+
+    max_answer_chars: int = Field(
+        600, ge=20, le=20_000, description="longest answer, in characters: the answer schema's bound, which guided decoding enforces"
+    )
+
+
+class QATextOptions(AnswerTextOptions):
+    """Options of generators whose model writes questions and answers."""
+
+    max_question_chars: int = Field(
+        300, ge=20, le=5_000, description="longest question, in characters: the answer schema's bound, which guided decoding enforces"
+    )
+
+    @property
+    def text_limits(self) -> TextLimits:
+        """The bounds of a generated question and answer."""
+        return TextLimits(question=self.max_question_chars, answer=self.max_answer_chars)
 
 
 class ImageRowOptions(GeneratorOptions):
@@ -146,6 +168,10 @@ class Generator(ABC):
     async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return (fields to add to the row, provenance details) or raise RowError."""
 
+    def answer_models(self) -> list[type[BaseModel]]:
+        """Every answer model this generator asks for: their JSON schemas are all it sends (repairs included)."""
+        return [self.answer_model]  # type: ignore[attr-defined]
+
     def finish_row(self, row: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         """The output row: the input row with the generated fields added (a stage may also drop fields)."""
         return {**row, **fields}
@@ -250,17 +276,22 @@ async def run_rows(
     *,
     window: int,
     on_finished: Callable[[RowOutcome], None] | None = None,
+    reorder: int | None = None,
 ) -> AsyncIterator[RowOutcome]:
-    """Process rows with at most ``window`` in flight, yielding outcomes in input order.
+    """Process rows with at most ``window`` running at once, yielding outcomes in input order.
 
-    ``on_finished`` sees each new outcome as soon as its row finishes, in completion order, so
-    that rows finished behind a slow one are not lost if the job fails. An item that is already
-    a RowOutcome (a row finished by an earlier try) is passed through. Any other exception than
-    RowError, from any row in flight, propagates at once and cancels the rest: the job fails as
-    a whole (a down server is not a reason to fail rows).
+    Rows that finish ahead of a slower one wait, finished, for it to be yielded: up to ``reorder``
+    of them (default ``4 * window``), so that one slow row (a long answer, a repair) does not stop
+    new rows from starting while the server has room. ``on_finished`` sees each new outcome as
+    soon as its row finishes, in completion order, so that rows finished behind a slow one are not
+    lost if the job fails. An item that is already a RowOutcome (a row finished by an earlier try)
+    is passed through. Any other exception than RowError, from any row running, propagates at once
+    and cancels the rest: the job fails as a whole (a down server is not a reason to fail rows).
     """
     loop = asyncio.get_running_loop()
     fatal: asyncio.Future[None] = loop.create_future()
+    reorder = 4 * window if reorder is None else reorder
+    running: set[asyncio.Task[RowOutcome]] = set()
 
     async def one(line: int, item: dict[str, Any] | BadLine | RowOutcome) -> RowOutcome:
         if isinstance(item, RowOutcome):
@@ -282,21 +313,31 @@ async def run_rows(
             raise
         return outcome
 
-    async def next_outcome() -> RowOutcome:
-        head = pending[0]
-        await asyncio.wait((head, fatal), return_when=asyncio.FIRST_COMPLETED)
+    def start(line: int, item: dict[str, Any] | BadLine | RowOutcome) -> None:
+        task = asyncio.ensure_future(one(line, item))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        pending.append(task)
+
+    async def wait_for(tasks: set[asyncio.Task[RowOutcome]]) -> None:
+        await asyncio.wait({*tasks, fatal}, return_when=asyncio.FIRST_COMPLETED)
         if fatal.done():
             fatal.result()  # raises the first job-level error; the finally below cancels the rest
-        return pending.popleft().result()
 
-    pending: deque[asyncio.Task[RowOutcome]] = deque()
+    pending: deque[asyncio.Task[RowOutcome]] = deque()  # in input order: running, then finished and waiting
     try:
         for line, item in items:
-            pending.append(asyncio.ensure_future(one(line, item)))
-            while len(pending) >= window:
-                yield await next_outcome()
+            start(line, item)
+            while True:
+                while pending and pending[0].done():
+                    yield pending.popleft().result()
+                if len(running) < window and len(pending) - len(running) < reorder:
+                    break
+                # a running row must finish: the head (to make room to reorder) or any (to make room to run)
+                await wait_for({pending[0]} if len(running) < window else set(running))
         while pending:
-            yield await next_outcome()
+            await wait_for({pending[0]})
+            yield pending.popleft().result()
     finally:
         for task in pending:
             task.cancel()

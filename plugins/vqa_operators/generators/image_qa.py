@@ -4,29 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import Field
 
-from vqa_operators.generators.base import Generator, ImageRowOptions, row_key
-
-
-class QAPair(BaseModel):
-    """One question with its answer; both non-empty."""
-
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    question: str = Field(min_length=1)
-    answer: str = Field(min_length=1)
+from vqa_operators.generators.answers import qa_set_model
+from vqa_operators.generators.base import Generator, ImageRowOptions, QATextOptions, row_key
 
 
-def qa_set_model(name: str, max_pairs: int, *, min_pairs: int = 1) -> type[BaseModel]:
-    """The JSON the model must return: ``{"qa_pairs": [{"question", "answer"}]}`` with min..max pairs."""
-    return create_model(
-        name,
-        __config__=ConfigDict(extra="forbid"),
-        qa_pairs=(list[QAPair], Field(min_length=min_pairs, max_length=max_pairs)),
-    )
-
-
-class ImageQAOptions(ImageRowOptions):
+class ImageQAOptions(ImageRowOptions, QATextOptions):
     """Options of the image QA generator."""
 
     pairs_per_row: int = Field(3, ge=1, le=20, description="QA pairs to generate per row")
@@ -43,7 +27,7 @@ class ImageQAGenerator(Generator):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         pairs = self.options.pairs_per_row
-        self.answer_model = qa_set_model("ImageQAAnswer", pairs, min_pairs=pairs)
+        self.answer_model = qa_set_model("ImageQAAnswer", pairs, self.options.text_limits, min_pairs=pairs)
 
     async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Ask for ``pairs_per_row`` QA pairs about every image of ``row``."""

@@ -10,14 +10,14 @@ with the tag; one that does not is repaired once and then goes to the errors fil
 from __future__ import annotations
 
 import hashlib
-import re
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import Field
 
 from vqa_operators.exceptions import ConfigError, RowError
-from vqa_operators.generators.base import Generator, ImageRowOptions, derive_seed, row_key
+from vqa_operators.generators.answers import AFTER_TAG, PATTERN_MAX_CHARS, tagged_answer_model
+from vqa_operators.generators.base import AnswerTextOptions, Generator, ImageRowOptions, derive_seed, row_key
 from vqa_operators.parsing import ParseError
 from vqa_operators.prompts import PromptSet
 
@@ -75,24 +75,19 @@ def choose_question(bank: list[Question], *, seed: int | None, key: str, subject
     return candidates[index % len(candidates)]
 
 
-def pers_answer_model(tag: str) -> type[BaseModel]:
-    """``{"answer": "<tag> ..."}``; the schema's ``pattern`` lets guided decoding enforce the tag."""
-    return create_model(
-        "PersQAAnswer",
-        __config__=ConfigDict(extra="forbid", str_strip_whitespace=True),
-        answer=(str, Field(min_length=1, json_schema_extra={"pattern": f"^{re.escape(tag)}"})),
-    )
-
-
 def one_line(text: str) -> str:
     """Collapse whitespace runs (newlines included) to single spaces."""
     return " ".join(text.split())
 
 
-class PersQAOptions(ImageRowOptions):
+class PersQAOptions(ImageRowOptions, AnswerTextOptions):
     """Options of the personalised QA generator."""
 
     tag: str = Field("<mam>", min_length=1, max_length=40, pattern=r"^\S+$", description="the main character's name tag")
+    max_answer_chars: int = Field(
+        PATTERN_MAX_CHARS, ge=50, le=PATTERN_MAX_CHARS,
+        description=f"longest answer, tag included: the answer pattern's bound (at most {PATTERN_MAX_CHARS}, what vLLM's xgrammar compiles)",
+    )
     output_key: str = Field("pers_qa", min_length=1, description="output field for 'Question: ... Answer: ...'")
     subject_key: str = Field(
         "subject_type", min_length=1, description="optional input field: person, pet or object (rows without it get questions that suit any)"
@@ -109,7 +104,8 @@ class PersQAGenerator(Generator):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.bank = load_question_bank(self.prompts, self.options.tag)
-        self.answer_model = pers_answer_model(self.options.tag)
+        opts = self.options
+        self.answer_model = tagged_answer_model(opts.tag, opts.max_answer_chars)
 
     def _subject(self, row: dict[str, Any]) -> str | None:
         subject = row.get(self.options.subject_key)
@@ -120,13 +116,15 @@ class PersQAGenerator(Generator):
         return subject
 
     def check_answer(self, answer: Any) -> None:
-        """The answer starts with the tag and says something after it."""
-        tag = self.options.tag
+        """What the schema's pattern says: the answer starts with the tag, says something after it, and fits the bound."""
+        tag, limit = self.options.tag, self.options.max_answer_chars
         text = answer.answer
         if not text.startswith(tag):
             raise ParseError(f"the answer must start with {tag!r}, but it starts with {text[:30]!r}", reason="answer_missing_tag")
-        if not text[len(tag) :].strip(" .,:;!?"):
+        if not text[len(tag) :].strip(AFTER_TAG + " \t\n"):
             raise ParseError(f"the answer is only the tag {tag!r}; say something about {tag}", reason="answer_missing_tag")
+        if len(text) > limit:
+            raise ParseError(f"the answer has {len(text)} characters; the limit is {limit}", reason="schema_mismatch")
 
     async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Ask the row's question about every image of ``row``; return ``pers_qa``."""

@@ -23,11 +23,11 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, create_model, field_validator
 
 from vqa_operators.exceptions import RowError
-from vqa_operators.generators.base import Generator, GeneratorOptions, row_key
-from vqa_operators.generators.image_qa import QAPair, qa_set_model
+from vqa_operators.generators.answers import STRICT, QAPair, TextLimits, distinct, qa_set_model, text
+from vqa_operators.generators.base import Generator, QATextOptions, row_key
 from vqa_operators.media import PreparedImage
 from vqa_operators.parsing import ParseError, describe_validation_error
 
@@ -105,10 +105,10 @@ def sample_frames(clips: list[Clip], budget: int) -> list[Frame]:
 class Expert(BaseModel):
     """An expert the master recruits."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    role: str = Field(min_length=1, max_length=80)
-    description: str = Field(min_length=1, max_length=500)
-    subtask: str = Field(min_length=1, max_length=500)
+    model_config = STRICT
+    role: str = text(80)
+    description: str = text(300)
+    subtask: str = text(300)
 
 
 class ExpertRecord(Expert):
@@ -130,36 +130,47 @@ class VideoQAState(BaseModel):
 # --- model answers ---------------------------------------------------------------------------
 
 
-class MasterDecision(BaseModel):
-    """The master's move in one iteration: recruit one new expert, or terminate."""
+class Recruit(BaseModel):
+    """The master recruits one new expert."""
 
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    action: Literal["recruit", "terminate"]
-    reason: str = Field(min_length=1, max_length=1000)
-    expert: Expert | None = None
-
-
-class LabelledPair(BaseModel):
-    """One final pair with one or two labels from ``LABELS``."""
-
-    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
-    labels: list[LabelId] = Field(min_length=1, max_length=2, json_schema_extra={"uniqueItems": True})
-    question: str = Field(min_length=1)
-    answer: str = Field(min_length=1)
-
-    @field_validator("labels")
-    @classmethod
-    def _distinct(cls, labels: list[str]) -> list[str]:
-        if len(set(labels)) != len(labels):
-            raise ValueError("the two labels must differ")
-        return labels
+    model_config = STRICT
+    action: Literal["recruit"]
+    reason: str = text(300)
+    expert: Expert
 
 
-def final_model(pairs: int) -> type[BaseModel]:
-    """``{"qa": [{"labels", "question", "answer"}]}`` with exactly ``pairs`` pairs."""
+class Terminate(BaseModel):
+    """The master says the set is complete."""
+
+    model_config = STRICT
+    action: Literal["terminate"]
+    reason: str = text(300)
+
+
+class MasterDecision(RootModel[Recruit | Terminate]):
+    """The master's move in one iteration. A union, so the grammar itself makes "recruit" carry an expert."""
+
+
+def labelled_pair_model(limits: TextLimits) -> type[BaseModel]:
+    """One final pair: one or two labels from ``LABELS`` (a label given twice counts once), a question and an answer."""
+
+    def _distinct(cls: Any, labels: list[str]) -> list[str]:
+        return distinct(labels)
+
     return create_model(
-        "VideoQAFinal", __config__=ConfigDict(extra="forbid"), qa=(list[LabelledPair], Field(min_length=pairs, max_length=pairs))
+        "LabelledPair",
+        __config__=STRICT,
+        __validators__={"_distinct": field_validator("labels")(_distinct)},
+        labels=(list[LabelId], Field(min_length=1, max_length=2)),
+        question=(str, text(limits.question)),
+        answer=(str, text(limits.answer)),
     )
+
+
+def final_model(pairs: int, limits: TextLimits) -> type[BaseModel]:
+    """``{"qa": [{"labels", "question", "answer"}]}`` with exactly ``pairs`` pairs."""
+    pair = labelled_pair_model(limits)
+    return create_model("VideoQAFinal", __config__=ConfigDict(extra="forbid"), qa=(list[pair], Field(min_length=pairs, max_length=pairs)))  # type: ignore[valid-type]
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -184,7 +195,7 @@ def dedupe(pairs: list[dict[str, Any]], key: str = "Question") -> list[dict[str,
     return out
 
 
-def to_rows(pairs: list[QAPair]) -> list[dict[str, str]]:
+def to_rows(pairs: list[Any]) -> list[dict[str, str]]:
     """Model pairs in the rows' spelling: ``{"Question", "Answer"}``."""
     return [{"Question": p.question, "Answer": p.answer} for p in pairs]
 
@@ -194,7 +205,7 @@ def qa_json(pairs: list[dict[str, Any]]) -> str:
     return "[\n" + ",\n".join(json.dumps({"question": p["Question"], "answer": p["Answer"]}, ensure_ascii=False) for p in pairs) + "\n]"
 
 
-class VideoQAOptions(GeneratorOptions):
+class VideoQAOptions(QATextOptions):
     """Options every video QA stage shares."""
 
     meta_key: str = Field("Meta", min_length=1, description="input field with the video's meta text")
@@ -316,7 +327,7 @@ class VideoQAInitialGenerator(_VideoQAStage):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.answer_model = qa_set_model("VideoQASet", self.options.initial_pairs)
+        self.answer_model = qa_set_model("VideoQASet", self.options.initial_pairs, self.options.text_limits)
 
     async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         opts = self.options
@@ -353,8 +364,13 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.expert_model = qa_set_model("ExpertQASet", self.options.expert_pairs)
-        self.revised_model = qa_set_model("RevisedQASet", self.options.max_pairs)
+        limits = self.options.text_limits
+        self.expert_model = qa_set_model("ExpertQASet", self.options.expert_pairs, limits)
+        self.revised_model = qa_set_model("RevisedQASet", self.options.max_pairs, limits)
+
+    def answer_models(self) -> list[type[BaseModel]]:
+        """The master's decision, the expert's pairs and the revised set."""
+        return [MasterDecision, self.expert_model, self.revised_model]
 
     async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         opts = self.options
@@ -371,7 +387,7 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
                 iteration = state.iterations + 1
                 frames = frames or asyncio.ensure_future(self.load_frames(video))
                 decision = await self._recruit(video, current, state, iteration, key)
-                if decision is None or decision.action == "terminate" or decision.expert is None:
+                if not isinstance(decision, Recruit):
                     state.terminated = True
                     state.stop_reason = "duplicate_expert" if decision is None else "master_terminated"
                     break
@@ -397,30 +413,26 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
         meta = {"iterations_run": ran, **(self.frames_meta(video) if images is not None else {})}
         return fields, meta
 
-    async def _recruit(self, video: Video, current: list[dict[str, str]], state: VideoQAState, iteration: int, key: str) -> MasterDecision | None:
+    async def _recruit(self, video: Video, current: list[dict[str, str]], state: VideoQAState, iteration: int, key: str) -> Recruit | Terminate | None:
         """The master's decision, or None if it kept naming an expert it already had."""
         taken = {normalise(e.role) for e in state.experts}
 
         def check(decision: MasterDecision) -> None:
-            if decision.action != "recruit":
-                return
-            if decision.expert is None:
-                raise ParseError('"recruit" needs an "expert" with role, description and subtask', reason="missing_expert")
-            if normalise(decision.expert.role) in taken:
-                raise ParseError(
-                    f"the role {decision.expert.role!r} was already recruited; name a different expert or terminate", reason="duplicate_expert"
-                )
+            move = decision.root
+            if isinstance(move, Recruit) and normalise(move.expert.role) in taken:
+                raise ParseError(f"the role {move.expert.role!r} was already recruited; name a different expert or terminate", reason="duplicate_expert")
 
         task = self.prompts.render(
             "recruit", iteration=iteration, max_iterations=self.options.max_iterations, current_qa=qa_json(current),
             current_count=len(current), experts=state.experts,
         )
         try:
-            return await self.ask(self.messages(video, None, task), MasterDecision, key=f"{key}:recruit:{iteration}", check=check)
+            decision = await self.ask(self.messages(video, None, task), MasterDecision, key=f"{key}:recruit:{iteration}", check=check)
         except RowError as err:
             if err.reason == "duplicate_expert":
                 return None
             raise
+        return decision.root
 
     async def revise(self, video: Video, *, current: list[dict[str, str]], expert_pairs: list[dict[str, str]], role: str, key: str) -> list[dict[str, str]]:
         """The master merges the expert's pairs into the current set; the result replaces it."""
@@ -449,7 +461,7 @@ class VideoQAFinalGenerator(_VideoQAStage):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.answer_model = final_model(self.options.final_pairs)
+        self.answer_model = final_model(self.options.final_pairs, self.options.text_limits)
 
     def finish_row(self, row: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         """The seed's output row: the carried state leaves the row (it is kept in provenance)."""

@@ -1,7 +1,7 @@
 """``VQAWorkerPodOperator``: the same worker command in a pod on a GPU node (``VQA_EXECUTION=kubernetes``).
 
 The model server is either an existing vLLM service (the ``vqa_vlm`` connection's host, passed as
-``VQA_BASE_URL``) or, when no URL is configured, ``vllm serve`` started inside the pod by the
+``VQA_BASE_URL``) or, when no URL is configured, vLLM's server started inside the pod by the
 worker (``--serve-vllm``), health-checked before the first row. Secrets come from Kubernetes
 Secrets by reference; no secret value is ever written into the pod spec.
 """

@@ -1,15 +1,16 @@
 """``LocalModelVLMServing_transformers``: a vision-language model run by Hugging Face transformers on this machine's CPU.
 
-For the demo and for laptops: no GPU, no model server. ``torch`` and ``transformers`` are
-imported on first use only, so nothing else pays for them. The model is a Hub id (fetched into
-the Hub cache on first use) or a local folder (``VQA_MODEL=/path``, works offline); any model
-that ``AutoModelForImageTextToText`` and ``AutoProcessor`` load and whose processor has a chat
-template. The default is a small LLaVA-architecture model, the architecture the tests build at
-random weights.
+For laptops where vLLM's CPU build does not install (macOS, say): no GPU, no model server.
+``torch``, ``transformers`` and ``xgrammar`` are imported on first use only, so nothing else pays
+for them. The model is a Hub id (fetched into the Hub cache on first use) or a local folder
+(``VQA_MODEL=/path``, works offline); any model that ``AutoModelForImageTextToText`` and
+``AutoProcessor`` load and whose processor has a chat template. The default is SmolVLM-256M
+(Idefics3), the architecture the tests build at random weights.
 
-What it does not do, unlike vLLM: structured decoding (the schema is not enforced while
-sampling, so a weak model's answer may not parse, and the row goes to errors with the parse
-reason) and batching (requests run one at a time; this is for tens of rows, not millions).
+Guided decoding holds here as it does on vLLM: the request's JSON schema is compiled with
+xgrammar, vLLM's default structured-output library, and its logits processor masks every token
+that would break the schema. What it does not do, unlike vLLM: batching (requests run one at a
+time; this is for tens of rows, not millions).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 import threading
 import time
@@ -27,8 +29,9 @@ from vqa_operators.serving.base import ChatRequest, ChatResult, SamplingParams
 
 log = logging.getLogger("vqa_operators.serving.transformers")
 
-# public, instruction-tuned, 0.9B parameters (SigLIP + Qwen1.5-0.5B), LLaVA architecture; ~1.8 GB of weights
-DEFAULT_CPU_MODEL = "llava-hf/llava-interleave-qwen-0.5b-hf"
+# public, instruction-tuned, 256M parameters, Idefics3 architecture (SigLIP + SmolLM2); about 0.5 GB of weights.
+# The same architecture as the tests' tiny model, and one vLLM's CPU build loads without torchvision.
+DEFAULT_CPU_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
 
 
 def _image(url: str) -> Any:
@@ -82,6 +85,8 @@ class LocalModelVLMServing_transformers:  # noqa: N801 - named like the seeds' L
         self.device = device
         self._model: Any = None
         self._processor: Any = None
+        self._grammars: Any = None  # xgrammar's compiler for this model's tokenizer
+        self._compiled: dict[str, Any] = {}
         self._lock = threading.Lock()
 
     def _load(self) -> None:
@@ -101,8 +106,23 @@ class LocalModelVLMServing_transformers:  # noqa: N801 - named like the seeds' L
                 raise ConfigError(f"cannot load model {self.model_name!r}: {str(err).splitlines()[0]}") from None
             if not getattr(processor, "chat_template", None):
                 raise ConfigError(f"model {self.model_name!r} has no chat template in its processor files")
+            import xgrammar
+
+            vocab = model.get_output_embeddings().weight.shape[0]  # may be larger than the tokenizer's (padding)
+            self._grammars = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(processor.tokenizer, vocab_size=vocab))
             self._processor, self._model = processor, model
             log.info("loaded %s (%s) on %s in %.1fs", self.model_name, type(model).__name__, self.device, time.monotonic() - started)
+
+    def _guide(self, schema: dict[str, Any] | None) -> list[Any]:
+        """xgrammar's logits processor for ``schema`` (one per generation: it keeps the match state), or none."""
+        if schema is None:
+            return []
+        from xgrammar.contrib.hf import LogitsProcessor
+
+        key = json.dumps(schema)
+        if key not in self._compiled:
+            self._compiled[key] = self._grammars.compile_json_schema(key, any_whitespace=True)
+        return [LogitsProcessor(self._compiled[key])]
 
     def _generate(self, request: ChatRequest) -> ChatResult:
         import torch
@@ -116,7 +136,7 @@ class LocalModelVLMServing_transformers:  # noqa: N801 - named like the seeds' L
         with self._lock, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
-            kwargs: dict[str, Any] = {"max_new_tokens": self.sampling.max_tokens, "do_sample": sample}
+            kwargs: dict[str, Any] = {"max_new_tokens": self.sampling.max_tokens, "do_sample": sample, "logits_processor": self._guide(request.schema)}
             if sample:
                 kwargs.update(temperature=self.sampling.temperature, top_p=self.sampling.top_p)
             output = self._model.generate(**inputs, **kwargs)

