@@ -18,10 +18,10 @@ from typing import IO
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
 
-from vqa_operators.serving.vllm_server import CPU_ENV, VLLM_SERVER_MODULE, cpu_args, serve_vllm  # noqa: E402
+from vqa_operators.serving.vllm_server import CPU_ENV, CPU_MAX_MODEL_LEN, VLLM_SERVER_MODULE, cpu_args, serve_vllm  # noqa: E402
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-MAX_MODEL_LEN = 16384
+MAX_MODEL_LEN = CPU_MAX_MODEL_LEN
 MAX_IMAGES = 16
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MODEL
-from tests.doubles.openai_server import OpenAITestServer
+from tests.doubles.openai_server import OpenAITestServer, Reply
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,27 +50,30 @@ def test_the_model_choice_without_anything_configured(tmp_path: Path, monkeypatc
 
 
 @pytest.mark.slow
-def test_demo_runs_the_three_dags_through_airflow_standalone(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
-    # the double lists one model, so VQA_MODEL may be omitted
+def test_demo_runs_the_dags_through_airflow_standalone_and_says_why_one_failed(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
+    # the double lists one model, so VQA_MODEL may be omitted; it refuses the key for the video requests
+    # only: image_qa and pers_qa succeed, video_qa's first task fails at once (no retries) and the demo says why
+    def refuse_video(body: dict) -> Reply | None:
+        return Reply(status=401) if body["response_format"]["json_schema"]["name"] == "VideoQASet" else None
+
+    vlm_server.responder = refuse_video
     proc = run_demo({"VQA_BASE_URL": vlm_server.base_url, "VQA_DEMO_DIR": str(tmp_path)}, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:] + (tmp_path / "logs/airflow.log").read_text()[-5000:]
-    assert "image_qa: rows_in=4 rows_out=4 rows_failed=0" in proc.stdout
-    assert "pers_qa: rows_in=3 rows_out=3 rows_failed=0" in proc.stdout
-    assert "video_qa: rows_in=2 rows_out=2 rows_failed=0" in proc.stdout
+    out = proc.stdout
+    assert proc.returncode == 1, out[-3000:] + proc.stderr[-3000:] + (tmp_path / "logs/airflow.log").read_text()[-5000:]
+    assert "image_qa: rows_in=4 rows_out=4 rows_failed=0" in out
+    assert "pers_qa: rows_in=3 rows_out=3 rows_failed=0" in out
+    assert "FAILED: video_qa run ended failed. Why:" in out
+    assert re.search(r"video_qa\.initial\[0\]: .*ConfigError: model server refused the API key: HTTP 401", out), out[-3000:]
 
     def output(dag_id: str) -> list[dict]:
         return [json.loads(line) for line in (tmp_path / "output" / f"{dag_id}.jsonl").read_text().splitlines()]
 
-    image_qa, pers_qa, video_qa = output("image_qa"), output("pers_qa"), output("video_qa")
+    image_qa, pers_qa = output("image_qa"), output("pers_qa")
     assert len(image_qa) == 4 and all(len(r["qa_pairs"]) == 3 for r in image_qa)
     assert image_qa[1]["vqa_provenance"]["image_qa"]["model"] == MODEL
     assert all(r["pers_qa"].startswith("Question: ") and " Answer: <mam> " in r["pers_qa"] for r in pers_qa)
-    assert [r["id"] for r in video_qa] == ["bouncing_ad", "sunset_teaser"]
-    assert all(len(r["QA"]) == 10 and set(r["QA"][0]) == {"Label", "Question", "Answer"} for r in video_qa)
-    # the videos' frames (18 and 12) are sampled to the 8-frame budget
-    assert [len(r["vqa_provenance"]["video_qa_initial"]["frames_sent"]) for r in video_qa] == [8, 8]
-    # image 4 + pers 3 + video 2 x (initial + 3 x (recruit, expert, revise) + final)
-    assert len(vlm_server.requests) == 4 + 3 + 2 * 11
+    # image 4 + pers 3, and the first video's refused request (the second video's, if it was sent before the task failed)
+    assert 4 + 3 + 1 <= len(vlm_server.requests) <= 4 + 3 + 2
 
 
 @pytest.mark.slow
@@ -89,14 +92,3 @@ def test_demo_with_nothing_configured_runs_every_dag_on_real_inference(tmp_path:
     assert "every DAG got rows out; they were written by tiny-idefics3" in out
     video = [json.loads(line) for line in (tmp_path / "output" / "video_qa.jsonl").read_text().splitlines()]
     assert all(r["vqa_provenance"]["video_qa_final"]["model"] == "tiny-idefics3" for r in video)
-
-
-@pytest.mark.slow
-def test_a_failed_dag_is_reported_with_its_cause(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
-    # the server wants an API key the demo does not have: every worker task fails at once (no retries), and the demo says so
-    vlm_server.required_key = "sk-the-right-key"
-    proc = run_demo({"VQA_BASE_URL": vlm_server.base_url, "VQA_DEMO_DIR": str(tmp_path)}, timeout=900)
-    assert proc.returncode == 1
-    for dag_id, task in (("image_qa", "generate[0]"), ("pers_qa", "generate[0]"), ("video_qa", "initial[0]")):
-        assert f"FAILED: {dag_id} run ended failed. Why:" in proc.stdout
-        assert re.search(rf"{dag_id}\.{re.escape(task)}: .*ConfigError: model server refused the API key: HTTP 401", proc.stdout), proc.stdout[-3000:]

@@ -33,8 +33,13 @@ DEFAULT_PORT = 8000
 #   budget of a whole context (--max-num-batched-tokens, appended by cpu_args).
 CPU_ARGS = ("--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefill")
 CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
-# the same for vLLM in-process (LocalModelVLMServing_vllm(engine_args=...)), with a context of 16k tokens
-CPU_ENGINE_ARGS = {"dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False, "max_model_len": 16384, "max_num_batched_tokens": 16384}
+# the context a CPU server is started with (the prompt and the answer, in tokens)
+CPU_MAX_MODEL_LEN = 16384
+# the same for vLLM in-process (LocalModelVLMServing_vllm(engine_args=...))
+CPU_ENGINE_ARGS = {
+    "dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False,
+    "max_model_len": CPU_MAX_MODEL_LEN, "max_num_batched_tokens": CPU_MAX_MODEL_LEN,
+}
 
 
 def cpu_args(max_model_len: int) -> list[str]:
