@@ -49,14 +49,14 @@ class TextLimits:
     answer: int
 
 
-def text(max_chars: int) -> Any:
+def bounded_text(max_chars: int) -> Any:
     """A non-empty free-text field of at most ``max_chars`` characters (both enforced while decoding)."""
     return Field(min_length=1, max_length=max_chars)
 
 
 def qa_pair_model(limits: TextLimits, name: str = "QAPairOut") -> type[BaseModel]:
     """``{"question", "answer"}`` within ``limits``."""
-    return create_model(name, __config__=STRICT, question=(str, text(limits.question)), answer=(str, text(limits.answer)))
+    return create_model(name, __config__=STRICT, question=(str, bounded_text(limits.question)), answer=(str, bounded_text(limits.answer)))
 
 
 def qa_set_model(name: str, max_pairs: int, limits: TextLimits, *, min_pairs: int = 1) -> type[BaseModel]:

@@ -26,7 +26,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, create_model, field_validator
 
 from vqa_operators.exceptions import RowError
-from vqa_operators.generators.answers import STRICT, QAPair, TextLimits, distinct, qa_set_model, text
+from vqa_operators.generators.answers import STRICT, QAPair, TextLimits, bounded_text, distinct, qa_set_model
 from vqa_operators.generators.base import Generator, QATextOptions, row_key
 from vqa_operators.media import PreparedImage
 from vqa_operators.parsing import ParseError, describe_validation_error
@@ -106,9 +106,9 @@ class Expert(BaseModel):
     """An expert the master recruits."""
 
     model_config = STRICT
-    role: str = text(80)
-    description: str = text(300)
-    subtask: str = text(300)
+    role: str = bounded_text(80)
+    description: str = bounded_text(500)
+    subtask: str = bounded_text(500)
 
 
 class ExpertRecord(Expert):
@@ -135,7 +135,7 @@ class Recruit(BaseModel):
 
     model_config = STRICT
     action: Literal["recruit"]
-    reason: str = text(300)
+    reason: str = bounded_text(300)
     expert: Expert
 
 
@@ -144,7 +144,7 @@ class Terminate(BaseModel):
 
     model_config = STRICT
     action: Literal["terminate"]
-    reason: str = text(300)
+    reason: str = bounded_text(300)
 
 
 class MasterDecision(RootModel[Recruit | Terminate]):
@@ -162,8 +162,8 @@ def labelled_pair_model(limits: TextLimits) -> type[BaseModel]:
         __config__=STRICT,
         __validators__={"_distinct": field_validator("labels")(_distinct)},
         labels=(list[LabelId], Field(min_length=1, max_length=2)),
-        question=(str, text(limits.question)),
-        answer=(str, text(limits.answer)),
+        question=(str, bounded_text(limits.question)),
+        answer=(str, bounded_text(limits.answer)),
     )
 
 
