@@ -100,6 +100,7 @@ def _without_image_data(messages: list[dict[str, Any]], sizes: list[tuple[int, i
 # double writes a tab and a BEL at the end of each such string, which the client must normalise away
 CONTROL_QUIRK = "\t\x07"
 _QUIRK_MARK = "\ue000"
+_QUIRK_MARK_JSON = json.dumps(_QUIRK_MARK)[1:-1]  # how the mark stands in json.dumps' output
 
 
 def schema_instance(schema: dict[str, Any], root: dict[str, Any], note: str, name: str = "value", index: int = 0) -> Any:
@@ -286,14 +287,10 @@ class OpenAITestServer:
         """(status, payload, headers), or None to drop the connection."""
         arrived = time.monotonic()
         try:
-            sizes = vllm_rules.validate_request(
+            sizes, decoder = vllm_rules.validate_request(
                 body, model=self.model, max_images=self.max_images, max_model_len=self.max_model_len, backend=self.backend,
                 decode_images=self.decode_images,
             )
-            schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
-            decoder = vllm_rules.check_schema(schema, self.backend) if schema is not None else None
-            if decoder == "xgrammar":  # the engine compiles the grammar before decoding; a failure there is a 500
-                vllm_rules.compiled_grammar(json.dumps(schema))
         except vllm_rules.Refusal as exc:
             return exc.status, {"error": {"message": str(exc), "type": exc.kind, "param": None, "code": exc.status}}, {}
         with self._lock:
@@ -320,7 +317,8 @@ class OpenAITestServer:
             # would, while the same request (same seed) gets the same reply, as seeded sampling does
             digest = hashlib.sha256(json.dumps([seen, body.get("seed")], sort_keys=True).encode()).hexdigest()[:8]
             note = f"saw {len(sizes)} image(s) " + ",".join(f"{w}x{h}" for w, h in sizes) + f" (reply {digest})"
-            content = self._write(schema, note, decoder) if schema is not None else note
+            schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
+            content = self._write(schema, note, decoder) if decoder is not None else note
         if reply.spoil == "truncate":
             content = content[: len(content) // 2]
         elif reply.spoil == "invalid_json":
@@ -337,12 +335,12 @@ class OpenAITestServer:
             "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(content) // 4, "total_tokens": prompt_chars // 4 + len(content) // 4},
         }, reply.headers
 
-    def _write(self, schema: dict[str, Any], note: str, decoder: str | None) -> str:
+    def _write(self, schema: dict[str, Any], note: str, decoder: str) -> str:
         """The answer guided decoding could have written for ``schema``: checked against xgrammar's own grammar."""
         content = json.dumps(schema_instance(schema, schema, note))
         if decoder != "xgrammar":
-            return content.replace(json.dumps(_QUIRK_MARK)[1:-1], "")  # llguidance writes no raw control characters
-        content = content.replace(json.dumps(_QUIRK_MARK)[1:-1], CONTROL_QUIRK)
+            return content.replace(_QUIRK_MARK_JSON, "")  # llguidance writes no raw control characters
+        content = content.replace(_QUIRK_MARK_JSON, CONTROL_QUIRK)
         if self.check_answers and not vllm_rules.grammar_accepts(json.dumps(schema), content):
             raise RuntimeError(f"its answer breaks the request's grammar, which vLLM's guided decoding never would: {content[:300]!r}")
         return content

@@ -166,8 +166,11 @@ def _image(url: Any, decode: bool) -> tuple[int, int]:
         raise Refusal(f"Failed to load image: {exc}") from None
 
 
-def validate_request(body: dict[str, Any], *, model: str, max_images: int, max_model_len: int, backend: str, decode_images: bool = True) -> list[tuple[int, int]]:
-    """Refuse what vLLM refuses; return the sizes of the request's images, in order."""
+def validate_request(
+    body: dict[str, Any], *, model: str, max_images: int, max_model_len: int, backend: str, decode_images: bool = True
+) -> tuple[list[tuple[int, int]], str | None]:
+    """Refuse what vLLM refuses (and fail where its engine fails); return the request's image sizes, in order, and the
+    structured-output backend that decodes it (None without a JSON schema)."""
     if body.get("model") != model:
         raise Refusal(f"The model `{body.get('model')}` does not exist. Valid aliases: {model}.", status=404, kind="NotFoundError")
     messages = body.get("messages")
@@ -195,8 +198,11 @@ def validate_request(body: dict[str, Any], *, model: str, max_images: int, max_m
             spec = fmt.get("json_schema")
             if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("schema"), dict):
                 raise Refusal("validation errors: body.response_format.json_schema needs a name and a schema object", kind="Bad Request")
-            check_schema(spec["schema"], backend)
-    return sizes
+            decoder = check_schema(spec["schema"], backend)
+            if decoder == "xgrammar":  # the engine compiles the grammar before decoding; a failure there is a 500
+                compiled_grammar(json.dumps(spec["schema"]))
+            return sizes, decoder
+    return sizes, None
 
 
 def _sampling(body: dict[str, Any], max_model_len: int) -> None:
