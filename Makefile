@@ -37,7 +37,7 @@ venv: $(VENV)/.installed  ## create .venv with uv from the pinned constraints
 
 vllm-venv: $(VLLM_VENV)/.installed  ## create .venv-vllm: vLLM's CPU build (the model server of the tests, the demo and the bench)
 
-test: venv vllm-venv $(CHROMIUM)  ## the whole suite: fast tier and slow tier (real vLLM, Airflow end to end, browser)
+test: lint vllm-venv $(CHROMIUM)  ## lint and type check, then the whole suite: fast tier and slow tier (real vLLM, Airflow end to end, browser)
 	$(PY) -m pytest -m "slow or not slow"
 
 test-fast: venv  ## the fast tier only (the default of a bare `pytest`)
@@ -47,7 +47,9 @@ demo: venv  ## the three DAGs on one machine: a model (vLLM's CPU build, else tr
 	@$(MAKE) --no-print-directory vllm-venv || echo "[demo] vLLM's CPU build does not install here: the model runs on transformers instead"
 	$(PY) scripts/demo.py
 
-lint: venv
+lint: venv  ## ruff over the code, tests and benches; mypy over plugins/, dags/ and scripts/; hadolint over the Dockerfiles
+	$(VENV)/bin/ruff check plugins dags scripts testkit tests bench
+	$(VENV)/bin/mypy plugins dags scripts
 	$(VENV)/bin/hadolint Dockerfile docker/worker.Dockerfile
 
 bench: venv vllm-venv  ## every performance measure side by side: saturation, video critical path, memory, image preparation, parse time, fan-out, our client against vLLM's

@@ -1,6 +1,6 @@
 """What the benchmarks share: the simulated model server in its own process, photo-like inputs, a result row.
 
-The model server is the TEST DOUBLE (``tests/doubles/openai_server.py``) in continuous-batching
+The model server is the TEST DOUBLE (``testkit/openai_server.py``) in continuous-batching
 mode: at most ``slots`` requests are served at once for ``latency`` seconds each, the rest queue;
 it checks image headers only and reports its own timings at ``GET /stats``. It runs in a separate
 process, as a GPU server would be a separate machine, so its work does not share the worker's GIL.
@@ -22,7 +22,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "plugins"), str(ROOT)]
 
-from tests.conftest import MODEL, photo  # noqa: E402
+from testkit.data import MODEL, photo  # noqa: E402
 
 PYTHON = sys.executable
 
@@ -55,7 +55,7 @@ class SimServer:
 
     def stats(self, *, reset: bool = False) -> dict[str, Any]:
         url = self.base_url.removesuffix("/v1") + ("/stats?reset" if reset else "/stats")
-        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 - loopback
+        with urllib.request.urlopen(url, timeout=10) as resp:
             return json.loads(resp.read())
 
 
@@ -64,7 +64,7 @@ def sim_server(*, slots: int | None, latency: float) -> Iterator[SimServer]:
     """Start the double as a continuous-batching server (``slots`` None: unlimited, header checks only)."""
     argv = [PYTHON, str(ROOT / "tests" / "doubles" / "openai_server.py"), MODEL, "--port", "0", "--latency", str(latency), "--light"]
     argv += ["--slots", str(slots or 100_000)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)  # noqa: S603
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline() if proc.stdout else ""
         if " at " not in line:

@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "plugins"), str(ROOT)]
 
-from tests.conftest import MODEL, job_options, write_image_rows  # noqa: E402
-from tests.doubles.openai_server import OpenAITestServer, outage_after  # noqa: E402
+from testkit.data import MODEL, job_options, write_image_rows  # noqa: E402
+from testkit.openai_server import OpenAITestServer, outage_after  # noqa: E402
 from vqa_operators.exceptions import ServerUnavailableError  # noqa: E402
 from vqa_operators.serving import openai_api  # noqa: E402
 from vqa_operators.worker import JobOptions, run_job  # noqa: E402

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from common import Result, print_table, write_photos
 
-from vqa_operators.media import DEFAULT_MAX_PIXELS, JPEG_QUALITY, prepare_image, target_size
+from vqa_operators import settings
+from vqa_operators.media import JPEG_QUALITY, prepare_image, target_size
 
 
 def naive(data: bytes) -> str:
@@ -29,7 +30,7 @@ def naive(data: bytes) -> str:
     from PIL import Image, ImageOps
 
     img = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
-    img = img.resize(target_size(img.width, img.height, DEFAULT_MAX_PIXELS), Image.Resampling.BICUBIC)
+    img = img.resize(target_size(img.width, img.height, settings.MAX_PIXELS), Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
     img.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -59,7 +60,7 @@ def run(images: int = 24) -> list[Result]:
     return [
         Result(
             "4. image preparation, 4000x3000 -> budget", f"{fast:.1f} vs naive {slow:.1f} images/s = {fast / slow:.1f}x", ">= 3x", fast / slow >= 3,
-            f"budget {DEFAULT_MAX_PIXELS} px (lands at {target_size(4000, 3000, DEFAULT_MAX_PIXELS)}); {cores} threads; one thread: "
+            f"budget {settings.MAX_PIXELS} px (lands at {target_size(4000, 3000, settings.MAX_PIXELS)}); {cores} threads; one thread: "
             f"{single:.1f} images/s ({fast / single:.2f}x from {cores} cores)",
         ),
         Result("4. image already within the budget (1280x720)", f"{as_is:.0f} images/s", "sent as is", None, "no decode, no re-encode: the file's bytes"),

@@ -22,7 +22,7 @@ from common import MODEL, PYTHON, ROOT, Result, print_table, sim_server, write_j
 def peak_rss_mb(argv: list[str]) -> float:
     """Run ``argv`` to completion (it must succeed); its peak resident set size in MiB."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins")}
-    proc = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)  # noqa: S603
+    proc = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb=%M", *argv], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed: {proc.stderr[-2000:]}")
     return int(proc.stderr.strip().splitlines()[-1].removeprefix("maxrss_kb=")) / 1024

@@ -30,7 +30,7 @@ def parse_durations(mode: str) -> dict[str, float]:
             "VQA_EXECUTION": mode,
         })
         for argv in (["db", "migrate"], ["dag-processor", "--num-runs", "2"]):
-            proc = subprocess.run([AIRFLOW, *argv], env=env, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)  # noqa: S603
+            proc = subprocess.run([AIRFLOW, *argv], env=env, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
             if proc.returncode != 0:
                 raise RuntimeError(f"airflow {' '.join(argv)} failed: {proc.stderr[-2000:]}")
         with sqlite3.connect(Path(home) / "airflow.db") as db:
@@ -49,7 +49,7 @@ def own_share(path: Path) -> float:
     """
     code = f"import time, runpy, airflow.sdk; t = time.perf_counter(); runpy.run_path({str(path)!r}); print(time.perf_counter() - t)"
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT / "plugins"), "AIRFLOW_HOME": tempfile.gettempdir(), "VQA_EXECUTION": "local"}
-    proc = subprocess.run([os.sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)  # noqa: S603
+    proc = subprocess.run([os.sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
     return float(proc.stdout.strip().splitlines()[-1])
 
 

@@ -19,13 +19,13 @@ import sys
 import time
 
 import image_prep
-from common import print_table
 import memory
 import parse_time
 import saturation
 import scaling
 import video_path
 import vllm_client
+from common import print_table
 
 MEASURES = {
     "saturation": saturation.run,

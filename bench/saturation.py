@@ -20,10 +20,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import MODEL, Result, print_table, SimServer, sim_server, write_jsonl, write_photos
+from common import MODEL, Result, SimServer, print_table, sim_server, write_jsonl, write_photos
 
-from vqa_operators.media import DEFAULT_MAX_PIXELS, prepare_image
-from vqa_operators.worker import JobOptions, default_concurrency, run_job
+from vqa_operators import settings
+from vqa_operators.media import prepare_image
+from vqa_operators.settings import default_concurrency
+from vqa_operators.worker import JobOptions, run_job
 
 
 def worker_run(server: SimServer, folder: Path, source: Path, slots: int, concurrency: int | None, tag: str) -> tuple[float, float, dict]:
@@ -49,7 +51,7 @@ def thread_pool_run(server: SimServer, folder: Path, rows: list[dict], slots: in
     client = OpenAI(base_url=server.base_url, api_key="EMPTY", max_retries=0, timeout=300)
 
     def one(row: dict) -> None:
-        image = prepare_image((folder / "media" / row["image"]).read_bytes(), source=row["image"], max_pixels=DEFAULT_MAX_PIXELS)
+        image = prepare_image((folder / "media" / row["image"]).read_bytes(), source=row["image"], max_pixels=settings.MAX_PIXELS)
         client.chat.completions.create(
             model=MODEL, max_tokens=512,
             messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image.data_url}}, {"type": "text", "text": "Ask and answer two questions."}]}],

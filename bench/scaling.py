@@ -35,7 +35,7 @@ def fan_out(folder: Path, names: list[str], shards: int, rows_per_shard: int, sl
         plan = plan_shards(Storage(), str(source), rows_per_shard=rows_per_shard, max_shards=shards)
         env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins")}
         procs = [
-            subprocess.Popen(  # noqa: S603
+            subprocess.Popen(
                 [
                     PYTHON, "-m", "vqa_operators", "run", "image_qa", "--input", str(source), "--output", str(run_dir / f"shard-{s.index:05d}.jsonl"),
                     "--base-url", server.base_url, "--model", MODEL, "--media-root", str(folder / "media"), "--max-num-seqs", str(slots),

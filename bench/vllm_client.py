@@ -31,8 +31,9 @@ from common import Result, print_table, write_jsonl, write_photos
 
 from scripts.local_vllm import VLLM_PYTHON, serve_local_vllm, vllm_available
 from scripts.tiny_vlm import SERVED_NAME, build_tiny_idefics3
+from vqa_operators import settings
 from vqa_operators.generators.image_qa import ImageQAGenerator
-from vqa_operators.media import DEFAULT_MAX_PIXELS, prepare_image
+from vqa_operators.media import prepare_image
 from vqa_operators.worker import JobOptions, run_job
 
 BENCH_CLIENT = (
@@ -71,7 +72,7 @@ def theirs(base_url: str, model: Path, dataset: Path, rows: int, concurrency: in
         "--save-result", "--result-dir", str(folder), "--result-filename", f"theirs-{tag}.json",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    proc = subprocess.run(  # noqa: S603 - argv built here
+    proc = subprocess.run(
         argv, capture_output=True, text=True, env=env, timeout=1800, check=False, preexec_fn=lambda: os.sched_setaffinity(0, CLIENT_CPUS)
     )
     if proc.returncode != 0:
@@ -95,7 +96,7 @@ def run(rows: int = 128, concurrency: int = 16, repeats: int = 3) -> list[Result
         generator = ImageQAGenerator(None)  # type: ignore[arg-type] - only its prompts and schema are read
         text = generator.prompts.render("system") + "\n\n" + generator.prompts.render("user", image_count=1, pairs=generator.options.pairs_per_row)
         # the very bytes our worker sends (these photos fit the budget: sent as they are), as data URLs, image first
-        urls = [prepare_image((folder / "media" / n).read_bytes(), source=n, max_pixels=DEFAULT_MAX_PIXELS).data_url for n in names]
+        urls = [prepare_image((folder / "media" / n).read_bytes(), source=n, max_pixels=settings.MAX_PIXELS).data_url for n in names]
         content = [[{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}] for url in urls]
         dataset = write_jsonl(folder / "bench.jsonl", [{"content": parts} for parts in content])
         schema = generator.answer_model.model_json_schema()

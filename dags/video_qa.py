@@ -22,6 +22,8 @@ a reason, in `<task>.errors.jsonl` beside it. XCom holds only manifests.
 
 from __future__ import annotations
 
+from typing import Any
+
 from airflow.sdk import Param, dag
 
 from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, staged_output, worker_task
@@ -49,7 +51,7 @@ MAX_TOKENS = 4096
 )
 def video_qa() -> None:
     plan = shard_plan()
-    common = {**RUN_OPTIONS, "max_tokens": MAX_TOKENS}
+    common: dict[str, Any] = {**RUN_OPTIONS, "max_tokens": MAX_TOKENS}
     initial = worker_task(
         task_id="initial",
         shards=plan,

@@ -7,7 +7,7 @@ imports nothing. A deployment with its own ``airflow_local_settings.py`` should 
 to it.
 """
 
-import os
+from vqa_operators.settings import environment
 
-if os.environ.get("VQA_EXECUTION", "").strip().lower() == "kubernetes":
+if environment().execution == "kubernetes":
     import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401

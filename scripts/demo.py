@@ -36,6 +36,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "plugins")]
+
+from vqa_operators import settings  # noqa: E402
+
 BIN = Path(sys.executable).parent
 BUCKET = "vqa-demo"
 NOISE = """\
@@ -81,7 +84,7 @@ def http(method: str, url: str, body: Any = None, token: str | None = None, time
     request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 - local URLs
+    with urllib.request.urlopen(request, timeout=timeout) as response:
         payload = response.read()
     return json.loads(payload) if payload else None
 
@@ -101,7 +104,7 @@ def wait_for(what: str, check, timeout: float) -> Any:
 
 
 def served_model(base_url: str) -> str:
-    models = http("GET", base_url.rstrip("/") + "/models", token=os.environ.get("VQA_API_KEY"))
+    models = http("GET", base_url.rstrip("/") + "/models", token=settings.variable(settings.API_KEY_ENV))
     ids = [m["id"] for m in models.get("data", [])]
     if len(ids) != 1:
         raise SystemExit(f"[demo] set VQA_MODEL: the server at {base_url} serves {ids}")
@@ -174,7 +177,7 @@ def sample_data() -> tuple[dict[str, bytes], dict[str, list[dict[str, Any]]]]:
         video_files, row = sample_video(name, clips)
         files.update(video_files)
         video_rows.append({**row, "Meta": meta})
-    rows = {
+    rows: dict[str, list[dict[str, Any]]] = {
         "image_qa": [
             {"id": "scene-1", "image": ["media/red_ball.jpg"]},
             {"id": "scene-2", "image": ["media/two_boxes.jpg", "media/traffic_light.jpg"]},
@@ -204,7 +207,7 @@ def hub_reachable(model: str) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").strip() in ("1", "true", "True"):
         return False
     try:
-        with urllib.request.urlopen(f"https://huggingface.co/api/models/{model}", timeout=5) as response:  # noqa: S310 - fixed host
+        with urllib.request.urlopen(f"https://huggingface.co/api/models/{model}", timeout=5) as response:
             return response.status == 200
     except (OSError, urllib.error.URLError, ValueError):
         return False
@@ -216,14 +219,14 @@ def choose_model(work: Path) -> ModelChoice:
     from scripts.tiny_vlm import SERVED_NAME, build_tiny_idefics3
     from vqa_operators.serving.transformers_local import DEFAULT_CPU_MODEL
 
-    base_url = os.environ.get("VQA_BASE_URL", "").strip()
+    env = settings.environment()
+    base_url = (env.base_url or "").strip()
     if base_url:
-        return ModelChoice(os.environ.get("VQA_MODEL") or served_model(base_url), "server", base_url=base_url)
-    backend = os.environ.get("VQA_BACKEND", "").strip().lower()
-    engine = "transformers" if backend == "transformers" or vllm_available() else "vllm"
-    if engine == "transformers" and backend != "transformers":
+        return ModelChoice(env.model or served_model(base_url), "server", base_url=base_url)
+    engine = "transformers" if env.backend == "transformers" or vllm_available() else "vllm"
+    if engine == "transformers" and env.backend != "transformers":
         say(f"vLLM's CPU build is not installed here ({vllm_available()}): the model runs on transformers")
-    if model := os.environ.get("VQA_MODEL", "").strip():
+    if model := (env.model or "").strip():
         return ModelChoice(model, engine, source=model)
     if hub_reachable(DEFAULT_CPU_MODEL):
         return ModelChoice(DEFAULT_CPU_MODEL, engine, source=DEFAULT_CPU_MODEL)
@@ -236,8 +239,9 @@ def choose_model(work: Path) -> ModelChoice:
 
 def context_length(model: str) -> int:
     """The model's context in tokens (its config's max_position_embeddings), at most the demo's 16k."""
-    from scripts.local_vllm import MAX_MODEL_LEN
     from transformers import AutoConfig
+
+    from scripts.local_vllm import MAX_MODEL_LEN
 
     config = AutoConfig.from_pretrained(model)
     text = getattr(config, "text_config", None) or config
@@ -269,7 +273,7 @@ def failure_causes(api: str, token: str, dag_id: str, run_id: str) -> list[str]:
 
 
 def main() -> int:
-    work = Path(os.environ.get("VQA_DEMO_DIR", ROOT / ".demo")).resolve()
+    work = Path(settings.environment().demo_dir or ROOT / ".demo").resolve()
     shutil.rmtree(work / "airflow", ignore_errors=True)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     (work / "output").mkdir(parents=True, exist_ok=True)
@@ -326,7 +330,7 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
     say(f"starting embedded S3 (moto) on {s3_url}")
     start("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], dict(os.environ))
     s3 = boto3.client("s3", endpoint_url=s3_url, aws_access_key_id="demo", aws_secret_access_key="demo", region_name="us-east-1")
-    wait_for("S3 server", lambda: urllib.request.urlopen(s3_url, timeout=2).status == 200, 30)  # noqa: S310
+    wait_for("S3 server", lambda: urllib.request.urlopen(s3_url, timeout=2).status == 200, 30)
     s3.create_bucket(Bucket=BUCKET)
     files, rows = sample_data()
     for key, data in files.items():
@@ -349,7 +353,7 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
         "AIRFLOW__API__BASE_URL": api,
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
         "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "demo", "password": "demo", "extra": {"endpoint_url": s3_url, "region_name": "us-east-1"}}),
-        "AIRFLOW_CONN_VQA_VLM": json.dumps({"conn_type": "http", "host": base_url, "password": os.environ.get("VQA_API_KEY", ""), "extra": {"model": choice.model}}),
+        "AIRFLOW_CONN_VQA_VLM": json.dumps({"conn_type": "http", "host": base_url, "password": settings.variable(settings.API_KEY_ENV) or "", "extra": {"model": choice.model}}),
         "VQA_BACKEND": "transformers" if choice.engine == "transformers" else "openai",
         "VQA_EXECUTION": "local",
         # the demo triggers its own runs; a daily schedule would also start runs over s3://vqa-demo/raw/<dag>/<today>/

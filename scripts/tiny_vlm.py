@@ -83,7 +83,7 @@ def build_tiny_idefics3(folder: Path, *, seed: int = 0, max_positions: int = 327
     vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": 8}
     config = Idefics3Config(
         vision_config=vision, text_config=text.to_dict(), scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,  # type: ignore[call-arg]  # a text-config key Idefics3Config passes on
     )
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config).eval()

@@ -17,11 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from scripts.local_vllm import MAX_IMAGES, MAX_MODEL_LEN, serve_local_vllm, vllm_available
 from scripts.tiny_vlm import SERVED_NAME
-from tests.conftest import make_jpeg
+from testkit.data import make_jpeg
+from testkit.openai_server import OpenAITestServer
 from vqa_operators.generators.video_qa import LABELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,3 +171,70 @@ def assert_targets(figures: dict[str, dict[str, Any]]) -> None:
 
 
 __all__ = ["MAX_IMAGES", "MAX_MODEL_LEN", "SERVED_NAME", "STAGES"]
+
+
+def parity_requests(model: str) -> dict[str, dict[str, Any]]:
+    """Requests that vLLM answers in every way it can: 200, 400 (each kind of refusal), 404, 500."""
+    import base64
+
+    image = "data:image/jpeg;base64," + base64.b64encode(make_jpeg((40, 30))).decode()
+
+    def body(**changes: Any) -> dict[str, Any]:
+        parts = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Describe it."}]
+        return {"model": model, "messages": [{"role": "user", "content": parts}], "max_tokens": 32, "temperature": 0.7, "top_p": 0.9, "seed": 1, **changes}
+
+    def schema(s: Any) -> dict[str, Any]:
+        return body(response_format={"type": "json_schema", "json_schema": {"name": "X", "schema": s}})
+
+    def image_url(url: str) -> dict[str, Any]:
+        return body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]}])
+
+    strings = {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2}
+    return {
+        "plain": body(),
+        "bounded strings": schema({"type": "object", "properties": {"a": {"type": "string", "minLength": 1, "maxLength": 8}}, "required": ["a"]}),
+        "union": schema({"anyOf": [{"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]}, {"type": "string", "maxLength": 3}]}),
+        "pattern": schema({"type": "string", "pattern": "^<mam>[ ,]{0,3}[^\\s].{0,100}$"}),
+        "pattern with a length (to llguidance)": schema({"type": "string", "pattern": "^a.*$", "maxLength": 5}),
+        "allOf (to llguidance)": schema({"allOf": [{"type": "string"}, {"maxLength": 3}]}),
+        "uniqueItems": schema({**strings, "uniqueItems": True}),
+        "uniqueItems false": schema({**strings, "uniqueItems": False}),
+        "contains": schema({**strings, "contains": {"const": "a"}}),
+        "unknown type": schema({"type": "objekt"}),
+        "bad regex": schema({"type": "string", "pattern": "("}),
+        "schema not an object": body(response_format={"type": "json_schema", "json_schema": {"name": "X", "schema": "nope"}}),
+        "schema without a name": body(response_format={"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}),
+        "json_object": body(response_format={"type": "json_object"}),
+        "unknown model": body(model="no-such-model"),
+        "17 images": body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}] * 17}]),
+        "bare path": image_url("/tmp/x.jpg"),
+        "bad base64": image_url("data:image/jpeg;base64,!!!"),
+        "not an image": image_url("data:image/jpeg;base64," + base64.b64encode(b"hello").decode()),
+        "file URL": image_url("file:///etc/hostname"),
+        "temperature -1": body(temperature=-1),
+        "top_p 0": body(top_p=0),
+        "max_tokens 0": body(max_tokens=0),
+        "max_tokens over the context": body(max_tokens=MAX_MODEL_LEN + 1),
+        "the old guided_json field (ignored)": body(guided_json={"type": "array", "uniqueItems": True}),
+        "a repeat over 128 (the engine fails)": schema({"type": "string", "pattern": "^a.{0,200}$"}),
+    }
+
+
+def check_parity(vllm_url: str, backend: str) -> None:
+    """Send each parity request to vLLM and to a double configured as that server; the statuses must match."""
+    double = OpenAITestServer(SERVED_NAME).start()
+    double.backend, double.max_images, double.max_model_len = backend, MAX_IMAGES, MAX_MODEL_LEN
+    try:
+        statuses = {}
+        for name, request in parity_requests(SERVED_NAME).items():
+            real = httpx.post(f"{vllm_url}/chat/completions", json=request, timeout=120)
+            ours = httpx.post(f"{double.base_url}/chat/completions", json=request, timeout=120)
+            statuses[name] = (real.status_code, ours.status_code, real.text[:200], ours.text[:200])
+        save_figures(f"parity-{backend}", {n: {"vllm": s[0], "double": s[1]} for n, s in statuses.items()})
+        differ = {n: s for n, s in statuses.items() if s[0] != s[1]}
+        assert not differ, json.dumps(differ, indent=1)
+        assert {s[0] for s in statuses.values()} >= {200, 400, 404, 500}  # every kind of answer was exercised
+        # vLLM stays up after every refusal, and so does the double
+        assert httpx.post(f"{vllm_url}/chat/completions", json=parity_requests(SERVED_NAME)["plain"], timeout=120).status_code == 200
+    finally:
+        double.stop()

@@ -112,31 +112,35 @@ class VideoQAPipeline:
 
     def forward(self) -> None:
         """Step 3, verbatim but for the import: -> ``<cache_path>/<prefix>_step1.jsonl``."""
-        from vqa_operators import MultiroleVideoQAFinalGenerator, MultiroleVideoQAInitialGenerator, MultiroleVideoQAMultiAgentGenerator
+        from vqa_operators import (
+            MultiroleVideoQAFinalGenerator,
+            MultiroleVideoQAInitialGenerator,
+            MultiroleVideoQAMultiAgentGenerator,
+        )
 
         # Step 3: Initialize and run the operator
-        initial_QA_generation = MultiroleVideoQAInitialGenerator(llm_serving = self.llm_serving)  # noqa: E251, N806
-        multiAgent_QA_generation = MultiroleVideoQAMultiAgentGenerator(llm_serving = self.llm_serving, max_iterations = 3)  # noqa: E251, N806
-        final_QA_generation = MultiroleVideoQAFinalGenerator(llm_serving = self.llm_serving)  # noqa: E251, N806
+        initial_QA_generation = MultiroleVideoQAInitialGenerator(llm_serving = self.llm_serving)
+        multiAgent_QA_generation = MultiroleVideoQAMultiAgentGenerator(llm_serving = self.llm_serving, max_iterations = 3)
+        final_QA_generation = MultiroleVideoQAFinalGenerator(llm_serving = self.llm_serving)
 
         init_df = initial_QA_generation.run(
-                    storage = self.storage.step(),  # noqa: E251
-                    input_meta_key = self.input_meta_key,  # noqa: E251
-                    input_clips_key = self.input_clips_key,  # noqa: E251
-                    output_key = self.output_key  # noqa: E251
+                    storage = self.storage.step(),
+                    input_meta_key = self.input_meta_key,
+                    input_clips_key = self.input_clips_key,
+                    output_key = self.output_key
                 )
         middle_df = multiAgent_QA_generation.run(
-                    df = init_df,  # noqa: E251
-                    input_meta_key = self.input_meta_key,  # noqa: E251
-                    input_clips_key = self.input_clips_key,  # noqa: E251
-                    output_key = self.output_key  # noqa: E251
+                    df = init_df,
+                    input_meta_key = self.input_meta_key,
+                    input_clips_key = self.input_clips_key,
+                    output_key = self.output_key
                 )
         final_QA_generation.run(
-                    storage = self.storage,  # noqa: E251
-                    df = middle_df,  # noqa: E251
-                    input_meta_key = self.input_meta_key,  # noqa: E251
-                    input_clips_key = self.input_clips_key,  # noqa: E251
-                    output_key = self.output_key  # noqa: E251
+                    storage = self.storage,
+                    df = middle_df,
+                    input_meta_key = self.input_meta_key,
+                    input_clips_key = self.input_clips_key,
+                    output_key = self.output_key
                 )
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import annotated_types
 import pytest
 
-from tests.doubles import vllm_rules
+from testkit import vllm_rules
 from vqa_operators.generators import GENERATORS, generator_class
 from vqa_operators.generators.answers import PATTERN_MAX_CHARS
 from vqa_operators.generators.base import Generator

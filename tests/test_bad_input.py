@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL, make_jpeg, read_rows
-from tests.doubles.openai_server import OpenAITestServer
+from testkit.data import MODEL, make_jpeg, read_rows
+from testkit.openai_server import OpenAITestServer
 from vqa_operators.exceptions import ConfigError, InputError
 from vqa_operators.storage import Storage
-from vqa_operators.worker import JobOptions, main, run_job
+from vqa_operators.worker import JobOptions, run_job
+from vqa_operators.worker.cli import main
 
 
 def png_header(width: int, height: int) -> bytes:

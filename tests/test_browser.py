@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 
 from scripts.demo import free_port, http, wait_for
+from testkit.data import MODEL, photo
+from testkit.openai_server import OpenAITestServer, Reply
 from tests.airflow_env import AIRFLOW, ROOT, airflow, airflow_env
-from tests.conftest import MODEL, photo
-from tests.doubles.openai_server import OpenAITestServer, Reply
 
 pytestmark = pytest.mark.slow
 
@@ -105,7 +105,7 @@ def standalone(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITest
         }
     )
     log = open(home / "standalone.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([AIRFLOW, "standalone"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # noqa: S603
+    proc = subprocess.Popen([AIRFLOW, "standalone"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for("Airflow API", lambda: http("GET", f"{url}/api/v2/monitor/health")["scheduler"]["status"] == "healthy", 240)
         password_file = home / "simple_auth_manager_passwords.json.generated"

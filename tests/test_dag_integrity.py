@@ -87,3 +87,21 @@ def test_airflow_local_settings_preloads_the_pod_operator_only_in_kubernetes_mod
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == str(preloaded)
+
+
+def test_worker_task_leaves_the_plan_as_it_was_and_the_plan_finds_the_specs_downstream() -> None:
+    import copy
+
+    from airflow.sdk import DAG
+
+    from vqa_operators.operators import WorkerSpec, shard_plan, worker_task
+
+    with DAG("plan_specs", schedule=None):
+        plan = shard_plan()
+        before = copy.deepcopy(plan.__dict__.get("specs"))
+        first = WorkerSpec(generator="image_qa")
+        second = WorkerSpec(generator="pers_qa", input="s3://x/y.jsonl")
+        worker_task(task_id="a", spec=first, shards=plan, mode="local")
+        worker_task(task_id="b", spec=second, shards=plan, mode="local")
+    assert plan.__dict__.get("specs") == before  # nothing was added to the plan
+    assert sorted(spec.generator for spec in plan.worker_specs()) == ["image_qa", "pers_qa"]

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from testkit.data import MODEL, make_jpeg
+from testkit.openai_server import OpenAITestServer
 from tests.airflow_env import airflow, airflow_env
-from tests.conftest import MODEL, make_jpeg
-from tests.doubles.openai_server import OpenAITestServer
 
 pytestmark = pytest.mark.slow
 
@@ -164,7 +164,7 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
 def test_a_retried_task_resumes_from_the_failed_try(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path) -> None:
     import sqlite3
 
-    from tests.doubles.openai_server import Reply
+    from testkit.openai_server import Reply
 
     s3.put_object(Bucket=bucket, Key="media/a.jpg", Body=make_jpeg((200, 100)))
     rows = [{"id": i, "image": "media/a.jpg"} for i in range(10)]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL
-from tests.doubles.openai_server import OpenAITestServer, Reply
+from testkit.data import MODEL
+from testkit.openai_server import OpenAITestServer, Reply
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL, checkpointed_rows, job_options, read_rows, write_image_rows
-from tests.doubles.openai_server import FAULTS, OpenAITestServer, Reply, outage_after
+from testkit.data import MODEL, job_options, read_rows, write_image_rows
+from testkit.openai_server import FAULTS, OpenAITestServer, Reply, outage_after
+from tests.helpers import checkpointed_rows
 from vqa_operators.exceptions import ServerUnavailableError
 from vqa_operators.serving import openai_api
 from vqa_operators.serving.base import ChatRequest
@@ -82,7 +83,7 @@ def test_an_outage_fails_the_job_fast_and_marks_no_row_failed(vlm_server: OpenAI
     # every row the try finished is checkpointed on the way out. Six were answered; an answer still in
     # flight when the outage is declared is dropped with its row. At concurrency 2 that is at most one:
     # the failing requests (the 7th on) only start once one of the two slots is free.
-    finished = info.value.progress["rows_finished"]  # type: ignore[attr-defined]
+    finished = info.value.progress.rows_finished
     assert checkpointed_rows(tmp_path / "out") == finished and 5 <= finished <= 6
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL
-from tests.doubles.openai_server import OpenAITestServer, Reply
+from testkit.data import MODEL
+from testkit.openai_server import OpenAITestServer, Reply
 from vqa_operators.exceptions import ConfigError, RowError, StorageError
 from vqa_operators.generators.image_qa import ImageQAGenerator
 from vqa_operators.media import MediaReader

@@ -8,7 +8,7 @@ import io
 import pytest
 from PIL import Image
 
-from tests.conftest import make_jpeg, photo
+from testkit.data import make_jpeg, photo
 from vqa_operators.exceptions import RowError
 from vqa_operators.media import prepare_image, target_size
 

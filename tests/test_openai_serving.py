@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tests.conftest import MODEL
-from tests.doubles.openai_server import OpenAITestServer, Reply
+from testkit.data import MODEL
+from testkit.openai_server import OpenAITestServer, Reply
 from vqa_operators.exceptions import ConfigError, RowError, ServerUnavailableError
 from vqa_operators.serving.base import ChatRequest
 from vqa_operators.serving.openai_api import APIVLMServing_openai

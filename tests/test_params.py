@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 
 from vqa_operators.generators.base import Usage
 from vqa_operators.operators.callbacks import summary
-from vqa_operators.worker import Progress, progress_batch
+from vqa_operators.worker.run_loop import Progress, progress_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 FORM = {"input_uri", "output_prefix", "model", "seed", "rows_per_shard", "max_shards", "media_root", "concurrency"}
@@ -135,17 +136,17 @@ def test_progress_line_per_batch_counts_rate_tokens_eta_and_failures() -> None:
     assert rest.startswith("12,800 tokens (in 12,000, out 800), ETA ")
     assert rest.endswith("1 failed {'bad_image': 1}, 2 reused")
     progress.finished = 9  # eight rows in order and one ahead of them, checkpointed
-    assert progress.snapshot() == {
+    assert dataclasses.asdict(progress.snapshot()) == {
         "rows_total": 100, "rows_done": 10, "rows_finished": 9, "rows_reused": 2, "rows_failed": 1, "failures_by_reason": {"bad_image": 1},
     }
     assert progress_batch(None, in_flight=320) == 320 and progress_batch(10_000, in_flight=320) == 320
 
 
 def test_the_retry_line_names_the_try_the_error_and_what_the_try_did() -> None:
-    from vqa_operators.exceptions import ServerUnavailableError
+    from vqa_operators.exceptions import ServerUnavailableError, TryProgress
 
     error = ServerUnavailableError("model server at http://vllm:8000/v1 unreachable\nTraceback ...")
-    error.progress = {"rows_total": 400, "rows_done": 150, "rows_finished": 120, "rows_reused": 40, "rows_failed": 3, "failures_by_reason": {"bad_image": 3}}
+    error.progress = TryProgress(rows_total=400, rows_done=150, rows_finished=120, rows_reused=40, rows_failed=3, failures_by_reason={"bad_image": 3})
     ti = SimpleNamespace(dag_id="image_qa", task_id="generate", map_index=2, try_number=1, max_tries=3)
     line = summary({"ti": ti, "exception": error}, "failed, will retry")
     assert line == (
@@ -154,4 +155,4 @@ def test_the_retry_line_names_the_try_the_error_and_what_the_try_did() -> None:
     )
     plain = summary({"ti": SimpleNamespace(dag_id="d", task_id="merge", map_index=-1, try_number=4, max_tries=3), "exception": ValueError("x")}, "failed for good")
     assert plain == "d.merge try 4 of 4 failed for good: ValueError: x"
-    assert json.dumps(error.progress)  # the summary's counts are plain data, as the manifest's
+    assert json.dumps(dataclasses.asdict(error.progress))  # the summary's counts are plain data, as the manifest's

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL, make_jpeg
-from tests.doubles.openai_server import OpenAITestServer, Reply
+from testkit.data import MODEL, make_jpeg
+from testkit.openai_server import OpenAITestServer, Reply
 from vqa_operators.exceptions import ConfigError, RowError
-from vqa_operators.generators.base import row_key, run_rows
+from vqa_operators.generators.base import row_key
 from vqa_operators.generators.pers_qa import CATEGORIES, SUBJECT_TYPES, PersQAGenerator, choose_question, load_question_bank
 from vqa_operators.media import MediaReader
 from vqa_operators.prompts import load_prompts
 from vqa_operators.serving.openai_api import APIVLMServing_openai
 from vqa_operators.storage import Storage
+from vqa_operators.worker.run_loop import run_rows
 
 FORMAT = re.compile(r"^Question: (?P<q>.+?) Answer: (?P<a>.+)$")
 

@@ -10,7 +10,7 @@ import pytest
 
 os.environ.setdefault("AIRFLOW_HOME", "/tmp/vqa-pod-test")
 
-from tests.conftest import MODEL  # noqa: E402
+from testkit.data import MODEL
 
 SECRET_KEY = "sk-must-not-appear"
 
@@ -37,9 +37,8 @@ SHARD = {"input": "s3://in/rows.jsonl", "index": 3, "first_line": 301, "rows": 1
 
 
 def build_manifest(monkeypatch: pytest.MonkeyPatch, dag_id: str = "image_qa", task_id: str = "generate") -> dict:
-    from kubernetes.client import ApiClient
-
     from airflow.dag_processing.dagbag import DagBag
+    from kubernetes.client import ApiClient
 
     monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
     monkeypatch.setenv("VQA_WORKER_IMAGE", "registry.example/vqa-worker:1.0")
@@ -72,7 +71,7 @@ def test_pod_is_valid_and_runs_the_worker_on_a_gpu(vlm_connection, monkeypatch: 
     assert "--input" not in args
     assert json.loads(args[args.index("--shard") + 1]) == SHARD
     assert args[args.index("--try-number") + 1] == "1"
-    assert ["--param", "pairs_per_row=4"] == args[args.index("--param") : args.index("--param") + 2]
+    assert args[args.index("--param") : args.index("--param") + 2] == ["--param", "pairs_per_row=4"]
     assert "--serve-vllm" not in args  # an existing service URL is configured
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     spec = manifest["spec"]
@@ -147,3 +146,56 @@ def test_pod_runs_locked_down_with_the_allowlist_and_its_checkpoint_identity(vlm
     args = container["args"]
     assert args[args.index("--task-key") + 1] == f"image_qa/generate/{RUN_ID}/3"
     assert args[args.index("--concurrency") + 1] == "32"
+
+
+def test_pods_stop_within_an_explicit_grace_period_and_report_the_workers_last_words(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vqa_operators.settings import POD_GRACE_PERIOD_S
+
+    manifest = build_manifest(monkeypatch)
+    assert manifest["spec"]["terminationGracePeriodSeconds"] == POD_GRACE_PERIOD_S == 30
+    # the worker's one-line reason (its last log line) is the pod's termination message
+    assert manifest["spec"]["containers"][0]["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def _pod_operator(**pod: object):
+    from vqa_operators.operators import WorkerSpec, worker_task
+    from vqa_operators.operators.pod import PodSettings
+
+    return worker_task(task_id="generate", spec=WorkerSpec(generator="image_qa", input="s3://in/rows.jsonl"), mode="kubernetes", pod=PodSettings(**pod))
+
+
+def test_deferrable_pods_wait_in_the_triggerer(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _pod_operator().deferrable is False  # by default the pod is watched from the worker slot
+    op = _pod_operator(deferrable=True, poll_interval=120)
+    assert op.deferrable is True and op.poll_interval == 120
+
+
+def _finished_pod(exit_code: int):
+    from kubernetes.client import models as k8s
+
+    terminated = k8s.V1ContainerStateTerminated(exit_code=exit_code, message="vqa_operators: ConfigError: ...")
+    status = k8s.V1ContainerStatus(name="base", image="w", image_id="w", ready=False, restart_count=0, state=k8s.V1ContainerState(terminated=terminated))
+    return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="vqa-image-qa-x", namespace="vqa"), status=k8s.V1PodStatus(phase="Failed", container_statuses=[status]))
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "retried"),
+    [(2, False), (3, False), (1, True), (4, True), (5, True), (143, True)],
+    ids=["config", "input", "unexpected", "server-down", "storage", "preempted"],
+)
+def test_a_worker_exit_code_no_retry_can_fix_fails_the_task_without_retries(monkeypatch: pytest.MonkeyPatch, exit_code: int, retried: bool) -> None:
+    """The pod operator's own exit-code handling (cleanup, which the deferrable path reaches too), without a cluster."""
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException
+
+    op = _pod_operator()
+    # the cluster calls: deleting the pod, labelling it as checked, looking for an istio sidecar
+    monkeypatch.setattr(op, "process_pod_deletion", lambda *a, **k: None)
+    monkeypatch.setattr(op, "patch_already_checked", lambda *a, **k: None)
+    monkeypatch.setattr(op, "is_istio_enabled", lambda *a, **k: False)
+    pod = _finished_pod(exit_code)
+    with pytest.raises(AirflowException) as failed:
+        op.post_complete_action(pod=pod, remote_pod=pod, context=None, result=None)
+    # AirflowFailException fails the task at once; any other AirflowException is retried
+    assert isinstance(failed.value, AirflowFailException) is not retried
+    if not retried:
+        assert f"the worker exited with code {exit_code}" in str(failed.value) and "another try would fail the same way" in str(failed.value)

@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from tests.conftest import make_jpeg
+from testkit.data import make_jpeg
 from vqa_operators.preview import write_preview
 from vqa_operators.storage.uris import Storage
 
@@ -35,3 +35,21 @@ def test_preview_shows_thumbnails_escaped_qa_and_failures_by_reason(tmp_path: Pa
     assert re.findall(r"<h3>(.*?)</h3>", page) == ["invalid_json · 7 rows", "bad_image · 1 row"]
     assert page.count("<td><code>{oops</code></td>") == 6  # 5 examples of invalid_json, 1 of bad_image
     assert "2 more in the errors files." in page
+
+
+def test_a_run_with_other_field_names_previews_from_the_generators_declared_fields(tmp_path: Path) -> None:
+    """image_qa run with image_key="photos" and output_key="pairs": the page finds both, from the rows' provenance."""
+    (tmp_path / "a.jpg").write_bytes(make_jpeg((64, 48)))
+    out = tmp_path / "run" / "generate.jsonl"
+    out.parent.mkdir()
+    options = {"image_key": "photos", "output_key": "pairs", "pairs_per_row": 1}
+    row = {"photos": ["a.jpg"], "pairs": [{"question": "Which colour?", "answer": "Red."}], "vqa_provenance": {"image_qa": {"options": options}}}
+    out.write_text(json.dumps(row) + "\n")
+    (tmp_path / "run" / "generate.errors.jsonl").write_text("")
+    manifest = {
+        "generator": "image_qa", "output": str(out), "errors": str(tmp_path / "run" / "generate.errors.jsonl"), "rows_in": 1, "rows_out": 1,
+        "rows_failed": 0, "model": "m", "prompt_sha256": "ab" * 32, "seed": 1, "prompt_tokens": 10, "completion_tokens": 5, "requests": 1,
+    }
+    page = Path(write_preview(Storage(), manifest, title="t", media_root=str(tmp_path))).read_text()
+    assert "Which colour?" in page and "Red." in page
+    assert page.count('<img class="thumb" src="data:image/jpeg;base64,') == 1

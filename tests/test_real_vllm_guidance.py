@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests import real_vllm
-from tests.test_real_vllm import check_parity
+from tests.real_vllm import check_parity
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

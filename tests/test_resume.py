@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL, checkpointed_rows, job_options, read_rows, write_image_rows
-from tests.doubles.openai_server import OpenAITestServer, outage_after
+from testkit.data import MODEL, job_options, read_rows, write_image_rows
+from testkit.openai_server import OpenAITestServer, outage_after
+from tests.helpers import checkpointed_rows
 from vqa_operators.exceptions import ServerUnavailableError
 from vqa_operators.generators.image_qa import ImageQAGenerator
 from vqa_operators.serving.openai_api import APIVLMServing_openai
@@ -57,7 +58,7 @@ def test_a_failed_try_is_resumed_with_fewer_calls_and_the_same_output(vlm_server
     vlm_server.reset()  # the server is back
     # ten answers were served; the job fails as soon as the outage is certain, so an answer still
     # being read for the other request in flight (concurrency 2) may be dropped with its row
-    finished = failed.value.progress["rows_finished"]
+    finished = failed.value.progress.rows_finished
     assert finished in (9, 10)
 
     manifest = run_job(opts)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from vqa_operators.generators.base import run_rows
+from vqa_operators.worker.run_loop import run_rows
 
 
 class Scripted:

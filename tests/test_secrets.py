@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import MODEL, make_jpeg
-from tests.doubles.openai_server import OpenAITestServer
+from testkit.data import MODEL, make_jpeg
+from testkit.openai_server import OpenAITestServer
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "sk-live-7f3a9c1e5b-never-print-me"

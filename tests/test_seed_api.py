@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL, make_jpeg
-from tests.doubles.openai_server import OpenAITestServer, Reply
+from testkit.data import MODEL, make_jpeg
+from testkit.openai_server import OpenAITestServer, Reply
 from tests.seed_examples import SEED_ROWS, image_qa_example, pers_qa_example, read_results, video_qa_example, write_seed_inputs
 from vqa_operators import APIVLMServing_openai
 
@@ -106,3 +106,37 @@ def test_options_a_stage_does_not_have_are_refused(vlm_server: OpenAITestServer,
     serving = APIVLMServing_openai(api_url=vlm_server.base_url, model_name=MODEL)
     with pytest.raises(ValueError, match="max_iterations"):
         MultiroleVideoQAInitialGenerator(llm_serving=serving, max_iterations=3).run(df=pd.DataFrame([{"Meta": "m", "Clips": []}]))
+
+
+def _absolute_rows(workdir: Path, media: Path) -> None:
+    """The image example's input with every path absolute, into ``media``: a folder outside the working directory."""
+    media.mkdir(parents=True, exist_ok=True)
+    for name in ("street_scene.jpg", "second.jpg"):
+        (media / name).write_bytes((workdir / "test" / name).read_bytes())
+    rows = [{"image": [str(media / "street_scene.jpg")]}, {"image": [str(media / "street_scene.jpg"), str(media / "second.jpg")]}, {"image": str(media / "second.jpg")}]
+    (workdir / "data" / "example_qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_the_seed_example_reads_absolute_paths_anywhere_as_dataflow_does(vlm_server: OpenAITestServer, seed_workdir: Path, tmp_path_factory) -> None:
+    media = tmp_path_factory.mktemp("elsewhere") / "photos"
+    _absolute_rows(seed_workdir, media)
+    image_qa_example(api_serving(vlm_server))
+    out, errors = read_results(seed_workdir, "imageqa")
+    assert errors == []
+    assert [len(row["qa_pairs"]) for row in out] == [3, 3, 3]
+    assert "saw 2 image(s)" in out[1]["qa_pairs"][0]["answer"]
+
+
+@pytest.mark.parametrize("confine", ["media_root", "allowed_media_roots"])
+def test_a_media_root_or_allowed_roots_confine_the_seed_api(vlm_server: OpenAITestServer, seed_workdir: Path, tmp_path_factory, confine: str) -> None:
+    from vqa_operators import FileStorage, ImageQAGenerate
+
+    media = tmp_path_factory.mktemp("elsewhere") / "photos"
+    _absolute_rows(seed_workdir, media)
+    allowed = seed_workdir / "test"
+    storage = FileStorage(first_entry_file_name="data/example_qa.jsonl", cache_path="./cache_local", file_name_prefix="imageqa", cache_type="jsonl")
+    kwargs = {"media_root": str(allowed)} if confine == "media_root" else {"allowed_media_roots": [str(allowed)]}
+    ImageQAGenerate(api_serving(vlm_server), **kwargs).run(storage=storage.step())
+    out, errors = read_results(seed_workdir, "imageqa")
+    assert out == [] and [e["reason"] for e in errors] == ["path_not_allowed"] * 3
+    assert vlm_server.requests == []

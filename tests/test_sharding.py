@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import job_options, read_rows, write_image_rows
+from testkit.data import job_options, read_rows, write_image_rows
 from vqa_operators.exceptions import InputError
-from vqa_operators.sharding import MAX_SHARDS, merge_run, plan_shards
+from vqa_operators.settings import MAX_SHARDS_LIMIT
+from vqa_operators.sharding import merge_run, plan_shards
 from vqa_operators.storage import Storage
 from vqa_operators.storage.jsonl import read_jsonl
 from vqa_operators.worker import run_job
@@ -72,7 +73,7 @@ def test_bad_plan_settings_and_missing_input_are_clear(tmp_path: Path) -> None:
     with pytest.raises(InputError, match="rows_per_shard must be"):
         plan_shards(Storage(), str(tmp_path), rows_per_shard=0)
     with pytest.raises(InputError, match="max_shards 1..256"):
-        plan_shards(Storage(), str(tmp_path), rows_per_shard=1, max_shards=MAX_SHARDS + 1)
+        plan_shards(Storage(), str(tmp_path), rows_per_shard=1, max_shards=MAX_SHARDS_LIMIT + 1)
     with pytest.raises(InputError, match="does not exist"):
         plan_shards(Storage(), str(tmp_path / "nope.jsonl"), rows_per_shard=1)
 

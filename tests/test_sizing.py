@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL, read_rows, write_image_rows
-from tests.test_worker_cli import run_worker
+from testkit.data import MODEL, read_rows, write_image_rows
+from tests.helpers import run_worker
 from vqa_operators.exceptions import ConfigError
 from vqa_operators.serving.vllm_server import vllm_command
+from vqa_operators.settings import default_concurrency
 from vqa_operators.sharding import plan_shards
 from vqa_operators.storage import Storage
-from vqa_operators.worker import JobOptions, default_concurrency
+from vqa_operators.worker import JobOptions
 
 
 def options(**extra: object) -> JobOptions:

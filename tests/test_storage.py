@@ -22,10 +22,9 @@ def test_read_jsonl_reports_every_bad_line() -> None:
 def test_local_atomic_write_leaves_nothing_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "out" / "rows.jsonl"
     storage = Storage()
-    with pytest.raises(RuntimeError):
-        with storage.open_atomic(str(target)) as handle:
-            handle.write(b"partial\n")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), storage.open_atomic(str(target)) as handle:
+        handle.write(b"partial\n")
+        raise RuntimeError("boom")
     assert not target.exists()
     assert list(target.parent.iterdir()) == []
 
@@ -59,10 +58,9 @@ def test_s3_roundtrip_streams_lines(s3, bucket: str) -> None:
 
 def test_s3_failed_write_creates_no_object(s3, bucket: str) -> None:
     storage = Storage()
-    with pytest.raises(RuntimeError):
-        with storage.open_atomic(f"s3://{bucket}/out.jsonl") as handle:
-            handle.write(b'{"partial": true}\n')
-            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), storage.open_atomic(f"s3://{bucket}/out.jsonl") as handle:
+        handle.write(b'{"partial": true}\n')
+        raise RuntimeError("killed mid-write")
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
 
 
@@ -127,9 +125,8 @@ def test_exclusive_write_never_replaces(s3, bucket: str, tmp_path: Path) -> None
     for uri in (f"s3://{bucket}/part-1.jsonl", str(tmp_path / "part-1.jsonl")):
         with Storage().open_atomic(uri, exclusive=True) as handle:
             handle.write(b"mine\n")
-        with pytest.raises(StorageError, match="already exists"):
-            with Storage().open_atomic(uri, exclusive=True) as handle:
-                handle.write(b"theirs\n")
+        with pytest.raises(StorageError, match="already exists"), Storage().open_atomic(uri, exclusive=True) as handle:
+            handle.write(b"theirs\n")
         assert Storage().read_bytes(uri) == b"mine\n"
 
 
@@ -169,9 +166,8 @@ def test_local_identical_rewrite_is_skipped_and_a_race_is_refused(tmp_path: Path
     with storage.open_atomic(str(target)) as handle:
         handle.write(b"a\n")
     assert (target.stat().st_ino, target.stat().st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-    with pytest.raises(StorageError, match="another writer"):
-        with storage.open_atomic(str(target)) as handle:
-            handle.write(b"b\n")
-            target.write_text("raced\n")
+    with pytest.raises(StorageError, match="another writer"), storage.open_atomic(str(target)) as handle:
+        handle.write(b"b\n")
+        target.write_text("raced\n")
     assert target.read_text() == "raced\n"
     assert [p.name for p in tmp_path.iterdir()] == ["o.jsonl"]  # no temporary file left behind

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_jpeg, read_rows
+from testkit.data import make_jpeg, read_rows
 from vqa_operators.exceptions import ConfigError
 from vqa_operators.media import prepare_image
 from vqa_operators.serving.base import ChatRequest
 from vqa_operators.serving.transformers_local import LocalModelVLMServing_transformers, to_processor_messages
-from vqa_operators.worker import JobOptions, main, run_job
+from vqa_operators.worker import JobOptions, run_job
+from vqa_operators.worker.cli import main
 
 
 def image_message(*sizes: tuple[int, int]) -> list[dict]:

@@ -11,10 +11,9 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import MODEL, make_jpeg
-from tests.doubles.openai_server import OpenAITestServer, Reply
+from testkit.data import MODEL, make_jpeg
+from testkit.openai_server import OpenAITestServer, Reply
 from vqa_operators.exceptions import RowError
-from vqa_operators.generators.base import run_rows
 from vqa_operators.generators.video_qa import (
     LABELS,
     Clip,
@@ -27,6 +26,7 @@ from vqa_operators.generators.video_qa import (
 from vqa_operators.media import MediaReader, target_size
 from vqa_operators.serving.openai_api import APIVLMServing_openai
 from vqa_operators.storage import Storage
+from vqa_operators.worker.run_loop import run_rows
 
 
 @pytest.fixture

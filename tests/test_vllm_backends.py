@@ -21,10 +21,10 @@ from pathlib import Path
 import pytest
 
 from scripts.local_vllm import VLLM_PYTHON, free_port, server_args
+from testkit.data import make_jpeg
 from tests import real_vllm
-from tests.conftest import make_jpeg
+from tests.helpers import ROOT, run_worker
 from tests.seed_examples import read_results, write_seed_inputs
-from tests.test_worker_cli import ROOT, run_worker
 from vqa_operators.exceptions import ServerUnavailableError
 from vqa_operators.serving.base import ChatRequest
 from vqa_operators.serving.vllm_local import LocalModelVLMServing_vllm
@@ -36,7 +36,7 @@ def test_worker_serves_the_model_itself(tmp_path: Path, images: list[Path]) -> N
     proc = run_worker(
         "image_qa", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
         "--media-root", str(tmp_path), "--model", "served-here", "--serve-vllm",
-        env={"VQA_VLLM_COMMAND": f"{sys.executable} {ROOT / 'tests/doubles/openai_server.py'}", "VQA_VLLM_PORT": str(free_port()), "VQA_BASE_URL": ""},
+        env={"VQA_VLLM_COMMAND": f"{sys.executable} {ROOT / 'testkit/openai_server.py'}", "VQA_VLLM_PORT": str(free_port()), "VQA_BASE_URL": ""},
     )
     assert proc.returncode == 0, proc.stderr
     assert "starting model server" in proc.stderr
@@ -47,9 +47,8 @@ def test_server_that_dies_is_a_job_error(monkeypatch: pytest.MonkeyPatch) -> Non
     from vqa_operators.serving.vllm_server import serve_vllm
 
     monkeypatch.setenv("VQA_VLLM_COMMAND", f"{sys.executable} -c 'import sys; sys.exit(3)'")
-    with pytest.raises(ServerUnavailableError, match="exited with code 3"):
-        with serve_vllm("m", port=free_port()):
-            pass
+    with pytest.raises(ServerUnavailableError, match="exited with code 3"), serve_vllm("m", port=free_port()):
+        pass
 
 
 class StandInEngine:

@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import MODEL, make_jpeg
-from tests.doubles.openai_server import OpenAITestServer, Reply
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_worker(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins"), **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "vqa_operators", "run", *args], capture_output=True, text=True, env=full_env, timeout=120, check=False
-    )
+from testkit.data import MODEL, make_jpeg
+from testkit.openai_server import OpenAITestServer, Reply
+from tests.helpers import run_worker
 
 
 @pytest.fixture

@@ -10,15 +10,15 @@ from importlib import import_module
 from typing import Any
 
 _EXPORTS = {
-    "FileStorage": "vqa_operators.storage.file_storage",
-    "ImageQAGenerate": "vqa_operators.generators.seed_api",
+    "FileStorage": "vqa_operators.seed_compat.file_storage",
+    "ImageQAGenerate": "vqa_operators.seed_compat.operators",
     "APIVLMServing_openai": "vqa_operators.serving.openai_api",
     "LocalModelVLMServing_vllm": "vqa_operators.serving.vllm_local",
     "ImageQAGenerator": "vqa_operators.generators.image_qa",
-    "PersQAGenerate": "vqa_operators.generators.seed_api",
-    "MultiroleVideoQAInitialGenerator": "vqa_operators.generators.seed_api",
-    "MultiroleVideoQAMultiAgentGenerator": "vqa_operators.generators.seed_api",
-    "MultiroleVideoQAFinalGenerator": "vqa_operators.generators.seed_api",
+    "PersQAGenerate": "vqa_operators.seed_compat.operators",
+    "MultiroleVideoQAInitialGenerator": "vqa_operators.seed_compat.operators",
+    "MultiroleVideoQAMultiAgentGenerator": "vqa_operators.seed_compat.operators",
+    "MultiroleVideoQAFinalGenerator": "vqa_operators.seed_compat.operators",
     "PersQAGenerator": "vqa_operators.generators.pers_qa",
     "VideoQAInitialGenerator": "vqa_operators.generators.video_qa",
     "VideoQAMultiAgentGenerator": "vqa_operators.generators.video_qa",

@@ -2,7 +2,7 @@
 
 import sys
 
-from vqa_operators.worker import main
+from vqa_operators.worker.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,13 +12,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from vqa_operators.exceptions import RowError
+from vqa_operators import settings
+from vqa_operators.exceptions import Reason, RowError
 from vqa_operators.storage.uris import Storage, is_s3, join_uri
 
-# comma-separated folders and s3://bucket[/prefix]es rows may read media from (a deployment setting)
-ALLOWED_ROOTS_ENV = "VQA_ALLOWED_MEDIA_ROOTS"
-# Qwen2.5-VL's common serving budget (1280 visual tokens of 28x28 pixels).
-DEFAULT_MAX_PIXELS = 1280 * 28 * 28
 JPEG_QUALITY = 90
 
 
@@ -46,7 +43,7 @@ def target_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     return max(1, int(width * scale)), max(1, int(height * scale))
 
 
-def prepare_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> PreparedImage:
+def prepare_image(data: bytes, *, source: str, max_pixels: int = settings.MAX_PIXELS) -> PreparedImage:
     """Fit ``data`` to ``max_pixels`` as an RGB JPEG data URL, upright by its EXIF orientation.
 
     Three paths, cheapest first:
@@ -62,18 +59,18 @@ def prepare_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIX
     from PIL import Image, ImageOps
 
     if not data:
-        raise RowError("bad_image", f"{source}: the file is empty (0 bytes)")
+        raise RowError(Reason.BAD_IMAGE, f"{source}: the file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
+            img: Image.Image = Image.open(io.BytesIO(data))  # reads the header only
             original = img.size
             orientation = img.getexif().get(0x0112, 1)
             swaps = orientation in (5, 6, 7, 8)
             display_w, display_h = (original[1], original[0]) if swaps else original
             tw, th = target_size(display_w, display_h, max_pixels)
             if _sendable_as_is(img, data, orientation, (tw, th) == original):
-                return _prepared(source, data, img.format.lower(), original, original)
+                return _prepared(source, data, (img.format or "jpeg").lower(), original, original)
             if img.format == "JPEG" and (tw, th) != (display_w, display_h):
                 img.draft("RGB", (th, tw) if swaps else (tw, th))
             img.load()
@@ -92,9 +89,9 @@ def prepare_image(data: bytes, *, source: str, max_pixels: int = DEFAULT_MAX_PIX
     except RowError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise RowError("bad_image", f"{source}: image too large to decode safely ({exc})") from None
+        raise RowError(Reason.BAD_IMAGE, f"{source}: image too large to decode safely ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
-        raise RowError("bad_image", f"{source}: cannot decode image ({exc})") from None
+        raise RowError(Reason.BAD_IMAGE, f"{source}: cannot decode image ({exc})") from None
     return _prepared(source, buffer.getvalue(), "jpeg", img.size, (display_w, display_h))
 
 
@@ -116,11 +113,6 @@ def _prepared(source: str, data: bytes, subtype: str, sent: tuple[int, int], ori
     return PreparedImage(
         source=source, data_url=f"data:image/{subtype};base64,{encoded}", width=sent[0], height=sent[1], original_width=original[0], original_height=original[1]
     )
-
-
-def allowed_roots_from_env() -> list[str]:
-    """The roots listed in ``VQA_ALLOWED_MEDIA_ROOTS`` (empty if unset)."""
-    return [root.strip() for root in os.environ.get(ALLOWED_ROOTS_ENV, "").split(",") if root.strip()]
 
 
 def within(uri: str, root: str) -> bool:
@@ -145,7 +137,8 @@ class MediaReader:
     """Resolve image paths against a media root, read them (local or S3) and prepare them off the event loop.
 
     Only paths inside ``allowed_roots`` (default: the media root itself) are read: a row cannot
-    reach ``../`` or an absolute path elsewhere (``path_not_allowed``).
+    reach ``../`` or an absolute path elsewhere (``path_not_allowed``). ``confined=False`` reads any
+    path (the seeds' API, in the user's own process on the user's own files).
     """
 
     def __init__(
@@ -153,21 +146,23 @@ class MediaReader:
         storage: Storage,
         *,
         media_root: str = ".",
-        max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_pixels: int = settings.MAX_PIXELS,
         executor: Executor | None = None,
         allowed_roots: list[str] | None = None,
+        confined: bool = True,
     ) -> None:
         self.storage = storage
         self.media_root = media_root
         self.max_pixels = max_pixels
         self.executor = executor
         self.allowed_roots = allowed_roots or [media_root]
+        self.confined = confined
 
     def resolve(self, path: str) -> str:
         """The URI of a row's media ``path``; a RowError if it lies outside every allowed root."""
         uri = join_uri(self.media_root, path)
-        if not any(within(uri, root) for root in self.allowed_roots):
-            raise RowError("path_not_allowed", f"{path}: outside the allowed media roots")
+        if self.confined and not any(within(uri, root) for root in self.allowed_roots):
+            raise RowError(Reason.PATH_NOT_ALLOWED, f"{path}: outside the allowed media roots")
         return uri
 
     def _load(self, path: str, max_pixels: int) -> PreparedImage:
@@ -175,11 +170,11 @@ class MediaReader:
         try:
             data = self.storage.read_bytes(uri)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-            raise RowError("image_not_found", f"{path}: {exc.strerror or 'no such file'}") from None
+            raise RowError(Reason.IMAGE_NOT_FOUND, f"{path}: {exc.strerror or 'no such file'}") from None
         except OSError as exc:
-            raise RowError("image_unreadable", f"{path}: {exc.strerror or exc}") from None
+            raise RowError(Reason.IMAGE_UNREADABLE, f"{path}: {exc.strerror or exc}") from None
         except ValueError as exc:  # a malformed s3:// URI in the row
-            raise RowError("bad_field", f"{path}: {exc}") from None
+            raise RowError(Reason.BAD_FIELD, f"{path}: {exc}") from None
         return prepare_image(data, source=path, max_pixels=max_pixels)
 
     async def prepare(self, paths: list[str], *, max_pixels: int | None = None) -> list[PreparedImage]:

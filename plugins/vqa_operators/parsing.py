@@ -9,6 +9,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
+from vqa_operators.exceptions import Reason
+
 M = TypeVar("M", bound=BaseModel)
 
 _CLOSER_AHEAD = re.compile(r"[ \t\r\n]*[}\]]")
@@ -25,7 +27,7 @@ class ParseError(ValueError):
     or a generator's own rule.
     """
 
-    def __init__(self, message: str, *, reason: str = "invalid_json") -> None:
+    def __init__(self, message: str, *, reason: Reason = Reason.INVALID_JSON) -> None:
         super().__init__(message)
         self.reason = reason
 
@@ -140,7 +142,7 @@ def extract_json(text: str, *, truncated: bool = False) -> Any:
         depth, in_string = _scan(body, start)
         if truncated or depth > 0 or in_string:
             limit = " (the server hit max_tokens)" if truncated else ""
-            raise ParseError(f"truncated JSON: output ended before the value was closed{limit}", reason="truncated_output") from None
+            raise ParseError(f"truncated JSON: output ended before the value was closed{limit}", reason=Reason.TRUNCATED_OUTPUT) from None
         raise ParseError(f"invalid JSON: {first.msg} at {_where(body, first.pos)}") from None
 
 
@@ -160,4 +162,4 @@ def parse_structured(text: str, model: type[M], *, truncated: bool = False) -> M
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ParseError(f"output does not match the schema: {describe_validation_error(err)}", reason="schema_mismatch") from None
+        raise ParseError(f"output does not match the schema: {describe_validation_error(err)}", reason=Reason.SCHEMA_MISMATCH) from None

@@ -24,7 +24,9 @@ from typing import Any
 
 import jinja2
 
-from vqa_operators.exceptions import RowError
+from vqa_operators.exceptions import ConfigError, RowError
+from vqa_operators.generators import generator_class
+from vqa_operators.generators.base import PROVENANCE_KEY, OutputFields
 from vqa_operators.media import MediaReader
 from vqa_operators.storage.jsonl import read_jsonl
 from vqa_operators.storage.uris import Storage, beside
@@ -75,26 +77,41 @@ def _pers_pair(text: str) -> dict[str, str]:
     return {"question": question.removeprefix("Question: "), "answer": answer} if sep else {"question": "", "answer": text}
 
 
-def describe_row(generator: str, n: int, row: dict[str, Any]) -> dict[str, Any]:
-    """What the page shows of one output row: its media paths, title and QA pairs, by generator."""
-    provenance = row.get("vqa_provenance") or {}
-    if generator.startswith("video_qa"):
+def output_fields(generator: str, row: dict[str, Any] | None) -> OutputFields:
+    """Where ``generator``'s rows keep their QA and media, with the options the run used (from a row's provenance)."""
+    cls = generator_class(generator)
+    options = ((row or {}).get(PROVENANCE_KEY) or {}).get(generator, {}).get("options")
+    try:
+        parsed = cls.parse_options(options if isinstance(options, dict) else None)
+    except ConfigError:  # options of another version of the generator: its defaults
+        parsed = cls.parse_options(None)
+    return cls.output_fields(parsed)
+
+
+def describe_row(fields: OutputFields, n: int, row: dict[str, Any]) -> dict[str, Any]:
+    """What the page shows of one output row: its media paths, title and QA pairs, where ``fields`` says they are."""
+    provenance = row.get(PROVENANCE_KEY) or {}
+    value = row.get(fields.qa)
+    qa: list[dict[str, Any]]
+    if fields.form == "text":
+        qa = [_pers_pair(value)] if isinstance(value, str) else []
+    elif fields.form == "labelled":
+        qa = [
+            {"labels": _paths(p.get("Label")), "question": p.get("Question", ""), "answer": p.get("Answer", "")}
+            for p in value or [] if isinstance(p, dict)
+        ] if isinstance(value, list) else []
+    else:
+        qa = [{"question": p.get("question", ""), "answer": p.get("answer", "")} for p in value or [] if isinstance(p, dict)] if isinstance(value, list) else []
+    if fields.clips is not None:
         sent = (provenance.get("video_qa_initial") or {}).get("frames_sent")
         frames = [f["path"] for f in sent if isinstance(f, dict) and isinstance(f.get("path"), str)] if isinstance(sent, list) else []
-        if not frames:
-            frames = [p for clip in row.get("Clips") or [] if isinstance(clip, dict) for p in _paths(clip.get("Frames_Images"))]
-        qa = []
-        for pair in row.get("QA") or []:
-            labels = pair.get("Label")
-            qa.append({"labels": _paths(labels), "question": pair.get("Question", ""), "answer": pair.get("Answer", "")})
+        clips = row.get(fields.clips)
+        if not frames and isinstance(clips, list):
+            frames = [p for clip in clips if isinstance(clip, dict) for p in _paths(clip.get("Frames_Images"))]
         title = str(row.get("id") or row.get("Meta") or "")[:160]
         frames_total = (provenance.get("video_qa_initial") or {}).get("frames_total")
         return {"kind": "video", "n": n, "title": title, "paths": frames, "qa": qa, "frames_total": frames_total}
-    paths = _paths(row.get("image"))
-    if generator == "pers_qa":
-        qa = [_pers_pair(row["pers_qa"])] if isinstance(row.get("pers_qa"), str) else []
-    else:
-        qa = [{"question": p.get("question", ""), "answer": p.get("answer", "")} for p in row.get("qa_pairs") or [] if isinstance(p, dict)]
+    paths = _paths(row.get(fields.images)) if fields.images else []
     title = ", ".join(paths)[:160]
     return {"kind": "image", "n": n, "title": title, "paths": paths, "qa": qa}
 
@@ -144,12 +161,9 @@ def render_preview(
     examples_per_reason: int = 5,
 ) -> bytes:
     """The HTML page for a merged run ``manifest`` (from ``merge_run``)."""
-    generator = manifest["generator"]
-    rows = [
-        describe_row(generator, n, row)
-        for n, row in itertools.islice(read_jsonl(storage.iter_lines(manifest["output"])), max_rows)
-        if isinstance(row, dict)
-    ]
+    shown = [(n, row) for n, row in itertools.islice(read_jsonl(storage.iter_lines(manifest["output"])), max_rows) if isinstance(row, dict)]
+    fields = output_fields(manifest["generator"], shown[0][1] if shown else None)
+    rows = [describe_row(fields, n, row) for n, row in shown]
     reader = MediaReader(storage, media_root=media_root, allowed_roots=allowed_roots)
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="vqa-preview") as pool:
         for row in rows:

@@ -7,13 +7,13 @@ of wording is visible in the data and (later) invalidates cached work.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import jinja2
 
+from vqa_operators import settings
 from vqa_operators.exceptions import ConfigError
 
 _DEFAULT_DIR = Path(__file__).resolve().parents[2] / "include" / "prompts"
@@ -21,7 +21,7 @@ _DEFAULT_DIR = Path(__file__).resolve().parents[2] / "include" / "prompts"
 
 def prompts_dir() -> Path:
     """Return the prompt folder: ``VQA_PROMPTS_DIR`` or the repository's ``include/prompts``."""
-    return Path(os.environ.get("VQA_PROMPTS_DIR") or _DEFAULT_DIR)
+    return Path(settings.environment().prompts_dir or _DEFAULT_DIR)
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,11 @@ class PromptSet:
         return tpl.render(**variables).strip()
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_prompts(name: str, root: str | None = None) -> PromptSet:
     """Load every ``*.j2`` of ``<root>/<name>/`` and ``<root>/common/`` and hash their sources."""
     base = Path(root) if root else prompts_dir()
-    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)
+    env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False)  # noqa: S701 - prompts are text for a model, never HTML
     templates: dict[str, jinja2.Template] = {}
     digest = hashlib.sha256()
     files = sorted((base / "common").glob("*.j2")) + sorted((base / name).glob("*.j2"))

@@ -17,11 +17,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vqa_operators import settings
 from vqa_operators.exceptions import InputError
 from vqa_operators.storage.uris import Storage, beside, errors_uri_for
-
-# Airflow's max_map_length is 1024 by default; a plan never comes near it
-MAX_SHARDS = 256
 
 
 class Shard(BaseModel):
@@ -42,15 +40,15 @@ class Shard(BaseModel):
     version: str | None = None
 
 
-def plan_shards(storage: Storage, input_uri: str, *, rows_per_shard: int, max_shards: int = 32) -> list[Shard]:
+def plan_shards(storage: Storage, input_uri: str, *, rows_per_shard: int, max_shards: int = settings.MAX_SHARDS) -> list[Shard]:
     """Split ``input_uri`` into at most ``max_shards`` shards of ``rows_per_shard`` lines (more if the cap needs it).
 
     One streaming pass; memory holds one offset per ``rows_per_shard`` lines at most ``4 * max_shards``
     of them (the step doubles when there would be more). There is always at least one shard, so
     an empty input still yields (empty) outputs.
     """
-    if rows_per_shard < 1 or not 1 <= max_shards <= MAX_SHARDS:
-        raise InputError(f"rows_per_shard must be >= 1 and max_shards 1..{MAX_SHARDS}, got {rows_per_shard} and {max_shards}")
+    if rows_per_shard < 1 or not 1 <= max_shards <= settings.MAX_SHARDS_LIMIT:
+        raise InputError(f"rows_per_shard must be >= 1 and max_shards 1..{settings.MAX_SHARDS_LIMIT}, got {rows_per_shard} and {max_shards}")
     before = storage.version(input_uri)
     if before is None:
         raise InputError(f"cannot read {input_uri}: it does not exist")

@@ -1,4 +1,4 @@
-"""What every generator shares: prompts, the ask-parse-repair step, and the bounded row runner.
+"""What every generator shares: options, prompts and the ask-parse-repair step.
 
 A generator is plain Python: it knows nothing of Airflow, of files or of S3 output. It turns one
 input row into the fields to add, or raises RowError with a reason.
@@ -6,28 +6,27 @@ input row into the fields to add, or raises RowError with a reason.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from vqa_operators.exceptions import ConfigError, RowError
+from vqa_operators import settings
+from vqa_operators.exceptions import ConfigError, Reason, RowError
 from vqa_operators.generators.answers import TextLimits
-from vqa_operators.media import DEFAULT_MAX_PIXELS, MediaReader, PreparedImage
+from vqa_operators.media import MediaReader, PreparedImage
 from vqa_operators.parsing import ParseError, describe_validation_error, parse_structured
 from vqa_operators.prompts import load_prompts
 from vqa_operators.serving.base import ChatRequest, VLMServing
-from vqa_operators.storage.jsonl import BadLine
 from vqa_operators.storage.uris import Storage
 
 M = TypeVar("M", bound=BaseModel)
-RAW_OUTPUT_LIMIT = 2000
+# the output rows' field that says, per stage, what produced them (Generator.provenance and the row's details)
+PROVENANCE_KEY = "vqa_provenance"
 
 
 class GeneratorOptions(BaseModel):
@@ -93,6 +92,19 @@ def prompt_chars(messages: list[dict[str, Any]]) -> int:
     return total
 
 
+@dataclass(frozen=True)
+class OutputFields:
+    """Where a generator's output rows keep what a reader looks at: the QA, and the media it is about."""
+
+    # the field with the generated QA, and its form: a list of {"question", "answer"} ("pairs"),
+    # one "Question: ... Answer: ..." string ("text"), or a list of {"Label", "Question", "Answer"} ("labelled")
+    qa: str
+    form: Literal["pairs", "text", "labelled"]
+    # the field with the row's image path(s), or with its clips (each with "Frames_Images")
+    images: str | None = None
+    clips: str | None = None
+
+
 @dataclass
 class Usage:
     """Token and request counts, summed over a run."""
@@ -101,34 +113,6 @@ class Usage:
     repairs: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
-
-
-@dataclass
-class RowOutcome:
-    """One input line's result: the fields to add, or the error that sends it to the errors file."""
-
-    line: int
-    row: dict[str, Any] | None
-    fields: dict[str, Any] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    error: RowError | BadLine | None = None
-    # the row's final record, {"out": row} or {"error": entry}, once the worker has made it ...
-    record: dict[str, Any] | None = None
-    # ... or when an earlier try had already made it
-    reused: bool = False
-
-    def error_entry(self, stage: str) -> dict[str, Any]:
-        """The errors-file record: the input (row or raw line) with a reason."""
-        err = self.error
-        assert err is not None
-        entry: dict[str, Any] = {"stage": stage, "line": self.line, "reason": err.reason, "detail": err.detail}
-        if isinstance(err, BadLine):
-            entry["raw_line"] = err.raw
-        else:
-            entry["row"] = self.row
-            if err.raw_output is not None:
-                entry["raw_output"] = err.raw_output[:RAW_OUTPUT_LIMIT]
-        return entry
 
 
 class Generator(ABC):
@@ -149,7 +133,7 @@ class Generator(ABC):
     ) -> None:
         self.serving = serving
         self.options = self.parse_options(options)
-        self.media = media or MediaReader(Storage(), max_pixels=DEFAULT_MAX_PIXELS)
+        self.media = media or MediaReader(Storage(), max_pixels=settings.MAX_PIXELS)
         self.seed = seed
         self.prompts = load_prompts(self.prompt_set or self.name)
         self.usage = Usage()
@@ -171,6 +155,11 @@ class Generator(ABC):
     def answer_models(self) -> list[type[BaseModel]]:
         """Every answer model this generator asks for: their JSON schemas are all it sends (repairs included)."""
         return [self.answer_model]  # type: ignore[attr-defined]
+
+    @classmethod
+    @abstractmethod
+    def output_fields(cls, options: Any) -> OutputFields:
+        """Where rows made with ``options`` (this generator's parsed Options) keep their QA and media."""
 
     def finish_row(self, row: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         """The output row: the input row with the generated fields added (a stage may also drop fields)."""
@@ -194,7 +183,7 @@ class Generator(ABC):
         """The row's ``key`` field; a missing or null one is a RowError (``missing_field``)."""
         value = row.get(key)
         if value is None:
-            raise RowError("missing_field", f"the row has no {key!r} field" if key not in row else f"{key!r} is null")
+            raise RowError(Reason.MISSING_FIELD, f"the row has no {key!r} field" if key not in row else f"{key!r} is null")
         return value
 
     @classmethod
@@ -203,11 +192,11 @@ class Generator(ABC):
         value = cls.required(row, key)
         paths = [value] if isinstance(value, str) else value
         if not isinstance(paths, list) or not all(isinstance(p, str) and p.strip() for p in paths):
-            raise RowError("bad_field", f"{key!r} must be a path or a list of non-empty paths, got {type(value).__name__}")
+            raise RowError(Reason.BAD_FIELD, f"{key!r} must be a path or a list of non-empty paths, got {type(value).__name__}")
         if not paths:
-            raise RowError("bad_field", f"{key!r} is an empty list")
+            raise RowError(Reason.BAD_FIELD, f"{key!r} is an empty list")
         if len(paths) > limit:
-            raise RowError("bad_field", f"{key!r} has {len(paths)} images; the limit per row is {limit}")
+            raise RowError(Reason.BAD_FIELD, f"{key!r} has {len(paths)} images; the limit per row is {limit}")
         return paths
 
     @staticmethod
@@ -238,7 +227,7 @@ class Generator(ABC):
         """
         chars = prompt_chars(messages)
         if chars > self.options.max_prompt_chars:
-            raise RowError("prompt_too_long", f"the prompt has {chars} characters of text; the budget is {self.options.max_prompt_chars} (max_prompt_chars)")
+            raise RowError(Reason.PROMPT_TOO_LONG, f"the prompt has {chars} characters of text; the budget is {self.options.max_prompt_chars} (max_prompt_chars)")
         schema = answer_model.model_json_schema()
         name = answer_model.__name__
         seed = derive_seed(self.seed, key)
@@ -268,78 +257,3 @@ class Generator(ABC):
         self.usage.prompt_tokens += result.prompt_tokens
         self.usage.completion_tokens += result.completion_tokens
         return result
-
-
-async def run_rows(
-    generator: Generator,
-    items: Iterable[tuple[int, dict[str, Any] | BadLine | RowOutcome]],
-    *,
-    window: int,
-    on_finished: Callable[[RowOutcome], None] | None = None,
-    reorder: int | None = None,
-) -> AsyncIterator[RowOutcome]:
-    """Process rows with at most ``window`` running at once, yielding outcomes in input order.
-
-    Rows that finish ahead of a slower one wait, finished, for it to be yielded: up to ``reorder``
-    of them (default ``4 * window``), so that one slow row (a long answer, a repair) does not stop
-    new rows from starting while the server has room. ``on_finished`` sees each new outcome as
-    soon as its row finishes, in completion order, so that rows finished behind a slow one are not
-    lost if the job fails. An item that is already a RowOutcome (a row finished by an earlier try)
-    is passed through. Any other exception than RowError, from any row running, propagates at once
-    and cancels the rest: the job fails as a whole (a down server is not a reason to fail rows).
-    """
-    loop = asyncio.get_running_loop()
-    fatal: asyncio.Future[None] = loop.create_future()
-    reorder = 4 * window if reorder is None else reorder
-    running: set[asyncio.Task[RowOutcome]] = set()
-
-    async def one(line: int, item: dict[str, Any] | BadLine | RowOutcome) -> RowOutcome:
-        if isinstance(item, RowOutcome):
-            return item
-        try:
-            if isinstance(item, BadLine):
-                outcome = RowOutcome(line=line, row=None, error=item)
-            else:
-                try:
-                    fields, meta = await generator.generate(item)
-                    outcome = RowOutcome(line=line, row=item, fields=fields, meta=meta)
-                except RowError as err:
-                    outcome = RowOutcome(line=line, row=item, error=err)
-            if on_finished is not None:
-                on_finished(outcome)
-        except BaseException as exc:
-            if not fatal.done() and not isinstance(exc, asyncio.CancelledError):
-                fatal.set_exception(exc)
-            raise
-        return outcome
-
-    def start(line: int, item: dict[str, Any] | BadLine | RowOutcome) -> None:
-        task = asyncio.ensure_future(one(line, item))
-        running.add(task)
-        task.add_done_callback(running.discard)
-        pending.append(task)
-
-    async def wait_for(tasks: set[asyncio.Task[RowOutcome]]) -> None:
-        await asyncio.wait({*tasks, fatal}, return_when=asyncio.FIRST_COMPLETED)
-        if fatal.done():
-            fatal.result()  # raises the first job-level error; the finally below cancels the rest
-
-    pending: deque[asyncio.Task[RowOutcome]] = deque()  # in input order: running, then finished and waiting
-    try:
-        for line, item in items:
-            start(line, item)
-            while True:
-                while pending and pending[0].done():
-                    yield pending.popleft().result()
-                if len(running) < window and len(pending) - len(running) < reorder:
-                    break
-                # a running row must finish: the head (to make room to reorder) or any (to make room to run)
-                await wait_for({pending[0]} if len(running) < window else set(running))
-        while pending:
-            await wait_for({pending[0]})
-            yield pending.popleft().result()
-    finally:
-        for task in pending:
-            task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)

@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from vqa_operators.generators.answers import qa_set_model
-from vqa_operators.generators.base import Generator, ImageRowOptions, QATextOptions, row_key
+from vqa_operators.generators.base import Generator, ImageRowOptions, OutputFields, QATextOptions, row_key
 
 
 class ImageQAOptions(ImageRowOptions, QATextOptions):
@@ -23,6 +23,11 @@ class ImageQAGenerator(Generator):
     name = "image_qa"
     Options = ImageQAOptions
     options: ImageQAOptions
+
+    @classmethod
+    def output_fields(cls, options: ImageQAOptions) -> OutputFields:
+        """A list of {"question", "answer"} in ``output_key``, about the images in ``image_key``."""
+        return OutputFields(qa=options.output_key, form="pairs", images=options.image_key)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

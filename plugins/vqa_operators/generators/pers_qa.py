@@ -15,9 +15,9 @@ from typing import Any
 
 from pydantic import Field
 
-from vqa_operators.exceptions import ConfigError, RowError
+from vqa_operators.exceptions import ConfigError, Reason, RowError
 from vqa_operators.generators.answers import AFTER_TAG, PATTERN_MAX_CHARS, tagged_answer_model
-from vqa_operators.generators.base import AnswerTextOptions, Generator, ImageRowOptions, derive_seed, row_key
+from vqa_operators.generators.base import AnswerTextOptions, Generator, ImageRowOptions, OutputFields, derive_seed, row_key
 from vqa_operators.parsing import ParseError
 from vqa_operators.prompts import PromptSet
 
@@ -101,6 +101,11 @@ class PersQAGenerator(Generator):
     Options = PersQAOptions
     options: PersQAOptions
 
+    @classmethod
+    def output_fields(cls, options: PersQAOptions) -> OutputFields:
+        """One "Question: ... Answer: ..." string in ``output_key``, about the images in ``image_key``."""
+        return OutputFields(qa=options.output_key, form="text", images=options.image_key)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.bank = load_question_bank(self.prompts, self.options.tag)
@@ -112,7 +117,7 @@ class PersQAGenerator(Generator):
         if subject is None:
             return None
         if subject not in SUBJECT_TYPES:
-            raise RowError("bad_field", f"{self.options.subject_key!r} must be one of {SUBJECT_TYPES}, got {subject!r}")
+            raise RowError(Reason.BAD_FIELD, f"{self.options.subject_key!r} must be one of {SUBJECT_TYPES}, got {subject!r}")
         return subject
 
     def check_answer(self, answer: Any) -> None:
@@ -120,11 +125,11 @@ class PersQAGenerator(Generator):
         tag, limit = self.options.tag, self.options.max_answer_chars
         text = answer.answer
         if not text.startswith(tag):
-            raise ParseError(f"the answer must start with {tag!r}, but it starts with {text[:30]!r}", reason="answer_missing_tag")
+            raise ParseError(f"the answer must start with {tag!r}, but it starts with {text[:30]!r}", reason=Reason.ANSWER_MISSING_TAG)
         if not text[len(tag) :].strip(AFTER_TAG + " \t\n"):
-            raise ParseError(f"the answer is only the tag {tag!r}; say something about {tag}", reason="answer_missing_tag")
+            raise ParseError(f"the answer is only the tag {tag!r}; say something about {tag}", reason=Reason.ANSWER_MISSING_TAG)
         if len(text) > limit:
-            raise ParseError(f"the answer has {len(text)} characters; the limit is {limit}", reason="schema_mismatch")
+            raise ParseError(f"the answer has {len(text)} characters; the limit is {limit}", reason=Reason.SCHEMA_MISMATCH)
 
     async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Ask the row's question about every image of ``row``; return ``pers_qa``."""

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, create_model, field_validator
 
-from vqa_operators.exceptions import RowError
+from vqa_operators.exceptions import Reason, RowError
 from vqa_operators.generators.answers import STRICT, QAPair, TextLimits, bounded_text, distinct, qa_set_model
-from vqa_operators.generators.base import Generator, QATextOptions, row_key
+from vqa_operators.generators.base import Generator, OutputFields, QATextOptions, row_key
 from vqa_operators.media import PreparedImage
 from vqa_operators.parsing import ParseError, describe_validation_error
 
@@ -161,7 +161,7 @@ def labelled_pair_model(limits: TextLimits) -> type[BaseModel]:
         "LabelledPair",
         __config__=STRICT,
         __validators__={"_distinct": field_validator("labels")(_distinct)},
-        labels=(list[LabelId], Field(min_length=1, max_length=2)),
+        labels=(list[LabelId], Field(min_length=1, max_length=2)),  # type: ignore[valid-type]
         question=(str, bounded_text(limits.question)),
         answer=(str, bounded_text(limits.answer)),
     )
@@ -231,22 +231,22 @@ class _VideoQAStage(Generator):
         if isinstance(meta, dict):
             meta = json.dumps(meta, ensure_ascii=False)
         if not isinstance(meta, str):
-            raise RowError("bad_field", f"{opts.meta_key!r} must be text (or an object), got {type(meta).__name__}")
+            raise RowError(Reason.BAD_FIELD, f"{opts.meta_key!r} must be text (or an object), got {type(meta).__name__}")
         if not isinstance(raw, list) or not raw:
-            raise RowError("bad_field", f"{opts.clips_key!r} must be a non-empty list of clips")
+            raise RowError(Reason.BAD_FIELD, f"{opts.clips_key!r} must be a non-empty list of clips")
         if len(raw) > opts.max_clips:
-            raise RowError("bad_field", f"{opts.clips_key!r} has {len(raw)} clips; the limit is {opts.max_clips}")
+            raise RowError(Reason.BAD_FIELD, f"{opts.clips_key!r} has {len(raw)} clips; the limit is {opts.max_clips}")
         clips = []
         for number, item in enumerate(raw, start=1):
             if not isinstance(item, dict):
-                raise RowError("bad_field", f"clip {number} must be an object, got {type(item).__name__}")
+                raise RowError(Reason.BAD_FIELD, f"clip {number} must be an object, got {type(item).__name__}")
             try:
                 clips.append(Clip.model_validate(item))
             except ValidationError as err:
-                raise RowError("bad_field", f"clip {number}: {describe_validation_error(err)}") from None
+                raise RowError(Reason.BAD_FIELD, f"clip {number}: {describe_validation_error(err)}") from None
         video = Video(meta=meta.strip(), clips=clips, frames=sample_frames(clips, opts.max_frames))
         if not video.frames:
-            raise RowError("bad_field", "no clip has any frame in 'Frames_Images'")
+            raise RowError(Reason.BAD_FIELD, "no clip has any frame in 'Frames_Images'")
         return video
 
     async def load_frames(self, video: Video) -> list[PreparedImage]:
@@ -282,18 +282,23 @@ class _VideoQAStage(Generator):
         content = [*self.video_parts(video, images), {"type": "text", "text": task}]
         return [{"role": "system", "content": system or self.prompts.render("system")}, {"role": "user", "content": content}]
 
+    @classmethod
+    def output_fields(cls, options: VideoQAOptions) -> OutputFields:
+        """The QA set in ``output_key`` ({"Question", "Answer"}, labelled after the final stage), about the clips' frames."""
+        return OutputFields(qa=options.output_key, form="labelled", clips=options.clips_key)
+
     def current_set(self, row: dict[str, Any]) -> list[dict[str, str]]:
         """The QA set an earlier stage left in ``output_key``."""
         key = self.options.output_key
         value = row.get(key)
         if value is None:
-            raise RowError("missing_field", f"the row has no {key!r} QA set; run video_qa_initial on it first")
+            raise RowError(Reason.MISSING_FIELD, f"the row has no {key!r} QA set; run video_qa_initial on it first")
         try:
             pairs = [QAPair.model_validate({"question": p.get("Question"), "answer": p.get("Answer")}) for p in value]
         except (AttributeError, TypeError, ValidationError):
-            raise RowError("bad_field", f"{key!r} must be a list of {{'Question', 'Answer'}} objects with non-empty text") from None
+            raise RowError(Reason.BAD_FIELD, f"{key!r} must be a list of {{'Question', 'Answer'}} objects with non-empty text") from None
         if not pairs:
-            raise RowError("bad_field", f"{key!r} is an empty QA set")
+            raise RowError(Reason.BAD_FIELD, f"{key!r} is an empty QA set")
         return to_rows(pairs)
 
     def read_state(self, row: dict[str, Any]) -> VideoQAState:
@@ -304,7 +309,7 @@ class _VideoQAStage(Generator):
         try:
             return VideoQAState.model_validate(value)
         except ValidationError as err:
-            raise RowError("bad_field", f"{self.options.state_key!r}: {describe_validation_error(err)}") from None
+            raise RowError(Reason.BAD_FIELD, f"{self.options.state_key!r}: {describe_validation_error(err)}") from None
 
     @staticmethod
     def frames_meta(video: Video) -> dict[str, Any]:
@@ -420,7 +425,7 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
         def check(decision: MasterDecision) -> None:
             move = decision.root
             if isinstance(move, Recruit) and normalise(move.expert.role) in taken:
-                raise ParseError(f"the role {move.expert.role!r} was already recruited; name a different expert or terminate", reason="duplicate_expert")
+                raise ParseError(f"the role {move.expert.role!r} was already recruited; name a different expert or terminate", reason=Reason.DUPLICATE_EXPERT)
 
         task = self.prompts.render(
             "recruit", iteration=iteration, max_iterations=self.options.max_iterations, current_qa=qa_json(current),
@@ -429,7 +434,7 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
         try:
             decision = await self.ask(self.messages(video, None, task), MasterDecision, key=f"{key}:recruit:{iteration}", check=check)
         except RowError as err:
-            if err.reason == "duplicate_expert":
+            if err.reason == Reason.DUPLICATE_EXPERT:
                 return None
             raise
         return decision.root

@@ -7,11 +7,12 @@ and ``VQA_MODEL`` from the environment are used.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from airflow.sdk import BaseHook
+
+from vqa_operators import settings
 
 
 @dataclass(frozen=True)
@@ -43,11 +44,9 @@ class VLMHook(BaseHook):
             conn = self.get_connection(self.vlm_conn_id)
         except AirflowNotFoundException:
             self.log.info("connection %s not defined; using VQA_BASE_URL / VQA_MODEL / VQA_API_KEY", self.vlm_conn_id)
-            return VLMEndpoint(
-                base_url=os.environ.get("VQA_BASE_URL") or None,
-                model=os.environ.get("VQA_MODEL") or None,
-                api_key=os.environ.get("VQA_API_KEY") or None,
-            )
+            env = settings.environment()
+            # the API key is read by the client itself (VQA_API_KEY), as the seeds' API does
+            return VLMEndpoint(base_url=env.base_url, model=env.model, api_key=None)
         extra: dict[str, Any] = conn.extra_dejson or {}
         host = conn.host or ""
         if host and "://" not in host:

@@ -7,15 +7,14 @@ It is not read from an Airflow Variable: that would be a metadata lookup on ever
 
 from __future__ import annotations
 
-import copy
-import os
-from typing import Any
+from typing import Any, get_args
 
+from vqa_operators import settings
 from vqa_operators.operators.fanout import VQAMergeOperator, VQAShardPlanOperator
 from vqa_operators.operators.local import VQAWorkerOperator
 from vqa_operators.operators.spec import STAGED_OUTPUT_URI, WorkerSpec, staged_output
 
-MODES = ("local", "kubernetes")
+MODES: tuple[str, ...] = get_args(settings.Environment.model_fields["execution"].annotation)
 
 __all__ = [
     "MODES", "STAGED_OUTPUT_URI", "VQAMergeOperator", "VQAShardPlanOperator", "VQAWorkerOperator", "WorkerSpec",
@@ -25,21 +24,18 @@ __all__ = [
 
 def execution_mode() -> str:
     """``VQA_EXECUTION`` from the environment, else ``local``."""
-    mode = (os.environ.get("VQA_EXECUTION") or "local").strip().lower()
-    if mode not in MODES:
-        raise ValueError(f"VQA_EXECUTION must be one of {MODES}, got {mode!r}")
-    return mode
+    return settings.environment().execution
 
 
 def worker_task(*, task_id: str, spec: WorkerSpec, shards: Any = None, mode: str | None = None, pod: Any = None, **kwargs: Any) -> Any:
     """The operator that runs ``spec``: in-process (local) or in a pod (kubernetes; ``pod`` is its PodSettings).
 
     With ``shards`` (the plan task), one mapped task instance per shard: N pods, or N in-process
-    tasks. The plan validates ``spec`` before it splits the input, so bad params fail there.
+    tasks. The plan validates ``spec`` (it finds the specs of the tasks mapped over it) before it
+    splits the input, so bad params fail there.
     """
     mode = mode or execution_mode()
     if isinstance(shards, VQAShardPlanOperator):
-        shards.specs.append(copy.deepcopy(spec))
         shards = shards.output
     if mode == "kubernetes":
         from vqa_operators.operators.pod import VQAWorkerPodOperator

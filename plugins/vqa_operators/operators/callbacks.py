@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vqa_operators.exceptions import JobError
+
 log = logging.getLogger("vqa_operators.callbacks")
 
 
@@ -26,14 +28,11 @@ def summary(context: Any, outcome: str) -> str:
         first = (str(error).strip().splitlines() or [""])[0][:300]
         reason = f"{type(error).__name__}: {first}" if first else type(error).__name__
     line = f"{name} try {ti.try_number} of {tries} {outcome}: {reason}"
-    progress = getattr(error, "progress", None) or getattr(getattr(error, "__cause__", None), "progress", None)
-    if isinstance(progress, dict):
+    # the worker's JobError, raised here or as the cause of the Airflow exception that fails the task
+    job_error = next((e for e in (error, getattr(error, "__cause__", None)) if isinstance(e, JobError)), None)
+    if job_error is not None and job_error.progress is not None:
         # rows finished in any order are checkpointed: the next try reuses exactly these
-        total, new, reused = progress.get("rows_total"), progress.get("rows_finished", 0), progress.get("rows_reused", 0)
-        line += (
-            f"; {new + reused}{f'/{total}' if total else ''} rows finished ({new} this try, {reused} reused),"
-            f" {progress.get('rows_failed', 0)} failed {progress.get('failures_by_reason', {})}"
-        )
+        line += f"; {job_error.progress.summary()}"
     return line
 
 

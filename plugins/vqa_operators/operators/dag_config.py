@@ -9,22 +9,21 @@ before any model call.
 
 from __future__ import annotations
 
-import os
 from datetime import timedelta
 from typing import Any
 
 import pendulum
 from airflow.sdk import Param
 
+from vqa_operators import settings
 from vqa_operators.operators.callbacks import on_task_failure, on_task_retry
-from vqa_operators.sharding import MAX_SHARDS
 
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
 
 
 def _schedule() -> str | None:
     """``VQA_SCHEDULE`` (a cron expression or preset; ``none`` for manual runs only), else ``@daily``."""
-    value = os.environ.get("VQA_SCHEDULE", "@daily").strip()
+    value = settings.environment().schedule.strip()
     return None if value.lower() in ("", "none") else value
 
 
@@ -39,7 +38,7 @@ SCHEDULE = _schedule()
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "vqa",
     "retries": 3,
-    "retry_delay": timedelta(seconds=float(os.environ.get("VQA_RETRY_DELAY_SECONDS", "60"))),
+    "retry_delay": timedelta(seconds=settings.environment().retry_delay_seconds),
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=30),
     # one line in the task log saying which try failed, why, and what it had done
@@ -57,7 +56,7 @@ DAG_DEFAULTS: dict[str, Any] = {
 
 
 # the worker options every task takes from the run's params (WorkerSpec keyword arguments)
-RUN_OPTIONS: dict[str, str] = {
+RUN_OPTIONS: dict[str, Any] = {
     "model": "{{ params.model or '' }}",
     "media_root": "{{ params.media_root }}",
     "seed": "{{ params.seed }}",
@@ -109,21 +108,21 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
             title="Requests in flight",
             description=(
                 "Model requests each task keeps in flight. Empty: the server's batch size (VQA_MAX_NUM_SEQS, vLLM's --max-num-seqs, "
-                "256 by default) and a quarter more. Tasks sharing one server should split it between them."
+                f"{settings.MAX_NUM_SEQS} by default) and a quarter more. Tasks sharing one server should split it between them."
             ),
         ),
         "rows_per_shard": Param(
-            10_000,
+            settings.ROWS_PER_SHARD,
             type="integer",
             minimum=1,
             title="Shard size (rows)",
             description="The input is split into shards of this many rows; each shard is one mapped task (one GPU pod in kubernetes mode).",
         ),
         "max_shards": Param(
-            16,
+            settings.MAX_SHARDS,
             type="integer",
             minimum=1,
-            maximum=MAX_SHARDS,
+            maximum=settings.MAX_SHARDS_LIMIT,
             title="Most shards",
             description="At most this many shards (parallel GPU tasks); a larger input gets larger shards.",
         ),

@@ -7,12 +7,15 @@ over; the merge writes the run's final JSONL, errors and combined manifest.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from typing import Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
+from vqa_operators import settings
 from vqa_operators.hooks.storage import s3_storage
+from vqa_operators.operators.spec import WorkerSpec
 
 
 class VQAShardPlanOperator(BaseOperator):
@@ -20,21 +23,30 @@ class VQAShardPlanOperator(BaseOperator):
 
     ``input`` may hold a template of its own (``{{ ds }}`` in the ``input_uri`` param): it is
     rendered here with the run's context, and the shards carry the rendered URI to the workers.
-    The worker specs registered by ``worker_task`` are validated here, before any model call: a
-    bad parameter fails this task at once, without retries, with the reason.
+    The worker specs of the tasks mapped over this plan are validated here (rendered with this
+    run's params), before any model call: a bad parameter fails this task at once, without
+    retries, with the reason.
     """
 
-    template_fields: Sequence[str] = ("input", "rows_per_shard", "max_shards", "specs")
+    template_fields: Sequence[str] = ("input", "rows_per_shard", "max_shards")
     ui_color = "#fdf6e3"
 
-    def __init__(self, *, input: str, rows_per_shard: int | str, max_shards: int | str = 32, aws_conn_id: str | None = "aws_default", **kwargs: Any) -> None:  # noqa: A002 - the worker's option name
+    def __init__(self, *, input: str, rows_per_shard: int | str, max_shards: int | str = settings.MAX_SHARDS, aws_conn_id: str | None = "aws_default", **kwargs: Any) -> None:  # noqa: A002 - the worker's option name
         super().__init__(**kwargs)
         self.input = input
         self.rows_per_shard = rows_per_shard
         self.max_shards = max_shards
         self.aws_conn_id = aws_conn_id
-        # the specs of the tasks mapped over this plan (worker_task adds them), validated before the split
-        self.specs: list[Any] = []
+
+    def worker_specs(self) -> list[WorkerSpec]:
+        """The specs of the worker tasks downstream of this plan (mapped over it, or not)."""
+        specs = []
+        for task in self.get_direct_relatives(upstream=False):
+            partial = getattr(task, "partial_kwargs", None)
+            spec = partial.get("spec") if isinstance(partial, dict) else getattr(task, "spec", None)
+            if isinstance(spec, WorkerSpec):
+                specs.append(spec)
+        return specs
 
     def _input(self, context: Any) -> str:
         """``input`` with the run's dates filled in (the param's own template, e.g. ``{{ ds }}``)."""
@@ -61,8 +73,10 @@ class VQAShardPlanOperator(BaseOperator):
 
         input_uri = self._input(context)
         try:
-            for spec in self.specs:
-                validate_spec(spec.options(), input_uri)
+            for spec in self.worker_specs():
+                # rendered as the worker task will render it, on a copy: the DAG's spec stays as written
+                rendered = self.render_template(copy.deepcopy(spec), context)
+                validate_spec(rendered.options(), input_uri)
         except ConfigError as err:
             raise AirflowFailException(f"invalid parameters: {err}") from None
         plan = plan_shards(s3_storage(self.aws_conn_id), input_uri, rows_per_shard=int(self.rows_per_shard), max_shards=int(self.max_shards))
@@ -101,7 +115,7 @@ class VQAMergeOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         """Merge, check every input row is accounted for, write the manifest and the preview beside the output."""
-        from vqa_operators.media import allowed_roots_from_env
+        from vqa_operators import settings
         from vqa_operators.preview import write_preview
         from vqa_operators.sharding import merge_run
 
@@ -114,7 +128,7 @@ class VQAMergeOperator(BaseOperator):
             manifest["rows_reused"], manifest["output"],
         )
         title = f"{context['dag'].dag_id} · {context['run_id']}"
-        preview = write_preview(storage, manifest, title=title, media_root=self.media_root, allowed_roots=allowed_roots_from_env() or None)
+        preview = write_preview(storage, manifest, title=title, media_root=self.media_root, allowed_roots=settings.environment().allowed_media_roots or None)
         self.preview_url = storage.url(preview)
         self.log.info("QA preview: %s", preview)
         self.log.info("QA preview in a browser (link valid 7 days; also the task's 'QA preview' button): %s", self.preview_url)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,10 +34,11 @@ class VQAWorkerOperator(BaseOperator):
         from airflow.sdk.exceptions import AirflowFailException
         from pydantic import ValidationError
 
-        from vqa_operators.exceptions import ConfigError
+        from vqa_operators.exceptions import FAIL_WITHOUT_RETRY
         from vqa_operators.hooks.vlm import VLMHook
         from vqa_operators.parsing import describe_validation_error
         from vqa_operators.worker import JobOptions, run_job
+        from vqa_operators.worker.run_loop import STOP_SIGNALS
 
         endpoint = VLMHook(self.vlm_conn_id).get_endpoint()
         spec = self.spec
@@ -52,8 +54,10 @@ class VQAWorkerOperator(BaseOperator):
         ti = context["ti"]
         self.log.info("try %s of %s: running %s in-process: %s -> %s", ti.try_number, ti.max_tries + 1, spec.generator, opts.input, opts.output)
         try:
-            manifest = run_job(opts, storage=s3_storage(self.aws_conn_id))
-        except ConfigError as err:
+            # Airflow stops a task with SIGINT, then SIGTERM: either stops the run cleanly, its finished rows checkpointed
+            stop_on = STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ()
+            manifest = run_job(opts, storage=s3_storage(self.aws_conn_id), stop_on=stop_on)
+        except FAIL_WITHOUT_RETRY as err:
             # another try would fail the same way: fail now, with the reason, instead of retrying
             raise AirflowFailException(f"{type(err).__name__}: {err}") from err
         self.log.info("manifest: %s", manifest)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from typing import Any
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
@@ -18,7 +17,8 @@ from airflow.providers.cncf.kubernetes.secret import Secret
 from kubernetes.client import models as k8s
 from pydantic import BaseModel, ConfigDict, Field
 
-from vqa_operators.media import ALLOWED_ROOTS_ENV, allowed_roots_from_env
+from vqa_operators import settings
+from vqa_operators.exceptions import FAIL_WITHOUT_RETRY
 from vqa_operators.operators.spec import WorkerSpec
 
 XCOM_FILE = "/airflow/xcom/return.json"
@@ -29,8 +29,8 @@ class PodSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image: str = Field(default_factory=lambda: os.environ.get("VQA_WORKER_IMAGE", "vqa-worker:latest"))
-    namespace: str | None = Field(default_factory=lambda: os.environ.get("VQA_NAMESPACE") or None)
+    image: str = Field(default_factory=lambda: settings.environment().worker_image)
+    namespace: str | None = Field(default_factory=lambda: settings.environment().namespace)
     gpus: int = Field(1, ge=0, le=16)
     gpu_resource: str = "nvidia.com/gpu"
     cpu: str = "4"
@@ -47,18 +47,24 @@ class PodSettings(BaseModel):
     service_account_name: str | None = None
     run_as_user: int = 1000
     # the only places rows may read media from (the worker's --allowed-media-root); default: the media root
-    allowed_media_roots: list[str] = Field(default_factory=allowed_roots_from_env)
+    allowed_media_roots: list[str] = Field(default_factory=lambda: settings.environment().allowed_media_roots)
     startup_timeout_seconds: int = 1800
+    # what the worker may take to stop after SIGTERM (it checkpoints its finished rows within seconds, then stops vLLM)
+    termination_grace_period: int = Field(settings.POD_GRACE_PERIOD_S, ge=5, le=3600)
+    # wait for the pod in the triggerer instead of a worker slot: for pods that run for hours (needs a running triggerer)
+    deferrable: bool = False
+    # how often the triggerer checks a deferred pod, in seconds
+    poll_interval: float = Field(30.0, gt=0)
 
 
-def _volumes(settings: PodSettings) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
+def _volumes(placement: PodSettings) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
     cache = (
-        k8s.V1PersistentVolumeClaimVolumeSource(claim_name=settings.model_cache_claim)
-        if settings.model_cache_claim
+        k8s.V1PersistentVolumeClaimVolumeSource(claim_name=placement.model_cache_claim)
+        if placement.model_cache_claim
         else None
     )
     volumes = [
-        k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=settings.shm_size)),
+        k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=placement.shm_size)),
         k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()),
         k8s.V1Volume(name="model-cache", persistent_volume_claim=cache, empty_dir=None if cache else k8s.V1EmptyDirVolumeSource()),
     ]
@@ -76,40 +82,40 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
     def __init__(
         self, *, spec: WorkerSpec, shard: dict[str, Any] | None = None, pod: PodSettings | None = None, vlm_conn_id: str = "vqa_vlm", **kwargs: Any
     ) -> None:
-        settings = pod or PodSettings()
-        volumes, mounts = _volumes(settings)
-        limits = {"cpu": settings.cpu, "memory": settings.memory}
-        if settings.gpus:
-            limits[settings.gpu_resource] = str(settings.gpus)
+        placement = pod or PodSettings()
+        volumes, mounts = _volumes(placement)
+        limits = {"cpu": placement.cpu, "memory": placement.memory}
+        if placement.gpus:
+            limits[placement.gpu_resource] = str(placement.gpus)
         secrets = []
-        if settings.api_key_secret:
-            secrets.append(Secret("env", "VQA_API_KEY", settings.api_key_secret, settings.api_key_secret_key))
-        if settings.s3_secret:
-            secrets.append(Secret("env", None, settings.s3_secret))  # envFrom: AWS_* keys of the Secret
+        if placement.api_key_secret:
+            secrets.append(Secret("env", "VQA_API_KEY", placement.api_key_secret, placement.api_key_secret_key))
+        if placement.s3_secret:
+            secrets.append(Secret("env", None, placement.s3_secret))  # envFrom: AWS_* keys of the Secret
         kwargs.setdefault("name", f"vqa-{spec.generator.replace('_', '-')}")
         super().__init__(
-            image=settings.image,
-            namespace=settings.namespace,
+            image=placement.image,
+            namespace=placement.namespace,
             cmds=["python3", "-m", "vqa_operators"],
             arguments=[*spec.argv(), *(["--shard", json.dumps(shard, sort_keys=True)] if shard else []), "--xcom-file", XCOM_FILE],
             env_vars=[
                 k8s.V1EnvVar(name="HOME", value="/tmp"),
                 k8s.V1EnvVar(name="HF_HOME", value="/models"),
                 k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
-                *([k8s.V1EnvVar(name=ALLOWED_ROOTS_ENV, value=",".join(settings.allowed_media_roots))] if settings.allowed_media_roots else []),
+                *([k8s.V1EnvVar(name=settings.PREFIX + "ALLOWED_MEDIA_ROOTS", value=",".join(placement.allowed_media_roots))] if placement.allowed_media_roots else []),
             ],
             secrets=secrets,
-            container_resources=k8s.V1ResourceRequirements(limits=limits, requests={"cpu": settings.cpu, "memory": settings.memory}),
-            node_selector=settings.node_selector,
-            tolerations=[k8s.V1Toleration(**t) for t in settings.tolerations],
+            container_resources=k8s.V1ResourceRequirements(limits=limits, requests={"cpu": placement.cpu, "memory": placement.memory}),
+            node_selector=placement.node_selector,
+            tolerations=[k8s.V1Toleration(**t) for t in placement.tolerations],
             volumes=volumes,
             volume_mounts=mounts,
-            service_account_name=settings.service_account_name,
+            service_account_name=placement.service_account_name,
             security_context=k8s.V1PodSecurityContext(
                 run_as_non_root=True,
-                run_as_user=settings.run_as_user,
-                run_as_group=settings.run_as_user,
-                fs_group=settings.run_as_user,
+                run_as_user=placement.run_as_user,
+                run_as_group=placement.run_as_user,
+                fs_group=placement.run_as_user,
                 seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
             ),
             container_security_context=k8s.V1SecurityContext(
@@ -117,7 +123,10 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
                 read_only_root_filesystem=True,
                 capabilities=k8s.V1Capabilities(drop=["ALL"]),
             ),
-            startup_timeout_seconds=settings.startup_timeout_seconds,
+            startup_timeout_seconds=placement.startup_timeout_seconds,
+            termination_grace_period=placement.termination_grace_period,
+            deferrable=placement.deferrable,
+            poll_interval=placement.poll_interval,
             do_xcom_push=True,
             get_logs=True,
             on_finish_action="delete_succeeded_pod",
@@ -143,4 +152,33 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         if endpoint.model:  # the default; a --model rendered from the run's params wins
             env.append(k8s.V1EnvVar(name="VQA_MODEL", value=endpoint.model))
         container.env = env
+        # the worker's last log lines (its one-line reason) become the pod's termination message
+        container.termination_message_policy = "FallbackToLogsOnError"
         return pod
+
+    def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, xcom_result: dict | None = None, context: Any = None) -> None:
+        """The pod operator's verdict, except that a worker exit code no retry can fix fails the task at once.
+
+        Both execution modes end here (the deferrable one through ``trigger_reentry``), so the same
+        exit codes fail without retries as in local mode: configuration (2) and unreadable input (3).
+        """
+        from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+
+        try:
+            super().cleanup(pod, remote_pod, xcom_result=xcom_result, context=context)
+        except AirflowSkipException:
+            raise
+        except AirflowException as err:
+            code = worker_exit_code(remote_pod, self.base_container_name)
+            final = next((cls for cls in FAIL_WITHOUT_RETRY if cls.exit_code == code), None)
+            if final is not None:
+                raise AirflowFailException(f"the worker exited with code {code} ({final.__name__}): another try would fail the same way\n{err}") from err
+            raise
+
+
+def worker_exit_code(remote_pod: k8s.V1Pod | None, container: str) -> int | None:
+    """The exit code of the pod's worker container, if it has terminated."""
+    statuses = (remote_pod.status.container_statuses if remote_pod is not None and remote_pod.status else None) or []
+    status = next((s for s in statuses if s.name == container), None)
+    terminated = status.state.terminated if status is not None and status.state else None
+    return terminated.exit_code if terminated is not None else None

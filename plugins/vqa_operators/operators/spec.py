@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
-from vqa_operators.media import DEFAULT_MAX_PIXELS
+from vqa_operators import settings
 
 
 def staged_output(task_id: str = "{{ task.task_id }}") -> str:
@@ -49,10 +49,10 @@ class WorkerSpec:
     params: dict[str, Any] = field(default_factory=dict)
     concurrency: int | str | None = None  # None: derived from the server's max_num_seqs
     seed: int | str | None = None
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_tokens: int = 1024
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    temperature: float = settings.TEMPERATURE
+    top_p: float = settings.TOP_P
+    max_tokens: int = settings.MAX_TOKENS
+    max_pixels: int = settings.MAX_PIXELS
     media_root: str = "."
     task_key: str = TASK_KEY
     try_number: int | str | None = TRY_NUMBER

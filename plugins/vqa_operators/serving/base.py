@@ -5,14 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vqa_operators import settings
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling parameters sent with every request."""
 
-    temperature: float = 0.7
-    top_p: float = 0.9
-    max_tokens: int = 1024
+    temperature: float = settings.TEMPERATURE
+    top_p: float = settings.TOP_P
+    max_tokens: int = settings.MAX_TOKENS
     seed: int | None = None
 
 

@@ -19,17 +19,16 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-from vqa_operators.exceptions import ConfigError, RowError, ServerUnavailableError
+from vqa_operators import settings
+from vqa_operators.exceptions import ConfigError, Reason, RowError, ServerUnavailableError
 from vqa_operators.serving.base import ChatRequest, ChatResult, SamplingParams
 
-DEFAULT_API_KEY_ENV = "VQA_API_KEY"
 MAX_RETRY_AFTER_S = 60.0
 MAX_BACKOFF_S = 30.0
 RETRY_BASE_DELAY_S = 0.5  # the first backoff is 0.25-0.5 s, then it doubles
@@ -91,22 +90,32 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
 
     def __init__(
         self,
-        api_url: str = "http://localhost:8000/v1",
-        key_name_of_api_key: str = DEFAULT_API_KEY_ENV,
-        model_name: str = "Qwen/Qwen2.5-VL-3B-Instruct",
-        max_workers: int = 64,
+        api_url: str | None = None,
+        key_name_of_api_key: str = settings.API_KEY_ENV,
+        model_name: str | None = None,
+        max_workers: int | None = None,
         *,
         api_key: str | None = None,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        max_tokens: int = 1024,
+        temperature: float = settings.TEMPERATURE,
+        top_p: float = settings.TOP_P,
+        max_tokens: int = settings.MAX_TOKENS,
         seed: int | None = None,
-        timeout: float = 300.0,
-        max_retries: int = 5,
-        max_consecutive_failures: int = 10,
+        timeout: float = settings.REQUEST_TIMEOUT_S,
+        max_retries: int = settings.MAX_RETRIES,
+        max_consecutive_failures: int = settings.MAX_CONSECUTIVE_FAILURES,
         retry_base_delay: float | None = None,
         structured_output: bool = True,
     ) -> None:
+        # what is not given comes from the worker's settings: VQA_BASE_URL, VQA_MODEL, the requests in flight
+        env = settings.environment() if api_url is None or model_name is None or max_workers is None else None
+        if api_url is None:
+            api_url = env.base_url or settings.API_URL if env else settings.API_URL
+        if model_name is None:
+            model_name = env.model if env else None
+            if not model_name:
+                raise ConfigError("no model name: pass model_name or set VQA_MODEL")
+        if max_workers is None:
+            max_workers = env.in_flight if env else settings.default_concurrency(settings.MAX_NUM_SEQS)
         if not api_url:
             raise ConfigError("api_url is empty: set VQA_BASE_URL or the vqa_vlm connection's host")
         if max_workers < 1:
@@ -120,7 +129,7 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
         self.retry_base_delay = RETRY_BASE_DELAY_S if retry_base_delay is None else retry_base_delay
         self.structured_output = structured_output
         # an API key is optional for a local vLLM server; "EMPTY" is what vLLM's docs use
-        self._api_key = api_key or os.environ.get(key_name_of_api_key) or "EMPTY"
+        self._api_key = api_key or settings.variable(key_name_of_api_key) or "EMPTY"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
         self._slots: asyncio.Semaphore | None = None
@@ -180,7 +189,7 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
                 raise ConfigError(f"model server has no model {self.model_name!r}: {_message(exc)}") from None
             except openai.APIStatusError as exc:
                 if exc.status_code in (400, 413, 422):
-                    raise RowError("request_rejected", f"HTTP {exc.status_code}: {_message(exc)}") from None
+                    raise RowError(Reason.REQUEST_REJECTED, f"HTTP {exc.status_code}: {_message(exc)}") from None
                 if exc.status_code not in (408, 409, 429) and exc.status_code < 500:
                     raise ConfigError(f"model server at {where} answered HTTP {exc.status_code}: {_message(exc)}") from None
                 what, state = f"HTTP {exc.status_code}", "still failing"
@@ -213,7 +222,7 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
         # which starves a busy server of requests
         response = await self._call(lambda client: client.post("/chat/completions", body=body, cast_to=ChatCompletion))
         if not response.choices:
-            raise RowError("empty_response", "the server returned no choices")
+            raise RowError(Reason.EMPTY_RESPONSE, "the server returned no choices")
         choice = response.choices[0]
         usage = response.usage
         return ChatResult(

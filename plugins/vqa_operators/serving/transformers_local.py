@@ -24,7 +24,8 @@ import threading
 import time
 from typing import Any
 
-from vqa_operators.exceptions import ConfigError, RowError
+from vqa_operators import settings
+from vqa_operators.exceptions import ConfigError, Reason, RowError
 from vqa_operators.serving.base import ChatRequest, ChatResult, SamplingParams
 
 log = logging.getLogger("vqa_operators.serving.transformers")
@@ -40,7 +41,7 @@ def _image(url: str) -> Any:
 
     head, sep, payload = url.partition(",")
     if not (sep and head.startswith("data:") and head.endswith(";base64")):
-        raise RowError("bad_image", "the transformers backend takes images as base64 data URLs only")
+        raise RowError(Reason.BAD_IMAGE, "the transformers backend takes images as base64 data URLs only")
     image = Image.open(io.BytesIO(base64.b64decode(payload)))
     image.load()
     return image.convert("RGB")
@@ -52,7 +53,8 @@ def to_processor_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str
     for message in messages:
         content = message.get("content")
         parts: list[dict[str, Any]] = []
-        for part in [{"type": "text", "text": content}] if isinstance(content, str) else (content or []):
+        given: list[dict[str, Any]] = [{"type": "text", "text": content}] if isinstance(content, str) else (content or [])
+        for part in given:
             if part.get("type") == "image_url":
                 images.append(_image(part["image_url"]["url"]))
                 parts.append({"type": "image"})
@@ -71,9 +73,9 @@ class LocalModelVLMServing_transformers:  # noqa: N801 - named like the seeds' L
         self,
         hf_model_name_or_path: str = DEFAULT_CPU_MODEL,
         *,
-        temperature: float = 0.7,
-        top_p: float = 0.9,
-        max_tokens: int = 1024,
+        temperature: float = settings.TEMPERATURE,
+        top_p: float = settings.TOP_P,
+        max_tokens: int = settings.MAX_TOKENS,
         seed: int | None = None,
         device: str = "cpu",
     ) -> None:
@@ -100,7 +102,7 @@ class LocalModelVLMServing_transformers:  # noqa: N801 - named like the seeds' L
                 raise ConfigError(f"the transformers backend needs torch and transformers installed ({err})") from None
             try:
                 processor = AutoProcessor.from_pretrained(self.model_name)
-                model = AutoModelForImageTextToText.from_pretrained(self.model_name).to(self.device).eval()
+                model = AutoModelForImageTextToText.from_pretrained(self.model_name).to(self.device).eval()  # type: ignore[arg-type]  # transformers' own annotation of .to
             except OSError as err:
                 # a Hub id that cannot be fetched (offline, private, misspelt) or a folder without the files
                 raise ConfigError(f"cannot load model {self.model_name!r}: {str(err).splitlines()[0]}") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from vqa_operators import settings
 from vqa_operators.exceptions import ConfigError
 from vqa_operators.serving.base import ChatRequest, ChatResult, SamplingParams
 
@@ -30,9 +31,9 @@ class LocalModelVLMServing_vllm:  # noqa: N801 - the original toolkit's class na
         hf_cache_dir: str | None = None,
         hf_local_dir: str | None = None,
         vllm_tensor_parallel_size: int = 1,
-        vllm_temperature: float = 0.7,
-        vllm_top_p: float = 0.9,
-        vllm_max_tokens: int = 1024,
+        vllm_temperature: float = settings.TEMPERATURE,
+        vllm_top_p: float = settings.TOP_P,
+        vllm_max_tokens: int = settings.MAX_TOKENS,
         vllm_max_model_len: int | None = None,
         vllm_gpu_memory_utilization: float = 0.9,
         vllm_seed: int | None = None,
@@ -113,7 +114,7 @@ class LocalModelVLMServing_vllm:  # noqa: N801 - the original toolkit's class na
                 batch.append(self._queue.get_nowait())
             try:
                 results = await asyncio.to_thread(self._run_batch, [req for req, _ in batch])
-            except Exception as exc:  # one engine failure fails every request of its batch
+            except Exception as exc:  # noqa: BLE001 - one engine failure fails every request of its batch, whatever it is
                 for _, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)

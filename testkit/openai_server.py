@@ -17,13 +17,14 @@ requests are served at once, each for ``latency`` seconds, the rest wait in a qu
 ``max_num_seqs`` does); ``decode_images=False`` checks image headers only, so the double's own CPU
 stays out of the client's way; ``GET /stats`` reports server-side timings.
 
-Run it standalone: ``python tests/doubles/openai_server.py MODEL --host 127.0.0.1 --port 8000
+Run it standalone: ``python testkit/openai_server.py MODEL --host 127.0.0.1 --port 8000
 [--slots 32 --latency 1.0 --light]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import random
@@ -38,9 +39,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-if not __package__:  # run as a script (python tests/doubles/openai_server.py): make `tests` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.doubles import vllm_rules  # noqa: E402
+if not __package__:  # run as a script (python testkit/openai_server.py): make `testkit` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from testkit import vllm_rules
 
 
 @dataclass
@@ -367,7 +368,7 @@ class OpenAITestServer:
                 except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout, or it was killed)
                     self.close_connection = True
 
-            def do_GET(self) -> None:  # noqa: N802
+            def do_GET(self) -> None:
                 if self.path == "/health":
                     self._send(200, {})
                 elif self.path.startswith("/stats"):
@@ -377,7 +378,7 @@ class OpenAITestServer:
                 else:
                     self._send(404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
 
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 raw = self.rfile.read(length)
                 if self.path != "/v1/chat/completions":
@@ -398,7 +399,7 @@ class OpenAITestServer:
                 try:
                     try:
                         answer = server._complete(body)
-                    except Exception as exc:  # a broken test responder: say so instead of dropping the connection
+                    except Exception as exc:  # noqa: BLE001 - a broken test responder: say so instead of dropping the connection
                         answer = 500, {"error": {"message": f"test double failed: {exc!r}", "type": "InternalServerError", "code": 500}}, {}
                     if answer is None:
                         self.close_connection = True
@@ -430,10 +431,8 @@ def main() -> None:
     if args.slots:
         server.simulate(slots=args.slots, latency=args.latency, decode_images=not args.light)
     print(f"test double serving {model} at {server.base_url}", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server._httpd.serve_forever()
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

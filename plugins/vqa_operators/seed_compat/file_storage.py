@@ -83,7 +83,10 @@ class FileStorage:
         rows: list[dict[str, Any]] = []
         self.bad_lines = []
         for _, item in read_jsonl(self.storage.iter_lines(self.read_path)):
-            (self.bad_lines if isinstance(item, BadLine) else rows).append(item)
+            if isinstance(item, BadLine):
+                self.bad_lines.append(item)
+            else:
+                rows.append(item)
         return rows
 
     def read(self, output_type: Literal["dataframe", "dict"] = "dataframe") -> pd.DataFrame | list[dict[str, Any]]:

@@ -14,11 +14,13 @@ import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from vqa_operators.generators.base import Generator, run_rows
-from vqa_operators.media import DEFAULT_MAX_PIXELS, MediaReader
+from vqa_operators import settings
+from vqa_operators.generators.base import Generator
+from vqa_operators.media import MediaReader
+from vqa_operators.seed_compat.file_storage import FileStorage, records
 from vqa_operators.storage.jsonl import BadLine
-from vqa_operators.storage.file_storage import FileStorage, records
 from vqa_operators.storage.uris import Storage
+from vqa_operators.worker.run_loop import run_rows
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -85,25 +87,36 @@ def run_step(
 
 
 class _SeedOperator:
-    """Shared constructor of the seed-compatible operator classes."""
+    """Shared constructor of the seed-compatible operator classes.
+
+    Image paths resolve as in DataFlow: absolute ones as they are, relative ones against the current
+    directory, anywhere. ``media_root`` (relative paths resolve against it) or ``allowed_media_roots``
+    confine them: a path outside goes to errors as ``path_not_allowed``, as in the worker.
+    """
 
     def __init__(
         self,
         llm_serving: Any,
         *,
         seed: int | None = None,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        media_root: str = ".",
+        max_pixels: int = settings.MAX_PIXELS,
+        media_root: str | None = None,
+        allowed_media_roots: list[str] | None = None,
         **options: Any,
     ) -> None:
         self.serving = llm_serving
         self.seed = seed
         self.max_pixels = max_pixels
         self.media_root = media_root
+        self.allowed_media_roots = allowed_media_roots
         self.options = options
 
     def _generator(self, cls: type[Generator], storage: FileStorage | None, **overrides: Any) -> Generator:
-        media = MediaReader(storage.storage if storage else Storage(), media_root=self.media_root, max_pixels=self.max_pixels)
+        confined = self.media_root is not None or bool(self.allowed_media_roots)
+        media = MediaReader(
+            storage.storage if storage else Storage(), media_root=self.media_root or ".", max_pixels=self.max_pixels,
+            allowed_roots=self.allowed_media_roots, confined=confined,
+        )
         return cls(self.serving, options={**self.options, **overrides}, media=media, seed=self.seed)
 
 

@@ -1,0 +1,128 @@
+"""Every setting's one home: the defaults, and the ``VQA_*`` environment variables (read here and nowhere else).
+
+The worker CLI, ``JobOptions``, ``WorkerSpec``, the DAG params and the serving classes take their
+defaults from the constants below. ``environment()`` reads the variables afresh on each call, so a
+process (or a test) that changes its environment sees the change. A bad value is a ConfigError
+that names the variable. README's configuration table documents each variable; a test checks it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from vqa_operators.exceptions import ConfigError
+
+# sampling, sent with every request
+TEMPERATURE = 0.7
+TOP_P = 0.9
+MAX_TOKENS = 1024
+# pixels per image after downscaling: Qwen2.5-VL's common serving budget (1280 visual tokens of 28x28 pixels)
+MAX_PIXELS = 1280 * 28 * 28
+# the model server's batch size (vLLM's --max-num-seqs, 256 by default); the requests in flight derive from it
+MAX_NUM_SEQS = 256
+# the HTTP client
+REQUEST_TIMEOUT_S = 300.0
+MAX_RETRIES = 5
+MAX_CONSECUTIVE_FAILURES = 10
+API_URL = "http://localhost:8000/v1"
+# the worker's checkpoint: after this many finished rows, or this many seconds
+CHECKPOINT_EVERY = 64
+CHECKPOINT_SECONDS = 30.0
+# sharding: rows per shard and most shards of a run (MAX_SHARDS_LIMIT bounds what a run may ask for)
+ROWS_PER_SHARD = 10_000
+MAX_SHARDS = 16
+MAX_SHARDS_LIMIT = 256  # Airflow's max_map_length is 1024 by default; a plan never comes near it
+# the port --serve-vllm starts vLLM on
+VLLM_PORT = 8000
+# what a worker pod may take to stop after SIGTERM (Kubernetes' default, set explicitly in the pod spec)
+POD_GRACE_PERIOD_S = 30
+
+PREFIX = "VQA_"
+API_KEY_ENV = PREFIX + "API_KEY"
+
+
+def default_concurrency(max_num_seqs: int) -> int:
+    """Requests in flight for a server that batches ``max_num_seqs``: a quarter more, so a freed slot never waits for the client."""
+    return max_num_seqs + max(1, max_num_seqs // 4)
+
+
+class Environment(BaseSettings):
+    """The ``VQA_<FIELD>`` environment variables; unset and empty ones take these defaults."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, env_ignore_empty=True, extra="ignore", case_sensitive=False)
+
+    # the model server
+    backend: Literal["openai", "transformers"] = "openai"
+    base_url: str | None = None
+    model: str | None = None
+    max_num_seqs: int = Field(MAX_NUM_SEQS, ge=1, le=65536)
+    concurrency: int | None = Field(None, ge=1, le=4096)
+    # media
+    media_root: str = "."
+    allowed_media_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # the worker process
+    xcom_file: str | None = None
+    prompts_dir: str | None = None
+    vllm_command: str = ""
+    vllm_args: str = ""
+    vllm_port: int = Field(VLLM_PORT, ge=1, le=65535)
+    # Airflow: the dag-processor and workers
+    execution: Literal["local", "kubernetes"] = "local"
+    schedule: str = "@daily"
+    retry_delay_seconds: float = Field(60.0, ge=0)
+    worker_image: str = "vqa-worker:latest"
+    namespace: str | None = None
+    # scripts/demo.py's working folder (default: .demo in the repository)
+    demo_dir: str | None = None
+
+    @field_validator("backend", "execution", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("allowed_media_roots", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return [root.strip() for root in value.split(",") if root.strip()] if isinstance(value, str) else value
+
+    @property
+    def in_flight(self) -> int:
+        """Requests to keep in flight: ``VQA_CONCURRENCY``, else derived from ``VQA_MAX_NUM_SEQS``."""
+        return self.concurrency or default_concurrency(self.max_num_seqs)
+
+
+def environment() -> Environment:
+    """The ``VQA_*`` variables as they are now; a ConfigError names each bad one."""
+    try:
+        return Environment()
+    except ValidationError as err:
+        raise ConfigError("; ".join(_explain(e) for e in err.errors())) from None
+
+
+def _explain(error: Any) -> str:
+    """``VQA_MAX_NUM_SEQS must be an integer, got 'lots'``."""
+    field_name = str(error["loc"][0]) if error["loc"] else "?"
+    kind = error["type"]
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        what = "an integer"
+    elif kind in ("float_parsing", "float_type"):
+        what = "a number"
+    elif kind == "literal_error":
+        what = f"{error['ctx']['expected']} (the {field_name.replace('_', ' ')})"
+    else:
+        what = str(error["msg"]).removeprefix("Input should be ")
+    return f"{PREFIX}{field_name.upper()} must be {what}, got {error.get('input')!r}"
+
+
+def variable(name: str) -> str | None:
+    """A variable named by the caller: the API key's (``API_KEY_ENV``, or the seeds' ``key_name_of_api_key``); None if unset or empty."""
+    return os.environ.get(name) or None
+
+
+def variables() -> list[str]:
+    """Every ``VQA_*`` variable this package reads."""
+    return sorted([API_KEY_ENV, *(PREFIX + name.upper() for name in Environment.model_fields)])

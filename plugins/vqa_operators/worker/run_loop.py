@@ -1,0 +1,413 @@
+"""The run loop: rows through a generator with bounded concurrency, progress lines, final records, checkpoints.
+
+``run_rows`` schedules rows; ``process`` turns their outcomes into the output and errors files,
+checkpointing each finished row; ``run_job`` sets up the model server, media and generator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import time
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from vqa_operators.exceptions import InputError, Interrupted, JobError, RowError, TryProgress, UnexpectedError
+from vqa_operators.generators.base import PROVENANCE_KEY, Generator, row_key
+from vqa_operators.media import MediaReader
+from vqa_operators.serving.base import VLMServing
+from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix, fingerprint
+from vqa_operators.storage.jsonl import BadLine, JsonlWriter, read_jsonl
+from vqa_operators.storage.uris import Storage
+from vqa_operators.worker.backends import open_serving
+from vqa_operators.worker.options import JobOptions, check_options
+
+log = logging.getLogger("vqa_operators.worker")
+
+RAW_OUTPUT_LIMIT = 2000
+# bump when the checkpoint record format changes, so old checkpoints are not reused
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class RowOutcome:
+    """One input line's result: the fields to add, or the error that sends it to the errors file."""
+
+    line: int
+    row: dict[str, Any] | None
+    fields: dict[str, Any] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    error: RowError | BadLine | None = None
+    # the row's final record, {"out": row} or {"error": entry}, once the worker has made it ...
+    record: dict[str, Any] | None = None
+    # ... or when an earlier try had already made it
+    reused: bool = False
+
+    def error_entry(self, stage: str) -> dict[str, Any]:
+        """The errors-file record: the input (row or raw line) with a reason."""
+        err = self.error
+        assert err is not None
+        entry: dict[str, Any] = {"stage": stage, "line": self.line, "reason": err.reason, "detail": err.detail}
+        if isinstance(err, BadLine):
+            entry["raw_line"] = err.raw
+        else:
+            entry["row"] = self.row
+            if err.raw_output is not None:
+                entry["raw_output"] = err.raw_output[:RAW_OUTPUT_LIMIT]
+        return entry
+
+
+async def run_rows(
+    generator: Generator,
+    items: Iterable[tuple[int, dict[str, Any] | BadLine | RowOutcome]],
+    *,
+    window: int,
+    on_finished: Callable[[RowOutcome], None] | None = None,
+    reorder: int | None = None,
+) -> AsyncIterator[RowOutcome]:
+    """Process rows with at most ``window`` running at once, yielding outcomes in input order.
+
+    Rows that finish ahead of a slower one wait, finished, for it to be yielded: up to ``reorder``
+    of them (default ``4 * window``), so that one slow row (a long answer, a repair) does not stop
+    new rows from starting while the server has room. ``on_finished`` sees each new outcome as
+    soon as its row finishes, in completion order, so that rows finished behind a slow one are not
+    lost if the job fails. An item that is already a RowOutcome (a row finished by an earlier try)
+    is passed through. Any other exception than RowError, from any row running, propagates at once
+    and cancels the rest: the job fails as a whole (a down server is not a reason to fail rows).
+    """
+    loop = asyncio.get_running_loop()
+    fatal: asyncio.Future[None] = loop.create_future()
+    reorder = 4 * window if reorder is None else reorder
+    running: set[asyncio.Task[RowOutcome]] = set()
+
+    async def one(line: int, item: dict[str, Any] | BadLine | RowOutcome) -> RowOutcome:
+        if isinstance(item, RowOutcome):
+            return item
+        try:
+            if isinstance(item, BadLine):
+                outcome = RowOutcome(line=line, row=None, error=item)
+            else:
+                try:
+                    fields, meta = await generator.generate(item)
+                    outcome = RowOutcome(line=line, row=item, fields=fields, meta=meta)
+                except RowError as err:
+                    outcome = RowOutcome(line=line, row=item, error=err)
+            if on_finished is not None:
+                on_finished(outcome)
+        except BaseException as exc:
+            if not fatal.done() and not isinstance(exc, asyncio.CancelledError):
+                fatal.set_exception(exc)
+            raise
+        return outcome
+
+    def start(line: int, item: dict[str, Any] | BadLine | RowOutcome) -> None:
+        task = asyncio.ensure_future(one(line, item))
+        running.add(task)
+        task.add_done_callback(running.discard)
+        pending.append(task)
+
+    async def wait_for(tasks: set[asyncio.Task[RowOutcome]]) -> None:
+        waited: set[asyncio.Future[Any]] = {*tasks, fatal}
+        await asyncio.wait(waited, return_when=asyncio.FIRST_COMPLETED)
+        if fatal.done():
+            fatal.result()  # raises the first job-level error; the finally below cancels the rest
+
+    pending: deque[asyncio.Task[RowOutcome]] = deque()  # in input order: running, then finished and waiting
+    try:
+        for line, item in items:
+            start(line, item)
+            while True:
+                while pending and pending[0].done():
+                    yield pending.popleft().result()
+                if len(running) < window and len(pending) - len(running) < reorder:
+                    break
+                # a running row must finish: the head (to make room to reorder) or any (to make room to run)
+                await wait_for({pending[0]} if len(running) < window else set(running))
+        while pending:
+            await wait_for({pending[0]})
+            yield pending.popleft().result()
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+
+class Progress:
+    """Counts of one try, and the progress line logged after each batch of rows."""
+
+    def __init__(self, name: str, total: int | None, batch: int) -> None:
+        self.name = name
+        self.total = total
+        self.batch = max(1, batch)
+        self.started = time.monotonic()
+        self.done = self.reused = self.out = 0
+        # rows this try finished and checkpointed, in any order (a row may finish before one ahead of it)
+        self.finished = 0
+        self.reasons: Counter[str] = Counter()
+
+    @property
+    def failed(self) -> int:
+        """Rows sent to the errors file so far."""
+        return sum(self.reasons.values())
+
+    def add(self, record: dict[str, Any], reused: bool) -> None:
+        """Count one finished row (in input order)."""
+        self.done += 1
+        self.reused += reused
+        if "error" in record:
+            self.reasons[str(record["error"]["reason"])] += 1  # a Reason, or its value read back from a checkpoint
+        else:
+            self.out += 1
+
+    def due(self) -> bool:
+        """Whether a batch has just completed (or the last row)."""
+        return self.done % self.batch == 0 or self.done == self.total
+
+    def line(self, usage: Any) -> str:
+        """``image_qa: 640/10000 rows (6.4%), 12.3 rows/s, 1,234,567 tokens (in 1,100,000, out 134,567), ETA 12m40s, 3 failed {...}, 128 reused``."""
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        fresh = self.done - self.reused
+        rate = fresh / elapsed
+        of = f"/{self.total} rows ({100 * self.done / self.total:.1f}%)" if self.total else " rows"
+        if not self.total:
+            eta = "ETA unknown"
+        elif self.done >= self.total:
+            eta = "ETA 0s"
+        elif rate > 0:
+            eta = f"ETA {_duration((self.total - self.done) / rate)}"
+        else:
+            eta = "ETA unknown"
+        tokens = usage.prompt_tokens + usage.completion_tokens
+        failures = f"{self.failed} failed" + (f" {dict(sorted(self.reasons.items()))}" if self.reasons else "")
+        return (
+            f"{self.name}: {self.done}{of}, {rate:.1f} rows/s, {tokens:,} tokens (in {usage.prompt_tokens:,}, out {usage.completion_tokens:,}), "
+            f"{eta}, {failures}, {self.reused} reused"
+        )
+
+    def snapshot(self) -> TryProgress:
+        """What a failed try had done: the job error carries it to the failure callback."""
+        return TryProgress(
+            rows_total=self.total, rows_done=self.done, rows_finished=self.finished, rows_reused=self.reused,
+            rows_failed=self.failed, failures_by_reason=dict(sorted(self.reasons.items())),
+        )
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def progress_batch(total: int | None, in_flight: int) -> int:
+    """Rows per progress line: a window of requests, or a twentieth of the shard if that is smaller."""
+    return min(in_flight, -(-total // 20)) if total else in_flight
+
+
+def _provenance(generator: Generator, prior: Any, key: str, meta: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(prior) if isinstance(prior, dict) else {}
+    merged[generator.name] = {**generator.provenance(), "row_key": key, **meta}
+    return merged
+
+
+def record_key(line: int, item: dict[str, Any] | BadLine) -> str:
+    """A row's stable key within its input: line number and content hash (an edited or moved row is new)."""
+    if isinstance(item, BadLine):
+        return f"{line}:bad:{hashlib.sha256(item.raw.encode('utf-8', 'replace')).hexdigest()[:20]}"
+    return f"{line}:{row_key(item)}"
+
+
+def _record(generator: Generator, outcome: RowOutcome) -> dict[str, Any]:
+    """The row's final record: ``{"out": output row}`` or ``{"error": errors-file entry}``."""
+    if outcome.error is not None:
+        return {"error": outcome.error_entry(generator.name)}
+    assert outcome.row is not None and outcome.fields is not None
+    row = generator.finish_row(outcome.row, outcome.fields)
+    row[PROVENANCE_KEY] = _provenance(generator, outcome.row.get(PROVENANCE_KEY), row_key(outcome.row), outcome.meta)
+    return {"out": row}
+
+
+def settings_fingerprint(generator: Generator, opts: JobOptions) -> str:
+    """What decides each row's result: generator, options, prompts, model, sampling and image budget."""
+    return fingerprint(
+        {"format": CHECKPOINT_FORMAT, "generator": generator.name, **generator.provenance(), "max_pixels": opts.max_pixels, "media_root": opts.media_root}
+    )
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopOnSignals:
+    """While a run's rows go: SIGTERM or SIGINT cancels the run once (no new rows; requests in flight cancelled).
+
+    What the run finished is checkpointed by its own cleanup. Installed on the running event loop,
+    so the main thread only; a second signal while stopping is ignored.
+    """
+
+    def __init__(self, signals: tuple[signal.Signals, ...]) -> None:
+        self.signals = signals
+        self.received: signal.Signals | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopOnSignals]:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        before = {sig: signal.getsignal(sig) for sig in self.signals}
+
+        def stop(sig: signal.Signals) -> None:
+            if self.received is None:
+                self.received = sig
+                log.warning("%s received: taking no new rows, cancelling the requests in flight, checkpointing finished rows", sig.name)
+                task.cancel()
+
+        for sig in self.signals:
+            loop.add_signal_handler(sig, stop, sig)
+        try:
+            yield self
+        finally:
+            for sig in self.signals:
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, before[sig])
+
+
+async def process(generator: Generator, storage: Storage, opts: JobOptions, *, stop_on: tuple[signal.Signals, ...] = ()) -> dict[str, Any]:
+    """Run every row of ``opts.input`` and write the output and errors files; return the manifest.
+
+    On any failure (and on a signal in ``stop_on``) the rows this try finished are checkpointed, and
+    the JobError raised carries what the try had done (``progress``).
+    """
+    stop = StopOnSignals(stop_on)
+    with stop.installed():
+        return await _process(generator, storage, opts, stop)
+
+
+async def _process(generator: Generator, storage: Storage, opts: JobOptions, stop: StopOnSignals) -> dict[str, Any]:
+    assert opts.input is not None
+    settings = settings_fingerprint(generator, opts)
+    checkpoint = Checkpoint(
+        storage, checkpoint_prefix(opts.output, opts.task_key, settings), every_rows=opts.checkpoint_every, every_seconds=opts.checkpoint_seconds
+    )
+    keys: dict[int, str] = {}
+
+    # the shard's byte range, if the input is the file that was split (a later stage reads its own file whole)
+    shard = opts.shard if opts.shard and opts.shard.input == opts.input else None
+    lines = storage.iter_lines(opts.input, start=shard.start, end=shard.end, version=shard.version) if shard else storage.iter_lines(opts.input)
+    # a later stage's input is the upstream shard's output, which may hold fewer rows: its total is unknown
+    total = shard.rows if shard else None
+    progress = Progress(generator.name, total, progress_batch(total, opts.in_flight))
+
+    def items() -> Any:
+        for line, item in read_jsonl(lines, first_line=shard.first_line if shard else 1):
+            key = keys[line] = record_key(line, item)
+            done = checkpoint.get(key)
+            yield line, (item if done is None else RowOutcome(line=line, row=None, record=done, reused=True))
+
+    def finished(outcome: RowOutcome) -> None:
+        # checkpointed as soon as the row finishes, even if rows before it are still running
+        outcome.record = _record(generator, outcome)
+        checkpoint.add(keys[outcome.line], outcome.record)
+        progress.finished += 1
+
+    try:
+        loaded = checkpoint.load()
+        if loaded or (opts.try_number or 1) > 1:
+            log.info("%s: %s%d rows finished by earlier tries will be reused (checkpoint %s)", generator.name, opts.attempt, loaded, checkpoint.prefix)
+        await generator.serving.check()
+        with storage.open_atomic(opts.output) as out_file, storage.open_atomic(opts.errors_uri) as err_file:
+            out, err = JsonlWriter(out_file), JsonlWriter(err_file)
+            try:
+                async for outcome in run_rows(generator, items(), window=2 * opts.in_flight, on_finished=finished):
+                    del keys[outcome.line]
+                    record = outcome.record
+                    assert record is not None
+                    progress.add(record, outcome.reused)
+                    if "error" in record:
+                        err.write(record["error"])
+                    else:
+                        out.write(record["out"])
+                    if progress.due():
+                        log.info("%s", progress.line(generator.usage))
+                if shard is not None and progress.done != shard.rows:
+                    raise InputError(f"shard {shard.index} of {opts.input} has {progress.done} rows, not the {shard.rows} planned: the input changed")
+            finally:
+                # whatever happens, keep the rows this try finished for the next one
+                checkpoint.flush()
+    except asyncio.CancelledError:
+        if stop.received is None:
+            raise
+        done = progress.snapshot()
+        interrupted = Interrupted(stop.received, f"{done.summary()}; checkpointed, so the next try sends only the other rows")
+        interrupted.progress = done
+        raise interrupted from None
+    except JobError as exc:
+        # what this try had done, for the failure callback's one-line summary
+        exc.progress = progress.snapshot()
+        raise
+    except Exception as exc:
+        unexpected = UnexpectedError(f"{type(exc).__name__}: {exc}")
+        unexpected.progress = progress.snapshot()
+        raise unexpected from exc
+    finally:
+        checkpoint.close()
+        await generator.serving.aclose()
+    usage = generator.usage
+    return {
+        "generator": generator.name,
+        "input": opts.input,
+        "shard": opts.shard.index if opts.shard else None,
+        "try_number": opts.try_number,
+        "output": opts.output,
+        "errors": opts.errors_uri,
+        "rows_in": progress.done,
+        "rows_out": progress.out,
+        "rows_failed": progress.failed,
+        "rows_reused": progress.reused,
+        "failures_by_reason": dict(sorted(progress.reasons.items())),
+        "model": generator.serving.model_name,
+        "prompt_sha256": generator.prompts.sha256,
+        "seed": opts.seed,
+        "checkpoint": checkpoint.prefix,
+        "requests": usage.requests,
+        "repairs": usage.repairs,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "duration_s": round(time.monotonic() - progress.started, 3),
+    }
+
+
+def run_job(
+    opts: JobOptions, *, storage: Storage | None = None, serving: VLMServing | None = None, stop_on: tuple[signal.Signals, ...] = ()
+) -> dict[str, Any]:
+    """Run one generator over one input file and return the manifest; raise JobError for job-level failures.
+
+    ``stop_on``: signals that stop the run cleanly (the CLI's SIGTERM and SIGINT); the caller must be the main thread.
+    """
+    storage = storage or Storage()
+    # one INFO line per HTTP request would drown the task log; progress lines report instead
+    for noisy in ("httpx", "httpx2", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    cls = check_options(opts)
+    with contextlib.ExitStack() as stack:
+        serving = serving or open_serving(opts, stack)
+        executor = stack.enter_context(ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vqa-media"))
+        media = MediaReader(storage, media_root=opts.media_root, max_pixels=opts.max_pixels, executor=executor, allowed_roots=opts.allowed_media_roots)
+        generator = cls(serving, options=opts.params, media=media, seed=opts.seed)
+        log.info("%s: %s -> %s (model %s, concurrency %d)", cls.name, opts.input, opts.output, serving.model_name, serving.max_concurrency)
+        manifest = asyncio.run(process(generator, storage, opts, stop_on=stop_on))
+    log.info(
+        "%s: %s%d rows in, %d out, %d failed %s, %d reused from earlier tries, %d model requests",
+        manifest["generator"], opts.attempt, manifest["rows_in"], manifest["rows_out"],
+        manifest["rows_failed"], manifest["failures_by_reason"], manifest["rows_reused"], manifest["requests"],
+    )
+    return manifest
+
+
