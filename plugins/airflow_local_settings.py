@@ -7,7 +7,19 @@ imports nothing. A deployment with its own ``airflow_local_settings.py`` should 
 to it.
 """
 
+import logging
+
+from vqa_operators.exceptions import ConfigError
 from vqa_operators.settings import environment
 
-if environment().execution == "kubernetes":
+_execution: str | None
+try:
+    _execution = environment().execution
+except ConfigError as err:
+    # every Airflow process imports this module: a bad VQA_* variable must not stop them all. The DAG
+    # files read the same settings, so their import errors name the variable in the UI.
+    logging.getLogger(__name__).warning("not preloading the pod operator: %s", err)
+    _execution = None
+
+if _execution == "kubernetes":
     import airflow.providers.cncf.kubernetes.operators.pod  # noqa: F401

@@ -77,7 +77,7 @@ def test_parsing_imports_nothing_heavy(path: Path, mode: str) -> None:
     assert proc.stdout.strip().splitlines()[-1:] in ([], [""]), f"heavy modules imported: {proc.stdout}"
 
 
-@pytest.mark.parametrize(("mode", "preloaded"), [("kubernetes", True), ("local", False)])
+@pytest.mark.parametrize(("mode", "preloaded"), [("kubernetes", True), ("local", False), ("gpu", False)])
 def test_airflow_local_settings_preloads_the_pod_operator_only_in_kubernetes_mode(mode: str, preloaded: bool) -> None:
     """Airflow imports ``airflow_local_settings`` (from plugins/) at start-up, before the dag-processor forks its parsers."""
     code = "import sys, airflow; print('airflow.providers.cncf.kubernetes.operators.pod' in sys.modules)"
@@ -87,6 +87,8 @@ def test_airflow_local_settings_preloads_the_pod_operator_only_in_kubernetes_mod
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == str(preloaded)
+    if mode not in ("kubernetes", "local"):  # Airflow still starts, and says why nothing was preloaded
+        assert f"not preloading the pod operator: VQA_EXECUTION must be 'local' or 'kubernetes' (the execution), got {mode!r}" in proc.stderr
 
 
 def test_worker_task_leaves_the_plan_as_it_was_and_the_plan_finds_the_specs_downstream() -> None:

@@ -165,7 +165,14 @@ def _pod_operator(**pod: object):
 
 
 def test_deferrable_pods_wait_in_the_triggerer(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _pod_operator().deferrable is False  # by default the pod is watched from the worker slot
+    import inspect
+
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+    # by default, the deployment's [operators] default_deferrable (as the pod operator read it; False here)
+    deployment_default = inspect.signature(KubernetesPodOperator.__init__).parameters["deferrable"].default
+    assert _pod_operator().deferrable is deployment_default is False
+    assert _pod_operator(deferrable=False).deferrable is False
     op = _pod_operator(deferrable=True, poll_interval=120)
     assert op.deferrable is True and op.poll_interval == 120
 

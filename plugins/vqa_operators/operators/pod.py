@@ -51,8 +51,9 @@ class PodSettings(BaseModel):
     startup_timeout_seconds: int = 1800
     # what the worker may take to stop after SIGTERM (it checkpoints its finished rows within seconds, then stops vLLM)
     termination_grace_period: int = Field(settings.POD_GRACE_PERIOD_S, ge=5, le=3600)
-    # wait for the pod in the triggerer instead of a worker slot: for pods that run for hours (needs a running triggerer)
-    deferrable: bool = False
+    # wait for the pod in the triggerer instead of a worker slot: for pods that run for hours (needs a running triggerer);
+    # None: Airflow's [operators] default_deferrable (False unless the deployment says otherwise)
+    deferrable: bool | None = None
     # how often the triggerer checks a deferred pod, in seconds
     poll_interval: float = Field(30.0, gt=0)
 
@@ -93,6 +94,8 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         if placement.s3_secret:
             secrets.append(Secret("env", None, placement.s3_secret))  # envFrom: AWS_* keys of the Secret
         kwargs.setdefault("name", f"vqa-{spec.generator.replace('_', '-')}")
+        if placement.deferrable is not None:  # else the pod operator's default: the deployment's default_deferrable
+            kwargs["deferrable"] = placement.deferrable
         super().__init__(
             image=placement.image,
             namespace=placement.namespace,
@@ -125,7 +128,6 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
             ),
             startup_timeout_seconds=placement.startup_timeout_seconds,
             termination_grace_period=placement.termination_grace_period,
-            deferrable=placement.deferrable,
             poll_interval=placement.poll_interval,
             do_xcom_push=True,
             get_logs=True,

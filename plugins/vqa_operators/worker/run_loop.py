@@ -287,14 +287,20 @@ async def process(generator: Generator, storage: Storage, opts: JobOptions, *, s
     """
     stop = StopOnSignals(stop_on)
     with stop.installed():
-        return await _process(generator, storage, opts, stop)
+        try:
+            return await _process(generator, storage, opts, stop)
+        except asyncio.CancelledError:
+            # a signal that landed as the run was closing (its rows were all accounted for by then)
+            if stop.received is None:
+                raise
+            raise Interrupted(stop.received, "while closing the run; its rows are checkpointed") from None
 
 
 async def _process(generator: Generator, storage: Storage, opts: JobOptions, stop: StopOnSignals) -> dict[str, Any]:
     assert opts.input is not None
-    settings = settings_fingerprint(generator, opts)
+    run_fingerprint = settings_fingerprint(generator, opts)
     checkpoint = Checkpoint(
-        storage, checkpoint_prefix(opts.output, opts.task_key, settings), every_rows=opts.checkpoint_every, every_seconds=opts.checkpoint_seconds
+        storage, checkpoint_prefix(opts.output, opts.task_key, run_fingerprint), every_rows=opts.checkpoint_every, every_seconds=opts.checkpoint_seconds
     )
     keys: dict[int, str] = {}
 
