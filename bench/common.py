@@ -62,7 +62,7 @@ class SimServer:
 @contextlib.contextmanager
 def sim_server(*, slots: int | None, latency: float) -> Iterator[SimServer]:
     """Start the double as a continuous-batching server (``slots`` None: unlimited, header checks only)."""
-    argv = [PYTHON, str(ROOT / "tests" / "doubles" / "openai_server.py"), MODEL, "--port", "0", "--latency", str(latency), "--light"]
+    argv = [PYTHON, str(ROOT / "testkit" / "openai_server.py"), MODEL, "--port", "0", "--latency", str(latency), "--light"]
     argv += ["--slots", str(slots or 100_000)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
