@@ -50,6 +50,11 @@ def default_concurrency(max_num_seqs: int) -> int:
     return max_num_seqs + max(1, max_num_seqs // 4)
 
 
+def in_flight(concurrency: int | None, max_num_seqs: int) -> int:
+    """Requests to keep in flight: ``concurrency`` if set, else derived from the server's batch size."""
+    return concurrency or default_concurrency(max_num_seqs)
+
+
 class Environment(BaseSettings):
     """The ``VQA_<FIELD>`` environment variables; unset and empty ones take these defaults."""
 
@@ -92,7 +97,7 @@ class Environment(BaseSettings):
     @property
     def in_flight(self) -> int:
         """Requests to keep in flight: ``VQA_CONCURRENCY``, else derived from ``VQA_MAX_NUM_SEQS``."""
-        return self.concurrency or default_concurrency(self.max_num_seqs)
+        return in_flight(self.concurrency, self.max_num_seqs)
 
 
 def environment() -> Environment:

@@ -115,7 +115,6 @@ class VQAMergeOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         """Merge, check every input row is accounted for, write the manifest and the preview beside the output."""
-        from vqa_operators import settings
         from vqa_operators.preview import write_preview
         from vqa_operators.sharding import merge_run
 

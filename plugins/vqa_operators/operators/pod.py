@@ -180,7 +180,8 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
 
 def worker_exit_code(remote_pod: k8s.V1Pod | None, container: str) -> int | None:
     """The exit code of the pod's worker container, if it has terminated."""
-    statuses = (remote_pod.status.container_statuses if remote_pod is not None and remote_pod.status else None) or []
-    status = next((s for s in statuses if s.name == container), None)
+    from airflow.providers.cncf.kubernetes.utils.container import get_container_status
+
+    status = get_container_status(remote_pod, container) if remote_pod is not None else None
     terminated = status.state.terminated if status is not None and status.state else None
     return terminated.exit_code if terminated is not None else None

@@ -107,15 +107,16 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
         structured_output: bool = True,
     ) -> None:
         # what is not given comes from the worker's settings: VQA_BASE_URL, VQA_MODEL, the requests in flight
-        env = settings.environment() if api_url is None or model_name is None or max_workers is None else None
-        if api_url is None:
-            api_url = env.base_url or settings.API_URL if env else settings.API_URL
-        if model_name is None:
-            model_name = env.model if env else None
-            if not model_name:
-                raise ConfigError("no model name: pass model_name or set VQA_MODEL")
-        if max_workers is None:
-            max_workers = env.in_flight if env else settings.default_concurrency(settings.MAX_NUM_SEQS)
+        if api_url is None or model_name is None or max_workers is None:
+            env = settings.environment()
+            if api_url is None:
+                api_url = env.base_url or settings.API_URL
+            if model_name is None:
+                if not env.model:
+                    raise ConfigError("no model name: pass model_name or set VQA_MODEL")
+                model_name = env.model
+            if max_workers is None:
+                max_workers = env.in_flight
         if not api_url:
             raise ConfigError("api_url is empty: set VQA_BASE_URL or the vqa_vlm connection's host")
         if max_workers < 1:

@@ -88,7 +88,7 @@ class JobOptions(BaseModel):
     @property
     def in_flight(self) -> int:
         """Requests kept in flight: ``concurrency`` if set, else derived from ``max_num_seqs``."""
-        return self.concurrency or settings.default_concurrency(self.max_num_seqs)
+        return settings.in_flight(self.concurrency, self.max_num_seqs)
 
     @property
     def errors_uri(self) -> str:
