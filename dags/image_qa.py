@@ -22,8 +22,15 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag
 
-from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, worker_task
-from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, io_params
+from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, staged_output, worker_task
+from vqa_operators.operators.dag_config import (
+    DAG_DEFAULTS,
+    NEAR_DUPLICATES,
+    QUALITY_OPTIONS,
+    RUN_OPTIONS,
+    io_params,
+    quality_params,
+)
 
 
 @dag(
@@ -37,6 +44,7 @@ from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, io_par
             rows_doc="an `image` field (a path or a list of paths)",
             final_task="generate",
         ),
+        **quality_params(),
         "pairs_per_row": Param(3, type="integer", minimum=1, maximum=20, title="QA pairs per row", description="Question-answer pairs generated for each row's images."),
     },
 )
@@ -51,7 +59,13 @@ def image_qa() -> None:
             params={"pairs_per_row": "{{ params.pairs_per_row }}"},
         ),
     )
-    merge_shards({"generate": generate}, plan)
+    quality = worker_task(
+        task_id="quality",
+        shards=plan,
+        spec=WorkerSpec(generator="quality", input=staged_output("generate"), params={"source": "image_qa", **QUALITY_OPTIONS}, **RUN_OPTIONS),
+    )
+    generate >> quality
+    merge_shards({"generate": generate, "quality": quality}, plan, output="generate", near_duplicates=NEAR_DUPLICATES)
 
 
 image_qa()

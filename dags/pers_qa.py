@@ -23,8 +23,15 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag
 
-from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, worker_task
-from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, io_params
+from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, staged_output, worker_task
+from vqa_operators.operators.dag_config import (
+    DAG_DEFAULTS,
+    NEAR_DUPLICATES,
+    QUALITY_OPTIONS,
+    RUN_OPTIONS,
+    io_params,
+    quality_params,
+)
 
 
 @dag(
@@ -38,6 +45,7 @@ from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, io_par
             rows_doc="an `image` field (paths of one main character) and optionally `subject_type`",
             final_task="generate",
         ),
+        **quality_params(near_duplicate_key="question_answer"),
         "tag": Param("<mam>", type="string", pattern=r"^\S{1,40}$", title="Main character tag", description="Name the model must use for the main character; every answer starts with it."),
     },
 )
@@ -52,7 +60,13 @@ def pers_qa() -> None:
             params={"tag": "{{ params.tag }}"},
         ),
     )
-    merge_shards({"generate": generate}, plan)
+    quality = worker_task(
+        task_id="quality",
+        shards=plan,
+        spec=WorkerSpec(generator="quality", input=staged_output("generate"), params={"source": "pers_qa", **QUALITY_OPTIONS}, **RUN_OPTIONS),
+    )
+    generate >> quality
+    merge_shards({"generate": generate, "quality": quality}, plan, output="generate", near_duplicates=NEAR_DUPLICATES)
 
 
 pers_qa()

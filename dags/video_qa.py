@@ -27,7 +27,14 @@ from typing import Any
 from airflow.sdk import Param, dag
 
 from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, staged_output, worker_task
-from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, io_params
+from vqa_operators.operators.dag_config import (
+    DAG_DEFAULTS,
+    NEAR_DUPLICATES,
+    QUALITY_OPTIONS,
+    RUN_OPTIONS,
+    io_params,
+    quality_params,
+)
 
 # the revised and final sets are long JSON answers
 MAX_TOKENS = 4096
@@ -44,6 +51,7 @@ MAX_TOKENS = 4096
             rows_doc="`Meta` (text) and `Clips` (a list of {Description, Audio_Text, Frames_Images})",
             final_task="final",
         ),
+        **quality_params(),
         "max_frames": Param(16, type="integer", minimum=1, maximum=256, title="Frames per request", description="Sampled evenly across the video."),
         "max_iterations": Param(3, type="integer", minimum=0, maximum=20, title="Expert rounds", description="Multi-agent iterations; the master may stop earlier."),
         "final_pairs": Param(10, type="integer", minimum=1, maximum=50, title="Final QA pairs per video", description="Labelled Question/Answer pairs in each video's QA list."),
@@ -72,8 +80,18 @@ def video_qa() -> None:
         shards=plan,
         spec=WorkerSpec(generator="video_qa_final", input=staged_output("multiagent"), params={"final_pairs": "{{ params.final_pairs }}"}, **common),
     )
-    initial >> multiagent >> final
-    merge_shards({"initial": initial, "multiagent": multiagent, "final": final}, plan)
+    quality = worker_task(
+        task_id="quality",
+        shards=plan,
+        spec=WorkerSpec(
+            generator="quality",
+            input=staged_output("final"),
+            params={"source": "video_qa_final", "max_frames": "{{ params.max_frames }}", **QUALITY_OPTIONS},
+            **RUN_OPTIONS,
+        ),
+    )
+    initial >> multiagent >> final >> quality
+    merge_shards({"initial": initial, "multiagent": multiagent, "final": final, "quality": quality}, plan, output="final", near_duplicates=NEAR_DUPLICATES)
 
 
 video_qa()

@@ -42,6 +42,7 @@ from typing import Any
 if not __package__:  # run as a script (python testkit/openai_server.py): make `testkit` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from testkit import vllm_rules
+from testkit.verdicts import KEEP_ALL, ScriptedVerdicts
 
 
 @dataclass
@@ -193,6 +194,8 @@ class OpenAITestServer:
         self.max_model_len = 32768
         # every generated answer is checked against the request's grammar (off only where the CPU is measured)
         self.check_answers = True
+        # the quality gate's verdicts (testkit/verdicts.py): by default every pair is kept
+        self.verdicts: ScriptedVerdicts = KEEP_ALL
         self._slot_gate: threading.Semaphore | None = None
         self._rng = random.Random(0)
         self._lock = threading.Lock()
@@ -253,6 +256,7 @@ class OpenAITestServer:
             self.slots, self._slot_gate = None, None
             self.decode_images, self.keep_requests = True, True
             self.backend, self.max_images, self.max_model_len, self.check_answers = "auto", 16, 32768, True
+            self.verdicts = KEEP_ALL
             self.timings.clear()
             self.max_in_flight = 0
             self.fault_rates = {}
@@ -319,7 +323,7 @@ class OpenAITestServer:
             digest = hashlib.sha256(json.dumps([seen, body.get("seed")], sort_keys=True).encode()).hexdigest()[:8]
             note = f"saw {len(sizes)} image(s) " + ",".join(f"{w}x{h}" for w, h in sizes) + f" (reply {digest})"
             schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
-            content = self._write(schema, note, decoder) if decoder is not None else note
+            content = self._write(schema, note, decoder, self.verdicts.fields(body)) if decoder is not None else note
         if reply.spoil == "truncate":
             content = content[: len(content) // 2]
         elif reply.spoil == "invalid_json":
@@ -336,9 +340,12 @@ class OpenAITestServer:
             "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(content) // 4, "total_tokens": prompt_chars // 4 + len(content) // 4},
         }, reply.headers
 
-    def _write(self, schema: dict[str, Any], note: str, decoder: str) -> str:
-        """The answer guided decoding could have written for ``schema``: checked against xgrammar's own grammar."""
-        content = json.dumps(schema_instance(schema, schema, note))
+    def _write(self, schema: dict[str, Any], note: str, decoder: str, scripted: dict[str, Any] | None = None) -> str:
+        """The answer guided decoding could have written for ``schema`` (with ``scripted`` fields): checked against xgrammar's own grammar."""
+        value = schema_instance(schema, schema, note)
+        if scripted:
+            value = {**value, **scripted}
+        content = json.dumps(value)
         if decoder != "xgrammar":
             return content.replace(_QUIRK_MARK_JSON, "")  # llguidance writes no raw control characters
         content = content.replace(_QUIRK_MARK_JSON, CONTROL_QUIRK)

@@ -42,11 +42,13 @@ def _bounds(options_model: type) -> dict[str, tuple[int, int]]:
 
 
 def _variants(name: str) -> list[dict[str, Any]]:
-    """Default options, every integer option at its lowest and at its highest, and (pers_qa) a range of tags."""
+    """Default options, every integer option at its lowest and at its highest, and (pers_qa) a range of tags; the gate's required source."""
     bounds = _bounds(generator_class(name).Options)
     variants: list[dict[str, Any]] = [{}, {k: lo for k, (lo, _) in bounds.items()}, {k: hi for k, (_, hi) in bounds.items()}]
     if "tag" in generator_class(name).Options.model_fields:
         variants += [{"tag": tag, **extra} for tag, extra in itertools.product(TAGS, variants[:3])]
+    if "source" in generator_class(name).Options.model_fields:  # the quality gate: what it judges does not change its schemas
+        variants = [{"source": "image_qa", **variant} for variant in variants]
     return variants
 
 

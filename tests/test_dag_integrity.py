@@ -30,11 +30,13 @@ def test_no_import_errors(dagbag) -> None:
 
 def test_video_qa_is_three_chained_tasks_mapped_over_shards(dagbag) -> None:
     dag = dagbag.dags["video_qa"]
-    assert [t.task_id for t in dag.topological_sort()] == ["plan", "initial", "multiagent", "final", "merge"]
+    assert [t.task_id for t in dag.topological_sort()] == ["plan", "initial", "multiagent", "final", "quality", "merge"]
     assert dag.get_task("multiagent").upstream_task_ids == {"initial", "plan"}
     assert dag.get_task("final").upstream_task_ids == {"multiagent", "plan"}
-    assert dag.get_task("merge").upstream_task_ids == {"initial", "multiagent", "final", "plan"}
-    for task_id in ("initial", "multiagent", "final"):
+    assert dag.get_task("quality").upstream_task_ids == {"final", "plan"}
+    assert dag.get_task("merge").upstream_task_ids == {"initial", "multiagent", "final", "quality", "plan"}
+    assert dag.get_task("quality").partial_kwargs["spec"].params["source"] == "video_qa_final"
+    for task_id in ("initial", "multiagent", "final", "quality"):
         assert dag.get_task(task_id).expand_input.value.keys() == {"shard"}  # one mapped instance per shard
     # each stage reads what the one before it staged for the same shard (map index)
     assert dag.get_task("multiagent").partial_kwargs["spec"].input.endswith("/initial{{ '/shard-%05d' % ti.map_index if ti.map_index is not none and ti.map_index >= 0 else '' }}.jsonl")
@@ -42,10 +44,16 @@ def test_video_qa_is_three_chained_tasks_mapped_over_shards(dagbag) -> None:
 
 
 @pytest.mark.parametrize("dag_id", ["image_qa", "pers_qa"])
-def test_single_stage_dags_plan_map_and_merge(dagbag, dag_id: str) -> None:
+def test_image_dags_plan_generate_judge_and_merge(dagbag, dag_id: str) -> None:
     dag = dagbag.dags[dag_id]
-    assert [t.task_id for t in dag.topological_sort()] == ["plan", "generate", "merge"]
-    assert dag.get_task("generate").expand_input.value.keys() == {"shard"}
+    assert [t.task_id for t in dag.topological_sort()] == ["plan", "generate", "quality", "merge"]
+    for task_id in ("generate", "quality"):
+        assert dag.get_task(task_id).expand_input.value.keys() == {"shard"}
+    # the quality stage judges what generate staged for its shard; the dataset keeps generate's name
+    quality = dag.get_task("quality").partial_kwargs["spec"]
+    assert quality.generator == "quality" and quality.params["source"] == dag_id
+    assert quality.input.split("}}/")[-1].startswith("generate{{")
+    assert dag.get_task("merge").output_uri.endswith("/generate{{ '/shard-%05d' % ti.map_index if ti.map_index is not none and ti.map_index >= 0 else '' }}.jsonl")
     assert {"rows_per_shard", "max_shards"} <= set(dag.params)
 
 

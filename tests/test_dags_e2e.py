@@ -10,6 +10,7 @@ import pytest
 
 from testkit.data import MODEL, make_jpeg
 from testkit.openai_server import OpenAITestServer
+from testkit.verdicts import ScriptedVerdicts
 from tests.airflow_env import airflow, airflow_env
 
 pytestmark = pytest.mark.slow
@@ -58,6 +59,8 @@ def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
         "pairs_per_row": 2,
         "seed": 5,
         "rows_per_shard": 2,
+        # the double words a row's questions alike but for their number: only exact repeats are near-duplicates here
+        "near_duplicate_threshold": 0.99,
     }
     proc = airflow("dags", "test", "image_qa", "-c", json.dumps(conf), env=env)
     log = proc.stdout + proc.stderr
@@ -66,12 +69,18 @@ def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     keys = run_keys(s3, bucket, "image_qa")
     # two mapped shards, each staged under its map index, merged into the run's output
     assert names(keys) == [
-        "generate.errors.jsonl", "generate.jsonl", "generate.manifest.json", "generate.preview.html",
+        "generate.errors.jsonl", "generate.jsonl", "generate.manifest.json", "generate.preview.html", "generate.rejected.jsonl",
         "generate/shard-00000.errors.jsonl", "generate/shard-00000.jsonl", "generate/shard-00001.errors.jsonl", "generate/shard-00001.jsonl",
+        "quality.errors.jsonl",
+        "quality/shard-00000.errors.jsonl", "quality/shard-00000.jsonl", "quality/shard-00000.rejected.jsonl",
+        "quality/shard-00001.errors.jsonl", "quality/shard-00001.jsonl", "quality/shard-00001.rejected.jsonl",
     ]
     outputs = [k for k in keys if k.endswith("/generate.jsonl")]
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=outputs[0].replace(".jsonl", ".manifest.json"))["Body"].read())
-    assert (manifest["shards"], manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"]) == (2, 3, 2, 1)
+    assert (manifest["shards"], manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"], manifest["rows_rejected"]) == (2, 3, 2, 1, 0)
+    # the double's default verdicts keep every pair: 3 quality calls per pair (blind answer, agreement, grounding)
+    assert (manifest["pairs_kept"], manifest["pairs_rejected"], manifest["acceptance_rate"]) == (4, 0, 1.0)
+    assert manifest["stages"]["quality"]["requests"] == 12
     out = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=outputs[0])["Body"].read().decode().splitlines()]
     errors_key = outputs[0].replace("generate.jsonl", "generate.errors.jsonl")
     errors = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=errors_key)["Body"].read().decode().splitlines()]
@@ -79,6 +88,7 @@ def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     assert "saw 2 image(s) 640x480,300x300" in out[0]["qa_pairs"][0]["answer"]
     assert [e["reason"] for e in errors] == ["image_not_found"]
     assert out[0]["vqa_provenance"]["image_qa"]["seed"] == 5
+    assert [v["grounding"]["score"] for v in out[0]["vqa_provenance"]["quality"]["verdicts"]] == [5, 5]
     assert all(r["seed"] is not None for r in vlm_server.requests)
     assert "sk-airflow-secret-456" not in log and "testing-secret-value" not in log
 
@@ -87,7 +97,7 @@ def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     assert preview["ContentType"].startswith("text/html")
     page = preview["Body"].read().decode()
     assert page.count('<img class="thumb" src="data:image/jpeg;base64,') == 3
-    assert "<h3>image_not_found · 1 row</h3>" in page
+    assert "<h3>image_not_found · 1 row</h3>" in page and "acceptance rate 100.0%: 4 of 4 pairs kept" in page
     assert manifest["preview"] == f"s3://{bucket}/" + outputs[0].replace(".jsonl", ".preview.html")
     # the merge task logs where it is, and a link a browser can open (presigned, on the local S3)
     assert f"QA preview: {manifest['preview']}" in log
@@ -105,13 +115,17 @@ def test_pers_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, s
     s3.put_object(Bucket=bucket, Key="input/pers.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
     env = airflow_env(airflow_home, s3_endpoint=s3_endpoint, vlm_base_url=vlm_server.base_url, model=MODEL)
     conf = {"input_uri": f"s3://{bucket}/input/pers.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/", "tag": "<mam>", "seed": 2}
+    # the judge finds the second row's pair (its only image: 500x400) answerable without it
+    vlm_server.verdicts = ScriptedVerdicts(answerable_blind=lambda question, answer: "saw 1 image(s) 500x400" in answer)
     proc = airflow("dags", "test", "pers_qa", "-c", json.dumps(conf), env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
     keys = run_keys(s3, bucket, "pers_qa")
     out = read_jsonl(s3, bucket, next(k for k in keys if k.endswith("/generate.jsonl")))
     errors = read_jsonl(s3, bucket, next(k for k in keys if k.endswith("/generate.errors.jsonl")))
-    assert [r["image"] for r in out] == [rows[0]["image"], rows[1]["image"]]
+    assert [r["image"] for r in out] == [rows[0]["image"]]
+    rejected = read_jsonl(s3, bucket, next(k for k in keys if k.endswith("/generate.rejected.jsonl")))
+    assert [(e["stage"], e["line"], e["reason"], e["row_rejected"], e["pair"]) for e in rejected] == [("quality", 2, "answerable_blind", True, rejected[0]["row"]["pers_qa"])]
     for row in out:
         question, answer = row["pers_qa"].removeprefix("Question: ").split(" Answer: ")
         assert "<mam>" in question and answer.startswith("<mam> ")
@@ -131,14 +145,17 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     env = airflow_env(airflow_home, s3_endpoint=s3_endpoint, vlm_base_url=vlm_server.base_url, model=MODEL)
     conf = {
         "input_uri": f"s3://{bucket}/input/videos.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/",
-        "max_frames": 6, "max_iterations": 2, "final_pairs": 6, "seed": 4, "rows_per_shard": 2,
+        "max_frames": 6, "max_iterations": 2, "final_pairs": 6, "seed": 4, "rows_per_shard": 2, "near_duplicate_threshold": 0.99,
     }
+    # the judge scores each video's sixth final pair 2: below min_judge_score (3), so it is rejected as not grounded
+    vlm_server.verdicts = ScriptedVerdicts(score=lambda question, answer: 2 if question.startswith("question 6:") else 5)
     proc = airflow("dags", "test", "video_qa", "-c", json.dumps(conf), env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
     keys = run_keys(s3, bucket, "video_qa")
-    shards = [f"{t}/shard-0000{i}{ext}" for t in ("initial", "multiagent", "final") for i in (0, 1) for ext in (".jsonl", ".errors.jsonl")]
-    merged = ["final.jsonl", "final.errors.jsonl", "final.manifest.json", "final.preview.html", "initial.errors.jsonl", "multiagent.errors.jsonl"]
+    shards = [f"{t}/shard-0000{i}{ext}" for t in ("initial", "multiagent", "final", "quality") for i in (0, 1) for ext in (".jsonl", ".errors.jsonl")]
+    shards += [f"quality/shard-0000{i}.rejected.jsonl" for i in (0, 1)]
+    merged = ["final.jsonl", "final.errors.jsonl", "final.manifest.json", "final.preview.html", "final.rejected.jsonl", "initial.errors.jsonl", "multiagent.errors.jsonl", "quality.errors.jsonl"]
     assert names(keys) == sorted(shards + merged)
     prefix = next(k for k in keys if k.endswith("/final.jsonl")).rsplit("/", 1)[0]
     middle = read_jsonl(s3, bucket, f"{prefix}/multiagent/shard-00000.jsonl") + read_jsonl(s3, bucket, f"{prefix}/multiagent/shard-00001.jsonl")
@@ -146,8 +163,14 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     final = read_jsonl(s3, bucket, f"{prefix}/final.jsonl")
     assert [r["id"] for r in final] == ["ad-1", "ad-2"]
     for row in final:
-        assert len(row["QA"]) == 6 and all(set(p) == {"Label", "Question", "Answer"} for p in row["QA"])
+        assert len(row["QA"]) == 5 and all(set(p) == {"Label", "Question", "Answer"} for p in row["QA"])
         assert "video_qa_state" not in row
+    rejected = read_jsonl(s3, bucket, f"{prefix}/final.rejected.jsonl")
+    assert [(e["line"], e["index"], e["reason"], e["verdicts"]["grounding"]["score"]) for e in rejected] == [(1, 5, "not_grounded", 2), (2, 5, "not_grounded", 2)]
+    # the grounding check saw each video's sampled frames (max_frames 6), the blind check none
+    grounding = [r for r in vlm_server.requests if r["response_format"]["json_schema"]["name"] == "GroundingVerdict"]
+    frames = [sum(p["type"] == "image_url" for p in r["messages"][-1]["content"]) for r in grounding]
+    assert sorted(set(frames)) == [4, 6] and len(grounding) == 12
     assert [e["reason"] for e in read_jsonl(s3, bucket, f"{prefix}/initial.errors.jsonl")] == ["bad_field"]
     # the frame budget: 6 of ad-1's 8 frames and all 4 of ad-2's reach the model in the initial requests
     initial = [r for r in vlm_server.requests if r["response_format"]["json_schema"]["name"] == "VideoQASet"]
@@ -157,7 +180,7 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     page = s3.get_object(Bucket=bucket, Key=f"{prefix}/final.preview.html")["Body"].read().decode()
     strips = re.findall(r'<div class="media strip">(.*?)</div>', page)
     assert [strip.count('<img class="thumb"') for strip in strips] == [6, 4]
-    assert "6 of 8 frames sent" in page and page.count('<span class="label">') >= 12
+    assert "6 of 8 frames sent" in page and page.count('<span class="label">') >= 10 and "acceptance rate 83.3%: 10 of 12 pairs kept" in page
     assert "<h3>bad_field · 1 row</h3>" in page
 
 

@@ -17,6 +17,7 @@ from vqa_operators.worker.run_loop import Progress, progress_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 FORM = {"input_uri", "output_prefix", "model", "seed", "rows_per_shard", "max_shards", "media_root", "concurrency"}
+QUALITY = {"blind_check", "grounding_check", "min_judge_score", "remove_near_duplicates", "near_duplicate_threshold", "near_duplicate_key"}
 SPECIFIC = {"image_qa": {"pairs_per_row"}, "pers_qa": {"tag"}, "video_qa": {"max_frames", "max_iterations", "final_pairs"}}
 
 
@@ -31,7 +32,7 @@ def dagbag(tmp_path_factory):
 @pytest.mark.parametrize("dag_id", ["image_qa", "pers_qa", "video_qa"])
 def test_every_param_is_typed_titled_and_described(dagbag, dag_id: str) -> None:
     params = dagbag.dags[dag_id].params
-    assert set(params) == FORM | SPECIFIC[dag_id]
+    assert set(params) == FORM | QUALITY | SPECIFIC[dag_id]
     for name in params:
         param = params.get_param(name)
         assert param.schema.get("type") and param.schema.get("title") and len(param.description or "") > 20, name

@@ -79,8 +79,26 @@ def test_dags_test_runs_each_dag_against_vllm(
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     manifest = _merge_manifest(s3, bucket, dag_id, final_task)
     rows = len(inputs[source].read_text().splitlines())
-    assert manifest["rows_in"] == rows and manifest["rows_out"] >= real_vllm.TARGET * rows, manifest
-    assert manifest["model"] == real_vllm.SERVED_NAME and not real_vllm.REFUSED & set(manifest["failures_by_reason"])
+    # the quality stage ran (on by default): a random model's verdicts are noise, so rows may be rejected, but every
+    # row is accounted for, and the rows that reached a decision (kept or rejected) are most of them
+    assert manifest["rows_in"] == rows == manifest["rows_out"] + manifest["rows_failed"] + manifest["rows_rejected"], manifest
+    assert manifest["rows_out"] + manifest["rows_rejected"] >= real_vllm.TARGET * rows, manifest
+    assert manifest["acceptance_rate"] is not None and manifest["stages"]["quality"]["requests"] > 0, manifest
+    # no request refused by vLLM, in any stage (the quality stage's three schemas included)
+    assert manifest["model"] == real_vllm.SERVED_NAME and not real_vllm.REFUSED & set(manifest["failures_by_reason"]), manifest
+    # every verdict that came back is schema-valid: kept pairs' (provenance) and rejected pairs' (rejected file)
+    from vqa_operators.generators.quality import verdict_models
+
+    _, agreement, grounding = verdict_models(300, 300)
+    out = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=manifest["output"].split("/", 3)[3])["Body"].read().decode().splitlines()]
+    rejected = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=manifest["rejected"].split("/", 3)[3])["Body"].read().decode().splitlines()]
+    verdicts = [v for row in out for v in row["vqa_provenance"]["quality"]["verdicts"]] + [e["verdicts"] for e in rejected if e["verdicts"]]
+    assert len(verdicts) >= manifest["pairs_kept"] + manifest["rejections_by_reason"].get("answerable_blind", 0) + manifest["rejections_by_reason"].get("not_grounded", 0)
+    for verdict in verdicts:
+        if "blind" in verdict:
+            agreement.model_validate({"reason": verdict["blind"]["reason"], "agrees": verdict["blind"]["agrees"]})
+        if "grounding" in verdict:
+            grounding.model_validate(verdict["grounding"])
 
 
 # --- the seeds' Example Usage -----------------------------------------------------------------

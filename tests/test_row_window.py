@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from vqa_operators.generators.base import Generated
 from vqa_operators.worker.run_loop import run_rows
 
 
@@ -19,6 +20,10 @@ class Scripted:
         self.running = 0
         self.most_running = 0
         self.release = asyncio.Event()
+
+    async def run_row(self, row: dict[str, Any]) -> Generated:
+        fields, meta = await self.generate(row)
+        return Generated(fields, meta)
 
     async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         self.running += 1

@@ -116,6 +116,6 @@ def test_the_merge_refuses_a_shard_that_lost_rows(vlm_server, tmp_path: Path) ->
     with pytest.raises(InputError, match="1 shard results for 2 shards"):
         merge_run(Storage(), {"generate": manifests[:1]}, output=str(tmp_path / "generate.jsonl"), plan=[s.model_dump() for s in plan])
     more = [{**s.model_dump(), "rows": s.rows + 1} for s in plan]  # a plan the shards' reports do not add up to
-    with pytest.raises(InputError, match="6 input rows but the shards report 4 in the output and 0 in errors files"):
+    with pytest.raises(InputError, match="6 input rows but the shards report 4 in the output, 0 in errors files and 0 rejected"):
         merge_run(Storage(), {"generate": manifests}, output=str(tmp_path / "generate.jsonl"), plan=more)
     assert not list(tmp_path.glob("generate*"))  # nothing written by any refused merge

@@ -30,6 +30,14 @@ class Reason(StrEnum):
     DUPLICATE_EXPERT = "duplicate_expert"  # video_qa_multiagent: the master named a recruited role again; the rounds stop and the row is kept
 
 
+class Rejection(StrEnum):
+    """Every reason a quality decision drops a pair with (the rejected file's ``reason``; README lists them all; a test checks)."""
+
+    ANSWERABLE_BLIND = "answerable_blind"  # quality: the model answered the question correctly without the images
+    NOT_GROUNDED = "not_grounded"  # quality: the model judged the pair not grounded in the images, or scored it below min_judge_score
+    NEAR_DUPLICATE = "near_duplicate"  # merge: the question is a near-duplicate of an earlier one in the run (the first is kept)
+
+
 @dataclass(frozen=True)
 class TryProgress:
     """What a failed try had done: the rows it finished are checkpointed, and the next try reuses them."""

@@ -24,9 +24,9 @@ from typing import Any
 
 import jinja2
 
-from vqa_operators.exceptions import ConfigError, RowError
-from vqa_operators.generators import generator_class
-from vqa_operators.generators.base import PROVENANCE_KEY, OutputFields
+from vqa_operators.exceptions import RowError
+from vqa_operators.generators import row_output_fields
+from vqa_operators.generators.base import PROVENANCE_KEY, OutputFields, input_line
 from vqa_operators.media import MediaReader
 from vqa_operators.storage.jsonl import read_jsonl
 from vqa_operators.storage.uris import Storage, beside
@@ -72,36 +72,27 @@ def _paths(value: Any) -> list[str]:
     return [p for p in value if isinstance(p, str)] if isinstance(value, list) else []
 
 
-def _pers_pair(text: str) -> dict[str, str]:
-    question, sep, answer = text.partition(" Answer: ")
-    return {"question": question.removeprefix("Question: "), "answer": answer} if sep else {"question": "", "answer": text}
+def _score(verdicts: Any) -> int | None:
+    grounding = verdicts.get("grounding") if isinstance(verdicts, dict) else None
+    return grounding.get("score") if isinstance(grounding, dict) else None
 
 
-def output_fields(generator: str, row: dict[str, Any] | None) -> OutputFields:
-    """Where ``generator``'s rows keep their QA and media, with the options the run used (from a row's provenance)."""
-    cls = generator_class(generator)
-    options = ((row or {}).get(PROVENANCE_KEY) or {}).get(generator, {}).get("options")
-    try:
-        parsed = cls.parse_options(options if isinstance(options, dict) else None)
-    except ConfigError:  # options of another version of the generator: its defaults
-        parsed = cls.parse_options(None)
-    return cls.output_fields(parsed)
-
-
-def describe_row(fields: OutputFields, n: int, row: dict[str, Any]) -> dict[str, Any]:
-    """What the page shows of one output row: its media paths, title and QA pairs, where ``fields`` says they are."""
+def describe_row(fields: OutputFields, n: int, row: dict[str, Any], rejected: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What the page shows of one output row: its media paths, title, kept QA pairs (with their grounding score) and rejected ones."""
     provenance = row.get(PROVENANCE_KEY) or {}
-    value = row.get(fields.qa)
-    qa: list[dict[str, Any]]
-    if fields.form == "text":
-        qa = [_pers_pair(value)] if isinstance(value, str) else []
-    elif fields.form == "labelled":
-        qa = [
-            {"labels": _paths(p.get("Label")), "question": p.get("Question", ""), "answer": p.get("Answer", "")}
-            for p in value or [] if isinstance(p, dict)
-        ] if isinstance(value, list) else []
-    else:
-        qa = [{"question": p.get("question", ""), "answer": p.get("answer", "")} for p in value or [] if isinstance(p, dict)] if isinstance(value, list) else []
+    gate = provenance.get("quality")
+    gate = gate if isinstance(gate, dict) else {}
+    verdicts: list[Any] = gate["verdicts"] if isinstance(gate.get("verdicts"), list) else []
+    items = fields.pairs(row)
+    qa = [
+        {"labels": item.labels, "question": item.question, "answer": item.answer, "score": _score(verdicts[k]) if k < len(verdicts) else None}
+        for k, item in enumerate(items)
+    ]
+    dropped = []
+    for entry in rejected or []:
+        pair = fields.pairs({fields.qa: [entry.get("pair")] if fields.form != "text" else entry.get("pair")})
+        if pair:
+            dropped.append({"question": pair[0].question, "answer": pair[0].answer, "reason": entry.get("reason"), "score": _score(entry.get("verdicts")), "detail": str(entry.get("detail", ""))[:RAW_OUTPUT_SHOWN]})
     if fields.clips is not None:
         sent = (provenance.get("video_qa_initial") or {}).get("frames_sent")
         frames = [f["path"] for f in sent if isinstance(f, dict) and isinstance(f.get("path"), str)] if isinstance(sent, list) else []
@@ -110,10 +101,10 @@ def describe_row(fields: OutputFields, n: int, row: dict[str, Any]) -> dict[str,
             frames = [p for clip in clips if isinstance(clip, dict) for p in _paths(clip.get("Frames_Images"))]
         title = str(row.get("id") or row.get("Meta") or "")[:160]
         frames_total = (provenance.get("video_qa_initial") or {}).get("frames_total")
-        return {"kind": "video", "n": n, "title": title, "paths": frames, "qa": qa, "frames_total": frames_total}
+        return {"kind": "video", "n": n, "title": title, "paths": frames, "qa": qa, "rejected": dropped, "frames_total": frames_total}
     paths = _paths(row.get(fields.images)) if fields.images else []
     title = ", ".join(paths)[:160]
-    return {"kind": "image", "n": n, "title": title, "paths": paths, "qa": qa}
+    return {"kind": "image", "n": n, "title": title, "paths": paths, "qa": qa, "rejected": dropped}
 
 
 def _media(reader: MediaReader, path: str) -> dict[str, Any]:
@@ -144,7 +135,7 @@ def failure_groups(storage: Storage, error_files: list[str], examples_per_reason
                         "stage": entry.get("stage", ""),
                         "line": entry.get("line", ""),
                         "detail": str(entry.get("detail", ""))[:RAW_OUTPUT_SHOWN],
-                        "raw_output": str(entry.get("raw_output") or entry.get("raw_line") or "")[:RAW_OUTPUT_SHOWN],
+                        "raw_output": str(entry.get("raw_output") or entry.get("raw_line") or entry.get("pair") or "")[:RAW_OUTPUT_SHOWN],
                     }
                 )
     return sorted(groups.values(), key=lambda g: (-g.count, g.reason))
@@ -162,8 +153,14 @@ def render_preview(
 ) -> bytes:
     """The HTML page for a merged run ``manifest`` (from ``merge_run``)."""
     shown = [(n, row) for n, row in itertools.islice(read_jsonl(storage.iter_lines(manifest["output"])), max_rows) if isinstance(row, dict)]
-    fields = output_fields(manifest["generator"], shown[0][1] if shown else None)
-    rows = [describe_row(fields, n, row) for n, row in shown]
+    rejected_file = manifest.get("rejected")
+    lines = {input_line(row, n): n for n, row in shown}
+    by_line: dict[int, list[dict[str, Any]]] = {}
+    if rejected_file and shown:  # the rejected pairs of the rows shown: one pass over the rejected file
+        for _, entry in read_jsonl(storage.iter_lines(rejected_file)):
+            if isinstance(entry, dict) and entry.get("line") in lines and not entry.get("row_rejected"):
+                by_line.setdefault(entry["line"], []).append(entry)
+    rows = [describe_row(row_output_fields(manifest["generator"], row), n, row, by_line.get(input_line(row, n))) for n, row in shown]
     reader = MediaReader(storage, media_root=media_root, allowed_roots=allowed_roots)
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="vqa-preview") as pool:
         for row in rows:
@@ -174,7 +171,11 @@ def render_preview(
     counted = sum(g.count for g in groups)
     if counted != manifest["rows_failed"]:
         log.warning("the errors files hold %d rows but the manifest reports %d failed", counted, manifest["rows_failed"])
-    page = _template().render(title=title, manifest=manifest, rows=rows, failures=groups, error_files=error_files)
+    rejections = failure_groups(storage, [rejected_file], examples_per_reason) if rejected_file else []
+    page = _template().render(
+        title=title, manifest=manifest, rows=rows, failures=groups, error_files=error_files, rejections=rejections,
+        acceptance=manifest.get("acceptance_rate"),
+    )
     return page.encode("utf-8")
 
 

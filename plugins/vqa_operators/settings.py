@@ -41,6 +41,10 @@ VLLM_PORT = 8000
 # what a worker pod may take to stop after SIGTERM (Kubernetes' default, set explicitly in the pod spec)
 POD_GRACE_PERIOD_S = 30
 
+# quality: the lowest grounding score (1-5) a kept pair may have, and the merge's near-duplicate Jaccard threshold
+MIN_JUDGE_SCORE = 3
+NEAR_DUPLICATE_THRESHOLD = 0.8
+
 PREFIX = "VQA_"
 API_KEY_ENV = PREFIX + "API_KEY"
 

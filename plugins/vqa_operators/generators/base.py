@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -73,6 +73,14 @@ def row_key(row: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:20]
 
 
+def input_line(row: dict[str, Any] | None, line: int) -> int:
+    """The row's line in the run's input: the first stage's provenance says it (a later stage reads a staged file), else ``line``."""
+    for details in ((row or {}).get(PROVENANCE_KEY) or {}).values():
+        if isinstance(details, dict) and isinstance(details.get("line"), int):
+            return details["line"]
+    return line
+
+
 def derive_seed(seed: int | None, key: str) -> int | None:
     """A per-row seed from the run seed and the row key, so reruns sample the same way."""
     if seed is None:
@@ -93,6 +101,23 @@ def prompt_chars(messages: list[dict[str, Any]]) -> int:
 
 
 @dataclass(frozen=True)
+class QAItem:
+    """One QA pair of a row, whatever its form: its position, its text, and the element as the row holds it."""
+
+    index: int
+    question: str
+    answer: str
+    raw: Any
+    labels: list[str] = field(default_factory=list)
+
+
+def split_pair_text(text: str) -> tuple[str, str]:
+    """``"Question: ... Answer: ..."`` -> (question, answer); text without " Answer: " is all answer."""
+    question, sep, answer = text.partition(" Answer: ")
+    return (question.removeprefix("Question: "), answer) if sep else ("", text)
+
+
+@dataclass(frozen=True)
 class OutputFields:
     """Where a generator's output rows keep what a reader looks at: the QA, and the media it is about."""
 
@@ -100,9 +125,50 @@ class OutputFields:
     # one "Question: ... Answer: ..." string ("text"), or a list of {"Label", "Question", "Answer"} ("labelled")
     qa: str
     form: Literal["pairs", "text", "labelled"]
-    # the field with the row's image path(s), or with its clips (each with "Frames_Images")
+    # the field with the row's image path(s), or with its clips (each with "Frames_Images") and the video's meta text
     images: str | None = None
     clips: str | None = None
+    meta: str | None = None
+
+    def pairs(self, row: dict[str, Any]) -> list[QAItem]:
+        """The row's QA pairs, in order; elements that are not pairs of this form are skipped."""
+        value = row.get(self.qa)
+        if self.form == "text":
+            return [QAItem(0, *split_pair_text(value), raw=value)] if isinstance(value, str) else []
+        if not isinstance(value, list):
+            return []
+        question, answer = ("Question", "Answer") if self.form == "labelled" else ("question", "answer")
+        items = []
+        for index, element in enumerate(value):
+            if isinstance(element, dict) and isinstance(element.get(question), str) and isinstance(element.get(answer), str):
+                label = element.get("Label")
+                labels = [label] if isinstance(label, str) else [x for x in label if isinstance(x, str)] if isinstance(label, list) else []
+                items.append(QAItem(index, element[question], element[answer], raw=element, labels=labels))
+        return items
+
+    def keep(self, row: dict[str, Any], indices: Iterable[int]) -> dict[str, Any]:
+        """``row`` with only the pairs at ``indices`` (a text-form row holds one pair: keep it, or nothing is left)."""
+        keep = set(indices)
+        value = row.get(self.qa)
+        if self.form == "text":
+            return dict(row) if 0 in keep else {k: v for k, v in row.items() if k != self.qa}
+        return {**row, self.qa: [element for index, element in enumerate(value or []) if index in keep]}
+
+
+@dataclass
+class Generated:
+    """What a stage made of one row: the fields to add and the provenance details.
+
+    A quality gate also says which pairs it rejected (each ``{"index", "pair", "reason", "detail",
+    "verdicts"}``), and whether any pair is left (``kept``): a row with none leaves the dataset.
+    """
+
+    fields: dict[str, Any]
+    meta: dict[str, Any]
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    kept: bool = True
+    # pairs the gate kept (None: a generation stage, which does not judge pairs)
+    pairs_kept: int | None = None
 
 
 @dataclass
@@ -122,6 +188,8 @@ class Generator(ABC):
     Options: ClassVar[type[GeneratorOptions]] = GeneratorOptions
     # the folder under include/prompts/ (default: ``name``); stages of one task share a folder
     prompt_set: ClassVar[str | None] = None
+    # a quality gate drops pairs (``run_row`` says which, and why); a generation stage adds fields
+    gate: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -151,6 +219,16 @@ class Generator(ABC):
     @abstractmethod
     async def generate(self, row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """Return (fields to add to the row, provenance details) or raise RowError."""
+
+    async def run_row(self, row: dict[str, Any]) -> Generated:
+        """What the run loop calls for each row: ``generate``'s result (a quality gate adds its rejections)."""
+        fields, meta = await self.generate(row)
+        return Generated(fields, meta)
+
+    @classmethod
+    def judged_source(cls, options: Any) -> str | None:
+        """For a quality gate, the generator whose rows it judges (its rows keep that generator's fields); else None."""
+        return None
 
     def answer_models(self) -> list[type[BaseModel]]:
         """Every answer model this generator asks for: their JSON schemas are all it sends (repairs included)."""

@@ -285,7 +285,7 @@ class _VideoQAStage(Generator):
     @classmethod
     def output_fields(cls, options: VideoQAOptions) -> OutputFields:
         """The QA set in ``output_key`` ({"Question", "Answer"}, labelled after the final stage), about the clips' frames."""
-        return OutputFields(qa=options.output_key, form="labelled", clips=options.clips_key)
+        return OutputFields(qa=options.output_key, form="labelled", clips=options.clips_key, meta=options.meta_key)
 
     def current_set(self, row: dict[str, Any]) -> list[dict[str, str]]:
         """The QA set an earlier stage left in ``output_key``."""

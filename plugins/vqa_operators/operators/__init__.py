@@ -56,12 +56,20 @@ def shard_plan(task_id: str = "plan") -> VQAShardPlanOperator:
     )
 
 
-def merge_shards(stages: dict[str, Any], plan: VQAShardPlanOperator, task_id: str = "merge") -> VQAMergeOperator:
-    """The task that joins the mapped ``stages`` (in order; the last one's rows are the run's output)."""
+def merge_shards(
+    stages: dict[str, Any], plan: VQAShardPlanOperator, *, output: str | None = None, near_duplicates: dict[str, Any] | None = None, task_id: str = "merge"
+) -> VQAMergeOperator:
+    """The task that joins the mapped ``stages`` (in order; the last one's rows are the run's output).
+
+    ``output``: the stage whose name the output takes (default the last; a quality gate after
+    ``generate`` leaves the dataset at ``generate.jsonl``). ``near_duplicates``: the merge's
+    near-duplicate settings (``NearDuplicateSettings`` fields; values may be templates), or None for none.
+    """
     return VQAMergeOperator(
         task_id=task_id,
         stages={name: task.output for name, task in stages.items()},
-        output_uri=staged_output(list(stages)[-1]),
+        output_uri=staged_output(output or list(stages)[-1]),
         plan=plan.output,
         media_root="{{ params.media_root }}",
+        near_duplicates=near_duplicates,
     )

@@ -134,3 +134,52 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
             description="Per-row seeds (and choices such as pers_qa's question) derive from it, so reruns ask the same way.",
         ),
     }
+
+
+def quality_params(*, near_duplicate_key: str = "question") -> dict[str, Param]:
+    """The quality checks' switches and thresholds (the quality stage's and the merge's), documented for the trigger form.
+
+    ``near_duplicate_key``: the default text the merge compares (pers_qa's questions come from a
+    fixed bank, so it compares question and answer).
+    """
+    return {
+        "blind_check": Param(
+            True, type="boolean", title="Check: needs the picture",
+            description="Ask each question without the images (video: with only its meta) and reject the pair (answerable_blind) if the model's blind answer agrees with the reference. 2 text-only model calls per pair.",
+        ),
+        "grounding_check": Param(
+            True, type="boolean", title="Check: grounded in the picture",
+            description="Show the model the images (video: the sampled frames) with the pair; reject it (not_grounded) if judged not grounded or scored below the minimum. 1 call with the images per pair the first check kept.",
+        ),
+        "min_judge_score": Param(
+            settings.MIN_JUDGE_SCORE, type="integer", minimum=1, maximum=5, title="Lowest grounding score",
+            description="Pairs the grounding check scores below this (1 contradicted ... 5 fully supported) are rejected as not_grounded.",
+        ),
+        "remove_near_duplicates": Param(
+            True, type="boolean", title="Remove near-duplicates",
+            description="In merge, across all shards: a pair whose question nearly repeats an earlier one's is rejected (near_duplicate); the first is kept. No model calls.",
+        ),
+        "near_duplicate_threshold": Param(
+            settings.NEAR_DUPLICATE_THRESHOLD, type="number", exclusiveMinimum=0, maximum=1, title="Near-duplicate threshold",
+            description="Jaccard similarity of character 3-grams (lower case, punctuation ignored) at or above which two questions are near-duplicates.",
+        ),
+        "near_duplicate_key": Param(
+            near_duplicate_key, type="string", enum=["question", "question_answer"], title="Near-duplicates compare",
+            description="question: the questions alone; question_answer: question and answer together (two pairs with one question and different answers are both kept).",
+        ),
+    }
+
+
+# the quality stage's options from the run's params (the WorkerSpec ``params`` of a ``quality`` task; add ``source``)
+QUALITY_OPTIONS: dict[str, Any] = {
+    "blind_check": "{{ params.blind_check }}",
+    "grounding_check": "{{ params.grounding_check }}",
+    "min_judge_score": "{{ params.min_judge_score }}",
+}
+
+# the merge's near-duplicate settings from the run's params (merge_shards' ``near_duplicates``)
+NEAR_DUPLICATES: dict[str, Any] = {
+    "enabled": "{{ params.remove_near_duplicates }}",
+    "threshold": "{{ params.near_duplicate_threshold }}",
+    "key": "{{ params.near_duplicate_key }}",
+}

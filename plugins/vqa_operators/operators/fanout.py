@@ -98,15 +98,24 @@ class QAPreviewLink(BaseOperatorLink):
 class VQAMergeOperator(BaseOperator):
     """Concatenate each stage's shard outputs in order into ``output_uri`` (and errors files), write the QA preview; return the combined manifest."""
 
-    template_fields: Sequence[str] = ("stages", "output_uri", "plan", "media_root")
+    template_fields: Sequence[str] = ("stages", "output_uri", "plan", "media_root", "near_duplicates")
     ui_color = "#e3fdec"
     operator_extra_links = (QAPreviewLink(),)
 
     def __init__(
-        self, *, stages: dict[str, Any], output_uri: str, plan: Any, media_root: str = ".", aws_conn_id: str | None = "aws_default", **kwargs: Any
+        self,
+        *,
+        stages: dict[str, Any],
+        output_uri: str,
+        plan: Any,
+        media_root: str = ".",
+        near_duplicates: dict[str, Any] | None = None,
+        aws_conn_id: str | None = "aws_default",
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.stages = stages
+        self.near_duplicates = near_duplicates
         self.output_uri = output_uri
         self.plan = plan
         self.media_root = media_root
@@ -115,17 +124,31 @@ class VQAMergeOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         """Merge, check every input row is accounted for, write the manifest and the preview beside the output."""
-        from vqa_operators.preview import write_preview
-        from vqa_operators.sharding import merge_run
+        from airflow.sdk.exceptions import AirflowFailException
+        from pydantic import ValidationError
 
+        from vqa_operators.parsing import describe_validation_error
+        from vqa_operators.preview import write_preview
+        from vqa_operators.sharding import NearDuplicateSettings, merge_run
+
+        try:
+            dedup = None if self.near_duplicates is None else NearDuplicateSettings.model_validate(self.near_duplicates)
+        except ValidationError as err:
+            raise AirflowFailException(f"invalid near-duplicate parameters: {describe_validation_error(err)}") from None
         storage = s3_storage(self.aws_conn_id)
         stages = {name: list(manifests) for name, manifests in self.stages.items()}
-        manifest = merge_run(storage, stages, output=self.output_uri, plan=list(self.plan))
+        manifest = merge_run(storage, stages, output=self.output_uri, plan=list(self.plan), near_duplicates=dedup)
         self.log.info(
-            "merged %d shard(s): %d rows in, %d out, %d failed %s, %d reused from earlier tries -> %s",
+            "merged %d shard(s): %d rows in, %d out, %d failed %s, %d rejected, %d reused from earlier tries -> %s",
             manifest["shards"], manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"], manifest["failures_by_reason"],
-            manifest["rows_reused"], manifest["output"],
+            manifest["rows_rejected"], manifest["rows_reused"], manifest["output"],
         )
+        if manifest["acceptance_rate"] is not None:
+            self.log.info(
+                "quality: kept %d of %d pairs (acceptance rate %.1f%%), rejected %s -> %s",
+                manifest["pairs_kept"], manifest["pairs_kept"] + manifest["pairs_rejected"], 100 * manifest["acceptance_rate"],
+                manifest["rejections_by_reason"], manifest["rejected"],
+            )
         title = f"{context['dag'].dag_id} · {context['run_id']}"
         preview = write_preview(storage, manifest, title=title, media_root=self.media_root, allowed_roots=settings.environment().allowed_media_roots or None)
         self.preview_url = storage.url(preview)

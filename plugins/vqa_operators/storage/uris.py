@@ -69,6 +69,11 @@ def errors_uri_for(output_uri: str) -> str:
     return beside(output_uri, ".errors.jsonl")
 
 
+def rejected_uri_for(output_uri: str) -> str:
+    """``.../name.jsonl`` -> ``.../name.rejected.jsonl``: the pairs (and rows) quality decisions dropped, beside an output."""
+    return beside(output_uri, ".rejected.jsonl")
+
+
 def s3_error_code(exc: BaseException) -> str | None:
     """The S3 error code of a botocore ClientError (``NoSuchKey``, ``AccessDenied`` ...), else None."""
     response = getattr(exc, "response", None)

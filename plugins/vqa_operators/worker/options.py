@@ -17,7 +17,7 @@ from vqa_operators.generators.base import Generator
 from vqa_operators.media import within
 from vqa_operators.parsing import describe_validation_error
 from vqa_operators.sharding import Shard
-from vqa_operators.storage.uris import errors_uri_for
+from vqa_operators.storage.uris import errors_uri_for, rejected_uri_for
 
 # the options whose default is a VQA_* variable: option name -> Environment field
 FROM_ENVIRONMENT = ("backend", "base_url", "model", "concurrency", "max_num_seqs", "media_root", "allowed_media_roots")
@@ -95,13 +95,18 @@ class JobOptions(BaseModel):
         """The errors file: ``--errors`` or ``<output name>.errors.jsonl`` beside the output."""
         return self.errors or errors_uri_for(self.output)
 
+    @property
+    def rejected_uri(self) -> str:
+        """A quality gate's rejected file: ``<output name>.rejected.jsonl`` beside the output."""
+        return rejected_uri_for(self.output)
+
 
 def check_options(opts: JobOptions) -> type[Generator]:
     """What can be checked before reading anything: the generator, its options, the locations; ConfigError if bad."""
     cls = generator_class(opts.generator)
     cls.parse_options(opts.params)
-    if opts.output in (opts.input, opts.errors_uri) or opts.input == opts.errors_uri:
-        raise ConfigError("--input, --output and --errors must be three different locations")
+    if len({opts.input, opts.output, opts.errors_uri, opts.rejected_uri}) != 4:
+        raise ConfigError("--input, --output, --errors and the rejected file beside the output must be four different locations")
     if opts.allowed_media_roots and not any(within(opts.media_root, root) for root in opts.allowed_media_roots):
         raise ConfigError(f"media root {opts.media_root!r} is outside the allowed media roots (VQA_ALLOWED_MEDIA_ROOTS)")
     return cls

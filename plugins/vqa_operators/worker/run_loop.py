@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vqa_operators.exceptions import InputError, Interrupted, JobError, RowError, TryProgress, UnexpectedError
-from vqa_operators.generators.base import PROVENANCE_KEY, Generator, row_key
+from vqa_operators.generators.base import PROVENANCE_KEY, Generator, input_line, row_key
 from vqa_operators.media import MediaReader
 from vqa_operators.serving.base import VLMServing
 from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix, fingerprint
@@ -49,12 +49,16 @@ class RowOutcome:
     record: dict[str, Any] | None = None
     # ... or when an earlier try had already made it
     reused: bool = False
+    # a quality gate's rejected pairs, whether any pair is left, and how many (None: not a gate)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    kept: bool = True
+    pairs_kept: int | None = None
 
     def error_entry(self, stage: str) -> dict[str, Any]:
         """The errors-file record: the input (row or raw line) with a reason."""
         err = self.error
         assert err is not None
-        entry: dict[str, Any] = {"stage": stage, "line": self.line, "reason": err.reason, "detail": err.detail}
+        entry: dict[str, Any] = {"stage": stage, "line": input_line(self.row, self.line), "reason": err.reason, "detail": err.detail}
         if isinstance(err, BadLine):
             entry["raw_line"] = err.raw
         else:
@@ -95,8 +99,10 @@ async def run_rows(
                 outcome = RowOutcome(line=line, row=None, error=item)
             else:
                 try:
-                    fields, meta = await generator.generate(item)
-                    outcome = RowOutcome(line=line, row=item, fields=fields, meta=meta)
+                    made = await generator.run_row(item)
+                    outcome = RowOutcome(
+                        line=line, row=item, fields=made.fields, meta=made.meta, rejected=made.rejected, kept=made.kept, pairs_kept=made.pairs_kept
+                    )
                 except RowError as err:
                     outcome = RowOutcome(line=line, row=item, error=err)
             if on_finished is not None:
@@ -152,6 +158,10 @@ class Progress:
         # rows this try finished and checkpointed, in any order (a row may finish before one ahead of it)
         self.finished = 0
         self.reasons: Counter[str] = Counter()
+        # a quality gate's counts: rows with no pair left, pairs kept, pairs rejected by reason
+        self.rows_rejected = self.pairs_kept = 0
+        self.rejections: Counter[str] = Counter()
+        self.judges = False
 
     @property
     def failed(self) -> int:
@@ -164,8 +174,28 @@ class Progress:
         self.reused += reused
         if "error" in record:
             self.reasons[str(record["error"]["reason"])] += 1  # a Reason, or its value read back from a checkpoint
-        else:
+        elif "out" in record:
             self.out += 1
+        else:
+            self.rows_rejected += 1
+        if "pairs_kept" in record:
+            self.judges = True
+            self.pairs_kept += record["pairs_kept"]
+        for entry in record.get("rejected", ()):
+            self.rejections[str(entry["reason"])] += 1
+
+    @property
+    def pairs_rejected(self) -> int:
+        """Pairs a quality decision dropped so far."""
+        return sum(self.rejections.values())
+
+    def acceptance(self) -> str:
+        """``"kept 40 of 60 pairs (66.7%), rejected {...}, 3 rows rejected"`` for a gate; empty otherwise."""
+        if not self.judges:
+            return ""
+        judged = self.pairs_kept + self.pairs_rejected
+        rate = f" ({100 * self.pairs_kept / judged:.1f}%)" if judged else ""
+        return f", kept {self.pairs_kept} of {judged} pairs{rate}, rejected {dict(sorted(self.rejections.items()))}, {self.rows_rejected} rows rejected"
 
     def due(self) -> bool:
         """Whether a batch has just completed (or the last row)."""
@@ -189,7 +219,7 @@ class Progress:
         failures = f"{self.failed} failed" + (f" {dict(sorted(self.reasons.items()))}" if self.reasons else "")
         return (
             f"{self.name}: {self.done}{of}, {rate:.1f} rows/s, {tokens:,} tokens (in {usage.prompt_tokens:,}, out {usage.completion_tokens:,}), "
-            f"{eta}, {failures}, {self.reused} reused"
+            f"{eta}, {failures}{self.acceptance()}, {self.reused} reused"
         )
 
     def snapshot(self) -> TryProgress:
@@ -225,14 +255,32 @@ def record_key(line: int, item: dict[str, Any] | BadLine) -> str:
     return f"{line}:{row_key(item)}"
 
 
+def rejected_entry(stage: str, line: int, rejection: dict[str, Any], *, row: dict[str, Any], row_rejected: bool) -> dict[str, Any]:
+    """A rejected-file record: the pair, why, the verdicts, and the row it came from.
+
+    ``row_rejected``: no pair of the row was left at this stage, so the row left the dataset here.
+    """
+    return {"stage": stage, "line": line, **rejection, "row_rejected": row_rejected, "row": row}
+
+
 def _record(generator: Generator, outcome: RowOutcome) -> dict[str, Any]:
-    """The row's final record: ``{"out": output row}`` or ``{"error": errors-file entry}``."""
+    """The row's final record: ``{"out": output row}``, ``{"error": errors-file entry}``, or a gate's ``{"rejected": [...]}``.
+
+    A gate's record also counts the pairs it kept, and a kept row's record lists the pairs it dropped.
+    """
     if outcome.error is not None:
         return {"error": outcome.error_entry(generator.name)}
     assert outcome.row is not None and outcome.fields is not None
-    row = generator.finish_row(outcome.row, outcome.fields)
-    row[PROVENANCE_KEY] = _provenance(generator, outcome.row.get(PROVENANCE_KEY), row_key(outcome.row), outcome.meta)
-    return {"out": row}
+    line = input_line(outcome.row, outcome.line)
+    rejected = [rejected_entry(generator.name, line, r, row=outcome.row, row_rejected=not outcome.kept) for r in outcome.rejected]
+    record: dict[str, Any] = {} if outcome.pairs_kept is None else {"pairs_kept": outcome.pairs_kept}
+    if rejected:
+        record["rejected"] = rejected
+    if outcome.kept:
+        row = generator.finish_row(outcome.row, outcome.fields)
+        row[PROVENANCE_KEY] = _provenance(generator, outcome.row.get(PROVENANCE_KEY), row_key(outcome.row), {"line": line, **outcome.meta})
+        record["out"] = row
+    return record
 
 
 def settings_fingerprint(generator: Generator, opts: JobOptions) -> str:
@@ -328,8 +376,11 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
         if loaded or (opts.try_number or 1) > 1:
             log.info("%s: %s%d rows finished by earlier tries will be reused (checkpoint %s)", generator.name, opts.attempt, loaded, checkpoint.prefix)
         await generator.serving.check()
-        with storage.open_atomic(opts.output) as out_file, storage.open_atomic(opts.errors_uri) as err_file:
-            out, err = JsonlWriter(out_file), JsonlWriter(err_file)
+        with contextlib.ExitStack() as files:
+            out = JsonlWriter(files.enter_context(storage.open_atomic(opts.output)))
+            err = JsonlWriter(files.enter_context(storage.open_atomic(opts.errors_uri)))
+            # only a quality gate drops pairs: its rejected file is written even when it drops none
+            rej = JsonlWriter(files.enter_context(storage.open_atomic(opts.rejected_uri))) if generator.gate else None
             try:
                 async for outcome in run_rows(generator, items(), window=2 * opts.in_flight, on_finished=finished):
                     del keys[outcome.line]
@@ -338,8 +389,11 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
                     progress.add(record, outcome.reused)
                     if "error" in record:
                         err.write(record["error"])
-                    else:
+                    if "out" in record:
                         out.write(record["out"])
+                    if rej is not None:
+                        for entry in record.get("rejected", ()):
+                            rej.write(entry)
                     if progress.due():
                         log.info("%s", progress.line(generator.usage))
                 if shard is not None and progress.done != shard.rows:
@@ -378,6 +432,11 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
         "rows_failed": progress.failed,
         "rows_reused": progress.reused,
         "failures_by_reason": dict(sorted(progress.reasons.items())),
+        "rejected": opts.rejected_uri if generator.gate else None,
+        "rows_rejected": progress.rows_rejected,
+        "pairs_kept": progress.pairs_kept,
+        "pairs_rejected": progress.pairs_rejected,
+        "rejections_by_reason": dict(sorted(progress.rejections.items())),
         "model": generator.serving.model_name,
         "prompt_sha256": generator.prompts.sha256,
         "seed": opts.seed,
@@ -409,10 +468,11 @@ def run_job(
         generator = cls(serving, options=opts.params, media=media, seed=opts.seed)
         log.info("%s: %s -> %s (model %s, concurrency %d)", cls.name, opts.input, opts.output, serving.model_name, serving.max_concurrency)
         manifest = asyncio.run(process(generator, storage, opts, stop_on=stop_on))
+    judged = f", {manifest['rows_rejected']} rejected, {manifest['pairs_kept']} pairs kept, {manifest['pairs_rejected']} rejected {manifest['rejections_by_reason']}" if manifest["rejected"] else ""
     log.info(
-        "%s: %s%d rows in, %d out, %d failed %s, %d reused from earlier tries, %d model requests",
+        "%s: %s%d rows in, %d out, %d failed %s%s, %d reused from earlier tries, %d model requests",
         manifest["generator"], opts.attempt, manifest["rows_in"], manifest["rows_out"],
-        manifest["rows_failed"], manifest["failures_by_reason"], manifest["rows_reused"], manifest["requests"],
+        manifest["rows_failed"], manifest["failures_by_reason"], judged, manifest["rows_reused"], manifest["requests"],
     )
     return manifest
 
