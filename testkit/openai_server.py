@@ -132,7 +132,11 @@ def schema_instance(schema: dict[str, Any], root: dict[str, Any], note: str, nam
         return float(schema.get("minimum", 0))
     if kind == "boolean":
         return True
-    text = f"{name} {index + 1}: {note}"
+    # a few words of its own, as a model's answers differ: without them two strings of one answer share all but a digit
+    # (and the merge's near-duplicate check, rightly, takes them for one)
+    seed = hashlib.sha256(f"{note}|{name}|{index}".encode()).digest()
+    words = " ".join("".join("bcdfghjklmnprstvwz"[b % 18] + "aeiou"[b // 18 % 5] for b in seed[i : i + 2]) for i in range(0, 8, 2))
+    text = f"{name} {index + 1}: {note} {words}"
     if "pattern" in schema:
         return _patterned(schema["pattern"], text)
     if "maxLength" in schema:
