@@ -23,11 +23,10 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag
 
-from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, staged_output, worker_task
+from vqa_operators.operators import WorkerSpec, merge_shards, quality_task, shard_plan, worker_task
 from vqa_operators.operators.dag_config import (
     DAG_DEFAULTS,
     NEAR_DUPLICATES,
-    QUALITY_OPTIONS,
     RUN_OPTIONS,
     io_params,
     quality_params,
@@ -60,11 +59,7 @@ def pers_qa() -> None:
             params={"tag": "{{ params.tag }}"},
         ),
     )
-    quality = worker_task(
-        task_id="quality",
-        shards=plan,
-        spec=WorkerSpec(generator="quality", input=staged_output("generate"), params={"source": "pers_qa", **QUALITY_OPTIONS}, **RUN_OPTIONS),
-    )
+    quality = quality_task(plan, source="pers_qa", after="generate", **RUN_OPTIONS)
     generate >> quality
     merge_shards({"generate": generate, "quality": quality}, plan, output="generate", near_duplicates=NEAR_DUPLICATES)
 

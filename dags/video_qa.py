@@ -26,11 +26,10 @@ from typing import Any
 
 from airflow.sdk import Param, dag
 
-from vqa_operators.operators import WorkerSpec, merge_shards, shard_plan, staged_output, worker_task
+from vqa_operators.operators import WorkerSpec, merge_shards, quality_task, shard_plan, staged_output, worker_task
 from vqa_operators.operators.dag_config import (
     DAG_DEFAULTS,
     NEAR_DUPLICATES,
-    QUALITY_OPTIONS,
     RUN_OPTIONS,
     io_params,
     quality_params,
@@ -80,16 +79,7 @@ def video_qa() -> None:
         shards=plan,
         spec=WorkerSpec(generator="video_qa_final", input=staged_output("multiagent"), params={"final_pairs": "{{ params.final_pairs }}"}, **common),
     )
-    quality = worker_task(
-        task_id="quality",
-        shards=plan,
-        spec=WorkerSpec(
-            generator="quality",
-            input=staged_output("final"),
-            params={"source": "video_qa_final", "max_frames": "{{ params.max_frames }}", **QUALITY_OPTIONS},
-            **RUN_OPTIONS,
-        ),
-    )
+    quality = quality_task(plan, source="video_qa_final", after="final", params={"max_frames": "{{ params.max_frames }}"}, **RUN_OPTIONS)
     initial >> multiagent >> final >> quality
     merge_shards({"initial": initial, "multiagent": multiagent, "final": final, "quality": quality}, plan, output="final", near_duplicates=NEAR_DUPLICATES)
 

@@ -99,7 +99,6 @@ class _DedupCounts:
     rows_rejected: int = 0
     pairs_kept: int = 0
     pairs_rejected: int = 0
-    pairs_checked: int = 0
 
 
 def _deduplicate(storage: Storage, out: Any, rejected: Any, sources: list[tuple[str, int]], generator: str, dedup: NearDuplicateSettings) -> tuple[_DedupCounts, dict[str, Any]]:
@@ -127,7 +126,6 @@ def _deduplicate(storage: Storage, out: Any, rejected: Any, sources: list[tuple[
                 line = input_line(row, count)
                 texts = [(item.question if dedup.key == "question" else f"{item.question} {item.answer}", [line, item.index]) for item in items]
                 matches = index.check_many(texts)
-                counts.pairs_checked += len(items)
                 keep = [item.index for item, match in zip(items, matches, strict=True) if match is None]
                 gate = (row.get(PROVENANCE_KEY) or {}).get("quality")
                 verdicts = gate.get("verdicts") if isinstance(gate, dict) else None
@@ -148,15 +146,14 @@ def _deduplicate(storage: Storage, out: Any, rejected: Any, sources: list[tuple[
                 elif keep:
                     kept_row = fields.keep(row, keep)
                     if isinstance(gate, dict) and isinstance(verdicts, list) and len(verdicts) == len(items):
-                        kept_positions = {item.index for item in items if item.index in set(keep)}
-                        gate["verdicts"] = [v for item, v in zip(items, verdicts, strict=True) if item.index in kept_positions]
+                        gate["verdicts"] = [v for v, match in zip(verdicts, matches, strict=True) if match is None]
                     out_writer.write(kept_row)
                 else:
                     counts.rows_rejected += 1
                 counts.pairs_kept += len(keep)
             if count != expected:
                 raise InputError(f"{uri} holds {count} rows but its task reported {expected}; rerun that shard")
-        summary = {**dedup.model_dump(), "bands": index.bands, "rows_per_band": index.rows, "pairs_checked": counts.pairs_checked, "duplicates": index.duplicates}
+        summary = {**dedup.model_dump(), "bands": index.bands, "rows_per_band": index.rows, "pairs_checked": index.kept + index.duplicates, "duplicates": index.duplicates}
     return counts, summary
 
 

@@ -160,15 +160,19 @@ class Generated:
     """What a stage made of one row: the fields to add and the provenance details.
 
     A quality gate also says which pairs it rejected (each ``{"index", "pair", "reason", "detail",
-    "verdicts"}``), and whether any pair is left (``kept``): a row with none leaves the dataset.
+    "verdicts"}``) and how many it kept: a row with none left leaves the dataset.
     """
 
     fields: dict[str, Any]
     meta: dict[str, Any]
     rejected: list[dict[str, Any]] = field(default_factory=list)
-    kept: bool = True
     # pairs the gate kept (None: a generation stage, which does not judge pairs)
     pairs_kept: int | None = None
+
+    @property
+    def kept(self) -> bool:
+        """Whether the row stays in the dataset: a generation stage's always does, a gate's if it kept a pair."""
+        return self.pairs_kept is None or self.pairs_kept > 0
 
 
 @dataclass

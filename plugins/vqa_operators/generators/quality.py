@@ -158,10 +158,7 @@ class QualityGate(Generator):
         meta = {"verdicts": kept_verdicts, "pairs_in": len(items), "rejected": [{"index": r["index"], "reason": r["reason"]} for r in rejected]}
         if images.loaded:
             meta["images_sent"] = len(images.value or [])
-        return Generated(out_fields, meta, rejected=rejected, kept=bool(kept), pairs_kept=len(kept))
-
-    def finish_row(self, row: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
-        return {**row, **fields}
+        return Generated(out_fields, meta, rejected=rejected, pairs_kept=len(kept))
 
     async def _judge_pair(
         self, row: dict[str, Any], fields: OutputFields, item: QAItem, images: _Lazy, key: str

@@ -18,7 +18,7 @@ MODES: tuple[str, ...] = get_args(settings.Environment.model_fields["execution"]
 
 __all__ = [
     "MODES", "STAGED_OUTPUT_URI", "VQAMergeOperator", "VQAShardPlanOperator", "VQAWorkerOperator", "WorkerSpec",
-    "execution_mode", "merge_shards", "shard_plan", "staged_output", "worker_task",
+    "execution_mode", "merge_shards", "quality_task", "shard_plan", "staged_output", "worker_task",
 ]
 
 
@@ -54,6 +54,18 @@ def shard_plan(task_id: str = "plan") -> VQAShardPlanOperator:
     return VQAShardPlanOperator(
         task_id=task_id, input="{{ params.input_uri }}", rows_per_shard="{{ params.rows_per_shard }}", max_shards="{{ params.max_shards }}"
     )
+
+
+def quality_task(plan: VQAShardPlanOperator, *, source: str, after: str, params: dict[str, Any] | None = None, **options: Any) -> Any:
+    """The quality stage mapped over ``plan``: it judges the pairs ``source``'s task ``after`` staged for each shard.
+
+    Its checks and thresholds come from the run's params (``quality_params``); ``params`` adds
+    options (video: ``max_frames``), ``options`` adds worker options (as ``RUN_OPTIONS`` does).
+    """
+    from vqa_operators.operators.dag_config import QUALITY_OPTIONS
+
+    spec = WorkerSpec(generator="quality", input=staged_output(after), params={"source": source, **QUALITY_OPTIONS, **(params or {})}, **options)
+    return worker_task(task_id="quality", shards=plan, spec=spec)
 
 
 def merge_shards(

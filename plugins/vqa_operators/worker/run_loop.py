@@ -16,11 +16,11 @@ import time
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from vqa_operators.exceptions import InputError, Interrupted, JobError, RowError, TryProgress, UnexpectedError
-from vqa_operators.generators.base import PROVENANCE_KEY, Generator, input_line, row_key
+from vqa_operators.generators.base import PROVENANCE_KEY, Generated, Generator, input_line, row_key
 from vqa_operators.media import MediaReader
 from vqa_operators.serving.base import VLMServing
 from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix, fingerprint
@@ -42,17 +42,18 @@ class RowOutcome:
 
     line: int
     row: dict[str, Any] | None
-    fields: dict[str, Any] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
     error: RowError | BadLine | None = None
-    # the row's final record, {"out": row} or {"error": entry}, once the worker has made it ...
+    # the row's final record ({"out": row}, {"error": entry}, or a gate's with "rejected"), once the worker has made it ...
     record: dict[str, Any] | None = None
     # ... or when an earlier try had already made it
     reused: bool = False
-    # a quality gate's rejected pairs, whether any pair is left, and how many (None: not a gate)
-    rejected: list[dict[str, Any]] = field(default_factory=list)
-    kept: bool = True
-    pairs_kept: int | None = None
+    # what the stage made of the row (None: a bad line, a row error, or a row reused from an earlier try)
+    made: Generated | None = None
+
+    @property
+    def fields(self) -> dict[str, Any] | None:
+        """The fields the stage adds to the row (None if it made nothing)."""
+        return self.made.fields if self.made is not None else None
 
     def error_entry(self, stage: str) -> dict[str, Any]:
         """The errors-file record: the input (row or raw line) with a reason."""
@@ -99,10 +100,7 @@ async def run_rows(
                 outcome = RowOutcome(line=line, row=None, error=item)
             else:
                 try:
-                    made = await generator.run_row(item)
-                    outcome = RowOutcome(
-                        line=line, row=item, fields=made.fields, meta=made.meta, rejected=made.rejected, kept=made.kept, pairs_kept=made.pairs_kept
-                    )
+                    outcome = RowOutcome(line=line, row=item, made=await generator.run_row(item))
                 except RowError as err:
                     outcome = RowOutcome(line=line, row=item, error=err)
             if on_finished is not None:
@@ -270,15 +268,16 @@ def _record(generator: Generator, outcome: RowOutcome) -> dict[str, Any]:
     """
     if outcome.error is not None:
         return {"error": outcome.error_entry(generator.name)}
-    assert outcome.row is not None and outcome.fields is not None
+    made = outcome.made
+    assert outcome.row is not None and made is not None
     line = input_line(outcome.row, outcome.line)
-    rejected = [rejected_entry(generator.name, line, r, row=outcome.row, row_rejected=not outcome.kept) for r in outcome.rejected]
-    record: dict[str, Any] = {} if outcome.pairs_kept is None else {"pairs_kept": outcome.pairs_kept}
+    rejected = [rejected_entry(generator.name, line, r, row=outcome.row, row_rejected=not made.kept) for r in made.rejected]
+    record: dict[str, Any] = {} if made.pairs_kept is None else {"pairs_kept": made.pairs_kept}
     if rejected:
         record["rejected"] = rejected
-    if outcome.kept:
-        row = generator.finish_row(outcome.row, outcome.fields)
-        row[PROVENANCE_KEY] = _provenance(generator, outcome.row.get(PROVENANCE_KEY), row_key(outcome.row), {"line": line, **outcome.meta})
+    if made.kept:
+        row = generator.finish_row(outcome.row, made.fields)
+        row[PROVENANCE_KEY] = _provenance(generator, outcome.row.get(PROVENANCE_KEY), row_key(outcome.row), {"line": line, **made.meta})
         record["out"] = row
     return record
 
