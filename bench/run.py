@@ -18,9 +18,11 @@ import platform
 import sys
 import time
 
+import dedup_memory
 import image_prep
 import memory
 import parse_time
+import quality
 import saturation
 import scaling
 import video_path
@@ -35,6 +37,8 @@ MEASURES = {
     "parse_time": parse_time.run,
     "scaling": scaling.run,
     "vllm_client": vllm_client.run,
+    "quality": quality.run,
+    "dedup_memory": dedup_memory.run,
 }
 
 

@@ -2,7 +2,7 @@
 ### Multi-role video QA
 
 Three tasks turn videos, given as `Meta` text and ordered `Clips` (each with `Description`,
-`Audio_Text` and `Frames_Images`), into labelled question-answer pairs:
+`Audio_Text` and `Frames_Images`), into labelled question-answer pairs, and a fourth judges them:
 
 1. **initial**: every clip's text and evenly sampled frames (at most `max_frames` per request)
    plus `Meta` -> up to 10 QA pairs.
@@ -12,8 +12,14 @@ Three tasks turn videos, given as `Meta` text and ordered `Clips` (each with `De
    `visual_understanding`, `emotion_recognition`, `theme_and_brand`, `persuasion_strategy`,
    `audience_and_engagement`, written as `QA: [{"Label", "Question", "Answer"}]`.
 
+4. **quality**: every final pair is judged. Asked with only `Meta`, is it answered anyway
+   (`answerable_blind`)? Shown up to `max_frames` frames, is it grounded, with a score of at
+   least `min_judge_score` (`not_grounded`)? `merge` then removes near-duplicate questions
+   across shards (`near_duplicate`). Rejected pairs, and rows left with none, go to
+   `final.rejected.jsonl` with their reason and verdicts; params switch each check.
+
 `plan` splits the input into shards of `rows_per_shard` rows (at most `max_shards`); each of the
-three tasks runs once per shard (mapped), and `merge` joins the shards. The tasks pass JSONL
+four tasks runs once per shard (mapped), and `merge` joins the shards. The tasks pass JSONL
 through `<output_prefix>/video_qa/<run_id>/<task>/shard-<map index>.jsonl`; the state between
 them (current QA set, experts, iteration count) travels in the rows (`QA`, `video_qa_state`).
 The run's output is `final.jsonl`, with `final.manifest.json` and each task's failed rows, with

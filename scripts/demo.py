@@ -321,8 +321,14 @@ def main() -> int:
                     os.killpg(proc.pid, signal.SIGKILL)
 
 
+def acceptance(manifest: dict[str, Any]) -> str:
+    """The share of judged pairs the quality checks kept, as a percentage (n/a when none was judged)."""
+    rate = manifest.get("acceptance_rate")
+    return "n/a" if rate is None else f"{rate:.1%}"
+
+
 def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
-    """S3, Airflow standalone, the three DAG runs and their results; 0 when every DAG got rows out."""
+    """S3, Airflow standalone, the three DAG runs and their results; 0 when every DAG run succeeded and made rows (kept or rejected)."""
     import boto3
 
     s3_port = free_port(5055)
@@ -376,6 +382,7 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
         runs[dag_id] = http("POST", f"{api}/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf}, token=token)["dag_run_id"]
         say(f"triggered {dag_id} run {runs[dag_id]}")
     failed = False
+    made: dict[str, int] = {}
     for dag_id, run_id in runs.items():
         run_url = f"{api}/api/v2/dags/{dag_id}/dagRuns/{run_id}"
         state = wait_for(f"the {dag_id} run", lambda run_url=run_url: (s := http("GET", run_url, token=token)["state"]) in ("success", "failed") and s, 1800)
@@ -395,21 +402,29 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
         body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         (work / "output" / f"{dag_id}.jsonl").write_bytes(body)
         records = [json.loads(line) for line in body.decode().splitlines()]
-        say(f"{dag_id}: rows_in={manifest['rows_in']} rows_out={manifest['rows_out']} rows_failed={manifest['rows_failed']} failures={manifest['failures_by_reason']}")
-        say(f"{dag_id}: output {manifest['output']} (copied to {work / 'output' / f'{dag_id}.jsonl'}); errors {manifest['errors']}")
+        say(
+            f"{dag_id}: rows_in={manifest['rows_in']} rows_out={manifest['rows_out']} rows_failed={manifest['rows_failed']} "
+            f"rows_rejected={manifest['rows_rejected']} failures={manifest['failures_by_reason']}"
+        )
+        say(f"{dag_id}: quality checks kept {manifest['pairs_kept']} pairs and rejected {manifest['pairs_rejected']} (acceptance {acceptance(manifest)}) {manifest['rejections_by_reason']}")
+        say(f"{dag_id}: output {manifest['output']} (copied to {work / 'output' / f'{dag_id}.jsonl'}); errors {manifest['errors']}; rejected {manifest['rejected']}")
         links = http("GET", f"{run_url}/taskInstances/merge/links", token=token)["extra_links"]
         say(f"{dag_id}: QA preview {links['QA preview']}")  # the presigned URL the merge task made
         if records:
             shown = {k: v for k, v in records[0].items() if k != "vqa_provenance"}
             print(json.dumps(shown, ensure_ascii=False, indent=2)[:2500], flush=True)
-        if manifest["rows_out"] == 0:
+        made[dag_id] = manifest["rows_out"]
+        if manifest["rows_out"] + manifest["rows_rejected"] == 0:
             say(f"FAILED: {dag_id} produced no rows; the errors file says why: {manifest['errors']}")
             failed = True
+        elif manifest["rows_out"] == 0:
+            say(f"{dag_id}: the quality checks rejected every row; the rejected file says why: {manifest['rejected']}")
     if failed:
         return 1
-    say(f"every DAG got rows out; they were written by {choice.describe()}")
+    say(f"every DAG ran ({', '.join(f'{dag_id}: {n} rows out' for dag_id, n in made.items())}); the model was {choice.describe()}")
     if choice.noise:
-        say("remember: that model has random weights, so the questions and answers are noise in the right shape")
+        say("remember: that model has random weights, so the questions and answers are noise in the right shape,")
+        say("and the quality checks' verdicts come from the same model, so which pairs they keep is chance")
     if os.environ.get("DEMO_KEEP"):
         say(f"DEMO_KEEP set: Airflow at {api} (admin / {password}), S3 at {s3_url}; Ctrl-C to stop")
         signal.sigwait({signal.SIGINT, signal.SIGTERM})

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -60,8 +61,10 @@ def test_demo_runs_the_dags_through_airflow_standalone_and_says_why_one_failed(v
     proc = run_demo({"VQA_BASE_URL": vlm_server.base_url, "VQA_DEMO_DIR": str(tmp_path)}, timeout=900)
     out = proc.stdout
     assert proc.returncode == 1, out[-3000:] + proc.stderr[-3000:] + (tmp_path / "logs/airflow.log").read_text()[-5000:]
-    assert "image_qa: rows_in=4 rows_out=4 rows_failed=0" in out
-    assert "pers_qa: rows_in=3 rows_out=3 rows_failed=0" in out
+    # the double keeps every pair (its scripted verdicts all agree and ground)
+    assert "image_qa: rows_in=4 rows_out=4 rows_failed=0 rows_rejected=0" in out
+    assert "image_qa: quality checks kept 12 pairs and rejected 0 (acceptance 100.0%)" in out
+    assert "pers_qa: rows_in=3 rows_out=3 rows_failed=0 rows_rejected=0" in out
     assert "FAILED: video_qa run ended failed. Why:" in out
     assert re.search(r"video_qa\.initial\[0\]: .*ConfigError: model server refused the API key: HTTP 401", out), out[-3000:]
 
@@ -72,23 +75,36 @@ def test_demo_runs_the_dags_through_airflow_standalone_and_says_why_one_failed(v
     assert len(image_qa) == 4 and all(len(r["qa_pairs"]) == 3 for r in image_qa)
     assert image_qa[1]["vqa_provenance"]["image_qa"]["model"] == MODEL
     assert all(r["pers_qa"].startswith("Question: ") and " Answer: <mam> " in r["pers_qa"] for r in pers_qa)
-    # image 4 + pers 3, and the first video's refused request (the second video's, if it was sent before the task failed)
-    assert 4 + 3 + 1 <= len(vlm_server.requests) <= 4 + 3 + 2
+    # one request per image row and per pers row; the quality stage's three per pair (12 image pairs,
+    # 3 pers pairs); and the first video's refused request (the second video's, if it was sent before the task failed)
+    sent = Counter(r["response_format"]["json_schema"]["name"] for r in vlm_server.requests)
+    assert 1 <= sent.pop("VideoQASet") <= 2
+    assert sent == {"ImageQAAnswer": 4, "PersQAAnswer": 3, "BlindAnswer": 15, "AgreementVerdict": 15, "GroundingVerdict": 15}
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_demo_with_nothing_configured_runs_every_dag_on_real_inference(tmp_path: Path) -> None:
-    """A clean machine without the Hub: vLLM's CPU build serves the tiny model built here; every DAG gets rows out, and the demo says what wrote them."""
+    """A clean machine without the Hub: vLLM's CPU build serves the tiny model built here; every row ends in output, errors or rejected, and the demo says what wrote them."""
     proc = run_demo({"VQA_DEMO_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}, timeout=1500)
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-3000:]
     assert "its answers are NOISE" in out and "the model: tiny-idefics3 (a tiny random-weight model built here" in out
     assert "served by vLLM's CPU build on this machine" in out
+    made = 0
     for dag_id, rows in (("image_qa", 4), ("pers_qa", 3), ("video_qa", 2)):
-        found = re.search(rf"{dag_id}: rows_in={rows} rows_out=(\d+) rows_failed=(\d+)", out)
-        assert found and int(found.group(1)) >= 1 and int(found.group(1)) + int(found.group(2)) == rows, out[-3000:]
+        # the random model's verdicts decide which rows are kept: every row is accounted for, and the
+        # quality stage judged the pairs of every row that was made
+        found = re.search(rf"{dag_id}: rows_in={rows} rows_out=(\d+) rows_failed=(\d+) rows_rejected=(\d+)", out)
+        assert found, out[-3000:]
+        kept, failed, rejected = map(int, found.groups())
+        assert kept + rejected >= 1 and kept + failed + rejected == rows, out[-3000:]
+        judged = re.search(rf"{dag_id}: quality checks kept (\d+) pairs and rejected (\d+)", out)
+        assert judged and int(judged.group(1)) + int(judged.group(2)) >= kept + rejected, out[-3000:]
+        made += kept
         assert re.search(rf"{dag_id}: QA preview http://127\.0\.0\.1:\d+/vqa-demo/output/{dag_id}/\S+\.preview\.html\?", out)
-    assert "every DAG got rows out; they were written by tiny-idefics3" in out
-    video = [json.loads(line) for line in (tmp_path / "output" / "video_qa.jsonl").read_text().splitlines()]
-    assert all(r["vqa_provenance"]["video_qa_final"]["model"] == "tiny-idefics3" for r in video)
+    assert re.search(r"every DAG ran \(image_qa: \d+ rows out, pers_qa: \d+ rows out, video_qa: \d+ rows out\); the model was tiny-idefics3", out)
+    assert "the quality checks' verdicts come from the same model" in out
+    records = [json.loads(line) for dag_id in ("image_qa", "pers_qa", "video_qa") for line in (tmp_path / "output" / f"{dag_id}.jsonl").read_text().splitlines()]
+    assert len(records) == made
+    assert all(r["vqa_provenance"]["quality"]["model"] == "tiny-idefics3" for r in records)

@@ -32,9 +32,17 @@ CACHE_KIB = 32 * 1024
 # the LSH banding is chosen for (threshold - LSH_MARGIN) with datasketch's (false positive, false negative)
 # weights: at the 0.8 default, 25 bands of 5 rows; a pair at 0.8 is a candidate unless its estimate falls far
 LSH_MARGIN = 0.1
-# earlier texts checked exactly per new text, those sharing the most bands first: templated questions
-# ("How many ... are there?") share bands with thousands of others, and this keeps the work per text bounded
+# earlier texts checked exactly per new text, those sharing the most bands first
 CANDIDATES = 16
+# bands an earlier text must share to be checked: two texts at Jaccard J share each band with
+# probability J**r, so at the 0.8 default (25 bands of 5 rows) a pair at 0.8 shares fewer than 2
+# with probability 0.0007, while texts that share one band are mostly only of the same template
+MIN_SHARED_BANDS = 2
+# texts read per band: templated questions ("How many ... are there?") share a few bands with
+# thousands of others, which says nothing about their other words; only a band's first POSTINGS
+# texts are read, so the work per text stays the same at a thousand pairs or a million (a
+# near-duplicate shares about a third of its bands with its original, most of them not crowded)
+POSTINGS = 64
 LSH_WEIGHTS = (0.05, 0.95)
 _WORD = re.compile(r"[^\w]+", re.UNICODE)
 
@@ -46,7 +54,11 @@ def normalise(text: str) -> str:
 
 def shingles(text: str) -> set[str]:
     """The character ``SHINGLE``-grams of the normalised text (the whole text if it is shorter)."""
-    norm = normalise(text)
+    return _grams(normalise(text))
+
+
+def _grams(norm: str) -> set[str]:
+    """The character ``SHINGLE``-grams of an already normalised text."""
     if len(norm) <= SHINGLE:
         return {norm}
     return {norm[i : i + SHINGLE] for i in range(len(norm) - SHINGLE + 1)}
@@ -74,7 +86,8 @@ def jaccard(a: set[str], b: set[str]) -> float:
     """|a ∩ b| / |a ∪ b| (1.0 for two empty sets)."""
     if not a and not b:
         return 1.0
-    return len(a & b) / len(a | b)
+    common = len(a & b)
+    return common / (len(a) + len(b) - common)
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,13 @@ class NearDuplicates:
         self._db.execute("CREATE TABLE band (k INTEGER NOT NULL, text INTEGER NOT NULL, PRIMARY KEY (k, text)) WITHOUT ROWID")
         self._db.execute("CREATE TABLE kept (text INTEGER PRIMARY KEY, norm TEXT NOT NULL, first TEXT NOT NULL)")
         self._db.execute("BEGIN")
+        # each band's first POSTINGS texts, read through the primary key; of those, the ones sharing enough bands
+        postings = " UNION ALL ".join([f"SELECT text FROM (SELECT text FROM band WHERE k = ? LIMIT {POSTINGS})"] * self.bands)  # noqa: S608 - constants only
+        self._candidates_sql = (
+            f"SELECT kept.text, kept.norm, kept.first FROM (SELECT text, COUNT(*) AS hits FROM ({postings}) GROUP BY text"  # noqa: S608 - constants only
+            f" HAVING hits >= {MIN_SHARED_BANDS} ORDER BY hits DESC, text LIMIT {CANDIDATES}) AS best JOIN kept ON best.text = kept.text"
+            " ORDER BY best.hits DESC, kept.text"
+        )
         self.kept = 0
         self.duplicates = 0
 
@@ -121,6 +141,12 @@ class NearDuplicates:
     def close(self) -> None:
         self._db.close()
         self._tmp.cleanup()
+
+    def disk_bytes(self) -> int:
+        """The size of the index, in bytes (on local disk, once its pages leave the capped cache)."""
+        (pages,) = self._db.execute("PRAGMA page_count").fetchone()
+        (size,) = self._db.execute("PRAGMA page_size").fetchone()
+        return int(pages * size)
 
     def _band_keys(self, signatures: Any) -> Any:
         """Each signature's band keys, ``(texts, bands)`` int64: each band's ``r`` values mixed into one 64-bit key."""
@@ -143,16 +169,11 @@ class NearDuplicates:
         band_keys = self._band_keys(signatures).tolist()
         for (text, first), shingle_set, keys in zip(items, sets, band_keys, strict=True):
             norm = normalise(text)
-            marks = ",".join("?" * len(keys))
             # the earlier texts sharing the most bands with this one (the likeliest to be similar), at most CANDIDATES of them
-            candidates = self._db.execute(
-                f"SELECT kept.text, kept.norm, kept.first FROM (SELECT text, COUNT(*) AS hits FROM band WHERE k IN ({marks}) GROUP BY text"  # noqa: S608 - placeholders only
-                f" ORDER BY hits DESC, text LIMIT {CANDIDATES}) AS best JOIN kept ON best.text = kept.text ORDER BY best.hits DESC, kept.text",
-                keys,
-            ).fetchall()
+            candidates = self._db.execute(self._candidates_sql, keys).fetchall()
             match = None
             for _, earlier_norm, earlier in candidates:
-                similarity = jaccard(shingle_set, shingles(earlier_norm))
+                similarity = jaccard(shingle_set, _grams(earlier_norm))
                 if similarity >= self.threshold and (match is None or similarity > match.similarity):
                     match = Match(json.loads(earlier), round(similarity, 3))
             if match is None:
