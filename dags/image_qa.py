@@ -21,12 +21,15 @@ writes `{"image": [...], "qa_pairs": [{"question", "answer"}, ...]}` rows to S3.
 - **Model**: the `vqa_vlm` connection (host = OpenAI-compatible base URL, password = API key,
   `extra.model`), or `VQA_BASE_URL` / `VQA_MODEL` / `VQA_API_KEY`.
 - **Where it runs**: `VQA_EXECUTION=local` (in the task process) or `kubernetes` (GPU pod).
+- **Published** as the asset `vqa.image_qa`: each successful run's event
+  carries its counts and URIs, and downstream DAGs schedule on it (see `dags/dataset_ready.py`).
 """
 
 from __future__ import annotations
 
 from airflow.sdk import Param, dag
 
+from vqa_operators.assets import dataset_asset
 from vqa_operators.operators import WorkerSpec, merge_shards, quality_task, shard_plan, worker_task
 from vqa_operators.operators.dag_config import (
     DAG_DEFAULTS,
@@ -65,7 +68,7 @@ def image_qa() -> None:
     )
     quality = quality_task(plan, source="image_qa", after="generate", **RUN_OPTIONS)
     generate >> quality
-    merge_shards({"generate": generate, "quality": quality}, plan, output="generate", near_duplicates=NEAR_DUPLICATES)
+    merge_shards({"generate": generate, "quality": quality}, plan, output="generate", near_duplicates=NEAR_DUPLICATES, publishes=dataset_asset("image_qa"))
 
 
 image_qa()

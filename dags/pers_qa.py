@@ -22,12 +22,15 @@ and the row, so a rerun asks the same question. An optional `subject_type` field
   `generate.rejected.jsonl` with their reason and verdicts; params switch each check.
 - **Model**: the `vqa_vlm` connection, or `VQA_BASE_URL` / `VQA_MODEL` / `VQA_API_KEY`.
 - **Where it runs**: `VQA_EXECUTION=local` (in the task process) or `kubernetes` (GPU pod).
+- **Published** as the asset `vqa.pers_qa`: each successful run's event
+  carries its counts and URIs, and downstream DAGs schedule on it (see `dags/dataset_ready.py`).
 """
 
 from __future__ import annotations
 
 from airflow.sdk import Param, dag
 
+from vqa_operators.assets import dataset_asset
 from vqa_operators.operators import WorkerSpec, merge_shards, quality_task, shard_plan, worker_task
 from vqa_operators.operators.dag_config import (
     DAG_DEFAULTS,
@@ -66,7 +69,7 @@ def pers_qa() -> None:
     )
     quality = quality_task(plan, source="pers_qa", after="generate", **RUN_OPTIONS)
     generate >> quality
-    merge_shards({"generate": generate, "quality": quality}, plan, output="generate", near_duplicates=NEAR_DUPLICATES)
+    merge_shards({"generate": generate, "quality": quality}, plan, output="generate", near_duplicates=NEAR_DUPLICATES, publishes=dataset_asset("pers_qa"))
 
 
 pers_qa()

@@ -24,6 +24,9 @@ through `<output_prefix>/video_qa/<run_id>/<task>/shard-<map index>.jsonl`; the 
 them (current QA set, experts, iteration count) travels in the rows (`QA`, `video_qa_state`).
 The run's output is `final.jsonl`, with `final.manifest.json` and each task's failed rows, with
 a reason, in `<task>.errors.jsonl` beside it. XCom holds only manifests.
+
+- **Published** as the asset `vqa.video_qa`: each successful run's event
+  carries its counts and URIs, and downstream DAGs schedule on it (see `dags/dataset_ready.py`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 
 from airflow.sdk import Param, dag
 
+from vqa_operators.assets import dataset_asset
 from vqa_operators.operators import WorkerSpec, merge_shards, quality_task, shard_plan, staged_output, worker_task
 from vqa_operators.operators.dag_config import (
     DAG_DEFAULTS,
@@ -87,7 +91,7 @@ def video_qa() -> None:
     )
     quality = quality_task(plan, source="video_qa_final", after="final", params={"max_frames": "{{ params.max_frames }}"}, **RUN_OPTIONS)
     initial >> multiagent >> final >> quality
-    merge_shards({"initial": initial, "multiagent": multiagent, "final": final, "quality": quality}, plan, output="final", near_duplicates=NEAR_DUPLICATES)
+    merge_shards({"initial": initial, "multiagent": multiagent, "final": final, "quality": quality}, plan, output="final", near_duplicates=NEAR_DUPLICATES, publishes=dataset_asset("video_qa"))
 
 
 video_qa()

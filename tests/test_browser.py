@@ -298,3 +298,45 @@ def test_backfill_three_dates_each_with_its_own_output(standalone: Standalone, s
         assert manifest["output"] == f"s3://{BUCKET}/output/image_qa/{run['dag_run_id']}/generate.jsonl"
         assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"]) == (n + 1, n, 1)
         assert [r["id"] for r in output_rows(s3_demo, manifest["output"].removeprefix(f"s3://{BUCKET}/"))] == [f"{day}-{i}" for i in range(n)]
+
+
+def test_a_published_dataset_starts_the_downstream_dag_and_a_failed_run_starts_nothing(standalone: Standalone, s3_demo) -> None:
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    for dag_id in ("image_qa", "dataset_ready"):  # the consumer is created paused; paused DAGs get no asset events queued
+        standalone.api("PATCH", f"/dags/{dag_id}", {"is_paused": False})
+    # first a run that fails (its input does not exist: plan fails at once, without retries), then one that succeeds
+    runs = {}
+    for name, input_uri in (("asset_failed_run", f"s3://{BUCKET}/raw/image_qa/no-such-day/input.jsonl"), ("asset_ok_run", f"s3://{BUCKET}/raw/image_qa/{today}/input.jsonl")):
+        conf = {"input_uri": input_uri, "pairs_per_row": 1}
+        runs[name] = standalone.api("POST", "/dags/image_qa/dagRuns", {"dag_run_id": name, "logical_date": None, "conf": conf})["dag_run_id"]
+        assert standalone.wait_run("image_qa", name) == ("failed" if name == "asset_failed_run" else "success")
+
+    def consumer_runs() -> dict[str, list[dict]]:
+        """Each consumer run's triggering events, once one of them is asset_ok_run's and every run has ended."""
+        listed = standalone.api("GET", "/dags/dataset_ready/dagRuns?limit=100")["dag_runs"]
+        events = {r["dag_run_id"]: standalone.api("GET", f"/dags/dataset_ready/dagRuns/{r['dag_run_id']}/upstreamAssetEvents")["asset_events"] for r in listed}
+        started = any(e["source_run_id"] == "asset_ok_run" for evs in events.values() for e in evs)
+        return events if started and all(r["state"] in ("success", "failed") for r in listed) else {}
+
+    events = wait_for("the consumer's run for asset_ok_run", consumer_runs, 120)
+    assert all(r["run_type"] == "asset_triggered" and r["state"] == "success" for r in standalone.api("GET", "/dags/dataset_ready/dagRuns?limit=100")["dag_runs"])
+    sources = {e["source_run_id"] for evs in events.values() for e in evs}
+    assert "asset_ok_run" in sources and "asset_failed_run" not in sources
+    # the failed run recorded no event at all, for any asset
+    assert standalone.api("GET", "/assets/events?source_run_id=asset_failed_run")["asset_events"] == []
+
+    # the event carries the manifest's counts and URIs, and the consumer's task read them
+    manifest = standalone.api("GET", "/dags/image_qa/dagRuns/asset_ok_run/taskInstances/merge/xcomEntries/return_value")["value"]
+    manifest = json.loads(manifest) if isinstance(manifest, str) else manifest
+    # (a consumer run may hold other runs' events too, e.g. a scheduled run's that finished alongside)
+    [(consumer_run, event)] = [(run_id, e) for run_id, evs in events.items() for e in evs if e["source_run_id"] == "asset_ok_run"]
+    assert (event["name"], event["source_dag_id"], event["source_task_id"], event["partition_key"]) == ("vqa.image_qa", "image_qa", "merge", None)
+    assert event["extra"]["output"] == manifest["output"] == f"s3://{BUCKET}/output/image_qa/asset_ok_run/generate.jsonl"
+    assert {k: event["extra"][k] for k in ("rows_in", "rows_out", "rows_failed", "rows_rejected", "manifest", "errors", "rejected")} == {
+        k: manifest[k] for k in ("rows_in", "rows_out", "rows_failed", "rows_rejected", "manifest", "errors", "rejected")
+    }
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"]) == (4, 3, 1)
+    read = standalone.api("GET", f"/dags/dataset_ready/dagRuns/{consumer_run}/taskInstances/new_datasets/xcomEntries/return_value")["value"]
+    read = json.loads(read) if isinstance(read, str) else read
+    assert [(d["asset"], d["output"], d["rows_out"]) for d in read if d["source_run_id"] == "asset_ok_run"] == [("vqa.image_qa", manifest["output"], 3)]
+    standalone.api("PATCH", "/dags/dataset_ready", {"is_paused": True})

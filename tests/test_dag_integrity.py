@@ -25,7 +25,24 @@ def dagbag(tmp_path_factory):
 
 def test_no_import_errors(dagbag) -> None:
     assert dagbag.import_errors == {}
-    assert set(dagbag.dags) == {"image_qa", "pers_qa", "video_qa"}
+    assert set(dagbag.dags) == {"image_qa", "pers_qa", "video_qa", "dataset_ready"}
+
+
+@pytest.mark.parametrize("dag_id", ["image_qa", "pers_qa", "video_qa"])
+def test_each_dag_publishes_its_dataset_as_an_asset_from_merge_only(dagbag, dag_id: str) -> None:
+    from airflow.sdk import Asset
+
+    dag = dagbag.dags[dag_id]
+    assert dag.get_task("merge").outlets == [Asset(name=f"vqa.{dag_id}", group="vqa-datasets")]
+    assert [t.task_id for t in dag.tasks if t.outlets] == ["merge"]
+
+
+def test_the_consumer_is_scheduled_on_the_three_datasets_and_created_paused(dagbag) -> None:
+    dag = dagbag.dags["dataset_ready"]
+    assert type(dag.timetable.asset_condition).__name__ == "AssetAny"  # any one of them starts it
+    assert {asset.name for asset in dag.timetable.asset_condition.objects} == {"vqa.image_qa", "vqa.pers_qa", "vqa.video_qa"}
+    assert dag.is_paused_upon_creation is True
+    assert dag.tags and "vqa" in dag.tags and dag.doc_md and all(t.retries >= 1 for t in dag.tasks)
 
 
 def test_video_qa_is_three_chained_tasks_mapped_over_shards(dagbag) -> None:

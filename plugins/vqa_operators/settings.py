@@ -85,6 +85,8 @@ class Environment(BaseSettings):
     retry_delay_seconds: float = Field(60.0, ge=0)
     worker_image: str = "vqa-worker:latest"
     namespace: str | None = None
+    # tag each published dataset's asset event with its run's date (ds): for partition-aware consumers only
+    asset_partitions: bool = False
     # scripts/demo.py's working folder (default: .demo in the repository)
     demo_dir: str | None = None
 

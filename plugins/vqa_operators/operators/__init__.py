@@ -69,13 +69,20 @@ def quality_task(plan: VQAShardPlanOperator, *, source: str, after: str, params:
 
 
 def merge_shards(
-    stages: dict[str, Any], plan: VQAShardPlanOperator, *, output: str | None = None, near_duplicates: dict[str, Any] | None = None, task_id: str = "merge"
+    stages: dict[str, Any],
+    plan: VQAShardPlanOperator,
+    *,
+    output: str | None = None,
+    near_duplicates: dict[str, Any] | None = None,
+    publishes: Any = None,
+    task_id: str = "merge",
 ) -> VQAMergeOperator:
     """The task that joins the mapped ``stages`` (in order; the last one's rows are the run's output).
 
     ``output``: the stage whose name the output takes (default the last; a quality gate after
     ``generate`` leaves the dataset at ``generate.jsonl``). ``near_duplicates``: the merge's
     near-duplicate settings (``NearDuplicateSettings`` fields; values may be templates), or None for none.
+    ``publishes``: the dataset's Asset (``assets.dataset_asset``), announced when the merge succeeds.
     """
     return VQAMergeOperator(
         task_id=task_id,
@@ -84,4 +91,5 @@ def merge_shards(
         plan=plan.output,
         media_root="{{ params.media_root }}",
         near_duplicates=near_duplicates,
+        outlets=[publishes] if publishes is not None else [],
     )

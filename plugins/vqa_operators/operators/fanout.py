@@ -154,4 +154,19 @@ class VQAMergeOperator(BaseOperator):
         self.preview_url = storage.url(preview)
         self.log.info("QA preview: %s", preview)
         self.log.info("QA preview in a browser (link valid 7 days; also the task's 'QA preview' button): %s", self.preview_url)
+        self.announce(context, manifest)
         return manifest
+
+    def announce(self, context: Any, manifest: dict[str, Any]) -> None:
+        """Put the run's counts and URIs on each outlet asset's event; Airflow records the events when the task succeeds."""
+        from vqa_operators.assets import event_extra
+
+        extra = event_extra(manifest)
+        # a run with a logical date (scheduled, backfilled) is that date's partition of the dataset
+        partition = context.get("ds") if settings.environment().asset_partitions and context.get("logical_date") else None
+        for asset in self.outlets:
+            event = context["outlet_events"][asset]
+            event.extra.update(extra)
+            if partition:
+                event.add_partitions(partition)
+            self.log.info("announcing %s%s: %d rows out -> %s", asset.name, f" (partition {partition})" if partition else "", manifest["rows_out"], manifest["output"])

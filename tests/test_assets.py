@@ -1,0 +1,52 @@
+"""The dataset's asset event: what merge puts on it, and when it carries a partition (the browser tier runs a real consumer)."""
+
+from __future__ import annotations
+
+import pendulum
+import pytest
+from airflow.sdk.execution_time.context import OutletEventAccessors
+
+from vqa_operators.assets import EVENT_KEYS, dataset_asset, event_extra, published
+from vqa_operators.operators.fanout import VQAMergeOperator
+
+MANIFEST = {
+    "output": "s3://b/out/image_qa/r1/generate.jsonl", "errors": "s3://b/out/image_qa/r1/generate.errors.jsonl",
+    "rejected": "s3://b/out/image_qa/r1/generate.rejected.jsonl", "manifest": "s3://b/out/image_qa/r1/generate.manifest.json",
+    "preview": "s3://b/out/image_qa/r1/generate.preview.html", "input": "s3://b/raw/in.jsonl", "generator": "quality", "model": "m",
+    "prompt_sha256": "ab", "rows_in": 10, "rows_out": 7, "rows_failed": 1, "rows_rejected": 2, "pairs_kept": 20, "pairs_rejected": 8,
+    "acceptance_rate": 0.7143, "stages": {"generate": {}}, "requests": 99,
+}  # fmt: skip
+
+
+def announce(logical_date: pendulum.DateTime | None) -> OutletEventAccessors:
+    merge = VQAMergeOperator(task_id="merge", stages={}, output_uri="s3://b/x.jsonl", plan=[], outlets=[dataset_asset("image_qa")])
+    events = OutletEventAccessors()
+    context = {"outlet_events": events, "logical_date": logical_date}
+    if logical_date is not None:
+        context["ds"] = logical_date.to_date_string()
+    merge.announce(context, MANIFEST)
+    return events
+
+
+def test_the_event_carries_the_counts_and_uris_and_nothing_else() -> None:
+    event = announce(None)[dataset_asset("image_qa")]
+    assert event.extra == {key: MANIFEST[key] for key in EVENT_KEYS} == event_extra(MANIFEST)
+    assert "stages" not in event.extra and "requests" not in event.extra
+    assert event.partition_keys == set()
+
+
+@pytest.mark.parametrize(("setting", "dated", "keys"), [("true", True, {"2026-01-05"}), ("true", False, set()), ("", True, set())])
+def test_a_partition_only_when_asked_and_only_for_runs_with_a_date(monkeypatch: pytest.MonkeyPatch, setting: str, dated: bool, keys: set[str]) -> None:
+    monkeypatch.setenv("VQA_ASSET_PARTITIONS", setting)
+    event = announce(pendulum.datetime(2026, 1, 5, tz="UTC") if dated else None)[dataset_asset("image_qa")]
+    assert event.partition_keys == keys and event.extra["rows_out"] == 7
+
+
+def test_a_consumer_reads_each_event_it_was_started_for() -> None:
+    class Event:
+        def __init__(self, run_id: str, rows_out: int) -> None:
+            self.source_dag_id, self.source_run_id, self.partition_key = "image_qa", run_id, None
+            self.extra = {**event_extra(MANIFEST), "rows_out": rows_out}
+
+    found = published({dataset_asset("image_qa"): [Event("r2", 5), Event("r1", 7)]})
+    assert [(d["asset"], d["source_run_id"], d["rows_out"], d["output"]) for d in found] == [("vqa.image_qa", "r1", 7, MANIFEST["output"]), ("vqa.image_qa", "r2", 5, MANIFEST["output"])]
