@@ -33,8 +33,10 @@ from vqa_operators.assets import dataset_asset
 from vqa_operators.operators import WorkerSpec, merge_shards, quality_task, shard_plan, worker_task
 from vqa_operators.operators.dag_config import (
     DAG_DEFAULTS,
+    EXPORT,
     NEAR_DUPLICATES,
     RUN_OPTIONS,
+    export_params,
     io_params,
     quality_params,
 )
@@ -51,6 +53,7 @@ from vqa_operators.operators.dag_config import (
             rows_doc="an `image` field (a path or a list of paths)",
             final_task="generate",
         ),
+        **export_params(),
         **quality_params(),
         "pairs_per_row": Param(3, type="integer", minimum=1, maximum=20, title="QA pairs per row", description="Question-answer pairs generated for each row's images."),
     },
@@ -68,7 +71,7 @@ def image_qa() -> None:
     )
     quality = quality_task(plan, source="image_qa", after="generate", **RUN_OPTIONS)
     generate >> quality
-    merge_shards({"generate": generate, "quality": quality}, plan, output="generate", near_duplicates=NEAR_DUPLICATES, publishes=dataset_asset("image_qa"))
+    merge_shards({"generate": generate, "quality": quality}, plan, output="generate", near_duplicates=NEAR_DUPLICATES, export=EXPORT, publishes=dataset_asset("image_qa"))
 
 
 image_qa()

@@ -34,8 +34,10 @@ from vqa_operators.assets import dataset_asset
 from vqa_operators.operators import WorkerSpec, merge_shards, quality_task, shard_plan, worker_task
 from vqa_operators.operators.dag_config import (
     DAG_DEFAULTS,
+    EXPORT,
     NEAR_DUPLICATES,
     RUN_OPTIONS,
+    export_params,
     io_params,
     quality_params,
 )
@@ -52,6 +54,7 @@ from vqa_operators.operators.dag_config import (
             rows_doc="an `image` field (paths of one main character) and optionally `subject_type`",
             final_task="generate",
         ),
+        **export_params(),
         **quality_params(near_duplicate_key="question_answer"),
         "tag": Param("<mam>", type="string", pattern=r"^\S{1,40}$", title="Main character tag", description="Name the model must use for the main character; every answer starts with it."),
     },
@@ -69,7 +72,7 @@ def pers_qa() -> None:
     )
     quality = quality_task(plan, source="pers_qa", after="generate", **RUN_OPTIONS)
     generate >> quality
-    merge_shards({"generate": generate, "quality": quality}, plan, output="generate", near_duplicates=NEAR_DUPLICATES, publishes=dataset_asset("pers_qa"))
+    merge_shards({"generate": generate, "quality": quality}, plan, output="generate", near_duplicates=NEAR_DUPLICATES, export=EXPORT, publishes=dataset_asset("pers_qa"))
 
 
 pers_qa()

@@ -39,8 +39,10 @@ from vqa_operators.assets import dataset_asset
 from vqa_operators.operators import WorkerSpec, merge_shards, quality_task, shard_plan, staged_output, worker_task
 from vqa_operators.operators.dag_config import (
     DAG_DEFAULTS,
+    EXPORT,
     NEAR_DUPLICATES,
     RUN_OPTIONS,
+    export_params,
     io_params,
     quality_params,
 )
@@ -60,6 +62,7 @@ MAX_TOKENS = 4096
             rows_doc="`Meta` (text) and `Clips` (a list of {Description, Audio_Text, Frames_Images})",
             final_task="final",
         ),
+        **export_params(),
         **quality_params(),
         "max_frames": Param(16, type="integer", minimum=1, maximum=256, title="Frames per request", description="Sampled evenly across the video."),
         "max_iterations": Param(3, type="integer", minimum=0, maximum=20, title="Expert rounds", description="Multi-agent iterations; the master may stop earlier."),
@@ -91,7 +94,7 @@ def video_qa() -> None:
     )
     quality = quality_task(plan, source="video_qa_final", after="final", params={"max_frames": "{{ params.max_frames }}"}, **RUN_OPTIONS)
     initial >> multiagent >> final >> quality
-    merge_shards({"initial": initial, "multiagent": multiagent, "final": final, "quality": quality}, plan, output="final", near_duplicates=NEAR_DUPLICATES, publishes=dataset_asset("video_qa"))
+    merge_shards({"initial": initial, "multiagent": multiagent, "final": final, "quality": quality}, plan, output="final", near_duplicates=NEAR_DUPLICATES, export=EXPORT, publishes=dataset_asset("video_qa"))
 
 
 video_qa()

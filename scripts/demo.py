@@ -321,6 +321,10 @@ def main() -> int:
                     os.killpg(proc.pid, signal.SIGKILL)
 
 
+# what merge exports beside the JSONL, as the demo names it
+EXPORT_NAMES = {"parquet": "Parquet (Hugging Face datasets)", "llava": "LLaVA conversation JSON", "card": "dataset card"}
+
+
 def acceptance(manifest: dict[str, Any]) -> str:
     """The share of judged pairs the quality checks kept, as a percentage (n/a when none was judged)."""
     rate = manifest.get("acceptance_rate")
@@ -408,6 +412,8 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
         )
         say(f"{dag_id}: quality checks kept {manifest['pairs_kept']} pairs and rejected {manifest['pairs_rejected']} (acceptance {acceptance(manifest)}) {manifest['rejections_by_reason']}")
         say(f"{dag_id}: output {manifest['output']} (copied to {work / 'output' / f'{dag_id}.jsonl'}); errors {manifest['errors']}; rejected {manifest['rejected']}")
+        for name, uri in (manifest.get("exports") or {}).items():
+            say(f"{dag_id}: {EXPORT_NAMES.get(name, name)} {uri}")
         links = http("GET", f"{run_url}/taskInstances/merge/links", token=token)["extra_links"]
         say(f"{dag_id}: QA preview {links['QA preview']}")  # the presigned URL the merge task made
         if records:

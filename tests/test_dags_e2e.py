@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from testkit.data import MODEL, make_jpeg
@@ -69,7 +72,8 @@ def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     keys = run_keys(s3, bucket, "image_qa")
     # two mapped shards, each staged under its map index, merged into the run's output
     assert names(keys) == [
-        "generate.errors.jsonl", "generate.jsonl", "generate.manifest.json", "generate.preview.html", "generate.rejected.jsonl",
+        "README.md", "generate.errors.jsonl", "generate.jsonl", "generate.llava.json", "generate.manifest.json", "generate.parquet",
+        "generate.preview.html", "generate.rejected.jsonl",
         "generate/shard-00000.errors.jsonl", "generate/shard-00000.jsonl", "generate/shard-00001.errors.jsonl", "generate/shard-00001.jsonl",
         "quality.errors.jsonl",
         "quality/shard-00000.errors.jsonl", "quality/shard-00000.jsonl", "quality/shard-00000.rejected.jsonl",
@@ -156,6 +160,7 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     shards = [f"{t}/shard-0000{i}{ext}" for t in ("initial", "multiagent", "final", "quality") for i in (0, 1) for ext in (".jsonl", ".errors.jsonl")]
     shards += [f"quality/shard-0000{i}.rejected.jsonl" for i in (0, 1)]
     merged = ["final.jsonl", "final.errors.jsonl", "final.manifest.json", "final.preview.html", "final.rejected.jsonl", "initial.errors.jsonl", "multiagent.errors.jsonl", "quality.errors.jsonl"]
+    merged += ["final.parquet", "final.llava.json", "README.md"]  # the training-ready copies and the dataset card
     assert names(keys) == sorted(shards + merged)
     prefix = next(k for k in keys if k.endswith("/final.jsonl")).rsplit("/", 1)[0]
     middle = read_jsonl(s3, bucket, f"{prefix}/multiagent/shard-00000.jsonl") + read_jsonl(s3, bucket, f"{prefix}/multiagent/shard-00001.jsonl")
@@ -182,6 +187,19 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     assert [strip.count('<img class="thumb"') for strip in strips] == [6, 4]
     assert "6 of 8 frames sent" in page and page.count('<span class="label">') >= 10 and "acceptance rate 83.3%: 10 of 12 pairs kept" in page
     assert "<h3>bad_field · 1 row</h3>" in page
+
+    # training-ready copies: each video is a conversation over the frames the model was shown, with its five kept pairs
+    llava = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/final.llava.json")["Body"].read())
+    assert [(item["id"], len(item["image"]), len(item["conversations"])) for item in llava] == [("ad-1", 6, 10), ("ad-2", 4, 10)]
+    assert all(path.startswith(f"s3://{bucket}/media/clip/f") for item in llava for path in item["image"])
+    assert llava[1]["conversations"][0]["value"] == "<image>\n" * 4 + final[1]["QA"][0]["Question"]
+    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=f"{prefix}/final.parquet")["Body"].read()))
+    assert table.column("meta").to_pylist() == ["Trail shoe ad", "Teaser"]
+    assert [[p["labels"] for p in qa] for qa in table.column("qa").to_pylist()] == [[p["Label"] if isinstance(p["Label"], list) else [p["Label"]] for p in r["QA"]] for r in final]
+    card = s3.get_object(Bucket=bucket, Key=f"{prefix}/README.md")["Body"].read().decode()
+    labels = Counter(label for r in final for p in r["QA"] for label in (p["Label"] if isinstance(p["Label"], list) else [p["Label"]]))
+    assert "- **Labels**: " + ", ".join(f"`{k}` {v}" for k, v in labels.most_common()) + "." in card
+    assert "- **Rows**: 2 in the dataset, of 3 input rows (1 failed, 0 rejected by the quality checks)." in card
 
 
 def test_a_retried_task_resumes_from_the_failed_try(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path) -> None:

@@ -65,6 +65,9 @@ def test_demo_runs_the_dags_through_airflow_standalone_and_says_why_one_failed(v
     assert "image_qa: rows_in=4 rows_out=4 rows_failed=0 rows_rejected=0" in out
     assert "image_qa: quality checks kept 12 pairs and rejected 0 (acceptance 100.0%)" in out
     assert "pers_qa: rows_in=3 rows_out=3 rows_failed=0 rows_rejected=0" in out
+    assert re.search(r"image_qa: Parquet \(Hugging Face datasets\) s3://vqa-demo/output/image_qa/\S+/generate\.parquet", out)
+    assert re.search(r"pers_qa: LLaVA conversation JSON s3://vqa-demo/output/pers_qa/\S+/generate\.llava\.json", out)
+    assert re.search(r"image_qa: dataset card s3://vqa-demo/output/image_qa/\S+/README\.md", out)
     assert "FAILED: video_qa run ended failed. Why:" in out
     assert re.search(r"video_qa\.initial\[0\]: .*ConfigError: model server refused the API key: HTTP 401", out), out[-3000:]
 

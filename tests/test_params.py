@@ -18,6 +18,7 @@ from vqa_operators.worker.run_loop import Progress, progress_batch
 ROOT = Path(__file__).resolve().parents[1]
 FORM = {"input_uri", "output_prefix", "model", "seed", "rows_per_shard", "max_shards", "media_root", "concurrency"}
 QUALITY = {"blind_check", "grounding_check", "min_judge_score", "remove_near_duplicates", "near_duplicate_threshold", "near_duplicate_key"}
+EXPORT = {"export_formats", "embed_images"}
 SPECIFIC = {"image_qa": {"pairs_per_row"}, "pers_qa": {"tag"}, "video_qa": {"max_frames", "max_iterations", "final_pairs"}}
 
 
@@ -32,7 +33,7 @@ def dagbag(tmp_path_factory):
 @pytest.mark.parametrize("dag_id", ["image_qa", "pers_qa", "video_qa"])
 def test_every_param_is_typed_titled_and_described(dagbag, dag_id: str) -> None:
     params = dagbag.dags[dag_id].params
-    assert set(params) == FORM | QUALITY | SPECIFIC[dag_id]
+    assert set(params) == FORM | QUALITY | EXPORT | SPECIFIC[dag_id]
     for name in params:
         param = params.get_param(name)
         assert param.schema.get("type") and param.schema.get("title") and len(param.description or "") > 20, name
@@ -66,8 +67,10 @@ def test_the_form_rejects_bad_values_before_a_run_exists(dagbag, dag_id: str, ba
 def test_the_dags_are_daily_without_catchup_unless_told_otherwise(dagbag, monkeypatch: pytest.MonkeyPatch) -> None:
     from vqa_operators.operators import dag_config
 
-    for dag in dagbag.dags.values():
-        assert dag.catchup is False and dag.schedule == "@daily"
+    for dag_id in ("image_qa", "pers_qa", "video_qa"):
+        assert dagbag.dags[dag_id].catchup is False and dagbag.dags[dag_id].schedule == "@daily"
+    # the downstream example is scheduled on the datasets, not on the clock
+    assert dagbag.dags["dataset_ready"].catchup is False and type(dagbag.dags["dataset_ready"].schedule).__name__ == "AssetAny"
     monkeypatch.setenv("VQA_SCHEDULE", "none")
     assert dag_config._schedule() is None
     monkeypatch.setenv("VQA_SCHEDULE", "0 3 * * *")

@@ -74,6 +74,7 @@ def merge_shards(
     *,
     output: str | None = None,
     near_duplicates: dict[str, Any] | None = None,
+    export: dict[str, Any] | None = None,
     publishes: Any = None,
     task_id: str = "merge",
 ) -> VQAMergeOperator:
@@ -82,7 +83,8 @@ def merge_shards(
     ``output``: the stage whose name the output takes (default the last; a quality gate after
     ``generate`` leaves the dataset at ``generate.jsonl``). ``near_duplicates``: the merge's
     near-duplicate settings (``NearDuplicateSettings`` fields; values may be templates), or None for none.
-    ``publishes``: the dataset's Asset (``assets.dataset_asset``), announced when the merge succeeds.
+    ``export``: the training-ready copies to write (``export.ExportSettings`` fields; values may be
+    templates), or None for none. ``publishes``: the dataset's Asset (``assets.dataset_asset``), announced when the merge succeeds.
     """
     return VQAMergeOperator(
         task_id=task_id,
@@ -91,5 +93,6 @@ def merge_shards(
         plan=plan.output,
         media_root="{{ params.media_root }}",
         near_duplicates=near_duplicates,
+        export=export,
         outlets=[publishes] if publishes is not None else [],
     )

@@ -183,3 +183,28 @@ NEAR_DUPLICATES: dict[str, Any] = {
     "threshold": "{{ params.near_duplicate_threshold }}",
     "key": "{{ params.near_duplicate_key }}",
 }
+
+
+def export_params() -> dict[str, Param]:
+    """The training-ready copies ``merge`` writes beside the JSONL, documented for the trigger form."""
+    return {
+        "export_formats": Param(
+            ["parquet", "llava"],
+            type="array",
+            items={"type": "string", "enum": ["parquet", "llava"]},
+            uniqueItems=True,
+            title="Export formats",
+            description=(
+                "Written beside the JSONL, with a dataset card (README.md): parquet (Hugging Face datasets: load_dataset('parquet', ...)), "
+                "llava (LLaVA-style conversation JSON). Empty: the JSONL and the card only."
+            ),
+        ),
+        "embed_images": Param(False, type="boolean", title="Embed images in Parquet", description="Put each image's bytes in the Parquet file (datasets' Image feature), not only its URI."),
+    }
+
+
+# the merge's export settings from the run's params (merge_shards' ``export``)
+EXPORT: dict[str, Any] = {
+    "formats": "{{ params.export_formats | join(',') }}",
+    "embed_images": "{{ params.embed_images }}",
+}

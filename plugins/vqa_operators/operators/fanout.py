@@ -8,6 +8,7 @@ over; the merge writes the run's final JSONL, errors and combined manifest.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -98,7 +99,7 @@ class QAPreviewLink(BaseOperatorLink):
 class VQAMergeOperator(BaseOperator):
     """Concatenate each stage's shard outputs in order into ``output_uri`` (and errors files), write the QA preview; return the combined manifest."""
 
-    template_fields: Sequence[str] = ("stages", "output_uri", "plan", "media_root", "near_duplicates")
+    template_fields: Sequence[str] = ("stages", "output_uri", "plan", "media_root", "near_duplicates", "export")
     ui_color = "#e3fdec"
     operator_extra_links = (QAPreviewLink(),)
 
@@ -110,12 +111,14 @@ class VQAMergeOperator(BaseOperator):
         plan: Any,
         media_root: str = ".",
         near_duplicates: dict[str, Any] | None = None,
+        export: dict[str, Any] | None = None,
         aws_conn_id: str | None = "aws_default",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.stages = stages
         self.near_duplicates = near_duplicates
+        self.export = export
         self.output_uri = output_uri
         self.plan = plan
         self.media_root = media_root
@@ -127,6 +130,7 @@ class VQAMergeOperator(BaseOperator):
         from airflow.sdk.exceptions import AirflowFailException
         from pydantic import ValidationError
 
+        from vqa_operators.export import ExportSettings, export_run
         from vqa_operators.parsing import describe_validation_error
         from vqa_operators.preview import write_preview
         from vqa_operators.sharding import NearDuplicateSettings, merge_run
@@ -135,6 +139,10 @@ class VQAMergeOperator(BaseOperator):
             dedup = None if self.near_duplicates is None else NearDuplicateSettings.model_validate(self.near_duplicates)
         except ValidationError as err:
             raise AirflowFailException(f"invalid near-duplicate parameters: {describe_validation_error(err)}") from None
+        try:
+            export = None if self.export is None else ExportSettings.model_validate(self.export)
+        except ValidationError as err:
+            raise AirflowFailException(f"invalid export parameters: {describe_validation_error(err)}") from None
         storage = s3_storage(self.aws_conn_id)
         stages = {name: list(manifests) for name, manifests in self.stages.items()}
         manifest = merge_run(storage, stages, output=self.output_uri, plan=list(self.plan), near_duplicates=dedup)
@@ -154,6 +162,16 @@ class VQAMergeOperator(BaseOperator):
         self.preview_url = storage.url(preview)
         self.log.info("QA preview: %s", preview)
         self.log.info("QA preview in a browser (link valid 7 days; also the task's 'QA preview' button): %s", self.preview_url)
+        if export is not None:
+            allowed = settings.environment().allowed_media_roots or None
+            manifest["exports"] = export_run(
+                storage, manifest, formats=list(export.formats), embed_images=export.embed_images, media_root=self.media_root,
+                allowed_roots=allowed, dataset=context["dag"].dag_id, run_id=context["run_id"],
+            )
+            with storage.open_atomic(manifest["manifest"]) as handle:  # the manifest names the exports too
+                handle.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8") + b"\n")
+            for name, uri in manifest["exports"].items():
+                self.log.info("exported %s: %s", name, uri)
         self.announce(context, manifest)
         return manifest
 
