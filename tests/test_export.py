@@ -63,7 +63,8 @@ def test_image_qa_exports_load_back_with_datasets_pyarrow_and_json(vlm_server, t
         assert first["images"] == [a, b]
     # pyarrow: the schema, and the bytes as they are on disk
     table = pq.read_table(exports["parquet"])
-    assert table.column_names == ["id", "images", "qa", "conversations", "meta", "source"] and table.num_rows == 2
+    assert table.column_names == ["id", "images", "qa", "conversations", "meta", "dataset"] and table.num_rows == 2
+    assert table.column("dataset").to_pylist() == ["image_qa", "image_qa"] and table.column("meta").to_pylist() == [None, None]
     if embed:
         assert table.column("images")[0].as_py() == [{"bytes": Path(a).read_bytes(), "path": a}]
 
@@ -100,3 +101,12 @@ def test_the_settings_read_the_params_and_refuse_unknown_formats(tmp_path: Path)
     assert ExportSettings.model_validate({"formats": "", "embed_images": "True"}).formats == []
     with pytest.raises(ValueError, match="csv"):
         ExportSettings.model_validate({"formats": "parquet,csv"})
+
+
+def test_an_image_gone_since_generation_is_a_clear_error_and_nothing_is_published(vlm_server, tmp_path: Path) -> None:
+    manifest = _merged(vlm_server, tmp_path, "image_qa", IMAGE_ROWS[:2], {"pairs_per_row": 1})
+    (tmp_path / "media" / "b.jpg").unlink()
+    with pytest.raises(ValueError, match=r"cannot embed .*b\.jpg \(row two\)"):
+        export_run(Storage(), manifest, formats=["parquet", "llava"], embed_images=True, media_root=str(tmp_path / "media"))
+    # the writes are atomic: a failed export leaves no half-written file
+    assert not (tmp_path / "run" / "generate.parquet").exists() and not (tmp_path / "run" / "generate.llava.json").exists()

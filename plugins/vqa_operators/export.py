@@ -5,7 +5,7 @@ One pass over the merged output, streaming (a batch of rows in memory at a time)
 - **Parquet** (``<output name>.parquet``), which Hugging Face ``datasets`` loads with
   ``load_dataset("parquet", data_files=...)``: ``id``, ``images`` (the media as absolute URIs, or
   with ``embed_images`` the bytes too, as ``datasets``' ``Image`` feature), ``qa`` (``question``,
-  ``answer``, ``labels``), ``conversations`` (as below), ``meta`` (video: ``Meta``) and ``source``.
+  ``answer``, ``labels``), ``conversations`` (as below), ``meta`` (video: ``Meta``) and ``dataset`` (the DAG's id).
 - **LLaVA** (``<output name>.llava.json``): a JSON array of ``{"id", "image", "conversations"}``;
   ``image`` is one path or a list, the first human turn starts with one ``<image>`` line per
   image, and each pair is a human turn and a gpt turn, so a row with several pairs is a
@@ -65,7 +65,7 @@ def _features(embed_images: bool) -> dict[str, Any]:
         "qa": {"feature": {"question": text, "answer": text, "labels": {"feature": text, "_type": "List"}}, "_type": "List"},
         "conversations": {"feature": {"from": text, "value": text}, "_type": "List"},
         "meta": text,
-        "source": text,
+        "dataset": text,
     }
 
 
@@ -80,7 +80,7 @@ def parquet_schema(embed_images: bool) -> Any:
         ("qa", pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string()), ("labels", pa.list_(pa.string()))]))),
         ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
         ("meta", pa.string()),
-        ("source", pa.string()),
+        ("dataset", pa.string()),
     ]
     return pa.schema(fields, metadata={"huggingface": json.dumps({"info": {"features": _features(embed_images)}})})
 
@@ -94,8 +94,8 @@ def conversation(images: int, qa: list[dict[str, Any]]) -> list[dict[str, str]]:
     return turns
 
 
-def examples(storage: Storage, manifest: dict[str, Any], reader: MediaReader) -> Iterator[dict[str, Any]]:
-    """One training example per output row: its id, media URIs, QA, turns, meta and source."""
+def examples(storage: Storage, manifest: dict[str, Any], reader: MediaReader, dataset: str) -> Iterator[dict[str, Any]]:
+    """One training example per output row: its id, media URIs, QA, turns, meta and the dataset it belongs to."""
     for n, row in read_jsonl(storage.iter_lines(manifest["output"])):
         if not isinstance(row, dict):
             raise ValueError(f"{manifest['output']} line {n} is not a JSON object: the merged output is damaged")
@@ -113,8 +113,16 @@ def examples(storage: Storage, manifest: dict[str, Any], reader: MediaReader) ->
             "qa": qa,
             "conversations": conversation(len(images), qa),
             "meta": meta if isinstance(meta, str) else None,
-            "source": fields.qa,
+            "dataset": dataset,
         }
+
+
+def _image_bytes(storage: Storage, uri: str, row_id: str) -> bytes:
+    """An image to embed; a clear error if it has gone since the row was generated."""
+    try:
+        return storage.read_bytes(uri)
+    except OSError as exc:
+        raise ValueError(f"cannot embed {uri} (row {row_id}): {exc.strerror or exc}") from None
 
 
 def export_run(
@@ -153,11 +161,11 @@ def export_run(
             if parquet is not None and batch:
                 if embed_images:
                     for example in batch:
-                        example["images"] = [{"bytes": storage.read_bytes(uri), "path": uri} for uri in example["images"]]
+                        example["images"] = [{"bytes": _image_bytes(storage, uri, example["id"]), "path": uri} for uri in example["images"]]
                 parquet.write_table(pa.Table.from_pylist(batch, schema=schema))
             batch.clear()
 
-        for example in examples(storage, manifest, reader):
+        for example in examples(storage, manifest, reader, dataset or manifest["generator"]):
             if llava is not None:
                 image: str | list[str] = example["images"][0] if len(example["images"]) == 1 else example["images"]
                 item = {"id": example["id"], "image": image, "conversations": example["conversations"]}
@@ -207,10 +215,12 @@ def dataset_card(manifest: dict[str, Any], uris: dict[str, str], *, pairs: int, 
     lines.append(f"- `{name(manifest['output'])}`: the rows as generated, with their provenance (`vqa_provenance`).")
     if "parquet" in uris:
         what = "embedded (the `Image` feature)" if embed_images else "as URIs"
-        lines.append(f"- `{name(uris['parquet'])}`: `id`, `images` ({what}), `qa`, `conversations`, `meta`, `source`.")
+        lines.append(f"- `{name(uris['parquet'])}`: `id`, `images` ({what}), `qa`, `conversations`, `meta`, `dataset`.")
     if "llava" in uris:
         lines.append(f"- `{name(uris['llava'])}`: LLaVA-style `{{id, image, conversations}}`, one `{IMAGE_TOKEN}` per image.")
     lines.append(f"- `{name(manifest['errors'])}` and `{name(manifest['rejected'])}`: what did not make it, and why." if manifest.get("rejected") else f"- `{name(manifest['errors'])}`: rows that failed, and why.")
     if "parquet" in uris:
         lines += ["", "## Load", "", "```python", "from datasets import load_dataset", "", f'ds = load_dataset("parquet", data_files="{uris["parquet"]}")["train"]', "```"]
+        if uris["parquet"].startswith("s3://"):
+            lines += ["", "(`datasets` reads `s3://` through `s3fs`; or copy the file and load it from disk.)"]
     return "\n".join(lines) + "\n"
