@@ -304,22 +304,21 @@ def test_a_published_dataset_starts_the_downstream_dag_and_a_failed_run_starts_n
     today = time.strftime("%Y-%m-%d", time.gmtime())
     for dag_id in ("image_qa", "dataset_ready"):  # the consumer is created paused; paused DAGs get no asset events queued
         standalone.api("PATCH", f"/dags/{dag_id}", {"is_paused": False})
-    # first a run that fails (its input does not exist: plan fails at once, without retries), then one that succeeds
-    runs = {}
-    for name, input_uri in (("asset_failed_run", f"s3://{BUCKET}/raw/image_qa/no-such-day/input.jsonl"), ("asset_ok_run", f"s3://{BUCKET}/raw/image_qa/{today}/input.jsonl")):
-        conf = {"input_uri": input_uri, "pairs_per_row": 1}
-        runs[name] = standalone.api("POST", "/dags/image_qa/dagRuns", {"dag_run_id": name, "logical_date": None, "conf": conf})["dag_run_id"]
-        assert standalone.wait_run("image_qa", name) == ("failed" if name == "asset_failed_run" else "success")
+    # a run that fails (its input does not exist: plan fails at once, without retries) beside one that succeeds;
+    # an asset event is recorded only as a task succeeds, so once the failed run has ended none can come from it
+    inputs = {"asset_failed_run": f"s3://{BUCKET}/raw/image_qa/no-such-day/input.jsonl", "asset_ok_run": f"s3://{BUCKET}/raw/image_qa/{today}/input.jsonl"}
+    for name, input_uri in inputs.items():
+        standalone.api("POST", "/dags/image_qa/dagRuns", {"dag_run_id": name, "logical_date": None, "conf": {"input_uri": input_uri, "pairs_per_row": 1}})
+    assert [standalone.wait_run("image_qa", name) for name in inputs] == ["failed", "success"]
 
-    def consumer_runs() -> dict[str, list[dict]]:
-        """Each consumer run's triggering events, once one of them is asset_ok_run's and every run has ended."""
-        listed = standalone.api("GET", "/dags/dataset_ready/dagRuns?limit=100")["dag_runs"]
-        events = {r["dag_run_id"]: standalone.api("GET", f"/dags/dataset_ready/dagRuns/{r['dag_run_id']}/upstreamAssetEvents")["asset_events"] for r in listed}
-        started = any(e["source_run_id"] == "asset_ok_run" for evs in events.values() for e in evs)
-        return events if started and all(r["state"] in ("success", "failed") for r in listed) else {}
+    def consumer_runs() -> tuple[dict[str, dict], dict[str, list[dict]]]:
+        """Each consumer run and its triggering events, once the run started for asset_ok_run has ended."""
+        listed = {r["dag_run_id"]: r for r in standalone.api("GET", "/dags/dataset_ready/dagRuns?limit=100")["dag_runs"]}
+        events = {run_id: standalone.api("GET", f"/dags/dataset_ready/dagRuns/{run_id}/upstreamAssetEvents")["asset_events"] for run_id in listed}
+        ours = [run_id for run_id, evs in events.items() if any(e["source_run_id"] == "asset_ok_run" for e in evs)]
+        return (listed, events) if ours and listed[ours[0]]["state"] in ("success", "failed") else ({}, {})
 
-    events = wait_for("the consumer's run for asset_ok_run", consumer_runs, 120)
-    assert all(r["run_type"] == "asset_triggered" and r["state"] == "success" for r in standalone.api("GET", "/dags/dataset_ready/dagRuns?limit=100")["dag_runs"])
+    runs_seen, events = wait_for("the consumer's run for asset_ok_run", lambda: (found := consumer_runs())[0] and found, 120)
     sources = {e["source_run_id"] for evs in events.values() for e in evs}
     assert "asset_ok_run" in sources and "asset_failed_run" not in sources
     # the failed run recorded no event at all, for any asset
@@ -330,6 +329,7 @@ def test_a_published_dataset_starts_the_downstream_dag_and_a_failed_run_starts_n
     manifest = json.loads(manifest) if isinstance(manifest, str) else manifest
     # (a consumer run may hold other runs' events too, e.g. a scheduled run's that finished alongside)
     [(consumer_run, event)] = [(run_id, e) for run_id, evs in events.items() for e in evs if e["source_run_id"] == "asset_ok_run"]
+    assert (runs_seen[consumer_run]["run_type"], runs_seen[consumer_run]["state"]) == ("asset_triggered", "success")
     assert (event["name"], event["source_dag_id"], event["source_task_id"], event["partition_key"]) == ("vqa.image_qa", "image_qa", "merge", None)
     assert event["extra"]["output"] == manifest["output"] == f"s3://{BUCKET}/output/image_qa/asset_ok_run/generate.jsonl"
     assert {k: event["extra"][k] for k in ("rows_in", "rows_out", "rows_failed", "rows_rejected", "manifest", "errors", "rejected")} == {
