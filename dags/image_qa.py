@@ -29,17 +29,8 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag
 
-from vqa_operators.assets import dataset_asset
-from vqa_operators.operators import WorkerSpec, merge_shards, quality_task, shard_plan, worker_task
-from vqa_operators.operators.dag_config import (
-    DAG_DEFAULTS,
-    EXPORT,
-    NEAR_DUPLICATES,
-    RUN_OPTIONS,
-    export_params,
-    io_params,
-    quality_params,
-)
+from vqa_operators.operators import WorkerSpec, judge_and_merge, shard_plan, worker_task
+from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, export_params, io_params, quality_params
 
 
 @dag(
@@ -69,9 +60,7 @@ def image_qa() -> None:
             params={"pairs_per_row": "{{ params.pairs_per_row }}"},
         ),
     )
-    quality = quality_task(plan, source="image_qa", after="generate", **RUN_OPTIONS)
-    generate >> quality
-    merge_shards({"generate": generate, "quality": quality}, plan, output="generate", near_duplicates=NEAR_DUPLICATES, export=EXPORT, publishes=dataset_asset("image_qa"))
+    judge_and_merge(plan, {"generate": generate}, source="image_qa", dataset="image_qa", **RUN_OPTIONS)
 
 
 image_qa()

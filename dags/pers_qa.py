@@ -30,17 +30,8 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag
 
-from vqa_operators.assets import dataset_asset
-from vqa_operators.operators import WorkerSpec, merge_shards, quality_task, shard_plan, worker_task
-from vqa_operators.operators.dag_config import (
-    DAG_DEFAULTS,
-    EXPORT,
-    NEAR_DUPLICATES,
-    RUN_OPTIONS,
-    export_params,
-    io_params,
-    quality_params,
-)
+from vqa_operators.operators import WorkerSpec, judge_and_merge, shard_plan, worker_task
+from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, export_params, io_params, quality_params
 
 
 @dag(
@@ -70,9 +61,7 @@ def pers_qa() -> None:
             params={"tag": "{{ params.tag }}"},
         ),
     )
-    quality = quality_task(plan, source="pers_qa", after="generate", **RUN_OPTIONS)
-    generate >> quality
-    merge_shards({"generate": generate, "quality": quality}, plan, output="generate", near_duplicates=NEAR_DUPLICATES, export=EXPORT, publishes=dataset_asset("pers_qa"))
+    judge_and_merge(plan, {"generate": generate}, source="pers_qa", dataset="pers_qa", **RUN_OPTIONS)
 
 
 pers_qa()

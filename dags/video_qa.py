@@ -35,17 +35,8 @@ from typing import Any
 
 from airflow.sdk import Param, dag
 
-from vqa_operators.assets import dataset_asset
-from vqa_operators.operators import WorkerSpec, merge_shards, quality_task, shard_plan, staged_output, worker_task
-from vqa_operators.operators.dag_config import (
-    DAG_DEFAULTS,
-    EXPORT,
-    NEAR_DUPLICATES,
-    RUN_OPTIONS,
-    export_params,
-    io_params,
-    quality_params,
-)
+from vqa_operators.operators import WorkerSpec, judge_and_merge, shard_plan, staged_output, worker_task
+from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, export_params, io_params, quality_params
 
 # the revised and final sets are long JSON answers
 MAX_TOKENS = 4096
@@ -92,9 +83,9 @@ def video_qa() -> None:
         shards=plan,
         spec=WorkerSpec(generator="video_qa_final", input=staged_output("multiagent"), params={"final_pairs": "{{ params.final_pairs }}"}, **common),
     )
-    quality = quality_task(plan, source="video_qa_final", after="final", params={"max_frames": "{{ params.max_frames }}"}, **RUN_OPTIONS)
-    initial >> multiagent >> final >> quality
-    merge_shards({"initial": initial, "multiagent": multiagent, "final": final, "quality": quality}, plan, output="final", near_duplicates=NEAR_DUPLICATES, export=EXPORT, publishes=dataset_asset("video_qa"))
+    initial >> multiagent >> final
+    stages = {"initial": initial, "multiagent": multiagent, "final": final}
+    judge_and_merge(plan, stages, source="video_qa_final", dataset="video_qa", params={"max_frames": "{{ params.max_frames }}"}, **RUN_OPTIONS)
 
 
 video_qa()

@@ -68,6 +68,22 @@ def quality_task(plan: VQAShardPlanOperator, *, source: str, after: str, params:
     return worker_task(task_id="quality", shards=plan, spec=spec)
 
 
+def judge_and_merge(plan: VQAShardPlanOperator, stages: dict[str, Any], *, source: str, dataset: str, params: dict[str, Any] | None = None, **options: Any) -> VQAMergeOperator:
+    """The tail every DAG shares: the quality stage over what the last of ``stages`` staged, then the merge.
+
+    The merge removes near-duplicates, writes the exports and publishes ``dataset``'s asset, each
+    from the run's params (``quality_params`` and ``export_params``, which the DAG must declare);
+    the dataset keeps the last generation stage's name. ``params`` and ``options``: as ``quality_task``'s.
+    """
+    from vqa_operators.assets import dataset_asset
+    from vqa_operators.operators.dag_config import EXPORT, NEAR_DUPLICATES
+
+    last = list(stages)[-1]
+    quality = quality_task(plan, source=source, after=last, params=params, **options)
+    stages[last] >> quality
+    return merge_shards({**stages, "quality": quality}, plan, output=last, near_duplicates=NEAR_DUPLICATES, export=EXPORT, publishes=dataset_asset(dataset))
+
+
 def merge_shards(
     stages: dict[str, Any],
     plan: VQAShardPlanOperator,
