@@ -259,6 +259,11 @@ def merge_run(
         "manifest": beside(output, ".manifest.json"),
         "preview": beside(output, ".preview.html"),
     }
+    write_manifest(storage, manifest)
+    return manifest
+
+
+def write_manifest(storage: Storage, manifest: dict[str, Any]) -> None:
+    """Write the merged ``manifest`` (atomically) where it names itself, ``manifest["manifest"]``."""
     with storage.open_atomic(manifest["manifest"]) as handle:
         handle.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8") + b"\n")
-    return manifest

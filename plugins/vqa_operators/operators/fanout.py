@@ -8,7 +8,6 @@ over; the merge writes the run's final JSONL, errors and combined manifest.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,7 +132,7 @@ class VQAMergeOperator(BaseOperator):
         from vqa_operators.export import ExportSettings, export_run
         from vqa_operators.parsing import describe_validation_error
         from vqa_operators.preview import write_preview
-        from vqa_operators.sharding import NearDuplicateSettings, merge_run
+        from vqa_operators.sharding import NearDuplicateSettings, merge_run, write_manifest
 
         try:
             dedup = None if self.near_duplicates is None else NearDuplicateSettings.model_validate(self.near_duplicates)
@@ -158,18 +157,17 @@ class VQAMergeOperator(BaseOperator):
                 manifest["rejections_by_reason"], manifest["rejected"],
             )
         title = f"{context['dag'].dag_id} · {context['run_id']}"
-        preview = write_preview(storage, manifest, title=title, media_root=self.media_root, allowed_roots=settings.environment().allowed_media_roots or None)
+        allowed = settings.environment().allowed_media_roots or None
+        preview = write_preview(storage, manifest, title=title, media_root=self.media_root, allowed_roots=allowed)
         self.preview_url = storage.url(preview)
         self.log.info("QA preview: %s", preview)
         self.log.info("QA preview in a browser (link valid 7 days; also the task's 'QA preview' button): %s", self.preview_url)
         if export is not None:
-            allowed = settings.environment().allowed_media_roots or None
             manifest["exports"] = export_run(
                 storage, manifest, formats=list(export.formats), embed_images=export.embed_images, media_root=self.media_root,
                 allowed_roots=allowed, dataset=context["dag"].dag_id, run_id=context["run_id"],
             )
-            with storage.open_atomic(manifest["manifest"]) as handle:  # the manifest names the exports too
-                handle.write(json.dumps(manifest, indent=2, sort_keys=True).encode("utf-8") + b"\n")
+            write_manifest(storage, manifest)  # again: the manifest names the exports too
             for name, uri in manifest["exports"].items():
                 self.log.info("exported %s: %s", name, uri)
         self.announce(context, manifest)
