@@ -52,7 +52,7 @@ lint: venv  ## ruff over the code, tests and benches; mypy over plugins/, dags/ 
 	$(VENV)/bin/mypy plugins dags scripts
 	$(VENV)/bin/hadolint Dockerfile docker/worker.Dockerfile
 
-bench: venv vllm-venv  ## every performance measure side by side: saturation, video critical path, memory, image preparation, parse time, fan-out, our client against vLLM's, quality-stage saturation, near-duplicates at 1M
+bench: venv vllm-venv  ## every performance measure side by side: saturation, video critical path, memory, image preparation, parse time, fan-out, our client against vLLM's, quality-stage saturation, near-duplicates at 1M, video ingest
 	cd bench && ../$(PY) run.py
 
 bench-faults: venv  ## rows accounted for under model-server fault mixes; calls saved on resume

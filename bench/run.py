@@ -3,7 +3,7 @@
 Each measure is also a script of its own (``bench/<name>.py``) with its settings as flags. The
 model server is the TEST DOUBLE simulating a continuous-batching server (``bench/common.py``), not
 a model; the figures measure this machine's client side: scheduling, image preparation, memory,
-parsing and fan-out. One measure runs against real vLLM (its CPU build, ``vllm_client``): our
+parsing, fan-out and video decoding. One measure runs against real vLLM (its CPU build, ``vllm_client``): our
 worker's request throughput against vLLM's own benchmark client's, on the same server. They are
 run one at a time, since they share the cores.
 
@@ -25,6 +25,7 @@ import parse_time
 import quality
 import saturation
 import scaling
+import video_ingest
 import video_path
 import vllm_client
 from common import print_table
@@ -39,6 +40,7 @@ MEASURES = {
     "vllm_client": vllm_client.run,
     "quality": quality.run,
     "dedup_memory": dedup_memory.run,
+    "video_ingest": video_ingest.run,
 }
 
 

@@ -2,8 +2,17 @@
 ### Multi-role video QA
 
 Three tasks turn videos, given as `Meta` text and ordered `Clips` (each with `Description`,
-`Audio_Text` and `Frames_Images`), into labelled question-answer pairs, and a fourth judges them:
+`Audio_Text` and `Frames_Images`), into labelled question-answer pairs, and a fourth judges them.
+Rows may instead name a video file (`{"video": "<path or s3:// URI>", "Meta": ...}`): the first
+task, **ingest**, turns those into `Meta` and `Clips`, and passes the other rows through.
 
+0. **ingest**: each video is decoded (PyAV) and cut into clips at scene changes (every `clip_s`
+   seconds if there are none; `min_clip_s` to `max_clip_s` long); `frames_per_clip` frames are
+   sampled evenly within each clip and stored as JPEG under the run's folder, with their
+   timestamps. Each clip's `Description` is a caption from the model (`caption`); its
+   `Audio_Text` comes from the speech-to-text endpoint `VQA_TRANSCRIPTION_URL` (`transcribe`).
+   Corrupt, empty or audio-only files, unknown codecs and absurd sizes go to
+   `ingest.errors.jsonl` with a reason.
 1. **initial**: every clip's text and evenly sampled frames (at most `max_frames` per request)
    plus `Meta` -> up to 10 QA pairs.
 2. **multiagent**: up to `max_iterations` rounds; in each, a master recruits one new expert (or
@@ -19,7 +28,7 @@ Three tasks turn videos, given as `Meta` text and ordered `Clips` (each with `De
    `final.rejected.jsonl` with their reason and verdicts; params switch each check.
 
 `plan` splits the input into shards of `rows_per_shard` rows (at most `max_shards`); each of the
-four tasks runs once per shard (mapped), and `merge` joins the shards. The tasks pass JSONL
+five tasks runs once per shard (mapped), and `merge` joins the shards. The tasks pass JSONL
 through `<output_prefix>/video_qa/<run_id>/<task>/shard-<map index>.jsonl`; the state between
 them (current QA set, experts, iteration count) travels in the rows (`QA`, `video_qa_state`).
 The run's output is `final.jsonl`, with `final.manifest.json` and each task's failed rows, with
@@ -36,7 +45,15 @@ from typing import Any
 from airflow.sdk import Param, dag
 
 from vqa_operators.operators import WorkerSpec, judge_and_merge, shard_plan, staged_output, worker_task
-from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, export_params, io_params, quality_params
+from vqa_operators.operators.dag_config import (
+    DAG_DEFAULTS,
+    INGEST_OPTIONS,
+    RUN_OPTIONS,
+    export_params,
+    ingest_params,
+    io_params,
+    quality_params,
+)
 
 # the revised and final sets are long JSON answers
 MAX_TOKENS = 4096
@@ -50,9 +67,10 @@ MAX_TOKENS = 4096
     params={
         **io_params(
             "video_qa",
-            rows_doc="`Meta` (text) and `Clips` (a list of {Description, Audio_Text, Frames_Images})",
+            rows_doc="`Meta` (text) and `Clips` (a list of {Description, Audio_Text, Frames_Images}), or a `video` file to ingest",
             final_task="final",
         ),
+        **ingest_params(),
         **export_params(),
         **quality_params(),
         "max_frames": Param(16, type="integer", minimum=1, maximum=256, title="Frames per request", description="Sampled evenly across the video."),
@@ -63,10 +81,11 @@ MAX_TOKENS = 4096
 def video_qa() -> None:
     plan = shard_plan()
     common: dict[str, Any] = {**RUN_OPTIONS, "max_tokens": MAX_TOKENS}
+    ingest = worker_task(task_id="ingest", shards=plan, spec=WorkerSpec(generator="video_ingest", params=INGEST_OPTIONS, **RUN_OPTIONS))
     initial = worker_task(
         task_id="initial",
         shards=plan,
-        spec=WorkerSpec(generator="video_qa_initial", params={"max_frames": "{{ params.max_frames }}"}, **common),
+        spec=WorkerSpec(generator="video_qa_initial", input=staged_output("ingest"), params={"max_frames": "{{ params.max_frames }}"}, **common),
     )
     multiagent = worker_task(
         task_id="multiagent",
@@ -83,8 +102,8 @@ def video_qa() -> None:
         shards=plan,
         spec=WorkerSpec(generator="video_qa_final", input=staged_output("multiagent"), params={"final_pairs": "{{ params.final_pairs }}"}, **common),
     )
-    initial >> multiagent >> final
-    stages = {"initial": initial, "multiagent": multiagent, "final": final}
+    ingest >> initial >> multiagent >> final
+    stages = {"ingest": ingest, "initial": initial, "multiagent": multiagent, "final": final}
     judge_and_merge(plan, stages, source="video_qa_final", dataset="video_qa", params={"max_frames": "{{ params.max_frames }}"}, **RUN_OPTIONS)
 
 

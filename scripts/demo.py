@@ -1,8 +1,9 @@
 """`make demo`: the three pipelines (image_qa, pers_qa, video_qa) on one machine, with nothing configured.
 
 Starts a model server, an embedded S3 server (moto) and Airflow standalone (SQLite, LocalExecutor,
-in-process execution), uploads generated sample data (images, and videos as frame sequences) with
-an input JSONL per DAG, triggers the three DAGs through the REST API, waits, and prints each
+in-process execution), uploads generated sample data (images; a video as frame sequences, and a
+video file that video_qa's first task ingests: cuts into clips, samples frames, captions) with an
+input JSONL per DAG, triggers the three DAGs through the REST API, waits, and prints each
 manifest, a record and the QA preview link. Exits non-zero on any failure, and says why.
 
 The model, in this order:
@@ -159,6 +160,19 @@ def sample_video(name: str, clips: list[tuple[tuple[int, int, int], tuple[int, i
     return files, {"id": name, "Clips": row_clips}
 
 
+VIDEO_FILE = "media/video/sunset_teaser.mp4"
+
+
+def sample_video_file() -> bytes:
+    """An H.264 MP4 written here with PyAV: two 2-second scenes cut hard, a sliding square in each, a tone as its sound."""
+    import tempfile
+
+    from testkit.videos import write_video
+
+    with tempfile.TemporaryDirectory() as folder:
+        return write_video(Path(folder) / "video.mp4", [2.0, 2.0], fps=8, size=(320, 180)).read_bytes()
+
+
 def sample_data() -> tuple[dict[str, bytes], dict[str, list[dict[str, Any]]]]:
     """Every object to upload (key -> bytes) and each DAG's input rows."""
     files = {f"media/{name}": data for name, data in sample_images().items()}
@@ -169,14 +183,13 @@ def sample_data() -> tuple[dict[str, bytes], dict[str, list[dict[str, Any]]]]:
             ((240, 240, 230), (250, 200, 0), "A yellow ball crosses a bright studio.", "Now in five colours."),
             ((20, 20, 30), (0, 200, 90), "A green ball glows in the dark.", "Bouncy. Play all night."),
         ]),
-        ("sunset_teaser", "A calm teaser for a travel company.", [
-            ((250, 150, 60), (255, 220, 80), "The sun moves across an orange sky.", ""),
-            ((30, 60, 120), (255, 255, 255), "A white boat crosses the sea at dusk.", "Your next escape starts here."),
-        ]),
     ]:
         video_files, row = sample_video(name, clips)
         files.update(video_files)
         video_rows.append({**row, "Meta": meta})
+    # a video file: video_qa's ingest task finds its two scenes, samples their frames and captions them
+    files[VIDEO_FILE] = sample_video_file()
+    video_rows.append({"id": "sunset_teaser", "video": VIDEO_FILE, "Meta": "A calm teaser for a travel company."})
     rows: dict[str, list[dict[str, Any]]] = {
         "image_qa": [
             {"id": "scene-1", "image": ["media/red_ball.jpg"]},
@@ -326,6 +339,23 @@ def main() -> int:
 EXPORT_NAMES = {"parquet": "Parquet (Hugging Face datasets)", "llava": "LLaVA conversation JSON", "card": "dataset card"}
 
 
+def ingested(s3: Any, manifest: dict[str, Any]) -> list[str]:
+    """What video_qa's ingest made of each video file: its clips, their spans and frames, and where the frames are."""
+    bucket, key = manifest["output"][len("s3://") :].split("/", 1)
+    folder = key.rsplit("/", 1)[0] + "/ingest/"
+    lines = []
+    for obj in s3.list_objects_v2(Bucket=bucket, Prefix=folder)["Contents"]:
+        if not obj["Key"].endswith(".jsonl") or obj["Key"].endswith(".errors.jsonl"):
+            continue
+        for row in map(json.loads, s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read().decode().splitlines()):
+            if "video" in row:
+                spans = ", ".join(f"{c['Start']:g}-{c['End']:g} s" for c in row["Clips"])
+                frames = sum(len(c["Frames_Images"]) for c in row["Clips"])
+                where = row["Clips"][0]["Frames_Images"][0].rsplit("/", 2)[0] + "/"
+                lines.append(f"ingested {row['video']}: {len(row['Clips'])} clips ({spans}), {frames} frames in {where}")
+    return lines
+
+
 def acceptance(manifest: dict[str, Any]) -> str:
     """The share of judged pairs the quality checks kept, as a percentage (n/a when none was judged)."""
     rate = manifest.get("acceptance_rate")
@@ -348,7 +378,7 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
         s3.put_object(Bucket=BUCKET, Key=key, Body=data)
     for dag_id, dag_rows in rows.items():
         s3.put_object(Bucket=BUCKET, Key=f"input/{dag_id}.jsonl", Body="".join(json.dumps(r) + "\n" for r in dag_rows).encode())
-    say(f"uploaded {len(files)} images and frames and {sum(map(len, rows.values()))} rows to s3://{BUCKET}/")
+    say(f"uploaded {len(files) - 1} images and frames, a video file ({VIDEO_FILE}) and {sum(map(len, rows.values()))} rows to s3://{BUCKET}/")
 
     api_port = free_port(8080)
     api = f"http://localhost:{api_port}"
@@ -413,6 +443,9 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
         )
         say(f"{dag_id}: quality checks kept {manifest['pairs_kept']} pairs and rejected {manifest['pairs_rejected']} (acceptance {acceptance(manifest)}) {manifest['rejections_by_reason']}")
         say(f"{dag_id}: output {manifest['output']} (copied to {work / 'output' / f'{dag_id}.jsonl'}); errors {manifest['errors']}; rejected {manifest['rejected']}")
+        if "ingest" in manifest["stages"]:
+            for line in ingested(s3, manifest):
+                say(f"{dag_id}: {line}")
         for name, uri in (manifest.get("exports") or {}).items():
             say(f"{dag_id}: {EXPORT_NAMES.get(name, name)} {uri}")
         links = http("GET", f"{run_url}/taskInstances/merge/links", token=token)["extra_links"]

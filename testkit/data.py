@@ -72,4 +72,4 @@ def job_options(server: OpenAITestServer, folder: Path, source: Path, **extra: o
         "model": MODEL, "media_root": str(folder / "media"), "concurrency": 8, "seed": 3, "params": {"pairs_per_row": 2},
         "max_retries": 6, "request_timeout": 1.0, **extra,
     }
-    return JobOptions(**settings)  # type: ignore[arg-type]
+    return JobOptions(**settings)

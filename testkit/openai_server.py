@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 if not __package__:  # run as a script (python testkit/openai_server.py): make `testkit` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -200,6 +200,9 @@ class OpenAITestServer:
         self.check_answers = True
         # the quality gate's verdicts (testkit/verdicts.py): by default every pair is kept
         self.verdicts: ScriptedVerdicts = KEEP_ALL
+        # a speech-to-text model served beside the VLM: None, as a VLM-only vLLM, has no /v1/audio/transcriptions (404)
+        self.transcription_model: str | None = None
+        self.transcriptions: list[dict[str, Any]] = []
         self._slot_gate: threading.Semaphore | None = None
         self._rng = random.Random(0)
         self._lock = threading.Lock()
@@ -209,7 +212,7 @@ class OpenAITestServer:
 
     @property
     def base_url(self) -> str:
-        host, port = self._httpd.server_address[:2]
+        host, port = cast(tuple[str, int], self._httpd.server_address[:2])
         return f"http://{host}:{port}/v1"
 
     def simulate(self, *, slots: int, latency: float, decode_images: bool = False, keep_requests: bool = False) -> OpenAITestServer:
@@ -261,6 +264,8 @@ class OpenAITestServer:
             self.decode_images, self.keep_requests = True, True
             self.backend, self.max_images, self.max_model_len, self.check_answers = "auto", 16, 32768, True
             self.verdicts = KEEP_ALL
+            self.transcription_model = None
+            self.transcriptions.clear()
             self.timings.clear()
             self.max_in_flight = 0
             self.fault_rates = {}
@@ -327,7 +332,7 @@ class OpenAITestServer:
             digest = hashlib.sha256(json.dumps([seen, body.get("seed")], sort_keys=True).encode()).hexdigest()[:8]
             note = f"saw {len(sizes)} image(s) " + ",".join(f"{w}x{h}" for w, h in sizes) + f" (reply {digest})"
             schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
-            content = self._write(schema, note, decoder, self.verdicts.fields(body)) if decoder is not None else note
+            content = self._write(cast(dict[str, Any], schema), note, decoder, self.verdicts.fields(body)) if decoder is not None else note
         if reply.spoil == "truncate":
             content = content[: len(content) // 2]
         elif reply.spoil == "invalid_json":
@@ -357,6 +362,36 @@ class OpenAITestServer:
             raise RuntimeError(f"its answer breaks the request's grammar, which vLLM's guided decoding never would: {content[:300]!r}")
         return content
 
+    def _transcribe(self, content_type: str, raw: bytes) -> tuple[int, dict[str, Any]]:
+        """``/v1/audio/transcriptions`` as vLLM answers it: a multipart form with ``file`` and ``model``; WAV only (vLLM reads more)."""
+        import email.parser
+        import email.policy
+        import io
+        import wave
+
+        if self.transcription_model is None:  # vLLM registers the route only for speech-to-text models
+            return 404, {"detail": "Not Found"}
+        if not content_type.startswith("multipart/form-data"):
+            return 422, {"detail": [{"type": "missing", "loc": ["body", "file"], "msg": "Field required"}]}
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
+        fields = {str(part.get_param("name", header="content-disposition")): cast(bytes, part.get_payload(decode=True)) for part in message.iter_parts()}
+        if "file" not in fields:
+            return 422, {"detail": [{"type": "missing", "loc": ["body", "file"], "msg": "Field required"}]}
+        model = (fields.get("model") or b"").decode()
+        if model and model != self.transcription_model:
+            return 404, {"error": {"message": f"The model `{model}` does not exist.", "type": "NotFoundError", "code": 404}}
+        audio = fields["file"]
+        if len(audio) > 25 * 1024 * 1024:  # VLLM_MAX_AUDIO_CLIP_FILESIZE_MB
+            return 400, {"error": {"message": "Maximum file size exceeded", "type": "BadRequestError", "code": 400}}
+        try:
+            with wave.open(io.BytesIO(audio)) as wav:
+                seconds = wav.getnframes() / wav.getframerate()
+        except (wave.Error, EOFError, ZeroDivisionError):
+            return 400, {"error": {"message": "Invalid or unsupported audio file.", "type": "BadRequestError", "code": 400}}
+        with self._lock:
+            self.transcriptions.append({"model": model, "seconds": seconds, "response_format": (fields.get("response_format") or b"json").decode()})
+        return 200, {"text": f" Transcript of {seconds:.2f} s of audio."}
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
@@ -385,13 +420,17 @@ class OpenAITestServer:
                 elif self.path.startswith("/stats"):
                     self._send(200, server.stats(reset="reset" in self.path))
                 elif self.path == "/v1/models":
-                    self._send(200, {"object": "list", "data": [{"id": server.model, "object": "model", "owned_by": "vllm"}]})
+                    served = [server.model, *([server.transcription_model] if server.transcription_model else [])]
+                    self._send(200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "vllm"} for m in served]})
                 else:
                     self._send(404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 raw = self.rfile.read(length)
+                if self.path == "/v1/audio/transcriptions":
+                    self._send(*server._transcribe(self.headers.get("Content-Type", ""), raw))
+                    return
                 if self.path != "/v1/chat/completions":
                     self._send(404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
                     return

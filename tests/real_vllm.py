@@ -51,8 +51,11 @@ def vllm_server(model: Path, log_name: str, *, backend: str = "auto") -> Iterato
         yield base_url
 
 
-def write_inputs(folder: Path, *, images: int = 24, videos: int = 8) -> dict[str, Path]:
-    """Inputs for the five stages under ``folder``: image rows (1 or 2 images), pers rows (each subject kind), videos (3 clips x 4 frames)."""
+def write_inputs(folder: Path, *, images: int = 24, videos: int = 8, video_files: int = 0) -> dict[str, Path]:
+    """Inputs for the five stages under ``folder``: image rows (1 or 2 images), pers rows (each subject kind), videos (3 clips x 4 frames).
+
+    ``video_files``: video rows that name a file instead (scene cuts at 2 s and 4 s), for a DAG that ingests them first.
+    """
     media = folder / "media"
     media.mkdir(parents=True, exist_ok=True)
     for i in range(images):
@@ -70,6 +73,11 @@ def write_inputs(folder: Path, *, images: int = 24, videos: int = 8) -> dict[str
                 frames.append(name)
             clips.append({"Description": f"Clip {c + 1} of video {v}: a ball rolls by.", "Audio_Text": "Meet the ball.", "Frames_Images": frames})
         video_rows.append({"id": f"video-{v}", "Meta": f"A short advertisement, number {v}.", "Clips": clips})
+    for v in range(video_files):
+        from testkit.videos import write_video
+
+        write_video(media / f"file-{v}.mp4", [2.0, 2.0, 1.5], fps=8, size=(160, 120))
+        video_rows.append({"id": f"video-file-{v}", "video": f"file-{v}.mp4", "Meta": f"A video file, number {v}."})
     paths = {}
     for name, rows in (("image", image_rows), ("pers", pers_rows), ("video", video_rows)):
         paths[name] = folder / f"{name}.jsonl"

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DAG_FILES = sorted((ROOT / "dags").glob("*.py"))
-HEAVY = ["vllm", "torch", "transformers", "PIL", "pandas", "boto3", "openai"]
+HEAVY = ["vllm", "torch", "transformers", "PIL", "pandas", "boto3", "openai", "av", "pyarrow"]
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +45,27 @@ def test_the_consumer_is_scheduled_on_the_three_datasets_and_created_paused(dagb
     assert dag.tags and "vqa" in dag.tags and dag.doc_md and all(t.retries >= 1 for t in dag.tasks)
 
 
-def test_video_qa_is_three_chained_tasks_mapped_over_shards(dagbag) -> None:
+def test_video_qa_is_ingest_then_three_chained_tasks_mapped_over_shards(dagbag) -> None:
     dag = dagbag.dags["video_qa"]
-    assert [t.task_id for t in dag.topological_sort()] == ["plan", "initial", "multiagent", "final", "quality", "merge"]
+    assert [t.task_id for t in dag.topological_sort()] == ["plan", "ingest", "initial", "multiagent", "final", "quality", "merge"]
+    assert dag.get_task("initial").upstream_task_ids == {"ingest", "plan"}
     assert dag.get_task("multiagent").upstream_task_ids == {"initial", "plan"}
     assert dag.get_task("final").upstream_task_ids == {"multiagent", "plan"}
     assert dag.get_task("quality").upstream_task_ids == {"final", "plan"}
-    assert dag.get_task("merge").upstream_task_ids == {"initial", "multiagent", "final", "quality", "plan"}
+    # merge accounts for every stage's errors, the ingest's included
+    assert dag.get_task("merge").upstream_task_ids == {"ingest", "initial", "multiagent", "final", "quality", "plan"}
     assert dag.get_task("quality").partial_kwargs["spec"].params["source"] == "video_qa_final"
-    for task_id in ("initial", "multiagent", "final", "quality"):
+    for task_id in ("ingest", "initial", "multiagent", "final", "quality"):
         assert dag.get_task(task_id).expand_input.value.keys() == {"shard"}  # one mapped instance per shard
-    # each stage reads what the one before it staged for the same shard (map index)
+    # the ingest reads the shard of the run's input; each later stage reads what the one before it staged for the same shard (map index)
+    ingest = dag.get_task("ingest").partial_kwargs["spec"]
+    assert ingest.generator == "video_ingest" and ingest.input is None
+    assert set(ingest.params) == {"frames_per_clip", "scene_threshold", "min_clip_s", "max_clip_s", "clip_s", "caption", "transcribe"} <= set(dag.params)
+    assert dag.get_task("initial").partial_kwargs["spec"].input.split("}}/")[-1].startswith("ingest{{")
     assert dag.get_task("multiagent").partial_kwargs["spec"].input.endswith("/initial{{ '/shard-%05d' % ti.map_index if ti.map_index is not none and ti.map_index >= 0 else '' }}.jsonl")
     assert dag.get_task("final").partial_kwargs["spec"].input.split("}}/")[-1].startswith("multiagent{{")
+    # every stage may read media the run staged (the ingest's frames), and only the run's own folder
+    assert ingest.staging_root == "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}"
 
 
 @pytest.mark.parametrize("dag_id", ["image_qa", "pers_qa"])

@@ -14,6 +14,7 @@ import pytest
 from testkit.data import MODEL, make_jpeg
 from testkit.openai_server import OpenAITestServer
 from testkit.verdicts import ScriptedVerdicts
+from testkit.videos import write_video
 from tests.airflow_env import airflow, airflow_env
 
 pytestmark = pytest.mark.slow
@@ -137,19 +138,25 @@ def test_pers_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, s
     assert [e["reason"] for e in errors] == ["image_not_found"]
 
 
-def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path) -> None:
+def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path, tmp_path: Path) -> None:
     for i in range(8):
         s3.put_object(Bucket=bucket, Key=f"media/clip/f{i}.jpg", Body=make_jpeg((640, 360)))
     clips = [
         {"Description": "a runner on a trail", "Audio_Text": "Go further.", "Frames_Images": [f"media/clip/f{i}.jpg" for i in range(4)]},
         {"Description": "the shoe, close up", "Audio_Text": "", "Frames_Images": [f"media/clip/f{i}.jpg" for i in range(4, 8)]},
     ]
-    rows = [{"id": "ad-1", "Meta": "Trail shoe ad", "Clips": clips}, {"id": "ad-2", "Meta": "Teaser", "Clips": clips[1:]}, {"id": "ad-3", "Meta": "broken", "Clips": "x"}]
+    # a raw video file too: two scenes of 2 s, cut by the ingest into two clips of two frames
+    s3.upload_file(str(write_video(tmp_path / "cuts.mp4", [2.0, 2.0], fps=10)), bucket, "media/raw/cuts.mp4")
+    rows = [
+        {"id": "ad-1", "Meta": "Trail shoe ad", "Clips": clips}, {"id": "ad-2", "Meta": "Teaser", "Clips": clips[1:]},
+        {"id": "ad-3", "Meta": "broken", "Clips": "x"}, {"id": "ad-4", "video": "media/raw/cuts.mp4", "Meta": "Cuts ad"},
+    ]
     s3.put_object(Bucket=bucket, Key="input/videos.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
     env = airflow_env(airflow_home, s3_endpoint=s3_endpoint, vlm_base_url=vlm_server.base_url, model=MODEL)
     conf = {
         "input_uri": f"s3://{bucket}/input/videos.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/",
         "max_frames": 6, "max_iterations": 2, "final_pairs": 6, "seed": 4, "rows_per_shard": 2, "near_duplicate_threshold": 0.99,
+        "frames_per_clip": 2,
     }
     # the judge scores each video's sixth final pair 2: below min_judge_score (3), so it is rejected as not grounded
     vlm_server.verdicts = ScriptedVerdicts(score=lambda question, answer: 2 if question.startswith("question 6:") else 5)
@@ -157,49 +164,58 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
     keys = run_keys(s3, bucket, "video_qa")
-    shards = [f"{t}/shard-0000{i}{ext}" for t in ("initial", "multiagent", "final", "quality") for i in (0, 1) for ext in (".jsonl", ".errors.jsonl")]
+    stages = ("ingest", "initial", "multiagent", "final", "quality")
+    shards = [f"{t}/shard-0000{i}{ext}" for t in stages for i in (0, 1) for ext in (".jsonl", ".errors.jsonl")]
     shards += [f"quality/shard-0000{i}.rejected.jsonl" for i in (0, 1)]
-    merged = ["final.jsonl", "final.errors.jsonl", "final.manifest.json", "final.preview.html", "final.rejected.jsonl", "initial.errors.jsonl", "multiagent.errors.jsonl", "quality.errors.jsonl"]
+    # the ingest stored ad-4's frames beside its shard's output (the second shard)
+    frames = sorted(n for n in names(keys) if ".frames/" in n)
+    assert len(frames) == 4 and all(re.fullmatch(r"ingest/shard-00001\.frames/[0-9a-f]{20}/clip-00[01]/frame-0[01]\.jpg", n) for n in frames)
+    merged = ["final.jsonl", "final.errors.jsonl", "final.manifest.json", "final.preview.html", "final.rejected.jsonl"]
+    merged += [f"{t}.errors.jsonl" for t in stages if t != "final"]
     merged += ["final.parquet", "final.llava.json", "README.md"]  # the training-ready copies and the dataset card
-    assert names(keys) == sorted(shards + merged)
+    assert names(keys) == sorted(shards + merged + frames)
     prefix = next(k for k in keys if k.endswith("/final.jsonl")).rsplit("/", 1)[0]
+    ingested = read_jsonl(s3, bucket, f"{prefix}/ingest/shard-00001.jsonl")[1]
+    assert [(c["Start"], c["End"], c["Frame_Times"]) for c in ingested["Clips"]] == [(0.0, 2.0, [0.5, 1.5]), (2.0, 4.0, [2.5, 3.5])]
+    assert all(c["Description"] for c in ingested["Clips"]) and ingested["Meta"] == "Cuts ad"
     middle = read_jsonl(s3, bucket, f"{prefix}/multiagent/shard-00000.jsonl") + read_jsonl(s3, bucket, f"{prefix}/multiagent/shard-00001.jsonl")
-    assert [r["video_qa_state"]["iterations"] for r in middle] == [2, 2]
+    assert [r["video_qa_state"]["iterations"] for r in middle] == [2, 2, 2]
     final = read_jsonl(s3, bucket, f"{prefix}/final.jsonl")
-    assert [r["id"] for r in final] == ["ad-1", "ad-2"]
+    assert [r["id"] for r in final] == ["ad-1", "ad-2", "ad-4"]
     for row in final:
         assert len(row["QA"]) == 5 and all(set(p) == {"Label", "Question", "Answer"} for p in row["QA"])
         assert "video_qa_state" not in row
     rejected = read_jsonl(s3, bucket, f"{prefix}/final.rejected.jsonl")
-    assert [(e["line"], e["index"], e["reason"], e["verdicts"]["grounding"]["score"]) for e in rejected] == [(1, 5, "not_grounded", 2), (2, 5, "not_grounded", 2)]
+    assert [(e["line"], e["index"], e["reason"], e["verdicts"]["grounding"]["score"]) for e in rejected] == [(1, 5, "not_grounded", 2), (2, 5, "not_grounded", 2), (4, 5, "not_grounded", 2)]
     # the grounding check saw each video's sampled frames (max_frames 6), the blind check none
     grounding = [r for r in vlm_server.requests if r["response_format"]["json_schema"]["name"] == "GroundingVerdict"]
     frames = [sum(p["type"] == "image_url" for p in r["messages"][-1]["content"]) for r in grounding]
-    assert sorted(set(frames)) == [4, 6] and len(grounding) == 12
+    assert sorted(set(frames)) == [4, 6] and len(grounding) == 18
     assert [e["reason"] for e in read_jsonl(s3, bucket, f"{prefix}/initial.errors.jsonl")] == ["bad_field"]
-    # the frame budget: 6 of ad-1's 8 frames and all 4 of ad-2's reach the model in the initial requests
+    # the frame budget: 6 of ad-1's 8 frames and all 4 of ad-2's and of ad-4's reach the model in the initial requests
     initial = [r for r in vlm_server.requests if r["response_format"]["json_schema"]["name"] == "VideoQASet"]
     counts = [sum(p["type"] == "image_url" for m in r["messages"] if isinstance(m["content"], list) for p in m["content"]) for r in initial]
-    assert sorted(counts) == [4, 6]
+    assert sorted(counts) == [4, 4, 6]
     # the preview shows each video's strip of the frames that were sent, its labelled QA, and the initial stage's failure
     page = s3.get_object(Bucket=bucket, Key=f"{prefix}/final.preview.html")["Body"].read().decode()
     strips = re.findall(r'<div class="media strip">(.*?)</div>', page)
-    assert [strip.count('<img class="thumb"') for strip in strips] == [6, 4]
-    assert "6 of 8 frames sent" in page and page.count('<span class="label">') >= 10 and "acceptance rate 83.3%: 10 of 12 pairs kept" in page
+    assert [strip.count('<img class="thumb"') for strip in strips] == [6, 4, 4]
+    assert "6 of 8 frames sent" in page and page.count('<span class="label">') >= 15 and "acceptance rate 83.3%: 15 of 18 pairs kept" in page
     assert "<h3>bad_field · 1 row</h3>" in page
 
     # training-ready copies: each video is a conversation over the frames the model was shown, with its five kept pairs
     llava = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/final.llava.json")["Body"].read())
-    assert [(item["id"], len(item["image"]), len(item["conversations"])) for item in llava] == [("ad-1", 6, 10), ("ad-2", 4, 10)]
-    assert all(path.startswith(f"s3://{bucket}/media/clip/f") for item in llava for path in item["image"])
+    assert [(item["id"], len(item["image"]), len(item["conversations"])) for item in llava] == [("ad-1", 6, 10), ("ad-2", 4, 10), ("ad-4", 4, 10)]
+    assert all(path.startswith(f"s3://{bucket}/media/clip/f") for item in llava[:2] for path in item["image"])
+    assert llava[2]["image"] == [uri for c in ingested["Clips"] for uri in c["Frames_Images"]]
     assert llava[1]["conversations"][0]["value"] == "<image>\n" * 4 + final[1]["QA"][0]["Question"]
     table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=f"{prefix}/final.parquet")["Body"].read()))
-    assert table.column("meta").to_pylist() == ["Trail shoe ad", "Teaser"]
+    assert table.column("meta").to_pylist() == ["Trail shoe ad", "Teaser", "Cuts ad"]
     assert [[p["labels"] for p in qa] for qa in table.column("qa").to_pylist()] == [[p["Label"] if isinstance(p["Label"], list) else [p["Label"]] for p in r["QA"]] for r in final]
     card = s3.get_object(Bucket=bucket, Key=f"{prefix}/README.md")["Body"].read().decode()
     labels = Counter(label for r in final for p in r["QA"] for label in (p["Label"] if isinstance(p["Label"], list) else [p["Label"]]))
     assert "- **Labels**: " + ", ".join(f"`{k}` {v}" for k, v in labels.most_common()) + "." in card
-    assert "- **Rows**: 2 in the dataset, of 3 input rows (1 failed, 0 rejected by the quality checks)." in card
+    assert "- **Rows**: 3 in the dataset, of 4 input rows (1 failed, 0 rejected by the quality checks)." in card
 
 
 def test_a_retried_task_resumes_from_the_failed_try(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path) -> None:

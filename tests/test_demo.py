@@ -82,7 +82,8 @@ def test_demo_runs_the_dags_through_airflow_standalone_and_says_why_one_failed(v
     # 3 pers pairs); and the first video's refused request (the second video's, if it was sent before the task failed)
     sent = Counter(r["response_format"]["json_schema"]["name"] for r in vlm_server.requests)
     assert 1 <= sent.pop("VideoQASet") <= 2
-    assert sent == {"ImageQAAnswer": 4, "PersQAAnswer": 3, "BlindAnswer": 11, "AgreementVerdict": 11, "GroundingVerdict": 11}
+    # the ingest captioned the video file's two clips before the initial stage failed
+    assert sent == {"ImageQAAnswer": 4, "PersQAAnswer": 3, "BlindAnswer": 11, "AgreementVerdict": 11, "GroundingVerdict": 11, "ClipCaption": 2}
 
 
 @pytest.mark.slow
@@ -108,6 +109,10 @@ def test_demo_with_nothing_configured_runs_every_dag_on_real_inference(tmp_path:
         assert re.search(rf"{dag_id}: QA preview http://127\.0\.0\.1:\d+/vqa-demo/output/{dag_id}/\S+\.preview\.html\?", out)
     assert re.search(r"every DAG ran \(image_qa: \d+ rows out, pers_qa: \d+ rows out, video_qa: \d+ rows out\); the model was tiny-idefics3", out)
     assert "the quality checks' verdicts come from the same model" in out
+    # the video file went in raw: the ingest found its two scenes and stored four frames of each; the exports say where they are
+    assert re.search(r"video_qa: ingested media/video/sunset_teaser\.mp4: 2 clips \(0-2 s, 2-4 s\), 8 frames in s3://vqa-demo/output/video_qa/\S+/ingest/shard-00000\.frames/[0-9a-f]{20}/", out), out[-3000:]
+    for name, path in (("Parquet \\(Hugging Face datasets\\)", "final\\.parquet"), ("LLaVA conversation JSON", "final\\.llava\\.json"), ("dataset card", "README\\.md")):
+        assert re.search(rf"video_qa: {name} s3://vqa-demo/output/video_qa/\S+/{path}", out), out[-3000:]
     records = [json.loads(line) for dag_id in ("image_qa", "pers_qa", "video_qa") for line in (tmp_path / "output" / f"{dag_id}.jsonl").read_text().splitlines()]
     assert len(records) == made
     assert all(r["vqa_provenance"]["quality"]["model"] == "tiny-idefics3" for r in records)

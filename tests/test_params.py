@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FORM = {"input_uri", "output_prefix", "model", "seed", "rows_per_shard", "max_shards", "media_root", "concurrency"}
 QUALITY = {"blind_check", "grounding_check", "min_judge_score", "remove_near_duplicates", "near_duplicate_threshold", "near_duplicate_key"}
 EXPORT = {"export_formats", "embed_images"}
-SPECIFIC = {"image_qa": {"pairs_per_row"}, "pers_qa": {"tag"}, "video_qa": {"max_frames", "max_iterations", "final_pairs"}}
+INGEST = {"frames_per_clip", "scene_threshold", "min_clip_s", "max_clip_s", "clip_s", "caption", "transcribe"}
+SPECIFIC = {"image_qa": {"pairs_per_row"}, "pers_qa": {"tag"}, "video_qa": {"max_frames", "max_iterations", "final_pairs"} | INGEST}
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,9 @@ def test_every_param_is_typed_titled_and_described(dagbag, dag_id: str) -> None:
         ("video_qa", {"max_iterations": 99}),
         ("video_qa", {"max_shards": 10_000}),
         ("video_qa", {"rows_per_shard": 0}),
+        ("video_qa", {"frames_per_clip": 0}),
+        ("video_qa", {"transcribe": "maybe"}),
+        ("video_qa", {"scene_threshold": 2}),
     ],
 )
 def test_the_form_rejects_bad_values_before_a_run_exists(dagbag, dag_id: str, bad: dict) -> None:

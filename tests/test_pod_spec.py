@@ -11,6 +11,7 @@ import pytest
 os.environ.setdefault("AIRFLOW_HOME", "/tmp/vqa-pod-test")
 
 from testkit.data import MODEL
+from vqa_operators.video import ClipRules
 
 SECRET_KEY = "sk-must-not-appear"
 
@@ -103,16 +104,25 @@ def test_without_a_service_url_vllm_runs_in_the_pod(monkeypatch: pytest.MonkeyPa
     assert {e["name"]: e.get("value") for e in container["env"]}["VQA_MODEL"] == "Qwen/Qwen2.5-VL-7B-Instruct"
 
 
+# the ingest's defaults, as the trigger form's params render them
+CLIP = ClipRules()
+
+
 @pytest.mark.parametrize(
-    ("task_id", "generator", "source", "params"),
+    ("task_id", "generator", "source", "params", "max_tokens"),
     [
-        ("initial", "video_qa_initial", None, ["max_frames=12"]),
-        ("multiagent", "video_qa_multiagent", f"s3://out/prefix/video_qa/{RUN_ID}/initial/shard-00003.jsonl", ["max_frames=12", "max_iterations=2"]),
-        ("final", "video_qa_final", f"s3://out/prefix/video_qa/{RUN_ID}/multiagent/shard-00003.jsonl", ["final_pairs=8"]),
+        (
+            "ingest", "video_ingest", None,
+            [f"frames_per_clip={CLIP.frames_per_clip}", f"scene_threshold={CLIP.scene_threshold}", f"min_clip_s={CLIP.min_clip_s}", f"max_clip_s={CLIP.max_clip_s}",
+             f"clip_s={CLIP.clip_s}", "caption=True", "transcribe=auto"], "1024",
+        ),
+        ("initial", "video_qa_initial", f"s3://out/prefix/video_qa/{RUN_ID}/ingest/shard-00003.jsonl", ["max_frames=12"], "4096"),
+        ("multiagent", "video_qa_multiagent", f"s3://out/prefix/video_qa/{RUN_ID}/initial/shard-00003.jsonl", ["max_frames=12", "max_iterations=2"], "4096"),
+        ("final", "video_qa_final", f"s3://out/prefix/video_qa/{RUN_ID}/multiagent/shard-00003.jsonl", ["final_pairs=8"], "4096"),
     ],
 )
 def test_video_qa_tasks_are_valid_gpu_pods_chained_through_s3(
-    vlm_connection, monkeypatch: pytest.MonkeyPatch, task_id: str, generator: str, source: str | None, params: list[str]
+    vlm_connection, monkeypatch: pytest.MonkeyPatch, task_id: str, generator: str, source: str | None, params: list[str], max_tokens: str
 ) -> None:
     import kubernetes_validate
 
@@ -123,7 +133,9 @@ def test_video_qa_tasks_are_valid_gpu_pods_chained_through_s3(
     output = f"s3://out/prefix/video_qa/{RUN_ID}/{task_id}/shard-00003.jsonl"  # a later stage reads the same shard's upstream output
     assert args[:6 if source else 4] == ["run", generator, *(["--input", source] if source else []), "--output", output]
     assert [args[i + 1] for i, a in enumerate(args) if a == "--param"] == params
-    assert args[args.index("--seed") + 1] == "9" and args[args.index("--max-tokens") + 1] == "4096"
+    assert args[args.index("--seed") + 1] == "9" and args[args.index("--max-tokens") + 1] == max_tokens
+    # the stages may read the media the run staged (the ingest's frames) in the run's own folder
+    assert args[args.index("--staging-root") + 1] == f"s3://out/prefix/video_qa/{RUN_ID}"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert manifest["metadata"]["labels"]["task_id"] == task_id
     assert SECRET_KEY not in json.dumps(manifest)

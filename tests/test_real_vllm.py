@@ -66,7 +66,8 @@ def test_dags_test_runs_each_dag_against_vllm(
     dag_id: str, source: str, final_task: str, conf: dict[str, Any], vllm_url: str, airflow_home: Path, s3: Any, bucket: str, s3_endpoint: str,
     tmp_path: Path,
 ) -> None:
-    inputs = real_vllm.write_inputs(tmp_path, images=8, videos=3)
+    # video_qa: three rows of clips, and a video file the DAG's ingest task cuts into clips and captions with vLLM
+    inputs = real_vllm.write_inputs(tmp_path, images=8, videos=3, video_files=1)
     for path in (tmp_path / "media").iterdir():
         s3.put_object(Bucket=bucket, Key=f"media/{path.name}", Body=path.read_bytes())
     s3.put_object(Bucket=bucket, Key="input/rows.jsonl", Body=inputs[source].read_bytes())
@@ -84,6 +85,13 @@ def test_dags_test_runs_each_dag_against_vllm(
     assert manifest["rows_in"] == rows == manifest["rows_out"] + manifest["rows_failed"] + manifest["rows_rejected"], manifest
     assert manifest["rows_out"] + manifest["rows_rejected"] >= real_vllm.TARGET * rows, manifest
     assert manifest["acceptance_rate"] is not None and manifest["stages"]["quality"]["requests"] > 0, manifest
+    if dag_id == "video_qa":
+        # the video file became three clips of frames with vLLM's captions, and went on through the three stages
+        ingest = manifest["stages"]["ingest"]
+        assert (ingest["rows_out"], ingest["rows_failed"]) == (4, 0) and ingest["requests"] >= 3, ingest
+        ingested = _ingested_file_row(s3, bucket, manifest)
+        assert [(c["Start"], c["End"], len(c["Frames_Images"])) for c in ingested["Clips"]] == [(0.0, 2.0, 4), (2.0, 4.0, 4), (4.0, 5.5, 4)]
+        assert all(c["Description"].strip() for c in ingested["Clips"])
     # no request refused by vLLM, in any stage (the quality stage's three schemas included)
     assert manifest["model"] == real_vllm.SERVED_NAME and not real_vllm.REFUSED & set(manifest["failures_by_reason"]), manifest
     # every verdict that came back is schema-valid: kept pairs' (provenance) and rejected pairs' (rejected file)
@@ -99,6 +107,13 @@ def test_dags_test_runs_each_dag_against_vllm(
             agreement.model_validate({"reason": verdict["blind"]["reason"], "agrees": verdict["blind"]["agrees"]})
         if "grounding" in verdict:
             grounding.model_validate(verdict["grounding"])
+
+
+def _ingested_file_row(s3: Any, bucket: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The ingest's row for the video file (it lands in the last shard: rows_per_shard 4, the file is row 4)."""
+    folder = manifest["output"].split("/", 3)[3].rsplit("/", 1)[0]
+    body = s3.get_object(Bucket=bucket, Key=f"{folder}/ingest/shard-00000.jsonl")["Body"].read().decode()
+    return next(r for r in map(json.loads, body.splitlines()) if r["id"] == "video-file-0")
 
 
 # --- the seeds' Example Usage -----------------------------------------------------------------
@@ -136,3 +151,34 @@ def test_the_seeds_example_usage_against_vllm(vllm_url: str, seed_workdir: Path)
 @pytest.mark.parametrize("backend", ["auto"])
 def test_the_double_answers_every_request_with_vllms_status(vllm_url: str, backend: str) -> None:
     check_parity(vllm_url, backend)
+
+
+def test_a_server_without_a_speech_model_refuses_transcriptions_as_the_double_does(vllm_url: str, vlm_server: Any) -> None:
+    """vLLM serves /v1/audio/transcriptions only for speech-to-text models: for a VLM it is a 404, and the ingest's client says what is wrong."""
+    import asyncio
+    import io
+    import wave
+
+    from vqa_operators.exceptions import ConfigError
+    from vqa_operators.serving.openai_api import APIVLMServing_openai
+
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(16_000)
+        wav.writeframes(b"\x00\x00" * 16_000)
+    async def transcribe(url: str, model: str) -> None:
+        client = APIVLMServing_openai(api_url=url, model_name=model, max_workers=1, max_retries=0)
+        try:
+            await client.transcribe(buffer.getvalue())
+        finally:
+            await client.aclose()
+
+    messages = []
+    for url, model in ((vllm_url, real_vllm.SERVED_NAME), (vlm_server.base_url, vlm_server.model)):
+        with pytest.raises(ConfigError, match=r"has no /audio/transcriptions for .* \(is it serving a speech-to-text model\?\)") as caught:
+            asyncio.run(transcribe(url, model))
+        messages.append(str(caught.value).split("model?): ", 1)[1])
+    # FastAPI's answer for a route vLLM did not register, word for word from both
+    assert messages == ["Not Found"] * 2

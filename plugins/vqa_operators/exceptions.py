@@ -20,7 +20,13 @@ class Reason(StrEnum):
     IMAGE_NOT_FOUND = "image_not_found"  # an image does not exist
     IMAGE_UNREADABLE = "image_unreadable"  # an image cannot be read (permissions, S3 AccessDenied)
     BAD_IMAGE = "bad_image"  # an image cannot be decoded safely
-    PATH_NOT_ALLOWED = "path_not_allowed"  # an image lies outside the allowed media roots
+    PATH_NOT_ALLOWED = "path_not_allowed"  # an image or video lies outside the allowed media roots
+    VIDEO_NOT_FOUND = "video_not_found"  # video_ingest: the video file does not exist
+    VIDEO_UNREADABLE = "video_unreadable"  # video_ingest: the file cannot be read or decoded (corrupt, truncated, empty, S3 AccessDenied)
+    NO_VIDEO_STREAM = "no_video_stream"  # video_ingest: the file holds no video stream (audio only)
+    UNSUPPORTED_CODEC = "unsupported_codec"  # video_ingest: FFmpeg has no decoder for the video's codec
+    BAD_DIMENSIONS = "bad_dimensions"  # video_ingest: a side of the picture is below min or above max pixels
+    VIDEO_TOO_LONG = "video_too_long"  # video_ingest: longer than max_video_s
     REQUEST_REJECTED = "request_rejected"  # the server refused this one request (HTTP 400/413/422)
     EMPTY_RESPONSE = "empty_response"  # the server answered with no choices
     TRUNCATED_OUTPUT = "truncated_output"  # the answer was cut off (max_tokens), after one repair

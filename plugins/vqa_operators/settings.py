@@ -70,6 +70,9 @@ class Environment(BaseSettings):
     model: str | None = None
     max_num_seqs: int = Field(MAX_NUM_SEQS, ge=1, le=65536)
     concurrency: int | None = Field(None, ge=1, le=4096)
+    # the video ingest's speech-to-text: an OpenAI-compatible /v1 URL (vLLM serving Whisper) and its model
+    transcription_url: str | None = None
+    transcription_model: str | None = None
     # media
     media_root: str = "."
     allowed_media_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)

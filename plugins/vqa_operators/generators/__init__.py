@@ -11,6 +11,8 @@ from vqa_operators.generators.base import PROVENANCE_KEY, Generator, OutputField
 GENERATORS: dict[str, str] = {
     "image_qa": "vqa_operators.generators.image_qa:ImageQAGenerator",
     "pers_qa": "vqa_operators.generators.pers_qa:PersQAGenerator",
+    # video files -> the video stages' input (Meta + Clips with frames, captions and transcripts)
+    "video_ingest": "vqa_operators.generators.video_ingest:VideoIngestGenerator",
     "video_qa_initial": "vqa_operators.generators.video_qa:VideoQAInitialGenerator",
     "video_qa_multiagent": "vqa_operators.generators.video_qa:VideoQAMultiAgentGenerator",
     "video_qa_final": "vqa_operators.generators.video_qa:VideoQAFinalGenerator",

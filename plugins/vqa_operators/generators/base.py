@@ -202,8 +202,11 @@ class Generator(ABC):
         options: GeneratorOptions | dict[str, Any] | None = None,
         media: MediaReader | None = None,
         seed: int | None = None,
+        output: str | None = None,
     ) -> None:
         self.serving = serving
+        # where the run writes its rows (None outside a worker run): a stage that writes media keeps it beside them
+        self.output = output
         self.options = self.parse_options(options)
         self.media = media or MediaReader(Storage(), max_pixels=settings.MAX_PIXELS)
         self.seed = seed
@@ -228,6 +231,9 @@ class Generator(ABC):
         """What the run loop calls for each row: ``generate``'s result (a quality gate adds its rejections)."""
         fields, meta = await self.generate(row)
         return Generated(fields, meta)
+
+    async def aclose(self) -> None:  # noqa: B027 - a hook: most generators open nothing else
+        """Release what the generator opened besides its model server (the run loop calls this once, last)."""
 
     @classmethod
     def judged_source(cls, options: Any) -> str | None:

@@ -203,6 +203,36 @@ def export_params() -> dict[str, Param]:
     }
 
 
+def ingest_params() -> dict[str, Param]:
+    """The video ingest's cuts, frames and texts (video_qa's first task, for rows that name a video file), documented for the trigger form."""
+    from vqa_operators.video import ClipRules
+
+    return {
+        "frames_per_clip": Param(
+            ClipRules.frames_per_clip, type="integer", minimum=1, maximum=64, title="Frames per clip",
+            description="Video files: frames sampled evenly within each clip and stored as JPEG under the run's folder, each with its timestamp.",
+        ),
+        "scene_threshold": Param(
+            ClipRules.scene_threshold, type="number", minimum=0, maximum=1, title="Scene-change threshold",
+            description="How much the picture must change from one frame to the next (0-1, mean pixel change of a small thumbnail) to start a new clip. 0: cut every clip_s seconds.",
+        ),
+        "min_clip_s": Param(ClipRules.min_clip_s, type="number", exclusiveMinimum=0, maximum=3600, title="Shortest clip (s)", description="A scene change sooner than this after the clip began is ignored."),
+        "max_clip_s": Param(ClipRules.max_clip_s, type="number", exclusiveMinimum=0, maximum=3600, title="Longest clip (s)", description="A longer scene is split into equal clips."),
+        "clip_s": Param(
+            ClipRules.clip_s, type="number", exclusiveMinimum=0, maximum=3600, title="Fixed clip length (s)",
+            description="A video with no scene change (or a threshold of 0) is cut into clips this long.",
+        ),
+        "caption": Param(True, type="boolean", title="Caption each clip", description="Ask the model for each clip's Description from its frames (1 request per clip). Off: empty."),
+        "transcribe": Param(
+            "auto", type="string", enum=["auto", "on", "off"], title="Transcribe each clip",
+            description="Audio_Text from the speech-to-text endpoint VQA_TRANSCRIPTION_URL (vLLM serving Whisper): auto uses it if set, else leaves Audio_Text empty; on fails the run if none is set.",
+        ),
+    }
+
+
+# the ingest's options from the run's params (the WorkerSpec ``params`` of a ``video_ingest`` task)
+INGEST_OPTIONS: dict[str, Any] = {name: f"{{{{ params.{name} }}}}" for name in ("frames_per_clip", "scene_threshold", "min_clip_s", "max_clip_s", "clip_s", "caption", "transcribe")}
+
 # the merge's export settings from the run's params (merge_shards' ``export``)
 EXPORT: dict[str, Any] = {
     "formats": "{{ params.export_formats | join(',') }}",

@@ -8,6 +8,7 @@ over; the merge writes the run's final JSONL, errors and combined manifest.
 from __future__ import annotations
 
 import copy
+import posixpath
 from collections.abc import Sequence
 from typing import Any
 
@@ -157,7 +158,8 @@ class VQAMergeOperator(BaseOperator):
                 manifest["rejections_by_reason"], manifest["rejected"],
             )
         title = f"{context['dag'].dag_id} · {context['run_id']}"
-        allowed = settings.environment().allowed_media_roots or None
+        # the media roots, and the run's folder, where the video ingest stored its frames
+        allowed = [*(settings.environment().allowed_media_roots or [self.media_root]), posixpath.dirname(manifest["output"])]
         preview = write_preview(storage, manifest, title=title, media_root=self.media_root, allowed_roots=allowed)
         self.preview_url = storage.url(preview)
         self.log.info("QA preview: %s", preview)

@@ -26,6 +26,8 @@ def staged_output(task_id: str = "{{ task.task_id }}") -> str:
 
 
 STAGED_OUTPUT_URI = staged_output()
+# the run's staging folder: media an earlier task of the run wrote there (the video ingest's frames) may be read
+STAGING_ROOT = "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}"
 # the task's identity, which names its checkpoint: every try of one task instance shares it
 TASK_KEY = "{{ dag.dag_id }}/{{ task.task_id }}/{{ run_id }}/{{ ti.map_index }}"
 TRY_NUMBER = "{{ ti.try_number }}"
@@ -37,7 +39,7 @@ class WorkerSpec:
 
     # Airflow renders the template fields of objects held in an operator's template fields
     template_fields: ClassVar[tuple[str, ...]] = (
-        "input", "output", "errors", "model", "params", "concurrency", "seed", "media_root", "task_key", "try_number",
+        "input", "output", "errors", "model", "params", "concurrency", "seed", "media_root", "staging_root", "task_key", "try_number",
     )
 
     generator: str
@@ -54,6 +56,7 @@ class WorkerSpec:
     max_tokens: int = settings.MAX_TOKENS
     max_pixels: int = settings.MAX_PIXELS
     media_root: str = "."
+    staging_root: str | None = STAGING_ROOT
     task_key: str = TASK_KEY
     try_number: int | str | None = TRY_NUMBER
 

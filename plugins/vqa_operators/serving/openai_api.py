@@ -172,8 +172,11 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
             }
         return body
 
-    async def _call(self, send: Callable[[Any], Awaitable[T]]) -> T:
-        """``send(client)`` under the concurrency bound, with the retry policy of the module docstring."""
+    async def _call(self, send: Callable[[Any], Awaitable[T]], *, not_found: str | None = None) -> T:
+        """``send(client)`` under the concurrency bound, with the retry policy of the module docstring.
+
+        ``not_found``: what an HTTP 404 means for this call (default: the model is not served).
+        """
         import openai
 
         client, slots = self._bound()
@@ -187,7 +190,7 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
             except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
                 raise ConfigError(f"model server refused the API key: HTTP {exc.status_code}") from None
             except openai.NotFoundError as exc:
-                raise ConfigError(f"model server has no model {self.model_name!r}: {_message(exc)}") from None
+                raise ConfigError(f"{not_found or f'model server has no model {self.model_name!r}'}: {_message(exc)}") from None
             except openai.APIStatusError as exc:
                 if exc.status_code in (400, 413, 422):
                     raise RowError(Reason.REQUEST_REJECTED, f"HTTP {exc.status_code}: {_message(exc)}") from None
@@ -233,6 +236,24 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
             completion_tokens=getattr(usage, "completion_tokens", 0) or 0,
         )
 
+    async def transcribe(self, audio: bytes, *, filename: str = "clip.wav") -> str:
+        """Speech to text: ``audio`` (a WAV file's bytes) POSTed to ``/audio/transcriptions``, as vLLM serves Whisper models.
+
+        A server without that endpoint (a model that is not speech-to-text) is a ConfigError.
+        """
+        from openai.types.audio import Transcription
+
+        where = redact_url(self.api_url)
+
+        async def send(client: Any) -> Transcription:
+            # the client's files argument is (name, bytes, content type); temperature 0: the same audio gives the same text
+            return await client.audio.transcriptions.create(
+                model=self.model_name, file=(filename, audio, "audio/wav"), response_format="json", temperature=0.0
+            )
+
+        result = await self._call(send, not_found=f"{where} has no /audio/transcriptions for {self.model_name!r} (is it serving a speech-to-text model?)")
+        return result.text.strip()
+
     async def check(self) -> None:
         """Fail fast if the server is unreachable or does not serve ``model_name``."""
 
@@ -257,4 +278,6 @@ def _message(exc: Any) -> str:
         inner = body.get("error", body)
         if isinstance(inner, dict) and inner.get("message"):
             return str(inner["message"])[:300]
+        if isinstance(inner, dict) and isinstance(inner.get("detail"), str):  # FastAPI's own answers (an unknown route)
+            return inner["detail"][:300]
     return str(exc)[:300]

@@ -171,6 +171,19 @@ class Storage:
                 raise PermissionError(errno.EACCES, code, uri) from None
             raise StorageError(f"cannot read {uri}: {type(exc).__name__}") from exc
 
+    def download(self, uri: str, handle: IO[bytes]) -> None:
+        """Copy an ``s3://`` object into ``handle`` in parts (never whole in memory); errors as ``read_bytes``'s."""
+        bucket, key = split_s3(uri)
+        try:
+            self.s3.download_fileobj(bucket, key, handle)
+        except Exception as exc:  # botocore raises ClientError, EndpointConnectionError, ...
+            code = s3_error_code(exc)
+            if code in {"NoSuchKey", "NoSuchBucket", "404"}:
+                raise FileNotFoundError(errno.ENOENT, code, uri) from None
+            if code is not None:
+                raise PermissionError(errno.EACCES, code, uri) from None
+            raise StorageError(f"cannot read {uri}: {type(exc).__name__}") from exc
+
     def exists(self, uri: str) -> bool:
         """True if the file or object exists."""
         return self.version(uri) is not None

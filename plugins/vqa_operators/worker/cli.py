@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--allowed-media-root", dest="allowed_media_roots", action="append",
         help="folder or s3://bucket[/prefix] rows may read media from; repeatable (default: the media root) [VQA_ALLOWED_MEDIA_ROOTS, comma-separated]",
     )
+    run.add_argument(
+        "--staging-root", help="the run's staging folder or s3:// prefix: media an earlier task of the run wrote there (the video ingest's frames) may be read",
+    )
     run.add_argument("--max-retries", type=int, help=f"HTTP retries per request, backoff with jitter (default {settings.MAX_RETRIES})")
     run.add_argument(
         "--max-consecutive-failures", type=int,

@@ -50,6 +50,8 @@ class JobOptions(BaseModel):
     media_root: str = "."
     # where rows may read media from; a deployment setting, not a run parameter
     allowed_media_roots: list[str] | None = None
+    # the run's staging folder: media an earlier task of the run wrote there (the video ingest's frames) may be read too
+    staging_root: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     serve_vllm: bool = False
     request_timeout: float = Field(settings.REQUEST_TIMEOUT_S, gt=0)
@@ -89,6 +91,11 @@ class JobOptions(BaseModel):
     def in_flight(self) -> int:
         """Requests kept in flight: ``concurrency`` if set, else derived from ``max_num_seqs``."""
         return settings.in_flight(self.concurrency, self.max_num_seqs)
+
+    @property
+    def media_roots(self) -> list[str]:
+        """Where rows may read media from: the allowed roots (default: the media root), and the run's staging folder."""
+        return [*(self.allowed_media_roots or [self.media_root]), *([self.staging_root] if self.staging_root else [])]
 
     @property
     def errors_uri(self) -> str:

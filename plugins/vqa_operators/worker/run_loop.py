@@ -417,7 +417,10 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
         raise unexpected from exc
     finally:
         checkpoint.close()
-        await generator.serving.aclose()
+        try:
+            await generator.aclose()
+        finally:
+            await generator.serving.aclose()
     usage = generator.usage
     return {
         "generator": generator.name,
@@ -463,8 +466,8 @@ def run_job(
     with contextlib.ExitStack() as stack:
         serving = serving or open_serving(opts, stack)
         executor = stack.enter_context(ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vqa-media"))
-        media = MediaReader(storage, media_root=opts.media_root, max_pixels=opts.max_pixels, executor=executor, allowed_roots=opts.allowed_media_roots)
-        generator = cls(serving, options=opts.params, media=media, seed=opts.seed)
+        media = MediaReader(storage, media_root=opts.media_root, max_pixels=opts.max_pixels, executor=executor, allowed_roots=opts.media_roots)
+        generator = cls(serving, options=opts.params, media=media, seed=opts.seed, output=opts.output)
         log.info("%s: %s -> %s (model %s, concurrency %d)", cls.name, opts.input, opts.output, serving.model_name, serving.max_concurrency)
         manifest = asyncio.run(process(generator, storage, opts, stop_on=stop_on))
     judged = f", {manifest['rows_rejected']} rejected, {manifest['pairs_kept']} pairs kept, {manifest['pairs_rejected']} rejected {manifest['rejections_by_reason']}" if manifest["rejected"] else ""
