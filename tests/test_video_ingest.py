@@ -55,6 +55,43 @@ def test_without_a_scene_change_the_video_is_cut_every_clip_s(tmp_path: Path) ->
     assert spans(cuts, scene_threshold=0.0, clip_s=3.0) == [(0.0, 3.0), (3.0, 4.0)]
 
 
+def square_left_edge(jpeg: bytes) -> int:
+    """Where the sliding square begins in a frame of ``write_video`` (row 120 of 320x240): it tells which frame this is."""
+    with Image.open(io.BytesIO(jpeg)) as image:
+        row = [image.convert("RGB").getpixel((x, 120)) for x in range(320)]
+    return next(x for x, (r, g, b) in enumerate(row) if g > 150 and b > 150 and r < 100)  # cyan on red
+
+
+@pytest.mark.parametrize("seek", [True, False])
+def test_extraction_finds_the_sampled_frames_whether_it_seeks_or_decodes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seek: bool) -> None:
+    import vqa_operators.video as video
+
+    # one 20 s scene with a keyframe every 3 s: the two sampled frames (5 s and 15 s) are 10 s apart, so the extraction seeks
+    path = write_video(tmp_path / "long.mp4", [20.0], fps=FPS, audio=False, keyframe_every=30)
+    if not seek:
+        monkeypatch.setattr(video, "SEEK_GAP_S", 1e9)
+    rules = ClipRules(frames_per_clip=1, clip_s=10.0)
+    result = scan(str(path), rules)
+    clips = plan_clips(result, rules)
+    assert [(c.start_s, c.end_s, c.frames) for c in clips] == [(0.0, 10.0, (50,)), (10.0, 20.0, (150,))]
+    decoded = 0
+    decode = video._decode
+
+    def counting(*args: Any) -> Any:
+        nonlocal decoded
+        for frame in decode(*args):
+            decoded += 1
+            yield frame
+
+    monkeypatch.setattr(video, "_decode", counting)
+    frames = list(video.extract(str(path), result, [50, 150], rules, max_pixels=10**6))
+    assert [index for index, _, _ in frames] == [50, 150]
+    # seeking skips the frames between (it lands on the keyframe at 15 s); decoding on reads all 151
+    assert decoded < 80 if seek else decoded == 151
+    # frame i draws its square at x = 7i mod 280: the decoded picture is frame 50's and frame 150's, not a neighbour's
+    assert [square_left_edge(data) for _, data, _ in frames] == [pytest.approx(7 * 50 % 280, abs=2), pytest.approx(7 * 150 % 280, abs=2)]
+
+
 def test_decoding_uses_every_core_the_process_may_use() -> None:
     assert decoding_threads(ClipRules()) == len(os.sched_getaffinity(0))
     assert decoding_threads(ClipRules(threads=3)) == 3
@@ -120,6 +157,15 @@ def test_a_clip_shorter_than_frames_per_clip_gives_each_frame_once_and_captions_
     assert clip["Description"] == "" and vlm_server.requests == []
     # no Meta given: one is made from the file, and says so
     assert row["Meta"] == "Video file short.mp4: 0.4 s, 320x240, 1 clips."
+
+
+def test_a_meta_object_is_kept_and_shown_to_the_captioner_as_json(vlm_server: OpenAITestServer, tmp_path: Path, media: Path) -> None:
+    write_video(media / "ad.mp4", [1.0], fps=FPS, audio=False)
+    meta = {"brand": "Trailco", "length": "1 s"}
+    run_job(ingest_options(vlm_server, tmp_path, [{"video": "ad.mp4", "Meta": meta}], params={"clip_s": 1.0}))
+    assert read_rows(tmp_path / "run" / "ingest.jsonl")[0]["Meta"] == meta
+    [caption] = vlm_server.requests
+    assert 'About the video: {"brand": "Trailco", "length": "1 s"}' in caption["messages"][-1]["content"][-1]["text"]
 
 
 def test_rows_with_clips_already_pass_through_unchanged(vlm_server: OpenAITestServer, tmp_path: Path, media: Path) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import tempfile
 from typing import Any, Literal
@@ -58,6 +59,9 @@ class VideoIngestOptions(GeneratorOptions):
     )
     max_caption_chars: int = Field(300, ge=20, le=2000, description="longest Description: the caption schema's bound")
     frames_prefix: str | None = Field(None, description="where the frames go (default: beside the output, <output name>.frames/)")
+    videos_in_flight: int = Field(
+        16, ge=1, le=1024, description="videos decoded and captioned at once: each holds its sampled frames until its captions come back"
+    )
 
     @model_validator(mode="after")
     def _lengths(self) -> VideoIngestOptions:
@@ -92,6 +96,7 @@ class VideoIngestGenerator(Generator):
         super().__init__(*args, **kwargs)
         opts = self.opts
         self.caption_answer = caption_model(opts.max_caption_chars)
+        self.videos = asyncio.Semaphore(opts.videos_in_flight)
         env = settings.environment()
         self.transcriber: Any = None
         if opts.transcribe != "off" and env.transcription_url:
@@ -148,13 +153,14 @@ class VideoIngestGenerator(Generator):
         uri = self.media.resolve(path)
         key = row_key(row)
         loop = asyncio.get_running_loop()
-        with contextlib.ExitStack() as stack:
+        async with self.videos, contextlib.AsyncExitStack() as stack:
             local = await loop.run_in_executor(self.media.executor, self._local_copy, uri, path, stack)
             result, clips, frames = await loop.run_in_executor(self.media.executor, self._cut_and_store, local, key)
             meta = row.get(opts.meta_key)
-            if not isinstance(meta, str) or not meta.strip():
+            if meta is None or (isinstance(meta, str) and not meta.strip()):
                 meta = self._describe_file(path, result, clips)
-            texts = await asyncio.gather(*(self._clip_texts(local, clip, len(clips), frames[clip.index], meta, key) for clip in clips))
+            about = meta if isinstance(meta, str) else json.dumps(meta, ensure_ascii=False)  # the seeds allow an object
+            texts = await asyncio.gather(*(self._clip_texts(local, clip, len(clips), frames[clip.index], about, key) for clip in clips))
         out_clips = []
         for clip, (description, audio) in zip(clips, texts, strict=True):
             out_clips.append({
@@ -175,7 +181,7 @@ class VideoIngestGenerator(Generator):
         }
         return {opts.meta_key: meta, opts.clips_key: out_clips}, details
 
-    def _local_copy(self, uri: str, path: str, stack: contextlib.ExitStack) -> str:
+    def _local_copy(self, uri: str, path: str, stack: contextlib.AsyncExitStack) -> str:
         """A path FFmpeg can open: the file itself, or an S3 object copied to a temporary file (removed with ``stack``)."""
         if not is_s3(uri):
             try:
