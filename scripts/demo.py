@@ -212,7 +212,7 @@ def sample_data() -> tuple[dict[str, bytes], dict[str, list[dict[str, Any]]]]:
 RUNS: dict[str, dict[str, Any]] = {
     "image_qa": {"pairs_per_row": 2},
     "pers_qa": {"tag": "<mam>"},
-    "video_qa": {"max_frames": 8, "max_iterations": 2, "final_pairs": 5},
+    "video_qa": {"max_frames": 8, "max_iterations": 1, "final_pairs": 4},
 }
 
 

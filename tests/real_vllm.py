@@ -97,9 +97,9 @@ def run_worker_cli(generator: str, source: Path, output: Path, base_url: str, me
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run_five_stages(base_url: str, folder: Path) -> dict[str, dict[str, Any]]:
+def run_five_stages(base_url: str, folder: Path, *, images: int = 24, videos: int = 8) -> dict[str, dict[str, Any]]:
     """The five worker commands, the video stages chained, over ``write_inputs`` data; each stage's manifest."""
-    inputs, media, out = write_inputs(folder), folder / "media", folder / "out"
+    inputs, media, out = write_inputs(folder, images=images, videos=videos), folder / "media", folder / "out"
     video_args = ("--max-tokens", str(VIDEO_MAX_TOKENS))
     manifests = {
         "image_qa": run_worker_cli("image_qa", inputs["image"], out / "image_qa.jsonl", base_url, media),
@@ -162,9 +162,9 @@ def check_outputs(folder: Path) -> None:
             assert set(labels) <= set(LABELS) and _clean(pair["Question"]) and _clean(pair["Answer"])
 
 
-def check_five_stages(base_url: str, folder: Path, name: str) -> dict[str, dict[str, Any]]:
+def check_five_stages(base_url: str, folder: Path, name: str, *, images: int = 24, videos: int = 8) -> dict[str, dict[str, Any]]:
     """Run the five worker commands, keep their figures as ``name``, and check the targets and the outputs."""
-    figures = stage_figures(run_five_stages(base_url, folder))
+    figures = stage_figures(run_five_stages(base_url, folder, images=images, videos=videos))
     save_figures(name, figures)
     assert_targets(figures)
     check_outputs(folder)

@@ -89,9 +89,12 @@ def test_dags_test_runs_each_dag_against_vllm(
         # the video file became three clips of frames with vLLM's captions, and went on through the three stages
         ingest = manifest["stages"]["ingest"]
         assert (ingest["rows_out"], ingest["rows_failed"]) == (4, 0) and ingest["requests"] >= 3, ingest
-        ingested = _ingested_file_row(s3, bucket, manifest)
+        ingested = _staged_row(s3, bucket, manifest, "ingest", "video-file-0")
         assert [(c["Start"], c["End"], len(c["Frames_Images"])) for c in ingested["Clips"]] == [(0.0, 2.0, 4), (2.0, 4.0, 4), (4.0, 5.5, 4)]
         assert all(c["Description"].strip() for c in ingested["Clips"])
+        # and came out of the final stage with labelled QA (the quality stage's random verdicts decide what is kept after)
+        labelled = _staged_row(s3, bucket, manifest, "final", "video-file-0")
+        assert labelled["QA"] and all(set(p) == {"Label", "Question", "Answer"} for p in labelled["QA"]), labelled["QA"]
     # no request refused by vLLM, in any stage (the quality stage's three schemas included)
     assert manifest["model"] == real_vllm.SERVED_NAME and not real_vllm.REFUSED & set(manifest["failures_by_reason"]), manifest
     # every verdict that came back is schema-valid: kept pairs' (provenance) and rejected pairs' (rejected file)
@@ -109,11 +112,11 @@ def test_dags_test_runs_each_dag_against_vllm(
             grounding.model_validate(verdict["grounding"])
 
 
-def _ingested_file_row(s3: Any, bucket: str, manifest: dict[str, Any]) -> dict[str, Any]:
-    """The ingest's row for the video file (it lands in the last shard: rows_per_shard 4, the file is row 4)."""
+def _staged_row(s3: Any, bucket: str, manifest: dict[str, Any], task: str, row_id: str) -> dict[str, Any]:
+    """The row ``row_id`` as ``task`` staged it (one shard: rows_per_shard 4 holds the 4 rows)."""
     folder = manifest["output"].split("/", 3)[3].rsplit("/", 1)[0]
-    body = s3.get_object(Bucket=bucket, Key=f"{folder}/ingest/shard-00000.jsonl")["Body"].read().decode()
-    return next(r for r in map(json.loads, body.splitlines()) if r["id"] == "video-file-0")
+    body = s3.get_object(Bucket=bucket, Key=f"{folder}/{task}/shard-00000.jsonl")["Body"].read().decode()
+    return next(r for r in map(json.loads, body.splitlines()) if r["id"] == row_id)
 
 
 # --- the seeds' Example Usage -----------------------------------------------------------------
