@@ -280,13 +280,15 @@ def test_videos_and_frames_on_s3(vlm_server: OpenAITestServer, s3, bucket: str, 
     video = write_video(tmp_path / "ad.mp4", [1.5, 1.5], fps=FPS)
     s3.upload_file(str(video), bucket, "raw/ad.mp4")
     source = tmp_path / "in.jsonl"
-    source.write_text(json.dumps({"video": "ad.mp4"}) + "\n" + json.dumps({"video": "gone.mp4"}) + "\n")
+    # the bucket itself is allowed, so a URI naming no object gets past confinement: it is a bad field, not a failed run
+    rows = [{"video": "ad.mp4"}, {"video": "gone.mp4"}, {"video": f"s3://{bucket}"}]
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = f"s3://{bucket}/out/run-1/ingest/shard-00000.jsonl"
     manifest = run_job(JobOptions(
         generator="video_ingest", input=str(source), output=out, base_url=vlm_server.base_url, model=MODEL, media_root=f"s3://{bucket}/raw/",
-        params={"frames_per_clip": 2, "caption": False},
+        allowed_media_roots=[f"s3://{bucket}"], params={"frames_per_clip": 2, "caption": False},
     ))
-    assert (manifest["rows_out"], manifest["failures_by_reason"]) == (1, {"video_not_found": 1})
+    assert (manifest["rows_out"], manifest["failures_by_reason"]) == (1, {"bad_field": 1, "video_not_found": 1})
     row = json.loads(s3.get_object(Bucket=bucket, Key="out/run-1/ingest/shard-00000.jsonl")["Body"].read())
     frames = [uri for clip in row["Clips"] for uri in clip["Frames_Images"]]
     assert len(frames) == 4 and all(uri.startswith(f"s3://{bucket}/out/run-1/ingest/shard-00000.frames/") for uri in frames)

@@ -200,6 +200,8 @@ class VideoIngestGenerator(Generator):
             raise RowError(Reason.VIDEO_NOT_FOUND, f"{path}: no such object") from None
         except PermissionError as exc:
             raise RowError(Reason.VIDEO_UNREADABLE, f"{path}: {exc.strerror}") from None
+        except ValueError as exc:  # a malformed s3:// URI in the row
+            raise RowError(Reason.BAD_FIELD, f"{path}: {exc}") from None
         handle.flush()
         if handle.tell() == 0:
             raise RowError(Reason.VIDEO_UNREADABLE, f"{path}: the object is empty (0 bytes)")
