@@ -85,11 +85,11 @@ def test_extraction_finds_the_sampled_frames_whether_it_seeks_or_decodes_on(tmp_
 
     monkeypatch.setattr(video, "_decode", counting)
     frames = list(video.extract(str(path), result, [50, 150], rules, max_pixels=10**6))
-    assert [index for index, _, _ in frames] == [50, 150]
+    assert [index for index, _ in frames] == [50, 150]
     # seeking skips the frames between (it lands on the keyframe at 15 s); decoding on reads all 151
     assert decoded < 80 if seek else decoded == 151
     # frame i draws its square at x = 7i mod 280: the decoded picture is frame 50's and frame 150's, not a neighbour's
-    assert [square_left_edge(data) for _, data, _ in frames] == [pytest.approx(7 * 50 % 280, abs=2), pytest.approx(7 * 150 % 280, abs=2)]
+    assert [square_left_edge(data) for _, data in frames] == [pytest.approx(7 * 50 % 280, abs=2), pytest.approx(7 * 150 % 280, abs=2)]
 
 
 def test_decoding_uses_every_core_the_process_may_use() -> None:

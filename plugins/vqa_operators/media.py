@@ -115,6 +115,12 @@ def _prepared(source: str, data: bytes, subtype: str, sent: tuple[int, int], ori
     )
 
 
+def readable_roots(media_root: str, allowed: list[str] | None, staging_root: str | None = None) -> list[str]:
+    """Where rows may read media from: the allowed roots (default: the media root itself), and the run's staging
+    folder, where an earlier task of the run wrote media (the video ingest's frames)."""
+    return [*(allowed or [media_root]), *([staging_root] if staging_root else [])]
+
+
 def within(uri: str, root: str) -> bool:
     """True if ``uri`` lies inside ``root``: a folder (symlinks resolved) or an ``s3://bucket[/prefix]``.
 

@@ -282,8 +282,8 @@ def sample_frames(times: list[float], first: int, last: int, end_s: float, count
     return tuple(chosen)
 
 
-def extract(path: str, result: Scan, wanted: list[int], rules: ClipRules, *, max_pixels: int) -> Iterator[tuple[int, bytes, tuple[int, int]]]:
-    """Pass 2: ``(frame index, JPEG bytes, (width, height))`` for each of ``wanted`` (sorted scan indices), at most ``max_pixels`` each.
+def extract(path: str, result: Scan, wanted: list[int], rules: ClipRules, *, max_pixels: int) -> Iterator[tuple[int, bytes]]:
+    """Pass 2: ``(frame index, JPEG bytes)`` for each of ``wanted`` (sorted scan indices), at most ``max_pixels`` each.
 
     Frames are found again by their timestamp; a stream without timestamps is decoded straight
     through and its frames counted instead.
@@ -313,7 +313,7 @@ def extract(path: str, result: Scan, wanted: list[int], rules: ClipRules, *, max
                     image = image.resize(size, resample=3)  # bicubic, as media.prepare_image
                 buffer = io.BytesIO()
                 image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-                yield index, buffer.getvalue(), size
+                yield index, buffer.getvalue()
                 k += 1
                 if k == len(wanted):
                     return

@@ -44,7 +44,7 @@ class VideoIngestOptions(GeneratorOptions):
     video_key: str = Field("video", min_length=1, description="input field with the video's path or s3:// URI")
     meta_key: str = Field("Meta", min_length=1, description="input field with the video's meta text (kept; made from the file if absent)")
     clips_key: str = Field("Clips", min_length=1, description="the clips field written (a row that has one and no video passes through)")
-    frames_per_clip: int = Field(4, ge=1, le=64, description="frames sampled evenly within each clip")
+    frames_per_clip: int = Field(ClipRules.frames_per_clip, ge=1, le=64, description="frames sampled evenly within each clip")
     scene_threshold: float = Field(
         ClipRules.scene_threshold, ge=0.0, le=1.0, description="how much the picture must change (0-1) to start a new clip; 0: fixed lengths only"
     )
@@ -214,7 +214,7 @@ class VideoIngestGenerator(Generator):
         clips = plan_clips(result, rules)
         where = {i: (clip.index, n) for clip in clips for n, i in enumerate(clip.frames)}
         frames: dict[int, list[tuple[str, PreparedImage | None]]] = {clip.index: [] for clip in clips}
-        for index, data, _size in extract(local, result, sorted(where), rules, max_pixels=self.media.max_pixels):
+        for index, data in extract(local, result, sorted(where), rules, max_pixels=self.media.max_pixels):
             clip, n = where[index]
             uri = f"{self.frames_root}/{key}/clip-{clip:03d}/frame-{n:02d}.jpg"
             with self.media.storage.open_atomic(uri, content_type="image/jpeg") as handle:

@@ -131,6 +131,7 @@ class VQAMergeOperator(BaseOperator):
         from pydantic import ValidationError
 
         from vqa_operators.export import ExportSettings, export_run
+        from vqa_operators.media import readable_roots
         from vqa_operators.parsing import describe_validation_error
         from vqa_operators.preview import write_preview
         from vqa_operators.sharding import NearDuplicateSettings, merge_run, write_manifest
@@ -159,7 +160,7 @@ class VQAMergeOperator(BaseOperator):
             )
         title = f"{context['dag'].dag_id} · {context['run_id']}"
         # the media roots, and the run's folder, where the video ingest stored its frames
-        allowed = [*(settings.environment().allowed_media_roots or [self.media_root]), posixpath.dirname(manifest["output"])]
+        allowed = readable_roots(self.media_root, settings.environment().allowed_media_roots, posixpath.dirname(manifest["output"]))
         preview = write_preview(storage, manifest, title=title, media_root=self.media_root, allowed_roots=allowed)
         self.preview_url = storage.url(preview)
         self.log.info("QA preview: %s", preview)

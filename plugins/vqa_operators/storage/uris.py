@@ -164,12 +164,7 @@ class Storage:
         try:
             return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
         except Exception as exc:  # botocore raises ClientError, EndpointConnectionError, ...
-            code = s3_error_code(exc)
-            if code in {"NoSuchKey", "NoSuchBucket", "404"}:
-                raise FileNotFoundError(errno.ENOENT, code, uri) from None
-            if code is not None:
-                raise PermissionError(errno.EACCES, code, uri) from None
-            raise StorageError(f"cannot read {uri}: {type(exc).__name__}") from exc
+            raise _as_local_error(uri, exc) from exc
 
     def download(self, uri: str, handle: IO[bytes]) -> None:
         """Copy an ``s3://`` object into ``handle`` in parts (never whole in memory); errors as ``read_bytes``'s."""
@@ -177,12 +172,7 @@ class Storage:
         try:
             self.s3.download_fileobj(bucket, key, handle)
         except Exception as exc:  # botocore raises ClientError, EndpointConnectionError, ...
-            code = s3_error_code(exc)
-            if code in {"NoSuchKey", "NoSuchBucket", "404"}:
-                raise FileNotFoundError(errno.ENOENT, code, uri) from None
-            if code is not None:
-                raise PermissionError(errno.EACCES, code, uri) from None
-            raise StorageError(f"cannot read {uri}: {type(exc).__name__}") from exc
+            raise _as_local_error(uri, exc) from exc
 
     def exists(self, uri: str) -> bool:
         """True if the file or object exists."""
@@ -315,6 +305,17 @@ class Storage:
 
 
 _RACED = "another writer changed it while this one ran (is another try of this task still running?)"
+
+
+def _as_local_error(uri: str, exc: Exception) -> Exception:
+    """S3's answer about one object as the local error: FileNotFoundError if it is missing, PermissionError for any
+    other S3 error code (AccessDenied ...); no answer (an unreachable endpoint) is a StorageError."""
+    code = s3_error_code(exc)
+    if code in {"NoSuchKey", "NoSuchBucket", "404"}:
+        return FileNotFoundError(errno.ENOENT, code, uri)
+    if code is not None:
+        return PermissionError(errno.EACCES, code, uri)
+    return StorageError(f"cannot read {uri}: {type(exc).__name__}")
 
 
 def _local_version(stat: os.stat_result) -> str:

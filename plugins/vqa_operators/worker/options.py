@@ -14,7 +14,7 @@ from vqa_operators import settings
 from vqa_operators.exceptions import ConfigError
 from vqa_operators.generators import generator_class
 from vqa_operators.generators.base import Generator
-from vqa_operators.media import within
+from vqa_operators.media import readable_roots, within
 from vqa_operators.parsing import describe_validation_error
 from vqa_operators.sharding import Shard
 from vqa_operators.storage.uris import errors_uri_for, rejected_uri_for
@@ -95,7 +95,7 @@ class JobOptions(BaseModel):
     @property
     def media_roots(self) -> list[str]:
         """Where rows may read media from: the allowed roots (default: the media root), and the run's staging folder."""
-        return [*(self.allowed_media_roots or [self.media_root]), *([self.staging_root] if self.staging_root else [])]
+        return readable_roots(self.media_root, self.allowed_media_roots, self.staging_root)
 
     @property
     def errors_uri(self) -> str:
