@@ -93,26 +93,29 @@ def run_plan(dag, context: dict):
     return task.execute(context)
 
 
-def test_the_plan_renders_the_run_date_into_input_uri(dagbag, s3, bucket: str) -> None:
-    s3.put_object(Bucket=bucket, Key="raw/2026-03-04/input.jsonl", Body=b'{"image": "s3://x/a.jpg"}\n{"image": "s3://x/b.jpg"}\n')
+def test_the_plan_fills_the_run_date_into_input_uri(dagbag, s3, bucket: str) -> None:
+    import pendulum
+
+    s3.put_object(Bucket=bucket, Key="raw/2026-03-03/20260304/input.jsonl", Body=b'{"image": "s3://x/a.jpg"}\n{"image": "s3://x/b.jpg"}\n')
     dag = dagbag.dags["image_qa"]
-    context = plan_context(dag, params={"input_uri": f"s3://{bucket}/raw/{{{{ ds }}}}/input.jsonl"}, ds="2026-03-04")
+    uri = f"s3://{bucket}/raw/{{{{ macros.ds_add(ds, -1) }}}}/{{{{ds_nodash}}}}/input.jsonl"
+    context = plan_context(dag, params={"input_uri": uri}, logical_date=pendulum.datetime(2026, 3, 4, tz="UTC"))
     shards = run_plan(dag, context)
-    assert [(s["input"], s["rows"]) for s in shards] == [(f"s3://{bucket}/raw/2026-03-04/input.jsonl", 2)]
+    assert [(s["input"], s["rows"]) for s in shards] == [(f"s3://{bucket}/raw/2026-03-03/20260304/input.jsonl", 2)]
 
 
 def test_a_run_without_a_logical_date_fails_clearly_when_input_uri_needs_one(dagbag) -> None:
     from airflow.sdk.exceptions import AirflowFailException
 
     dag = dagbag.dags["image_qa"]
-    with pytest.raises(AirflowFailException, match=r"'ds' is undefined\. A run triggered without a logical date has no ds"):
+    with pytest.raises(AirflowFailException, match=r"input_uri uses the run's date, and this run has no logical date \(a run triggered without one has no ds\)"):
         run_plan(dag, plan_context(dag))  # the default input_uri uses {{ ds }}; this context has none
 
 
 @pytest.mark.parametrize(
     ("dag_id", "params", "env", "message"),
     [
-        ("image_qa", {"media_root": "s3://elsewhere/"}, {"VQA_ALLOWED_MEDIA_ROOTS": "s3://media/"}, "media root 's3://elsewhere/' is outside"),
+        ("image_qa", {"media_root": "s3://elsewhere/"}, {"VQA_ALLOWED_MEDIA_ROOTS": "s3://media/"}, r"param media_root lies outside the allowed roots \(VQA_ALLOWED_MEDIA_ROOTS: s3://media/\)"),
         ("pers_qa", {}, {"VQA_BACKEND": "tensorrt"}, "backend"),
     ],
 )
@@ -128,6 +131,59 @@ def test_the_plan_rejects_what_the_schema_cannot_before_any_model_call(
     context = plan_context(dag, params={"input_uri": "s3://nowhere/in.jsonl", **params})
     with pytest.raises(AirflowFailException, match=f"invalid parameters: .*{message}"):
         run_plan(dag, context)
+
+
+ATTACKS = [
+    # (params, env, the rule the message names); the input never exists: nothing may be read before the check
+    ({"input_uri": "s3://nowhere/{{ conn.vqa_vlm.password }}.jsonl"}, {}, "param input_uri holds a template that is not one of the run's dates"),
+    ({"input_uri": "s3://nowhere/{{ var.value.vqa_note }}.jsonl"}, {}, "param input_uri holds a template that is not one of the run's dates"),
+    ({"model": "{{ conn.vqa_vlm.password }}"}, {}, "param model holds a template"),
+    ({"output_prefix": "s3://nowhere/{% for c in range(2) %}{{ c }}{% endfor %}"}, {}, "param output_prefix holds a template"),
+    ({"media_root": "s3://nowhere/{{ var.json }}/"}, {}, "param media_root holds a template"),
+    ({"input_uri": "/etc/passwd"}, {}, "param input_uri is a local path, and VQA_ALLOWED_INPUT_ROOTS is not set"),
+    ({"input_uri": "/srv/vqa/in/../../../etc/passwd"}, {"VQA_ALLOWED_INPUT_ROOTS": "/srv/vqa/in"}, "param input_uri has a '.' or '..' segment"),
+    ({"input_uri": "s3://other-team/in.jsonl"}, {"VQA_ALLOWED_INPUT_ROOTS": "s3://nowhere"}, r"param input_uri lies outside the allowed roots \(VQA_ALLOWED_INPUT_ROOTS"),
+    ({"output_prefix": "/var/tmp/out"}, {}, "param output_prefix is a local path, and VQA_ALLOWED_OUTPUT_ROOTS is not set"),
+    ({"output_prefix": "s3://other-team/out"}, {"VQA_ALLOWED_OUTPUT_ROOTS": "s3://nowhere/out"}, "param output_prefix lies outside the allowed roots"),
+    ({"media_root": "/home/"}, {}, "param media_root is a local path, and VQA_ALLOWED_MEDIA_ROOTS is not set"),
+    ({"model": "/opt/models/private"}, {}, "param model must name a model"),
+]
+
+
+@pytest.mark.parametrize(("params", "env", "rule"), ATTACKS)
+def test_the_plan_refuses_templates_and_locations_outside_the_roots(dagbag, monkeypatch: pytest.MonkeyPatch, params: dict, env: dict, rule: str) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")  # nothing answers there: a read would be a StorageError, not this
+    dag = dagbag.dags["image_qa"]
+    context = plan_context(dag, params={"input_uri": "s3://nowhere/in.jsonl", "output_prefix": "s3://nowhere/out", "media_root": "s3://nowhere/", **params})
+    with pytest.raises(AirflowFailException, match=f"invalid parameters: {rule}") as err:
+        run_plan(dag, context)
+    # the message names the param and the rule; the value, which a template could have filled with a secret, is not in it
+    assert not any(part in str(err.value) for part in ("conn.", "var.", "password", "range(", "/etc/", "/home/", "/opt/", "other-team"))
+
+
+def test_the_plan_refuses_a_run_id_that_leaves_the_output_prefix(dagbag) -> None:
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag = dagbag.dags["image_qa"]
+    context = {**plan_context(dag, params={"input_uri": "s3://nowhere/in.jsonl", "output_prefix": "s3://nowhere/out"}), "run_id": ".."}
+    with pytest.raises(AirflowFailException, match=r"param output_prefix \(with the DAG id and run id\) has a '.' or '..' segment"):
+        run_plan(dag, context)
+
+
+def test_with_roots_configured_local_locations_inside_them_pass(dagbag, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "rows.jsonl").write_text('{"image": "a.jpg"}\n')
+    monkeypatch.setenv("VQA_ALLOWED_INPUT_ROOTS", str(tmp_path / "in"))
+    monkeypatch.setenv("VQA_ALLOWED_OUTPUT_ROOTS", str(tmp_path / "out"))
+    monkeypatch.setenv("VQA_ALLOWED_MEDIA_ROOTS", str(tmp_path / "in"))
+    dag = dagbag.dags["image_qa"]
+    params = {"input_uri": str(tmp_path / "in" / "rows.jsonl"), "output_prefix": str(tmp_path / "out"), "media_root": str(tmp_path / "in")}
+    shards = run_plan(dag, plan_context(dag, params=params))
+    assert [(s["input"], s["rows"]) for s in shards] == [(str(tmp_path / "in" / "rows.jsonl"), 1)]
 
 
 def test_progress_line_per_batch_counts_rate_tokens_eta_and_failures() -> None:

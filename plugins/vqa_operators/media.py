@@ -6,7 +6,6 @@ import asyncio
 import base64
 import io
 import math
-import os
 import warnings
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -14,7 +13,7 @@ from typing import Any
 
 from vqa_operators import settings
 from vqa_operators.exceptions import Reason, RowError
-from vqa_operators.storage.uris import Storage, is_s3, join_uri
+from vqa_operators.storage.uris import Storage, join_uri, within
 
 JPEG_QUALITY = 90
 
@@ -119,24 +118,6 @@ def readable_roots(media_root: str, allowed: list[str] | None, staging_root: str
     """Where rows may read media from: the allowed roots (default: the media root itself), and the run's staging
     folder, where an earlier task of the run wrote media (the video ingest's frames)."""
     return [*(allowed or [media_root]), *([staging_root] if staging_root else [])]
-
-
-def within(uri: str, root: str) -> bool:
-    """True if ``uri`` lies inside ``root``: a folder (symlinks resolved) or an ``s3://bucket[/prefix]``.
-
-    An S3 key with a ``..`` or ``.`` segment is never inside anything: S3 would not resolve it.
-    """
-    if is_s3(uri) != is_s3(root):
-        return False
-    if is_s3(uri):
-        bucket, _, key = uri[len("s3://") :].partition("/")
-        root_bucket, _, prefix = root[len("s3://") :].partition("/")
-        if any(part in (".", "..") for part in key.split("/")):
-            return False
-        prefix = prefix.rstrip("/")
-        return bucket == root_bucket and (not prefix or key.startswith(prefix + "/"))
-    real, real_root = os.path.realpath(uri), os.path.realpath(root)
-    return os.path.commonpath([real, real_root]) == real_root
 
 
 class MediaReader:

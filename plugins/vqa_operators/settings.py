@@ -9,6 +9,7 @@ that names the variable. README's configuration table documents each variable; a
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -40,10 +41,16 @@ MAX_SHARDS_LIMIT = 256  # Airflow's max_map_length is 1024 by default; a plan ne
 VLLM_PORT = 8000
 # what a worker pod may take to stop after SIGTERM (Kubernetes' default, set explicitly in the pod spec)
 POD_GRACE_PERIOD_S = 30
+# how long the QA preview's presigned link opens the page (SigV4 allows at most 7 days; 0: no link)
+PREVIEW_LINK_SECONDS = 24 * 3600
+PRESIGN_LIMIT_SECONDS = 7 * 24 * 3600
 
 # quality: the lowest grounding score (1-5) a kept pair may have, and the merge's near-duplicate Jaccard threshold
 MIN_JUDGE_SCORE = 3
 NEAR_DUPLICATE_THRESHOLD = 0.8
+
+# an allowed root: an absolute folder, or s3://bucket[/prefix]
+ROOT = re.compile(r"/.*|s3://[^/\s]+(/.*)?")
 
 PREFIX = "VQA_"
 API_KEY_ENV = PREFIX + "API_KEY"
@@ -75,7 +82,13 @@ class Environment(BaseSettings):
     transcription_model: str | None = None
     # media
     media_root: str = "."
+    # where a run may read media, read its input and write its output: folders and s3://bucket[/prefix]es
+    # (for a DAG run, none configured means s3:// only; see run_params)
     allowed_media_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_input_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_output_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # the QA preview's presigned link: seconds it opens the page; 0 logs no link
+    preview_link_seconds: int = Field(PREVIEW_LINK_SECONDS, ge=0, le=PRESIGN_LIMIT_SECONDS)
     # the worker process
     xcom_file: str | None = None
     prompts_dir: str | None = None
@@ -98,10 +111,18 @@ class Environment(BaseSettings):
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
-    @field_validator("allowed_media_roots", mode="before")
+    @field_validator("allowed_media_roots", "allowed_input_roots", "allowed_output_roots", mode="before")
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return [root.strip() for root in value.split(",") if root.strip()] if isinstance(value, str) else value
+
+    @field_validator("allowed_media_roots", "allowed_input_roots", "allowed_output_roots")
+    @classmethod
+    def _roots(cls, roots: list[str]) -> list[str]:
+        for root in roots:
+            if not ROOT.fullmatch(root) or any(part in (".", "..") for part in root.split("/")):
+                raise ValueError(f"a comma-separated list of absolute folders and s3://bucket[/prefix]es without . or .. segments ({root!r} is not one)")
+        return roots
 
     @property
     def in_flight(self) -> int:
@@ -125,6 +146,8 @@ def _explain(error: Any) -> str:
         what = "an integer"
     elif kind in ("float_parsing", "float_type"):
         what = "a number"
+    elif kind == "value_error":
+        what = str(error["ctx"]["error"])
     elif kind == "literal_error":
         what = f"{error['ctx']['expected']} (the {field_name.replace('_', ' ')})"
     else:

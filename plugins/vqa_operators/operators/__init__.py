@@ -52,7 +52,8 @@ def worker_task(*, task_id: str, spec: WorkerSpec, shards: Any = None, mode: str
 def shard_plan(task_id: str = "plan") -> VQAShardPlanOperator:
     """The task that checks the run's params and splits its ``input_uri`` by ``rows_per_shard`` and ``max_shards``."""
     return VQAShardPlanOperator(
-        task_id=task_id, input="{{ params.input_uri }}", rows_per_shard="{{ params.rows_per_shard }}", max_shards="{{ params.max_shards }}"
+        task_id=task_id, input="{{ params.input_uri }}", rows_per_shard="{{ params.rows_per_shard }}", max_shards="{{ params.max_shards }}",
+        output_prefix="{{ params.output_prefix }}", media_root="{{ params.media_root }}", model="{{ params.model or '' }}",
     )
 
 

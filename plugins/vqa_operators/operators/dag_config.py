@@ -73,8 +73,10 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
             pattern="^(s3://[a-z0-9.-]{3,63}/.+|/.+)$",
             title="Input JSONL",
             description=(
-                f"JSONL of rows with {rows_doc}: s3://bucket/key or an absolute path. It may use the run's logical date, "
-                "e.g. s3://bucket/raw/{{ ds }}/input.jsonl: each scheduled or backfilled run then reads its own day. "
+                f"JSONL of rows with {rows_doc}: s3://bucket/key or an absolute path, within the deployment's allowed input roots. "
+                "It may use the run's logical date, e.g. s3://bucket/raw/{{ ds }}/input.jsonl: each scheduled or backfilled run then reads "
+                "its own day. The run's dates are the only placeholders ({{ ds }}, {{ ds_nodash }}, {{ ts }}, {{ ts_nodash }}, "
+                "{{ ts_nodash_with_tz }}, {{ macros.ds_add(ds, -1) }}); params are data, never templates. "
                 "A run triggered without a logical date needs a concrete path."
             ),
         ),
@@ -83,7 +85,10 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
             type="string",
             pattern="^(s3://[a-z0-9.-]{3,63}/?.*|/.*)$",
             title="Output prefix",
-            description=f"Folder or s3:// prefix; the output lands at <prefix>/{dag_id}/<run_id>/{final_task}.jsonl, with a manifest and errors file beside it.",
+            description=(
+                f"Folder or s3:// prefix, within the deployment's allowed output roots; the output lands at "
+                f"<prefix>/{dag_id}/<run_id>/{final_task}.jsonl, with a manifest and errors file beside it."
+            ),
         ),
         "model": Param(
             None,
@@ -97,8 +102,9 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
         "media_root": Param(
             "s3://vqa-demo/",
             type="string",
+            pattern="^(s3://[a-z0-9.-]{3,63}/?.*|/.*)$",
             title="Media root",
-            description="Folder or s3:// prefix that relative image paths are resolved against.",
+            description="Folder or s3:// prefix that relative image paths are resolved against, within the deployment's allowed media roots.",
         ),
         "concurrency": Param(
             None,

@@ -22,21 +22,37 @@ from vqa_operators.operators.spec import WorkerSpec
 class VQAShardPlanOperator(BaseOperator):
     """Check the run's parameters, split ``input`` into shards of ``rows_per_shard`` lines (at most ``max_shards``); return the plan.
 
-    ``input`` may hold a template of its own (``{{ ds }}`` in the ``input_uri`` param): it is
-    rendered here with the run's context, and the shards carry the rendered URI to the workers.
-    The worker specs of the tasks mapped over this plan are validated here (rendered with this
-    run's params), before any model call: a bad parameter fails this task at once, without
-    retries, with the reason.
+    The params are data (``run_params``): none is rendered as a template. ``input`` (the
+    ``input_uri`` param) may hold the run's date placeholders, which are filled in here from the
+    run's logical date alone; anything else template-like in any param fails this task. The input,
+    ``output_prefix`` (and the run's folder under it) and ``media_root`` must lie within the
+    deployment's allowed roots. The worker specs of the tasks mapped over this plan are validated
+    too (rendered with this run's params). All of it happens before a byte is read or written, and
+    a bad parameter fails this task at once, without retries, with the param and the rule.
     """
 
-    template_fields: Sequence[str] = ("input", "rows_per_shard", "max_shards")
+    template_fields: Sequence[str] = ("input", "output_prefix", "media_root", "model", "rows_per_shard", "max_shards")
     ui_color = "#fdf6e3"
 
-    def __init__(self, *, input: str, rows_per_shard: int | str, max_shards: int | str = settings.MAX_SHARDS, aws_conn_id: str | None = "aws_default", **kwargs: Any) -> None:  # noqa: A002 - the worker's option name
+    def __init__(
+        self,
+        *,
+        input: str,  # noqa: A002 - the worker's option name
+        rows_per_shard: int | str,
+        max_shards: int | str = settings.MAX_SHARDS,
+        output_prefix: str | None = None,
+        media_root: str | None = None,
+        model: str | None = None,
+        aws_conn_id: str | None = "aws_default",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.input = input
         self.rows_per_shard = rows_per_shard
         self.max_shards = max_shards
+        self.output_prefix = output_prefix
+        self.media_root = media_root
+        self.model = model
         self.aws_conn_id = aws_conn_id
 
     def worker_specs(self) -> list[WorkerSpec]:
@@ -49,20 +65,29 @@ class VQAShardPlanOperator(BaseOperator):
                 specs.append(spec)
         return specs
 
-    def _input(self, context: Any) -> str:
-        """``input`` with the run's dates filled in (the param's own template, e.g. ``{{ ds }}``)."""
-        import jinja2
-        from airflow.sdk.exceptions import AirflowFailException
+    def check_params(self, context: Any) -> str:
+        """The run's input URI, its dates filled in, once every param has passed the rules; ConfigError otherwise."""
+        from vqa_operators import run_params as rules
+        from vqa_operators.worker import validate_spec
 
-        try:
-            return self.render_template(self.input, context) if "{{" in self.input or "{%" in self.input else self.input
-        except jinja2.UndefinedError as err:
-            raise AirflowFailException(
-                f"input_uri {self.input!r} cannot be rendered: {err}. A run triggered without a logical date has no ds; "
-                "give input_uri a concrete path, or trigger the run with a logical date"
-            ) from None
-        except jinja2.TemplateError as err:
-            raise AirflowFailException(f"input_uri {self.input!r} is not a valid template: {err}") from None
+        env = settings.environment()
+        rules.refuse_templates(context.get("params") or {}, dated=("input_uri",))
+        input_uri = rules.fill_run_dates(self.input, context.get("logical_date"), param="input_uri")
+        rules.check_location("input_uri", input_uri, env.allowed_input_roots, setting=rules.INPUT_ROOTS)
+        if self.output_prefix is not None:
+            rules.check_location("output_prefix", self.output_prefix, env.allowed_output_roots, setting=rules.OUTPUT_ROOTS)
+            # the run writes under <output_prefix>/<dag_id>/<run_id>: a run id of '..' would leave the prefix's folder
+            run_folder = f"{self.output_prefix.rstrip('/')}/{context['dag'].dag_id}/{context['run_id']}"
+            rules.check_location("output_prefix (with the DAG id and run id)", run_folder, env.allowed_output_roots, setting=rules.OUTPUT_ROOTS)
+        if self.media_root is not None:
+            rules.check_location("media_root", self.media_root, env.allowed_media_roots, setting=rules.MEDIA_ROOTS)
+        if self.model:
+            rules.check_model_name("model", self.model)
+        for spec in self.worker_specs():
+            # rendered as the worker task will render it, on a copy: the DAG's spec stays as written
+            rendered = self.render_template(copy.deepcopy(spec), context)
+            validate_spec(rendered.options(), input_uri)
+        return input_uri
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
         """Validate the parameters, read the input once and return one small dict per shard."""
@@ -70,20 +95,24 @@ class VQAShardPlanOperator(BaseOperator):
 
         from vqa_operators.exceptions import ConfigError
         from vqa_operators.sharding import plan_shards
-        from vqa_operators.worker import validate_spec
 
-        input_uri = self._input(context)
         try:
-            for spec in self.worker_specs():
-                # rendered as the worker task will render it, on a copy: the DAG's spec stays as written
-                rendered = self.render_template(copy.deepcopy(spec), context)
-                validate_spec(rendered.options(), input_uri)
+            input_uri = self.check_params(context)
         except ConfigError as err:
             raise AirflowFailException(f"invalid parameters: {err}") from None
         plan = plan_shards(s3_storage(self.aws_conn_id), input_uri, rows_per_shard=int(self.rows_per_shard), max_shards=int(self.max_shards))
         rows = sum(s.rows for s in plan)
         self.log.info("%s: %d rows in %d shard(s) of up to %d rows", input_uri, rows, len(plan), max(s.rows for s in plan))
         return [s.model_dump() for s in plan]
+
+
+def lifetime(seconds: int) -> str:
+    """``1 day``, ``6 hours``, ``90 seconds``: a link's lifetime for a log line."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds % size == 0:
+            count = seconds // size
+            return f"{count} {unit}{'s' if count != 1 else ''}"
+    return f"{seconds} seconds"
 
 
 class QAPreviewLink(BaseOperatorLink):
@@ -162,9 +191,12 @@ class VQAMergeOperator(BaseOperator):
         # the media roots, and the run's folder, where the video ingest stored its frames
         allowed = readable_roots(self.media_root, settings.environment().allowed_media_roots, posixpath.dirname(manifest["output"]))
         preview = write_preview(storage, manifest, title=title, media_root=self.media_root, allowed_roots=allowed)
-        self.preview_url = storage.url(preview)
         self.log.info("QA preview: %s", preview)
-        self.log.info("QA preview in a browser (link valid 7 days; also the task's 'QA preview' button): %s", self.preview_url)
+        link_seconds = settings.environment().preview_link_seconds
+        if link_seconds:
+            # anyone holding the link can open the page until it expires: it is logged, and kept as the task's extra link
+            self.preview_url = storage.url(preview, expires_s=link_seconds)
+            self.log.info("QA preview in a browser (link valid %s; also the task's 'QA preview' button): %s", lifetime(link_seconds), self.preview_url)
         if export is not None:
             manifest["exports"] = export_run(
                 storage, manifest, formats=list(export.formats), embed_images=export.embed_images, media_root=self.media_root,

@@ -59,6 +59,30 @@ def join_uri(root: str, path: str) -> str:
     return os.path.normpath(os.path.join(root, path))
 
 
+def dot_segments(uri: str) -> bool:
+    """True if a segment of ``uri``'s path is ``.`` or ``..``: S3 would not resolve it, and no allowed location holds one."""
+    path = uri[len("s3://") :].partition("/")[2] if is_s3(uri) else uri
+    return any(part in (".", "..") for part in path.replace("\\", "/").split("/"))
+
+
+def within(uri: str, root: str) -> bool:
+    """True if ``uri`` lies inside ``root`` (or is it): a folder (symlinks resolved) or an ``s3://bucket[/prefix]``.
+
+    An S3 key with a ``..`` or ``.`` segment is never inside anything: S3 would not resolve it.
+    """
+    if is_s3(uri) != is_s3(root):
+        return False
+    if is_s3(uri):
+        bucket, _, key = uri[len("s3://") :].partition("/")
+        root_bucket, _, prefix = root[len("s3://") :].partition("/")
+        if dot_segments(uri):
+            return False
+        prefix = prefix.rstrip("/")
+        return bucket == root_bucket and (not prefix or key.rstrip("/") == prefix or key.startswith(prefix + "/"))
+    real, real_root = os.path.realpath(uri), os.path.realpath(root)
+    return os.path.commonpath([real, real_root]) == real_root
+
+
 def beside(output_uri: str, suffix: str) -> str:
     """``.../name.jsonl`` -> ``.../name<suffix>``: a file or prefix kept next to an output."""
     return output_uri.removesuffix(".jsonl") + suffix
@@ -209,8 +233,8 @@ class Storage:
             return []
         return sorted(str(p) for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
-    def url(self, uri: str, *, expires_s: int = 7 * 24 * 3600) -> str:
-        """A URL a browser can open: presigned GET for S3 (SigV4 allows at most 7 days), ``file://`` for a local path."""
+    def url(self, uri: str, *, expires_s: int) -> str:
+        """A URL a browser can open: presigned GET for S3, valid ``expires_s`` (SigV4 allows at most 7 days), ``file://`` for a local path."""
         if is_s3(uri):
             bucket, key = split_s3(uri)
             return self.s3.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key}, ExpiresIn=expires_s)

@@ -14,13 +14,15 @@ from vqa_operators import settings
 from vqa_operators.exceptions import ConfigError
 from vqa_operators.generators import generator_class
 from vqa_operators.generators.base import Generator
-from vqa_operators.media import readable_roots, within
+from vqa_operators.media import readable_roots
 from vqa_operators.parsing import describe_validation_error
 from vqa_operators.sharding import Shard
-from vqa_operators.storage.uris import errors_uri_for, rejected_uri_for
+from vqa_operators.storage.uris import errors_uri_for, rejected_uri_for, within
 
 # the options whose default is a VQA_* variable: option name -> Environment field
-FROM_ENVIRONMENT = ("backend", "base_url", "model", "concurrency", "max_num_seqs", "media_root", "allowed_media_roots")
+FROM_ENVIRONMENT = (
+    "backend", "base_url", "model", "concurrency", "max_num_seqs", "media_root", "allowed_media_roots", "allowed_input_roots", "allowed_output_roots",
+)
 
 
 class JobOptions(BaseModel):
@@ -48,8 +50,10 @@ class JobOptions(BaseModel):
     max_tokens: int = Field(settings.MAX_TOKENS, ge=16, le=65536)
     max_pixels: int = Field(settings.MAX_PIXELS, ge=28 * 28, le=50_000_000)
     media_root: str = "."
-    # where rows may read media from; a deployment setting, not a run parameter
+    # where rows may read media from, the input may be read and the output written; deployment settings, not run parameters
     allowed_media_roots: list[str] | None = None
+    allowed_input_roots: list[str] | None = None
+    allowed_output_roots: list[str] | None = None
     # the run's staging folder: media an earlier task of the run wrote there (the video ingest's frames) may be read too
     staging_root: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
@@ -78,8 +82,9 @@ class JobOptions(BaseModel):
             if self.shard is None:
                 raise ValueError("input: give --input, or a --shard whose input is read")
             self.input = self.shard.input
-        if not self.allowed_media_roots:
-            self.allowed_media_roots = None
+        self.allowed_media_roots = self.allowed_media_roots or None
+        self.allowed_input_roots = self.allowed_input_roots or None
+        self.allowed_output_roots = self.allowed_output_roots or None
         return self
 
     @property
@@ -116,6 +121,14 @@ def check_options(opts: JobOptions) -> type[Generator]:
         raise ConfigError("--input, --output, --errors and the rejected file beside the output must be four different locations")
     if opts.allowed_media_roots and not any(within(opts.media_root, root) for root in opts.allowed_media_roots):
         raise ConfigError(f"media root {opts.media_root!r} is outside the allowed media roots (VQA_ALLOWED_MEDIA_ROOTS)")
+    # an earlier stage's staged output, under the run's staging folder, is an input too
+    readable = [*(opts.allowed_input_roots or []), *([opts.staging_root] if opts.staging_root else [])]
+    if opts.allowed_input_roots and not any(within(str(opts.input), root) for root in readable):
+        raise ConfigError("--input is outside the allowed input roots (VQA_ALLOWED_INPUT_ROOTS) and the run's staging folder")
+    written = {"--output": opts.output, "--errors": opts.errors_uri, "--staging-root": opts.staging_root}
+    for flag, uri in written.items():
+        if opts.allowed_output_roots and uri is not None and not any(within(uri, root) for root in opts.allowed_output_roots):
+            raise ConfigError(f"{flag} is outside the allowed output roots (VQA_ALLOWED_OUTPUT_ROOTS)")
     return cls
 
 
