@@ -73,6 +73,20 @@ def row_key(row: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:20]
 
 
+def origin_key(row: dict[str, Any]) -> str:
+    """The row's identity across the stages of a run and across runs: the key of the row as the run's input gave it.
+
+    The first stage's provenance records it; a row with none is the input row itself. A later
+    stage's row holds what earlier stages wrote, and some of that names the run (the video ingest's
+    frames lie in the run's folder), so its content hash would differ from run to run: per-row
+    seeds come from this key instead, so that a rerun of the same input samples the same way.
+    """
+    for details in (row.get(PROVENANCE_KEY) or {}).values():
+        if isinstance(details, dict) and isinstance(details.get("row_key"), str):
+            return details["row_key"]
+    return row_key(row)
+
+
 def input_line(row: dict[str, Any] | None, line: int) -> int:
     """The row's line in the run's input: the first stage's provenance says it (a later stage reads a staged file), else ``line``."""
     for details in ((row or {}).get(PROVENANCE_KEY) or {}).values():

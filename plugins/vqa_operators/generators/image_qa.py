@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import Field
 
 from vqa_operators.generators.answers import qa_set_model
-from vqa_operators.generators.base import Generator, ImageRowOptions, OutputFields, QATextOptions, row_key
+from vqa_operators.generators.base import Generator, ImageRowOptions, OutputFields, QATextOptions, origin_key
 
 
 class ImageQAOptions(ImageRowOptions, QATextOptions):
@@ -43,6 +43,6 @@ class ImageQAGenerator(Generator):
             {"role": "system", "content": self.prompts.render("system")},
             self.user_message(images, self.prompts.render("user", image_count=len(images), pairs=opts.pairs_per_row)),
         ]
-        answer = await self.ask(messages, self.answer_model, key=row_key(row))
+        answer = await self.ask(messages, self.answer_model, key=origin_key(row))
         pairs = [pair.model_dump() for pair in answer.qa_pairs]  # type: ignore[attr-defined]
         return {opts.output_key: pairs}, {"images": [img.summary() for img in images]}

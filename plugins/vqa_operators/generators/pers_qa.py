@@ -17,7 +17,7 @@ from pydantic import Field
 
 from vqa_operators.exceptions import ConfigError, Reason, RowError
 from vqa_operators.generators.answers import AFTER_TAG, PATTERN_MAX_CHARS, tagged_answer_model
-from vqa_operators.generators.base import AnswerTextOptions, Generator, ImageRowOptions, OutputFields, derive_seed, row_key
+from vqa_operators.generators.base import AnswerTextOptions, Generator, ImageRowOptions, OutputFields, derive_seed, origin_key
 from vqa_operators.parsing import ParseError
 from vqa_operators.prompts import PromptSet
 
@@ -136,7 +136,7 @@ class PersQAGenerator(Generator):
         opts = self.options
         paths = self.image_paths(row, opts.image_key, opts.max_images_per_row)
         subject = self._subject(row)
-        key = row_key(row)
+        key = origin_key(row)
         question = choose_question(self.bank, seed=self.seed, key=key, subject=subject)
         images = await self.media.prepare(paths)
         messages = [

@@ -32,7 +32,7 @@ from pydantic import BaseModel, Field, create_model, field_validator
 from vqa_operators import settings
 from vqa_operators.exceptions import Reason, Rejection, RowError
 from vqa_operators.generators.answers import STRICT, bounded_text
-from vqa_operators.generators.base import Generated, Generator, GeneratorOptions, OutputFields, QAItem, row_key
+from vqa_operators.generators.base import Generated, Generator, GeneratorOptions, OutputFields, QAItem, origin_key
 from vqa_operators.media import PreparedImage
 
 # the generators whose rows a gate can judge (their output holds QA pairs a reader would train on)
@@ -140,7 +140,7 @@ class QualityGate(Generator):
         items = fields.pairs(row)
         if not items:
             raise RowError(Reason.BAD_FIELD, f"{fields.qa!r} holds no question-answer pair to judge")
-        key = row_key(row)
+        key = origin_key(row)
         images = _Lazy(self._images, row, fields)
         verdicts = await asyncio.gather(*(self._judge_pair(row, fields, item, images, key) for item in items))
         kept: list[int] = []

@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field, model_validator
 from vqa_operators import settings
 from vqa_operators.exceptions import ConfigError, Reason, RowError
 from vqa_operators.generators.answers import STRICT, bounded_text
-from vqa_operators.generators.base import Generator, GeneratorOptions, OutputFields, row_key
+from vqa_operators.generators.base import Generator, GeneratorOptions, OutputFields, origin_key
 from vqa_operators.media import PreparedImage, prepare_image
 from vqa_operators.storage.uris import beside, is_s3
 from vqa_operators.video import ClipPlan, ClipRules, Scan, audio_wav, extract, plan_clips, scan
@@ -151,7 +151,7 @@ class VideoIngestGenerator(Generator):
         if opts.clips_key in row:
             raise RowError(Reason.BAD_FIELD, f"the row holds both {opts.video_key!r} and {opts.clips_key!r}: give one")
         uri = self.media.resolve(path)
-        key = row_key(row)
+        key = origin_key(row)
         loop = asyncio.get_running_loop()
         async with self.videos, contextlib.AsyncExitStack() as stack:
             local = await loop.run_in_executor(self.media.executor, self._local_copy, uri, path, stack)

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, c
 
 from vqa_operators.exceptions import Reason, RowError
 from vqa_operators.generators.answers import STRICT, QAPair, TextLimits, bounded_text, distinct, qa_set_model
-from vqa_operators.generators.base import Generator, OutputFields, QATextOptions, row_key
+from vqa_operators.generators.base import Generator, OutputFields, QATextOptions, origin_key
 from vqa_operators.media import PreparedImage
 from vqa_operators.parsing import ParseError, describe_validation_error
 
@@ -339,7 +339,7 @@ class VideoQAInitialGenerator(_VideoQAStage):
         video = self.read_video(row)
         images = await self.load_frames(video)
         task = self.prompts.render("initial", pairs=opts.initial_pairs)
-        answer = await self.ask(self.messages(video, images, task), self.answer_model, key=row_key(row))
+        answer = await self.ask(self.messages(video, images, task), self.answer_model, key=origin_key(row))
         pairs = to_rows(answer.qa_pairs)  # type: ignore[attr-defined]
         unique = dedupe(pairs)
         fields = {opts.output_key: unique, opts.state_key: VideoQAState().model_dump()}
@@ -382,7 +382,7 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
         video = self.read_video(row)
         current = self.current_set(row)
         state = self.read_state(row)
-        key = row_key(row)
+        key = origin_key(row)
         images: list[PreparedImage] | None = None
         # the frames are prepared while the master decides, not after: they are off the critical path
         frames: asyncio.Task[list[PreparedImage]] | None = None
@@ -480,7 +480,7 @@ class VideoQAFinalGenerator(_VideoQAStage):
         current = self.current_set(row)
         state = self.read_state(row)
         task = self.prompts.render("final", current_qa=qa_json(current), current_count=len(current), pairs=opts.final_pairs, labels=LABELS)
-        answer = await self.ask(self.messages(video, None, task), self.answer_model, key=f"{row_key(row)}:final")
+        answer = await self.ask(self.messages(video, None, task), self.answer_model, key=f"{origin_key(row)}:final")
         pairs = [{"Label": LABEL_SEPARATOR.join(p.labels), "Question": p.question, "Answer": p.answer} for p in answer.qa]  # type: ignore[attr-defined]
         unique = dedupe(pairs)
         meta = {"state": state.model_dump(), "duplicates_dropped": len(pairs) - len(unique)}

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vqa_operators.exceptions import InputError, Interrupted, JobError, RowError, TryProgress, UnexpectedError
-from vqa_operators.generators.base import PROVENANCE_KEY, Generated, Generator, input_line, row_key
+from vqa_operators.generators.base import PROVENANCE_KEY, Generated, Generator, input_line, origin_key, row_key
 from vqa_operators.media import MediaReader
 from vqa_operators.serving.base import VLMServing
 from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix, fingerprint
@@ -277,7 +277,7 @@ def _record(generator: Generator, outcome: RowOutcome) -> dict[str, Any]:
         record["rejected"] = rejected
     if made.kept:
         row = generator.finish_row(outcome.row, made.fields)
-        row[PROVENANCE_KEY] = _provenance(generator, outcome.row.get(PROVENANCE_KEY), row_key(outcome.row), {"line": line, **made.meta})
+        row[PROVENANCE_KEY] = _provenance(generator, outcome.row.get(PROVENANCE_KEY), origin_key(outcome.row), {"line": line, **made.meta})
         record["out"] = row
     return record
 
