@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(UV) pip install --quiet --python $(PY) $(TORCH_SOURCE) -r requirements-dev.txt -c constraints.txt
 	touch $@
 
-$(VLLM_VENV)/.installed: requirements-vllm.txt requirements-worker.txt constraints-vllm.txt
+$(VLLM_VENV)/.installed: requirements-vllm.txt pyproject.toml constraints-vllm.txt
 	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
 	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VLLM_VENV)
 	$(UV) pip install --quiet --python $(VLLM_PY) $(TORCH_SOURCE) -r requirements-vllm.txt -c constraints-vllm.txt \
@@ -58,11 +58,14 @@ bench: venv vllm-venv  ## every performance measure side by side: saturation, vi
 bench-faults: venv  ## rows accounted for under model-server fault mixes; calls saved on resume
 	$(PY) bench/faults.py
 
-constraints: venv vllm-venv  ## re-pin every package of both environments after changing a requirements file
+constraints: venv vllm-venv  ## re-pin every package of both environments, and the worker image's, after changing a requirements file
 	$(UV) pip install --quiet --python $(PY) $(TORCH_SOURCE) -r requirements-dev.txt
 	$(UV) pip freeze --python $(PY) | grep -v '^-e' > constraints.txt
 	$(UV) pip install --quiet --python $(VLLM_PY) $(TORCH_SOURCE) -r requirements-vllm.txt --excludes <(printf '%s\n' $(VLLM_EXCLUDES))
-	$(UV) pip freeze --python $(VLLM_PY) | grep -v '^-e' > constraints-vllm.txt
+	$(UV) pip freeze --python $(VLLM_PY) | grep -v -e '^-e' -e '^vqa-airflow' > constraints-vllm.txt
+	# the worker image: this package beside the GPU vLLM of its base image, for that image's Python on x86_64 Linux
+	$(UV) pip compile --quiet --python-version 3.12 --python-platform x86_64-manylinux_2_28 pyproject.toml requirements-worker.txt \
+		--no-header -o constraints-worker.txt
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) .demo .pytest_cache

@@ -30,8 +30,13 @@ from __future__ import annotations
 
 from airflow.sdk import Param, dag
 
-from vqa_operators.operators import WorkerSpec, judge_and_merge, shard_plan, worker_task
+from vqa_operators.operators import Placement, WorkerSpec, judge_and_merge, shard_plan, worker_task
 from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, export_params, io_params, quality_params
+
+# kubernetes mode: where this DAG's worker pods run, and what they carry (placement.PodSettings), for every
+# task or per task id, e.g. Placement(default=PodSettings(s3_secret=None, service_account_name="vqa-worker"),
+# tasks={"ingest": {"cpu": "8", "tmp_size": "200Gi"}})
+PODS = Placement()
 
 
 @dag(
@@ -55,13 +60,14 @@ def pers_qa() -> None:
     generate = worker_task(
         task_id="generate",
         shards=plan,
+        pods=PODS,
         spec=WorkerSpec(
             generator="pers_qa",
             **RUN_OPTIONS,
             params={"tag": "{{ params.tag }}"},
         ),
     )
-    judge_and_merge(plan, {"generate": generate}, source="pers_qa", dataset="pers_qa", **RUN_OPTIONS)
+    judge_and_merge(plan, {"generate": generate}, source="pers_qa", dataset="pers_qa", pods=PODS, **RUN_OPTIONS)
 
 
 pers_qa()

@@ -44,7 +44,7 @@ from typing import Any
 
 from airflow.sdk import Param, dag
 
-from vqa_operators.operators import WorkerSpec, judge_and_merge, shard_plan, staged_output, worker_task
+from vqa_operators.operators import Placement, WorkerSpec, judge_and_merge, shard_plan, staged_output, worker_task
 from vqa_operators.operators.dag_config import (
     DAG_DEFAULTS,
     INGEST_OPTIONS,
@@ -54,6 +54,11 @@ from vqa_operators.operators.dag_config import (
     io_params,
     quality_params,
 )
+
+# kubernetes mode: where this DAG's worker pods run, and what they carry (placement.PodSettings), for every
+# task or per task id, e.g. Placement(default=PodSettings(s3_secret=None, service_account_name="vqa-worker"),
+# tasks={"ingest": {"cpu": "8", "tmp_size": "200Gi"}})
+PODS = Placement()
 
 # the revised and final sets are long JSON answers
 MAX_TOKENS = 4096
@@ -81,15 +86,17 @@ MAX_TOKENS = 4096
 def video_qa() -> None:
     plan = shard_plan()
     common: dict[str, Any] = {**RUN_OPTIONS, "max_tokens": MAX_TOKENS}
-    ingest = worker_task(task_id="ingest", shards=plan, spec=WorkerSpec(generator="video_ingest", params=INGEST_OPTIONS, **RUN_OPTIONS))
+    ingest = worker_task(task_id="ingest", shards=plan, pods=PODS, spec=WorkerSpec(generator="video_ingest", params=INGEST_OPTIONS, **RUN_OPTIONS))
     initial = worker_task(
         task_id="initial",
         shards=plan,
+        pods=PODS,
         spec=WorkerSpec(generator="video_qa_initial", input=staged_output("ingest"), params={"max_frames": "{{ params.max_frames }}"}, **common),
     )
     multiagent = worker_task(
         task_id="multiagent",
         shards=plan,
+        pods=PODS,
         spec=WorkerSpec(
             generator="video_qa_multiagent",
             input=staged_output("initial"),
@@ -100,11 +107,12 @@ def video_qa() -> None:
     final = worker_task(
         task_id="final",
         shards=plan,
+        pods=PODS,
         spec=WorkerSpec(generator="video_qa_final", input=staged_output("multiagent"), params={"final_pairs": "{{ params.final_pairs }}"}, **common),
     )
     ingest >> initial >> multiagent >> final
     stages = {"ingest": ingest, "initial": initial, "multiagent": multiagent, "final": final}
-    judge_and_merge(plan, stages, source="video_qa_final", dataset="video_qa", params={"max_frames": "{{ params.max_frames }}"}, **RUN_OPTIONS)
+    judge_and_merge(plan, stages, source="video_qa_final", dataset="video_qa", params={"max_frames": "{{ params.max_frames }}"}, pods=PODS, **RUN_OPTIONS)
 
 
 video_qa()

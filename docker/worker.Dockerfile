@@ -1,19 +1,26 @@
-# The GPU worker image: vLLM (serves the model inside the pod when no service URL is configured)
-# plus this package's worker CLI. Build from the repository root:
+# The worker image: vLLM (serves the model inside a GPU pod when no model service is configured, and the
+# run-scoped model server) plus this package, installed with the pins resolved against vLLM 0.33.0
+# (constraints-worker.txt, `make constraints`). Build from the repository root:
 #   docker build -f docker/worker.Dockerfile -t <registry>/vqa-worker:<tag> .
 FROM vllm/vllm-openai:v0.33.0
 
+# The pods' user (PodSettings.run_as_user). It gets a passwd entry, and USER and HOME are set: torch's
+# cache set-up calls getpass.getuser(), which fails for a uid without either (pytorch#140765).
+ARG VQA_UID=2000
+RUN (getent group "${VQA_UID}" || groupadd --gid "${VQA_UID}" vqa) \
+    && (getent passwd "${VQA_UID}" || useradd --uid "${VQA_UID}" --gid "${VQA_UID}" --no-create-home --home-dir /tmp --shell /usr/sbin/nologin vqa)
+
 WORKDIR /opt/vqa
-COPY requirements-worker.txt ./
-RUN pip install --no-cache-dir -r requirements-worker.txt
+COPY constraints-worker.txt ./
+COPY pyproject.toml README.md ./src/
+COPY plugins/vqa_operators/ ./src/plugins/vqa_operators/
+COPY include/ ./src/include/
+# the package with its templates; the constraints keep vLLM's own pins (torch, transformers ...) where the base image has them
+RUN python3 -m pip install --no-cache-dir -c constraints-worker.txt ./src
 
-COPY plugins/vqa_operators/ /opt/vqa/plugins/vqa_operators/
-COPY include/prompts/ /opt/vqa/include/prompts/
-ENV PYTHONPATH=/opt/vqa/plugins \
-    VQA_PROMPTS_DIR=/opt/vqa/include/prompts \
-    HF_HOME=/models \
-    HOME=/tmp
-
-USER 1000:1000
+ENV HF_HOME=/models \
+    HOME=/tmp \
+    USER=vqa
+USER ${VQA_UID}:${VQA_UID}
 ENTRYPOINT ["python3", "-m", "vqa_operators"]
 CMD ["--help"]

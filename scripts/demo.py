@@ -397,6 +397,8 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
         "AIRFLOW_CONN_VQA_VLM": json.dumps({"conn_type": "http", "host": base_url, "password": settings.variable(settings.API_KEY_ENV) or "", "extra": {"model": choice.model}}),
         "VQA_BACKEND": "transformers" if choice.engine == "transformers" else "openai",
         "VQA_EXECUTION": "local",
+        # the demo's data: the DAGs' default locations in the trigger form lie in its bucket
+        "VQA_DATA_ROOT": f"s3://{BUCKET}",
         # the demo triggers its own runs; a daily schedule would also start runs over s3://vqa-demo/raw/<dag>/<today>/
         "VQA_SCHEDULE": "none",
         # a failing task is retried after seconds, not minutes, so that the demo reports it soon

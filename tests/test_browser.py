@@ -36,7 +36,7 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 ARTIFACTS = ROOT / ".artifacts" / "browser"
-BUCKET = "vqa-demo"  # the DAGs' default bucket: scheduled runs with default params read it
+BUCKET = "vqa-demo"  # the deployment's data root here (VQA_DATA_ROOT): scheduled runs with default params read it
 
 
 @dataclass
@@ -100,6 +100,7 @@ def standalone(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITest
             "AIRFLOW__API__PORT": str(port),
             "AIRFLOW__API__BASE_URL": url,
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "VQA_DATA_ROOT": f"s3://{BUCKET}",
             # standalone starts its components as `airflow ...` subprocesses
             "PATH": f"{Path(AIRFLOW).parent}:{os.environ.get('PATH', '')}",
         }

@@ -106,7 +106,9 @@ def test_the_settings_read_the_params_and_refuse_unknown_formats(tmp_path: Path)
 def test_an_image_gone_since_generation_is_a_clear_error_and_nothing_is_published(vlm_server, tmp_path: Path) -> None:
     manifest = _merged(vlm_server, tmp_path, "image_qa", IMAGE_ROWS[:2], {"pairs_per_row": 1})
     (tmp_path / "media" / "b.jpg").unlink()
-    with pytest.raises(ValueError, match=r"cannot embed .*b\.jpg \(row two\)"):
+    from vqa_operators.exceptions import ExportError
+
+    with pytest.raises(ExportError, match=r"cannot embed .*b\.jpg \(row two\)"):
         export_run(Storage(), manifest, formats=["parquet", "llava"], embed_images=True, media_root=str(tmp_path / "media"))
     # the writes are atomic: a failed export leaves no half-written file
     assert not (tmp_path / "run" / "generate.parquet").exists() and not (tmp_path / "run" / "generate.llava.json").exists()

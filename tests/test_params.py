@@ -38,7 +38,8 @@ def test_every_param_is_typed_titled_and_described(dagbag, dag_id: str) -> None:
     for name in params:
         param = params.get_param(name)
         assert param.schema.get("type") and param.schema.get("title") and len(param.description or "") > 20, name
-    assert "{{ ds }}" in params["input_uri"]  # the default reads the run's date partition
+    # no VQA_DATA_ROOT here: no default location, so a run must name its own (test_the_locations_default_to_the_data_root)
+    assert (params["input_uri"], params["output_prefix"], params["media_root"]) == (None, None, None)
 
 
 @pytest.mark.parametrize(
@@ -82,7 +83,8 @@ def test_the_dags_are_daily_without_catchup_unless_told_otherwise(dagbag, monkey
 
 
 def plan_context(dag, **extra) -> dict:
-    params = {**dag.params.dump(), **extra.pop("params", {})}
+    # no VQA_DATA_ROOT in the tests: the locations a run would otherwise default to
+    params = {**dag.params.dump(), "output_prefix": "s3://data/out", "media_root": "s3://data/", **extra.pop("params", {})}
     return {"params": params, "dag": dag, "run_id": "manual__x", "ti": SimpleNamespace(map_index=-1, try_number=1), **extra}
 
 
@@ -108,8 +110,28 @@ def test_a_run_without_a_logical_date_fails_clearly_when_input_uri_needs_one(dag
     from airflow.sdk.exceptions import AirflowFailException
 
     dag = dagbag.dags["image_qa"]
+    params = {"input_uri": "s3://data/raw/{{ ds }}/input.jsonl", "output_prefix": "s3://data/out", "media_root": "s3://data/"}
     with pytest.raises(AirflowFailException, match=r"input_uri uses the run's date, and this run has no logical date \(a run triggered without one has no ds\)"):
-        run_plan(dag, plan_context(dag))  # the default input_uri uses {{ ds }}; this context has none
+        run_plan(dag, plan_context(dag, params=params))  # this context has no logical date
+
+
+def test_the_locations_default_to_the_data_root_and_without_one_a_run_must_name_them(dagbag, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.exceptions import AirflowFailException
+
+    dag = dagbag.dags["video_qa"]
+    with pytest.raises(AirflowFailException, match="param input_uri is not given, and VQA_DATA_ROOT is not set: give input_uri, or set VQA_DATA_ROOT"):
+        run_plan(dag, plan_context(dag))  # nothing is read: no bucket is assumed
+    monkeypatch.setenv("VQA_DATA_ROOT", "s3://acme-vqa/datasets/")
+    params = DagBag(dag_folder=str(ROOT / "dags")).dags["video_qa"].params
+    assert (params["input_uri"], params["output_prefix"], params["media_root"]) == (
+        "s3://acme-vqa/datasets/raw/video_qa/{{ ds }}/input.jsonl", "s3://acme-vqa/datasets/output", "s3://acme-vqa/datasets/",
+    )
+    monkeypatch.setenv("VQA_DATA_ROOT", "s3://x")  # not a bucket name: the DAGs' params could not hold it
+    with pytest.raises(Exception, match="VQA_DATA_ROOT must be an absolute folder or s3://bucket"):
+        from vqa_operators import settings
+
+        settings.environment()
 
 
 @pytest.mark.parametrize(

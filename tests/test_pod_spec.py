@@ -1,10 +1,14 @@
-"""Kubernetes mode: the worker pod is built without a cluster and validated against the Kubernetes schema."""
+"""Kubernetes mode: worker pods built without a cluster (from the rendered task, as Airflow builds them) and validated against the schema.
+
+``tests/test_pods_run.py`` runs such pods as their specs stand; this file checks what the specs say.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -37,27 +41,36 @@ PARAMS = {
 SHARD = {"input": "s3://in/rows.jsonl", "index": 3, "first_line": 301, "rows": 100, "start": 20480, "end": 27000, "version": '"etag-1"'}
 
 
-def build_manifest(monkeypatch: pytest.MonkeyPatch, dag_id: str = "image_qa", task_id: str = "generate") -> dict:
+def build_manifest(
+    monkeypatch: pytest.MonkeyPatch, dag_id: str = "image_qa", task_id: str = "generate", *, params: dict[str, Any] | None = None, dag: Any = None,
+    shard: dict[str, Any] | None = None,
+) -> dict:
+    """The pod of ``task_id``'s mapped instance for a shard, as the run's task renders and builds it (``params`` replace the test's)."""
     from airflow.dag_processing.dagbag import DagBag
     from kubernetes.client import ApiClient
 
     monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
     monkeypatch.setenv("VQA_WORKER_IMAGE", "registry.example/vqa-worker:1.0")
-    dag = DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "dags")).dags[dag_id]
-    task = dag.get_task(task_id).unmap({"shard": SHARD})  # the mapped task instance for shard 3, as Airflow builds it
+    dag = dag or DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "dags")).dags[dag_id]
+    shard = shard or SHARD
+    task = dag.get_task(task_id).unmap({"shard": shard})  # the mapped task instance for the shard, as Airflow builds it
     context = {
-        "params": {**dag.params.dump(), **PARAMS[dag_id]},
+        "params": {**dag.params.dump(), **(PARAMS[dag_id] if params is None else params)},
         "dag": dag,
         "task": task,
         "run_id": RUN_ID,
-        "ti": SimpleNamespace(dag_id=dag_id, task_id=task_id, map_index=SHARD["index"], try_number=1),
+        "ti": SimpleNamespace(dag_id=dag_id, task_id=task_id, map_index=shard["index"], try_number=1),
     }
     task.render_template_fields(context)
     pod = task.build_pod_request_obj(context, dry_run=True)
     return ApiClient().sanitize_for_serialization(pod)
 
 
-def test_pod_is_valid_and_runs_the_worker_on_a_gpu(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
+def env_of(manifest: dict) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in manifest["spec"]["containers"][0]["env"]}
+
+
+def test_a_pod_that_calls_a_model_service_is_a_cpu_pod(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
     import kubernetes_validate
 
     manifest = build_manifest(monkeypatch)
@@ -74,34 +87,56 @@ def test_pod_is_valid_and_runs_the_worker_on_a_gpu(vlm_connection, monkeypatch: 
     assert args[args.index("--try-number") + 1] == "1"
     assert args[args.index("--param") : args.index("--param") + 2] == ["--param", "pairs_per_row=4"]
     assert "--serve-vllm" not in args  # an existing service URL is configured
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    # no GPU, no GPU node, sized for its task
+    assert container["resources"] == {"limits": {"cpu": "2", "memory": "4Gi"}, "requests": {"cpu": "2", "memory": "4Gi", "ephemeral-storage": "16Gi"}}
     spec = manifest["spec"]
-    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert spec["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert not spec.get("nodeSelector") and not spec.get("tolerations")
     volumes = {v["name"]: v for v in spec["volumes"]}
-    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory" and volumes["tmp"]["emptyDir"]["sizeLimit"] == "16Gi"
     assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "vqa-model-cache"
-    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    env = {e["name"]: e for e in container["env"]}
-    assert env["VQA_BASE_URL"]["value"] == "http://vllm.vqa.svc:8000/v1"
-    assert env["VQA_MODEL"]["value"] == MODEL
-    assert env["VQA_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "vqa-vlm", "key": "api-key"}
+    env = env_of(manifest)
+    assert env["VQA_BASE_URL"] == "http://vllm.vqa.svc:8000/v1" and env["VQA_MODEL"] == MODEL
+    assert env["VQA_API_KEY"]["secretKeyRef"] == {"name": "vqa-vlm", "key": "api-key"}
     assert container["envFrom"] == [{"secretRef": {"name": "vqa-s3"}}]
     assert SECRET_KEY not in json.dumps(manifest)
 
 
-def test_without_a_service_url_vllm_runs_in_the_pod(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_a_service_url_vllm_runs_in_a_gpu_pod(monkeypatch: pytest.MonkeyPatch) -> None:
     import kubernetes_validate
 
     monkeypatch.delenv("AIRFLOW_CONN_VQA_VLM", raising=False)
     monkeypatch.delenv("VQA_BASE_URL", raising=False)
     monkeypatch.setenv("VQA_MODEL", "Qwen/Qwen2.5-VL-7B-Instruct")
-    manifest = build_manifest(monkeypatch)
+    monkeypatch.setenv("VQA_VLLM_ARGS", "--max-model-len 32768 --limit-mm-per-prompt '{\"image\": 16}'")
+    monkeypatch.setenv("VQA_MAX_NUM_SEQS", "64")
+    manifest = build_manifest(monkeypatch, "video_qa", "ingest")
     kubernetes_validate.validate(manifest, "1.33", strict=True)
-    container = manifest["spec"]["containers"][0]
+    container, spec = manifest["spec"]["containers"][0], manifest["spec"]
     assert container["args"][-1] == "--serve-vllm"
-    assert {e["name"]: e.get("value") for e in container["env"]}["VQA_MODEL"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    env = env_of(manifest)
+    # the deployment's vLLM settings start the in-pod server: its flags for video, and the batch size the worker sizes for
+    assert env["VQA_MODEL"] == "Qwen/Qwen2.5-VL-7B-Instruct" and env["VQA_MAX_NUM_SEQS"] == "64"
+    assert env["VQA_VLLM_ARGS"] == "--max-model-len 32768 --limit-mm-per-prompt '{\"image\": 16}'"
+    assert container["resources"]["limits"] == {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"}
+    assert container["resources"]["requests"]["ephemeral-storage"] == "64Gi"  # the ingest copies each S3 video to /tmp
+    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert spec["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+
+
+def test_default_params_give_no_empty_argument_and_a_shard_is_never_rendered(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The DAGs' defaults (no concurrency, no model) are "not given", and the shard's JSON reaches the pod as data."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
+    dag = DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "dags")).dags["image_qa"]
+    shard = {**SHARD, "input": "s3://in/{{ 7 * 7 }}.jsonl"}  # a template in the input cannot pass plan; if it did, it stays text
+    params = {"input_uri": "s3://in/rows.jsonl", "output_prefix": "s3://out/prefix", "media_root": "s3://in/"}
+    manifest = build_manifest(monkeypatch, params=params, dag=dag, shard=shard)
+    args = manifest["spec"]["containers"][0]["args"]
+    assert "" not in args and "--concurrency" not in args and "--model" not in args
+    assert json.loads(args[args.index("--shard") + 1])["input"] == "s3://in/{{ 7 * 7 }}.jsonl"
 
 
 # the ingest's defaults, as the trigger form's params render them
@@ -119,9 +154,10 @@ CLIP = ClipRules()
         ("initial", "video_qa_initial", f"s3://out/prefix/video_qa/{RUN_ID}/ingest/shard-00003.jsonl", ["max_frames=12"], "4096"),
         ("multiagent", "video_qa_multiagent", f"s3://out/prefix/video_qa/{RUN_ID}/initial/shard-00003.jsonl", ["max_frames=12", "max_iterations=2"], "4096"),
         ("final", "video_qa_final", f"s3://out/prefix/video_qa/{RUN_ID}/multiagent/shard-00003.jsonl", ["final_pairs=8"], "4096"),
+        ("quality", "quality", f"s3://out/prefix/video_qa/{RUN_ID}/final/shard-00003.jsonl", ["source=video_qa_final", "blind_check=True"], "1024"),
     ],
 )
-def test_video_qa_tasks_are_valid_gpu_pods_chained_through_s3(
+def test_video_qa_tasks_are_valid_pods_chained_through_s3(
     vlm_connection, monkeypatch: pytest.MonkeyPatch, task_id: str, generator: str, source: str | None, params: list[str], max_tokens: str
 ) -> None:
     import kubernetes_validate
@@ -132,32 +168,103 @@ def test_video_qa_tasks_are_valid_gpu_pods_chained_through_s3(
     args = container["args"]
     output = f"s3://out/prefix/video_qa/{RUN_ID}/{task_id}/shard-00003.jsonl"  # a later stage reads the same shard's upstream output
     assert args[:6 if source else 4] == ["run", generator, *(["--input", source] if source else []), "--output", output]
-    assert [args[i + 1] for i, a in enumerate(args) if a == "--param"] == params
+    assert [args[i + 1] for i, a in enumerate(args) if a == "--param"][: len(params)] == params
     assert args[args.index("--seed") + 1] == "9" and args[args.index("--max-tokens") + 1] == max_tokens
     # the stages may read the media the run staged (the ingest's frames) in the run's own folder
     assert args[args.index("--staging-root") + 1] == f"s3://out/prefix/video_qa/{RUN_ID}"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "nvidia.com/gpu" not in container["resources"]["limits"]
+    # the ingest decodes video: more CPU and memory, and a /tmp for the videos it copies
+    expected = ("4", "8Gi", "64Gi") if task_id == "ingest" else ("2", "4Gi", "16Gi")
+    assert (container["resources"]["requests"]["cpu"], container["resources"]["requests"]["memory"], container["resources"]["requests"]["ephemeral-storage"]) == expected
     assert manifest["metadata"]["labels"]["task_id"] == task_id
     assert SECRET_KEY not in json.dumps(manifest)
 
 
-def test_pod_runs_locked_down_with_the_allowlist_and_its_checkpoint_identity(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VQA_ALLOWED_MEDIA_ROOTS", "s3://in/,s3://shared-media/frames")
+def test_pod_runs_locked_down_with_the_deployments_worker_settings(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vqa_operators import settings
+
+    deployment = {
+        "VQA_ALLOWED_MEDIA_ROOTS": "s3://in/,s3://shared-media/frames", "VQA_ALLOWED_INPUT_ROOTS": "s3://in", "VQA_ALLOWED_OUTPUT_ROOTS": "s3://out",
+        "VQA_MAX_NUM_SEQS": "48", "VQA_CONCURRENCY": "40", "VQA_TRANSCRIPTION_URL": "http://whisper.vqa.svc:8000/v1",
+        "VQA_TRANSCRIPTION_MODEL": "openai/whisper-large-v3", "VQA_BACKEND": "openai",
+    }
+    airflow_only = {"VQA_SCHEDULE": "@hourly", "VQA_RETRY_DELAY_SECONDS": "5", "VQA_PREVIEW_LINK_SECONDS": "600", "VQA_DATA_ROOT": "s3://in-data"}
+    for name, value in {**deployment, **airflow_only}.items():
+        monkeypatch.setenv(name, value)
     manifest = build_manifest(monkeypatch)
     spec, container = manifest["spec"], manifest["spec"]["containers"][0]
     assert spec["securityContext"] == {
-        "fsGroup": 1000, "runAsGroup": 1000, "runAsNonRoot": True, "runAsUser": 1000, "seccompProfile": {"type": "RuntimeDefault"},
+        "fsGroup": 2000, "runAsGroup": 2000, "runAsNonRoot": True, "runAsUser": 2000, "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert container["securityContext"] == {
         "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
     }
     # the read-only root filesystem leaves /tmp (checkpoint index, upload spool) and the caches writable
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/tmp", "/dev/shm", "/models"}
-    env = {e["name"]: e.get("value") for e in container["env"]}
-    assert env["VQA_ALLOWED_MEDIA_ROOTS"] == "s3://in/,s3://shared-media/frames"
+    env = env_of(manifest)
+    # every worker setting the deployment set reaches the pod; the Airflow-only ones do not
+    assert {k: v for k, v in env.items() if k.startswith("VQA_") and k not in ("VQA_API_KEY", "VQA_BASE_URL", "VQA_MODEL")} == deployment
+    assert set(settings.worker_settings()) >= {k.removeprefix("VQA_").lower() for k in deployment}
     args = container["args"]
     assert args[args.index("--task-key") + 1] == f"image_qa/generate/{RUN_ID}/3"
-    assert args[args.index("--concurrency") + 1] == "32"
+    assert args[args.index("--concurrency") + 1] == "32"  # the run's param wins over VQA_CONCURRENCY
+
+
+def test_placement_per_dag_and_task_reaches_every_worker_task_quality_included(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kubernetes_validate
+    from airflow.sdk import DAG
+
+    from vqa_operators.operators import Placement, PodSettings, WorkerSpec, judge_and_merge, shard_plan, worker_task
+    from vqa_operators.operators.dag_config import DAG_DEFAULTS, export_params, io_params, quality_params
+
+    monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
+    pods = Placement(
+        default=PodSettings(
+            s3_secret=None, service_account_name="vqa-worker", image_pull_secrets=["regcred"], labels={"team": "vision"},
+            annotations={"cost-center": "ml-data"}, priority_class_name="batch-low", env={"HF_HUB_OFFLINE": "1"},
+            secret_env={"HF_TOKEN": {"secret": "hf-token", "key": "token"}}, node_selector={"pool": "cpu-batch"},
+        ),
+        tasks={"generate": {"cpu": "6", "memory": "12Gi"}},
+    )
+    with DAG("placed", params={**io_params("placed", rows_doc="x", final_task="generate"), **quality_params(), **export_params()}, **DAG_DEFAULTS) as dag:
+        plan = shard_plan()
+        generate = worker_task(task_id="generate", shards=plan, pods=pods, spec=WorkerSpec(generator="image_qa"))
+        judge_and_merge(plan, {"generate": generate}, source="image_qa", dataset="image_qa", pods=pods)
+    params = {"input_uri": "s3://in/rows.jsonl", "output_prefix": "s3://out/prefix", "media_root": "s3://in/"}
+    for task_id, cpu in (("generate", "6"), ("quality", "2")):
+        manifest = build_manifest(monkeypatch, "placed", task_id, params=params, dag=dag)
+        kubernetes_validate.validate(manifest, "1.33", strict=True)
+        spec, container = manifest["spec"], manifest["spec"]["containers"][0]
+        # IRSA: no S3 Secret, the service account instead; the quality pods are placed like the others
+        assert not container.get("envFrom") and spec["serviceAccountName"] == "vqa-worker", task_id
+        assert spec["imagePullSecrets"] == [{"name": "regcred"}] and spec["priorityClassName"] == "batch-low"
+        assert manifest["metadata"]["labels"]["team"] == "vision" and manifest["metadata"]["annotations"] == {"cost-center": "ml-data"}
+        assert spec["nodeSelector"] == {"pool": "cpu-batch"}
+        env = env_of(manifest)
+        assert env["HF_HUB_OFFLINE"] == "1" and env["HF_TOKEN"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+        assert container["resources"]["requests"]["cpu"] == cpu
+
+
+def test_a_model_url_with_credentials_never_reaches_a_pod_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vqa_operators.exceptions import ConfigError
+
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_VQA_VLM", json.dumps({"conn_type": "http", "host": f"http://user:{SECRET_KEY}@vllm.vqa.svc:8000/v1", "extra": {"model": MODEL}})
+    )
+    with pytest.raises(ConfigError, match=r"holds credentials \(user:password@\): a pod spec carries it in clear") as err:
+        build_manifest(monkeypatch)
+    assert SECRET_KEY not in str(err.value)
+
+
+def test_pods_take_the_s3_endpoint_and_region_from_the_aws_connection_never_its_keys(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_AWS_DEFAULT",
+        json.dumps({"conn_type": "aws", "login": "AKIA-in-airflow", "password": "aws-secret-in-airflow", "extra": {"endpoint_url": "http://minio.vqa.svc:9000", "region_name": "eu-west-1"}}),
+    )
+    manifest = build_manifest(monkeypatch)
+    env = env_of(manifest)
+    assert (env["AWS_ENDPOINT_URL_S3"], env["AWS_DEFAULT_REGION"]) == ("http://minio.vqa.svc:9000", "eu-west-1")
+    assert "aws-secret-in-airflow" not in json.dumps(manifest) and "AKIA-in-airflow" not in json.dumps(manifest)
 
 
 def test_pods_stop_within_an_explicit_grace_period_and_report_the_workers_last_words(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,7 +280,7 @@ def _pod_operator(**pod: object):
     from vqa_operators.operators import WorkerSpec, worker_task
     from vqa_operators.operators.pod import PodSettings
 
-    return worker_task(task_id="generate", spec=WorkerSpec(generator="image_qa", input="s3://in/rows.jsonl"), mode="kubernetes", pod=PodSettings(**pod))
+    return worker_task(task_id="generate", spec=WorkerSpec(generator="image_qa", input="s3://in/rows.jsonl"), mode="kubernetes", pods=PodSettings(**pod))
 
 
 def test_deferrable_pods_wait_in_the_triggerer(monkeypatch: pytest.MonkeyPatch) -> None:

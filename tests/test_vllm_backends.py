@@ -1,6 +1,7 @@
-"""vLLM started by the worker (``--serve-vllm``) and vLLM in the process (``LocalModelVLMServing_vllm``).
+"""vLLM started by the worker (``--serve-vllm``), vLLM in the process (``LocalModelVLMServing_vllm``) and a run's own vLLM.
 
-Each is run for real in the slow tier, with vLLM's CPU build on the tiny random-weight Idefics3.
+Each is run for real in the slow tier, with vLLM's CPU build on the tiny random-weight Idefics3 (the
+worker's ``--serve-vllm`` inside a GPU pod, as its spec stands: ``tests/test_pods_run.py``).
 The fast tier covers the pieces around them: the worker starting a process and waiting for
 ``/health`` (the test double in vLLM's place), a server that dies, and the batching adapter
 driven with a stand-in engine that has ``vllm.LLM.chat``'s signature.
@@ -151,26 +152,47 @@ def test_seed_002_with_vllm_in_the_process(tiny_idefics3: Path, tmp_path: Path) 
 
 @pytest.mark.slow
 @pytest.mark.vllm
-def test_the_worker_starts_vllm_serves_the_model_and_stops_it(tiny_idefics3: Path, tmp_path: Path) -> None:
+def test_a_run_scoped_vllm_serves_every_task_of_a_dag_run_and_loads_the_model_once(
+    tiny_idefics3: Path, tmp_path: Path, s3, bucket: str, s3_endpoint: str
+) -> None:
+    """``VQA_MODEL_SERVER=run`` in local mode: the setup task starts vLLM's CPU build once, all ten worker tasks of a video_qa
+    run (ingest, initial, multiagent, final and quality, on two shards) call it, and the teardown stops it."""
+    import sqlite3
+
+    from tests.airflow_env import airflow, airflow_env
+
     real_vllm.require_vllm()
-    inputs = real_vllm.write_inputs(tmp_path, images=6, videos=0)
-    # the model folder is the served name, as `--serve-vllm` passes it; the flags are what a CPU needs
-    port = free_port()
-    env = {
-        **os.environ, **CPU_ENV, "PYTHONPATH": str(ROOT / "plugins"), "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
-        "VQA_VLLM_COMMAND": f"{VLLM_PYTHON} -m {VLLM_SERVER_MODULE}", "VQA_VLLM_ARGS": shlex.join(server_args(None)),
-        "VQA_VLLM_PORT": str(port), "VQA_BASE_URL": "",
+    inputs = real_vllm.write_inputs(tmp_path, images=0, videos=2, video_files=1)
+    for path in (tmp_path / "media").iterdir():
+        s3.put_object(Bucket=bucket, Key=f"media/{path.name}", Body=path.read_bytes())
+    s3.put_object(Bucket=bucket, Key="input/videos.jsonl", Body=inputs["video"].read_bytes())
+    home = tmp_path / "airflow"
+    env = airflow_env(home, s3_endpoint=s3_endpoint, vlm_base_url="http://127.0.0.1:9/v1", model=str(tiny_idefics3))
+    del env["AIRFLOW_CONN_VQA_VLM"]  # no model service: the run serves its own
+    env.update(
+        {
+            **CPU_ENV, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VQA_MODEL_SERVER": "run", "VQA_MODEL": str(tiny_idefics3),
+            "VQA_VLLM_COMMAND": f"{VLLM_PYTHON} -m {VLLM_SERVER_MODULE}", "VQA_VLLM_ARGS": shlex.join(server_args(None)), "VQA_MAX_NUM_SEQS": "8",
+        }
+    )
+    assert airflow("db", "migrate", env=env).returncode == 0
+    conf = {
+        "input_uri": f"s3://{bucket}/input/videos.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/media/",
+        "seed": 3, "rows_per_shard": 2, "max_frames": 8, "max_iterations": 1, "final_pairs": 3, "frames_per_clip": 2,
     }
-    argv = [
-        sys.executable, "-m", "vqa_operators", "run", "image_qa", "--input", str(inputs["image"]), "--output", str(tmp_path / "out.jsonl"),
-        "--media-root", str(tmp_path / "media"), "--model", str(tiny_idefics3), "--serve-vllm", "--seed", "1", "--max-num-seqs", "8",
-    ]
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, check=False)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"starting model server: {VLLM_PYTHON} -m {VLLM_SERVER_MODULE} --model {tiny_idefics3}" in proc.stderr
-    manifest = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert manifest["rows_in"] == 6 and manifest["rows_out"] >= real_vllm.TARGET * 6 and manifest["model"] == str(tiny_idefics3)
-    with socket.socket() as sock:  # the server went with the worker
-        assert sock.connect_ex(("127.0.0.1", port)) != 0
-
-
+    proc = airflow("dags", "test", "video_qa", "-c", json.dumps(conf), env=env, timeout=900)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-5000:]
+    assert log.count("starting the run's model server") == 1
+    with sqlite3.connect(home / "airflow.db") as db:
+        states = db.execute("SELECT task_id, map_index, state FROM task_instance WHERE dag_id='video_qa'").fetchall()
+        server = json.loads(db.execute("SELECT value FROM xcom WHERE task_id='model_server' AND key='return_value'").fetchone()[0])
+    workers = [(task, index) for task, index, state in states if task in ("ingest", "initial", "multiagent", "final", "quality") and state == "success"]
+    assert len(workers) == 10 and ("stop_model_server", -1, "success") in states, states
+    # one server process loaded the model once, and answered every stage; the teardown stopped it
+    server_log = Path(server["log"]).read_text()
+    assert server_log.count("Loading weights took") == 1, server_log[:3000]
+    assert server_log.count("POST /v1/chat/completions") >= 10
+    assert not os.path.exists(f"/proc/{server['pid']}")
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", int(server["base_url"].rsplit(":", 1)[1].split("/")[0]))) != 0

@@ -102,11 +102,18 @@ class InputError(JobError):
     exit_code = 3
 
 
-# Failures another try would meet again, so the task fails at once in either execution mode: bad
-# configuration (2), and an input that cannot be read at all or changed after it was planned (3).
-# The plan task read the input moments before, so a missing or forbidden object in the worker is
-# not a hiccup: a transient S3 failure is a StorageError (5) and is retried.
-FAIL_WITHOUT_RETRY: tuple[type[JobError], ...] = (ConfigError, InputError)
+class ExportError(JobError):
+    """The merged dataset cannot be exported as asked (a damaged merged file, an image gone since generation)."""
+
+    exit_code = 3
+
+
+# Failures another try would meet again, so the task fails at once in every operator (plan, worker,
+# pod, merge, export): bad configuration (2), an input that cannot be read at all or changed after it
+# was planned (3), and a merged dataset that cannot be exported (3). The plan task read the input
+# moments before, so a missing or forbidden object in the worker is not a hiccup: a transient S3
+# failure is a StorageError (5) and is retried. operators/failures.py applies this one mapping.
+FAIL_WITHOUT_RETRY: tuple[type[JobError], ...] = (ConfigError, InputError, ExportError)
 
 
 class ServerUnavailableError(JobError):

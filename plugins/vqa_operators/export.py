@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
-from vqa_operators.exceptions import RowError
+from vqa_operators.exceptions import ConfigError, ExportError, RowError
 from vqa_operators.generators import row_output_fields
 from vqa_operators.media import MediaReader
 from vqa_operators.preview import describe_row
@@ -98,13 +98,13 @@ def examples(storage: Storage, manifest: dict[str, Any], reader: MediaReader, da
     """One training example per output row: its id, media URIs, QA, turns, meta and the dataset it belongs to."""
     for n, row in read_jsonl(storage.iter_lines(manifest["output"])):
         if not isinstance(row, dict):
-            raise ValueError(f"{manifest['output']} line {n} is not a JSON object: the merged output is damaged")
+            raise ExportError(f"{manifest['output']} line {n} is not a JSON object: the merged output is damaged")
         fields = row_output_fields(manifest["generator"], row)
         shown = describe_row(fields, n, row)
         try:
             images = [reader.resolve(path) for path in shown["paths"]]
         except RowError as err:
-            raise ValueError(f"{manifest['output']} line {n}: {err.detail}") from None
+            raise ExportError(f"{manifest['output']} line {n}: {err.detail}") from None
         qa = [{"question": p["question"], "answer": p["answer"], "labels": p["labels"]} for p in shown["qa"]]
         meta = row.get(fields.meta) if fields.meta else None
         yield {
@@ -122,7 +122,7 @@ def _image_bytes(storage: Storage, uri: str, row_id: str) -> bytes:
     try:
         return storage.read_bytes(uri)
     except OSError as exc:
-        raise ValueError(f"cannot embed {uri} (row {row_id}): {exc.strerror or exc}") from None
+        raise ExportError(f"cannot embed {uri} (row {row_id}): {exc.strerror or exc}") from None
 
 
 def export_run(
@@ -139,7 +139,7 @@ def export_run(
     """Write ``formats`` and the card beside ``manifest["output"]``; return their URIs by format (and ``card``)."""
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
-        raise ValueError(f"unknown export formats {unknown}; choose from {list(FORMATS)}")
+        raise ConfigError(f"unknown export formats {unknown}; choose from {list(FORMATS)}")
     output = manifest["output"]
     uris: dict[str, str] = {name: beside(output, ".parquet" if name == "parquet" else ".llava.json") for name in FORMATS if name in formats}
     reader = MediaReader(storage, media_root=media_root, allowed_roots=allowed_roots)
@@ -181,7 +181,7 @@ def export_run(
         if llava is not None:
             llava.write(b"\n]\n")
     if rows != manifest["rows_out"]:
-        raise ValueError(f"exported {rows} rows but the manifest counts {manifest['rows_out']} rows out")
+        raise ExportError(f"exported {rows} rows but the manifest counts {manifest['rows_out']} rows out")
     card = output.rsplit("/", 1)[0] + "/" + CARD_NAME
     with storage.open_atomic(card, content_type="text/markdown; charset=utf-8") as handle:
         handle.write(dataset_card(manifest, uris, pairs=pairs, labels=labels, dataset=dataset, run_id=run_id, embed_images=embed_images).encode("utf-8"))

@@ -19,11 +19,11 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
 import jinja2
 
+from vqa_operators import settings
 from vqa_operators.exceptions import RowError
 from vqa_operators.generators import row_output_fields
 from vqa_operators.generators.base import PROVENANCE_KEY, OutputFields, input_line
@@ -33,7 +33,7 @@ from vqa_operators.storage.uris import Storage, beside
 
 log = logging.getLogger("vqa_operators.preview")
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "include" / "report" / "preview.html.j2"
+TEMPLATE = settings.include_dir() / "report" / "preview.html.j2"
 THUMB_SIZE = (192, 144)
 RAW_OUTPUT_SHOWN = 300
 

@@ -16,12 +16,10 @@ import jinja2
 from vqa_operators import settings
 from vqa_operators.exceptions import ConfigError
 
-_DEFAULT_DIR = Path(__file__).resolve().parents[2] / "include" / "prompts"
-
 
 def prompts_dir() -> Path:
-    """Return the prompt folder: ``VQA_PROMPTS_DIR`` or the repository's ``include/prompts``."""
-    return Path(settings.environment().prompts_dir or _DEFAULT_DIR)
+    """Return the prompt folder: ``VQA_PROMPTS_DIR``, else the package's (or the repository's) ``include/prompts``."""
+    return Path(settings.environment().prompts_dir or settings.include_dir() / "prompts")
 
 
 @dataclass(frozen=True)

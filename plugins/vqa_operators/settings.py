@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator
@@ -51,9 +52,17 @@ NEAR_DUPLICATE_THRESHOLD = 0.8
 
 # an allowed root: an absolute folder, or s3://bucket[/prefix]
 ROOT = re.compile(r"/.*|s3://[^/\s]+(/.*)?")
+# the data's location: the DAGs' default input_uri, output_prefix and media_root derive from it, so it is what their params accept
+DATA_ROOT = re.compile(r"/.+|s3://[a-z0-9.-]{3,63}(/.*)?")
 
 PREFIX = "VQA_"
 API_KEY_ENV = PREFIX + "API_KEY"
+
+
+def include_dir() -> Path:
+    """The prompt and report templates: inside the installed package (a wheel), else the repository's ``include/``."""
+    packaged = Path(__file__).resolve().parent / "include"
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parents[2] / "include"
 
 
 def default_concurrency(max_num_seqs: int) -> int:
@@ -66,47 +75,62 @@ def in_flight(concurrency: int | None, max_num_seqs: int) -> int:
     return concurrency or default_concurrency(max_num_seqs)
 
 
+# marks a setting that the worker reads: every worker pod gets it (worker_env), as an in-process worker sees it
+WORKER: dict[str, Any] = {"worker": True}
+
+
 class Environment(BaseSettings):
-    """The ``VQA_<FIELD>`` environment variables; unset and empty ones take these defaults."""
+    """The ``VQA_<FIELD>`` environment variables; unset and empty ones take these defaults.
+
+    A field marked ``WORKER`` is read by the worker, so ``worker_env`` hands it to every worker
+    pod; the others are read by Airflow's own processes (DAG parsing, plan, merge) only.
+    """
 
     model_config = SettingsConfigDict(env_prefix=PREFIX, env_ignore_empty=True, extra="ignore", case_sensitive=False)
 
-    # the model server
-    backend: Literal["openai", "transformers"] = "openai"
-    base_url: str | None = None
-    model: str | None = None
-    max_num_seqs: int = Field(MAX_NUM_SEQS, ge=1, le=65536)
-    concurrency: int | None = Field(None, ge=1, le=4096)
+    # the model server (the vqa_vlm connection, when it exists, gives a DAG's tasks the base URL and model instead)
+    backend: Literal["openai", "transformers"] = Field("openai", json_schema_extra=WORKER)
+    base_url: str | None = Field(None, json_schema_extra=WORKER)
+    model: str | None = Field(None, json_schema_extra=WORKER)
+    max_num_seqs: int = Field(MAX_NUM_SEQS, ge=1, le=65536, json_schema_extra=WORKER)
+    concurrency: int | None = Field(None, ge=1, le=4096, json_schema_extra=WORKER)
     # the video ingest's speech-to-text: an OpenAI-compatible /v1 URL (vLLM serving Whisper) and its model
-    transcription_url: str | None = None
-    transcription_model: str | None = None
+    transcription_url: str | None = Field(None, json_schema_extra=WORKER)
+    transcription_model: str | None = Field(None, json_schema_extra=WORKER)
     # media
-    media_root: str = "."
+    media_root: str = Field(".", json_schema_extra=WORKER)
     # where a run may read media, read its input and write its output: folders and s3://bucket[/prefix]es
     # (for a DAG run, none configured means s3:// only; see run_params)
-    allowed_media_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    allowed_input_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    allowed_output_roots: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_media_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, json_schema_extra=WORKER)
+    allowed_input_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, json_schema_extra=WORKER)
+    allowed_output_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, json_schema_extra=WORKER)
     # the QA preview's presigned link: seconds it opens the page; 0 logs no link
     preview_link_seconds: int = Field(PREVIEW_LINK_SECONDS, ge=0, le=PRESIGN_LIMIT_SECONDS)
-    # the worker process
+    # the worker process (a custom prompts folder must exist at the same path in the worker image)
     xcom_file: str | None = None
-    prompts_dir: str | None = None
-    vllm_command: str = ""
-    vllm_args: str = ""
-    vllm_port: int = Field(VLLM_PORT, ge=1, le=65535)
+    prompts_dir: str | None = Field(None, json_schema_extra=WORKER)
+    vllm_command: str = Field("", json_schema_extra=WORKER)
+    vllm_args: str = Field("", json_schema_extra=WORKER)
+    vllm_port: int = Field(VLLM_PORT, ge=1, le=65535, json_schema_extra=WORKER)
     # Airflow: the dag-processor and workers
     execution: Literal["local", "kubernetes"] = "local"
+    # where the model runs for a DAG run: "connection" (the vqa_vlm connection's host; without one, vLLM in each
+    # worker pod) or "run" (one vLLM server for the whole run, started by a setup task, stopped by a teardown task)
+    model_server: Literal["connection", "run"] = "connection"
+    # the data's location (s3://bucket[/prefix] or a folder): the DAGs' default input_uri, output_prefix and media_root
+    data_root: str | None = None
     schedule: str = "@daily"
     retry_delay_seconds: float = Field(60.0, ge=0)
     worker_image: str = "vqa-worker:latest"
     namespace: str | None = None
+    # more environment for every worker pod (and the run's model server), as a JSON object: proxies, Hub and vLLM variables
+    pod_env: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     # tag each published dataset's asset event with its run's date (ds): for partition-aware consumers only
     asset_partitions: bool = False
     # scripts/demo.py's working folder (default: .demo in the repository)
     demo_dir: str | None = None
 
-    @field_validator("backend", "execution", mode="before")
+    @field_validator("backend", "execution", "model_server", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
@@ -115,6 +139,28 @@ class Environment(BaseSettings):
     @classmethod
     def _comma_separated(cls, value: Any) -> Any:
         return [root.strip() for root in value.split(",") if root.strip()] if isinstance(value, str) else value
+
+    @field_validator("pod_env", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        import json
+
+        try:
+            found = json.loads(value)
+        except json.JSONDecodeError:
+            found = None
+        if not isinstance(found, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
+            raise ValueError('a JSON object of strings, e.g. {"HF_HUB_OFFLINE": "1"}')
+        return found
+
+    @field_validator("data_root")
+    @classmethod
+    def _data_root(cls, root: str | None) -> str | None:
+        if root is not None and (not DATA_ROOT.fullmatch(root) or any(part in (".", "..") for part in root.split("/"))):
+            raise ValueError("an absolute folder or s3://bucket[/prefix] (a bucket name of 3 to 63 characters), without . or .. segments")
+        return root
 
     @field_validator("allowed_media_roots", "allowed_input_roots", "allowed_output_roots")
     @classmethod
@@ -158,6 +204,22 @@ def _explain(error: Any) -> str:
 def variable(name: str) -> str | None:
     """A variable named by the caller: the API key's (``API_KEY_ENV``, or the seeds' ``key_name_of_api_key``); None if unset or empty."""
     return os.environ.get(name) or None
+
+
+def worker_settings() -> list[str]:
+    """The fields marked ``WORKER``: what a worker reads from the deployment."""
+    return [name for name, info in Environment.model_fields.items() if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("worker")]
+
+
+def worker_env() -> dict[str, str]:
+    """Each worker setting set in this process's environment, as ``VQA_<NAME>`` -> its value: what a worker pod gets.
+
+    Checked first (a bad value is a ConfigError that names it, on the Airflow side rather than in every pod),
+    then passed on as written.
+    """
+    environment()
+    wanted = {PREFIX + name.upper() for name in worker_settings()}
+    return {key.upper(): value for key, value in sorted(os.environ.items()) if key.upper() in wanted and value}
 
 
 def variables() -> list[str]:

@@ -1,24 +1,36 @@
-"""Airflow operators that wrap the worker, and the factory that picks local or Kubernetes execution.
+"""Airflow operators that wrap the worker, and the factories that pick local or Kubernetes execution.
 
 ``VQA_EXECUTION`` (an environment variable of the dag-processor and workers) selects the mode:
-``local`` (default) runs the worker inside the task process; ``kubernetes`` runs it in a GPU pod.
-It is not read from an Airflow Variable: that would be a metadata lookup on every parse.
+``local`` (default) runs the worker inside the task process; ``kubernetes`` runs it in a pod (a GPU
+pod only where vLLM runs in it). ``VQA_MODEL_SERVER=run`` gives each DAG run one model server of its
+own, started by a setup task and stopped by a teardown task, that every worker task of the run
+calls. Both are read when the DAG is parsed, not from Airflow Variables: that would be a metadata
+lookup on every parse.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, get_args
 
 from vqa_operators import settings
 from vqa_operators.operators.fanout import VQAMergeOperator, VQAShardPlanOperator
 from vqa_operators.operators.local import VQAWorkerOperator
+from vqa_operators.operators.model_server import (
+    RUN_SERVER_URL,
+    SETUP_TASK,
+    TEARDOWN_TASK,
+    VQAModelServerOperator,
+    VQAStopModelServerOperator,
+)
+from vqa_operators.operators.placement import Placement, PodSettings
 from vqa_operators.operators.spec import STAGED_OUTPUT_URI, WorkerSpec, staged_output
 
 MODES: tuple[str, ...] = get_args(settings.Environment.model_fields["execution"].annotation)
 
 __all__ = [
-    "MODES", "STAGED_OUTPUT_URI", "VQAMergeOperator", "VQAShardPlanOperator", "VQAWorkerOperator", "WorkerSpec",
-    "execution_mode", "merge_shards", "quality_task", "shard_plan", "staged_output", "worker_task",
+    "MODES", "STAGED_OUTPUT_URI", "Placement", "PodSettings", "VQAMergeOperator", "VQAShardPlanOperator", "VQAWorkerOperator", "WorkerSpec",
+    "execution_mode", "judge_and_merge", "merge_shards", "model_server", "quality_task", "shard_plan", "staged_output", "worker_task",
 ]
 
 
@@ -27,21 +39,33 @@ def execution_mode() -> str:
     return settings.environment().execution
 
 
-def worker_task(*, task_id: str, spec: WorkerSpec, shards: Any = None, mode: str | None = None, pod: Any = None, **kwargs: Any) -> Any:
-    """The operator that runs ``spec``: in-process (local) or in a pod (kubernetes; ``pod`` is its PodSettings).
+def runs_own_server() -> bool:
+    """``VQA_MODEL_SERVER=run``: each DAG run starts a model server of its own (setup/teardown tasks)."""
+    return settings.environment().model_server == "run"
+
+
+def pod_settings(pods: Placement | PodSettings | None, task_id: str) -> PodSettings | None:
+    """The pod settings of ``task_id``: a Placement's for that task, or the one PodSettings given (None: the defaults)."""
+    return pods.for_task(task_id) if isinstance(pods, Placement) else pods
+
+
+def worker_task(*, task_id: str, spec: WorkerSpec, shards: Any = None, mode: str | None = None, pods: Placement | PodSettings | None = None, **kwargs: Any) -> Any:
+    """The operator that runs ``spec``: in-process (local) or in a pod (kubernetes; ``pods`` places it).
 
     With ``shards`` (the plan task), one mapped task instance per shard: N pods, or N in-process
     tasks. The plan validates ``spec`` (it finds the specs of the tasks mapped over it) before it
-    splits the input, so bad params fail there.
+    splits the input, so bad params fail there. With a run-scoped model server, the worker calls it.
     """
     mode = mode or execution_mode()
     if isinstance(shards, VQAShardPlanOperator):
         shards = shards.output
+    if runs_own_server() and spec.base_url is None:
+        spec = dataclasses.replace(spec, base_url=RUN_SERVER_URL)
     if mode == "kubernetes":
         from vqa_operators.operators.pod import VQAWorkerPodOperator
 
         cls: Any = VQAWorkerPodOperator
-        kwargs["pod"] = pod
+        kwargs["pod"] = pod_settings(pods, task_id)
     else:
         cls = VQAWorkerOperator
     if shards is None:
@@ -49,15 +73,31 @@ def worker_task(*, task_id: str, spec: WorkerSpec, shards: Any = None, mode: str
     return cls.partial(task_id=task_id, spec=spec, **kwargs).expand(shard=shards)
 
 
+def model_server(plan: VQAShardPlanOperator, workers: list[Any], *, pods: Placement | PodSettings | None = None) -> tuple[Any, Any]:
+    """The run's model server around ``workers``: a setup task after ``plan`` (a bad param spends no GPU), a teardown after them.
+
+    Airflow runs the teardown when the workers are done, failed or not, once the setup succeeded.
+    """
+    setup = VQAModelServerOperator(task_id=SETUP_TASK, model="{{ params.model or '' }}", pod=pod_settings(pods, SETUP_TASK))
+    teardown = VQAStopModelServerOperator(task_id=TEARDOWN_TASK)
+    plan >> setup
+    for worker in workers:
+        setup >> worker >> teardown
+    teardown.as_teardown(setups=setup)
+    return setup, teardown
+
+
 def shard_plan(task_id: str = "plan") -> VQAShardPlanOperator:
     """The task that checks the run's params and splits its ``input_uri`` by ``rows_per_shard`` and ``max_shards``."""
     return VQAShardPlanOperator(
-        task_id=task_id, input="{{ params.input_uri }}", rows_per_shard="{{ params.rows_per_shard }}", max_shards="{{ params.max_shards }}",
-        output_prefix="{{ params.output_prefix }}", media_root="{{ params.media_root }}", model="{{ params.model or '' }}",
+        task_id=task_id, input="{{ params.input_uri or '' }}", rows_per_shard="{{ params.rows_per_shard }}", max_shards="{{ params.max_shards }}",
+        output_prefix="{{ params.output_prefix or '' }}", media_root="{{ params.media_root or '' }}", model="{{ params.model or '' }}",
     )
 
 
-def quality_task(plan: VQAShardPlanOperator, *, source: str, after: str, params: dict[str, Any] | None = None, **options: Any) -> Any:
+def quality_task(
+    plan: VQAShardPlanOperator, *, source: str, after: str, params: dict[str, Any] | None = None, pods: Placement | PodSettings | None = None, **options: Any
+) -> Any:
     """The quality stage mapped over ``plan``: it judges the pairs ``source``'s task ``after`` staged for each shard.
 
     Its checks and thresholds come from the run's params (``quality_params``); ``params`` adds
@@ -66,22 +106,35 @@ def quality_task(plan: VQAShardPlanOperator, *, source: str, after: str, params:
     from vqa_operators.operators.dag_config import QUALITY_OPTIONS
 
     spec = WorkerSpec(generator="quality", input=staged_output(after), params={"source": source, **QUALITY_OPTIONS, **(params or {})}, **options)
-    return worker_task(task_id="quality", shards=plan, spec=spec)
+    return worker_task(task_id="quality", shards=plan, spec=spec, pods=pods)
 
 
-def judge_and_merge(plan: VQAShardPlanOperator, stages: dict[str, Any], *, source: str, dataset: str, params: dict[str, Any] | None = None, **options: Any) -> VQAMergeOperator:
+def judge_and_merge(
+    plan: VQAShardPlanOperator,
+    stages: dict[str, Any],
+    *,
+    source: str,
+    dataset: str,
+    params: dict[str, Any] | None = None,
+    pods: Placement | PodSettings | None = None,
+    **options: Any,
+) -> VQAMergeOperator:
     """The tail every DAG shares: the quality stage over what the last of ``stages`` staged, then the merge.
 
     The merge removes near-duplicates, writes the exports and publishes ``dataset``'s asset, each
     from the run's params (``quality_params`` and ``export_params``, which the DAG must declare);
-    the dataset keeps the last generation stage's name. ``params`` and ``options``: as ``quality_task``'s.
+    the dataset keeps the last generation stage's name. ``pods`` places the quality pods as the
+    DAG's others; with a run-scoped model server, its setup and teardown go around every worker
+    task. ``params`` and ``options``: as ``quality_task``'s.
     """
     from vqa_operators.assets import dataset_asset
     from vqa_operators.operators.dag_config import EXPORT, NEAR_DUPLICATES
 
     last = list(stages)[-1]
-    quality = quality_task(plan, source=source, after=last, params=params, **options)
+    quality = quality_task(plan, source=source, after=last, params=params, pods=pods, **options)
     stages[last] >> quality
+    if runs_own_server():
+        model_server(plan, [*stages.values(), quality], pods=pods)
     return merge_shards({**stages, "quality": quality}, plan, output=last, near_duplicates=NEAR_DUPLICATES, export=EXPORT, publishes=dataset_asset(dataset))
 
 

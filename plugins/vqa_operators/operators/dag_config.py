@@ -64,12 +64,25 @@ RUN_OPTIONS: dict[str, Any] = {
 }
 
 
+def data_defaults(dag_id: str) -> dict[str, str | None]:
+    """The defaults of ``input_uri``, ``output_prefix`` and ``media_root``, all under ``VQA_DATA_ROOT``; None where it is not set.
+
+    With none, a run must give the three itself, and ``plan`` says which setting would give them:
+    a DAG never reads a bucket nobody configured.
+    """
+    root = (settings.environment().data_root or "").rstrip("/")
+    if not root:
+        return {"input_uri": None, "output_prefix": None, "media_root": None}
+    return {"input_uri": f"{root}/raw/{dag_id}/{{{{ ds }}}}/input.jsonl", "output_prefix": f"{root}/output", "media_root": f"{root}/"}
+
+
 def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param]:
     """The params every DAG shares (input, output, model, seed, sharding), documented for the trigger form."""
+    defaults = data_defaults(dag_id)
     return {
         "input_uri": Param(
-            f"s3://vqa-demo/raw/{dag_id}/{{{{ ds }}}}/input.jsonl",
-            type="string",
+            defaults["input_uri"],
+            type=["null", "string"],
             pattern="^(s3://[a-z0-9.-]{3,63}/.+|/.+)$",
             title="Input JSONL",
             description=(
@@ -77,17 +90,17 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
                 "It may use the run's logical date, e.g. s3://bucket/raw/{{ ds }}/input.jsonl: each scheduled or backfilled run then reads "
                 "its own day. The run's dates are the only placeholders ({{ ds }}, {{ ds_nodash }}, {{ ts }}, {{ ts_nodash }}, "
                 "{{ ts_nodash_with_tz }}, {{ macros.ds_add(ds, -1) }}); params are data, never templates. "
-                "A run triggered without a logical date needs a concrete path."
+                "A run triggered without a logical date needs a concrete path. Default: under VQA_DATA_ROOT."
             ),
         ),
         "output_prefix": Param(
-            "s3://vqa-demo/output",
-            type="string",
+            defaults["output_prefix"],
+            type=["null", "string"],
             pattern="^(s3://[a-z0-9.-]{3,63}/?.*|/.*)$",
             title="Output prefix",
             description=(
                 f"Folder or s3:// prefix, within the deployment's allowed output roots; the output lands at "
-                f"<prefix>/{dag_id}/<run_id>/{final_task}.jsonl, with a manifest and errors file beside it."
+                f"<prefix>/{dag_id}/<run_id>/{final_task}.jsonl, with a manifest and errors file beside it. Default: under VQA_DATA_ROOT."
             ),
         ),
         "model": Param(
@@ -100,11 +113,11 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
             ),
         ),
         "media_root": Param(
-            "s3://vqa-demo/",
-            type="string",
+            defaults["media_root"],
+            type=["null", "string"],
             pattern="^(s3://[a-z0-9.-]{3,63}/?.*|/.*)$",
             title="Media root",
-            description="Folder or s3:// prefix that relative image paths are resolved against, within the deployment's allowed media roots.",
+            description="Folder or s3:// prefix that relative image paths are resolved against, within the deployment's allowed media roots. Default: VQA_DATA_ROOT.",
         ),
         "concurrency": Param(
             None,

@@ -68,10 +68,14 @@ class VQAShardPlanOperator(BaseOperator):
     def check_params(self, context: Any) -> str:
         """The run's input URI, its dates filled in, once every param has passed the rules; ConfigError otherwise."""
         from vqa_operators import run_params as rules
+        from vqa_operators.exceptions import ConfigError
         from vqa_operators.worker import validate_spec
 
         env = settings.environment()
         rules.refuse_templates(context.get("params") or {}, dated=("input_uri",))
+        for param, value in (("input_uri", self.input), ("output_prefix", self.output_prefix), ("media_root", self.media_root)):
+            if value == "":  # the DAG's default derives from VQA_DATA_ROOT, which is not set; the run did not give one
+                raise ConfigError(f"param {param} is not given, and VQA_DATA_ROOT is not set: give {param}, or set VQA_DATA_ROOT to the data's location (s3://bucket[/prefix]) so that the DAGs' defaults derive from it")
         input_uri = rules.fill_run_dates(self.input, context.get("logical_date"), param="input_uri")
         rules.check_location("input_uri", input_uri, env.allowed_input_roots, setting=rules.INPUT_ROOTS)
         if self.output_prefix is not None:
@@ -91,16 +95,17 @@ class VQAShardPlanOperator(BaseOperator):
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
         """Validate the parameters, read the input once and return one small dict per shard."""
-        from airflow.sdk.exceptions import AirflowFailException
-
         from vqa_operators.exceptions import ConfigError
+        from vqa_operators.operators.failures import fail_fast
         from vqa_operators.sharding import plan_shards
 
-        try:
-            input_uri = self.check_params(context)
-        except ConfigError as err:
-            raise AirflowFailException(f"invalid parameters: {err}") from None
-        plan = plan_shards(s3_storage(self.aws_conn_id), input_uri, rows_per_shard=int(self.rows_per_shard), max_shards=int(self.max_shards))
+        with fail_fast():
+            try:
+                input_uri = self.check_params(context)
+            except ConfigError as err:
+                raise ConfigError(f"invalid parameters: {err}") from None
+            # a missing or forbidden input is an InputError: another try would find the same
+            plan = plan_shards(s3_storage(self.aws_conn_id), input_uri, rows_per_shard=int(self.rows_per_shard), max_shards=int(self.max_shards))
         rows = sum(s.rows for s in plan)
         self.log.info("%s: %d rows in %d shard(s) of up to %d rows", input_uri, rows, len(plan), max(s.rows for s in plan))
         return [s.model_dump() for s in plan]
@@ -156,9 +161,17 @@ class VQAMergeOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         """Merge, check every input row is accounted for, write the manifest and the preview beside the output."""
-        from airflow.sdk.exceptions import AirflowFailException
+        from vqa_operators.operators.failures import fail_fast
+
+        # a shard whose file disagrees with its task, a dataset that cannot be exported ...: another try would meet it again
+        with fail_fast():
+            return self.merge(context)
+
+    def merge(self, context: Any) -> dict[str, Any]:
+        """``execute``'s work; job errors propagate for ``execute`` to judge."""
         from pydantic import ValidationError
 
+        from vqa_operators.exceptions import ConfigError
         from vqa_operators.export import ExportSettings, export_run
         from vqa_operators.media import readable_roots
         from vqa_operators.parsing import describe_validation_error
@@ -168,11 +181,11 @@ class VQAMergeOperator(BaseOperator):
         try:
             dedup = None if self.near_duplicates is None else NearDuplicateSettings.model_validate(self.near_duplicates)
         except ValidationError as err:
-            raise AirflowFailException(f"invalid near-duplicate parameters: {describe_validation_error(err)}") from None
+            raise ConfigError(f"invalid near-duplicate parameters: {describe_validation_error(err)}") from None
         try:
             export = None if self.export is None else ExportSettings.model_validate(self.export)
         except ValidationError as err:
-            raise AirflowFailException(f"invalid export parameters: {describe_validation_error(err)}") from None
+            raise ConfigError(f"invalid export parameters: {describe_validation_error(err)}") from None
         storage = s3_storage(self.aws_conn_id)
         stages = {name: list(manifests) for name, manifests in self.stages.items()}
         manifest = merge_run(storage, stages, output=self.output_uri, plan=list(self.plan), near_duplicates=dedup)

@@ -10,6 +10,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from vqa_operators.hooks.storage import s3_storage
+from vqa_operators.operators.model_server import RUN_SERVER_URL, run_server_url
 from vqa_operators.operators.spec import WorkerSpec
 
 
@@ -25,40 +26,42 @@ class VQAWorkerOperator(BaseOperator):
         super().__init__(**kwargs)
         # Airflow renders template fields in place, and mapped instances share partial()'s spec
         self.spec = copy.deepcopy(spec)
+        # the run's own model server (VQA_MODEL_SERVER=run): its URL comes from the setup task, or the task fails
+        self.calls_run_server = spec.base_url == RUN_SERVER_URL
         self.shard = shard
         self.vlm_conn_id = vlm_conn_id
         self.aws_conn_id = aws_conn_id
 
     def execute(self, context: Any) -> dict[str, Any]:
         """Run the worker and return its manifest."""
-        from airflow.sdk.exceptions import AirflowFailException
         from pydantic import ValidationError
 
-        from vqa_operators.exceptions import FAIL_WITHOUT_RETRY
+        from vqa_operators.exceptions import ConfigError
         from vqa_operators.hooks.vlm import VLMHook
+        from vqa_operators.operators.failures import fail_fast
         from vqa_operators.parsing import describe_validation_error
         from vqa_operators.worker import JobOptions, run_job
         from vqa_operators.worker.run_loop import STOP_SIGNALS
 
-        endpoint = VLMHook(self.vlm_conn_id).get_endpoint()
         spec = self.spec
-        try:
-            opts = JobOptions(
-                **{**spec.options(), "model": spec.model or endpoint.model},
-                shard=self.shard,
-                base_url=endpoint.base_url,
-                api_key=endpoint.api_key,
-            )
-        except ValidationError as err:
-            raise AirflowFailException(f"bad options: {describe_validation_error(err)}") from None
+        # the run's own model server (its URL in the spec), else the vqa_vlm connection's
+        endpoint = VLMHook(self.vlm_conn_id).get_endpoint()
         ti = context["ti"]
-        self.log.info("try %s of %s: running %s in-process: %s -> %s", ti.try_number, ti.max_tries + 1, spec.generator, opts.input, opts.output)
-        try:
+        # another try would fail the same way on a bad option, an unreadable input ...: fail now, with the reason
+        with fail_fast():
+            if self.calls_run_server:
+                run_server_url(spec.base_url)
+            try:
+                opts = JobOptions(
+                    **{**spec.options(), "model": spec.model or endpoint.model, "base_url": spec.base_url or endpoint.base_url},
+                    shard=self.shard,
+                    api_key=endpoint.api_key,
+                )
+            except ValidationError as err:
+                raise ConfigError(f"bad options: {describe_validation_error(err)}") from None
+            self.log.info("try %s of %s: running %s in-process: %s -> %s", ti.try_number, ti.max_tries + 1, spec.generator, opts.input, opts.output)
             # Airflow stops a task with SIGINT, then SIGTERM: either stops the run cleanly, its finished rows checkpointed
             stop_on = STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ()
             manifest = run_job(opts, storage=s3_storage(self.aws_conn_id), stop_on=stop_on)
-        except FAIL_WITHOUT_RETRY as err:
-            # another try would fail the same way: fail now, with the reason, instead of retrying
-            raise AirflowFailException(f"{type(err).__name__}: {err}") from err
         self.log.info("manifest: %s", manifest)
         return manifest

@@ -1,72 +1,50 @@
-"""``VQAWorkerPodOperator``: the same worker command in a pod on a GPU node (``VQA_EXECUTION=kubernetes``).
+"""``VQAWorkerPodOperator``: the same worker command in a pod (``VQA_EXECUTION=kubernetes``).
 
-The model server is either an existing vLLM service (the ``vqa_vlm`` connection's host, passed as
-``VQA_BASE_URL``) or, when no URL is configured, vLLM's server started inside the pod by the
-worker (``--serve-vllm``), health-checked before the first row. Secrets come from Kubernetes
-Secrets by reference; no secret value is ever written into the pod spec.
+Everything the pod carries is derived when the pod is built, from the task's rendered spec and the
+deployment's settings, never at DAG parse time: an empty rendered value is "not given", and no
+value is rendered twice. The model endpoint decides the topology:
+
+- a model service (the ``vqa_vlm`` connection's host, or the run's own model server): a CPU pod,
+  sized for its task's work, with no GPU, GPU node selector or GPU toleration;
+- none: vLLM is started inside the pod by the worker (``--serve-vllm``), health-checked before the
+  first row, with the deployment's vLLM settings: a GPU pod on a GPU node.
+
+Every worker setting of the deployment (``settings.worker_env``) reaches the pod as a literal;
+secrets come from Kubernetes Secrets by reference, so no secret value is ever written into the pod
+spec. S3's endpoint and region come from the ``aws_default`` connection; its credentials from the
+``vqa-s3`` Secret (or the pod's service account: IRSA, workload identity).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.cncf.kubernetes.secret import Secret
 from kubernetes.client import models as k8s
-from pydantic import BaseModel, ConfigDict, Field
 
 from vqa_operators import settings
-from vqa_operators.exceptions import FAIL_WITHOUT_RETRY
+from vqa_operators.operators.failures import final_error_for_exit_code
+from vqa_operators.operators.model_server import RUN_SERVER_URL, run_server_url
+from vqa_operators.operators.placement import CONTAINER_ENV, PodSettings
 from vqa_operators.operators.spec import WorkerSpec
 
+__all__ = ["WORKER_COMMAND", "XCOM_FILE", "PodSettings", "VQAWorkerPodOperator", "worker_exit_code"]
+
 XCOM_FILE = "/airflow/xcom/return.json"
+WORKER_COMMAND = ["python3", "-m", "vqa_operators"]
 
 
-class PodSettings(BaseModel):
-    """How worker pods are placed and what they mount; override per DAG or with ``VQA_WORKER_IMAGE``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    image: str = Field(default_factory=lambda: settings.environment().worker_image)
-    namespace: str | None = Field(default_factory=lambda: settings.environment().namespace)
-    gpus: int = Field(1, ge=0, le=16)
-    gpu_resource: str = "nvidia.com/gpu"
-    cpu: str = "4"
-    memory: str = "32Gi"
-    node_selector: dict[str, str] = Field(default_factory=lambda: {"nvidia.com/gpu.present": "true"})
-    tolerations: list[dict[str, str]] = Field(
-        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    )
-    shm_size: str = "16Gi"
-    model_cache_claim: str | None = "vqa-model-cache"
-    api_key_secret: str | None = "vqa-vlm"
-    api_key_secret_key: str = "api-key"
-    s3_secret: str | None = "vqa-s3"
-    service_account_name: str | None = None
-    run_as_user: int = 1000
-    # the only places rows may read media from (the worker's --allowed-media-root); default: the media root
-    allowed_media_roots: list[str] = Field(default_factory=lambda: settings.environment().allowed_media_roots)
-    startup_timeout_seconds: int = 1800
-    # what the worker may take to stop after SIGTERM (it checkpoints its finished rows within seconds, then stops vLLM)
-    termination_grace_period: int = Field(settings.POD_GRACE_PERIOD_S, ge=5, le=3600)
-    # wait for the pod in the triggerer instead of a worker slot: for pods that run for hours (needs a running triggerer);
-    # None: Airflow's [operators] default_deferrable (False unless the deployment says otherwise)
-    deferrable: bool | None = None
-    # how often the triggerer checks a deferred pod, in seconds
-    poll_interval: float = Field(30.0, gt=0)
-
-
-def _volumes(placement: PodSettings) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
-    cache = (
-        k8s.V1PersistentVolumeClaimVolumeSource(claim_name=placement.model_cache_claim)
-        if placement.model_cache_claim
-        else None
-    )
-    volumes = [
+def volumes(placement: PodSettings, tmp_size: str) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
+    """``/tmp`` (sized), a memory-backed ``/dev/shm`` and the model cache at ``/models`` (a PVC, or an emptyDir)."""
+    cache = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=placement.model_cache_claim) if placement.model_cache_claim else None
+    found = [
         k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=placement.shm_size)),
-        k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource()),
+        k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=tmp_size)),
         k8s.V1Volume(name="model-cache", persistent_volume_claim=cache, empty_dir=None if cache else k8s.V1EmptyDirVolumeSource()),
     ]
     mounts = [
@@ -74,46 +52,60 @@ def _volumes(placement: PodSettings) -> tuple[list[k8s.V1Volume], list[k8s.V1Vol
         k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
         k8s.V1VolumeMount(name="model-cache", mount_path="/models"),
     ]
-    return volumes, mounts
+    return found, mounts
+
+
+def secrets(placement: PodSettings) -> list[Secret]:
+    """The Secrets the pod reads by reference: the API key, the S3 credentials (envFrom) and any ``secret_env``."""
+    found = []
+    if placement.api_key_secret:
+        found.append(Secret("env", settings.API_KEY_ENV, placement.api_key_secret, placement.api_key_secret_key))
+    if placement.s3_secret:
+        found.append(Secret("env", None, placement.s3_secret))  # envFrom: the AWS_* keys of the Secret
+    found += [Secret("env", name, ref.secret, ref.key) for name, ref in sorted(placement.secret_env.items())]
+    return found
+
+
+def locked_down() -> k8s.V1SecurityContext:
+    """A container that cannot gain privileges, holds no capabilities and cannot write its image's files."""
+    return k8s.V1SecurityContext(allow_privilege_escalation=False, read_only_root_filesystem=True, capabilities=k8s.V1Capabilities(drop=["ALL"]))
+
+
+def refuse_credentials_in(url: str | None, what: str) -> None:
+    """A URL with ``user:password@`` would put a secret into the pod spec: refuse it, naming where the secret belongs."""
+    from vqa_operators.exceptions import ConfigError
+
+    if url and (urlsplit(url).password or urlsplit(url).username):
+        raise ConfigError(f"{what} holds credentials (user:password@): a pod spec carries it in clear; put the key in the vqa_vlm connection's password (the vqa-vlm Secret) instead")
 
 
 class VQAWorkerPodOperator(KubernetesPodOperator):
-    """Run ``python -m vqa_operators run ...`` in a GPU pod; the manifest comes back through XCom."""
+    """Run ``python -m vqa_operators run ...`` in a pod; the manifest comes back through the XCom sidecar."""
+
+    # the spec is rendered like the pod operator's own fields; the pod's arguments are then made from it
+    template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "spec")
 
     def __init__(
-        self, *, spec: WorkerSpec, shard: dict[str, Any] | None = None, pod: PodSettings | None = None, vlm_conn_id: str = "vqa_vlm", **kwargs: Any
+        self,
+        *,
+        spec: WorkerSpec,
+        shard: dict[str, Any] | None = None,
+        pod: PodSettings | None = None,
+        vlm_conn_id: str = "vqa_vlm",
+        aws_conn_id: str | None = "aws_default",
+        **kwargs: Any,
     ) -> None:
         placement = pod or PodSettings()
-        volumes, mounts = _volumes(placement)
-        limits = {"cpu": placement.cpu, "memory": placement.memory}
-        if placement.gpus:
-            limits[placement.gpu_resource] = str(placement.gpus)
-        secrets = []
-        if placement.api_key_secret:
-            secrets.append(Secret("env", "VQA_API_KEY", placement.api_key_secret, placement.api_key_secret_key))
-        if placement.s3_secret:
-            secrets.append(Secret("env", None, placement.s3_secret))  # envFrom: AWS_* keys of the Secret
         kwargs.setdefault("name", f"vqa-{spec.generator.replace('_', '-')}")
         if placement.deferrable is not None:  # else the pod operator's default: the deployment's default_deferrable
             kwargs["deferrable"] = placement.deferrable
         super().__init__(
             image=placement.image,
             namespace=placement.namespace,
-            cmds=["python3", "-m", "vqa_operators"],
-            arguments=[*spec.argv(), *(["--shard", json.dumps(shard, sort_keys=True)] if shard else []), "--xcom-file", XCOM_FILE],
-            env_vars=[
-                k8s.V1EnvVar(name="HOME", value="/tmp"),
-                k8s.V1EnvVar(name="HF_HOME", value="/models"),
-                k8s.V1EnvVar(name="XDG_CACHE_HOME", value="/tmp/.cache"),
-                *([k8s.V1EnvVar(name=settings.PREFIX + "ALLOWED_MEDIA_ROOTS", value=",".join(placement.allowed_media_roots))] if placement.allowed_media_roots else []),
-            ],
-            secrets=secrets,
-            container_resources=k8s.V1ResourceRequirements(limits=limits, requests={"cpu": placement.cpu, "memory": placement.memory}),
-            node_selector=placement.node_selector,
-            tolerations=[k8s.V1Toleration(**t) for t in placement.tolerations],
-            volumes=volumes,
-            volume_mounts=mounts,
+            cmds=list(WORKER_COMMAND),
             service_account_name=placement.service_account_name,
+            # the worker never calls the Kubernetes API
+            automount_service_account_token=False,
             security_context=k8s.V1PodSecurityContext(
                 run_as_non_root=True,
                 run_as_user=placement.run_as_user,
@@ -121,14 +113,15 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
                 fs_group=placement.run_as_user,
                 seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
             ),
-            container_security_context=k8s.V1SecurityContext(
-                allow_privilege_escalation=False,
-                read_only_root_filesystem=True,
-                capabilities=k8s.V1Capabilities(drop=["ALL"]),
-            ),
+            container_security_context=locked_down(),
+            # the XCom sidecar too: a namespace under the "restricted" Pod Security Standard admits no container without it
+            xcom_sidecar_container_security_context=locked_down(),
+            # the worker's last log lines (its one-line reason) become the pod's termination message
+            termination_message_policy="FallbackToLogsOnError",
             startup_timeout_seconds=placement.startup_timeout_seconds,
             termination_grace_period=placement.termination_grace_period,
             poll_interval=placement.poll_interval,
+            priority_class_name=placement.priority_class_name,
             do_xcom_push=True,
             get_logs=True,
             on_finish_action="delete_succeeded_pod",
@@ -136,33 +129,85 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         )
         # Airflow renders template fields in place, and mapped instances share partial()'s spec
         self.spec = copy.deepcopy(spec)
+        # the run's own model server (VQA_MODEL_SERVER=run): its URL comes from the setup task, or the task fails
+        self.calls_run_server = spec.base_url == RUN_SERVER_URL
         self.shard = shard
+        self.placement = placement
         self.vlm_conn_id = vlm_conn_id
+        self.aws_conn_id = aws_conn_id
+
+    def execute(self, context: Any) -> Any:
+        """The pod operator's run, with the job errors no retry can fix (a bad setting, say) failing the task at once."""
+        from vqa_operators.operators.failures import fail_fast
+
+        with fail_fast():
+            return super().execute(context)
+
+    def model_endpoint(self) -> Any:
+        """The model server the worker calls: the run's own (the spec's base URL), else the ``vqa_vlm`` connection's (or none)."""
+        from vqa_operators.hooks.vlm import VLMEndpoint, VLMHook
+
+        endpoint = VLMHook(self.vlm_conn_id).get_endpoint()
+        if self.calls_run_server:
+            run_server_url(self.spec.base_url)
+        # the run's own server serves the model the connection names (or VQA_MODEL), as the setup task chose it
+        return VLMEndpoint(base_url=self.spec.base_url, model=endpoint.model) if self.spec.base_url else endpoint
+
+    def s3_location(self) -> dict[str, str]:
+        """``AWS_ENDPOINT_URL_S3`` and ``AWS_DEFAULT_REGION`` from the AWS connection, if it names them (never its credentials)."""
+        if self.aws_conn_id is None:
+            return {}
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            config = S3Hook(aws_conn_id=self.aws_conn_id).conn_config
+        except AirflowNotFoundException:
+            return {}
+        refuse_credentials_in(config.endpoint_url, f"the {self.aws_conn_id} connection's endpoint_url")
+        found = {"AWS_ENDPOINT_URL_S3": config.endpoint_url, "AWS_DEFAULT_REGION": config.region_name}
+        return {name: value for name, value in found.items() if value}
 
     def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:
-        """The KubernetesPodOperator's pod, plus the model endpoint: a service URL, or vLLM in the pod."""
-        from vqa_operators.hooks.vlm import VLMHook
-
-        pod = super().build_pod_request_obj(context, dry_run=dry_run)
-        endpoint = VLMHook(self.vlm_conn_id).get_endpoint()
-        container = pod.spec.containers[0]
-        env = list(container.env or [])
-        if endpoint.base_url:
-            env.append(k8s.V1EnvVar(name="VQA_BASE_URL", value=endpoint.base_url))
-        else:
-            container.args = [*container.args, "--serve-vllm"]
-        if endpoint.model:  # the default; a --model rendered from the run's params wins
-            env.append(k8s.V1EnvVar(name="VQA_MODEL", value=endpoint.model))
-        container.env = env
-        # the worker's last log lines (its one-line reason) become the pod's termination message
-        container.termination_message_policy = "FallbackToLogsOnError"
-        return pod
+        """The pod, from the rendered spec: its arguments, environment, Secrets, size and placement for the topology."""
+        endpoint = self.model_endpoint()
+        refuse_credentials_in(endpoint.base_url, "the model server's URL")
+        serves_model = not endpoint.base_url  # no service: vLLM runs in this pod, on its GPU
+        placement, generator = self.placement, self.spec.generator
+        shard = ["--shard", json.dumps(self.shard, sort_keys=True)] if self.shard else []
+        self.arguments = [*self.spec.argv(), *shard, "--xcom-file", XCOM_FILE, *(["--serve-vllm"] if serves_model else [])]
+        env = {
+            **CONTAINER_ENV,
+            **settings.worker_env(),
+            **self.s3_location(),
+            **({"VQA_BASE_URL": endpoint.base_url} if endpoint.base_url else {}),
+            # the default model; a --model rendered from the run's params wins
+            **({"VQA_MODEL": endpoint.model} if endpoint.model else {}),
+            **placement.env,
+        }
+        self.env_vars = [k8s.V1EnvVar(name=name, value=value) for name, value in env.items()]
+        self.secrets = secrets(placement)
+        size = placement.size(generator, gpu=serves_model)
+        limits = {"cpu": size.cpu, "memory": size.memory}
+        gpus = placement.gpu_count(serves_model=serves_model)
+        if gpus:
+            limits[placement.gpu_resource] = str(gpus)
+        # the scheduler places the pod where its /tmp fits; the emptyDir's sizeLimit bounds it
+        requests = {"cpu": size.cpu, "memory": size.memory, "ephemeral-storage": size.tmp}
+        self.container_resources = k8s.V1ResourceRequirements(limits=limits, requests=requests)
+        self.node_selector = {**(placement.gpu_node_selector if gpus else {}), **placement.node_selector}
+        self.tolerations = [k8s.V1Toleration(**t) for t in [*(placement.gpu_tolerations if gpus else []), *placement.tolerations]]
+        self.volumes, self.volume_mounts = volumes(placement, size.tmp)
+        self.image_pull_secrets = [k8s.V1LocalObjectReference(name=name) for name in placement.image_pull_secrets]
+        self.labels = dict(placement.labels)
+        self.annotations = dict(placement.annotations)
+        return super().build_pod_request_obj(context, dry_run=dry_run)
 
     def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, xcom_result: dict | None = None, context: Any = None) -> None:
         """The pod operator's verdict, except that a worker exit code no retry can fix fails the task at once.
 
-        Both execution modes end here (the deferrable one through ``trigger_reentry``), so the same
-        exit codes fail without retries as in local mode: configuration (2) and unreadable input (3).
+        Both execution modes end here (the deferrable one through ``trigger_reentry``), and the exit
+        codes map to the same errors as in-process (``failures``): configuration (2), unreadable input (3).
         """
         from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
@@ -172,7 +217,7 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
             raise
         except AirflowException as err:
             code = worker_exit_code(remote_pod, self.base_container_name)
-            final = next((cls for cls in FAIL_WITHOUT_RETRY if cls.exit_code == code), None)
+            final = final_error_for_exit_code(code)
             if final is not None:
                 raise AirflowFailException(f"the worker exited with code {code} ({final.__name__}): another try would fail the same way\n{err}") from err
             raise

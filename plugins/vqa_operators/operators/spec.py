@@ -39,7 +39,7 @@ class WorkerSpec:
 
     # Airflow renders the template fields of objects held in an operator's template fields
     template_fields: ClassVar[tuple[str, ...]] = (
-        "input", "output", "errors", "model", "params", "concurrency", "seed", "media_root", "staging_root", "task_key", "try_number",
+        "input", "output", "errors", "base_url", "model", "params", "concurrency", "seed", "media_root", "staging_root", "task_key", "try_number",
     )
 
     generator: str
@@ -47,6 +47,8 @@ class WorkerSpec:
     input: str | None = None
     output: str = STAGED_OUTPUT_URI
     errors: str | None = None
+    # None: the vqa_vlm connection's host; the run's own model server (VQA_MODEL_SERVER=run) sets it
+    base_url: str | None = None
     model: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     concurrency: int | str | None = None  # None: derived from the server's max_num_seqs

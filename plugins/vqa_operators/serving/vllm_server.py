@@ -19,7 +19,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import IO
 
 from vqa_operators import settings
@@ -91,24 +92,29 @@ def serve_vllm(
     proc = subprocess.Popen(  # noqa: S603 - argv from config
         argv, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}, start_new_session=True
     )
-    health = f"http://127.0.0.1:{port}/health"
-    deadline = time.monotonic() + startup_timeout
     try:
-        while True:
-            if proc.poll() is not None:
-                raise ServerUnavailableError(f"model server exited with code {proc.returncode} before it was healthy: {shlex.join(argv)}")
-            try:
-                with urllib.request.urlopen(health, timeout=5) as resp:
-                    if resp.status == 200:
-                        break
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                raise ServerUnavailableError(f"model server not healthy after {startup_timeout:.0f}s: {shlex.join(argv)}")
-            time.sleep(1.0)
+        wait_healthy(f"http://127.0.0.1:{port}/health", startup_timeout, exited=proc.poll, what=shlex.join(argv))
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         _stop(proc)
+
+
+def wait_healthy(health: str, timeout: float, *, exited: Callable[[], int | None] = lambda: None, what: str = "model server") -> None:
+    """Poll ``health`` until it answers 200; ServerUnavailableError if ``exited()`` reports an exit code first, or after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        code = exited()
+        if code is not None:
+            raise ServerUnavailableError(f"model server exited with code {code} before it was healthy: {what}")
+        try:
+            with urllib.request.urlopen(health, timeout=5) as resp:  # noqa: S310 - the server's own health URL
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            raise ServerUnavailableError(f"model server not healthy after {timeout:.0f}s: {what}")
+        time.sleep(1.0)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -121,3 +127,92 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """A model server started by ``start_server``, which outlives the process that started it: enough to stop it later."""
+
+    base_url: str
+    pid: int
+    # the process's start time (clock ticks since boot, /proc/<pid>/stat): a reused pid is not ours
+    started: int | None
+
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first); None where there is no such process or no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as handle:
+            return handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time (field 22 of its stat), or None."""
+    fields = _stat(pid)
+    return int(fields[19]) if fields else None
+
+
+def _alive(pid: int) -> bool:
+    """True while the process runs (a zombie does not); without /proc, whether a signal can reach it."""
+    if os.path.isdir("/proc"):
+        fields = _stat(pid)
+        return fields is not None and fields[0] not in ("Z", "X")
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, on the loopback interface (for a server started next)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(model: str, *, log_path: str, max_num_seqs: int | None = None, port: int | None = None, startup_timeout: float = 1800.0) -> RunningServer:
+    """Start vLLM's server on ``model`` in a session of its own, wait until it is healthy and leave it running.
+
+    Its output goes to ``log_path``. If it exits or stays unhealthy, it is stopped and the error
+    names the log's last lines. A run-scoped server: ``stop_server`` ends it, from any process.
+    """
+    port = port or free_port()
+    argv = vllm_command(model, port, max_num_seqs)
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # noqa: S603 - argv from config
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", startup_timeout, exited=proc.poll, what=shlex.join(argv))
+    except ServerUnavailableError as err:
+        _stop(proc)
+        with open(log_path, encoding="utf-8", errors="replace") as handle:
+            tail = handle.read()[-2000:]
+        raise ServerUnavailableError(f"{err}\n{log_path} ends:\n{tail}") from None
+    return RunningServer(base_url=f"http://127.0.0.1:{port}/v1", pid=proc.pid, started=_start_time(proc.pid))
+
+
+def stop_server(server: RunningServer, *, waits: Sequence[tuple[signal.Signals, float]] = STOP_WAITS) -> bool:
+    """Stop a server ``start_server`` started, its whole process group: SIGTERM, then SIGKILL.
+
+    True if it was running and has stopped; False if it had gone already, or if its pid now
+    belongs to another process (which is left alone).
+    """
+    if not _alive(server.pid) or (server.started is not None and _start_time(server.pid) != server.started):
+        return False
+    for sig, wait in waits:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(server.pid, os.WNOHANG)  # reaped here if this process started it
+            if not _alive(server.pid):
+                return True
+            time.sleep(0.2)
+    return not _alive(server.pid)

@@ -1,0 +1,211 @@
+"""Slow tier: kubernetes mode for real, without a cluster. Each DAG runs through ``airflow dags test`` twice, in local mode
+and in kubernetes mode, and both give the same dataset.
+
+In kubernetes mode each worker pod is built by the operator from the rendered task and then run
+as its spec stands by a kubelet stand-in (``testkit.kubelet``): only the pod's own environment
+(literal values, the test's Secrets, the worker image's ``ENV``), its command and args, its
+volumes over a read-only root, as the image's non-root user, with the package as the worker
+image installs it (a wheel, in vLLM's environment). The deployment's settings are not the
+defaults, transcription included, and reach the pods only through their specs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from testkit.data import MODEL, make_jpeg
+from testkit.openai_server import OpenAITestServer
+from testkit.videos import write_video
+from tests.airflow_env import ROOT, airflow, airflow_env
+
+pytestmark = pytest.mark.slow
+
+API_KEY = "sk-pods-4d8e1a-never-in-a-spec"
+AWS_KEY_ID, AWS_SECRET = "pods-key-id", "pods-aws-secret-7b2c9f-never-in-a-spec"
+BUCKET = "vqa-pods"
+WHISPER = "whisper-pods-test"
+
+
+@pytest.fixture(scope="module")
+def worker_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the pods' ``python3`` comes from: vLLM's environment with this package's wheel installed, as the worker image has them."""
+    python = ROOT / ".venv-vllm" / "bin" / "python"
+    assert python.exists(), "the pod tier needs .venv-vllm (make vllm-venv)"
+    dist = tmp_path_factory.mktemp("dist")
+    uv = str(Path(sys.executable).with_name("uv"))
+    subprocess.run([uv, "build", "--quiet", "--wheel", "-o", str(dist), str(ROOT)], check=True, capture_output=True)
+    wheel = next(dist.glob("vqa_airflow-*.whl"))
+    subprocess.run([uv, "pip", "install", "--quiet", "--python", str(python), "--no-deps", "--reinstall", str(wheel)], check=True, capture_output=True)
+    return python.parent
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITestServer, s3_endpoint: str, worker_image: Path) -> dict:
+    """An Airflow home, the deployment's (non-default) settings, and the kubelet stand-in's config."""
+    home = tmp_path_factory.mktemp("pods_home")
+    work = tmp_path_factory.mktemp("kubelet")
+    env = airflow_env(home, s3_endpoint=s3_endpoint, vlm_base_url=_vlm_server.base_url, model=MODEL, api_key=API_KEY)
+    env.update(
+        {
+            # the deployment's settings: none is a default, each changes what a worker does or refuses
+            "VQA_MAX_NUM_SEQS": "6",
+            "VQA_TRANSCRIPTION_URL": _vlm_server.base_url,
+            "VQA_TRANSCRIPTION_MODEL": WHISPER,
+            "VQA_ALLOWED_INPUT_ROOTS": f"s3://{BUCKET}/input",
+            "VQA_ALLOWED_OUTPUT_ROOTS": f"s3://{BUCKET}/output",
+            "VQA_ALLOWED_MEDIA_ROOTS": f"s3://{BUCKET}/media",
+        }
+    )
+    config = {
+        "image_bin": str(worker_image),
+        "dockerfile": str(ROOT / "docker" / "worker.Dockerfile"),
+        "secrets": {"vqa-vlm": {"api-key": API_KEY}, "vqa-s3": {"AWS_ACCESS_KEY_ID": AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": AWS_SECRET}},
+        "workdir": str(work),
+        "record": str(work / "pods.jsonl"),
+    }
+    (work / "config.json").write_text(json.dumps(config))
+    migrate = airflow("db", "migrate", env=env)
+    assert migrate.returncode == 0, migrate.stderr[-2000:]
+    return {"env": env, "config": config, "record": work / "pods.jsonl"}
+
+
+@pytest.fixture(scope="module")
+def data(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Each DAG's input on S3: good rows and a bad one; video_qa's holds rows of clips and a video file with sound."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing-key-id", aws_secret_access_key="testing-secret-value", region_name="us-east-1")
+    s3.create_bucket(Bucket=BUCKET)
+    for i, size in enumerate([(320, 240), (200, 300), (640, 360), (500, 400)]):
+        s3.put_object(Bucket=BUCKET, Key=f"media/img{i}.jpg", Body=make_jpeg(size))
+    video = write_video(tmp_path_factory.mktemp("video") / "talk.mp4", [2.0, 2.0], fps=10)
+    s3.upload_file(str(video), BUCKET, "media/talk.mp4")
+    clips = [{"Description": "a runner", "Audio_Text": "Go.", "Frames_Images": ["img0.jpg", "img1.jpg"]}, {"Description": "a shoe", "Audio_Text": "", "Frames_Images": ["img2.jpg"]}]
+    inputs = {
+        "image_qa": [{"id": 1, "image": ["img0.jpg", "img1.jpg"]}, {"id": 2, "image": "img2.jpg"}, {"id": 3, "image": "missing.jpg"}, {"id": 4, "image": "img3.jpg"}],
+        "pers_qa": [{"id": 1, "image": "img0.jpg", "subject_type": "person"}, {"id": 2, "image": ["img1.jpg", "img2.jpg"]}, {"id": 3, "image": "../escape.jpg"}],
+        "video_qa": [{"id": "a", "Meta": "Trail ad", "Clips": clips}, {"id": "b", "video": "talk.mp4", "Meta": "A talk"}, {"id": "c", "Meta": "broken", "Clips": []}],
+    }
+    for dag_id, rows in inputs.items():
+        s3.put_object(Bucket=BUCKET, Key=f"input/{dag_id}.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+    return {dag_id: f"s3://{BUCKET}/input/{dag_id}.jsonl" for dag_id in inputs}
+
+
+def dataset(s3, dag_id: str, run_id: str) -> dict[str, list]:
+    """Every merged JSONL of the run (output, each stage's errors, rejected), the run's folder written as <run>: two runs' ids differ."""
+    folder = f"output/{dag_id}/{run_id}"
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=folder + "/").get("Contents", [])]
+    found = {}
+    for key in sorted(k for k in keys if k.endswith(".jsonl") and k.count("/") == 3):
+        text = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+        found[key.rsplit("/", 1)[1]] = [json.loads(line) for line in text.replace(f"s3://{BUCKET}/{folder}", "<run>").splitlines()]
+    return found
+
+
+def run_ids(s3, dag_id: str) -> set[str]:
+    return {o["Key"].split("/")[2] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"output/{dag_id}/").get("Contents", [])}
+
+
+@pytest.mark.parametrize(("dag_id", "output", "extra"), [
+    ("image_qa", "generate", {"pairs_per_row": 2}),
+    ("pers_qa", "generate", {}),
+    ("video_qa", "final", {"max_iterations": 1, "final_pairs": 3, "frames_per_clip": 2}),
+])
+def test_kubernetes_mode_gives_local_modes_dataset(
+    vlm_server: OpenAITestServer, s3, deployment: dict, data: dict, dag_id: str, output: str, extra: dict
+) -> None:
+    vlm_server.required_key = API_KEY  # a pod without the vqa-vlm Secret would be refused (401: ConfigError)
+    vlm_server.transcription_model = WHISPER
+    conf = {
+        "input_uri": data[dag_id], "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/media/", "seed": 7, "rows_per_shard": 2,
+        "near_duplicate_threshold": 0.99, **extra,
+    }
+    # two runs of the same input, seed and settings; each writes under its own run id, so neither reuses the other's checkpoints
+    runs = {}
+    for mode in ("local", "pods"):
+        env = dict(deployment["env"], VQA_EXECUTION="local" if mode == "local" else "kubernetes")
+        if mode == "pods":
+            env.update(
+                VQA_WORKER_IMAGE="registry.example/vqa-worker:test", VQA_TEST_KUBELET=str(Path(deployment["config"]["workdir"]) / "config.json"),
+                PYTHONPATH=f"{ROOT / 'tests' / 'kubelet_site'}:{ROOT / 'plugins'}:{ROOT}",
+            )
+        before, transcribed = run_ids(s3, dag_id), len(vlm_server.transcriptions)
+        proc = airflow("dags", "test", dag_id, "-c", json.dumps(conf), env=env, timeout=900)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+        (run_id,) = run_ids(s3, dag_id) - before
+        runs[mode] = dataset(s3, dag_id, run_id)
+        if dag_id == "video_qa":  # the video file's two clips were transcribed, in both modes
+            assert len(vlm_server.transcriptions) - transcribed == 2, mode
+
+    assert runs["pods"] == runs["local"]
+    assert runs["local"][f"{output}.jsonl"], "no rows came out"
+    assert sum(len(rows) for name, rows in runs["local"].items() if name.endswith(".errors.jsonl")) == 1, "the bad row is not in one errors file"
+
+    pods = [json.loads(line) for line in deployment["record"].read_text().splitlines() if json.loads(line)["manifest"]["metadata"]["labels"]["dag_id"] == dag_id]
+    stages = {"image_qa": {"generate", "quality"}, "pers_qa": {"generate", "quality"}, "video_qa": {"ingest", "initial", "multiagent", "final", "quality"}}[dag_id]
+    assert {p["task_id"] for p in pods} == stages and all(p["exit_code"] == 0 for p in pods)
+    for pod in pods:
+        spec = pod["manifest"]["spec"]
+        container = spec["containers"][0]
+        # a pod that only calls a model service holds no GPU, and is not placed on GPU nodes
+        assert not any("gpu" in name for name in container["resources"]["limits"]), container["resources"]
+        assert not spec.get("nodeSelector") and not spec.get("tolerations")
+        assert "--serve-vllm" not in container["args"] and "" not in container["args"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert (env["VQA_MAX_NUM_SEQS"], env["VQA_TRANSCRIPTION_MODEL"]) == ("6", WHISPER)
+        # the concurrency derived from the deployment's batch size (6 and a quarter), not vLLM's default 256
+        assert "concurrency 7)" in pod["logs"]
+        assert API_KEY not in json.dumps(pod["manifest"]) and AWS_SECRET not in json.dumps(pod["manifest"])
+        if pod["task_id"] == "ingest":
+            assert container["resources"]["requests"]["cpu"] == "4" and container["resources"]["requests"]["ephemeral-storage"] == "64Gi"
+
+
+@pytest.mark.vllm
+def test_without_a_model_service_a_gpu_pod_starts_vllm_serves_its_shard_and_stops_it(
+    s3, deployment: dict, data: dict, tiny_idefics3: Path
+) -> None:
+    """In-pod vLLM, as the pod spec stands: vLLM's CPU build in the worker image's environment, as the image's non-root user over
+    a read-only root, started by the worker with the deployment's vLLM settings, the model read from the model cache claim."""
+    import shlex
+    import shutil
+    import socket
+
+    from scripts.local_vllm import free_port, server_args
+    from tests import real_vllm
+    from vqa_operators.serving.vllm_server import CPU_ENV
+
+    real_vllm.require_vllm()
+    cache = Path(deployment["config"]["workdir"]) / "claims" / "vqa-model-cache"
+    shutil.copytree(tiny_idefics3, cache / "tiny", dirs_exist_ok=True)
+    for path in [cache / "tiny", *(cache / "tiny").rglob("*")]:  # readable by the pods' user, as a model cache is
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    port = free_port()
+    env = dict(deployment["env"], VQA_EXECUTION="kubernetes", VQA_WORKER_IMAGE="registry.example/vqa-worker:test")
+    env.update(
+        VQA_TEST_KUBELET=str(Path(deployment["config"]["workdir"]) / "config.json"), PYTHONPATH=f"{ROOT / 'tests' / 'kubelet_site'}:{ROOT / 'plugins'}:{ROOT}",
+        # no model service: the connection names the model, and no host
+        AIRFLOW_CONN_VQA_VLM=json.dumps({"conn_type": "http", "password": API_KEY, "extra": {"model": "/models/tiny"}}),
+        VQA_VLLM_ARGS=shlex.join(server_args(None)), VQA_VLLM_PORT=str(port), VQA_MAX_NUM_SEQS="8",
+        VQA_POD_ENV=json.dumps({**CPU_ENV, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}),
+    )
+    conf = {"input_uri": data["image_qa"], "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/media/", "seed": 7, "rows_per_shard": 4, "pairs_per_row": 1}
+    # one GPU pod is the proof: every worker pod of this topology starts vLLM the same way (quality and merge are marked done)
+    proc = airflow("dags", "test", "image_qa", "-c", json.dumps(conf), "--mark-success-pattern", "^(quality|merge)$", env=env, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    pods = [p for p in map(json.loads, deployment["record"].read_text().splitlines()) if "--serve-vllm" in p["manifest"]["spec"]["containers"][0]["args"]]
+    assert [p["task_id"] for p in pods] == ["generate"]
+    assert json.loads(pods[0]["logs"].strip().splitlines()[0])["rows_out"] == 3  # the manifest: 3 of the 4 rows (one image is missing)
+    for pod in pods:
+        container, spec = pod["manifest"]["spec"]["containers"][0], pod["manifest"]["spec"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+        assert re.search(rf"starting model server: \S+ -m vllm\.entrypoints\.openai\.api_server --model /models/tiny --host 127\.0\.0\.1 --port {port} ", pod["logs"])
+        assert "--max-num-seqs 8" in pod["logs"] and "rows in" in pod["logs"]
+    # the pod's vLLM went with the pod
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0
