@@ -19,8 +19,10 @@ What stands for the image itself is a local environment (``Image.bin_dir``: wher
 is, standing for the image's own ``PATH``), so the code that runs is what is installed there. The
 network is this machine's: servers on loopback are reachable as a cluster Service would be.
 
-Creates the mount points a spec names that this machine lacks (``/airflow/xcom``, ``/models``) as
-empty folders; they are only ever mounted over.
+Creates the mount points a spec names that this machine lacks (``/airflow/xcom``, ``/models``) and
+its own staging folder (``/var/lib/vqa-kubelet``) as empty folders; they are only ever mounted over.
+The environment standing for the image is mounted back at its own path, read-only, after the
+pod's volumes: a checkout under /tmp stays reachable although the pod's /tmp is an emptyDir.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 XCOM_CONTAINER = "airflow-xcom-sidecar"
+# where the image's folders wait, in the pod's mount namespace, while its volumes are mounted (an empty folder on this machine)
+STAGE = "/var/lib/vqa-kubelet"
 XCOM_PATH = "/airflow/xcom/return.json"
 
 
@@ -147,25 +151,39 @@ class Kubelet:
             found[volume["name"]] = path
         return found
 
-    def _expose_interpreter(self, pod_dir: Path) -> list[str]:
-        """Mounts that make the image's Python reachable by any user, as an image's /usr is, when a folder above it is private.
+    def _image_paths(self) -> list[Path]:
+        """The folders that stand for the image's file system: the interpreter's installation and the environment on top of it."""
+        found: list[Path] = []
+        for path in (self.image.interpreter, self.image.bin_dir.parent.resolve()):
+            if not any(path == other or path.is_relative_to(other) for other in found):
+                found.append(path)
+        return found
 
-        The private folder (this machine's /root, say) is covered by an empty, traversable tmpfs in
-        the pod's mount namespace, and the interpreter's folder is mounted back at its path: the pod
-        sees the interpreter and nothing else of that folder.
+    def _stage_image(self) -> list[str]:
+        """Mounts that keep the image's folders reachable before the pod's volumes go over the file system (its /tmp may hide them)."""
+        script = [f"mount -t tmpfs -o mode=0755 tmpfs {STAGE}"]
+        for index, path in enumerate(self._image_paths()):
+            script += [f"mkdir {STAGE}/{index}", f"mount --bind {shlex.quote(str(path))} {STAGE}/{index}"]
+        return script
+
+    def _mount_image(self) -> list[str]:
+        """The image's folders back at their paths, read-only and readable by any user, as an image's files are.
+
+        A private folder above one (this machine's /root, say) is covered by an empty, traversable
+        tmpfs first: the pod sees the image's folders and nothing else of it.
         """
-        prefix = self.image.interpreter
-        private = next((a for a in reversed(prefix.parents) if a != Path("/") and not os.stat(a).st_mode & 0o001), None)
-        if private is None:
-            return []
-        stage = pod_dir / "interpreter"
-        stage.mkdir()
-        return [
-            f"mount --bind {shlex.quote(str(prefix))} {shlex.quote(str(stage))}",
-            f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(str(private))}",
-            f"mkdir -p {shlex.quote(str(prefix))}",
-            f"mount --bind {shlex.quote(str(stage))} {shlex.quote(str(prefix))}",
-        ]
+        script = []
+        paths = self._image_paths()
+        covered: set[Path] = set()
+        for path in paths:
+            private = next((a for a in reversed(path.parents) if a != Path("/") and not os.stat(a).st_mode & 0o001), None)
+            if private is not None and private not in covered:
+                covered.add(private)
+                script.append(f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(str(private))}")
+        for index, path in enumerate(paths):
+            target = shlex.quote(str(path))
+            script += [f"mkdir -p {target}", f"mount --bind {STAGE}/{index} {target}", f"mount -o remount,bind,ro {target}"]
+        return script
 
     def run(self, manifest: dict[str, Any]) -> PodRun:
         """Run the pod's main container to its end, as its spec stands; the XCom sidecar is read back, not run."""
@@ -183,16 +201,18 @@ class Kubelet:
         xcom_dir = next((source for source, target in mounts if target == os.path.dirname(XCOM_PATH)), None)
         pod_security = spec.get("securityContext") or {}
         security = {**pod_security, **(container.get("securityContext") or {})}
+        os.makedirs(STAGE, exist_ok=True)
         argv = [*(container.get("command") or []), *(container.get("args") or [])]
         if not argv:
             raise PodSpecError(f"pod {name}: no command (the image's ENTRYPOINT is not modelled here)")
-        script = ["set -e", *self._expose_interpreter(pod_dir)]
+        script = ["set -e", *self._stage_image()]
         # a mount over an ancestor of another mount's source (/tmp over this machine's temp folders) goes last
         sources = [str(source) for source, _ in mounts]
         mounts.sort(key=lambda m: any(source.startswith(m[1].rstrip("/") + "/") for source in sources))
         for source, target in mounts:
             os.makedirs(target, exist_ok=True)
             script.append(f"mount --bind {shlex.quote(str(source))} {shlex.quote(target)}")
+        script += self._mount_image()
         if security.get("readOnlyRootFilesystem"):
             script.append("mount -o remount,bind,ro /")
         user = security.get("runAsUser")

@@ -129,6 +129,19 @@ def seed_workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+# A random model's text can clean to nothing, which vLLM's xgrammar lets through (it does not enforce minLength); which
+# row it happens to depends on the server's history (its prefix cache changes the numerics), so such a row may fail,
+# after one repair, with a reason of the model's output. Every row is accounted for, and each input fault has its reason.
+MODEL_OUTPUT = {"schema_mismatch", "invalid_json", "truncated_output", "answer_missing_tag"}
+
+
+def _accounted(out: list[dict], errors: list[dict], *, good: int, faults: list[tuple[str, str]]) -> None:
+    """``good`` rows went out or failed for their model output; the input's faults are exactly ``faults`` (stage, reason)."""
+    model = [e for e in errors if e["reason"] in MODEL_OUTPUT]
+    assert sorted((e.get("stage", ""), e["reason"]) for e in errors if e not in model) == sorted(faults), errors
+    assert len(out) + len(model) == good and out, (out, model)
+
+
 def test_the_seeds_example_usage_against_vllm(vllm_url: str, seed_workdir: Path) -> None:
     from vqa_operators import APIVLMServing_openai
 
@@ -138,14 +151,14 @@ def test_the_seeds_example_usage_against_vllm(vllm_url: str, seed_workdir: Path)
     video_qa_example(serving)
     image_out, image_errors = read_results(seed_workdir, "imageqa")
     assert all(set(r) == {"image", "qa_pairs"} and len(r["qa_pairs"]) == 3 for r in image_out)
-    assert len(image_out) == 3 and sorted(e["reason"] for e in image_errors) == ["image_not_found", "malformed_json"]
+    _accounted(image_out, image_errors, good=3, faults=[("image_qa", "image_not_found"), ("image_qa", "malformed_json")])
     pers_out, pers_errors = read_results(seed_workdir, "pers_qa")
-    assert len(pers_out) == 2 and all(r["pers_qa"].startswith("Question: ") and " Answer: <mam>" in r["pers_qa"] for r in pers_out)
-    assert [e["reason"] for e in pers_errors] == ["bad_field"]
+    assert all(r["pers_qa"].startswith("Question: ") and " Answer: <mam>" in r["pers_qa"] for r in pers_out)
+    _accounted(pers_out, pers_errors, good=2, faults=[("pers_qa", "bad_field")])
     video_out, video_errors = read_results(seed_workdir, "video_qa")
-    assert [r["Meta"] for r in video_out] == ["Meta Information", "Second video"]
+    assert set(r["Meta"] for r in video_out) <= {"Meta Information", "Second video"}
     assert all(set(r) == {"Meta", "Clips", "QA"} and r["QA"] and all(set(p) == {"Label", "Question", "Answer"} for p in r["QA"]) for r in video_out)
-    assert [(e["stage"], e["reason"]) for e in video_errors] == [("video_qa_initial", "bad_field"), ("video_qa_initial", "image_not_found")]
+    _accounted(video_out, video_errors, good=2, faults=[("video_qa_initial", "bad_field"), ("video_qa_initial", "image_not_found")])
 
 
 # --- the double is as strict as vLLM ----------------------------------------------------------
