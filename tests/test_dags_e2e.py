@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -12,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from testkit.data import MODEL, make_jpeg
-from testkit.openai_server import OpenAITestServer
+from testkit.openai_server import OpenAITestServer, Reply
 from testkit.verdicts import ScriptedVerdicts
 from testkit.videos import write_video
 from tests.airflow_env import airflow, airflow_env
@@ -72,14 +73,17 @@ def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
 
     keys = run_keys(s3, bucket, "image_qa")
     # two mapped shards, each staged under its map index, merged into the run's output
-    assert names(keys) == [
-        "README.md", "generate.errors.jsonl", "generate.jsonl", "generate.llava.json", "generate.manifest.json", "generate.parquet",
-        "generate.preview.html", "generate.rejected.jsonl",
+    # the dataset's media, copied into the run's folder under their content's names
+    media = sorted(f"media/{hashlib.sha256(make_jpeg(size)).hexdigest()}.jpg" for size in ((640, 480), (300, 300)))
+    assert names(keys) == sorted([
+        "README.md", "dataset_info.json", "generate.errors.jsonl", "generate.jsonl", "generate.llava.json", "generate.manifest.json",
+        "generate.preview.html", "generate.rejected.jsonl", "generate.sharegpt.json",
         "generate/shard-00000.errors.jsonl", "generate/shard-00000.jsonl", "generate/shard-00001.errors.jsonl", "generate/shard-00001.jsonl",
+        "hf/README.md", "hf/data/train-00000.parquet", *media,
         "quality.errors.jsonl",
         "quality/shard-00000.errors.jsonl", "quality/shard-00000.jsonl", "quality/shard-00000.rejected.jsonl",
         "quality/shard-00001.errors.jsonl", "quality/shard-00001.jsonl", "quality/shard-00001.rejected.jsonl",
-    ]
+    ])
     outputs = [k for k in keys if k.endswith("/generate.jsonl")]
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=outputs[0].replace(".jsonl", ".manifest.json"))["Body"].read())
     assert (manifest["shards"], manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"], manifest["rows_rejected"]) == (2, 3, 2, 1, 0)
@@ -138,6 +142,26 @@ def test_pers_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, s
     assert [e["reason"] for e in errors] == ["image_not_found"]
 
 
+def _final_row(rows: list[dict], row_id: str) -> dict:
+    return next(r for r in rows if r["id"] == row_id)
+
+
+def final_answers_with_two_labels(body: dict) -> Reply | None:
+    """The final stage's answers, written as a model might: every other pair with two labels, each about the row's last clip."""
+    answer = body["response_format"]["json_schema"]
+    if answer["name"] != "VideoQAFinal":
+        return None  # the schema's own answer
+    pairs = answer["schema"]["properties"]["qa"]["minItems"]
+    last_clip = answer["schema"]["$defs"]["LabelledPair"]["properties"]["clips"]["items"]["maximum"]
+    row = hashlib.sha256(json.dumps(body["messages"]).encode()).hexdigest()[:8]
+    qa = [
+        {"labels": ["theme_and_brand", "persuasion_strategy"] if i % 2 == 0 else ["visual_understanding"], "question": f"question {i + 1}: of row {row}",
+         "answer": f"answer {i + 1} of row {row}", "clips": [last_clip]}
+        for i in range(pairs)
+    ]
+    return Reply(content=json.dumps({"qa": qa}))
+
+
 def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path, tmp_path: Path) -> None:
     for i in range(8):
         s3.put_object(Bucket=bucket, Key=f"media/clip/f{i}.jpg", Body=make_jpeg((640, 360)))
@@ -160,6 +184,7 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     }
     # the judge scores each video's sixth final pair 2: below min_judge_score (3), so it is rejected as not grounded
     vlm_server.verdicts = ScriptedVerdicts(score=lambda question, answer: 2 if question.startswith("question 6:") else 5)
+    vlm_server.responder = final_answers_with_two_labels
     proc = airflow("dags", "test", "video_qa", "-c", json.dumps(conf), env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
@@ -172,8 +197,11 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     assert len(frames) == 4 and all(re.fullmatch(r"ingest/shard-00001\.frames/[0-9a-f]{20}/clip-00[01]/frame-0[01]\.jpg", n) for n in frames)
     merged = ["final.jsonl", "final.errors.jsonl", "final.manifest.json", "final.preview.html", "final.rejected.jsonl"]
     merged += [f"{t}.errors.jsonl" for t in stages if t != "final"]
-    merged += ["final.parquet", "final.llava.json", "README.md"]  # the training-ready copies and the dataset card
-    assert names(keys) == sorted(shards + merged + frames)
+    # the training-ready copies, the dataset card, and the frames the model was shown, copied under their content's names
+    merged += ["hf/README.md", "hf/data/train-00000.parquet", "final.sharegpt.json", "dataset_info.json", "final.llava.json", "README.md"]
+    media = [n for n in names(keys) if n.startswith("media/")]
+    assert media and all(re.fullmatch(r"media/[0-9a-f]{64}\.jpg", n) for n in media)
+    assert names(keys) == sorted(shards + merged + frames + media)
     prefix = next(k for k in keys if k.endswith("/final.jsonl")).rsplit("/", 1)[0]
     ingested = read_jsonl(s3, bucket, f"{prefix}/ingest/shard-00001.jsonl")[1]
     assert [(c["Start"], c["End"], c["Frame_Times"]) for c in ingested["Clips"]] == [(0.0, 2.0, [0.5, 1.5]), (2.0, 4.0, [2.5, 3.5])]
@@ -183,7 +211,7 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     final = read_jsonl(s3, bucket, f"{prefix}/final.jsonl")
     assert [r["id"] for r in final] == ["ad-1", "ad-2", "ad-4"]
     for row in final:
-        assert len(row["QA"]) == 5 and all(set(p) == {"Label", "Question", "Answer"} for p in row["QA"])
+        assert len(row["QA"]) == 5 and all(set(p) == {"Label", "Question", "Answer", "Clips"} and p["Clips"] and all(0 <= c < len(row["Clips"]) for c in p["Clips"]) for p in row["QA"])
         assert "video_qa_state" not in row
     rejected = read_jsonl(s3, bucket, f"{prefix}/final.rejected.jsonl")
     assert [(e["line"], e["index"], e["reason"], e["verdicts"]["grounding"]["score"]) for e in rejected] == [(1, 5, "not_grounded", 2), (2, 5, "not_grounded", 2), (4, 5, "not_grounded", 2)]
@@ -202,18 +230,31 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     assert [strip.count('<img class="thumb"') for strip in strips] == [6, 4, 4]
     assert "6 of 8 frames sent" in page and page.count('<span class="label">') >= 15 and "acceptance rate 83.3%: 15 of 18 pairs kept" in page
     assert "<h3>bad_field · 1 row</h3>" in page
+    # the video file's pairs are about its last clip: the page gives their seconds; and so does the final stage's provenance
+    assert page.count('<span class="span">2.0–4.0 s</span>') == 5
+    assert _final_row(final, "ad-4")["vqa_provenance"]["video_qa_final"]["clip_spans"] == [[0.0, 2.0], [2.0, 4.0]]
 
     # training-ready copies: each video is a conversation over the frames the model was shown, with its five kept pairs
     llava = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/final.llava.json")["Body"].read())
     assert [(item["id"], len(item["image"]), len(item["conversations"])) for item in llava] == [("ad-1", 6, 10), ("ad-2", 4, 10), ("ad-4", 4, 10)]
-    assert all(path.startswith(f"s3://{bucket}/media/clip/f") for item in llava[:2] for path in item["image"])
-    assert llava[2]["image"] == [uri for c in ingested["Clips"] for uri in c["Frames_Images"]]
+    # relative paths into the run's folder, each the copy of the frame the model was shown
+    assert all(path in media for item in llava for path in item["image"])
+    ingested_copies = [f"media/{hashlib.sha256(s3.get_object(Bucket=bucket, Key=uri.split('/', 3)[3])['Body'].read()).hexdigest()}.jpg" for c in ingested["Clips"] for uri in c["Frames_Images"]]
+    assert llava[2]["image"] == ingested_copies
     assert llava[1]["conversations"][0]["value"] == "<image>\n" * 4 + final[1]["QA"][0]["Question"]
-    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=f"{prefix}/final.parquet")["Body"].read()))
+    sharegpt = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/final.sharegpt.json")["Body"].read())
+    assert [len(item["videos"][0]) for item in sharegpt] == [6, 4, 4] and all(item["messages"][0]["content"].startswith("<video>") for item in sharegpt)
+    # a pair's labels are the ones the final stage joined with ", ", as the output declaration reads them; its clips' seconds, where the
+    # clips have them (the ingested video file's)
+    declared = [[label.strip() for label in p["Label"].split(", ")] for r in final for p in r["QA"]]
+    assert [p["labels"] for item in sharegpt for p in item["qa"]] == declared and any(len(labels) == 2 for labels in declared)
+    assert [(p["clips"], p["start"], p["end"]) for p in sharegpt[2]["qa"]] == [([1], 2.0, 4.0)] * 5  # the video file's last clip: 2-4 s
+    assert all((p["start"], p["end"]) == (None, None) for item in sharegpt[:2] for p in item["qa"])  # clips given as frames have no times
+    table = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=f"{prefix}/hf/data/train-00000.parquet")["Body"].read()))
     assert table.column("meta").to_pylist() == ["Trail shoe ad", "Teaser", "Cuts ad"]
-    assert [[p["labels"] for p in qa] for qa in table.column("qa").to_pylist()] == [[p["Label"] if isinstance(p["Label"], list) else [p["Label"]] for p in r["QA"]] for r in final]
+    assert [p["labels"] for qa in table.column("qa").to_pylist() for p in qa] == declared
     card = s3.get_object(Bucket=bucket, Key=f"{prefix}/README.md")["Body"].read().decode()
-    labels = Counter(label for r in final for p in r["QA"] for label in (p["Label"] if isinstance(p["Label"], list) else [p["Label"]]))
+    labels = Counter(label for labels in declared for label in labels)
     assert "- **Labels**: " + ", ".join(f"`{k}` {v}" for k, v in labels.most_common()) + "." in card
     assert "- **Rows**: 3 in the dataset, of 4 input rows (1 failed, 0 rejected by the quality checks)." in card
 

@@ -65,7 +65,8 @@ def test_demo_runs_the_dags_through_airflow_standalone_and_says_why_one_failed(v
     assert "image_qa: rows_in=4 rows_out=4 rows_failed=0 rows_rejected=0" in out
     assert "image_qa: quality checks kept 8 pairs and rejected 0 (acceptance 100.0%)" in out
     assert "pers_qa: rows_in=3 rows_out=3 rows_failed=0 rows_rejected=0" in out
-    assert re.search(r"image_qa: Parquet \(Hugging Face datasets\) s3://vqa-demo/output/image_qa/\S+/generate\.parquet", out)
+    assert re.search(r"image_qa: Hub-ready folder \(datasets, TRL\) s3://vqa-demo/output/image_qa/\S+/hf\n", out)
+    assert re.search(r"pers_qa: ShareGPT JSON \(LLaMA-Factory\) s3://vqa-demo/output/pers_qa/\S+/generate\.sharegpt\.json", out)
     assert re.search(r"pers_qa: LLaVA conversation JSON s3://vqa-demo/output/pers_qa/\S+/generate\.llava\.json", out)
     assert re.search(r"image_qa: dataset card s3://vqa-demo/output/image_qa/\S+/README\.md", out)
     assert "FAILED: video_qa run ended failed. Why:" in out
@@ -111,7 +112,7 @@ def test_demo_with_nothing_configured_runs_every_dag_on_real_inference(tmp_path:
     assert "the quality checks' verdicts come from the same model" in out
     # the video file went in raw: the ingest found its two scenes and stored four frames of each; the exports say where they are
     assert re.search(r"video_qa: ingested media/video/sunset_teaser\.mp4: 2 clips \(0-2 s, 2-4 s\), 8 frames in s3://vqa-demo/output/video_qa/\S+/ingest/shard-00000\.frames/[0-9a-f]{20}/", out), out[-3000:]
-    for name, path in (("Parquet \\(Hugging Face datasets\\)", "final\\.parquet"), ("LLaVA conversation JSON", "final\\.llava\\.json"), ("dataset card", "README\\.md")):
+    for name, path in (("Hub-ready folder \\(datasets, TRL\\)", "hf"), ("LLaVA conversation JSON", "final\\.llava\\.json"), ("dataset card", "README\\.md")):
         assert re.search(rf"video_qa: {name} s3://vqa-demo/output/video_qa/\S+/{path}", out), out[-3000:]
     records = [json.loads(line) for dag_id in ("image_qa", "pers_qa", "video_qa") for line in (tmp_path / "output" / f"{dag_id}.jsonl").read_text().splitlines()]
     assert len(records) == made

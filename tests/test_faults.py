@@ -63,7 +63,10 @@ def test_backoff_grows_with_jitter_and_is_bounded(vlm_server: OpenAITestServer, 
 @pytest.mark.parametrize("fault", ["500", "503", "drop", "timeout"])
 def test_transient_faults_are_retried(vlm_server: OpenAITestServer, fault: str) -> None:
     vlm_server.enqueue(FAULTS[fault], FAULTS[fault])
-    client = APIVLMServing_openai(api_url=vlm_server.base_url, model_name=MODEL, max_retries=3, timeout=0.5, retry_base_delay=0.01)
+    # only the hang needs a timeout shorter than itself (3 s); a short one elsewhere would turn a slow answer on a loaded
+    # machine into one more retry than the faults asked for
+    timeout = 1.5 if fault == "timeout" else 30.0
+    client = APIVLMServing_openai(api_url=vlm_server.base_url, model_name=MODEL, max_retries=3, timeout=timeout, retry_base_delay=0.01)
     assert asyncio.run(client.chat(REQUEST)).text
     assert len(vlm_server.requests) == 3
 

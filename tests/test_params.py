@@ -18,7 +18,7 @@ from vqa_operators.worker.run_loop import Progress, progress_batch
 ROOT = Path(__file__).resolve().parents[1]
 FORM = {"input_uri", "output_prefix", "model", "seed", "rows_per_shard", "max_shards", "media_root", "concurrency"}
 QUALITY = {"blind_check", "grounding_check", "min_judge_score", "remove_near_duplicates", "near_duplicate_threshold", "near_duplicate_key"}
-EXPORT = {"export_formats", "embed_images"}
+EXPORT = {"export_formats", "copy_media", "embed_images"}
 INGEST = {"frames_per_clip", "scene_threshold", "min_clip_s", "max_clip_s", "clip_s", "caption", "transcribe"}
 SPECIFIC = {"image_qa": {"pairs_per_row"}, "pers_qa": {"tag"}, "video_qa": {"max_frames", "max_iterations", "final_pairs"} | INGEST}
 

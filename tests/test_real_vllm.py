@@ -94,7 +94,7 @@ def test_dags_test_runs_each_dag_against_vllm(
         assert all(c["Description"].strip() for c in ingested["Clips"])
         # and came out of the final stage with labelled QA (the quality stage's random verdicts decide what is kept after)
         labelled = _staged_row(s3, bucket, manifest, "final", "video-file-0")
-        assert labelled["QA"] and all(set(p) == {"Label", "Question", "Answer"} for p in labelled["QA"]), labelled["QA"]
+        assert labelled["QA"] and all(set(p) == {"Label", "Question", "Answer", "Clips"} and all(0 <= c < len(labelled["Clips"]) for c in p["Clips"]) for p in labelled["QA"]), labelled["QA"]
     # no request refused by vLLM, in any stage (the quality stage's three schemas included)
     assert manifest["model"] == real_vllm.SERVED_NAME and not real_vllm.REFUSED & set(manifest["failures_by_reason"]), manifest
     # every verdict that came back is schema-valid: kept pairs' (provenance) and rejected pairs' (rejected file)

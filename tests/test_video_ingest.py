@@ -268,7 +268,7 @@ def test_the_ingested_rows_run_through_the_three_video_stages(vlm_server: OpenAI
         ))
         assert (manifest["rows_out"], manifest["rows_failed"]) == (1, 0), manifest["failures_by_reason"]
     [row] = read_rows(run / "final.jsonl")
-    assert len(row["QA"]) == 3 and all({"Label", "Question", "Answer"} == set(p) for p in row["QA"])
+    assert len(row["QA"]) == 3 and all({"Label", "Question", "Answer", "Clips"} == set(p) and all(0 <= c < len(row["Clips"]) for c in p["Clips"]) for p in row["QA"])
     # the initial request showed the ingested frames, and their captions
     initial = next(b for b in vlm_server.requests if b["response_format"]["json_schema"]["name"] == "VideoQASet")
     shown = [p for m in initial["messages"] for p in (m["content"] if isinstance(m["content"], list) else []) if p["type"] == "image_url"]

@@ -289,21 +289,26 @@ def test_multiagent_needs_an_initial_set(vlm_server: OpenAITestServer, frames: P
 # --- final -------------------------------------------------------------------------------------
 
 
-def final_answer(*items: tuple[list[str], str]) -> str:
-    return json.dumps({"qa": [{"labels": labels, "question": q, "answer": f"answer to {q}"} for labels, q in items]})
+def final_answer(*items: tuple[list[str], str] | tuple[list[str], str, list[int]]) -> str:
+    """The final stage's answer; each pair names the clips it is about (its third element, numbers from 1; default clip 1)."""
+    return json.dumps({"qa": [{"labels": p[0], "question": p[1], "answer": f"answer to {p[1]}", "clips": p[2] if len(p) > 2 else [1]} for p in items]})
 
 
 def test_final_labels_and_the_seed_output_format(vlm_server: OpenAITestServer, frames: Path) -> None:
     vlm_server.enqueue(
-        Reply(content=final_answer((["visual_understanding"], "What is shown?"), (["theme_and_brand", "persuasion_strategy"], "How does it sell?")))
+        Reply(content=final_answer((["visual_understanding"], "What is shown?", [2, 1, 2]), (["theme_and_brand", "persuasion_strategy"], "How does it sell?", [2])))
     )
     gen = make(VideoQAFinalGenerator, vlm_server, frames, final_pairs=2)
     row = {**initial_row("a", "b"), "video_qa_state": {"experts": [{"role": "R", "description": "d", "subtask": "s", "iteration": 1}], "iterations": 1, "terminated": True, "stop_reason": "master_terminated"}}
     fields, meta = asyncio.run(gen.generate(row))
+    # each pair names the clips it is about, as indices into the row's clips (a clip named twice counts once)
     assert fields["QA"] == [
-        {"Label": "visual_understanding", "Question": "What is shown?", "Answer": "answer to What is shown?"},
-        {"Label": "theme_and_brand, persuasion_strategy", "Question": "How does it sell?", "Answer": "answer to How does it sell?"},
+        {"Label": "visual_understanding", "Question": "What is shown?", "Answer": "answer to What is shown?", "Clips": [0, 1]},
+        {"Label": "theme_and_brand, persuasion_strategy", "Question": "How does it sell?", "Answer": "answer to How does it sell?", "Clips": [1]},
     ]
+    # the declaration reads the labels as the stage writes them
+    items = gen.output_fields(gen.options).pairs(fields)
+    assert [(item.labels, item.clips) for item in items] == [(["visual_understanding"], [0, 1]), (["theme_and_brand", "persuasion_strategy"], [1])]
     out = gen.finish_row(row, fields)
     assert set(out) == {"id", "Meta", "Clips", "QA"}  # the carried state leaves the row ...
     assert meta["state"]["experts"][0]["role"] == "R"  # ... and is kept in provenance
@@ -313,9 +318,13 @@ def test_final_labels_and_the_seed_output_format(vlm_server: OpenAITestServer, f
     assert qa_schema["minItems"] == 2 == qa_schema["maxItems"]
     label_items = schema["$defs"]["LabelledPair"]["properties"]["labels"]
     assert label_items["maxItems"] == 2 and set(label_items["items"]["enum"]) == set(LABELS)
+    # the clip numbers guided decoding may write are the row's: 1 to 3
+    clip_items = schema["$defs"]["LabelledPair"]["properties"]["clips"]
+    assert (clip_items["items"]["minimum"], clip_items["items"]["maximum"], clip_items["minItems"], clip_items["maxItems"]) == (1, 3, 1, 3)
     prompt = texts(body)
     for label, description in LABELS.items():
         assert f"- {label}: {description}" in prompt
+    assert "by their numbers (1 to 3)" in prompt
 
 
 @pytest.mark.parametrize(
@@ -325,8 +334,10 @@ def test_final_labels_and_the_seed_output_format(vlm_server: OpenAITestServer, f
         final_answer((["visual_understanding", "emotion_recognition", "theme_and_brand"], "Q1"), (["visual_understanding"], "Q2")),
         final_answer(([], "Q1"), (["visual_understanding"], "Q2")),
         final_answer((["visual_understanding"], "Q1")),
+        final_answer((["visual_understanding"], "Q1", [4]), (["visual_understanding"], "Q2")),
+        final_answer((["visual_understanding"], "Q1", []), (["visual_understanding"], "Q2")),
     ],
-    ids=["unknown", "three", "none", "too-few-pairs"],
+    ids=["unknown", "three", "none", "too-few-pairs", "no-such-clip", "no-clip"],
 )
 def test_bad_labels_are_repaired_then_row_errors(vlm_server: OpenAITestServer, frames: Path, bad: str) -> None:
     vlm_server.enqueue(Reply(content=bad), Reply(content=bad))

@@ -140,7 +140,7 @@ def test_video_qa_stages_chain_through_s3(vlm_server: OpenAITestServer, s3, buck
     assert [r["id"] for r in final] == ["a", "b"]
     for row in final:
         assert set(row) == {"id", "Meta", "Clips", "QA", "vqa_provenance"}
-        assert len(row["QA"]) == 5 and all(set(p) == {"Label", "Question", "Answer"} for p in row["QA"])
+        assert len(row["QA"]) == 5 and all(set(p) == {"Label", "Question", "Answer", "Clips"} and all(0 <= c < len(row["Clips"]) for c in p["Clips"]) for p in row["QA"])
         # each stage's provenance is kept; the final one holds the experts the state carried
         prov = row["vqa_provenance"]
         assert set(prov) == {"video_qa_initial", "video_qa_multiagent", "video_qa_final"}

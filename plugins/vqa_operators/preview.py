@@ -85,7 +85,10 @@ def describe_row(fields: OutputFields, n: int, row: dict[str, Any], rejected: li
     verdicts: list[Any] = gate["verdicts"] if isinstance(gate.get("verdicts"), list) else []
     items = fields.pairs(row)
     qa = [
-        {"labels": item.labels, "question": item.question, "answer": item.answer, "score": _score(verdicts[k]) if k < len(verdicts) else None}
+        {
+            "labels": item.labels, "question": item.question, "answer": item.answer, "score": _score(verdicts[k]) if k < len(verdicts) else None,
+            "clips": item.clips, "span": fields.span(row, item),
+        }
         for k, item in enumerate(items)
     ]
     dropped = []

@@ -123,6 +123,8 @@ class QAItem:
     answer: str
     raw: Any
     labels: list[str] = field(default_factory=list)
+    # the clips the pair is about, as indices into the row's clips (from 0); empty where the form names none
+    clips: list[int] = field(default_factory=list)
 
 
 def split_pair_text(text: str) -> tuple[str, str]:
@@ -143,6 +145,10 @@ class OutputFields:
     images: str | None = None
     clips: str | None = None
     meta: str | None = None
+    # labelled pairs: how a pair's labels are written in its "Label" string (one label if None)
+    label_separator: str | None = None
+    # labelled pairs: the pair's key naming the clips it is about (indices into the row's clips), if it has one
+    pair_clips: str | None = None
 
     def pairs(self, row: dict[str, Any]) -> list[QAItem]:
         """The row's QA pairs, in order; elements that are not pairs of this form are skipped."""
@@ -155,10 +161,35 @@ class OutputFields:
         items = []
         for index, element in enumerate(value):
             if isinstance(element, dict) and isinstance(element.get(question), str) and isinstance(element.get(answer), str):
-                label = element.get("Label")
-                labels = [label] if isinstance(label, str) else [x for x in label if isinstance(x, str)] if isinstance(label, list) else []
-                items.append(QAItem(index, element[question], element[answer], raw=element, labels=labels))
+                clips = element.get(self.pair_clips) if self.pair_clips else None
+                items.append(
+                    QAItem(
+                        index, element[question], element[answer], raw=element, labels=self.labels(element.get("Label")),
+                        clips=[c for c in clips if isinstance(c, int) and not isinstance(c, bool)] if isinstance(clips, list) else [],
+                    )
+                )
         return items
+
+    def labels(self, label: Any) -> list[str]:
+        """A pair's labels, as its ``Label`` is written: one string, joined by ``label_separator``, or a list."""
+        if isinstance(label, list):
+            return [x for x in label if isinstance(x, str) and x]
+        if not isinstance(label, str) or not label:
+            return []
+        parts = label.split(self.label_separator) if self.label_separator else [label]
+        return [part.strip() for part in parts if part.strip()]
+
+    def span(self, row: dict[str, Any], item: QAItem) -> tuple[float, float] | None:
+        """The seconds of the video a pair is about: from the first named clip's ``Start`` to the last one's ``End``, if the clips say."""
+        clips = row.get(self.clips) if self.clips else None
+        if not item.clips or not isinstance(clips, list):
+            return None
+        named = [clips[i] for i in item.clips if 0 <= i < len(clips) and isinstance(clips[i], dict)]
+        starts = [c.get("Start") for c in named]
+        ends = [c.get("End") for c in named]
+        if not named or not all(isinstance(x, int | float) for x in starts + ends):
+            return None
+        return float(min(starts)), float(max(ends))
 
     def keep(self, row: dict[str, Any], indices: Iterable[int]) -> dict[str, Any]:
         """``row`` with only the pairs at ``indices`` (a text-form row holds one pair: keep it, or nothing is left)."""

@@ -18,10 +18,11 @@ revise) and the final synthesis are text-only: video information, clip texts and
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, create_model, field_validator
 
@@ -41,6 +42,8 @@ LABELS: dict[str, str] = {
 }
 LabelId = Literal[tuple(LABELS)]  # type: ignore[valid-type]
 LABEL_SEPARATOR = ", "
+# a final pair's key naming the clips it is about: indices into the row's clips, from 0
+PAIR_CLIPS = "Clips"
 # why the multi-agent stage stopped: it used up max_iterations, the master said the set is complete,
 # or the master kept naming an expert it already had (even after a repair request)
 StopReason = Literal["max_iterations", "master_terminated", "duplicate_expert"]
@@ -151,25 +154,35 @@ class MasterDecision(RootModel[Recruit | Terminate]):
     """The master's move in one iteration. A union, so the grammar itself makes "recruit" carry an expert."""
 
 
-def labelled_pair_model(limits: TextLimits) -> type[BaseModel]:
-    """One final pair: one or two labels from ``LABELS`` (a label given twice counts once), a question and an answer."""
+def labelled_pair_model(limits: TextLimits, clips: int | None = None) -> type[BaseModel]:
+    """One final pair: one or two labels from ``LABELS`` (a label given twice counts once), a question and an answer.
+
+    With ``clips``, also the numbers of the clips the pair is about, which the schema bounds to
+    1..``clips`` (guided decoding keeps them within the row's clips); a number given twice counts once.
+    """
 
     def _distinct(cls: Any, labels: list[str]) -> list[str]:
         return distinct(labels)
 
-    return create_model(
-        "LabelledPair",
-        __config__=STRICT,
-        __validators__={"_distinct": field_validator("labels")(_distinct)},
-        labels=(list[LabelId], Field(min_length=1, max_length=2)),  # type: ignore[valid-type]
-        question=(str, bounded_text(limits.question)),
-        answer=(str, bounded_text(limits.answer)),
-    )
+    def _ordered(cls: Any, numbers: list[int]) -> list[int]:
+        return sorted(set(numbers))
+
+    fields: dict[str, Any] = {
+        "labels": (list[LabelId], Field(min_length=1, max_length=2)),  # type: ignore[valid-type]
+        "question": (str, bounded_text(limits.question)),
+        "answer": (str, bounded_text(limits.answer)),
+    }
+    validators: dict[str, Any] = {"_distinct": field_validator("labels")(_distinct)}
+    if clips:
+        fields["clips"] = (list[Annotated[int, Field(ge=1, le=clips)]], Field(min_length=1, max_length=clips))
+        validators["_ordered"] = field_validator("clips")(_ordered)
+    return create_model("LabelledPair", __config__=STRICT, __validators__=validators, **fields)
 
 
-def final_model(pairs: int, limits: TextLimits) -> type[BaseModel]:
-    """``{"qa": [{"labels", "question", "answer"}]}`` with exactly ``pairs`` pairs."""
-    pair = labelled_pair_model(limits)
+@functools.lru_cache(maxsize=256)
+def final_model(pairs: int, limits: TextLimits, clips: int | None = None) -> type[BaseModel]:
+    """``{"qa": [{"labels", "question", "answer"[, "clips"]}]}`` with exactly ``pairs`` pairs; ``clips``: the row's clip count."""
+    pair = labelled_pair_model(limits, clips)
     return create_model("VideoQAFinal", __config__=ConfigDict(extra="forbid"), qa=(list[pair], Field(min_length=pairs, max_length=pairs)))  # type: ignore[valid-type]
 
 
@@ -285,7 +298,9 @@ class _VideoQAStage(Generator):
     @classmethod
     def output_fields(cls, options: VideoQAOptions) -> OutputFields:
         """The QA set in ``output_key`` ({"Question", "Answer"}, labelled after the final stage), about the clips' frames."""
-        return OutputFields(qa=options.output_key, form="labelled", clips=options.clips_key, meta=options.meta_key)
+        return OutputFields(
+            qa=options.output_key, form="labelled", clips=options.clips_key, meta=options.meta_key, label_separator=LABEL_SEPARATOR, pair_clips=PAIR_CLIPS,
+        )
 
     def current_set(self, row: dict[str, Any]) -> list[dict[str, str]]:
         """The QA set an earlier stage left in ``output_key``."""
@@ -455,6 +470,7 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
 
 class VideoQAFinalOptions(VideoQAOptions):
     final_pairs: int = Field(10, ge=1, le=50, description="QA pairs in the final output")
+    name_clips: bool = Field(True, description='each final pair names the clips it is about ("Clips": indices into the row\'s clips, from 0); off: the seed\'s three keys only')
 
 
 class VideoQAFinalGenerator(_VideoQAStage):
@@ -464,9 +480,13 @@ class VideoQAFinalGenerator(_VideoQAStage):
     Options = VideoQAFinalOptions
     options: VideoQAFinalOptions
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.answer_model = final_model(self.options.final_pairs, self.options.text_limits)
+    def answer_model_for(self, clips: int) -> type[BaseModel]:
+        """The final answer's schema for a row of ``clips`` clips (with clip numbers, unless ``name_clips`` is off)."""
+        return final_model(self.options.final_pairs, self.options.text_limits, clips if self.options.name_clips else None)
+
+    def answer_models(self) -> list[type[BaseModel]]:
+        """The final answer, for a row of one clip and of the most clips a row may hold."""
+        return [self.answer_model_for(1), self.answer_model_for(self.options.max_clips)]
 
     def finish_row(self, row: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
         """The seed's output row: the carried state leaves the row (it is kept in provenance)."""
@@ -479,9 +499,19 @@ class VideoQAFinalGenerator(_VideoQAStage):
         video = self.read_video(row)
         current = self.current_set(row)
         state = self.read_state(row)
-        task = self.prompts.render("final", current_qa=qa_json(current), current_count=len(current), pairs=opts.final_pairs, labels=LABELS)
-        answer = await self.ask(self.messages(video, None, task), self.answer_model, key=f"{origin_key(row)}:final")
-        pairs = [{"Label": LABEL_SEPARATOR.join(p.labels), "Question": p.question, "Answer": p.answer} for p in answer.qa]  # type: ignore[attr-defined]
+        task = self.prompts.render(
+            "final", current_qa=qa_json(current), current_count=len(current), pairs=opts.final_pairs, labels=LABELS,
+            clip_count=len(video.clips) if opts.name_clips else 0,
+        )
+        answer = await self.ask(self.messages(video, None, task), self.answer_model_for(len(video.clips)), key=f"{origin_key(row)}:final")
+        pairs = [
+            {"Label": LABEL_SEPARATOR.join(p.labels), "Question": p.question, "Answer": p.answer, **({PAIR_CLIPS: [n - 1 for n in p.clips]} if opts.name_clips else {})}
+            for p in answer.qa  # type: ignore[attr-defined]
+        ]
         unique = dedupe(pairs)
         meta = {"state": state.model_dump(), "duplicates_dropped": len(pairs) - len(unique)}
+        if opts.name_clips:
+            # a pair's seconds: from its first clip's Start to its last clip's End, where the clips have them (the video ingest's)
+            raw = row.get(opts.clips_key) or []
+            meta["clip_spans"] = [[c.get("Start"), c.get("End")] if isinstance(c, dict) and isinstance(c.get("Start"), int | float) else None for c in raw]
         return {opts.output_key: unique}, meta

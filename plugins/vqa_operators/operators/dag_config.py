@@ -205,20 +205,27 @@ NEAR_DUPLICATES: dict[str, Any] = {
 
 
 def export_params() -> dict[str, Param]:
-    """The training-ready copies ``merge`` writes beside the JSONL, documented for the trigger form."""
+    """The training-ready copies ``merge`` writes in the run's folder, documented for the trigger form."""
+    from vqa_operators.export import DEFAULT_FORMATS, FORMATS
+
     return {
         "export_formats": Param(
-            ["parquet", "llava"],
+            list(DEFAULT_FORMATS),
             type="array",
-            items={"type": "string", "enum": ["parquet", "llava"]},
+            items={"type": "string", "enum": list(FORMATS)},
             uniqueItems=True,
             title="Export formats",
             description=(
-                "Written beside the JSONL, with a dataset card (README.md): parquet (Hugging Face datasets: load_dataset('parquet', ...)), "
-                "llava (LLaVA-style conversation JSON). Empty: the JSONL and the card only."
+                "Written in the run's folder, with a dataset card (README.md): hf (a Hub-ready folder: Parquet shards with the images and "
+                "TRL's messages; datasets.load_dataset(folder)), sharegpt (LLaMA-Factory, registered in dataset_info.json), llava (LLaVA's "
+                "conversation JSON), parquet (one flat file with the media's own URIs). Empty: the JSONL and the card only."
             ),
         ),
-        "embed_images": Param(False, type="boolean", title="Embed images in Parquet", description="Put each image's bytes in the Parquet file (datasets' Image feature), not only its URI."),
+        "copy_media": Param(
+            True, type="boolean", title="Copy media into the dataset",
+            description="sharegpt and llava point at copies in the run's folder (media/<sha256>.<ext>), so the folder is a self-contained dataset; off: at the media's own URIs.",
+        ),
+        "embed_images": Param(False, type="boolean", title="Embed images in the flat Parquet", description="The parquet format only: each image's bytes too (datasets' Image feature), not only its URI. hf always embeds them."),
     }
 
 
@@ -255,5 +262,6 @@ INGEST_OPTIONS: dict[str, Any] = {name: f"{{{{ params.{name} }}}}" for name in (
 # the merge's export settings from the run's params (merge_shards' ``export``)
 EXPORT: dict[str, Any] = {
     "formats": "{{ params.export_formats | join(',') }}",
+    "copy_media": "{{ params.copy_media }}",
     "embed_images": "{{ params.embed_images }}",
 }

@@ -212,7 +212,7 @@ class VQAMergeOperator(BaseOperator):
             self.log.info("QA preview in a browser (link valid %s; also the task's 'QA preview' button): %s", lifetime(link_seconds), self.preview_url)
         if export is not None:
             manifest["exports"] = export_run(
-                storage, manifest, formats=list(export.formats), embed_images=export.embed_images, media_root=self.media_root,
+                storage, manifest, formats=list(export.formats), copy_media=export.copy_media, embed_images=export.embed_images, media_root=self.media_root,
                 allowed_roots=allowed, dataset=context["dag"].dag_id, run_id=context["run_id"],
             )
             write_manifest(storage, manifest)  # again: the manifest names the exports too

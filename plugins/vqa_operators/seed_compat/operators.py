@@ -146,6 +146,8 @@ class _MultiroleVideoQAStage(_SeedOperator):
     """Seed 000's stages: ``run(storage=None, df=None, input_meta_key="Meta", input_clips_key="Clips", output_key="QA")``."""
 
     stage: ClassVar[str]
+    # options that make the stage write the seed's format exactly
+    seed_format: ClassVar[dict[str, Any]] = {}
 
     def run(
         self,
@@ -159,7 +161,7 @@ class _MultiroleVideoQAStage(_SeedOperator):
         from vqa_operators.generators import generator_class
 
         generator = self._generator(
-            generator_class(self.stage), storage, meta_key=input_meta_key, clips_key=input_clips_key, output_key=output_key
+            generator_class(self.stage), storage, meta_key=input_meta_key, clips_key=input_clips_key, output_key=output_key, **self.seed_format
         )
         return run_step(generator, storage, df)
 
@@ -180,3 +182,5 @@ class MultiroleVideoQAFinalGenerator(_MultiroleVideoQAStage):
     """Seed 000, stage 3: about ten best pairs, labelled, as ``QA``: ``[{"Label", "Question", "Answer"}]``."""
 
     stage = "video_qa_final"
+    # the seed's three keys: the clips a pair is about (the worker's "Clips") are not asked for
+    seed_format: ClassVar[dict[str, Any]] = {"name_clips": False}

@@ -219,6 +219,18 @@ class Storage:
             return None
         return ObjectVersion(token=_local_version(stat), sha256=None)
 
+    def delete(self, uri: str) -> None:
+        """Remove a file or object (gone already is fine)."""
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            try:
+                self.s3.delete_object(Bucket=bucket, Key=key)
+            except Exception as exc:
+                raise StorageError(f"cannot delete {uri}: {s3_error_code(exc) or type(exc).__name__}") from exc
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(uri)
+
     def list(self, prefix: str) -> list[str]:
         """The URIs of the objects directly under ``prefix`` (a folder or an ``s3://`` prefix ending in /), sorted."""
         if is_s3(prefix):
