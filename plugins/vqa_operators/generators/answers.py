@@ -50,7 +50,11 @@ class TextLimits:
 
 
 def bounded_text(max_chars: int) -> Any:
-    """A non-empty free-text field of at most ``max_chars`` characters (both enforced while decoding)."""
+    """A non-empty free-text field of at most ``max_chars`` characters.
+
+    vLLM enforces the maximum while decoding; it does not enforce the minimum (minLength), so an empty text
+    fails validation here and goes to repair, then to the errors file as ``schema_mismatch``.
+    """
     return Field(min_length=1, max_length=max_chars)
 
 
