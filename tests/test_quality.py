@@ -128,3 +128,37 @@ def test_the_readme_documents_every_rejection_reason() -> None:
 
     section = (ROOT / "README.md").read_text().split("## Quality checks", 1)[1].split("\n## ", 1)[0]
     assert [r.value for r in Rejection if f"`{r.value}`" not in section] == []
+
+
+@pytest.mark.usefixtures("fast_backoff")
+def test_a_retried_gate_reuses_its_kept_rejected_and_failed_rows(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
+    from testkit.openai_server import outage_after
+    from vqa_operators.exceptions import ServerUnavailableError
+
+    rows = read_rows(generated(vlm_server, tmp_path, rows=3, pairs=1))
+    bad = {"image": rows[0]["image"], "qa_pairs": []}
+    source = tmp_path / "gate-in.jsonl"
+    # line 1 is rejected (its only pair scores 1), line 2 fails (no pairs to judge), line 3 is kept, line 4 meets the outage
+    source.write_text("".join(json.dumps(r) + "\n" for r in (rows[0], bad, rows[1], rows[2])))
+    doomed = rows[0]["qa_pairs"][0]["question"]
+    verdicts = ScriptedVerdicts(score=lambda q, a: 1 if q == doomed else 5)
+
+    def try_gate() -> dict[str, Any]:
+        return run_job(
+            job_options(
+                vlm_server, tmp_path, source, generator="quality", output=str(tmp_path / "q" / "rows.jsonl"), params={"source": "image_qa"},
+                concurrency=1, checkpoint_every=1, max_consecutive_failures=2, max_retries=1,
+            )
+        )
+
+    vlm_server.verdicts, vlm_server.responder = verdicts, outage_after(6)  # 3 calls each for lines 1 and 3
+    with pytest.raises(ServerUnavailableError):
+        try_gate()
+    vlm_server.reset()
+    vlm_server.verdicts = verdicts
+    manifest = try_gate()
+    # only line 4 is judged again: the rejected, the failed and the kept rows come from the checkpoint
+    assert (manifest["rows_reused"], manifest["requests"], len(vlm_server.requests)) == (3, 3, 3)
+    assert (manifest["rows_out"], manifest["rows_rejected"], manifest["rows_failed"], manifest["pairs_kept"], manifest["pairs_rejected"]) == (2, 1, 1, 2, 1)
+    assert [e["line"] for e in read_rows(tmp_path / "q" / "rows.rejected.jsonl")] == [1]
+    assert [e["reason"] for e in read_rows(tmp_path / "q" / "rows.errors.jsonl")] == ["bad_field"]

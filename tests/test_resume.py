@@ -19,7 +19,7 @@ from vqa_operators.exceptions import ServerUnavailableError
 from vqa_operators.generators.image_qa import ImageQAGenerator
 from vqa_operators.serving.openai_api import APIVLMServing_openai
 from vqa_operators.storage import Storage
-from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix
+from vqa_operators.storage.checkpoint import Checkpoint, Finished, checkpoint_prefix
 from vqa_operators.worker import JobOptions, run_job, settings_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,13 +145,13 @@ def test_overlapping_writers_never_overwrite_each_others_parts(tmp_path: Path) -
     prefix = f"{tmp_path}/o.checkpoint/cli/f/"
     first, second = Checkpoint(storage, prefix, every_rows=2), Checkpoint(storage, prefix, every_rows=2)
     for i in range(4):
-        first.add(f"{i}:a", {"out": {"by": "first", "i": i}})
-        second.add(f"{i + 2}:a", {"out": {"by": "second", "i": i + 2}})
+        first.add(f"{i}:a", Finished(out={"by": "first", "i": i}))
+        second.add(f"{i + 2}:a", Finished(out={"by": "second", "i": i + 2}))
     assert len(list(Path(prefix).glob("part-*"))) == 4
     reader = Checkpoint(storage, prefix)
     assert reader.load() == 6  # keys 2 and 3 were finished by both; either record is the row's
-    assert reader.get("0:a") == {"key": "0:a", "out": {"by": "first", "i": 0}}
-    assert reader.get("5:a")["out"]["by"] == "second"
+    assert reader.get("0:a") == Finished(out={"by": "first", "i": 0})
+    assert reader.get("5:a").out["by"] == "second"
     for checkpoint in (first, second, reader):
         checkpoint.close()
 
@@ -187,3 +187,32 @@ def test_sigkill_mid_run_then_rerun(vlm_server: OpenAITestServer, tmp_path: Path
     out = read_rows(output)
     assert [r["id"] for r in out] == list(range(rows))  # complete, in order, no duplicates
     print(f"\nSIGKILL after {first_calls} calls; rerun made {manifest['requests']} calls for {rows} rows ({saved} reused)")
+
+
+def test_one_rule_decides_a_finished_record_for_the_writer_and_the_loader(tmp_path: Path) -> None:
+    from pydantic import ValidationError
+
+    rejected = [{"reason": "not_grounded", "pair": {"question": "q", "answer": "a"}}]
+    kinds = {
+        "kept": Finished(out={"id": 1}),
+        "judged": Finished(out={"id": 2}, pairs_kept=1, rejected=rejected),
+        "rejected": Finished(pairs_kept=0, rejected=rejected),
+        "failed": Finished(error={"reason": "bad_field", "detail": "x"}),
+    }
+    assert [r.kind for r in kinds.values()] == ["kept", "kept", "rejected", "failed"]
+    for broken in ({"out": {}, "error": {"reason": "x"}}, {}, {"pairs_kept": 0}, {"out": {}, "pairs_kept": 0}, {"error": {"detail": "no reason"}},
+                   {"pairs_kept": 0, "rejected": [{"pair": {}}]}, {"out": {}, "extra": 1}):
+        with pytest.raises(ValidationError):
+            Finished.model_validate(broken)
+    prefix = str(tmp_path / "ck") + "/"
+    written = Checkpoint(Storage(), prefix)
+    for key, record in kinds.items():
+        written.add(key, record)
+    written.flush()
+    written.close()
+    # a line no writer of this rule made is skipped, not reused
+    (tmp_path / "ck" / "part-0-other-000001.jsonl").write_text(json.dumps({"key": "both", "out": {}, "error": {"reason": "x"}}) + "\n")
+    loaded = Checkpoint(Storage(), prefix)
+    assert loaded.load() == 4
+    assert {key: loaded.get(key) for key in kinds} == kinds and loaded.get("both") is None
+    loaded.close()

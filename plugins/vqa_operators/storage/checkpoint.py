@@ -9,9 +9,10 @@ A checkpoint lives beside the output, under ``<output name>.checkpoint/<task>/<f
 
 It is a set of immutable parts, ``part-<time>-<writer>-<seq>.jsonl``. Each part is one atomic
 write with ``If-None-Match: *`` under a name no other writer uses, so overlapping tries never
-overwrite each other's parts. Each line is ``{"key": ..., "out": row}`` or ``{"key": ...,
-"error": entry}``: the row's final record. On load, records are indexed by key in a SQLite file on
-local disk, so memory stays flat however many rows are done.
+overwrite each other's parts. Each line is a ``Finished`` record: the row's final result (kept,
+rejected by a quality decision, or failed). The worker writes records through ``Finished`` and the
+loader reads them back through it, so one rule decides what a finished row is. On load, records
+are indexed by key in a SQLite file on local disk, so memory stays flat however many rows are done.
 """
 
 from __future__ import annotations
@@ -26,12 +27,58 @@ import time
 import uuid
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from vqa_operators.storage.jsonl import JsonlWriter, read_jsonl
 from vqa_operators.storage.uris import Storage, beside
 
 log = logging.getLogger("vqa_operators.checkpoint")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+:-]+")
+
+
+class Finished(BaseModel):
+    """A row's final record, as the checkpoint keeps it and the run loop writes it out.
+
+    Exactly one of three kinds:
+
+    - kept: ``out`` (the output row); a quality gate adds ``pairs_kept`` >= 1 and the pairs it
+      dropped in ``rejected``;
+    - rejected: a quality gate left no pair (``pairs_kept`` 0, ``rejected`` not empty, no ``out``);
+    - failed: ``error`` (the errors-file entry, with its reason), nothing else.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    out: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    pairs_kept: int | None = Field(None, ge=0)
+    rejected: list[dict[str, Any]] = []
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Finished:
+        if self.error is not None:
+            if self.out is not None or self.rejected or self.pairs_kept is not None:
+                raise ValueError("a failed row's record holds its error and nothing else")
+            if not isinstance(self.error.get("reason"), str):
+                raise ValueError("a failed row's error names its reason")
+        elif self.out is None:
+            if self.pairs_kept != 0 or not self.rejected:
+                raise ValueError("a record without out or error is a rejected row: pairs_kept 0 and the pairs rejected")
+        elif self.pairs_kept == 0:
+            raise ValueError("a kept row keeps at least one pair")
+        if any(not isinstance(entry.get("reason"), str) for entry in self.rejected):
+            raise ValueError("every rejected pair names its reason")
+        return self
+
+    @property
+    def kind(self) -> str:
+        """``kept``, ``rejected`` or ``failed``."""
+        return "failed" if self.error is not None else "kept" if self.out is not None else "rejected"
+
+    def line(self, key: str) -> dict[str, Any]:
+        """The checkpoint line: the key and the record's fields (the unset ones left out)."""
+        return {"key": key, **self.model_dump(exclude_defaults=True)}
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -70,23 +117,28 @@ class Checkpoint:
             if not uri.rsplit("/", 1)[-1].startswith("part-"):
                 continue
             for _, item in read_jsonl(self.storage.iter_lines(uri)):
-                if isinstance(item, dict) and isinstance(item.get("key"), str) and ("out" in item) != ("error" in item):
-                    self._db.execute("INSERT OR REPLACE INTO done VALUES (?, ?)", (item["key"], json.dumps(item, ensure_ascii=False)))
-                else:
+                key = item.pop("key", None) if isinstance(item, dict) else None
+                try:
+                    if not isinstance(key, str):
+                        raise ValueError("no key")
+                    record = Finished.model_validate(item)
+                except (ValueError, ValidationError):
                     skipped += 1
+                    continue
+                self._db.execute("INSERT OR REPLACE INTO done VALUES (?, ?)", (key, record.model_dump_json(exclude_defaults=True)))
         if skipped:
             log.warning("checkpoint %s: %d unusable record(s) ignored; their rows will be generated again", self.prefix, skipped)
         self.loaded = self._db.execute("SELECT COUNT(*) FROM done").fetchone()[0]
         return self.loaded
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def get(self, key: str) -> Finished | None:
         """The finished record for ``key``, or None."""
         found = self._db.execute("SELECT record FROM done WHERE key = ?", (key,)).fetchone()
-        return json.loads(found[0]) if found else None
+        return Finished.model_validate_json(found[0]) if found else None
 
-    def add(self, key: str, record: dict[str, Any]) -> None:
+    def add(self, key: str, record: Finished) -> None:
         """Keep a newly finished record; write a part when enough rows or time have gone by."""
-        self._buffer.append({"key": key, **record})
+        self._buffer.append(record.line(key))
         if len(self._buffer) >= self.every_rows or time.monotonic() - self._last_flush >= self.every_seconds:
             self.flush()
 

@@ -23,7 +23,7 @@ from vqa_operators.exceptions import InputError, Interrupted, JobError, RowError
 from vqa_operators.generators.base import PROVENANCE_KEY, Generated, Generator, input_line, origin_key, row_key
 from vqa_operators.media import MediaReader
 from vqa_operators.serving.base import VLMServing
-from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix, fingerprint
+from vqa_operators.storage.checkpoint import Checkpoint, Finished, checkpoint_prefix, fingerprint
 from vqa_operators.storage.jsonl import BadLine, JsonlWriter, read_jsonl
 from vqa_operators.storage.uris import Storage
 from vqa_operators.worker.backends import open_serving
@@ -33,7 +33,7 @@ log = logging.getLogger("vqa_operators.worker")
 
 RAW_OUTPUT_LIMIT = 2000
 # bump when the checkpoint record format changes, so old checkpoints are not reused
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -43,8 +43,8 @@ class RowOutcome:
     line: int
     row: dict[str, Any] | None
     error: RowError | BadLine | None = None
-    # the row's final record ({"out": row}, {"error": entry}, or a gate's with "rejected"), once the worker has made it ...
-    record: dict[str, Any] | None = None
+    # the row's final record (kept, rejected or failed), once the worker has made it ...
+    record: Finished | None = None
     # ... or when an earlier try had already made it
     reused: bool = False
     # what the stage made of the row (None: a bad line, a row error, or a row reused from an earlier try)
@@ -166,20 +166,20 @@ class Progress:
         """Rows sent to the errors file so far."""
         return sum(self.reasons.values())
 
-    def add(self, record: dict[str, Any], reused: bool) -> None:
+    def add(self, record: Finished, reused: bool) -> None:
         """Count one finished row (in input order)."""
         self.done += 1
         self.reused += reused
-        if "error" in record:
-            self.reasons[str(record["error"]["reason"])] += 1  # a Reason, or its value read back from a checkpoint
-        elif "out" in record:
+        if record.error is not None:
+            self.reasons[str(record.error["reason"])] += 1  # a Reason, or its value read back from a checkpoint
+        elif record.out is not None:
             self.out += 1
         else:
             self.rows_rejected += 1
-        if "pairs_kept" in record:
+        if record.pairs_kept is not None:
             self.judges = True
-            self.pairs_kept += record["pairs_kept"]
-        for entry in record.get("rejected", ()):
+            self.pairs_kept += record.pairs_kept
+        for entry in record.rejected:
             self.rejections[str(entry["reason"])] += 1
 
     @property
@@ -261,25 +261,22 @@ def rejected_entry(stage: str, line: int, rejection: dict[str, Any], *, row: dic
     return {"stage": stage, "line": line, **rejection, "row_rejected": row_rejected, "row": row}
 
 
-def _record(generator: Generator, outcome: RowOutcome) -> dict[str, Any]:
-    """The row's final record: ``{"out": output row}``, ``{"error": errors-file entry}``, or a gate's ``{"rejected": [...]}``.
+def _record(generator: Generator, outcome: RowOutcome) -> Finished:
+    """The row's final record: kept (the output row), failed (the errors-file entry), or rejected by a gate.
 
     A gate's record also counts the pairs it kept, and a kept row's record lists the pairs it dropped.
     """
     if outcome.error is not None:
-        return {"error": outcome.error_entry(generator.name)}
+        return Finished(error=outcome.error_entry(generator.name))
     made = outcome.made
     assert outcome.row is not None and made is not None
     line = input_line(outcome.row, outcome.line)
     rejected = [rejected_entry(generator.name, line, r, row=outcome.row, row_rejected=not made.kept) for r in made.rejected]
-    record: dict[str, Any] = {} if made.pairs_kept is None else {"pairs_kept": made.pairs_kept}
-    if rejected:
-        record["rejected"] = rejected
+    row = None
     if made.kept:
         row = generator.finish_row(outcome.row, made.fields)
         row[PROVENANCE_KEY] = _provenance(generator, outcome.row.get(PROVENANCE_KEY), origin_key(outcome.row), {"line": line, **made.meta})
-        record["out"] = row
-    return record
+    return Finished(out=row, pairs_kept=made.pairs_kept, rejected=rejected)
 
 
 def settings_fingerprint(generator: Generator, opts: JobOptions) -> str:
@@ -386,12 +383,12 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
                     record = outcome.record
                     assert record is not None
                     progress.add(record, outcome.reused)
-                    if "error" in record:
-                        err.write(record["error"])
-                    if "out" in record:
-                        out.write(record["out"])
+                    if record.error is not None:
+                        err.write(record.error)
+                    if record.out is not None:
+                        out.write(record.out)
                     if rej is not None:
-                        for entry in record.get("rejected", ()):
+                        for entry in record.rejected:
                             rej.write(entry)
                     if progress.due():
                         log.info("%s", progress.line(generator.usage))
