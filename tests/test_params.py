@@ -13,6 +13,7 @@ import pytest
 
 from vqa_operators.generators.base import Usage
 from vqa_operators.operators.callbacks import summary
+from vqa_operators.storage.checkpoint import Finished
 from vqa_operators.worker.run_loop import Progress, progress_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -213,7 +214,7 @@ def test_progress_line_per_batch_counts_rate_tokens_eta_and_failures() -> None:
     assert progress.batch == 5  # a twentieth of the shard when that is smaller than the window
     lines = []
     for i in range(10):
-        progress.add({"error": {"reason": "bad_image"}} if i == 3 else {"out": {}}, reused=i < 2)
+        progress.add(Finished(error={"reason": "bad_image"}) if i == 3 else Finished(out={}), reused=i < 2)
         if progress.due():
             lines.append(progress.line(Usage(requests=8, prompt_tokens=12_000, completion_tokens=800)))
     assert len(lines) == 2

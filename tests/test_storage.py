@@ -171,3 +171,30 @@ def test_local_identical_rewrite_is_skipped_and_a_race_is_refused(tmp_path: Path
         target.write_text("raced\n")
     assert target.read_text() == "raced\n"
     assert [p.name for p in tmp_path.iterdir()] == ["o.jsonl"]  # no temporary file left behind
+
+
+def test_every_s3_client_takes_the_store_retry_policy(monkeypatch: pytest.MonkeyPatch, s3_env: str) -> None:
+    import json
+
+    from vqa_operators.hooks.storage import s3_storage
+
+    monkeypatch.setenv("AIRFLOW_CONN_VQA_S3_TEST", json.dumps({"conn_type": "aws", "extra": {"endpoint_url": s3_env}}))
+    monkeypatch.setenv("VQA_S3_MAX_ATTEMPTS", "7")
+    for storage in (Storage(), s3_storage("vqa_s3_test")):
+        assert storage.s3.meta.config.retries == {"mode": "adaptive", "total_max_attempts": 7}
+    assert Storage().attempts == 7
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "definite"),
+    [(404, "NoSuchKey", True), (403, "AccessDenied", True), (412, "PreconditionFailed", True), (416, "InvalidRange", True),
+     (503, "SlowDown", False), (500, "InternalError", False), (400, "RequestTimeout", False), (429, "TooManyRequests", False),
+     (503, "503", False), (408, "RequestTimeout", False)],
+)
+def test_only_a_definite_answer_about_the_object_is_final(status: int, code: str, definite: bool) -> None:
+    from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
+
+    from vqa_operators.storage.uris import definite as is_definite
+
+    assert is_definite(ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")) is definite
+    assert not is_definite(ConnectionClosedError(endpoint_url="http://s3")) and not is_definite(ReadTimeoutError(endpoint_url="http://s3"))

@@ -31,6 +31,9 @@ REQUEST_TIMEOUT_S = 300.0
 MAX_RETRIES = 5
 MAX_CONSECUTIVE_FAILURES = 10
 API_URL = "http://localhost:8000/v1"
+# the object store: attempts per request (boto's own default is 3), retried in boto's adaptive mode (it slows
+# down on throttling); a read cut off mid-body resumes from where it stopped, as many times again
+S3_MAX_ATTEMPTS = 10
 # the worker's checkpoint: after this many finished rows, or this many seconds
 CHECKPOINT_EVERY = 64
 CHECKPOINT_SECONDS = 30.0
@@ -97,6 +100,8 @@ class Environment(BaseSettings):
     # the video ingest's speech-to-text: an OpenAI-compatible /v1 URL (vLLM serving Whisper) and its model
     transcription_url: str | None = Field(None, json_schema_extra=WORKER)
     transcription_model: str | None = Field(None, json_schema_extra=WORKER)
+    # the object store's retries, for every read and write of input, media, checkpoint and output
+    s3_max_attempts: int = Field(S3_MAX_ATTEMPTS, ge=1, le=100, json_schema_extra=WORKER)
     # media
     media_root: str = Field(".", json_schema_extra=WORKER)
     # where a run may read media, read its input and write its output: folders and s3://bucket[/prefix]es

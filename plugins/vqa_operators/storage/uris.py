@@ -10,9 +10,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
+import random
 import tempfile
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -20,8 +23,17 @@ from typing import IO, Any
 
 from vqa_operators.exceptions import InputError, JobError, StorageError
 
+log = logging.getLogger("vqa_operators.storage")
+
 # S3 error codes that say the service, not the object, failed
-TRANSIENT_S3_CODES = frozenset({"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling", "ThrottlingException"})
+TRANSIENT_S3_CODES = frozenset(
+    {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "Throttling", "ThrottlingException", "TooManyRequests"}
+)
+# S3's answers that an object is not there
+MISSING_S3_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
+# a resumed read's pause before attempt n: RESUME_BASE_S * 2**n, at most RESUME_CAP_S, with full jitter
+RESUME_BASE_S = 0.05
+RESUME_CAP_S = 5.0
 # S3's single-PutObject limit; larger files go up as a multipart upload
 S3_PUT_LIMIT = 5 * 1024**3
 S3_PART_SIZE = 256 * 1024**2
@@ -106,6 +118,32 @@ def s3_error_code(exc: BaseException) -> str | None:
     return None
 
 
+def definite(exc: BaseException) -> bool:
+    """True if S3 answered about the object itself (missing, forbidden, a failed condition ...): another attempt gets
+    the same answer. No answer (a dropped connection, a cut-off body, a timeout), a 5xx and throttling are the store's
+    faults, which pass."""
+    code = s3_error_code(exc)
+    if code is None or code in TRANSIENT_S3_CODES:
+        return False
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")  # type: ignore[attr-defined]
+    if isinstance(status, int):
+        return 400 <= status < 500 and status not in (408, 429)
+    return not code.startswith("5")
+
+
+def store_config() -> Any:
+    """The botocore Config of every S3 client this package makes: ``VQA_S3_MAX_ATTEMPTS`` attempts, adaptive mode."""
+    from botocore.config import Config
+
+    from vqa_operators import settings
+
+    return Config(retries={"mode": "adaptive", "total_max_attempts": settings.environment().s3_max_attempts})
+
+
+def _pause(attempt: int) -> None:
+    time.sleep(random.uniform(0, min(RESUME_CAP_S, RESUME_BASE_S * 2**attempt)))
+
+
 class Storage:
     """One way to read and write URIs; S3 access goes through a single (thread-safe) boto3 client."""
 
@@ -117,17 +155,63 @@ class Storage:
     def s3(self) -> Any:
         """The boto3 S3 client, created on first use from the standard AWS environment."""
         import boto3
-        from botocore.config import Config
 
-        return boto3.client("s3", config=Config(retries={"mode": "standard", "max_attempts": 5}))
+        return boto3.client("s3", config=store_config())
+
+    @cached_property
+    def attempts(self) -> int:
+        """Attempts at a read that fails without a definite answer (``VQA_S3_MAX_ATTEMPTS``)."""
+        from vqa_operators import settings
+
+        return settings.environment().s3_max_attempts
 
     def _s3_error(self, uri: str, exc: Exception) -> JobError:
         """S3's answer about the input itself (NoSuchKey, AccessDenied ...) is an InputError, which another try
         would meet again; no answer, or a server-side one (5xx, throttling), is a StorageError, which a retry may clear."""
         code = s3_error_code(exc)
-        if code is None or code in TRANSIENT_S3_CODES or code.startswith("5"):
-            return StorageError(f"cannot read {uri}: {code or type(exc).__name__}")
+        if not definite(exc):
+            return StorageError(f"cannot read {uri}: {code or type(exc).__name__} (after {self.attempts} attempts)")
         return InputError(f"cannot read {uri}: {code}")
+
+    def _read_s3(self, uri: str, *, start: int = 0, end: int | None = None, version: str | None = None) -> Generator[bytes, None, None]:
+        """The bytes ``[start, end)`` of an object in chunks; a body cut off mid-way is read on from where it stopped.
+
+        boto attempts each GET itself (``store_config``); what it does not attempt again is a body that
+        breaks off after the answer began, and that is what this resumes, up to ``attempts`` times in a row.
+
+        Every resumed GET is conditional on the ETag the first one saw (or ``version``), so the bytes are all
+        of one version of the object; a change in between is a PreconditionFailed, as for ``version``.
+        """
+        position, failures = start, 0
+        etag = version
+        while end is None or position < end:
+            extra: dict[str, str] = {}
+            if position or end is not None:
+                extra["Range"] = f"bytes={position}-{'' if end is None else end - 1}"
+            if etag is not None:
+                extra["IfMatch"] = etag
+            bucket, key = split_s3(uri)
+            try:
+                response = self.s3.get_object(Bucket=bucket, Key=key, **extra)
+            except Exception as exc:
+                if position > start and s3_error_code(exc) == "InvalidRange":
+                    return  # the object ended exactly where the cut-off read did
+                raise
+            etag = etag or response.get("ETag")
+            body = response["Body"]
+            try:
+                with contextlib.closing(body):
+                    while chunk := body.read(1 << 16):
+                        position += len(chunk)
+                        failures = 0
+                        yield chunk
+                return
+            except Exception as exc:  # a dropped connection or a short body: urllib3 / botocore errors
+                if definite(exc) or failures + 1 >= self.attempts:
+                    raise
+                failures += 1
+                log.warning("S3 read of %s cut off at byte %d (%s); reading on, attempt %d of %d", uri, position, type(exc).__name__, failures + 1, self.attempts)
+                _pause(failures)
 
     def iter_lines(self, uri: str, *, start: int = 0, end: int | None = None, version: str | None = None, keepends: bool = False) -> Iterator[bytes]:
         """Stream the lines of a file or object, or of its bytes ``[start, end)``, without loading it whole.
@@ -140,20 +224,19 @@ class Storage:
         if end is not None and end <= start:
             return
         if is_s3(uri):
-            bucket, key = split_s3(uri)
-            extra: dict[str, str] = {}
-            if start or end is not None:
-                extra["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-            if version is not None:
-                extra["IfMatch"] = version
-            try:
-                body = self.s3.get_object(Bucket=bucket, Key=key, **extra)["Body"]
-            except Exception as exc:  # botocore raises ClientError / EndpointConnectionError
-                if version is not None and s3_error_code(exc) in {"PreconditionFailed", "412"}:
-                    raise InputError(f"{uri} changed after it was split into shards; run the DAG again") from None
-                raise self._s3_error(uri, exc) from exc
-            with contextlib.closing(body):
-                yield from _split_lines(body.read, keepends)
+            chunks = self._read_s3(uri, start=start, end=end, version=version)
+
+            def read(size: int) -> bytes:
+                try:
+                    return next(chunks, b"")
+                except Exception as exc:  # botocore raises ClientError / EndpointConnectionError
+                    if s3_error_code(exc) in {"PreconditionFailed", "412"}:
+                        what = "after it was split into shards" if version is not None else "while it was read"
+                        raise InputError(f"{uri} changed {what}; run the DAG again") from None
+                    raise self._s3_error(uri, exc) from exc
+
+            with contextlib.closing(chunks):
+                yield from _split_lines(read, keepends)
             return
         try:
             handle = open(uri, "rb")  # noqa: SIM115 - closed by the with below
@@ -178,25 +261,37 @@ class Storage:
     def read_bytes(self, uri: str) -> bytes:
         """Read a whole (small) file or object, such as one image.
 
-        S3 answers become the local errors: FileNotFoundError for a missing object, PermissionError
-        for any other S3 error code (AccessDenied ...); an unreachable endpoint is a StorageError.
-        A malformed ``s3://`` URI is a ValueError.
+        S3's definite answers become the local errors: FileNotFoundError for a missing object,
+        PermissionError for any other (AccessDenied ...). A store fault (no answer, a cut-off body, 5xx,
+        throttling) is attempted again, resuming a cut-off body; one that persists is a StorageError,
+        the job's failure, never the object's. A malformed ``s3://`` URI is a ValueError.
         """
         if not is_s3(uri):
             return Path(uri).read_bytes()
-        bucket, key = split_s3(uri)
+        split_s3(uri)
         try:
-            return self.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            return b"".join(self._read_s3(uri))
         except Exception as exc:  # botocore raises ClientError, EndpointConnectionError, ...
-            raise _as_local_error(uri, exc) from exc
+            raise self._as_local_error(uri, exc) from exc
 
     def download(self, uri: str, handle: IO[bytes]) -> None:
         """Copy an ``s3://`` object into ``handle`` in parts (never whole in memory); errors as ``read_bytes``'s."""
-        bucket, key = split_s3(uri)
+        split_s3(uri)
         try:
-            self.s3.download_fileobj(bucket, key, handle)
+            for chunk in self._read_s3(uri):
+                handle.write(chunk)
         except Exception as exc:  # botocore raises ClientError, EndpointConnectionError, ...
-            raise _as_local_error(uri, exc) from exc
+            raise self._as_local_error(uri, exc) from exc
+
+    def _as_local_error(self, uri: str, exc: Exception) -> Exception:
+        """S3's definite answer about one object as the local error: FileNotFoundError if it is missing, PermissionError
+        for any other (AccessDenied ...); a store fault that outlasted every attempt is a StorageError."""
+        code = s3_error_code(exc)
+        if not definite(exc):
+            return StorageError(f"cannot read {uri}: {code or type(exc).__name__} (after {self.attempts} attempts)")
+        if code in MISSING_S3_CODES:
+            return FileNotFoundError(errno.ENOENT, code, uri)
+        return PermissionError(errno.EACCES, code, uri)
 
     def exists(self, uri: str) -> bool:
         """True if the file or object exists."""
@@ -209,7 +304,7 @@ class Storage:
             try:
                 head = self.s3.head_object(Bucket=bucket, Key=key)
             except Exception as exc:
-                if s3_error_code(exc) in {"404", "NoSuchKey", "NotFound"}:
+                if s3_error_code(exc) in MISSING_S3_CODES:
                     return None
                 raise StorageError(f"cannot stat {uri}: {s3_error_code(exc) or type(exc).__name__}") from exc
             return ObjectVersion(token=head["ETag"], sha256=(head.get("Metadata") or {}).get(SHA256_METADATA))
@@ -322,6 +417,11 @@ class Storage:
         except Exception as exc:  # botocore raises ClientError, EndpointConnectionError
             code = s3_error_code(exc)
             if code in {"PreconditionFailed", "ConditionalRequestConflict", "412", "409"}:
+                # an attempt whose answer was lost may have written these very bytes, and the next attempt's
+                # condition then fails against them: that is this write done, not a race
+                landed = self.version(uri)
+                if landed is not None and landed.sha256 == digest:
+                    return
                 raise StorageError(f"cannot write {uri}: {_RACED} ({code})") from None
             raise StorageError(f"cannot write {uri}: {code or type(exc).__name__}") from exc
 
@@ -341,17 +441,6 @@ class Storage:
 
 
 _RACED = "another writer changed it while this one ran (is another try of this task still running?)"
-
-
-def _as_local_error(uri: str, exc: Exception) -> Exception:
-    """S3's answer about one object as the local error: FileNotFoundError if it is missing, PermissionError for any
-    other S3 error code (AccessDenied ...); no answer (an unreachable endpoint) is a StorageError."""
-    code = s3_error_code(exc)
-    if code in {"NoSuchKey", "NoSuchBucket", "404"}:
-        return FileNotFoundError(errno.ENOENT, code, uri)
-    if code is not None:
-        return PermissionError(errno.EACCES, code, uri)
-    return StorageError(f"cannot read {uri}: {type(exc).__name__}")
 
 
 def _local_version(stat: os.stat_result) -> str:
