@@ -25,6 +25,7 @@ import parse_time
 import quality
 import saturation
 import scaling
+import shared_server
 import video_ingest
 import video_path
 import vllm_client
@@ -41,6 +42,7 @@ MEASURES = {
     "quality": quality.run,
     "dedup_memory": dedup_memory.run,
     "video_ingest": video_ingest.run,
+    "shared_server": shared_server.run,
 }
 
 

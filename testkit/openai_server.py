@@ -236,7 +236,8 @@ class OpenAITestServer:
         first, last = min(t[0] for t in timings), max(t[2] for t in timings)
         return {
             "requests": len(timings), "first": first, "last": last, "span_s": last - first, "peak_in_flight": peak,
-            "mean_queue_s": sum(t[1] - t[0] for t in timings) / len(timings), "slots": self.slots, "latency": self.latency,
+            "mean_queue_s": sum(t[1] - t[0] for t in timings) / len(timings), "max_queue_s": max(t[1] - t[0] for t in timings),
+            "slots": self.slots, "latency": self.latency,
         }
 
     def enqueue(self, *replies: Reply) -> None:

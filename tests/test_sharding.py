@@ -119,3 +119,24 @@ def test_the_merge_refuses_a_shard_that_lost_rows(vlm_server, tmp_path: Path) ->
     with pytest.raises(InputError, match="6 input rows but the shards report 4 in the output, 0 in errors files and 0 rejected"):
         merge_run(Storage(), {"generate": manifests}, output=str(tmp_path / "generate.jsonl"), plan=more)
     assert not list(tmp_path.glob("generate*"))  # nothing written by any refused merge
+
+
+def test_a_runs_shards_split_the_servers_budget_unless_each_serves_its_own(tmp_path: Path) -> None:
+    from vqa_operators.worker import JobOptions
+
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(64)))
+    shards = plan_shards(Storage(), str(source), rows_per_shard=4, max_shards=16)
+    assert len(shards) == 16 and {s.shards for s in shards} == {16}
+
+    def in_flight(**extra: object) -> int:
+        return JobOptions(**{"generator": "image_qa", "output": str(tmp_path / "o.jsonl"), "max_num_seqs": 256, "concurrency": None, "shard": shards[3], **extra}).in_flight
+
+    assert in_flight() == 20  # 1.25 x 256 = 320, split 16 ways
+    assert in_flight(serve_vllm=True) == 320  # a pod with its own vLLM keeps the whole budget
+    assert in_flight(concurrency=7) == 7  # a given concurrency is the task's own
+    assert JobOptions(generator="image_qa", input=str(source), output=str(tmp_path / "o.jsonl"), max_num_seqs=256, concurrency=None).in_flight == 320
+    # three shards of a 10-slot server: ceil(12 / 3)
+    three = plan_shards(Storage(), str(source), rows_per_shard=22)
+    assert [s.shards for s in three] == [3, 3, 3]
+    assert JobOptions(generator="image_qa", output="o.jsonl", max_num_seqs=10, concurrency=None, shard=three[0]).in_flight == 4

@@ -73,9 +73,10 @@ def default_concurrency(max_num_seqs: int) -> int:
     return max_num_seqs + max(1, max_num_seqs // 4)
 
 
-def in_flight(concurrency: int | None, max_num_seqs: int) -> int:
-    """Requests to keep in flight: ``concurrency`` if set, else derived from the server's batch size."""
-    return concurrency or default_concurrency(max_num_seqs)
+def in_flight(concurrency: int | None, max_num_seqs: int, sharing: int = 1) -> int:
+    """Requests to keep in flight: ``concurrency`` if set, else the server's budget split between the ``sharing`` tasks
+    that send to it at once (a run's shards), rounded up."""
+    return concurrency or -(-default_concurrency(max_num_seqs) // sharing)
 
 
 # marks a setting that the worker reads: every worker pod gets it (worker_env), as an in-process worker sees it

@@ -39,6 +39,8 @@ class Shard(BaseModel):
     start: int = Field(ge=0)
     end: int = Field(ge=0)
     version: str | None = None
+    # the shards in the run's plan: they run at once, so by default they split one server's batch budget between them
+    shards: int = Field(1, ge=1)
 
 
 def plan_shards(storage: Storage, input_uri: str, *, rows_per_shard: int, max_shards: int = settings.MAX_SHARDS) -> list[Shard]:
@@ -67,7 +69,10 @@ def plan_shards(storage: Storage, input_uri: str, *, rows_per_shard: int, max_sh
         bounds.append(offset)
     size = step * group
     return [
-        Shard(input=input_uri, index=i, first_line=1 + i * size, rows=min(size, lines - i * size), start=bounds[i], end=bounds[i + 1], version=before.token)
+        Shard(
+            input=input_uri, index=i, first_line=1 + i * size, rows=min(size, lines - i * size), start=bounds[i], end=bounds[i + 1], version=before.token,
+            shards=len(bounds) - 1,
+        )
         for i in range(len(bounds) - 1)
     ]
 

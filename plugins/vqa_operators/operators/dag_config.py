@@ -127,7 +127,8 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
             title="Requests in flight",
             description=(
                 "Model requests each task keeps in flight. Empty: the server's batch size (VQA_MAX_NUM_SEQS, vLLM's --max-num-seqs, "
-                f"{settings.MAX_NUM_SEQS} by default) and a quarter more. Tasks sharing one server should split it between them."
+                f"{settings.MAX_NUM_SEQS} by default) and a quarter more, split between the run's shards, which share the server "
+                "(a pod that starts its own vLLM keeps it all)."
             ),
         ),
         "rows_per_shard": Param(

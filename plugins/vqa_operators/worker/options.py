@@ -93,9 +93,15 @@ class JobOptions(BaseModel):
         return f"try {self.try_number}: " if self.try_number else ""
 
     @property
+    def sharing(self) -> int:
+        """How many tasks send to this run's server at once: the plan's shards, unless the worker serves its own vLLM."""
+        return self.shard.shards if self.shard is not None and not self.serve_vllm else 1
+
+    @property
     def in_flight(self) -> int:
-        """Requests kept in flight: ``concurrency`` if set, else derived from ``max_num_seqs``."""
-        return settings.in_flight(self.concurrency, self.max_num_seqs)
+        """Requests kept in flight: ``concurrency`` if set, else the server's budget (``max_num_seqs`` and a quarter)
+        split between the shards that share it."""
+        return settings.in_flight(self.concurrency, self.max_num_seqs, self.sharing)
 
     @property
     def media_roots(self) -> list[str]:

@@ -465,7 +465,8 @@ def run_job(
         executor = stack.enter_context(ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vqa-media"))
         media = MediaReader(storage, media_root=opts.media_root, max_pixels=opts.max_pixels, executor=executor, allowed_roots=opts.media_roots)
         generator = cls(serving, options=opts.params, media=media, seed=opts.seed, output=opts.output)
-        log.info("%s: %s -> %s (model %s, concurrency %d)", cls.name, opts.input, opts.output, serving.model_name, serving.max_concurrency)
+        split = f", the server's budget split between {opts.sharing} shards" if opts.sharing > 1 and opts.concurrency is None else ""
+        log.info("%s: %s -> %s (model %s, concurrency %d%s)", cls.name, opts.input, opts.output, serving.model_name, serving.max_concurrency, split)
         manifest = asyncio.run(process(generator, storage, opts, stop_on=stop_on))
     judged = f", {manifest['rows_rejected']} rejected, {manifest['pairs_kept']} pairs kept, {manifest['pairs_rejected']} rejected {manifest['rejections_by_reason']}" if manifest["rejected"] else ""
     log.info(
