@@ -33,8 +33,12 @@ def dataset_ready() -> None:
     def new_datasets(*, triggering_asset_events: Any = None) -> list[dict[str, Any]]:
         from vqa_operators.assets import published
 
-        datasets = published(triggering_asset_events)
-        for item in datasets:
+        datasets = []
+        for item in published(triggering_asset_events):
+            if item.get("estimate"):
+                print(f"{item['asset']} from {item['source_dag_id']} run {item['source_run_id']}: an estimate's sample, not a dataset; skipped")
+                continue
+            datasets.append(item)
             print(
                 f"{item['asset']} from {item['source_dag_id']} run {item['source_run_id']}: {item['rows_out']} rows out of {item['rows_in']} "
                 f"({item['rows_failed']} failed, {item['rows_rejected']} rejected; acceptance {item['acceptance_rate']}) -> {item['output']}"

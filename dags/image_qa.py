@@ -11,12 +11,13 @@ writes `{"image": [...], "qa_pairs": [{"question", "answer"}, ...]}` rows to S3.
   processed in `generate.errors.jsonl` beside it (each with a reason). XCom holds only the
   manifest (row counts, output URIs, model, prompt hash).
 - **Fan-out**: `plan` splits the input into shards of `rows_per_shard` rows (at most
-  `max_shards`), `generate` and `quality` run once per shard (mapped), `merge` joins them in
+  `max_shards`), `generate` and `quality` run once per shard (mapped), `dedup` between them
+  across all shards, `merge` joins them in
   order and writes `generate.manifest.json`. Shards stage at `<task>/shard-<map index>.jsonl`.
 - **Quality**: `quality` (mapped per shard) judges every pair: asked without the images, is it
   answered anyway (`answerable_blind`)? Shown the images, is it grounded, with a score of at
-  least `min_judge_score` (`not_grounded`)? `merge` then removes near-duplicate questions
-  across shards (`near_duplicate`). Rejected pairs, and rows left with none, go to
+  least `min_judge_score` (`not_grounded`)? `dedup` removes near-duplicate questions
+  across shards (`near_duplicate`) before `quality` judges any. Rejected pairs, and rows left with none, go to
   `generate.rejected.jsonl` with their reason and verdicts; params switch each check.
 - **Model**: the `vqa_vlm` connection (host = OpenAI-compatible base URL, password = API key,
   `extra.model`), or `VQA_BASE_URL` / `VQA_MODEL` / `VQA_API_KEY`.

@@ -13,12 +13,13 @@ and the row, so a rerun asks the same question. An optional `subject_type` field
   `generate.errors.jsonl` (for example `answer_missing_tag` when the model would not start its
   answer with the tag even after a repair request). XCom holds only the manifest.
 - **Fan-out**: `plan` splits the input into shards of `rows_per_shard` rows (at most
-  `max_shards`), `generate` and `quality` run once per shard (mapped), `merge` joins them in
+  `max_shards`), `generate` and `quality` run once per shard (mapped), `dedup` between them
+  across all shards, `merge` joins them in
   order and writes `generate.manifest.json`. Shards stage at `<task>/shard-<map index>.jsonl`.
 - **Quality**: `quality` (mapped per shard) judges every pair: asked without the images, is it
   answered anyway (`answerable_blind`)? Shown the images, is it grounded, with a score of at
-  least `min_judge_score` (`not_grounded`)? `merge` then removes near-duplicate question-answer
-  pairs across shards (`near_duplicate`). Rejected pairs, and rows left with none, go to
+  least `min_judge_score` (`not_grounded`)? `dedup` removes near-duplicate question-answer
+  pairs across shards (`near_duplicate`) before `quality` judges any. Rejected pairs, and rows left with none, go to
   `generate.rejected.jsonl` with their reason and verdicts; params switch each check.
 - **Model**: the `vqa_vlm` connection, or `VQA_BASE_URL` / `VQA_MODEL` / `VQA_API_KEY`.
 - **Where it runs**: `VQA_EXECUTION=local` (in the task process) or `kubernetes` (GPU pod).

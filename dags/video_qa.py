@@ -23,12 +23,13 @@ task, **ingest**, turns those into `Meta` and `Clips`, and passes the other rows
 
 4. **quality**: every final pair is judged. Asked with only `Meta`, is it answered anyway
    (`answerable_blind`)? Shown up to `max_frames` frames, is it grounded, with a score of at
-   least `min_judge_score` (`not_grounded`)? `merge` then removes near-duplicate questions
-   across shards (`near_duplicate`). Rejected pairs, and rows left with none, go to
+   least `min_judge_score` (`not_grounded`)? `dedup` removes near-duplicate questions
+   across shards (`near_duplicate`) before `quality` judges any. Rejected pairs, and rows left with none, go to
    `final.rejected.jsonl` with their reason and verdicts; params switch each check.
 
 `plan` splits the input into shards of `rows_per_shard` rows (at most `max_shards`); each of the
-five tasks runs once per shard (mapped), and `merge` joins the shards. The tasks pass JSONL
+five tasks runs once per shard (mapped), `dedup` drops near-duplicates across all shards before
+`quality`, and `merge` joins the shards. The tasks pass JSONL
 through `<output_prefix>/video_qa/<run_id>/<task>/shard-<map index>.jsonl`; the state between
 them (current QA set, experts, iteration count) travels in the rows (`QA`, `video_qa_state`).
 The run's output is `final.jsonl`, with `final.manifest.json` and each task's failed rows, with

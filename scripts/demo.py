@@ -209,10 +209,11 @@ def sample_data() -> tuple[dict[str, bytes], dict[str, list[dict[str, Any]]]]:
 
 # each DAG's run conf (beyond input and output), small enough for a CPU: every pair costs three quality checks;
 # every DAG's `merge` task returns the run's manifest
+# the checks annotate: every pair is kept with its verdicts (the demo's model is random, so filtering would leave little)
 RUNS: dict[str, dict[str, Any]] = {
-    "image_qa": {"pairs_per_row": 2},
-    "pers_qa": {"tag": "<mam>"},
-    "video_qa": {"max_frames": 8, "max_iterations": 1, "final_pairs": 4},
+    "image_qa": {"pairs_per_row": 2, "quality_mode": "annotate"},
+    "pers_qa": {"tag": "<mam>", "quality_mode": "annotate"},
+    "video_qa": {"max_frames": 8, "max_iterations": 1, "final_pairs": 4, "quality_mode": "annotate"},
 }
 
 
@@ -447,6 +448,10 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
             f"rows_rejected={manifest['rows_rejected']} failures={manifest['failures_by_reason']}"
         )
         say(f"{dag_id}: quality checks kept {manifest['pairs_kept']} pairs and rejected {manifest['pairs_rejected']} (acceptance {acceptance(manifest)}) {manifest['rejections_by_reason']}")
+        if manifest.get("quality_scores"):
+            from vqa_operators.generators.quality import describe_scores
+
+            say(f"{dag_id}: verdicts (annotated, every pair kept): {describe_scores(manifest['quality_scores'])}")
         say(f"{dag_id}: output {manifest['output']} (copied to {work / 'output' / f'{dag_id}.jsonl'}); errors {manifest['errors']}; rejected {manifest['rejected']}")
         if "ingest" in manifest["stages"]:
             for line in ingested(s3, manifest):

@@ -14,7 +14,7 @@ MANIFEST = {
     "rejected": "s3://b/out/image_qa/r1/generate.rejected.jsonl", "manifest": "s3://b/out/image_qa/r1/generate.manifest.json",
     "preview": "s3://b/out/image_qa/r1/generate.preview.html", "input": "s3://b/raw/in.jsonl", "generator": "quality", "model": "m",
     "prompt_sha256": "ab", "rows_in": 10, "rows_out": 7, "rows_failed": 1, "rows_rejected": 2, "pairs_kept": 20, "pairs_rejected": 8,
-    "acceptance_rate": 0.7143, "exports": {"parquet": "s3://b/out/image_qa/r1/generate.parquet"}, "stages": {"generate": {}}, "requests": 99,
+    "acceptance_rate": 0.7143, "exports": {"parquet": "s3://b/out/image_qa/r1/generate.parquet"}, "estimate": None, "stages": {"generate": {}}, "requests": 99,
 }  # fmt: skip
 
 

@@ -47,13 +47,14 @@ def test_the_consumer_is_scheduled_on_the_three_datasets_and_created_paused(dagb
 
 def test_video_qa_is_ingest_then_three_chained_tasks_mapped_over_shards(dagbag) -> None:
     dag = dagbag.dags["video_qa"]
-    assert [t.task_id for t in dag.topological_sort()] == ["plan", "ingest", "initial", "multiagent", "final", "quality", "merge"]
+    assert [t.task_id for t in dag.topological_sort()] == ["plan", "ingest", "initial", "multiagent", "final", "dedup", "quality", "merge"]
     assert dag.get_task("initial").upstream_task_ids == {"ingest", "plan"}
     assert dag.get_task("multiagent").upstream_task_ids == {"initial", "plan"}
     assert dag.get_task("final").upstream_task_ids == {"multiagent", "plan"}
-    assert dag.get_task("quality").upstream_task_ids == {"final", "plan"}
+    # near-duplicates leave across all the shards of final before any pair is judged
+    assert dag.get_task("dedup").upstream_task_ids == {"final", "plan"} and dag.get_task("quality").upstream_task_ids == {"dedup", "plan"}
     # merge accounts for every stage's errors, the ingest's included
-    assert dag.get_task("merge").upstream_task_ids == {"ingest", "initial", "multiagent", "final", "quality", "plan"}
+    assert dag.get_task("merge").upstream_task_ids == {"ingest", "initial", "multiagent", "final", "dedup", "quality", "plan"}
     assert dag.get_task("quality").partial_kwargs["spec"].params["source"] == "video_qa_final"
     for task_id in ("ingest", "initial", "multiagent", "final", "quality"):
         assert dag.get_task(task_id).expand_input.value.keys() == {"shard"}  # one mapped instance per shard
@@ -71,13 +72,15 @@ def test_video_qa_is_ingest_then_three_chained_tasks_mapped_over_shards(dagbag) 
 @pytest.mark.parametrize("dag_id", ["image_qa", "pers_qa"])
 def test_image_dags_plan_generate_judge_and_merge(dagbag, dag_id: str) -> None:
     dag = dagbag.dags[dag_id]
-    assert [t.task_id for t in dag.topological_sort()] == ["plan", "generate", "quality", "merge"]
+    assert [t.task_id for t in dag.topological_sort()] == ["plan", "generate", "dedup", "quality", "merge"]
     for task_id in ("generate", "quality"):
         assert dag.get_task(task_id).expand_input.value.keys() == {"shard"}
-    # the quality stage judges what generate staged for its shard; the dataset keeps generate's name
+    # the quality stage judges what dedup left of its shard, not what generate staged; the dataset keeps generate's name
     quality = dag.get_task("quality").partial_kwargs["spec"]
     assert quality.generator == "quality" and quality.params["source"] == dag_id
-    assert quality.input.split("}}/")[-1].startswith("generate{{")
+    assert quality.input.split("}}/")[-1].startswith("dedup{{")
+    dedup = dag.get_task("dedup")
+    assert dedup.upstream_task_ids == {"generate", "plan"} and dedup.staging_root == "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}"
     assert dag.get_task("merge").output_uri.endswith("/generate{{ '/shard-%05d' % ti.map_index if ti.map_index is not none and ti.map_index >= 0 else '' }}.jsonl")
     assert {"rows_per_shard", "max_shards"} <= set(dag.params)
 

@@ -78,6 +78,7 @@ def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     assert names(keys) == sorted([
         "README.md", "dataset_info.json", "generate.errors.jsonl", "generate.jsonl", "generate.llava.json", "generate.manifest.json",
         "generate.preview.html", "generate.rejected.jsonl", "generate.sharegpt.json",
+        "dedup.errors.jsonl", "dedup/shard-00000.jsonl", "dedup/shard-00000.rejected.jsonl", "dedup/shard-00001.jsonl", "dedup/shard-00001.rejected.jsonl",
         "generate/shard-00000.errors.jsonl", "generate/shard-00000.jsonl", "generate/shard-00001.errors.jsonl", "generate/shard-00001.jsonl",
         "hf/README.md", "hf/data/train-00000.parquet", *media,
         "quality.errors.jsonl",

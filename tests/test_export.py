@@ -18,7 +18,7 @@ from testkit.data import job_options, make_jpeg, read_rows
 from testkit.verdicts import ScriptedVerdicts
 from vqa_operators.exceptions import ExportError
 from vqa_operators.export import IMAGE_TOKEN, VIDEO_TOKEN, ExportSettings, export_run
-from vqa_operators.sharding import NearDuplicateSettings, merge_run, plan_shards
+from vqa_operators.sharding import merge_run, plan_shards
 from vqa_operators.storage import Storage
 from vqa_operators.worker import run_job
 
@@ -40,7 +40,7 @@ def _merged(server, folder: Path, generator: str, rows: list[dict], params: dict
             params={"source": generator}, media_root=str(media),
         )
     )
-    return merge_run(Storage(), {"generate": [made], "quality": [judged]}, output=str(folder / "run" / "generate.jsonl"), plan=[shard.model_dump()], near_duplicates=NearDuplicateSettings(enabled=False))
+    return merge_run(Storage(), {"generate": [made], "quality": [judged]}, output=str(folder / "run" / "generate.jsonl"), plan=[shard.model_dump()])
 
 
 IMAGE_ROWS = [{"id": "one", "image": "a.jpg"}, {"id": "two", "image": ["a.jpg", "b.jpg"]}, {"id": "gone", "image": "nowhere.jpg"}, {"id": "three", "image": "b.jpg"}]

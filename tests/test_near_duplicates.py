@@ -14,7 +14,7 @@ from testkit.verdicts import ScriptedVerdicts
 from vqa_operators.dedup import NearDuplicates, jaccard, shingles
 from vqa_operators.exceptions import InputError
 from vqa_operators.preview import render_preview
-from vqa_operators.sharding import NearDuplicateSettings, merge_run, plan_shards
+from vqa_operators.sharding import NearDuplicateSettings, deduplicate_shards, merge_run, plan_shards
 from vqa_operators.storage import Storage
 from vqa_operators.worker import run_job
 
@@ -75,16 +75,21 @@ def _rows(folder: Path) -> Path:
     return source
 
 
-def _sharded_run(server, folder: Path, source: Path) -> tuple[list, dict[str, list[dict]]]:
+def _sharded_run(server, folder: Path, source: Path, dedup: NearDuplicateSettings) -> tuple[list, dict[str, list[dict]]]:
+    """The DAG's tail by hand: generate per shard, dedup across them, quality per shard on what dedup left."""
     plan = plan_shards(Storage(), str(source), rows_per_shard=3)
-    stages: dict[str, list[dict]] = {"generate": [], "quality": []}
+    stages: dict[str, list[dict]] = {"generate": [], "dedup": [], "quality": []}
     for shard in plan:
         generated = folder / "run" / "generate" / f"shard-{shard.index:05d}.jsonl"
         stages["generate"].append(run_job(job_options(server, folder, source, output=str(generated), shard=shard, task_key=f"g{shard.index}")))
+    stages["dedup"] = deduplicate_shards(Storage(), stages["generate"], [s.model_dump() for s in plan], staging=str(folder / "run"), dedup=dedup)
+    server.requests.clear()
+    for shard in plan:
+        deduplicated = folder / "run" / "dedup" / f"shard-{shard.index:05d}.jsonl"
         stages["quality"].append(
             run_job(
                 job_options(
-                    server, folder, generated, generator="quality", output=str(folder / "run" / "quality" / f"shard-{shard.index:05d}.jsonl"),
+                    server, folder, deduplicated, generator="quality", output=str(folder / "run" / "quality" / f"shard-{shard.index:05d}.jsonl"),
                     shard=shard, task_key=f"q{shard.index}", params={"source": "image_qa"},
                 )
             )
@@ -92,15 +97,17 @@ def _sharded_run(server, folder: Path, source: Path) -> tuple[list, dict[str, li
     return [s.model_dump() for s in plan], stages
 
 
-def test_the_merge_drops_later_near_duplicates_across_shards_and_accounts_for_every_row(vlm_server, tmp_path: Path) -> None:
+def test_near_duplicates_are_dropped_across_shards_before_any_is_judged_and_every_row_is_accounted_for(vlm_server, tmp_path: Path) -> None:
     source = _rows(tmp_path)
     # the gate rejects the second pair of row 3 (the only row with two images)
     vlm_server.verdicts = ScriptedVerdicts(score=lambda q, a: 1 if q.startswith("question 2: saw 2 image(s)") else 5)
-    plan, stages = _sharded_run(vlm_server, tmp_path, source)
-    output = tmp_path / "run" / "generate.jsonl"
     # the double words the questions of rows with same-sized images alike but for an 8-character digest (3-gram Jaccard
     # up to about 0.85): 0.95 tells them apart, and still catches the exact repeat
-    merged = merge_run(Storage(), stages, output=str(output), plan=plan, near_duplicates=NearDuplicateSettings(threshold=0.95))
+    plan, stages = _sharded_run(vlm_server, tmp_path, source, NearDuplicateSettings(threshold=0.95))
+    # the judge saw 10 pairs, 3 calls each (blind answer, agreement, grounding): the 2 near-duplicates cost none
+    assert len(vlm_server.requests) == sum(m["requests"] for m in stages["quality"]) == 30
+    output = tmp_path / "run" / "generate.jsonl"
+    merged = merge_run(Storage(), stages, output=str(output), plan=plan)
 
     out, rejected = read_rows(output), read_rows(tmp_path / "run" / "generate.rejected.jsonl")
     # row 5 (second shard) repeats row 1 (first shard): both its pairs are near-duplicates, so the row leaves the dataset
@@ -109,14 +116,17 @@ def test_the_merge_drops_later_near_duplicates_across_shards_and_accounts_for_ev
     assert merged["rejections_by_reason"] == {"near_duplicate": 2, "not_grounded": 1}
     assert (merged["pairs_kept"], merged["pairs_rejected"], merged["acceptance_rate"]) == (9, 3, 0.75)
     dupes = [e for e in rejected if e["reason"] == "near_duplicate"]
-    assert [(e["stage"], e["line"], e["index"], e["row_rejected"], e["duplicate_of"]) for e in dupes] == [
-        ("merge", 5, 0, True, {"line": 1, "index": 0}), ("merge", 5, 1, True, {"line": 1, "index": 1})
+    assert [(e["stage"], e["line"], e["index"], e["row_rejected"], e["duplicate_of"], e["verdicts"]) for e in dupes] == [
+        ("dedup", 5, 0, True, {"line": 1, "index": 0}, None), ("dedup", 5, 1, True, {"line": 1, "index": 1}, None)
     ]
-    assert all(e["verdicts"]["grounding"]["score"] == 5 for e in dupes)
     assert [(e["stage"], e["line"], e["index"]) for e in rejected if e["reason"] == "not_grounded"] == [("quality", 3, 1)]
     # every kept pair still has its verdict beside it
     assert all(len(r["qa_pairs"]) == len(r["vqa_provenance"]["quality"]["verdicts"]) for r in out)
-    assert merged["near_duplicates"]["threshold"] == 0.95 and merged["near_duplicates"]["pairs_checked"] == 11
+    summary = merged["near_duplicates"]
+    assert (summary["threshold"], summary["pairs_checked"], summary["duplicates"], summary["judge_calls_per_pair"], summary["judge_calls_saved"]) == (0.95, 12, 2, 3.0, 6)
+    # what the dataset's pairs cost: the generation's calls (one per row) and the judge's, over the 9 pairs kept
+    assert merged["requests"] == 6 + 30 and merged["cost_per_kept_pair"]["requests"] == round(36 / 9, 3)
+    assert merged["cost_per_kept_pair"]["prompt_tokens"] == round(merged["prompt_tokens"] / 9, 3)
     assert merged["stages"]["quality"]["rejected"] == str(tmp_path / "run" / "generate.rejected.jsonl")
     assert json.loads((tmp_path / "run" / "generate.manifest.json").read_text()) == merged
     assert read_rows(tmp_path / "run" / "quality.errors.jsonl") == [] and read_rows(tmp_path / "run" / "generate.errors.jsonl") == []
@@ -128,16 +138,22 @@ def test_the_merge_drops_later_near_duplicates_across_shards_and_accounts_for_ev
     assert re.search(r'<ul class="rejected"><li><span class="reason">not_grounded</span>score 1 · <span class="q">question 2: saw 2 image', page)
     assert "<h3>near_duplicate · 2 pairs</h3>" in page and "repeats the pair 0 of line 1" in page
 
-    # switched off, the same shards merge with every pair the gate kept
-    off = merge_run(Storage(), stages, output=str(output), plan=plan, near_duplicates=NearDuplicateSettings(enabled=False))
+
+def test_switched_off_every_pair_is_judged(vlm_server, tmp_path: Path) -> None:
+    source = _rows(tmp_path)
+    vlm_server.verdicts = ScriptedVerdicts(score=lambda q, a: 1 if q.startswith("question 2: saw 2 image(s)") else 5)
+    plan, stages = _sharded_run(vlm_server, tmp_path, source, NearDuplicateSettings(enabled=False))
+    assert len(vlm_server.requests) == 36
+    off = merge_run(Storage(), stages, output=str(tmp_path / "run" / "generate.jsonl"), plan=plan)
     assert (off["rows_out"], off["rows_rejected"], off["pairs_kept"], off["rejections_by_reason"]) == (6, 0, 11, {"not_grounded": 1})
-    assert off["near_duplicates"] is None and len(read_rows(tmp_path / "run" / "generate.rejected.jsonl")) == 1
+    assert (off["near_duplicates"]["enabled"], off["near_duplicates"]["duplicates"], off["near_duplicates"]["judge_calls_saved"]) == (False, 0, 0)
+    assert len(read_rows(tmp_path / "run" / "generate.rejected.jsonl")) == 1
 
 
 def test_the_merge_refuses_shards_that_do_not_account_for_every_row(vlm_server, tmp_path: Path) -> None:
     source = _rows(tmp_path)
-    plan, stages = _sharded_run(vlm_server, tmp_path, source)
+    plan, stages = _sharded_run(vlm_server, tmp_path, source, NearDuplicateSettings(enabled=False))
     short = [{**stages["quality"][0], "rows_out": stages["quality"][0]["rows_out"] - 1}, stages["quality"][1]]
     with pytest.raises(InputError, match="6 input rows but the shards report 5 in the output, 0 in errors files and 0 rejected"):
-        merge_run(Storage(), {**stages, "quality": short}, output=str(tmp_path / "run" / "generate.jsonl"), plan=plan, near_duplicates=NearDuplicateSettings())
+        merge_run(Storage(), {**stages, "quality": short}, output=str(tmp_path / "run" / "generate.jsonl"), plan=plan)
     assert not (tmp_path / "run" / "generate.jsonl").exists()

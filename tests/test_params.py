@@ -17,8 +17,8 @@ from vqa_operators.storage.checkpoint import Finished
 from vqa_operators.worker.run_loop import Progress, progress_batch
 
 ROOT = Path(__file__).resolve().parents[1]
-FORM = {"input_uri", "output_prefix", "model", "seed", "rows_per_shard", "max_shards", "media_root", "concurrency"}
-QUALITY = {"blind_check", "grounding_check", "min_judge_score", "remove_near_duplicates", "near_duplicate_threshold", "near_duplicate_key"}
+FORM = {"input_uri", "output_prefix", "model", "seed", "rows_per_shard", "max_shards", "media_root", "concurrency", "estimate_rows", "estimate_requests_per_s"}
+QUALITY = {"blind_check", "grounding_check", "min_judge_score", "quality_mode", "remove_near_duplicates", "near_duplicate_threshold", "near_duplicate_key"}
 EXPORT = {"export_formats", "copy_media", "embed_images"}
 INGEST = {"frames_per_clip", "scene_threshold", "min_clip_s", "max_clip_s", "clip_s", "caption", "transcribe"}
 SPECIFIC = {"image_qa": {"pairs_per_row"}, "pers_qa": {"tag"}, "video_qa": {"max_frames", "max_iterations", "final_pairs"} | INGEST}

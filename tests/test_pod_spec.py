@@ -154,7 +154,7 @@ CLIP = ClipRules()
         ("initial", "video_qa_initial", f"s3://out/prefix/video_qa/{RUN_ID}/ingest/shard-00003.jsonl", ["max_frames=12"], "4096"),
         ("multiagent", "video_qa_multiagent", f"s3://out/prefix/video_qa/{RUN_ID}/initial/shard-00003.jsonl", ["max_frames=12", "max_iterations=2"], "4096"),
         ("final", "video_qa_final", f"s3://out/prefix/video_qa/{RUN_ID}/multiagent/shard-00003.jsonl", ["final_pairs=8"], "4096"),
-        ("quality", "quality", f"s3://out/prefix/video_qa/{RUN_ID}/final/shard-00003.jsonl", ["source=video_qa_final", "blind_check=True"], "1024"),
+        ("quality", "quality", f"s3://out/prefix/video_qa/{RUN_ID}/dedup/shard-00003.jsonl", ["source=video_qa_final", "blind_check=True"], "1024"),
     ],
 )
 def test_video_qa_tasks_are_valid_pods_chained_through_s3(

@@ -162,3 +162,36 @@ def test_a_retried_gate_reuses_its_kept_rejected_and_failed_rows(vlm_server: Ope
     assert (manifest["rows_out"], manifest["rows_rejected"], manifest["rows_failed"], manifest["pairs_kept"], manifest["pairs_rejected"]) == (2, 1, 1, 2, 1)
     assert [e["line"] for e in read_rows(tmp_path / "q" / "rows.rejected.jsonl")] == [1]
     assert [e["reason"] for e in read_rows(tmp_path / "q" / "rows.errors.jsonl")] == ["bad_field"]
+
+
+def test_annotate_keeps_every_pair_with_every_checks_verdict_and_what_filter_would_do(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
+    source = generated(vlm_server, tmp_path)
+    # as in the filter test: pair 2 of every row is answerable blind, pair 3 scores 2
+    vlm_server.verdicts = ScriptedVerdicts(answerable_blind=lambda q, a: _pair_number(q) == 2, score=lambda q, a: 2 if _pair_number(q) == 3 else 4)
+    manifest = gate(vlm_server, tmp_path, source, mode="annotate")
+    out = read_rows(tmp_path / "q" / "rows.jsonl")
+    assert (manifest["rows_out"], manifest["pairs_kept"], manifest["pairs_rejected"], manifest["rows_rejected"]) == (4, 12, 0, 0)
+    assert read_rows(tmp_path / "q" / "rows.rejected.jsonl") == []
+    for row in out:
+        verdicts = row["vqa_provenance"]["quality"]["verdicts"]
+        assert [_pair_number(p["question"]) for p in row["qa_pairs"]] == [1, 2, 3] and row["vqa_provenance"]["quality"]["mode"] == "annotate"
+        # every check asked of every pair, the blind-answerable one's grounding too
+        assert [v["grounding"]["score"] for v in verdicts] == [4, 4, 2] and [v["blind"]["agrees"] for v in verdicts] == [False, True, False]
+        assert [v["rejection"] and v["rejection"]["reason"] for v in verdicts] == [None, "answerable_blind", "not_grounded"]
+    names = _schema_names(vlm_server)
+    assert (names.count("BlindAnswer"), names.count(AGREEMENT), names.count(GROUNDING)) == (12, 12, 12)
+    # the verdicts' distribution, for the preview and the card
+    assert manifest["quality_scores"] == {
+        "grounding_score": {"1": 0, "2": 4, "3": 0, "4": 8, "5": 0}, "blind_asked": 12, "blind_agreed": 4,
+        "failing": {"answerable_blind": 4, "not_grounded": 4},
+    }
+    # filter, on the same verdicts, counts the same distribution from what it kept and rejected (it asks no grounding of
+    # a blind-answerable pair, so those four have no score)
+    vlm_server.requests.clear()
+    filtered = gate(vlm_server, tmp_path, source)
+    assert filtered["quality_scores"] == {
+        "grounding_score": {"1": 0, "2": 4, "3": 0, "4": 4, "5": 0}, "blind_asked": 12, "blind_agreed": 4,
+        "failing": {"answerable_blind": 4, "not_grounded": 4},
+    }
+    with pytest.raises(ConfigError, match="mode"):
+        gate(vlm_server, tmp_path, source, mode="drop")

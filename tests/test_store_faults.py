@@ -25,7 +25,7 @@ from testkit.openai_server import OpenAITestServer
 from testkit.s3_faults import S3FaultProxy
 from tests.real_vllm import write_inputs
 from vqa_operators.exceptions import StorageError
-from vqa_operators.sharding import NearDuplicateSettings, Shard, merge_run, plan_shards
+from vqa_operators.sharding import NearDuplicateSettings, Shard, deduplicate_shards, merge_run, plan_shards
 from vqa_operators.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,16 +107,14 @@ def test_every_stage_on_a_faulty_store_writes_what_it_writes_on_a_sound_one(
     with S3FaultProxy(s3_env, RATES, seed=5, delay_s=0.2) as proxy:
         monkeypatch.setenv("AWS_ENDPOINT_URL_S3", proxy.url)
         faulty = {stage: run_stage(vlm_server, tmp_path / "faulty", shared, faulty_out, stage) for stage in STAGES}
-        # plan and merge too: the image_qa run split in two shards, merged with its quality stage
+        # plan, dedup and merge too: the image_qa run split in two shards, deduplicated across them, merged
         storage = Storage()
         plan = plan_shards(storage, f"{shared}/in/image.jsonl", rows_per_shard=3)
+        whole = [Shard(input=f"{shared}/in/image.jsonl", index=0, first_line=1, rows=6, start=0, end=plan[-1].end).model_dump()]
         merged = {}
-        for out in (faulty_out, clean_out):
-            merged[out] = merge_run(
-                storage, {"generate": [faulty[s] if out == faulty_out else clean[s] for s in ("image_qa",)]}, output=f"{out}/merged/generate.jsonl",
-                plan=[Shard(input=f"{shared}/in/image.jsonl", index=0, first_line=1, rows=6, start=0, end=plan[-1].end).model_dump()],
-                near_duplicates=NearDuplicateSettings(threshold=0.95),
-            )
+        for out, manifests in ((faulty_out, faulty), (clean_out, clean)):
+            deduplicated = deduplicate_shards(storage, [manifests["image_qa"]], whole, staging=f"{out}/merged", dedup=NearDuplicateSettings(threshold=0.95))
+            merged[out] = merge_run(storage, {"generate": [manifests["image_qa"]], "dedup": deduplicated}, output=f"{out}/merged/generate.jsonl", plan=whole)
         injected = dict(proxy.counts)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_env)
     assert [(s.first_line, s.rows) for s in plan] == [(1, 3), (4, 3)]

@@ -41,7 +41,7 @@ OUTPUT = {"image_qa": "generate", "video_qa": "final"}
 def _run(folder: Path, server: OpenAITestServer, rows: list[dict], stages: list[tuple[str, str, dict]], name: str) -> Path:
     """The stages over ``rows`` (one shard), the merge and the exports, as the DAG runs them; the run's folder."""
     from vqa_operators.export import export_run
-    from vqa_operators.sharding import NearDuplicateSettings, merge_run, plan_shards
+    from vqa_operators.sharding import merge_run, plan_shards
     from vqa_operators.storage import Storage
     from vqa_operators.worker import run_job
 
@@ -59,7 +59,7 @@ def _run(folder: Path, server: OpenAITestServer, rows: list[dict], stages: list[
         made[stage] = run_job(job_options(server, folder, current, generator=generator, output=str(out), shard=shard, task_key=stage, params=params, media_root=str(media)))
         current = out
     output = folder / "run" / f"{OUTPUT[name]}.jsonl"
-    manifest = merge_run(Storage(), {k: [v] for k, v in made.items()}, output=str(output), plan=[shard.model_dump()], near_duplicates=NearDuplicateSettings(enabled=False))
+    manifest = merge_run(Storage(), {k: [v] for k, v in made.items()}, output=str(output), plan=[shard.model_dump()])
     export_run(Storage(), manifest, formats=["hf", "sharegpt", "llava"], media_root=str(media), dataset=name, run_id="training-tier")
     # the dataset elsewhere, without its sources: what it names must travel with it
     copy = folder / "synced" / "run"

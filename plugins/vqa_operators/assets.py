@@ -33,7 +33,7 @@ ASSET_GROUP = "vqa-datasets"
 # what a consumer needs to find and judge the dataset without reading the manifest
 EVENT_KEYS = (
     "output", "errors", "rejected", "manifest", "preview", "input", "generator", "model", "prompt_sha256",
-    "rows_in", "rows_out", "rows_failed", "rows_rejected", "pairs_kept", "pairs_rejected", "acceptance_rate", "exports",
+    "rows_in", "rows_out", "rows_failed", "rows_rejected", "pairs_kept", "pairs_rejected", "acceptance_rate", "exports", "estimate",
 )  # fmt: skip
 
 

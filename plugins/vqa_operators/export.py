@@ -566,6 +566,13 @@ def dataset_card(facts: CardFacts, uris: dict[str, str], *, data_files: str | No
         f"({manifest['rows_failed']} failed, {manifest.get('rows_rejected', 0)} rejected by the quality checks).",
         f"- **QA pairs**: {facts.pairs}" + (f"; the quality checks kept {manifest['pairs_kept']} of {judged} judged (acceptance rate {rate:.1%})." if rate is not None else "."),
     ]
+    if manifest.get("quality_scores"):
+        from vqa_operators.generators.quality import describe_scores
+
+        lines.append(
+            "- **Verdicts**: " + describe_scores(manifest["quality_scores"])
+            + ". Each pair's are in `vqa_provenance.quality.verdicts` (with `rejection` where a check failed, when the run annotated instead of filtering)."
+        )
     if manifest.get("rejections_by_reason"):
         lines.append("- **Rejected pairs by reason**: " + ", ".join(f"`{k}` {v}" for k, v in manifest["rejections_by_reason"].items()) + ".")
     if manifest.get("failures_by_reason"):

@@ -27,6 +27,7 @@ from vqa_operators import settings
 from vqa_operators.exceptions import RowError
 from vqa_operators.generators import row_output_fields
 from vqa_operators.generators.base import PROVENANCE_KEY, OutputFields, input_line
+from vqa_operators.generators.quality import describe_scores
 from vqa_operators.media import MediaReader
 from vqa_operators.storage.jsonl import read_jsonl
 from vqa_operators.storage.uris import Storage, beside
@@ -178,6 +179,7 @@ def render_preview(
     page = _template().render(
         title=title, manifest=manifest, rows=rows, failures=groups, error_files=error_files, rejections=rejections,
         acceptance=manifest.get("acceptance_rate"),
+        scores=describe_scores(manifest["quality_scores"]) if manifest.get("quality_scores") else None,
     )
     return page.encode("utf-8")
 

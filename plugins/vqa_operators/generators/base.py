@@ -200,6 +200,14 @@ class OutputFields:
         return {**row, self.qa: [element for index, element in enumerate(value or []) if index in keep]}
 
 
+def rejected_entry(stage: str, line: int, rejection: dict[str, Any], *, row: dict[str, Any], row_rejected: bool) -> dict[str, Any]:
+    """A rejected-file record: the pair, why, the verdicts, and the row it came from.
+
+    ``row_rejected``: no pair of the row was left at this stage, so the row left the dataset here.
+    """
+    return {"stage": stage, "line": line, **rejection, "row_rejected": row_rejected, "row": row}
+
+
 @dataclass
 class Generated:
     """What a stage made of one row: the fields to add and the provenance details.

@@ -18,6 +18,11 @@ repair) is the row's error, not a rejection: the row goes to the errors file wit
 Kept pairs carry their verdicts in the row's provenance (``vqa_provenance.quality.verdicts``,
 one per kept pair, in order). A row whose pairs are all rejected leaves the dataset.
 
+``mode``: ``filter`` (the default) drops the pairs that fail; ``annotate`` keeps every pair and
+runs every check on each (the grounding check too where the blind check would have rejected),
+so that the verdicts, scores and what ``filter`` would have done (``rejection``: reason and
+detail, or None) are in the row for filtering later.
+
 Plain Python: it knows nothing of Airflow. Prompts: ``include/prompts/quality/``.
 """
 
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, create_model, field_validator
 
@@ -46,6 +51,9 @@ class QualityOptions(GeneratorOptions):
     blind_check: bool = Field(True, description="reject pairs the model answers correctly without the images (answerable_blind)")
     grounding_check: bool = Field(True, description="reject pairs the model judges not grounded in the images (not_grounded)")
     min_judge_score: int = Field(settings.MIN_JUDGE_SCORE, ge=1, le=5, description="the lowest grounding score (1-5) a kept pair may have")
+    mode: Literal["filter", "annotate"] = Field(
+        "filter", description="filter: drop the pairs that fail; annotate: keep every pair, every check run, its verdicts and would-be rejection in the row"
+    )
     max_frames: int = Field(16, ge=1, le=256, description="video: frames sent to the grounding check, sampled evenly across the clips")
     frame_max_pixels: int = Field(448 * 448, ge=28 * 28, le=4_000_000, description="video: pixel budget per frame")
     max_images_per_row: int = Field(8, ge=1, le=64, description="rows with more images go to errors")
@@ -146,8 +154,12 @@ class QualityGate(Generator):
         kept: list[int] = []
         kept_verdicts: list[dict[str, Any]] = []
         rejected: list[dict[str, Any]] = []
+        annotate = self.options.mode == "annotate"
         for item, (verdict, rejection) in zip(items, verdicts, strict=True):
-            if rejection is None:
+            if annotate:
+                kept.append(item.index)
+                kept_verdicts.append({**verdict, "rejection": None if rejection is None else {"reason": rejection[0], "detail": rejection[1]}})
+            elif rejection is None:
                 kept.append(item.index)
                 kept_verdicts.append(verdict)
             else:
@@ -155,7 +167,7 @@ class QualityGate(Generator):
                 rejected.append({"index": item.index, "pair": item.raw, "reason": reason, "detail": detail, "verdicts": verdict})
         trimmed = fields.keep(row, kept)
         out_fields = {fields.qa: trimmed[fields.qa]} if fields.qa in trimmed else {}
-        meta = {"verdicts": kept_verdicts, "pairs_in": len(items), "rejected": [{"index": r["index"], "reason": r["reason"]} for r in rejected]}
+        meta = {"verdicts": kept_verdicts, "pairs_in": len(items), "rejected": [{"index": r["index"], "reason": r["reason"]} for r in rejected], "mode": self.options.mode}
         if images.loaded:
             meta["images_sent"] = len(images.value or [])
         return Generated(out_fields, meta, rejected=rejected, pairs_kept=len(kept))
@@ -166,6 +178,8 @@ class QualityGate(Generator):
         opts = self.options
         verdict: dict[str, Any] = {}
         pair_key = f"{key}:{item.index}"
+        # filter: the first failed check decides, and the later ones are not asked; annotate: every check is asked
+        failed: tuple[Rejection, str] | None = None
         if opts.blind_check:
             meta = self._meta(row, fields)
             messages = [
@@ -183,7 +197,9 @@ class QualityGate(Generator):
             agreement = await self.ask(judge, self.agreement_model, key=f"{pair_key}:agreement")
             verdict["blind"] = {"answer": blind.answer, "agrees": agreement.agrees, "reason": agreement.reason}  # type: ignore[attr-defined]
             if agreement.agrees:  # type: ignore[attr-defined]
-                return verdict, (Rejection.ANSWERABLE_BLIND, f"answered without the images: {blind.answer!r}")  # type: ignore[attr-defined]
+                failed = (Rejection.ANSWERABLE_BLIND, f"answered without the images: {blind.answer!r}")  # type: ignore[attr-defined]
+                if opts.mode == "filter":
+                    return verdict, failed
         if opts.grounding_check:
             prepared = await images.get()
             text = self.prompts.render(
@@ -195,8 +211,8 @@ class QualityGate(Generator):
             verdict["grounding"] = {"grounded": grounding.grounded, "score": grounding.score, "reason": grounding.reason}  # type: ignore[attr-defined]
             if not grounding.grounded or grounding.score < opts.min_judge_score:  # type: ignore[attr-defined]
                 why = "not grounded" if not grounding.grounded else f"score {grounding.score} < min_judge_score {opts.min_judge_score}"  # type: ignore[attr-defined]
-                return verdict, (Rejection.NOT_GROUNDED, f"{why}: {grounding.reason}")  # type: ignore[attr-defined]
-        return verdict, None
+                failed = failed or (Rejection.NOT_GROUNDED, f"{why}: {grounding.reason}")  # type: ignore[attr-defined]
+        return verdict, failed
 
     def _meta(self, row: dict[str, Any], fields: OutputFields) -> str | None:
         """A video's meta text (it may stay in the blind prompt: it says what the video is, not what it shows)."""
@@ -244,3 +260,46 @@ class _Lazy:
         value = await asyncio.shield(self._task)
         self.value = value
         return value
+
+
+def score_counts(verdicts: list[Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The distribution of judged pairs' verdicts, added to ``previous``: grounding scores (1-5), blind answers that
+    agreed with the reference over those asked, and what ``filter`` rejects (or would, in ``annotate``) by reason."""
+    counts = previous or {"grounding_score": {str(s): 0 for s in range(1, 6)}, "blind_asked": 0, "blind_agreed": 0, "failing": {}}
+    for verdict in verdicts:
+        if not isinstance(verdict, dict):
+            continue
+        grounding, blind = verdict.get("grounding"), verdict.get("blind")
+        if isinstance(grounding, dict) and str(grounding.get("score")) in counts["grounding_score"]:
+            counts["grounding_score"][str(grounding["score"])] += 1
+        if isinstance(blind, dict):
+            counts["blind_asked"] += 1
+            counts["blind_agreed"] += bool(blind.get("agrees"))
+        rejection = verdict.get("rejection")
+        if isinstance(rejection, dict) and isinstance(rejection.get("reason"), str):
+            counts["failing"][rejection["reason"]] = counts["failing"].get(rejection["reason"], 0) + 1
+    return counts
+
+
+def merge_score_counts(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    """The sum of shards' ``score_counts`` (None if no shard judged)."""
+    found = [p for p in parts if p]
+    if not found:
+        return None
+    total = score_counts([])
+    for part in found:
+        for score, n in part["grounding_score"].items():
+            total["grounding_score"][score] = total["grounding_score"].get(score, 0) + n
+        total["blind_asked"] += part["blind_asked"]
+        total["blind_agreed"] += part["blind_agreed"]
+        for reason, n in part["failing"].items():
+            total["failing"][reason] = total["failing"].get(reason, 0) + n
+    return total
+
+
+def describe_scores(counts: dict[str, Any]) -> str:
+    """``grounding scores 1: 0 · 2: 1 · 3: 4 · 4: 9 · 5: 2; blind answer agreed for 3 of 16; failing a check: not_grounded 1``."""
+    scores = " · ".join(f"{score}: {n}" for score, n in sorted(counts["grounding_score"].items()))
+    text = f"grounding scores {scores}; blind answer agreed for {counts['blind_agreed']} of {counts['blind_asked']}"
+    failing = ", ".join(f"{reason} {n}" for reason, n in sorted(counts["failing"].items()))
+    return text + (f"; failing a check: {failing}" if failing else "; no pair failed a check")

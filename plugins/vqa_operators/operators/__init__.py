@@ -91,6 +91,7 @@ def shard_plan(task_id: str = "plan") -> VQAShardPlanOperator:
     """The task that checks the run's params and splits its ``input_uri`` by ``rows_per_shard`` and ``max_shards``."""
     return VQAShardPlanOperator(
         task_id=task_id, input="{{ params.input_uri or '' }}", rows_per_shard="{{ params.rows_per_shard }}", max_shards="{{ params.max_shards }}",
+        sample="{{ params.estimate_rows or '' }}",
         output_prefix="{{ params.output_prefix or '' }}", media_root="{{ params.media_root or '' }}", model="{{ params.model or '' }}",
     )
 
@@ -119,23 +120,28 @@ def judge_and_merge(
     pods: Placement | PodSettings | None = None,
     **options: Any,
 ) -> VQAMergeOperator:
-    """The tail every DAG shares: the quality stage over what the last of ``stages`` staged, then the merge.
+    """The tail every DAG shares: near-duplicates dropped across the shards, the quality stage over what is left, then the merge.
 
-    The merge removes near-duplicates, writes the exports and publishes ``dataset``'s asset, each
-    from the run's params (``quality_params`` and ``export_params``, which the DAG must declare);
+    ``dedup`` drops the pairs whose text nearly repeats an earlier one's in the run before any is
+    judged, so no duplicate costs a model call; the merge writes the exports and publishes
+    ``dataset``'s asset, each from the run's params (``quality_params`` and ``export_params``, which the DAG must declare);
     the dataset keeps the last generation stage's name. ``pods`` places the quality pods as the
     DAG's others; with a run-scoped model server, its setup and teardown go around every worker
     task. ``params`` and ``options``: as ``quality_task``'s.
     """
     from vqa_operators.assets import dataset_asset
     from vqa_operators.operators.dag_config import EXPORT, NEAR_DUPLICATES
+    from vqa_operators.operators.fanout import VQADedupOperator
+    from vqa_operators.operators.spec import STAGING_ROOT
+    from vqa_operators.sharding import DEDUP_STAGE
 
     last = list(stages)[-1]
-    quality = quality_task(plan, source=source, after=last, params=params, pods=pods, **options)
-    stages[last] >> quality
+    dedup = VQADedupOperator(task_id=DEDUP_STAGE, upstream=stages[last].output, plan=plan.output, staging_root=STAGING_ROOT, near_duplicates=NEAR_DUPLICATES)
+    quality = quality_task(plan, source=source, after=DEDUP_STAGE, params=params, pods=pods, **options)
+    dedup >> quality
     if runs_own_server():
         model_server(plan, [*stages.values(), quality], pods=pods)
-    return merge_shards({**stages, "quality": quality}, plan, output=last, near_duplicates=NEAR_DUPLICATES, export=EXPORT, publishes=dataset_asset(dataset))
+    return merge_shards({**stages, DEDUP_STAGE: dedup, "quality": quality}, plan, output=last, export=EXPORT, publishes=dataset_asset(dataset))
 
 
 def merge_shards(
@@ -143,7 +149,6 @@ def merge_shards(
     plan: VQAShardPlanOperator,
     *,
     output: str | None = None,
-    near_duplicates: dict[str, Any] | None = None,
     export: dict[str, Any] | None = None,
     publishes: Any = None,
     task_id: str = "merge",
@@ -151,8 +156,7 @@ def merge_shards(
     """The task that joins the mapped ``stages`` (in order; the last one's rows are the run's output).
 
     ``output``: the stage whose name the output takes (default the last; a quality gate after
-    ``generate`` leaves the dataset at ``generate.jsonl``). ``near_duplicates``: the merge's
-    near-duplicate settings (``NearDuplicateSettings`` fields; values may be templates), or None for none.
+    ``generate`` leaves the dataset at ``generate.jsonl``).
     ``export``: the training-ready copies to write (``export.ExportSettings`` fields; values may be
     templates), or None for none. ``publishes``: the dataset's Asset (``assets.dataset_asset``), announced when the merge succeeds.
     """
@@ -162,7 +166,7 @@ def merge_shards(
         output_uri=staged_output(output or list(stages)[-1]),
         plan=plan.output,
         media_root="{{ params.media_root }}",
-        near_duplicates=near_duplicates,
         export=export,
+        requests_per_s="{{ params.estimate_requests_per_s or '' }}",
         outlets=[publishes] if publishes is not None else [],
     )

@@ -146,6 +146,26 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
             title="Most shards",
             description="At most this many shards (parallel GPU tasks); a larger input gets larger shards.",
         ),
+        "estimate_rows": Param(
+            0,
+            type="integer",
+            minimum=0,
+            title="Estimate from a sample (rows)",
+            description=(
+                "0: a real run over the whole input. N > 0: an estimate before the spend: only the input's first N rows go through "
+                "every stage, and merge reports, in its log and the manifest's estimate, the model calls and prompt and completion "
+                "tokens per row and per kept pair, the acceptance rate, and the projection for the whole input: calls, tokens, kept "
+                "pairs and hours of the model server. The sample's files are written like a run's; its asset event says estimate, "
+                "and dataset_ready skips it."
+            ),
+        ),
+        "estimate_requests_per_s": Param(
+            None,
+            type=["null", "number"],
+            exclusiveMinimum=0,
+            title="Estimate at this throughput (requests/s)",
+            description="The model server's throughput to project the hours with (what it serves at full load). Empty: the rate the sample measured, which a small sample seldom reaches full load for: its hours are a ceiling.",
+        ),
         "seed": Param(
             0,
             type="integer",
@@ -159,7 +179,7 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
 def quality_params(*, near_duplicate_key: str = "question") -> dict[str, Param]:
     """The quality checks' switches and thresholds (the quality stage's and the merge's), documented for the trigger form.
 
-    ``near_duplicate_key``: the default text the merge compares (pers_qa's questions come from a
+    ``near_duplicate_key``: the default text the dedup task compares (pers_qa's questions come from a
     fixed bank, so it compares question and answer).
     """
     return {
@@ -175,9 +195,17 @@ def quality_params(*, near_duplicate_key: str = "question") -> dict[str, Param]:
             settings.MIN_JUDGE_SCORE, type="integer", minimum=1, maximum=5, title="Lowest grounding score",
             description="Pairs the grounding check scores below this (1 contradicted ... 5 fully supported) are rejected as not_grounded.",
         ),
+        "quality_mode": Param(
+            "filter", type="string", enum=["filter", "annotate"], title="What the checks do",
+            description=(
+                "filter: drop the pairs that fail a check (to the rejected file, with the reason). annotate: keep every pair, ask every "
+                "check of each (3 calls a pair), and write its verdicts, score and would-be rejection into vqa_provenance.quality.verdicts, "
+                "to filter later with your own threshold. Near-duplicates are dropped either way."
+            ),
+        ),
         "remove_near_duplicates": Param(
             True, type="boolean", title="Remove near-duplicates",
-            description="In merge, across all shards: a pair whose question nearly repeats an earlier one's is rejected (near_duplicate); the first is kept. No model calls.",
+            description="Across all shards, before any pair is judged (the dedup task): a pair whose question nearly repeats an earlier one's is rejected (near_duplicate); the first is kept. No model calls, and none spent judging duplicates.",
         ),
         "near_duplicate_threshold": Param(
             settings.NEAR_DUPLICATE_THRESHOLD, type="number", exclusiveMinimum=0, maximum=1, title="Near-duplicate threshold",
@@ -195,9 +223,10 @@ QUALITY_OPTIONS: dict[str, Any] = {
     "blind_check": "{{ params.blind_check }}",
     "grounding_check": "{{ params.grounding_check }}",
     "min_judge_score": "{{ params.min_judge_score }}",
+    "mode": "{{ params.quality_mode }}",
 }
 
-# the merge's near-duplicate settings from the run's params (merge_shards' ``near_duplicates``)
+# the dedup task's near-duplicate settings from the run's params (VQADedupOperator's ``near_duplicates``)
 NEAR_DUPLICATES: dict[str, Any] = {
     "enabled": "{{ params.remove_near_duplicates }}",
     "threshold": "{{ params.near_duplicate_threshold }}",

@@ -31,7 +31,7 @@ class VQAShardPlanOperator(BaseOperator):
     a bad parameter fails this task at once, without retries, with the param and the rule.
     """
 
-    template_fields: Sequence[str] = ("input", "output_prefix", "media_root", "model", "rows_per_shard", "max_shards")
+    template_fields: Sequence[str] = ("input", "output_prefix", "media_root", "model", "rows_per_shard", "max_shards", "sample")
     ui_color = "#fdf6e3"
 
     def __init__(
@@ -43,10 +43,12 @@ class VQAShardPlanOperator(BaseOperator):
         output_prefix: str | None = None,
         media_root: str | None = None,
         model: str | None = None,
+        sample: int | str | None = None,
         aws_conn_id: str | None = "aws_default",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self.sample = sample
         self.input = input
         self.rows_per_shard = rows_per_shard
         self.max_shards = max_shards
@@ -105,9 +107,12 @@ class VQAShardPlanOperator(BaseOperator):
             except ConfigError as err:
                 raise ConfigError(f"invalid parameters: {err}") from None
             # a missing or forbidden input is an InputError: another try would find the same
-            plan = plan_shards(s3_storage(self.aws_conn_id), input_uri, rows_per_shard=int(self.rows_per_shard), max_shards=int(self.max_shards))
+            sample = int(self.sample) if self.sample not in (None, "", 0, "0") else None
+            plan = plan_shards(s3_storage(self.aws_conn_id), input_uri, rows_per_shard=int(self.rows_per_shard), max_shards=int(self.max_shards), sample=sample)
         rows = sum(s.rows for s in plan)
         self.log.info("%s: %d rows in %d shard(s) of up to %d rows", input_uri, rows, len(plan), max(s.rows for s in plan))
+        if sample is not None:
+            self.log.info("an estimate: the first %d of the input's %d rows go through every stage", rows, plan[0].sample_of)
         return [s.model_dump() for s in plan]
 
 
@@ -130,10 +135,59 @@ class QAPreviewLink(BaseOperatorLink):
         return getattr(operator, "preview_url", None) or ""
 
 
+class VQADedupOperator(BaseOperator):
+    """Drop near-duplicate pairs across all the shards of a run, before the quality stage judges any (I/O only, no model).
+
+    ``upstream``: the manifests of the last generation stage's shards. Each shard's rows, less
+    the pairs whose text nearly repeats an earlier one's in the run (the first is kept), are staged
+    where the quality task of that shard reads them; the settings come from the run's params
+    (``near_duplicates``: ``NearDuplicateSettings`` fields). Returns one manifest per shard.
+    """
+
+    template_fields: Sequence[str] = ("upstream", "plan", "staging_root", "near_duplicates")
+    ui_color = "#e3f0fd"
+
+    def __init__(
+        self, *, upstream: Any, plan: Any, staging_root: str, near_duplicates: dict[str, Any], aws_conn_id: str | None = "aws_default", **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self.upstream = upstream
+        self.plan = plan
+        self.staging_root = staging_root
+        self.near_duplicates = near_duplicates
+        self.aws_conn_id = aws_conn_id
+
+    def execute(self, context: Any) -> list[dict[str, Any]]:
+        """Read the shards in order through one index; stage each shard's kept rows and its dropped pairs."""
+        from pydantic import ValidationError
+
+        from vqa_operators.exceptions import ConfigError
+        from vqa_operators.operators.failures import fail_fast
+        from vqa_operators.parsing import describe_validation_error
+        from vqa_operators.sharding import NearDuplicateSettings, deduplicate_shards
+
+        with fail_fast():
+            try:
+                settings_ = NearDuplicateSettings.model_validate(self.near_duplicates)
+            except ValidationError as err:
+                raise ConfigError(f"invalid near-duplicate parameters: {describe_validation_error(err)}") from None
+            manifests = deduplicate_shards(s3_storage(self.aws_conn_id), list(self.upstream), list(self.plan), staging=self.staging_root, dedup=settings_)
+        pairs = sum(m["pairs_kept"] + m["pairs_rejected"] for m in manifests)
+        dropped = sum(m["pairs_rejected"] for m in manifests)
+        if settings_.enabled:
+            self.log.info(
+                "near-duplicates (%s, threshold %s): %d of %d pairs dropped across %d shard(s) before judging, %d rows left with none",
+                settings_.key, settings_.threshold, dropped, pairs, len(manifests), sum(m["rows_rejected"] for m in manifests),
+            )
+        else:
+            self.log.info("near-duplicates: off; %d pairs passed through to judging", pairs)
+        return manifests
+
+
 class VQAMergeOperator(BaseOperator):
     """Concatenate each stage's shard outputs in order into ``output_uri`` (and errors files), write the QA preview; return the combined manifest."""
 
-    template_fields: Sequence[str] = ("stages", "output_uri", "plan", "media_root", "near_duplicates", "export")
+    template_fields: Sequence[str] = ("stages", "output_uri", "plan", "media_root", "export", "requests_per_s")
     ui_color = "#e3fdec"
     operator_extra_links = (QAPreviewLink(),)
 
@@ -144,14 +198,14 @@ class VQAMergeOperator(BaseOperator):
         output_uri: str,
         plan: Any,
         media_root: str = ".",
-        near_duplicates: dict[str, Any] | None = None,
+        requests_per_s: float | str | None = None,
         export: dict[str, Any] | None = None,
         aws_conn_id: str | None = "aws_default",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.stages = stages
-        self.near_duplicates = near_duplicates
+        self.requests_per_s = requests_per_s
         self.export = export
         self.output_uri = output_uri
         self.plan = plan
@@ -176,24 +230,35 @@ class VQAMergeOperator(BaseOperator):
         from vqa_operators.media import readable_roots
         from vqa_operators.parsing import describe_validation_error
         from vqa_operators.preview import write_preview
-        from vqa_operators.sharding import NearDuplicateSettings, merge_run, write_manifest
+        from vqa_operators.sharding import merge_run, write_manifest
 
-        try:
-            dedup = None if self.near_duplicates is None else NearDuplicateSettings.model_validate(self.near_duplicates)
-        except ValidationError as err:
-            raise ConfigError(f"invalid near-duplicate parameters: {describe_validation_error(err)}") from None
         try:
             export = None if self.export is None else ExportSettings.model_validate(self.export)
         except ValidationError as err:
             raise ConfigError(f"invalid export parameters: {describe_validation_error(err)}") from None
         storage = s3_storage(self.aws_conn_id)
         stages = {name: list(manifests) for name, manifests in self.stages.items()}
-        manifest = merge_run(storage, stages, output=self.output_uri, plan=list(self.plan), near_duplicates=dedup)
+        rate = float(self.requests_per_s) if self.requests_per_s not in (None, "") else None
+        manifest = merge_run(storage, stages, output=self.output_uri, plan=list(self.plan), requests_per_s=rate)
+        if manifest["estimate"] is not None:
+            self.log_estimate(manifest["estimate"])
         self.log.info(
             "merged %d shard(s): %d rows in, %d out, %d failed %s, %d rejected, %d reused from earlier tries -> %s",
             manifest["shards"], manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"], manifest["failures_by_reason"],
             manifest["rows_rejected"], manifest["rows_reused"], manifest["output"],
         )
+        if manifest["near_duplicates"] is not None:
+            dedup = manifest["near_duplicates"]
+            self.log.info(
+                "near-duplicates: %d of %d pairs dropped before judging, about %d judge calls saved (%.2f a pair)",
+                dedup["duplicates"], dedup["pairs_checked"], dedup["judge_calls_saved"], dedup["judge_calls_per_pair"],
+            )
+        if manifest["cost_per_kept_pair"] is not None:
+            cost = manifest["cost_per_kept_pair"]
+            self.log.info(
+                "cost per kept pair: %.2f model calls, %.0f prompt and %.0f completion tokens (%d pairs kept)",
+                cost["requests"], cost["prompt_tokens"], cost["completion_tokens"], manifest["pairs_kept"],
+            )
         if manifest["acceptance_rate"] is not None:
             self.log.info(
                 "quality: kept %d of %d pairs (acceptance rate %.1f%%), rejected %s -> %s",
@@ -220,6 +285,21 @@ class VQAMergeOperator(BaseOperator):
                 self.log.info("exported %s: %s", name, uri)
         self.announce(context, manifest)
         return manifest
+
+    def log_estimate(self, estimate: dict[str, Any]) -> None:
+        """The estimate's lines: per row, per kept pair, acceptance, and the projection for the whole input."""
+        per_row, per_pair, projected = estimate["per_row"] or {}, estimate["per_kept_pair"] or {}, estimate["projected"]
+        self.log.info(
+            "estimate from %d of %d rows: per row %.2f calls, %.0f prompt and %.0f completion tokens; per kept pair %s; acceptance %s",
+            estimate["sample_rows"], estimate["input_rows"], per_row.get("requests", 0), per_row.get("prompt_tokens", 0), per_row.get("completion_tokens", 0),
+            f"{per_pair['requests']:.2f} calls, {per_pair['prompt_tokens']:.0f} prompt and {per_pair['completion_tokens']:.0f} completion tokens" if per_pair else "n/a (no pair kept)",
+            "n/a" if estimate["acceptance_rate"] is None else f"{100 * estimate['acceptance_rate']:.1f}%",
+        )
+        hours = "n/a" if estimate["server_hours"] is None else f"{estimate['server_hours']:.2f} hours of one model server at {estimate['requests_per_s']} requests/s ({estimate['throughput']})"
+        self.log.info(
+            "estimate for the whole input: %d model calls, %d prompt and %d completion tokens, about %d pairs kept; %s",
+            projected["requests"], projected["prompt_tokens"], projected["completion_tokens"], projected["pairs_kept"], hours,
+        )
 
     def announce(self, context: Any, manifest: dict[str, Any]) -> None:
         """Put the run's counts and URIs on each outlet asset's event; Airflow records the events when the task succeeds."""

@@ -210,9 +210,15 @@ def stop_server(server: RunningServer, *, waits: Sequence[tuple[signal.Signals, 
             os.killpg(server.pid, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(server.pid, os.WNOHANG)  # reaped here if this process started it
+            _reap(server.pid)
             if not _alive(server.pid):
+                _reap(server.pid)  # it may have exited between the two looks: reaped now, not left a zombie
                 return True
             time.sleep(0.2)
     return not _alive(server.pid)
+
+
+def _reap(pid: int) -> None:
+    """Collect ``pid``'s exit status if this process started it and it has exited (else nothing)."""
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from vqa_operators.exceptions import InputError, Interrupted, JobError, RowError, TryProgress, UnexpectedError
-from vqa_operators.generators.base import PROVENANCE_KEY, Generated, Generator, input_line, origin_key, row_key
+from vqa_operators.generators import row_output_fields
+from vqa_operators.generators.base import PROVENANCE_KEY, Generated, Generator, input_line, origin_key, rejected_entry, row_key
 from vqa_operators.media import MediaReader
 from vqa_operators.serving.base import VLMServing
+from vqa_operators.sharding import cost_per_pair
 from vqa_operators.storage.checkpoint import Checkpoint, Finished, checkpoint_prefix, fingerprint
 from vqa_operators.storage.jsonl import BadLine, JsonlWriter, read_jsonl
 from vqa_operators.storage.uris import Storage
@@ -158,6 +160,10 @@ class Progress:
         self.reasons: Counter[str] = Counter()
         # a quality gate's counts: rows with no pair left, pairs kept, pairs rejected by reason
         self.rows_rejected = self.pairs_kept = 0
+        # QA pairs in the rows written out (a gate's kept pairs)
+        self.pairs_out = 0
+        # a gate's verdicts: their distribution (quality.score_counts)
+        self.scores: dict[str, Any] | None = None
         self.rejections: Counter[str] = Counter()
         self.judges = False
 
@@ -177,8 +183,14 @@ class Progress:
         else:
             self.rows_rejected += 1
         if record.pairs_kept is not None:
+            from vqa_operators.generators.quality import score_counts
+
             self.judges = True
             self.pairs_kept += record.pairs_kept
+            kept = ((record.out or {}).get(PROVENANCE_KEY) or {}).get(self.name) or {}
+            # a rejected pair's verdicts with the rejection filter made, as annotate writes a kept pair's
+            dropped = [{**(e.get("verdicts") or {}), "rejection": {"reason": str(e["reason"])}} for e in record.rejected]
+            self.scores = score_counts([*(kept.get("verdicts") or []), *dropped], self.scores)
         for entry in record.rejected:
             self.rejections[str(entry["reason"])] += 1
 
@@ -251,14 +263,6 @@ def record_key(line: int, item: dict[str, Any] | BadLine) -> str:
     if isinstance(item, BadLine):
         return f"{line}:bad:{hashlib.sha256(item.raw.encode('utf-8', 'replace')).hexdigest()[:20]}"
     return f"{line}:{row_key(item)}"
-
-
-def rejected_entry(stage: str, line: int, rejection: dict[str, Any], *, row: dict[str, Any], row_rejected: bool) -> dict[str, Any]:
-    """A rejected-file record: the pair, why, the verdicts, and the row it came from.
-
-    ``row_rejected``: no pair of the row was left at this stage, so the row left the dataset here.
-    """
-    return {"stage": stage, "line": line, **rejection, "row_rejected": row_rejected, "row": row}
 
 
 def _record(generator: Generator, outcome: RowOutcome) -> Finished:
@@ -361,6 +365,10 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
             done = checkpoint.get(key)
             yield line, (item if done is None else RowOutcome(line=line, row=None, record=done, reused=True))
 
+    def pairs_in(row: dict[str, Any]) -> int:
+        # the QA pairs the row holds as its generator writes them (none for the video ingest, which writes clips)
+        return len(row_output_fields(generator.name, row).pairs(row))
+
     def finished(outcome: RowOutcome) -> None:
         # checkpointed as soon as the row finishes, even if rows before it are still running
         outcome.record = _record(generator, outcome)
@@ -387,6 +395,7 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
                         err.write(record.error)
                     if record.out is not None:
                         out.write(record.out)
+                        progress.pairs_out += record.pairs_kept if record.pairs_kept is not None else pairs_in(record.out)
                     if rej is not None:
                         for entry in record.rejected:
                             rej.write(entry)
@@ -444,6 +453,10 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
         "repairs": usage.repairs,
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
+        "pairs_out": progress.pairs_out,
+        "quality_scores": progress.scores,
+        # this stage's model calls and tokens per pair it wrote (None: it wrote none)
+        "cost_per_pair": cost_per_pair({"requests": usage.requests, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}, progress.pairs_out),
         "duration_s": round(time.monotonic() - progress.started, 3),
     }
 
