@@ -78,7 +78,7 @@ def test_image_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     assert names(keys) == sorted([
         "README.md", "dataset_info.json", "generate.errors.jsonl", "generate.jsonl", "generate.llava.json", "generate.manifest.json",
         "generate.preview.html", "generate.rejected.jsonl", "generate.sharegpt.json",
-        "dedup.errors.jsonl", "dedup/shard-00000.jsonl", "dedup/shard-00000.rejected.jsonl", "dedup/shard-00001.jsonl", "dedup/shard-00001.rejected.jsonl",
+        "dedup/shard-00000.jsonl", "dedup/shard-00000.rejected.jsonl", "dedup/shard-00001.jsonl", "dedup/shard-00001.rejected.jsonl",
         "generate/shard-00000.errors.jsonl", "generate/shard-00000.jsonl", "generate/shard-00001.errors.jsonl", "generate/shard-00001.jsonl",
         "hf/README.md", "hf/data/train-00000.parquet", *media,
         "quality.errors.jsonl",
@@ -193,6 +193,7 @@ def test_video_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, 
     stages = ("ingest", "initial", "multiagent", "final", "quality")
     shards = [f"{t}/shard-0000{i}{ext}" for t in stages for i in (0, 1) for ext in (".jsonl", ".errors.jsonl")]
     shards += [f"quality/shard-0000{i}.rejected.jsonl" for i in (0, 1)]
+    shards += [f"dedup/shard-0000{i}{ext}" for i in (0, 1) for ext in (".jsonl", ".rejected.jsonl")]
     # the ingest stored ad-4's frames beside its shard's output (the second shard)
     frames = sorted(n for n in names(keys) if ".frames/" in n)
     assert len(frames) == 4 and all(re.fullmatch(r"ingest/shard-00001\.frames/[0-9a-f]{20}/clip-00[01]/frame-0[01]\.jpg", n) for n in frames)

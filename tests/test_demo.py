@@ -64,6 +64,8 @@ def test_demo_runs_the_dags_through_airflow_standalone_and_says_why_one_failed(v
     # the double keeps every pair (its scripted verdicts all agree and ground)
     assert "image_qa: rows_in=4 rows_out=4 rows_failed=0 rows_rejected=0" in out
     assert "image_qa: quality checks kept 8 pairs and rejected 0 (acceptance 100.0%)" in out
+    # the demo annotates: every pair's verdicts counted (the double grounds each with 5; its blind answers never agree)
+    assert "image_qa: verdicts (annotated, every pair kept): grounding scores 1: 0 · 2: 0 · 3: 0 · 4: 0 · 5: 8; blind answer agreed for 0 of 8; no pair failed a check" in out
     assert "pers_qa: rows_in=3 rows_out=3 rows_failed=0 rows_rejected=0" in out
     assert re.search(r"image_qa: Hub-ready folder \(datasets, TRL\) s3://vqa-demo/output/image_qa/\S+/hf\n", out)
     assert re.search(r"pers_qa: ShareGPT JSON \(LLaMA-Factory\) s3://vqa-demo/output/pers_qa/\S+/generate\.sharegpt\.json", out)

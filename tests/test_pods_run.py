@@ -159,8 +159,11 @@ def test_kubernetes_mode_gives_local_modes_dataset(
         assert "--serve-vllm" not in container["args"] and "" not in container["args"]
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert (env["VQA_MAX_NUM_SEQS"], env["VQA_TRANSCRIPTION_MODEL"]) == ("6", WHISPER)
-        # the concurrency derived from the deployment's batch size (6 and a quarter), not vLLM's default 256
-        assert "concurrency 7)" in pod["logs"]
+        # the concurrency derived from the deployment's batch size (6 and a quarter), not vLLM's default 256, split between the
+        # run's shards, which share the model service
+        shards = sum(1 for p in pods if p["task_id"] == pod["task_id"])
+        split = f", the server's budget split between {shards} shards" if shards > 1 else ""
+        assert f"concurrency {-(-7 // shards)}{split})" in pod["logs"], pod["logs"][-2000:]
         assert API_KEY not in json.dumps(pod["manifest"]) and AWS_SECRET not in json.dumps(pod["manifest"])
         if pod["task_id"] == "ingest":
             assert container["resources"]["requests"]["cpu"] == "4" and container["resources"]["requests"]["ephemeral-storage"] == "64Gi"

@@ -170,7 +170,7 @@ def render_preview(
         for row in rows:
             row["media"] = list(pool.map(lambda p: _media(reader, p), row.pop("paths")))
     stages = manifest.get("stages") or {}
-    error_files = [stage["errors"] for stage in stages.values()] or [manifest["errors"]]
+    error_files = [stage["errors"] for stage in stages.values() if stage["errors"]] or [manifest["errors"]]
     groups = failure_groups(storage, error_files, examples_per_reason)
     counted = sum(g.count for g in groups)
     if counted != manifest["rows_failed"]:

@@ -190,7 +190,7 @@ def deduplicate_shards(
     return results
 
 
-def _stage_summary(manifests: list[dict[str, Any]], *, output: str | None, errors: str, rejected: str | None) -> dict[str, Any]:
+def _stage_summary(manifests: list[dict[str, Any]], *, output: str | None, errors: str | None, rejected: str | None) -> dict[str, Any]:
     """One stage's counts over its shards, and where its merged files are."""
     reasons: Counter[str] = Counter()
     rejections: Counter[str] = Counter()
@@ -246,13 +246,14 @@ def merge_run(
     rejected_rows = sum(m.get("rows_rejected", 0) for manifests in ordered.values() for m in manifests)
     if out + failed + rejected_rows != rows:
         raise InputError(f"{rows} input rows but the shards report {out} in the output, {failed} in errors files and {rejected_rows} rejected")
-    errors = {name: f"{folder}/{name}.errors.jsonl" for name in names}
+    # a stage whose rows cannot fail (dedup) has no errors file
+    errors = {name: f"{folder}/{name}.errors.jsonl" if any(m.get("errors") for m in ordered[name]) else None for name in names}
     rejected_uri = rejected_uri_for(output)
     gates = [name for name in names if any(m.get("rejected") for m in ordered[name])]
     with contextlib.ExitStack() as stack:
-        for name in names:
-            sources = [(m["errors"], m["rows_failed"]) for m in ordered[name] if m.get("errors") or m["rows_failed"]]
-            _concatenate(storage, stack.enter_context(storage.open_atomic(errors[name])), sources)
+        for name, uri in errors.items():
+            if uri is not None:
+                _concatenate(storage, stack.enter_context(storage.open_atomic(uri)), [(m["errors"], m["rows_failed"]) for m in ordered[name]])
         output_file = stack.enter_context(storage.open_atomic(output))
         rejected_file = stack.enter_context(storage.open_atomic(rejected_uri)) if gates else None
         for name in gates:
