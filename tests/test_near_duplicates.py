@@ -157,3 +157,16 @@ def test_the_merge_refuses_shards_that_do_not_account_for_every_row(vlm_server, 
     with pytest.raises(InputError, match="6 input rows but the shards report 5 in the output, 0 in errors files and 0 rejected"):
         merge_run(Storage(), {**stages, "quality": short}, output=str(tmp_path / "run" / "generate.jsonl"), plan=plan)
     assert not (tmp_path / "run" / "generate.jsonl").exists()
+
+
+def test_a_row_without_pairs_passes_dedup_whole_and_every_row_is_accounted_for(tmp_path: Path) -> None:
+    rows = [{"id": 1, "qa_pairs": [{"question": "What is red?", "answer": "The ball."}]}, {"id": 2, "qa_pairs": []},
+            {"id": 3, "qa_pairs": [{"question": "What is red?", "answer": "The ball."}]}]
+    shard = tmp_path / "generate" / "shard-00000.jsonl"
+    shard.parent.mkdir()
+    shard.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = {"generator": "image_qa", "shard": 0, "output": str(shard), "rows_out": 3}
+    [result] = deduplicate_shards(Storage(), [manifest], [{"rows": 3}], staging=str(tmp_path), dedup=NearDuplicateSettings())
+    assert [r["id"] for r in read_rows(tmp_path / "dedup" / "shard-00000.jsonl")] == [1, 2]
+    assert (result["rows_in"], result["rows_out"], result["rows_rejected"], result["pairs_kept"], result["pairs_rejected"]) == (3, 2, 1, 1, 1)
+    assert [(e["line"], e["reason"], e["row_rejected"]) for e in read_rows(tmp_path / "dedup" / "shard-00000.rejected.jsonl")] == [(3, "near_duplicate", True)]

@@ -171,7 +171,8 @@ def deduplicate_shards(
                         rejected.write(rejected_entry(DEDUP_STAGE, line, entry, row=row, row_rejected=not keep))
                         counts["pairs_rejected"] += 1
                     counts["pairs_kept"] += len(keep)
-                    if keep:
+                    if keep or not items:
+                        # a row with no pair to compare passes on whole: the quality stage says why it has none
                         out.write(row if len(keep) == len(items) else fields.keep(row, keep))
                         counts["rows_out"] += 1
                     else:
