@@ -143,6 +143,36 @@ def test_pers_qa_dag_end_to_end(vlm_server: OpenAITestServer, s3, bucket: str, s
     assert [e["reason"] for e in errors] == ["image_not_found"]
 
 
+def test_an_estimate_run_annotates_a_sample_and_projects_the_whole_input(vlm_server: OpenAITestServer, s3, bucket: str, s3_endpoint: str, airflow_home: Path) -> None:
+    s3.put_object(Bucket=bucket, Key="media/dog.jpg", Body=make_jpeg((500, 400)))
+    s3.put_object(Bucket=bucket, Key="media/dog2.jpg", Body=make_jpeg((400, 500)))
+    rows = [{"image": ["media/dog.jpg", "media/dog2.jpg"], "subject_type": "pet"}, {"image": "media/dog.jpg"}, {"image": "media/dog2.jpg"}]
+    s3.put_object(Bucket=bucket, Key="input/pers.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+    env = airflow_env(airflow_home, s3_endpoint=s3_endpoint, vlm_base_url=vlm_server.base_url, model=MODEL)
+    conf = {
+        "input_uri": f"s3://{bucket}/input/pers.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/", "tag": "<mam>", "seed": 2,
+        "estimate_rows": 2, "estimate_requests_per_s": 2.0, "quality_mode": "annotate",
+    }
+    vlm_server.verdicts = ScriptedVerdicts(answerable_blind=lambda question, answer: "saw 1 image(s) 500x400" in answer)
+    proc = airflow("dags", "test", "pers_qa", "-c", json.dumps(conf), env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "an estimate: the first 2 of the input's 3 rows go through every stage" in log
+    assert "estimate for the whole input: 12 model calls" in log and "hours of one model server at 2.0 requests/s (given)" in log
+
+    keys = run_keys(s3, bucket, "pers_qa")
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=next(k for k in keys if k.endswith("/generate.manifest.json")))["Body"].read())
+    # the sample's 2 rows: 1 call each to generate, 3 each to judge their one pair (annotate asks every check)
+    assert (manifest["rows_in"], manifest["rows_out"], manifest["requests"]) == (2, 2, 8)
+    estimate = manifest["estimate"]
+    assert (estimate["sample_rows"], estimate["input_rows"], estimate["per_row"]["requests"], estimate["projected"]["requests"]) == (2, 3, 4.0, 12)
+    assert estimate["server_hours"] == round(12 / 2.0 / 3600, 3)
+    # annotate kept the blind-answerable pair, with what filter would have done
+    out = read_jsonl(s3, bucket, next(k for k in keys if k.endswith("/generate.jsonl")))
+    assert [v["rejection"] and v["rejection"]["reason"] for r in out for v in r["vqa_provenance"]["quality"]["verdicts"]] == [None, "answerable_blind"]
+    assert manifest["quality_scores"]["failing"] == {"answerable_blind": 1}
+
+
 def _final_row(rows: list[dict], row_id: str) -> dict:
     return next(r for r in rows if r["id"] == row_id)
 
