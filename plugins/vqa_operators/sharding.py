@@ -270,7 +270,11 @@ def merge_run(
     pairs_kept = final["pairs_kept"]
     pairs_rejected = sum(rejections.values())
     judged = pairs_kept + pairs_rejected if gates else 0
+    # kept pairs over judged pairs (None: no quality decision in this run)
+    acceptance = round(pairs_kept / judged, 4) if judged else None
     totals = {key: sum(m[key] for m in merged.values()) for key in ("rows_reused", "requests", "prompt_tokens", "completion_tokens")}
+    # what each pair of the dataset cost, every stage's model calls and tokens included (None: no pair kept)
+    cost = cost_per_pair(totals, pairs_kept)
     manifest = {
         **{k: final[k] for k in ("generator", "shards", "model", "prompt_sha256", "seed")},
         "output": output,
@@ -285,16 +289,14 @@ def merge_run(
         "pairs_kept": pairs_kept,
         "pairs_rejected": pairs_rejected,
         "rejections_by_reason": dict(sorted(rejections.items())),
-        # kept pairs over judged pairs (None: no quality decision in this run)
-        "acceptance_rate": round(pairs_kept / judged, 4) if judged else None,
+        "acceptance_rate": acceptance,
         "near_duplicates": _dedup_summary(merged, ordered),
         # the judged pairs' grounding scores, blind agreements and failing checks (None: nothing judged)
         "quality_scores": merge_score_counts([m.get("quality_scores") for manifests in ordered.values() for m in manifests]),
         **totals,
-        # what each pair of the dataset cost, every stage's model calls and tokens included (None: no pair kept)
-        "cost_per_kept_pair": cost_per_pair(totals, pairs_kept),
+        "cost_per_kept_pair": cost,
         "stages": merged,
-        "estimate": estimate(plan, merged, totals, pairs_kept, acceptance=round(pairs_kept / judged, 4) if judged else None, requests_per_s=requests_per_s),
+        "estimate": estimate(plan, merged, totals, pairs_kept, cost=cost, acceptance=acceptance, requests_per_s=requests_per_s),
         "manifest": beside(output, ".manifest.json"),
         "preview": beside(output, ".preview.html"),
     }
@@ -303,13 +305,13 @@ def merge_run(
 
 
 def estimate(
-    plan: list[dict[str, Any]], stages: dict[str, dict[str, Any]], totals: dict[str, Any], pairs_kept: int, *, acceptance: float | None,
-    requests_per_s: float | None,
+    plan: list[dict[str, Any]], stages: dict[str, dict[str, Any]], totals: dict[str, Any], pairs_kept: int, *, cost: dict[str, float] | None,
+    acceptance: float | None, requests_per_s: float | None,
 ) -> dict[str, Any] | None:
     """What the whole input would cost, projected from a sample's run (None for a run of the whole input).
 
     Per row and per kept pair: model calls, prompt and completion tokens; the projection scales the
-    sample's totals by input rows over sample rows. Hours: the projected calls at ``requests_per_s``,
+    sample's totals by input rows over sample rows (``cost``: the run's cost per kept pair). Hours: the projected calls at ``requests_per_s``,
     else at the sample's own rate (its calls over the stages' seconds, which run one after another:
     a small sample seldom fills the server, so this rate is a floor and the hours a ceiling).
     """
@@ -324,7 +326,7 @@ def estimate(
     return {
         "sample_rows": sample, "input_rows": whole,
         "per_row": {key: round(totals[key] / sample, 3) for key in projected} if sample else None,
-        "per_kept_pair": cost_per_pair(totals, pairs_kept), "acceptance_rate": acceptance,
+        "per_kept_pair": cost, "acceptance_rate": acceptance,
         "projected": {**projected, "pairs_kept": round(pairs_kept * scale)},
         "requests_per_s": round(rate, 3) if rate else None, "throughput": "given" if requests_per_s else "measured on the sample",
         # hours of one model server (times its GPUs for GPU-hours)
@@ -347,7 +349,8 @@ def _dedup_summary(merged: dict[str, dict[str, Any]], ordered: dict[str, list[di
     if DEDUP_STAGE not in merged:
         return None
     stage = merged[DEDUP_STAGE]
-    judged = [s for name, s in merged.items() if name != DEDUP_STAGE and list(merged).index(name) > list(merged).index(DEDUP_STAGE)]
+    names = list(merged)
+    judged = [merged[name] for name in names[names.index(DEDUP_STAGE) + 1 :]]
     calls = sum(s["requests"] for s in judged)
     pairs = sum(s["pairs_kept"] + s["pairs_rejected"] for s in judged)
     per_pair = calls / pairs if pairs else 0.0

@@ -168,10 +168,13 @@ class Storage:
     def _s3_error(self, uri: str, exc: Exception) -> JobError:
         """S3's answer about the input itself (NoSuchKey, AccessDenied ...) is an InputError, which another try
         would meet again; no answer, or a server-side one (5xx, throttling), is a StorageError, which a retry may clear."""
-        code = s3_error_code(exc)
         if not definite(exc):
-            return StorageError(f"cannot read {uri}: {code or type(exc).__name__} (after {self.attempts} attempts)")
-        return InputError(f"cannot read {uri}: {code}")
+            return self._fault(uri, exc)
+        return InputError(f"cannot read {uri}: {s3_error_code(exc)}")
+
+    def _fault(self, uri: str, exc: Exception) -> StorageError:
+        """A store fault that outlasted every attempt: the job's failure (exit 5), which Airflow's retry may clear."""
+        return StorageError(f"cannot read {uri}: {s3_error_code(exc) or type(exc).__name__} (after {self.attempts} attempts)")
 
     def _read_s3(self, uri: str, *, start: int = 0, end: int | None = None, version: str | None = None) -> Generator[bytes, None, None]:
         """The bytes ``[start, end)`` of an object in chunks; a body cut off mid-way is read on from where it stopped.
@@ -182,6 +185,7 @@ class Storage:
         Every resumed GET is conditional on the ETag the first one saw (or ``version``), so the bytes are all
         of one version of the object; a change in between is a PreconditionFailed, as for ``version``.
         """
+        bucket, key = split_s3(uri)
         position, failures = start, 0
         etag = version
         while end is None or position < end:
@@ -190,7 +194,6 @@ class Storage:
                 extra["Range"] = f"bytes={position}-{'' if end is None else end - 1}"
             if etag is not None:
                 extra["IfMatch"] = etag
-            bucket, key = split_s3(uri)
             try:
                 response = self.s3.get_object(Bucket=bucket, Key=key, **extra)
             except Exception as exc:
@@ -286,9 +289,9 @@ class Storage:
     def _as_local_error(self, uri: str, exc: Exception) -> Exception:
         """S3's definite answer about one object as the local error: FileNotFoundError if it is missing, PermissionError
         for any other (AccessDenied ...); a store fault that outlasted every attempt is a StorageError."""
-        code = s3_error_code(exc)
         if not definite(exc):
-            return StorageError(f"cannot read {uri}: {code or type(exc).__name__} (after {self.attempts} attempts)")
+            return self._fault(uri, exc)
+        code = s3_error_code(exc)
         if code in MISSING_S3_CODES:
             return FileNotFoundError(errno.ENOENT, code, uri)
         return PermissionError(errno.EACCES, code, uri)

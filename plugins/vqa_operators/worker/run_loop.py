@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from vqa_operators.exceptions import InputError, Interrupted, JobError, RowError, TryProgress, UnexpectedError
-from vqa_operators.generators import row_output_fields
 from vqa_operators.generators.base import PROVENANCE_KEY, Generated, Generator, input_line, origin_key, rejected_entry, row_key
+from vqa_operators.generators.quality import score_counts
 from vqa_operators.media import MediaReader
 from vqa_operators.serving.base import VLMServing
 from vqa_operators.sharding import cost_per_pair
@@ -183,8 +183,6 @@ class Progress:
         else:
             self.rows_rejected += 1
         if record.pairs_kept is not None:
-            from vqa_operators.generators.quality import score_counts
-
             self.judges = True
             self.pairs_kept += record.pairs_kept
             kept = ((record.out or {}).get(PROVENANCE_KEY) or {}).get(self.name) or {}
@@ -365,9 +363,8 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
             done = checkpoint.get(key)
             yield line, (item if done is None else RowOutcome(line=line, row=None, record=done, reused=True))
 
-    def pairs_in(row: dict[str, Any]) -> int:
-        # the QA pairs the row holds as its generator writes them (none for the video ingest, which writes clips)
-        return len(row_output_fields(generator.name, row).pairs(row))
+    # where this stage's rows keep their QA pairs (a video ingest's rows hold none: it writes clips)
+    output_fields = type(generator).output_fields(generator.options)
 
     def finished(outcome: RowOutcome) -> None:
         # checkpointed as soon as the row finishes, even if rows before it are still running
@@ -395,7 +392,7 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
                         err.write(record.error)
                     if record.out is not None:
                         out.write(record.out)
-                        progress.pairs_out += record.pairs_kept if record.pairs_kept is not None else pairs_in(record.out)
+                        progress.pairs_out += record.pairs_kept if record.pairs_kept is not None else len(output_fields.pairs(record.out))
                     if rej is not None:
                         for entry in record.rejected:
                             rej.write(entry)
