@@ -14,6 +14,7 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -110,6 +111,15 @@ def _concatenate(storage: Storage, out: Any, sources: list[tuple[str, int]]) -> 
 
 # the task that drops near-duplicates between the last generation stage and the quality stage
 DEDUP_STAGE = "dedup"
+_END = object()
+
+
+def _next_verdict(verdicts: Iterator[Any]) -> Any:
+    """The index's next verdict; InputError if it has none (the shards changed between dedup's two reads)."""
+    verdict = next(verdicts, _END)
+    if verdict is _END:
+        raise InputError("the shards held more pairs on dedup's second read than on its first; rerun dedup")
+    return verdict
 
 
 def deduplicate_shards(
@@ -133,9 +143,32 @@ def deduplicate_shards(
     ordered = sorted(manifests, key=lambda m: m["shard"] or 0)
     if len(ordered) != len(plan):
         raise InputError(f"{len(ordered)} shard results for {len(plan)} shards")
+
+    def shard_rows(manifest: dict[str, Any]) -> Iterator[tuple[int, dict[str, Any], Any, list[Any]]]:
+        """Each row of a shard with its count, output fields and pairs; the count must be what its task reported."""
+        count = 0
+        for _, row in read_jsonl(storage.iter_lines(manifest["output"])):
+            count += 1
+            if not isinstance(row, dict):
+                raise InputError(f"{manifest['output']} line {count} is not a JSON object; rerun that shard")
+            fields = row_output_fields(manifest["generator"], row)
+            yield count, row, fields, fields.pairs(row)
+        if count != manifest["rows_out"]:
+            raise InputError(f"{manifest['output']} holds {count} rows but its task reported {manifest['rows_out']}; rerun that shard")
+
+    def texts() -> Iterator[tuple[str, list[int]]]:
+        for manifest in ordered:
+            for count, row, _, items in shard_rows(manifest):
+                line = input_line(row, count)
+                yield from ((item.question if dedup.key == "question" else f"{item.question} {item.answer}", [line, item.index]) for item in items)
+
     results = []
     with contextlib.ExitStack() as stack:
+        # two passes over the shards: every pair's text into the index, then each row with its pairs' verdicts, in the same order
         index = stack.enter_context(NearDuplicates(dedup.threshold)) if dedup.enabled else None
+        if index is not None:
+            index.add_many(texts())
+        verdicts = index.matches() if index is not None else None
         for manifest in ordered:
             started = time.monotonic()
             shard = manifest["shard"] or 0
@@ -144,20 +177,15 @@ def deduplicate_shards(
             counts: Counter[str] = Counter()
             with storage.open_atomic(output) as out_file, storage.open_atomic(rejected_uri) as rejected_file:
                 out, rejected = JsonlWriter(out_file), JsonlWriter(rejected_file)
-                for _, row in read_jsonl(storage.iter_lines(manifest["output"])):
-                    counts["rows_in"] += 1
-                    if not isinstance(row, dict):
-                        raise InputError(f"{manifest['output']} line {counts['rows_in']} is not a JSON object; rerun that shard")
-                    fields = row_output_fields(manifest["generator"], row)
-                    items = fields.pairs(row)
-                    if index is None:
+                for count, row, fields, items in shard_rows(manifest):
+                    counts["rows_in"] = count
+                    if verdicts is None:
                         out.write(row)
                         counts["rows_out"] += 1
                         counts["pairs_kept"] += len(items)
                         continue
-                    line = input_line(row, counts["rows_in"])
-                    texts = [(item.question if dedup.key == "question" else f"{item.question} {item.answer}", [line, item.index]) for item in items]
-                    matches = index.check_many(texts)
+                    line = input_line(row, count)
+                    matches = [_next_verdict(verdicts) for _ in items]
                     keep = [item.index for item, match in zip(items, matches, strict=True) if match is None]
                     for item, match in zip(items, matches, strict=True):
                         if match is None:
@@ -177,8 +205,6 @@ def deduplicate_shards(
                         counts["rows_out"] += 1
                     else:
                         counts["rows_rejected"] += 1
-            if counts["rows_in"] != manifest["rows_out"]:
-                raise InputError(f"{manifest['output']} holds {counts['rows_in']} rows but its task reported {manifest['rows_out']}; rerun that shard")
             results.append({
                 "generator": DEDUP_STAGE, "source": manifest["generator"], "shard": manifest["shard"], "input": manifest["output"], "output": output,
                 "errors": None, "rejected": rejected_uri, "rows_in": counts["rows_in"], "rows_out": counts["rows_out"], "rows_failed": 0,
@@ -188,6 +214,8 @@ def deduplicate_shards(
                 "model": None, "prompt_sha256": None, "seed": None, "requests": 0, "repairs": 0, "prompt_tokens": 0, "completion_tokens": 0,
                 "duration_s": round(time.monotonic() - started, 3),
             })
+        if verdicts is not None and next(verdicts, _END) is not _END:
+            raise InputError("the shards held fewer pairs on dedup's second read than on its first; rerun dedup")
     return results
 
 
