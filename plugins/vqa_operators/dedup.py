@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import re
 import sqlite3
 import tempfile
@@ -67,7 +66,7 @@ SIGNATURE_BATCH = 1024
 # again by the next bits of the key before it is sorted, so a sort never holds more than that
 BUCKET_BITS = 6
 SPLIT_BITS = 4
-MAX_BUCKET = 2_000_000
+MAX_BUCKET = 500_000
 # texts per block of pairs counted and resolved together (more for a run of more than BLOCKS blocks)
 BLOCK = 16_384
 BLOCKS = 512
@@ -207,7 +206,7 @@ class NearDuplicates:
         return self._disk_peak if hasattr(self, "_disk_peak") else self._disk_now()
 
     def _disk_now(self) -> int:
-        return sum(entry.stat().st_size for entry in os.scandir(self._root) if entry.is_file())
+        return sum(path.stat().st_size for path in self._root.rglob("*") if path.is_file())
 
     def add_many(self, texts: Iterable[tuple[str, Any]]) -> None:
         """Add each ``(text, id)`` in order (``id`` must be JSON): its normalised text, and its band keys to the buckets."""
@@ -225,6 +224,8 @@ class NearDuplicates:
             self._add_batch(batch, np)
 
     def _add_batch(self, batch: list[tuple[str, Any]], np: Any) -> None:
+        if self.added + len(batch) > 1 << 32:
+            raise ValueError("the near-duplicate index numbers texts in 32 bits: at most 2**32 texts in a run")
         norms = [normalise(text) for text, _ in batch]
         signed = signatures(norms, self.bands * self.rows)
         sketches = (signed & np.uint32(0xFF)).astype(np.uint8)
@@ -256,7 +257,7 @@ class NearDuplicates:
         self._disk_peak = self._disk_now()
         for bucket in buckets:
             _pair_bucket(self._root / "keys" / f"{bucket}", 64 - BUCKET_BITS, block, self._root / "pairs", pair_files)
-            self._disk_peak = max(self._disk_peak, self._disk_now() + _folder_bytes(self._root / "pairs") + _folder_bytes(self._root / "keys"))
+            self._disk_peak = max(self._disk_peak, self._disk_now())
         for handle in pair_files.values():
             handle.close()
         kept = np.zeros(self.added, dtype=bool)
@@ -325,10 +326,6 @@ class NearDuplicates:
         """Normalised text and caller's id (JSON) of each of ``ids``."""
         rows = self._db.execute("SELECT id, norm, first FROM text WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids.tolist()),))
         return {text: (norm, first) for text, norm, first in rows}
-
-
-def _folder_bytes(folder: Path) -> int:
-    return sum(entry.stat().st_size for entry in os.scandir(folder)) if folder.exists() else 0
 
 
 _RECORD = [("key", "<u8"), ("text", "<u4")]
