@@ -185,6 +185,7 @@ class NearDuplicates:
         self._db.execute("BEGIN")
         self._buckets: dict[int, BinaryIO] = {}
         self._matched = False
+        self._disk_peak = 0
         self.added = 0
         self.kept = 0
         self.duplicates = 0
@@ -203,7 +204,7 @@ class NearDuplicates:
 
     def disk_bytes(self) -> int:
         """The largest the index has been on local disk, in bytes, so far: texts, band keys and pairs."""
-        return self._disk_peak if hasattr(self, "_disk_peak") else self._disk_now()
+        return max(self._disk_peak, self._disk_now())
 
     def _disk_now(self) -> int:
         return sum(path.stat().st_size for path in self._root.rglob("*") if path.is_file())
@@ -293,15 +294,20 @@ class NearDuplicates:
         bounds = np.searchsorted(later, with_candidates, side="right")
         found: dict[int, Match] = {}
         grams_of: dict[int, set[str]] = {}
+
+        def grams_for(text: int) -> set[str]:
+            if text not in grams_of:
+                grams_of[text] = _grams(texts[text][0])
+            return grams_of[text]
+
         low = 0
         for text, high in zip(with_candidates.tolist(), bounds.tolist(), strict=True):
-            grams = grams_of[text] if text in grams_of else grams_of.setdefault(text, _grams(texts[text][0]))
+            grams = grams_for(text)
             match, checked = None, 0
             for candidate in earlier[low:high].tolist():
                 if not kept[candidate]:
                     continue
-                earlier_grams = grams_of[candidate] if candidate in grams_of else grams_of.setdefault(candidate, _grams(texts[candidate][0]))
-                similarity = jaccard(grams, earlier_grams)
+                similarity = jaccard(grams, grams_for(candidate))
                 if similarity >= self.threshold and (match is None or similarity > match.similarity):
                     match = Match(json.loads(texts[candidate][1]), round(similarity, 3))
                 checked += 1
@@ -331,22 +337,30 @@ class NearDuplicates:
 _RECORD = [("key", "<u8"), ("text", "<u4")]
 
 
+def _append_grouped(records: Any, groups: Any, folder: Path, handles: dict[int, BinaryIO]) -> None:
+    """Append each record to the file of its group in ``folder`` (opened once, kept in ``handles``), in their order within each group."""
+    import numpy as np
+
+    if not len(records):
+        return
+    order = np.argsort(groups, kind="stable")  # stable: each group keeps its records in order (of bytes, a radix sort)
+    records, groups = records[order], groups[order]
+    edges = np.flatnonzero(np.r_[True, groups[1:] != groups[:-1], True])
+    folder.mkdir(exist_ok=True)
+    for low, high in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
+        index = int(groups[low])
+        if index not in handles:
+            handles[index] = (folder / f"{index}").open("ab")
+        handles[index].write(records[low:high].tobytes())
+
+
 def _append_by_bucket(keys: Any, ids: Any, shift: int, bits: int, folder: Path, handles: dict[int, BinaryIO]) -> None:
     """Append each (key, text id) record to the file of its bucket: the ``bits`` bits of the key above bit ``shift``."""
     import numpy as np
 
-    folder.mkdir(exist_ok=True)
-    bucket = ((keys >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.uint8)  # a stable sort of bytes is a radix sort
-    order = np.argsort(bucket, kind="stable")
     records = np.empty(len(keys), dtype=_RECORD)
-    records["key"], records["text"] = keys[order], ids[order]
-    edges = np.searchsorted(bucket[order], np.arange((1 << bits) + 1, dtype=np.int64))
-    for index in range(1 << bits):
-        if edges[index] == edges[index + 1]:
-            continue
-        if index not in handles:
-            handles[index] = (folder / f"{index}").open("ab")
-        handles[index].write(records[edges[index] : edges[index + 1]].tobytes())
+    records["key"], records["text"] = keys, ids
+    _append_grouped(records, ((keys >> np.uint64(shift)) & np.uint64((1 << bits) - 1)).astype(np.uint8), folder, handles)
 
 
 def _pair_bucket(path: Path, shift: int, block: int, pairs: Path, pair_files: dict[int, BinaryIO]) -> None:
@@ -358,7 +372,7 @@ def _pair_bucket(path: Path, shift: int, block: int, pairs: Path, pair_files: di
     """
     import numpy as np
 
-    size = path.stat().st_size // 12
+    size = path.stat().st_size // np.dtype(_RECORD).itemsize
     if size > MAX_BUCKET and shift >= SPLIT_BITS:
         handles: dict[int, BinaryIO] = {}
         folder = path.with_name(path.name + ".split")
@@ -396,13 +410,4 @@ def _pair_bucket(path: Path, shift: int, block: int, pairs: Path, pair_files: di
     if not found:
         return
     codes = np.concatenate(found)
-    block_of = (codes >> np.uint64(32)).astype(np.int64) // block
-    order = np.argsort(block_of, kind="stable")
-    codes, block_of = codes[order], block_of[order]
-    edges = np.flatnonzero(np.r_[True, block_of[1:] != block_of[:-1], True])
-    pairs.mkdir(exist_ok=True)
-    for low, high in zip(edges[:-1].tolist(), edges[1:].tolist(), strict=True):
-        index = int(block_of[low])
-        if index not in pair_files:
-            pair_files[index] = (pairs / f"{index}").open("ab")
-        pair_files[index].write(codes[low:high].tobytes())
+    _append_grouped(codes, (codes >> np.uint64(32)).astype(np.int64) // block, pairs, pair_files)
