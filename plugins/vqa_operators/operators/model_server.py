@@ -61,7 +61,7 @@ def server_manifests(
     from kubernetes.client import ApiClient
     from kubernetes.client import models as k8s
 
-    from vqa_operators.operators.pod import locked_down, secrets, volumes
+    from vqa_operators.operators.containers import locked_down, secrets, volumes
 
     labels = {"app.kubernetes.io/name": APP_LABEL, "app.kubernetes.io/instance": name, **placement.labels}
     annotations = {"vqa/dag-id": dag_id, "vqa/run-id": run_id, **placement.annotations}

@@ -24,10 +24,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
-from airflow.providers.cncf.kubernetes.secret import Secret
 from kubernetes.client import models as k8s
 
 from vqa_operators import settings
+from vqa_operators.operators.containers import locked_down, secrets, volumes
 from vqa_operators.operators.failures import final_error_for_exit_code
 from vqa_operators.operators.model_server import RUN_SERVER_URL, run_server_url
 from vqa_operators.operators.placement import CONTAINER_ENV, PodSettings
@@ -37,38 +37,6 @@ __all__ = ["WORKER_COMMAND", "XCOM_FILE", "PodSettings", "VQAWorkerPodOperator",
 
 XCOM_FILE = "/airflow/xcom/return.json"
 WORKER_COMMAND = ["python3", "-m", "vqa_operators"]
-
-
-def volumes(placement: PodSettings, tmp_size: str) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
-    """``/tmp`` (sized), a memory-backed ``/dev/shm`` and the model cache at ``/models`` (a PVC, or an emptyDir)."""
-    cache = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=placement.model_cache_claim) if placement.model_cache_claim else None
-    found = [
-        k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=placement.shm_size)),
-        k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=tmp_size)),
-        k8s.V1Volume(name="model-cache", persistent_volume_claim=cache, empty_dir=None if cache else k8s.V1EmptyDirVolumeSource()),
-    ]
-    mounts = [
-        k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
-        k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
-        k8s.V1VolumeMount(name="model-cache", mount_path="/models"),
-    ]
-    return found, mounts
-
-
-def secrets(placement: PodSettings) -> list[Secret]:
-    """The Secrets the pod reads by reference: the API key, the S3 credentials (envFrom) and any ``secret_env``."""
-    found = []
-    if placement.api_key_secret:
-        found.append(Secret("env", settings.API_KEY_ENV, placement.api_key_secret, placement.api_key_secret_key))
-    if placement.s3_secret:
-        found.append(Secret("env", None, placement.s3_secret))  # envFrom: the AWS_* keys of the Secret
-    found += [Secret("env", name, ref.secret, ref.key) for name, ref in sorted(placement.secret_env.items())]
-    return found
-
-
-def locked_down() -> k8s.V1SecurityContext:
-    """A container that cannot gain privileges, holds no capabilities and cannot write its image's files."""
-    return k8s.V1SecurityContext(allow_privilege_escalation=False, read_only_root_filesystem=True, capabilities=k8s.V1Capabilities(drop=["ALL"]))
 
 
 def refuse_credentials_in(url: str | None, what: str) -> None:
