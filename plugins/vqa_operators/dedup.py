@@ -8,8 +8,9 @@ the LSH bands (``b`` bands of ``r`` rows) for the threshold.
 The index is a join on local disk, not a lookup per text: ``add_many`` appends each text's band
 keys to bucket files by key (and its normalised text to SQLite); ``matches`` then sorts one bucket
 at a time, pairs each text with the earlier texts that share a band key, counts the bands each
-pair shares per block of texts, and resolves the blocks in order. Memory is bounded by a bucket
-and a block, not by the run (``bench/dedup_memory.py``: the same peak at 100k, 1M and 10M).
+pair shares per block of texts (a block with more than ``MAX_PAIRS`` pairs split by text range
+first), and resolves the blocks in order. Memory is bounded by a bucket and ``MAX_PAIRS``, not
+by the run (``bench/dedup_memory.py``: the peak at 1M and 10M against 100k).
 
 A text is a candidate of an earlier one when they share at least ``MIN_SHARED_BANDS`` bands; it
 is a near-duplicate only if the exact Jaccard similarity of the two shingle sets reaches the
@@ -70,6 +71,9 @@ MAX_BUCKET = 500_000
 # texts per block of pairs counted and resolved together (more for a run of more than BLOCKS blocks)
 BLOCK = 16_384
 BLOCKS = 512
+# pairs counted at once: a block holding more (later in a large run, where each text meets more earlier
+# texts per key) is split by text range first, read MAX_PAIRS at a time, so that what is counted stays bounded
+MAX_PAIRS = 1 << 19
 _WORD = re.compile(r"[^\w]+", re.UNICODE)
 
 
@@ -263,9 +267,29 @@ class NearDuplicates:
             handle.close()
         kept = np.zeros(self.added, dtype=bool)
         for start in range(0, self.added, block):
-            path = self._root / "pairs" / f"{start // block}"
-            yield from self._resolve(start, min(start + block, self.added), path, kept, np)
+            yield from self._resolve_bounded(start, min(start + block, self.added), self._root / "pairs" / f"{start // block}", kept, np)
+
+    def _resolve_bounded(self, start: int, end: int, path: Path, kept: Any, np: Any) -> Iterator[Match | None]:
+        """``_resolve`` the texts ``start..end-1``, first split by text range while their pairs are more than ``MAX_PAIRS``; the files are deleted as they are read."""
+        size = path.stat().st_size // 8 if path.exists() else 0
+        if size <= MAX_PAIRS or end - start < 2:
+            yield from self._resolve(start, end, path, kept, np)
             path.unlink(missing_ok=True)
+            return
+        parts = min(end - start, 2 * math.ceil(size / MAX_PAIRS))
+        step = math.ceil((end - start) / parts)
+        folder = path.with_name(path.name + ".split")
+        handles: dict[int, BinaryIO] = {}
+        with path.open("rb") as source:
+            while len(piece := np.fromfile(source, dtype=np.uint64, count=MAX_PAIRS)):
+                _append_grouped(piece, ((piece >> np.uint64(32)).astype(np.int64) - start) // step, folder, handles)
+        for handle in handles.values():
+            handle.close()
+        path.unlink()
+        self._disk_peak = max(self._disk_peak, self._disk_now())
+        for low in range(start, end, step):
+            yield from self._resolve_bounded(low, min(low + step, end), folder / f"{(low - start) // step}", kept, np)
+        folder.rmdir()
 
     def _resolve(self, start: int, end: int, path: Path, kept: Any, np: Any) -> Iterator[Match | None]:
         """The texts ``start..end-1`` in order: each checked against its candidates that were kept, most shared bands first."""
