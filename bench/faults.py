@@ -106,7 +106,7 @@ def main() -> None:
             server.reset()
             again = run_job(opts)
             same = (folder / output).read_bytes() == clean_bytes
-            saved = 1 - again["requests"] / clean["requests"]
+            saved = 1 - again.requests / clean.requests
             print(f"| {share:.0%} of rows | {first} | {again['rows_reused']} | {again['requests']} | {clean['requests']} | {saved:.0%} | {'yes' if same else 'NO'} |")
     server.stop()
 

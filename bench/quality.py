@@ -58,7 +58,7 @@ def run(rows: int = 256, pairs: int = 3, slots: int = 32, latency: float = 1.0) 
         wall = time.monotonic() - started
         stats = server.stats()
     expected = rows * pairs * 3
-    assert manifest["rows_out"] == rows and manifest["pairs_kept"] == rows * pairs and stats["requests"] == expected, (
+    assert manifest.rows_out == rows and manifest.pairs_kept == rows * pairs and stats["requests"] == expected, (
         manifest,
         stats,
     )
@@ -71,7 +71,7 @@ def run(rows: int = 256, pairs: int = 3, slots: int = 32, latency: float = 1.0) 
             ">= 0.90",
             span_ratio >= 0.90,
             f"{rows} rows x {pairs} pairs x 3 requests (blind, agreement, grounding) = {expected} requests; {slots} slots x {latency:.1f} s "
-            f"= {capacity:.0f} req/s; concurrency {default_concurrency(slots)}; span {stats['span_s']:.2f} s; peak in flight {stats['peak_in_flight']}",
+            f"= {capacity:.0f} req/s; concurrency {default_concurrency(slots)}; span {stats['span_s']:.2f} s; peak in flight {stats['peak_concurrency']}",
         ),
         Result(
             "9. quality stage saturation, whole worker run",

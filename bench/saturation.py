@@ -39,7 +39,7 @@ def worker_run(server: SimServer, folder: Path, source: Path, slots: int, concur
     manifest = run_job(opts)
     wall = time.monotonic() - started
     stats = server.stats()
-    assert manifest["rows_out"] == stats["requests"], (manifest, stats)
+    assert manifest.rows_out == stats["requests"], (manifest, stats)
     capacity = stats["slots"] / stats["latency"]
     return stats["requests"] / stats["span_s"] / capacity, stats["requests"] / wall / capacity, stats
 
@@ -75,7 +75,7 @@ def client_ceiling(folder: Path, source: Path) -> tuple[float, float]:
         manifest = run_job(opts)
         wall, after = time.monotonic() - started, resource.getrusage(resource.RUSAGE_SELF)
     cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-    return manifest["rows_in"] / wall, 1000 * cpu / manifest["rows_in"]
+    return manifest.rows_in / wall, 1000 * cpu / manifest.rows_in
 
 
 def run(rows: int = 256, slots: int = 32, latency: float = 1.0, sweep: bool = True) -> list[Result]:
@@ -94,7 +94,7 @@ def run(rows: int = 256, slots: int = 32, latency: float = 1.0, sweep: bool = Tr
             Result(
                 "1. saturation, generation span", f"{span_ratio:.3f} of capacity", ">= 0.90", span_ratio >= 0.90,
                 f"{rows} rows of 1920x1080 JPEG, {slots} slots x {latency:.1f} s = {capacity:.0f} req/s; concurrency {derived} "
-                f"(derived from max_num_seqs {slots}); span {stats['span_s']:.2f} s; peak in flight {stats['peak_in_flight']}",
+                f"(derived from max_num_seqs {slots}); span {stats['span_s']:.2f} s; peak in flight {stats['peak_concurrency']}",
             ),
             Result(
                 "1. the same, against what this machine can feed", f"{span_ratio * capacity / bound:.3f} of min(capacity, client ceiling)", "reported", None,
@@ -109,7 +109,7 @@ def run(rows: int = 256, slots: int = 32, latency: float = 1.0, sweep: bool = Tr
         results.append(
             Result(
                 "1. saturation, 1280x720 JPEG (sent as is)", f"{fit_ratio:.3f} of capacity", ">= 0.90", fit_ratio >= 0.90,
-                f"same server and concurrency; span {fit_stats['span_s']:.2f} s; peak in flight {fit_stats['peak_in_flight']}",
+                f"same server and concurrency; span {fit_stats['span_s']:.2f} s; peak in flight {fit_stats['peak_concurrency']}",
             )
         )
         pool_ratio = thread_pool_run(server, folder, data, slots, latency)

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from common import MODEL, PYTHON, ROOT, Result, print_table, sim_server, write_jsonl, write_photos
 
-from vqa_operators.sharding import merge_run, plan_shards
+from vqa_operators.merge import merge_run
+from vqa_operators.sharding import plan_shards
 from vqa_operators.storage import Storage
 
 

@@ -25,8 +25,9 @@ from common import MODEL, Result, SimServer, print_table, sim_server, write_json
 
 from testkit.data import make_jpeg
 from vqa_operators.exceptions import JobError
+from vqa_operators.records import Shard
 from vqa_operators.settings import default_concurrency
-from vqa_operators.sharding import Shard, plan_shards
+from vqa_operators.sharding import plan_shards
 from vqa_operators.storage import Storage
 from vqa_operators.worker import JobOptions, run_job
 
@@ -58,8 +59,8 @@ def run_shards(server: SimServer, folder: Path, shards: list[Shard], concurrency
         "ratio": stats["requests"] / stats["span_s"] / (SLOTS / LATENCY) if stats["requests"] else 0.0,
         "timeouts": stats["requests"] - sum(r["rows_in"] for r in done) if len(done) == len(shards) else None,
         "failed_tasks": [r for r in results if isinstance(r, str)],
-        "rows": rows, "wall": wall, "max_queue_s": stats.get("max_queue_s", 0.0), "peak": stats["peak_in_flight"],
-        "in_flight": sum(JobOptions(generator="image_qa", input="x", output="y", max_num_seqs=SLOTS, concurrency=concurrency, shard=s).in_flight for s in shards),
+        "rows": rows, "wall": wall, "max_queue_s": stats.get("max_queue_s", 0.0), "peak": stats["peak_concurrency"],
+        "concurrency": sum(JobOptions(generator="image_qa", input="x", output="y", max_num_seqs=SLOTS, concurrency=concurrency, shard=s).effective_concurrency for s in shards),
     }
 
 
@@ -79,7 +80,7 @@ def run(shards_count: int = 16, rows_per_shard: int = 60) -> list[Result]:
 
     def detail(r: dict) -> str:
         return (
-            f"{shards_count} shards x {rows_per_shard} rows, server {SLOTS} slots x {LATENCY} s, timeout {TIMEOUT} s; in flight {r['in_flight']} in all, "
+            f"{shards_count} shards x {rows_per_shard} rows, server {SLOTS} slots x {LATENCY} s, timeout {TIMEOUT} s; concurrency {r['concurrency']} in all, "
             f"peak {r['peak']} at the server, longest queue {r['max_queue_s']:.1f} s, {r['wall']:.1f} s wall"
             + (f"; first failure: {r['failed_tasks'][0]}" if r["failed_tasks"] else "")
         )

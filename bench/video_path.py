@@ -46,9 +46,9 @@ def run_one(rows: int, iterations: int, latency: float) -> list[Result]:
                 generator=stage, input=str(source), output=str(output), base_url=server.base_url, model=MODEL, media_root=str(folder / "media"),
                 max_num_seqs=rows, seed=1, max_tokens=4096, params={"max_iterations": iterations} if stage.endswith("multiagent") else {},
             ))
-            assert manifest["rows_out"] == rows, manifest
+            assert manifest.rows_out == rows, manifest
             stats = server.stats()
-            spans[stage], requests, repairs = stats["span_s"], requests + stats["requests"], repairs + manifest["repairs"]
+            spans[stage], requests, repairs = stats["span_s"], requests + stats["requests"], repairs + manifest.repairs
             source = output
         # what preparing one stage's frames costs on this machine, with every core (as the worker does)
         from concurrent.futures import ThreadPoolExecutor

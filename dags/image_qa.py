@@ -28,10 +28,11 @@ writes `{"image": [...], "qa_pairs": [{"question", "answer"}, ...]}` rows to S3.
 
 from __future__ import annotations
 
-from airflow.sdk import Param, dag
+from airflow.sdk import dag
 
+from vqa_operators.generators.image_qa import ImageQAOptions
 from vqa_operators.operators import Placement, WorkerSpec, judge_and_merge, shard_plan, worker_task
-from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, export_params, io_params, quality_params
+from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, export_params, io_params, option_param, quality_params
 
 # kubernetes mode: where this DAG's worker pods run, and what they carry (placement.PodSettings), for every
 # task or per task id, e.g. Placement(default=PodSettings(s3_secret=None, service_account_name="vqa-worker"),
@@ -52,7 +53,7 @@ PODS = Placement()
         ),
         **export_params(),
         **quality_params(),
-        "pairs_per_row": Param(3, type="integer", minimum=1, maximum=20, title="QA pairs per row", description="Question-answer pairs generated for each row's images."),
+        "pairs_per_row": option_param(ImageQAOptions, "pairs_per_row", title="QA pairs per row", description="Question-answer pairs generated for each row's images."),
     },
 )
 def image_qa() -> None:

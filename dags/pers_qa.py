@@ -29,10 +29,11 @@ and the row, so a rerun asks the same question. An optional `subject_type` field
 
 from __future__ import annotations
 
-from airflow.sdk import Param, dag
+from airflow.sdk import dag
 
+from vqa_operators.generators.pers_qa import PersQAOptions
 from vqa_operators.operators import Placement, WorkerSpec, judge_and_merge, shard_plan, worker_task
-from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, export_params, io_params, quality_params
+from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, export_params, io_params, option_param, quality_params
 
 # kubernetes mode: where this DAG's worker pods run, and what they carry (placement.PodSettings), for every
 # task or per task id, e.g. Placement(default=PodSettings(s3_secret=None, service_account_name="vqa-worker"),
@@ -53,7 +54,7 @@ PODS = Placement()
         ),
         **export_params(),
         **quality_params(near_duplicate_key="question_answer"),
-        "tag": Param("<mam>", type="string", pattern=r"^\S{1,40}$", title="Main character tag", description="Name the model must use for the main character; every answer starts with it."),
+        "tag": option_param(PersQAOptions, "tag", title="Main character tag", description="Name the model must use for the main character; every answer starts with it."),
     },
 )
 def pers_qa() -> None:

@@ -41,10 +41,9 @@ a reason, in `<task>.errors.jsonl` beside it. XCom holds only manifests.
 
 from __future__ import annotations
 
-from typing import Any
+from airflow.sdk import dag
 
-from airflow.sdk import Param, dag
-
+from vqa_operators.generators.video_qa import VideoQAFinalOptions, VideoQAMultiAgentOptions, VideoQAOptions
 from vqa_operators.operators import Placement, WorkerSpec, judge_and_merge, shard_plan, staged_output, worker_task
 from vqa_operators.operators.dag_config import (
     DAG_DEFAULTS,
@@ -53,6 +52,7 @@ from vqa_operators.operators.dag_config import (
     export_params,
     ingest_params,
     io_params,
+    option_param,
     quality_params,
 )
 
@@ -60,9 +60,6 @@ from vqa_operators.operators.dag_config import (
 # task or per task id, e.g. Placement(default=PodSettings(s3_secret=None, service_account_name="vqa-worker"),
 # tasks={"ingest": {"cpu": "8", "tmp_size": "200Gi"}})
 PODS = Placement()
-
-# the revised and final sets are long JSON answers
-MAX_TOKENS = 4096
 
 
 @dag(
@@ -79,20 +76,19 @@ MAX_TOKENS = 4096
         **ingest_params(),
         **export_params(),
         **quality_params(),
-        "max_frames": Param(16, type="integer", minimum=1, maximum=256, title="Frames per request", description="Sampled evenly across the video."),
-        "max_iterations": Param(3, type="integer", minimum=0, maximum=20, title="Expert rounds", description="Multi-agent iterations; the master may stop earlier."),
-        "final_pairs": Param(10, type="integer", minimum=1, maximum=50, title="Final QA pairs per video", description="Labelled Question/Answer pairs in each video's QA list."),
+        "max_frames": option_param(VideoQAOptions, "max_frames", title="Frames per request", description="Sampled evenly across the video."),
+        "max_iterations": option_param(VideoQAMultiAgentOptions, "max_iterations", title="Expert rounds", description="Multi-agent iterations; the master may stop earlier."),
+        "final_pairs": option_param(VideoQAFinalOptions, "final_pairs", title="Final QA pairs per video", description="Labelled Question/Answer pairs in each video's QA list."),
     },
 )
 def video_qa() -> None:
     plan = shard_plan()
-    common: dict[str, Any] = {**RUN_OPTIONS, "max_tokens": MAX_TOKENS}
     ingest = worker_task(task_id="ingest", shards=plan, pods=PODS, spec=WorkerSpec(generator="video_ingest", params=INGEST_OPTIONS, **RUN_OPTIONS))
     initial = worker_task(
         task_id="initial",
         shards=plan,
         pods=PODS,
-        spec=WorkerSpec(generator="video_qa_initial", input=staged_output("ingest"), params={"max_frames": "{{ params.max_frames }}"}, **common),
+        spec=WorkerSpec(generator="video_qa_initial", input=staged_output("ingest"), params={"max_frames": "{{ params.max_frames }}"}, **RUN_OPTIONS),
     )
     multiagent = worker_task(
         task_id="multiagent",
@@ -102,14 +98,14 @@ def video_qa() -> None:
             generator="video_qa_multiagent",
             input=staged_output("initial"),
             params={"max_frames": "{{ params.max_frames }}", "max_iterations": "{{ params.max_iterations }}"},
-            **common,
+            **RUN_OPTIONS,
         ),
     )
     final = worker_task(
         task_id="final",
         shards=plan,
         pods=PODS,
-        spec=WorkerSpec(generator="video_qa_final", input=staged_output("multiagent"), params={"final_pairs": "{{ params.final_pairs }}"}, **common),
+        spec=WorkerSpec(generator="video_qa_final", input=staged_output("multiagent"), params={"final_pairs": "{{ params.final_pairs }}"}, **RUN_OPTIONS),
     )
     ingest >> initial >> multiagent >> final
     stages = {"ingest": ingest, "initial": initial, "multiagent": multiagent, "final": final}

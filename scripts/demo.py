@@ -394,6 +394,9 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
         "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__PARALLELISM": "4",
+        # SQLite's busy timeout at 60 s (pysqlite's default is 5): `airflow backfill create` beside the running
+        # scheduler waits for its write lock instead of failing with "database is locked"
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db?timeout=60",
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__API__BASE_URL": api,
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",

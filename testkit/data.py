@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -56,6 +56,14 @@ def write_image_rows(folder: Path, n: int) -> Path:
     source = folder / "in.jsonl"
     source.write_text("".join(json.dumps({"id": i, "image": "a.jpg" if i % 2 else ["a.jpg", "b.jpg"]}) + "\n" for i in range(n)))
     return source
+
+
+def row_seeds(source: Path, seed: int) -> dict[int, int]:
+    """The per-row request seed of each row of ``source`` (by its ``id``), as a worker run with ``seed`` derives it: a test tells rows' requests apart by it."""
+    from vqa_operators.generators.base import derive_seed, row_key
+
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    return {row["id"]: cast(int, derive_seed(seed, row_key(row))) for row in rows}
 
 
 def read_rows(path: Path) -> list[dict]:

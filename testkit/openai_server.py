@@ -182,8 +182,8 @@ class OpenAITestServer:
         self.script: deque[Reply] = deque()
         self.responder: Callable[[dict[str, Any]], Reply | None] | None = None
         self.latency = 0.0
-        self.in_flight = 0
-        self.max_in_flight = 0
+        self.concurrent = 0
+        self.peak_concurrency = 0
         self.fault_rates: dict[str, float] = {}
         self.required_key: str | None = None  # if set, other bearer tokens get 401, as `vllm serve --api-key`
         self.injected: Counter[str] = Counter()
@@ -203,6 +203,11 @@ class OpenAITestServer:
         # a speech-to-text model served beside the VLM: None, as a VLM-only vLLM, has no /v1/audio/transcriptions (404)
         self.transcription_model: str | None = None
         self.transcriptions: list[dict[str, Any]] = []
+        # ``hold(when)``: a completion request ``when`` picks waits, unanswered (``held`` of them now), until ``release()``
+        self.hold_when: Callable[[dict[str, Any]], bool] | None = None
+        self.held = 0
+        self.holding = threading.Event()  # set when a request is first held
+        self._released = threading.Event()
         self._slot_gate: threading.Semaphore | None = None
         self._rng = random.Random(0)
         self._lock = threading.Lock()
@@ -227,15 +232,15 @@ class OpenAITestServer:
         """Server-side figures since the last reset: requests, first arrival to last answer, peak in flight."""
         with self._lock:
             timings = list(self.timings)
-            peak = self.max_in_flight
+            peak = self.peak_concurrency
             if reset:
                 self.timings.clear()
-                self.max_in_flight = 0
+                self.peak_concurrency = 0
         if not timings:
-            return {"requests": 0, "span_s": 0.0, "peak_in_flight": peak}
+            return {"requests": 0, "span_s": 0.0, "peak_concurrency": peak}
         first, last = min(t[0] for t in timings), max(t[2] for t in timings)
         return {
-            "requests": len(timings), "first": first, "last": last, "span_s": last - first, "peak_in_flight": peak,
+            "requests": len(timings), "first": first, "last": last, "span_s": last - first, "peak_concurrency": peak,
             "mean_queue_s": sum(t[1] - t[0] for t in timings) / len(timings), "max_queue_s": max(t[1] - t[0] for t in timings),
             "slots": self.slots, "latency": self.latency,
         }
@@ -253,8 +258,40 @@ class OpenAITestServer:
             self.fault_rates = dict(rates)
             self._rng = random.Random(seed)
 
+    def hold(self, when: Callable[[dict[str, Any]], bool]) -> None:
+        """Hold every completion request ``when`` picks (by its body: a row's seed, say), unanswered, until ``release()``; answer the others.
+
+        A test gates the double this way instead of slowing it down: "the run is stopped mid-way, these
+        rows done and those not" holds whatever the machine's speed.
+        """
+        with self._lock:
+            self.hold_when = when
+            self.holding.clear()
+            self._released.clear()
+
+    def release(self) -> None:
+        """Let the held requests (and every later one) be answered."""
+        with self._lock:
+            self.hold_when = None
+        self._released.set()
+
+    def _admit(self, body: dict[str, Any]) -> None:
+        """While ``hold`` is on and picks this request, wait for ``release()`` (at most 120 s)."""
+        with self._lock:
+            held = self.hold_when is not None and self.hold_when(body)
+            if held:
+                self.held += 1
+                self.holding.set()
+        if held:
+            try:
+                self._released.wait(timeout=120)  # bounded: a test that never releases fails instead of hanging the server
+            finally:
+                with self._lock:
+                    self.held -= 1
+
     def reset(self) -> None:
-        """Forget recorded requests, scripts, injected faults and counters."""
+        """Forget recorded requests, scripts, injected faults and counters; release any held request."""
+        self.release()
         with self._lock:
             self.requests.clear()
             self.authorizations.clear()
@@ -268,7 +305,7 @@ class OpenAITestServer:
             self.transcription_model = None
             self.transcriptions.clear()
             self.timings.clear()
-            self.max_in_flight = 0
+            self.peak_concurrency = 0
             self.fault_rates = {}
             self.required_key = None
             self.injected.clear()
@@ -314,6 +351,7 @@ class OpenAITestServer:
         reply = self._next_reply(body)
         if reply.drop:
             return None
+        self._admit(body)
         if self._slot_gate is not None:
             with self._slot_gate:
                 taken = time.monotonic()
@@ -445,8 +483,8 @@ class OpenAITestServer:
                     return
                 with server._lock:
                     server.authorizations.append(self.headers.get("Authorization"))
-                    server.in_flight += 1
-                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    server.concurrent += 1
+                    server.peak_concurrency = max(server.peak_concurrency, server.concurrent)
                 try:
                     try:
                         answer = server._complete(body)
@@ -459,7 +497,7 @@ class OpenAITestServer:
                     self._send(*answer)
                 finally:
                     with server._lock:
-                        server.in_flight -= 1
+                        server.concurrent -= 1
 
         return Handler
 

@@ -17,7 +17,6 @@ def airflow_env(home: Path, *, s3_endpoint: str, vlm_base_url: str, model: str, 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VQA_", "AWS_"))}
     env.update(
         {
-            "AIRFLOW_HOME": str(home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
@@ -36,7 +35,16 @@ def airflow_env(home: Path, *, s3_endpoint: str, vlm_base_url: str, model: str, 
             "VQA_RETRY_DELAY_SECONDS": "3",  # a failing task fails the test in seconds, not minutes
         }
     )
-    return env
+    return in_home(env, home)
+
+
+def in_home(env: dict[str, str], home: Path) -> dict[str, str]:
+    """``env`` for an Airflow whose home, and SQLite database, is ``home``.
+
+    SQLite's busy timeout is 60 s (pysqlite's default is 5): a CLI command beside the running
+    scheduler (``backfill create``) waits for its write lock instead of failing with "database is locked".
+    """
+    return {**env, "AIRFLOW_HOME": str(home), "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db?timeout=60"}
 
 
 def airflow(*args: str, env: dict[str, str], timeout: int = 300) -> subprocess.CompletedProcess[str]:

@@ -25,7 +25,7 @@ TAGS = ["<mam>", "[P1]", "x" * 40, "(a|b)*+?.^$-#&~", "名前"]
 
 
 class _NoServing:
-    model_name, max_concurrency = "none", 1
+    model_name, concurrency = "none", 1
 
 
 def _bounds(options_model: type) -> dict[str, tuple[int, int]]:

@@ -87,7 +87,7 @@ def test_image_corpus_every_line_has_an_outcome(vlm_server: OpenAITestServer, tm
     assert [e["line"] for e in errors] == [n for n, (_, reason) in enumerate(corpus, start=1) if reason]
     assert [e["reason"] for e in errors] == [reason for _, reason in corpus if reason]
     assert all(e["detail"] for e in errors)
-    assert manifest["rows_in"] == len(corpus) and manifest["rows_out"] + manifest["rows_failed"] == len(corpus)
+    assert manifest.rows_in == len(corpus) and manifest.rows_out + manifest.rows_failed == len(corpus)
     by_line = {e["line"]: e for e in errors}
     assert "too large" in by_line[16]["detail"]
     assert by_line[21]["raw_line"].startswith('{"id": "latin1"')  # the bad bytes are kept, replaced, not lost
@@ -129,7 +129,7 @@ def test_s3_media_missing_and_denied(vlm_server: OpenAITestServer, tmp_path: Pat
         ("missing", "image_not_found"), ("denied", "image_unreadable"), ("other-bucket", "path_not_allowed"), ("dotdot", "path_not_allowed"),
     ]
     assert "AccessDenied" in errors[1]["detail"]
-    assert manifest["rows_failed"] == 4
+    assert manifest.rows_failed == 4
 
 
 def test_allowed_roots_are_configurable(vlm_server: OpenAITestServer, tmp_path: Path, media: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -139,7 +139,7 @@ def test_allowed_roots_are_configurable(vlm_server: OpenAITestServer, tmp_path: 
     lines = [json.dumps({"image": str(shared / "a.jpg")}).encode(), json.dumps({"image": "good.jpg"}).encode()]
     monkeypatch.setenv("VQA_ALLOWED_MEDIA_ROOTS", f"{media},{shared}")
     manifest, out, errors = job(tmp_path, vlm_server, lines)
-    assert (manifest["rows_out"], errors) == (2, [])
+    assert (manifest.rows_out, errors) == (2, [])
 
     monkeypatch.setenv("VQA_ALLOWED_MEDIA_ROOTS", f"{shared}")  # the media root itself is not allowed
     with pytest.raises(ConfigError, match="outside the allowed media roots"):

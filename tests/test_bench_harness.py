@@ -14,4 +14,4 @@ def test_the_benches_simulated_server_starts_and_serves() -> None:
             served = [m["id"] for m in json.loads(resp.read())["data"]]
         stats = server.stats()
     assert served == ["test-vlm"]
-    assert stats == {"requests": 0, "span_s": 0.0, "peak_in_flight": 0}  # listing models is not a chat request
+    assert stats == {"requests": 0, "span_s": 0.0, "peak_concurrency": 0}  # listing models is not a chat request

@@ -128,18 +128,24 @@ def test_airflow_local_settings_preloads_the_pod_operator_only_in_kubernetes_mod
 
 
 def test_worker_task_leaves_the_plan_as_it_was_and_the_plan_finds_the_specs_downstream() -> None:
-    import copy
 
     from airflow.sdk import DAG
 
     from vqa_operators.operators import WorkerSpec, shard_plan, worker_task
 
+    def holds_a_spec(value: object) -> bool:
+        return isinstance(value, WorkerSpec) or (isinstance(value, list | tuple | set | dict) and any(holds_a_spec(v) for v in (value.values() if isinstance(value, dict) else value)))
+
     with DAG("plan_specs", schedule=None):
         plan = shard_plan()
-        before = copy.deepcopy(plan.__dict__.get("specs"))
+        attributes = set(vars(plan))
         first = WorkerSpec(generator="image_qa")
         second = WorkerSpec(generator="pers_qa", input="s3://x/y.jsonl")
         worker_task(task_id="a", spec=first, shards=plan, mode="local")
         worker_task(task_id="b", spec=second, shards=plan, mode="local")
-    assert plan.__dict__.get("specs") == before  # nothing was added to the plan
-    assert sorted(spec.generator for spec in plan.worker_specs()) == ["image_qa", "pers_qa"]
+    # nothing was added to the plan: no new attribute, and no attribute holds a worker's spec (Airflow's own links to its downstream tasks aside)
+    assert set(vars(plan)) == attributes
+    assert not [name for name, value in vars(plan).items() if holds_a_spec(value)]
+    assert plan.downstream_task_ids == {"a", "b"}
+    # the plan finds them through its downstream tasks
+    assert sorted(plan.worker_specs(), key=lambda spec: spec.generator) == [first, second]

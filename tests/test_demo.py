@@ -29,6 +29,23 @@ def test_a_server_that_does_not_answer_is_a_clear_failure() -> None:
     assert "FAILED: no model to run:" in proc.stdout and "Connection refused" in proc.stdout
 
 
+def test_vllm_counts_as_installed_only_once_its_install_finished(tmp_path: Path) -> None:
+    """make vllm-venv creates the environment first: a failed install leaves its python, and the demo must fall back to transformers."""
+    from scripts.local_vllm import vllm_available
+
+    venv = tmp_path / ".venv-vllm"
+    assert "is missing" in (vllm_available(venv) or "")
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    assert "its install did not finish" in (vllm_available(venv) or "")
+    (venv / ".installed").write_text("")
+    assert "no vllm package" in (vllm_available(venv) or "")
+    package = venv / "lib" / "python3.11" / "site-packages" / "vllm"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    assert vllm_available(venv) is None
+
+
 def test_the_model_choice_without_anything_configured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No VQA_BASE_URL, no VQA_MODEL, no Hub: vLLM's CPU build (where installed) serves a tiny model built here, said to be noise."""
     from scripts import demo

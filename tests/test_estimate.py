@@ -11,7 +11,9 @@ import pytest
 from testkit.data import job_options, write_image_rows
 from testkit.openai_server import OpenAITestServer
 from testkit.verdicts import ScriptedVerdicts
-from vqa_operators.sharding import NearDuplicateSettings, deduplicate_shards, merge_run, plan_shards
+from vqa_operators.merge import deduplicate_shards, merge_run
+from vqa_operators.records import NearDuplicateSettings
+from vqa_operators.sharding import plan_shards
 from vqa_operators.storage import Storage
 from vqa_operators.worker import run_job
 
@@ -48,23 +50,23 @@ def test_an_estimate_from_a_sample_lies_within_10_percent_of_the_real_runs_reque
     vlm_server.requests.clear()
     real = run(vlm_server, tmp_path, source, "real", sample=None)
 
-    estimate = estimated["estimate"]
-    assert real["estimate"] is None and (estimate["sample_rows"], estimate["input_rows"]) == (8, ROWS)
-    assert estimated["rows_in"] == 8 and sample_requests == estimated["requests"]
+    estimate = estimated.estimate
+    assert real.estimate is None and (estimate.sample_rows, estimate.input_rows) == (8, ROWS)
+    assert estimated.rows_in == 8 and sample_requests == estimated.requests
     # every call the sample made, per row: 1 to generate, 3 to judge each of its 2 pairs
-    assert estimate["per_row"]["requests"] == 7.0 and estimate["per_kept_pair"] == estimated["cost_per_kept_pair"]
-    projected = estimate["projected"]
-    assert abs(projected["requests"] - real["requests"]) <= 0.1 * real["requests"], (projected, real["requests"])
-    assert abs(projected["completion_tokens"] - real["completion_tokens"]) <= 0.1 * real["completion_tokens"]
-    assert abs(projected["pairs_kept"] - real["pairs_kept"]) <= 0.1 * real["pairs_kept"] + 2
+    assert estimate.per_row.requests == 7.0 and estimate.per_kept_pair == estimated.cost_per_kept_pair
+    projected = estimate.projected
+    assert abs(projected.requests - real.requests) <= 0.1 * real.requests, (projected, real.requests)
+    assert abs(projected.completion_tokens - real.completion_tokens) <= 0.1 * real.completion_tokens
+    assert abs(projected.pairs_kept - real.pairs_kept) <= 0.1 * real.pairs_kept + 2
     # hours at the given throughput
-    assert estimate["throughput"] == "given" and estimate["server_hours"] == round(projected["requests"] / 4.0 / 3600, 3)
+    assert estimate.throughput == "given" and estimate.server_hours == round(projected.requests / 4.0 / 3600, 3)
 
 
 def test_an_estimate_without_a_given_throughput_uses_the_samples(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
     source = write_image_rows(tmp_path, 12)
     estimated = run(vlm_server, tmp_path, source, "estimate", sample=4)
-    estimate = estimated["estimate"]
-    seconds = sum(s["slowest_shard_s"] for s in estimated["stages"].values() if s["requests"])
-    assert estimate["throughput"] == "measured on the sample" and estimate["requests_per_s"] == round(estimated["requests"] / seconds, 3)
-    assert estimate["projected"]["requests"] == round(estimated["requests"] * 12 / 4)
+    estimate = estimated.estimate
+    seconds = sum(s.slowest_shard_s for s in estimated.stages.values() if s.requests)
+    assert estimate.throughput == "measured on the sample" and estimate.requests_per_s == round(estimated.requests / seconds, 3)
+    assert estimate.projected.requests == round(estimated.requests * 12 / 4)

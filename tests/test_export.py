@@ -16,9 +16,11 @@ import yaml
 
 from testkit.data import job_options, make_jpeg, read_rows
 from testkit.verdicts import ScriptedVerdicts
+from tests.helpers import run_manifest
 from vqa_operators.exceptions import ExportError
 from vqa_operators.export import IMAGE_TOKEN, VIDEO_TOKEN, ExportSettings, export_run
-from vqa_operators.sharding import merge_run, plan_shards
+from vqa_operators.merge import merge_run
+from vqa_operators.sharding import plan_shards
 from vqa_operators.storage import Storage
 from vqa_operators.worker import run_job
 
@@ -61,7 +63,7 @@ def test_the_exports_are_a_self_contained_folder_a_trainer_reads_after_a_copy(vl
     # the gate rejects every pair of row "three" (its only image is b.jpg, 48x64): the row leaves the dataset
     vlm_server.verdicts = ScriptedVerdicts(score=lambda q, a: 1 if "48x64" in q and "64x48" not in q else 5)
     manifest = _merged(vlm_server, tmp_path, "image_qa", IMAGE_ROWS, {"pairs_per_row": 2})
-    assert (manifest["rows_out"], manifest["rows_failed"], manifest["rows_rejected"]) == (2, 1, 1)
+    assert (manifest.rows_out, manifest.rows_failed, manifest.rows_rejected) == (2, 1, 1)
     out = read_rows(tmp_path / "run" / "generate.jsonl")
     run = tmp_path / "run"
     exports = export_run(Storage(), manifest, formats=["hf", "sharegpt", "llava"], media_root=str(tmp_path / "media-in"), dataset="image_qa", run_id="r1")
@@ -116,7 +118,11 @@ def test_the_exports_are_a_self_contained_folder_a_trainer_reads_after_a_copy(vl
     assert "- **Rows**: 2 in the dataset, of 4 input rows (1 failed, 1 rejected by the quality checks)." in text
     assert "- **QA pairs**: 4; the quality checks kept 4 of 6 judged (acceptance rate 66.7%)." in text
     assert "`not_grounded` 2" in text and "`image_not_found` 1" in text and "- **Run**: `r1`" in text
-    assert f"| quality | `{manifest['stages']['quality']['model']}` | `{manifest['stages']['quality']['prompt_sha256'][:16]}` |" in text
+    # how it was made: every stage's generator, model, prompts and errors file
+    quality, generate = manifest.stages["quality"], manifest.stages["generate"]
+    assert f"| quality | quality | `{quality.model}` | `{quality.prompt_sha256[:16]}` | 0 | `{quality.errors}` |" in text
+    assert f"| generate | image_qa | `{generate.model}` | `{generate.prompt_sha256[:16]}` | 1 | `{generate.errors}` |" in text
+    assert generate.errors == str(run / "generate.errors.jsonl") and "- **DAG**: " not in text  # merged outside a DAG
 
 
 @pytest.mark.parametrize("embed", [False, True])
@@ -215,7 +221,7 @@ def test_video_pairs_keep_their_labels_and_the_seconds_they_are_about(tmp_path: 
     run = tmp_path / "run"
     run.mkdir()
     (run / "final.jsonl").write_text(json.dumps(row) + "\n")
-    manifest = {"output": str(run / "final.jsonl"), "generator": "video_qa_final", "rows_out": 1, "rows_in": 1, "rows_failed": 0, "input": "in.jsonl", "errors": str(run / "final.errors.jsonl")}
+    manifest = run_manifest("video_qa_final", run / "final.jsonl", rows_in=1, rows_out=1)
     exports = export_run(Storage(), manifest, formats=["hf", "sharegpt"], media_root=str(tmp_path), allowed_roots=[str(tmp_path)], dataset="video_qa")
     sharegpt = json.loads(Path(exports["sharegpt"]).read_text())[0]
     sent_copies = [f"media/{sha_name(frames[0])}", f"media/{sha_name(frames[2])}"]

@@ -117,13 +117,13 @@ def test_every_row_is_accounted_for_under_a_fault_mix(vlm_server: OpenAITestServ
     ids = [r["id"] for r in out] + [e["row"]["id"] for e in errors]
     assert sorted(ids) == list(range(n))  # each row exactly once, in output or errors
     assert [r["id"] for r in out] == sorted(r["id"] for r in out)  # input order kept
-    assert manifest["rows_in"] == n and manifest["rows_out"] == len(out) and manifest["rows_failed"] == len(errors)
+    assert manifest.rows_in == n and manifest.rows_out == len(out) and manifest.rows_failed == len(errors)
     assert sum(vlm_server.injected.values()) > 0
     if mix == "transient":
         assert errors == []  # retries absorb every transient fault
     for entry in errors:  # only spoiled content, twice in a row, sends a row to errors
         assert entry["reason"] in CONTENT_REASONS and entry["raw_output"] and "after one repair" in entry["detail"]
-    assert manifest["repairs"] >= len(errors)
+    assert manifest.repairs >= len(errors)
 
 
 def test_urls_lose_their_credentials_in_messages() -> None:
@@ -145,6 +145,6 @@ def test_bad_output_gets_one_repair_then_goes_to_errors(vlm_server: OpenAITestSe
     out, errors = read_rows(tmp_path / "out" / "rows.jsonl"), read_rows(tmp_path / "out" / "rows.errors.jsonl")
     assert sorted([r["id"] for r in out] + [e["row"]["id"] for e in errors]) == [0, 1]
     assert [e["reason"] for e in errors] == [reason] and len(out) == 1
-    assert (manifest["requests"], manifest["repairs"]) == (4, 2)
+    assert (manifest.requests, manifest.repairs) == (4, 2)
     repairs = [r["messages"][-1]["content"] for r in vlm_server.requests if isinstance(r["messages"][-1]["content"], str)]
     assert len(repairs) == 2 and all(("max_tokens" in text) == (fault == "truncated") for text in repairs)

@@ -15,8 +15,10 @@ from testkit.verdicts import ScriptedVerdicts
 from vqa_operators import dedup
 from vqa_operators.dedup import NUM_PERM, NearDuplicates, _grams, jaccard, shingles, signatures
 from vqa_operators.exceptions import InputError
+from vqa_operators.merge import deduplicate_shards, merge_run
 from vqa_operators.preview import render_preview
-from vqa_operators.sharding import NearDuplicateSettings, deduplicate_shards, merge_run, plan_shards
+from vqa_operators.records import NearDuplicateSettings, Shard, StageManifest
+from vqa_operators.sharding import plan_shards
 from vqa_operators.storage import Storage
 from vqa_operators.worker import run_job
 
@@ -105,6 +107,28 @@ def test_a_bucket_too_large_to_sort_at_once_is_split_and_gives_the_same_verdicts
     assert sum(m is not None for m in expected) >= 300
 
 
+def test_a_block_with_too_many_pairs_is_split_by_text_range_and_gives_the_same_verdicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = _templated(3000)
+    texts += [(text.replace("How", "how").rstrip("?"), 20_000 + n) for text, n in texts[:300]]
+    with NearDuplicates(0.8) as whole:
+        expected = _matches(whole, texts)
+    ranges: list[tuple[int, int, int]] = []
+    resolve = NearDuplicates._resolve
+
+    def counted(self, start, end, path, kept, np):
+        ranges.append((start, end, path.stat().st_size // 8 if path.exists() else 0))
+        yield from resolve(self, start, end, path, kept, np)
+
+    monkeypatch.setattr(NearDuplicates, "_resolve", counted)
+    monkeypatch.setattr(dedup, "MAX_PAIRS", 2000)
+    with NearDuplicates(0.8) as split:
+        assert _matches(split, texts) == expected
+    # one block of 3,300 texts, resolved in text ranges that tile it in order, each with at most MAX_PAIRS pairs (or one text)
+    assert len(ranges) > 10
+    assert [start for start, _, _ in ranges] == [0, *(end for _, end, _ in ranges[:-1])] and ranges[-1][1] == len(texts)
+    assert all(pairs <= 2000 or end - start == 1 for start, end, pairs in ranges)
+
+
 def _rows(folder: Path) -> Path:
     """Six image rows; row 5 repeats row 1 exactly, so the double asks it the same questions (same seed, same prompt)."""
     media = folder / "media"
@@ -117,14 +141,14 @@ def _rows(folder: Path) -> Path:
     return source
 
 
-def _sharded_run(server, folder: Path, source: Path, dedup: NearDuplicateSettings) -> tuple[list, dict[str, list[dict]]]:
+def _sharded_run(server, folder: Path, source: Path, dedup: NearDuplicateSettings) -> tuple[list[Shard], dict[str, list[StageManifest]]]:
     """The DAG's tail by hand: generate per shard, dedup across them, quality per shard on what dedup left."""
     plan = plan_shards(Storage(), str(source), rows_per_shard=3)
-    stages: dict[str, list[dict]] = {"generate": [], "dedup": [], "quality": []}
+    stages: dict[str, list[StageManifest]] = {"generate": [], "dedup": [], "quality": []}
     for shard in plan:
         generated = folder / "run" / "generate" / f"shard-{shard.index:05d}.jsonl"
         stages["generate"].append(run_job(job_options(server, folder, source, output=str(generated), shard=shard, task_key=f"g{shard.index}")))
-    stages["dedup"] = deduplicate_shards(Storage(), stages["generate"], [s.model_dump() for s in plan], staging=str(folder / "run"), dedup=dedup)
+    stages["dedup"] = deduplicate_shards(Storage(), stages["generate"], plan, staging=str(folder / "run"), dedup=dedup)
     server.requests.clear()
     for shard in plan:
         deduplicated = folder / "run" / "dedup" / f"shard-{shard.index:05d}.jsonl"
@@ -136,7 +160,7 @@ def _sharded_run(server, folder: Path, source: Path, dedup: NearDuplicateSetting
                 )
             )
         )
-    return [s.model_dump() for s in plan], stages
+    return plan, stages
 
 
 def test_near_duplicates_are_dropped_across_shards_before_any_is_judged_and_every_row_is_accounted_for(vlm_server, tmp_path: Path) -> None:
@@ -147,16 +171,16 @@ def test_near_duplicates_are_dropped_across_shards_before_any_is_judged_and_ever
     # up to about 0.85): 0.95 tells them apart, and still catches the exact repeat
     plan, stages = _sharded_run(vlm_server, tmp_path, source, NearDuplicateSettings(threshold=0.95))
     # the judge saw 10 pairs, 3 calls each (blind answer, agreement, grounding): the 2 near-duplicates cost none
-    assert len(vlm_server.requests) == sum(m["requests"] for m in stages["quality"]) == 30
+    assert len(vlm_server.requests) == sum(m.requests for m in stages["quality"]) == 30
     output = tmp_path / "run" / "generate.jsonl"
     merged = merge_run(Storage(), stages, output=str(output), plan=plan)
 
     out, rejected = read_rows(output), read_rows(tmp_path / "run" / "generate.rejected.jsonl")
     # row 5 (second shard) repeats row 1 (first shard): both its pairs are near-duplicates, so the row leaves the dataset
     assert [r["id"] for r in out] == [1, 2, 3, 4, 6]
-    assert (merged["rows_in"], merged["rows_out"], merged["rows_failed"], merged["rows_rejected"]) == (6, 5, 0, 1)
-    assert merged["rejections_by_reason"] == {"near_duplicate": 2, "not_grounded": 1}
-    assert (merged["pairs_kept"], merged["pairs_rejected"], merged["acceptance_rate"]) == (9, 3, 0.75)
+    assert (merged.rows_in, merged.rows_out, merged.rows_failed, merged.rows_rejected) == (6, 5, 0, 1)
+    assert merged.rejections_by_reason == {"near_duplicate": 2, "not_grounded": 1}
+    assert (merged.pairs_kept, merged.pairs_rejected, merged.acceptance_rate) == (9, 3, 0.75)
     dupes = [e for e in rejected if e["reason"] == "near_duplicate"]
     assert [(e["stage"], e["line"], e["index"], e["row_rejected"], e["duplicate_of"], e["verdicts"]) for e in dupes] == [
         ("dedup", 5, 0, True, {"line": 1, "index": 0}, None), ("dedup", 5, 1, True, {"line": 1, "index": 1}, None)
@@ -164,14 +188,16 @@ def test_near_duplicates_are_dropped_across_shards_before_any_is_judged_and_ever
     assert [(e["stage"], e["line"], e["index"]) for e in rejected if e["reason"] == "not_grounded"] == [("quality", 3, 1)]
     # every kept pair still has its verdict beside it
     assert all(len(r["qa_pairs"]) == len(r["vqa_provenance"]["quality"]["verdicts"]) for r in out)
-    summary = merged["near_duplicates"]
-    assert (summary["threshold"], summary["pairs_checked"], summary["duplicates"], summary["judge_calls_per_pair"], summary["judge_calls_saved"]) == (0.95, 12, 2, 3.0, 6)
+    summary = merged.near_duplicates
+    assert (summary.threshold, summary.pairs_checked, summary.duplicates, summary.judge_calls_per_pair, summary.judge_calls_saved) == (0.95, 12, 2, 3.0, 6)
     # what the dataset's pairs cost: the generation's calls (one per row) and the judge's, over the 9 pairs kept
-    assert merged["requests"] == 6 + 30 and merged["cost_per_kept_pair"]["requests"] == round(36 / 9, 3)
-    assert merged["cost_per_kept_pair"]["prompt_tokens"] == round(merged["prompt_tokens"] / 9, 3)
-    assert merged["stages"]["quality"]["rejected"] == str(tmp_path / "run" / "generate.rejected.jsonl")
-    assert json.loads((tmp_path / "run" / "generate.manifest.json").read_text()) == merged
+    assert merged.requests == 6 + 30 and merged.cost_per_kept_pair.requests == round(36 / 9, 3)
+    assert merged.cost_per_kept_pair.prompt_tokens == round(merged.prompt_tokens / 9, 3)
+    assert merged.stages["quality"].rejected == str(tmp_path / "run" / "generate.rejected.jsonl")
     assert read_rows(tmp_path / "run" / "quality.errors.jsonl") == [] and read_rows(tmp_path / "run" / "generate.errors.jsonl") == []
+    # the dataset's generator, and every stage's errors file (dedup's rows cannot fail: it has none)
+    assert merged.generator == "image_qa" and merged.errors == {name: str(tmp_path / "run" / f"{name}.errors.jsonl") for name in ("generate", "quality")}
+    assert merged.stages["dedup"].errors is None and merged.stages["quality"].model == merged.stages["generate"].model == "test-vlm"
 
     # the preview: the acceptance rate at the top, kept pairs with their score, a row's rejected pair with its reason
     page = render_preview(Storage(), merged, title="t", media_root=str(tmp_path / "media")).decode()
@@ -187,15 +213,15 @@ def test_switched_off_every_pair_is_judged(vlm_server, tmp_path: Path) -> None:
     plan, stages = _sharded_run(vlm_server, tmp_path, source, NearDuplicateSettings(enabled=False))
     assert len(vlm_server.requests) == 36
     off = merge_run(Storage(), stages, output=str(tmp_path / "run" / "generate.jsonl"), plan=plan)
-    assert (off["rows_out"], off["rows_rejected"], off["pairs_kept"], off["rejections_by_reason"]) == (6, 0, 11, {"not_grounded": 1})
-    assert (off["near_duplicates"]["enabled"], off["near_duplicates"]["duplicates"], off["near_duplicates"]["judge_calls_saved"]) == (False, 0, 0)
+    assert (off.rows_out, off.rows_rejected, off.pairs_kept, off.rejections_by_reason) == (6, 0, 11, {"not_grounded": 1})
+    assert (off.near_duplicates.enabled, off.near_duplicates.duplicates, off.near_duplicates.judge_calls_saved) == (False, 0, 0)
     assert len(read_rows(tmp_path / "run" / "generate.rejected.jsonl")) == 1
 
 
 def test_the_merge_refuses_shards_that_do_not_account_for_every_row(vlm_server, tmp_path: Path) -> None:
     source = _rows(tmp_path)
     plan, stages = _sharded_run(vlm_server, tmp_path, source, NearDuplicateSettings(enabled=False))
-    short = [{**stages["quality"][0], "rows_out": stages["quality"][0]["rows_out"] - 1}, stages["quality"][1]]
+    short = [stages["quality"][0].model_copy(update={"rows_out": stages["quality"][0].rows_out - 1}), stages["quality"][1]]
     with pytest.raises(InputError, match="6 input rows but the shards report 5 in the output, 0 in errors files and 0 rejected"):
         merge_run(Storage(), {**stages, "quality": short}, output=str(tmp_path / "run" / "generate.jsonl"), plan=plan)
     assert not (tmp_path / "run" / "generate.jsonl").exists()
@@ -207,8 +233,9 @@ def test_a_row_without_pairs_passes_dedup_whole_and_every_row_is_accounted_for(t
     shard = tmp_path / "generate" / "shard-00000.jsonl"
     shard.parent.mkdir()
     shard.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    manifest = {"generator": "image_qa", "shard": 0, "output": str(shard), "rows_out": 3}
-    [result] = deduplicate_shards(Storage(), [manifest], [{"rows": 3}], staging=str(tmp_path), dedup=NearDuplicateSettings())
+    manifest = StageManifest(generator="image_qa", shard=0, input="in.jsonl", output=str(shard), errors=None, rows_in=3, rows_out=3, rows_failed=0, duration_s=0.1)
+    plan = [Shard(input="in.jsonl", index=0, first_line=1, rows=3, start=0, end=100)]
+    [result] = deduplicate_shards(Storage(), [manifest], plan, staging=str(tmp_path), dedup=NearDuplicateSettings())
     assert [r["id"] for r in read_rows(tmp_path / "dedup" / "shard-00000.jsonl")] == [1, 2]
-    assert (result["rows_in"], result["rows_out"], result["rows_rejected"], result["pairs_kept"], result["pairs_rejected"]) == (3, 2, 1, 1, 1)
+    assert (result.rows_in, result.rows_out, result.rows_rejected, result.pairs_kept, result.pairs_rejected) == (3, 2, 1, 1, 1)
     assert [(e["line"], e["reason"], e["row_rejected"]) for e in read_rows(tmp_path / "dedup" / "shard-00000.rejected.jsonl")] == [(3, "near_duplicate", True)]

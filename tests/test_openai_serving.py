@@ -94,7 +94,7 @@ def test_concurrency_is_bounded(vlm_server: OpenAITestServer) -> None:
         await asyncio.gather(*(client.chat(REQUEST) for _ in range(16)))
 
     asyncio.run(burst())
-    assert vlm_server.max_in_flight == 4
+    assert vlm_server.peak_concurrency == 4
 
 
 def test_api_key_is_read_from_the_named_variable_and_not_shown(vlm_server: OpenAITestServer, monkeypatch) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from vqa_operators.generators.base import Usage
 from vqa_operators.operators.callbacks import summary
-from vqa_operators.storage.checkpoint import Finished
+from vqa_operators.records import Finished
 from vqa_operators.worker.run_loop import Progress, progress_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +42,31 @@ def test_every_param_is_typed_titled_and_described(dagbag, dag_id: str) -> None:
     # no VQA_DATA_ROOT here: no default location, so a run must name its own (test_the_locations_default_to_the_data_root)
     assert (params["input_uri"], params["output_prefix"], params["media_root"]) == (None, None, None)
 
+
+@pytest.mark.parametrize(
+    ("dag_file", "param", "options", "field"),
+    [
+        ("image_qa", "pairs_per_row", "vqa_operators.generators.image_qa:ImageQAOptions", "pairs_per_row"),
+        ("pers_qa", "tag", "vqa_operators.generators.pers_qa:PersQAOptions", "tag"),
+        ("video_qa", "max_frames", "vqa_operators.generators.video_qa:VideoQAOptions", "max_frames"),
+        ("video_qa", "max_iterations", "vqa_operators.generators.video_qa:VideoQAMultiAgentOptions", "max_iterations"),
+        ("video_qa", "final_pairs", "vqa_operators.generators.video_qa:VideoQAFinalOptions", "final_pairs"),
+        ("video_qa", "frames_per_clip", "vqa_operators.generators.video_ingest:VideoIngestOptions", "frames_per_clip"),
+        ("image_qa", "min_judge_score", "vqa_operators.generators.quality:QualityOptions", "min_judge_score"),
+        ("image_qa", "quality_mode", "vqa_operators.generators.quality:QualityOptions", "mode"),
+        ("image_qa", "near_duplicate_threshold", "vqa_operators.records:NearDuplicateSettings", "threshold"),
+    ],
+)
+def test_a_dag_param_takes_its_default_and_bounds_from_the_options_model(dagbag, dag_file: str, param: str, options: str, field: str) -> None:
+    """The trigger form offers what the worker accepts: the DAG's param and the options field have one home, the model."""
+    import importlib
+
+    module, _, name = options.partition(":")
+    schema = getattr(importlib.import_module(module), name).model_json_schema()["properties"][field]
+    offered = dagbag.dags[dag_file].params.get_param(param)
+    assert offered.value == schema["default"]
+    for key in ("type", "minimum", "maximum", "exclusiveMinimum", "enum", "pattern", "maxLength"):
+        assert offered.schema.get(key) == schema.get(key), key
 
 @pytest.mark.parametrize(
     ("dag_id", "bad"),
@@ -210,11 +235,11 @@ def test_with_roots_configured_local_locations_inside_them_pass(dagbag, monkeypa
 
 
 def test_progress_line_per_batch_counts_rate_tokens_eta_and_failures() -> None:
-    progress = Progress("image_qa", total=100, batch=progress_batch(100, in_flight=320))
+    progress = Progress("image_qa", total=100, batch=progress_batch(100, concurrency=320))
     assert progress.batch == 5  # a twentieth of the shard when that is smaller than the window
     lines = []
     for i in range(10):
-        progress.add(Finished(error={"reason": "bad_image"}) if i == 3 else Finished(out={}), reused=i < 2)
+        progress.add(Finished(error={"stage": "image_qa", "line": i + 1, "reason": "bad_image", "detail": "unreadable"}) if i == 3 else Finished(out={}), reused=i < 2)
         if progress.due():
             lines.append(progress.line(Usage(requests=8, prompt_tokens=12_000, completion_tokens=800)))
     assert len(lines) == 2
@@ -226,7 +251,7 @@ def test_progress_line_per_batch_counts_rate_tokens_eta_and_failures() -> None:
     assert dataclasses.asdict(progress.snapshot()) == {
         "rows_total": 100, "rows_done": 10, "rows_finished": 9, "rows_reused": 2, "rows_failed": 1, "failures_by_reason": {"bad_image": 1},
     }
-    assert progress_batch(None, in_flight=320) == 320 and progress_batch(10_000, in_flight=320) == 320
+    assert progress_batch(None, concurrency=320) == 320 and progress_batch(10_000, concurrency=320) == 320
 
 
 def test_the_retry_line_names_the_try_the_error_and_what_the_try_did() -> None:

@@ -171,10 +171,10 @@ def test_rows_with_several_images_never_misalign(vlm_server: OpenAITestServer, t
     gen = generator(vlm_server, tmp_path)
 
     async def run() -> list:
-        return [o async for o in run_rows(gen, list(enumerate(rows, start=1)), window=8)]
+        return [o async for o in run_rows(gen, list(enumerate(rows, start=1)), concurrency=8)]
 
     outcomes = asyncio.run(run())
-    assert vlm_server.max_in_flight > 1
+    assert vlm_server.peak_concurrency > 1
     assert len(vlm_server.requests) == len(rows)
     for outcome in outcomes:
         match = FORMAT.match(outcome.fields["pers_qa"])

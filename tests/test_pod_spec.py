@@ -15,6 +15,7 @@ import pytest
 os.environ.setdefault("AIRFLOW_HOME", "/tmp/vqa-pod-test")
 
 from testkit.data import MODEL
+from vqa_operators.generators import generator_class
 from vqa_operators.video import ClipRules
 
 SECRET_KEY = "sk-must-not-appear"
@@ -169,7 +170,8 @@ def test_video_qa_tasks_are_valid_pods_chained_through_s3(
     output = f"s3://out/prefix/video_qa/{RUN_ID}/{task_id}/shard-00003.jsonl"  # a later stage reads the same shard's upstream output
     assert args[:6 if source else 4] == ["run", generator, *(["--input", source] if source else []), "--output", output]
     assert [args[i + 1] for i, a in enumerate(args) if a == "--param"][: len(params)] == params
-    assert args[args.index("--seed") + 1] == "9" and args[args.index("--max-tokens") + 1] == max_tokens
+    # the completion token limit is the generator's own (the worker takes it from its declaration), so the pod need not carry it
+    assert args[args.index("--seed") + 1] == "9" and "--max-tokens" not in args and generator_class(generator).max_tokens == int(max_tokens)
     # the stages may read the media the run staged (the ingest's frames) in the run's own folder
     assert args[args.index("--staging-root") + 1] == f"s3://out/prefix/video_qa/{RUN_ID}"
     assert "nvidia.com/gpu" not in container["resources"]["limits"]

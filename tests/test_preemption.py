@@ -1,8 +1,10 @@
 """Preemption: SIGTERM (a spot node reclaimed, a pod evicted, a task stopped) or SIGINT mid-run keeps the finished rows.
 
-The worker CLI runs in a child process, as in a pod, against the test double. The checkpoint is set
-so that it never flushes on its own during the run (every 100,000 rows or 10 minutes): whatever the
-rerun reuses was saved by the worker's own handling of the signal.
+The worker CLI runs in a child process, as in a pod, against the test double. The double answers
+the first half of the rows and holds the other half's requests unanswered (``OpenAITestServer.hold``,
+by each row's request seed), so the signal always lands mid-run, whatever the machine's speed. The checkpoint is set so that it
+never flushes on its own during the run (every 100,000 rows or 10 minutes): whatever the rerun
+reuses was saved by the worker's own handling of the signal.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from testkit.data import MODEL, write_image_rows
+from testkit.data import MODEL, row_seeds, write_image_rows
 from testkit.openai_server import OpenAITestServer
-from tests.helpers import ROOT, checkpointed_rows
+from tests.helpers import ROOT, checkpointed_rows, wait_for_progress
 
 ROWS = 40
 
@@ -34,42 +36,32 @@ def _worker(server: OpenAITestServer, folder: Path, source: Path) -> subprocess.
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
-def _wait_for_rows(proc: subprocess.Popen[str], rows: int) -> list[str]:
-    """Read the worker's log until a progress line reports at least ``rows`` rows done; return the lines read."""
-    assert proc.stderr is not None
-    seen = []
-    for line in proc.stderr:
-        seen.append(line)
-        head = line.split("image_qa: ", 1)[-1]
-        if " rows" in head and head.split(" ", 1)[0].isdigit() and int(head.split(" ", 1)[0]) >= rows:
-            return seen
-    raise AssertionError("the worker ended before it reported progress:\n" + "".join(seen))
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_mid_run_checkpoints_finished_rows_and_the_rerun_sends_only_the_rest(
     vlm_server: OpenAITestServer, tmp_path: Path, sig: signal.Signals
 ) -> None:
     source = write_image_rows(tmp_path, ROWS)
-    vlm_server.latency = 0.2  # 4 in flight: at most 20 rows a second, so the signal lands a second or more before the end
+    later = {seed for row, seed in row_seeds(source, 3).items() if row >= ROWS // 2}
+    vlm_server.hold(lambda body: body.get("seed") in later)  # the first half of the rows are answered, the rest wait
     proc = _worker(vlm_server, tmp_path, source)
     try:
-        _wait_for_rows(proc, ROWS // 2)
-        sent = time.monotonic()
+        wait_for_progress(proc.stderr, "image_qa", ROWS // 2)
         proc.send_signal(sig)
-        _, rest = proc.communicate(timeout=30)
-        took = time.monotonic() - sent
+        _, rest = proc.communicate(timeout=60)
+        # it stopped while its requests were still unanswered: it cancelled them, it did not wait for them
+        still_held = vlm_server.held
     finally:
         proc.kill()
+        vlm_server.release()
     assert proc.returncode == 128 + int(sig), rest
-    assert took < 5, f"the worker took {took:.1f}s to stop"
+    assert still_held >= 1, "the worker stopped only once the server answered"
     last = rest.strip().splitlines()[-1]
     assert last.startswith(f"vqa_operators: Interrupted: {sig.name}: stopped: "), last
     assert "checkpointed, so the next try sends only the other rows" in last
     assert not (tmp_path / "out" / "rows.jsonl").exists(), "an interrupted run writes no output"
     saved = checkpointed_rows(tmp_path / "out")
-    # at least the rows reported done before the signal; never all of them (the run was stopped mid-way)
-    assert ROWS // 2 <= saved < ROWS
+    # exactly the rows the server answered: every finished row is saved, and no other row could finish
+    assert saved == ROWS // 2 and vlm_server.holding.is_set()
     assert f": {saved} rows finished ({saved} this try, 0 reused)" in last
 
     vlm_server.reset()
@@ -150,4 +142,4 @@ def test_in_process_a_signal_raises_interrupted_with_what_the_try_did_and_the_re
 
     vlm_server.reset()
     manifest = run_job(opts)
-    assert manifest["rows_reused"] == finished and manifest["requests"] == ROWS - finished
+    assert manifest.rows_reused == finished and manifest.requests == ROWS - finished

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from testkit.data import make_jpeg
+from tests.helpers import run_manifest
 from vqa_operators.preview import write_preview
 from vqa_operators.storage.uris import Storage
 
@@ -22,10 +23,7 @@ def test_preview_shows_thumbnails_escaped_qa_and_failures_by_reason(tmp_path: Pa
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     errors = [{"stage": "image_qa", "line": 3 + i, "reason": "invalid_json" if i < 7 else "bad_image", "detail": f"d{i}", "raw_output": "{oops"} for i in range(8)]
     (tmp_path / "run" / "generate.errors.jsonl").write_text("".join(json.dumps(e) + "\n" for e in errors))
-    manifest = {
-        "generator": "image_qa", "output": str(out), "errors": str(tmp_path / "run" / "generate.errors.jsonl"), "rows_in": 10, "rows_out": 2,
-        "rows_failed": 8, "model": "m", "prompt_sha256": "ab" * 32, "seed": 1, "prompt_tokens": 10, "completion_tokens": 5, "requests": 9,
-    }
+    manifest = run_manifest("image_qa", out, rows_in=10, rows_out=2, rows_failed=8, prompt_tokens=10, completion_tokens=5, requests=9)
     uri = write_preview(Storage(), manifest, title="image_qa · run", media_root=str(tmp_path), examples_per_reason=5)
     assert uri == str(tmp_path / "run" / "generate.preview.html")
     page = Path(uri).read_text()
@@ -46,10 +44,7 @@ def test_a_run_with_other_field_names_previews_from_the_generators_declared_fiel
     row = {"photos": ["a.jpg"], "pairs": [{"question": "Which colour?", "answer": "Red."}], "vqa_provenance": {"image_qa": {"options": options}}}
     out.write_text(json.dumps(row) + "\n")
     (tmp_path / "run" / "generate.errors.jsonl").write_text("")
-    manifest = {
-        "generator": "image_qa", "output": str(out), "errors": str(tmp_path / "run" / "generate.errors.jsonl"), "rows_in": 1, "rows_out": 1,
-        "rows_failed": 0, "model": "m", "prompt_sha256": "ab" * 32, "seed": 1, "prompt_tokens": 10, "completion_tokens": 5, "requests": 1,
-    }
+    manifest = run_manifest("image_qa", out, rows_in=1, rows_out=1, prompt_tokens=10, completion_tokens=5, requests=1)
     page = Path(write_preview(Storage(), manifest, title="t", media_root=str(tmp_path))).read_text()
     assert "Which colour?" in page and "Red." in page
     assert page.count('<img class="thumb" src="data:image/jpeg;base64,') == 1

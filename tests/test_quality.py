@@ -23,7 +23,7 @@ def generated(server: OpenAITestServer, folder: Path, rows: int = 4, pairs: int 
     """image_qa's output over ``rows`` rows with ``pairs`` pairs each (``folder/gen/rows.jsonl``)."""
     source = write_image_rows(folder, rows)
     manifest = run_job(job_options(server, folder, source, output=str(folder / "gen" / "rows.jsonl"), params={"pairs_per_row": pairs}))
-    assert manifest["rows_out"] == rows
+    assert manifest.rows_out == rows
     server.requests.clear()
     return folder / "gen" / "rows.jsonl"
 
@@ -48,9 +48,9 @@ def test_pairs_are_kept_or_rejected_by_the_scripted_verdicts_with_reasons_and_ve
 
     out = read_rows(tmp_path / "q" / "rows.jsonl")
     rejected = read_rows(tmp_path / "q" / "rows.rejected.jsonl")
-    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"], manifest["rows_rejected"]) == (4, 4, 0, 0)
-    assert (manifest["pairs_kept"], manifest["pairs_rejected"]) == (4, 8)
-    assert manifest["rejections_by_reason"] == {"answerable_blind": 4, "not_grounded": 4}
+    assert (manifest.rows_in, manifest.rows_out, manifest.rows_failed, manifest.rows_rejected) == (4, 4, 0, 0)
+    assert (manifest.pairs_kept, manifest.pairs_rejected) == (4, 8)
+    assert manifest.rejections_by_reason == {"answerable_blind": 4, "not_grounded": 4}
     assert all([_pair_number(p["question"]) for p in row["qa_pairs"]] == [1] for row in out)
     # kept pairs carry their verdicts in provenance, one per kept pair
     for row in out:
@@ -80,7 +80,7 @@ def test_a_row_with_every_pair_rejected_goes_to_the_rejected_file_as_a_row(vlm_s
     doomed = {p["question"] for p in rows[0]["qa_pairs"]}
     vlm_server.verdicts = ScriptedVerdicts(score=lambda q, a: 1 if q in doomed else 5)
     manifest = gate(vlm_server, tmp_path, source)
-    assert (manifest["rows_out"], manifest["rows_rejected"], manifest["pairs_kept"], manifest["pairs_rejected"]) == (3, 1, 6, 2)
+    assert (manifest.rows_out, manifest.rows_rejected, manifest.pairs_kept, manifest.pairs_rejected) == (3, 1, 6, 2)
     rejected = read_rows(tmp_path / "q" / "rows.rejected.jsonl")
     assert [(e["line"], e["reason"], e["row_rejected"]) for e in rejected] == [(1, "not_grounded", True)] * 2
     assert [r["id"] for r in read_rows(tmp_path / "q" / "rows.jsonl")] == [1, 2, 3]
@@ -91,10 +91,10 @@ def test_switching_checks_off_changes_the_calls_and_the_threshold_decides(vlm_se
     vlm_server.verdicts = ScriptedVerdicts(answerable_blind=lambda q, a: True, score=lambda q, a: 3)
     manifest = gate(vlm_server, tmp_path, source, blind_check=False, min_judge_score=4)
     assert _schema_names(vlm_server) == [GROUNDING] * 4
-    assert manifest["rejections_by_reason"] == {"not_grounded": 4} and manifest["rows_rejected"] == 2
+    assert manifest.rejections_by_reason == {"not_grounded": 4} and manifest.rows_rejected == 2
     vlm_server.requests.clear()
     manifest = gate(vlm_server, tmp_path, source, grounding_check=False, blind_check="False")
-    assert vlm_server.requests == [] and manifest["pairs_kept"] == 4 and manifest["rejections_by_reason"] == {}
+    assert vlm_server.requests == [] and manifest.pairs_kept == 4 and manifest.rejections_by_reason == {}
     with pytest.raises(ConfigError, match="min_judge_score"):
         gate(vlm_server, tmp_path, source, min_judge_score=6)
     with pytest.raises(ConfigError, match="source"):
@@ -106,7 +106,7 @@ def test_a_model_failure_during_a_check_is_an_error_not_a_rejection(vlm_server: 
     # the blind answer is not JSON, twice (the repair too): the row fails with the parse reason
     vlm_server.enqueue(Reply(spoil="invalid_json"), Reply(spoil="invalid_json"))
     manifest = gate(vlm_server, tmp_path, source)
-    assert (manifest["rows_out"], manifest["rows_failed"], manifest["rows_rejected"], manifest["pairs_rejected"]) == (0, 1, 0, 0)
+    assert (manifest.rows_out, manifest.rows_failed, manifest.rows_rejected, manifest.pairs_rejected) == (0, 1, 0, 0)
     errors = read_rows(tmp_path / "q" / "rows.errors.jsonl")
     assert [(e["stage"], e["reason"], e["line"]) for e in errors] == [("quality", "invalid_json", 1)]
     assert read_rows(tmp_path / "q" / "rows.rejected.jsonl") == []
@@ -119,7 +119,7 @@ def test_rows_without_pairs_to_judge_go_to_errors(vlm_server: OpenAITestServer, 
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(json.dumps(r) for r in ({"image": "a.jpg"}, {"image": "a.jpg", "qa_pairs": []}, {"image": "a.jpg", "qa_pairs": [{"q": 1}]})) + "\n")
     manifest = gate(vlm_server, tmp_path, source)
-    assert manifest["failures_by_reason"] == {"bad_field": 2, "missing_field": 1} and vlm_server.requests == []
+    assert manifest.failures_by_reason == {"bad_field": 2, "missing_field": 1} and vlm_server.requests == []
 
 
 def test_the_readme_documents_every_rejection_reason() -> None:
@@ -158,8 +158,8 @@ def test_a_retried_gate_reuses_its_kept_rejected_and_failed_rows(vlm_server: Ope
     vlm_server.verdicts = verdicts
     manifest = try_gate()
     # only line 4 is judged again: the rejected, the failed and the kept rows come from the checkpoint
-    assert (manifest["rows_reused"], manifest["requests"], len(vlm_server.requests)) == (3, 3, 3)
-    assert (manifest["rows_out"], manifest["rows_rejected"], manifest["rows_failed"], manifest["pairs_kept"], manifest["pairs_rejected"]) == (2, 1, 1, 2, 1)
+    assert (manifest.rows_reused, manifest.requests, len(vlm_server.requests)) == (3, 3, 3)
+    assert (manifest.rows_out, manifest.rows_rejected, manifest.rows_failed, manifest.pairs_kept, manifest.pairs_rejected) == (2, 1, 1, 2, 1)
     assert [e["line"] for e in read_rows(tmp_path / "q" / "rows.rejected.jsonl")] == [1]
     assert [e["reason"] for e in read_rows(tmp_path / "q" / "rows.errors.jsonl")] == ["bad_field"]
 
@@ -170,7 +170,7 @@ def test_annotate_keeps_every_pair_with_every_checks_verdict_and_what_filter_wou
     vlm_server.verdicts = ScriptedVerdicts(answerable_blind=lambda q, a: _pair_number(q) == 2, score=lambda q, a: 2 if _pair_number(q) == 3 else 4)
     manifest = gate(vlm_server, tmp_path, source, mode="annotate")
     out = read_rows(tmp_path / "q" / "rows.jsonl")
-    assert (manifest["rows_out"], manifest["pairs_kept"], manifest["pairs_rejected"], manifest["rows_rejected"]) == (4, 12, 0, 0)
+    assert (manifest.rows_out, manifest.pairs_kept, manifest.pairs_rejected, manifest.rows_rejected) == (4, 12, 0, 0)
     assert read_rows(tmp_path / "q" / "rows.rejected.jsonl") == []
     for row in out:
         verdicts = row["vqa_provenance"]["quality"]["verdicts"]
@@ -181,7 +181,7 @@ def test_annotate_keeps_every_pair_with_every_checks_verdict_and_what_filter_wou
     names = _schema_names(vlm_server)
     assert (names.count("BlindAnswer"), names.count(AGREEMENT), names.count(GROUNDING)) == (12, 12, 12)
     # the verdicts' distribution, for the preview and the card
-    assert manifest["quality_scores"] == {
+    assert manifest.quality_scores == {
         "grounding_score": {"1": 0, "2": 4, "3": 0, "4": 8, "5": 0}, "blind_asked": 12, "blind_agreed": 4,
         "failing": {"answerable_blind": 4, "not_grounded": 4},
     }
@@ -189,7 +189,7 @@ def test_annotate_keeps_every_pair_with_every_checks_verdict_and_what_filter_wou
     # a blind-answerable pair, so those four have no score)
     vlm_server.requests.clear()
     filtered = gate(vlm_server, tmp_path, source)
-    assert filtered["quality_scores"] == {
+    assert filtered.quality_scores == {
         "grounding_score": {"1": 0, "2": 4, "3": 0, "4": 4, "5": 0}, "blind_asked": 12, "blind_agreed": 4,
         "failing": {"answerable_blind": 4, "not_grounded": 4},
     }

@@ -7,19 +7,19 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from testkit.data import MODEL, job_options, read_rows, write_image_rows
+from testkit.data import MODEL, job_options, read_rows, row_seeds, write_image_rows
 from testkit.openai_server import OpenAITestServer, outage_after
-from tests.helpers import checkpointed_rows
+from tests.helpers import checkpointed_rows, wait_for_progress
 from vqa_operators.exceptions import ServerUnavailableError
 from vqa_operators.generators.image_qa import ImageQAGenerator
+from vqa_operators.records import Finished
 from vqa_operators.serving.openai_api import APIVLMServing_openai
 from vqa_operators.storage import Storage
-from vqa_operators.storage.checkpoint import Checkpoint, Finished, checkpoint_prefix
+from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix
 from vqa_operators.worker import JobOptions, run_job, settings_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,12 +63,12 @@ def test_a_failed_try_is_resumed_with_fewer_calls_and_the_same_output(vlm_server
 
     manifest = run_job(opts)
     # every row the failed try finished, and only those, is reused
-    assert manifest["rows_reused"] == finished and manifest["requests"] == N - finished
-    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"]) == (N + 1, N, 1)
+    assert manifest.rows_reused == finished and manifest.requests == N - finished
+    assert (manifest.rows_in, manifest.rows_out, manifest.rows_failed) == (N + 1, N, 1)
     # byte for byte what an uninterrupted run wrote: complete, in order, no duplicates
     assert (read_uri(f"{place}/rows.jsonl"), read_uri(f"{place}/rows.errors.jsonl")) == clean_bytes
-    assert clean["requests"] == N
-    print(f"\nresume ({place}): {manifest['rows_reused']} of {N} rows reused; calls saved {1 - manifest['requests'] / clean['requests']:.0%}")
+    assert clean.requests == N
+    print(f"\nresume ({place}): {manifest.rows_reused} of {N} rows reused; calls saved {1 - manifest.requests / clean.requests:.0%}")
 
 
 def test_a_rerun_after_success_is_a_no_op(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_a_rerun_after_success_is_a_no_op(vlm_server: OpenAITestServer, tmp_path
     vlm_server.reset()
 
     again = run_job(opts)
-    assert (again["requests"], again["rows_reused"], again["rows_out"]) == (0, 8, first["rows_out"])
+    assert (again.requests, again.rows_reused, again.rows_out) == (0, 8, first.rows_out)
     assert vlm_server.requests == []
     assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in (out, errors)] == stamps  # not rewritten
     assert sorted((tmp_path / "out").glob("rows.checkpoint/**/part-*")) == parts  # no new checkpoint part
@@ -97,7 +97,7 @@ def test_changed_settings_are_not_reused(vlm_server: OpenAITestServer, tmp_path:
     run_job(job_options(vlm_server, tmp_path, source))
     vlm_server.reset()
     manifest = run_job(job_options(vlm_server, tmp_path, source, **change))
-    assert (manifest["rows_reused"], manifest["requests"]) == (0, 6)
+    assert (manifest.rows_reused, manifest.requests) == (0, 6)
 
 
 def test_fingerprint_covers_model_and_prompt_templates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -127,9 +127,9 @@ def test_identical_rows_are_each_kept(vlm_server: OpenAITestServer, tmp_path: Pa
     source = write_image_rows(tmp_path, 1)
     source.write_text(source.read_text() * 3)
     opts = job_options(vlm_server, tmp_path, source)
-    assert run_job(opts)["rows_out"] == 3
+    assert run_job(opts).rows_out == 3
     again = run_job(opts)
-    assert (again["rows_out"], again["rows_reused"], again["requests"]) == (3, 3, 0)
+    assert (again.rows_out, again.rows_reused, again.requests) == (3, 3, 0)
     assert len(read_rows(tmp_path / "out" / "rows.jsonl")) == 3
 
 
@@ -159,22 +159,26 @@ def test_overlapping_writers_never_overwrite_each_others_parts(tmp_path: Path) -
 def test_sigkill_mid_run_then_rerun(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
     rows = 40
     source = write_image_rows(tmp_path, rows)
-    vlm_server.latency = 0.1
+    later = {seed for row, seed in row_seeds(source, 1).items() if row >= 12}
+    vlm_server.hold(lambda body: body.get("seed") in later)  # rows 0-11 are answered, the rest wait: the kill always lands mid-run
     output = tmp_path / "out" / "rows.jsonl"
     argv = [
         sys.executable, "-m", "vqa_operators", "run", "image_qa", "--input", str(source), "--output", str(output),
         "--media-root", str(tmp_path / "media"), "--concurrency", "2", "--seed", "1", "--checkpoint-every", "3", "--param", "pairs_per_row=2",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins"), "VQA_BASE_URL": vlm_server.base_url, "VQA_MODEL": MODEL}
-    worker = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while checkpointed_rows(output.parent) < 12 and time.monotonic() < deadline and worker.poll() is None:
-        time.sleep(0.05)
-    worker.send_signal(signal.SIGKILL)
-    worker.wait(timeout=10)
+    worker = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # a row is checkpointed (every 3) as it finishes, before its progress line: 12 reported is 12 saved
+        wait_for_progress(worker.stderr, "image_qa", 12)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        worker.kill()
+        vlm_server.release()
     assert worker.returncode == -signal.SIGKILL
     saved = checkpointed_rows(output.parent)
-    assert 12 <= saved < rows
+    assert saved == 12
     assert not output.exists() and not output.with_name("rows.errors.jsonl").exists()  # nothing partial at the keys
     first_calls = len(vlm_server.requests)
     vlm_server.reset()
@@ -192,12 +196,15 @@ def test_sigkill_mid_run_then_rerun(vlm_server: OpenAITestServer, tmp_path: Path
 def test_one_rule_decides_a_finished_record_for_the_writer_and_the_loader(tmp_path: Path) -> None:
     from pydantic import ValidationError
 
-    rejected = [{"reason": "not_grounded", "pair": {"question": "q", "answer": "a"}}]
+    rejected = [
+        {"stage": "quality", "line": 2, "index": 0, "pair": {"question": "q", "answer": "a"}, "reason": "not_grounded", "detail": "score 1", "verdicts": None,
+         "row_rejected": False, "row": {"id": 2}}
+    ]
     kinds = {
         "kept": Finished(out={"id": 1}),
         "judged": Finished(out={"id": 2}, pairs_kept=1, rejected=rejected),
         "rejected": Finished(pairs_kept=0, rejected=rejected),
-        "failed": Finished(error={"reason": "bad_field", "detail": "x"}),
+        "failed": Finished(error={"stage": "image_qa", "line": 4, "reason": "bad_field", "detail": "x", "row": {"id": 4}}),
     }
     assert [r.kind for r in kinds.values()] == ["kept", "kept", "rejected", "failed"]
     for broken in ({"out": {}, "error": {"reason": "x"}}, {}, {"pairs_kept": 0}, {"out": {}, "pairs_kept": 0}, {"error": {"detail": "no reason"}},

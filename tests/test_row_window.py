@@ -41,10 +41,10 @@ class Scripted:
             self.running -= 1
 
 
-def run(generator: Scripted, rows: int, window: int, reorder: int | None = None, timeout: float = 10) -> list[int]:
+def run(generator: Scripted, rows: int, concurrency: int, reorder: int | None = None, timeout: float = 10) -> list[int]:
     async def go() -> list[int]:
         items = [(i + 1, {"id": i}) for i in range(rows)]
-        return [o.row["id"] async for o in run_rows(generator, items, window=window, reorder=reorder)]  # type: ignore[arg-type]
+        return [o.row["id"] async for o in run_rows(generator, items, concurrency=concurrency, reorder=reorder)]  # type: ignore[arg-type]
 
     return asyncio.run(asyncio.wait_for(go(), timeout=timeout))
 
@@ -53,7 +53,7 @@ def test_one_slow_row_does_not_stop_new_rows_from_starting() -> None:
     # row 0 finishes only after 12 others have. A window that counted finished rows waiting for it
     # would let only 3 others run; this one keeps 4 running behind it, and holds up to 16 finished
     generator = Scripted(release_after=12)
-    assert run(generator, rows=60, window=4) == list(range(60))  # still in input order
+    assert run(generator, rows=60, concurrency=4) == list(range(60))  # still in input order
     assert generator.most_running == 4
 
 
@@ -61,5 +61,5 @@ def test_the_rows_waiting_for_a_slow_one_are_bounded() -> None:
     # with room to hold only 10 finished rows, row 0 (released by the 30th) never finishes: no row starts past the bound
     generator = Scripted(release_after=30)
     with pytest.raises(TimeoutError):
-        run(generator, rows=60, window=4, reorder=10, timeout=1)
+        run(generator, rows=60, concurrency=4, reorder=10, timeout=1)
     assert 10 <= generator.finished <= 10 + 3  # the reorder room, and the rows that were running when it filled

@@ -10,6 +10,11 @@ import pytest
 
 from vqa_operators import settings
 from vqa_operators.exceptions import ConfigError, Reason
+from vqa_operators.generators import generator_class
+from vqa_operators.generators.image_qa import ImageQAOptions
+from vqa_operators.generators.quality import QualityOptions
+from vqa_operators.generators.video_qa import VideoQAOptions
+from vqa_operators.storage.checkpoint import Checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = [p for folder in ("plugins", "dags", "scripts") for p in (ROOT / folder).rglob("*.py")]
@@ -79,7 +84,10 @@ def test_every_default_has_one_value_everywhere_it_is_offered() -> None:
     opts = JobOptions(generator="image_qa", input="in.jsonl", output="out.jsonl")
     sampling = SamplingParams()
     for got in (spec, opts, sampling):
-        assert (got.temperature, got.top_p, got.max_tokens) == (settings.TEMPERATURE, settings.TOP_P, settings.MAX_TOKENS)
+        assert (got.temperature, got.top_p) == (settings.TEMPERATURE, settings.TOP_P)
+    # the completion token limit: the generator's own unless a run sets it (video QA's stages declare theirs)
+    assert spec.max_tokens is None and opts.max_tokens is None and sampling.max_tokens == settings.MAX_TOKENS
+    assert generator_class("image_qa").max_tokens == settings.MAX_TOKENS and generator_class("video_qa_final").max_tokens == 4096
     assert spec.max_pixels == opts.max_pixels == settings.MAX_PIXELS
     client = inspect.signature(APIVLMServing_openai).parameters
     local = inspect.signature(LocalModelVLMServing_vllm).parameters
@@ -88,6 +96,14 @@ def test_every_default_has_one_value_everywhere_it_is_offered() -> None:
     assert (opts.request_timeout, opts.max_retries, opts.max_consecutive_failures) == (
         client["timeout"].default, client["max_retries"].default, client["max_consecutive_failures"].default,
     )
+    assert (local["vllm_gpu_memory_utilization"].default, local["concurrency"].default) == (settings.VLLM_GPU_MEMORY_UTILIZATION, settings.MAX_NUM_SEQS)
+    checkpoint = inspect.signature(Checkpoint).parameters
+    assert (checkpoint["every_rows"].default, checkpoint["every_seconds"].default) == (settings.CHECKPOINT_EVERY, settings.CHECKPOINT_SECONDS)
+    # the quality gate sends a video's frames and a row's images on the same budgets as the stages that made the row
+    assert QualityOptions.model_fields["max_frames"].default == VideoQAOptions.model_fields["max_frames"].default == settings.MAX_FRAMES
+    assert QualityOptions.model_fields["frame_max_pixels"].default == VideoQAOptions.model_fields["frame_max_pixels"].default == settings.FRAME_MAX_PIXELS
+    assert QualityOptions.model_fields["max_images_per_row"].default == ImageQAOptions.model_fields["max_images_per_row"].default == settings.MAX_IMAGES_PER_ROW
+
     params = io_params("image_qa", rows_doc="", final_task="generate")
     assert params["max_shards"].value == settings.MAX_SHARDS and params["rows_per_shard"].value == settings.ROWS_PER_SHARD
 
@@ -99,7 +115,7 @@ def test_the_http_clients_defaults_are_the_workers(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("VQA_MAX_NUM_SEQS", "32")
     monkeypatch.delenv("VQA_CONCURRENCY", raising=False)
     client = APIVLMServing_openai(api_url="http://127.0.0.1:9/v1")
-    assert client.model_name == "served-model" and client.max_concurrency == settings.default_concurrency(32) == 40
+    assert client.model_name == "served-model" and client.concurrency == settings.default_concurrency(32) == 40
     monkeypatch.delenv("VQA_MODEL")
     with pytest.raises(ConfigError, match="no model name"):
         APIVLMServing_openai(api_url="http://127.0.0.1:9/v1")

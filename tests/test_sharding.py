@@ -9,8 +9,9 @@ import pytest
 
 from testkit.data import job_options, read_rows, write_image_rows
 from vqa_operators.exceptions import InputError
+from vqa_operators.merge import finalize_run, merge_run
 from vqa_operators.settings import MAX_SHARDS_LIMIT
-from vqa_operators.sharding import merge_run, plan_shards
+from vqa_operators.sharding import plan_shards
 from vqa_operators.storage import Storage
 from vqa_operators.storage.jsonl import read_jsonl
 from vqa_operators.worker import run_job
@@ -89,7 +90,7 @@ def test_shards_run_and_merge_to_the_unsharded_result(vlm_server, tmp_path: Path
         run_job(job_options(vlm_server, tmp_path, source, output=str(tmp_path / "run" / "generate" / f"shard-{s.index:05d}.jsonl"), shard=s, task_key=f"d/generate/r/{s.index}"))
         for s in reversed(plan)  # finishing order does not matter
     ]
-    assert sorted(m["shard"] for m in manifests) == [0, 1, 2, 3] and [m["rows_in"] for m in manifests] == [1, 4, 4, 4]
+    assert sorted(m.shard for m in manifests) == [0, 1, 2, 3] and [m.rows_in for m in manifests] == [1, 4, 4, 4]
     merged = merge_run(Storage(), {"generate": manifests}, output=str(tmp_path / "run" / "generate.jsonl"), plan=[s.model_dump() for s in plan])
 
     def strip(rows: list[dict]) -> list[dict]:
@@ -97,9 +98,14 @@ def test_shards_run_and_merge_to_the_unsharded_result(vlm_server, tmp_path: Path
 
     assert strip(read_rows(tmp_path / "run" / "generate.jsonl")) == strip(read_rows(tmp_path / "whole" / "rows.jsonl"))
     assert read_rows(tmp_path / "run" / "generate.errors.jsonl") == read_rows(tmp_path / "whole" / "rows.errors.jsonl")
-    assert (merged["rows_in"], merged["rows_out"], merged["rows_failed"], merged["shards"]) == (13, 11, 2, 4)
-    assert merged["failures_by_reason"] == whole["failures_by_reason"] == {"malformed_json": 1, "missing_field": 1}
-    assert json.loads((tmp_path / "run" / "generate.manifest.json").read_text()) == merged
+    assert (merged.rows_in, merged.rows_out, merged.rows_failed, merged.shards) == (13, 11, 2, 4)
+    assert merged.failures_by_reason == whole.failures_by_reason == {"malformed_json": 1, "missing_field": 1}
+    assert merged.generator == "image_qa" and merged.errors == {"generate": str(tmp_path / "run" / "generate.errors.jsonl")}
+    # the manifest is written last, once the preview it names is there
+    assert not (tmp_path / "run" / "generate.manifest.json").exists()
+    final = finalize_run(Storage(), merged, title="t", media_root=str(tmp_path), allowed_roots=[str(tmp_path)])
+    assert (tmp_path / "run" / "generate.preview.html").exists()
+    assert json.loads((tmp_path / "run" / "generate.manifest.json").read_text()) == final.dump() == merged.dump()
 
 
 def test_the_merge_refuses_a_shard_that_lost_rows(vlm_server, tmp_path: Path) -> None:
@@ -129,14 +135,14 @@ def test_a_runs_shards_split_the_servers_budget_unless_each_serves_its_own(tmp_p
     shards = plan_shards(Storage(), str(source), rows_per_shard=4, max_shards=16)
     assert len(shards) == 16 and {s.shards for s in shards} == {16}
 
-    def in_flight(**extra: object) -> int:
-        return JobOptions(**{"generator": "image_qa", "output": str(tmp_path / "o.jsonl"), "max_num_seqs": 256, "concurrency": None, "shard": shards[3], **extra}).in_flight
+    def effective_concurrency(**extra: object) -> int:
+        return JobOptions(**{"generator": "image_qa", "output": str(tmp_path / "o.jsonl"), "max_num_seqs": 256, "concurrency": None, "shard": shards[3], **extra}).effective_concurrency
 
-    assert in_flight() == 20  # 1.25 x 256 = 320, split 16 ways
-    assert in_flight(serve_vllm=True) == 320  # a pod with its own vLLM keeps the whole budget
-    assert in_flight(concurrency=7) == 7  # a given concurrency is the task's own
-    assert JobOptions(generator="image_qa", input=str(source), output=str(tmp_path / "o.jsonl"), max_num_seqs=256, concurrency=None).in_flight == 320
+    assert effective_concurrency() == 20  # 1.25 x 256 = 320, split 16 ways
+    assert effective_concurrency(serve_vllm=True) == 320  # a pod with its own vLLM keeps the whole budget
+    assert effective_concurrency(concurrency=7) == 7  # a given concurrency is the task's own
+    assert JobOptions(generator="image_qa", input=str(source), output=str(tmp_path / "o.jsonl"), max_num_seqs=256, concurrency=None).effective_concurrency == 320
     # three shards of a 10-slot server: ceil(12 / 3)
     three = plan_shards(Storage(), str(source), rows_per_shard=22)
     assert [s.shards for s in three] == [3, 3, 3]
-    assert JobOptions(generator="image_qa", output="o.jsonl", max_num_seqs=10, concurrency=None, shard=three[0]).in_flight == 4
+    assert JobOptions(generator="image_qa", output="o.jsonl", max_num_seqs=10, concurrency=None, shard=three[0]).effective_concurrency == 4

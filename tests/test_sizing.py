@@ -24,12 +24,12 @@ def options(**extra: object) -> JobOptions:
 
 def test_concurrency_defaults_to_a_quarter_over_the_server_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VQA_MAX_NUM_SEQS", raising=False)
-    assert options().in_flight == 320  # vLLM's default max_num_seqs, 256, and a quarter
-    assert options(max_num_seqs=32).in_flight == 40 == default_concurrency(32)
-    assert options(max_num_seqs=1).in_flight == 2
-    assert options(max_num_seqs=32, concurrency=7).in_flight == 7  # set explicitly, it wins
+    assert options().effective_concurrency == 320  # vLLM's default max_num_seqs, 256, and a quarter
+    assert options(max_num_seqs=32).effective_concurrency == 40 == default_concurrency(32)
+    assert options(max_num_seqs=1).effective_concurrency == 2
+    assert options(max_num_seqs=32, concurrency=7).effective_concurrency == 7  # set explicitly, it wins
     monkeypatch.setenv("VQA_MAX_NUM_SEQS", "64")
-    assert options().in_flight == 80
+    assert options().effective_concurrency == 80
 
 
 def test_a_bad_server_batch_size_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

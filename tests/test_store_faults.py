@@ -25,7 +25,9 @@ from testkit.openai_server import OpenAITestServer
 from testkit.s3_faults import S3FaultProxy
 from tests.real_vllm import write_inputs
 from vqa_operators.exceptions import StorageError
-from vqa_operators.sharding import NearDuplicateSettings, Shard, deduplicate_shards, merge_run, plan_shards
+from vqa_operators.merge import deduplicate_shards, finalize_run, merge_run
+from vqa_operators.records import NearDuplicateSettings, Shard, StageManifest
+from vqa_operators.sharding import plan_shards
 from vqa_operators.storage import Storage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,8 +96,8 @@ def files(out: str) -> dict[str, bytes]:
     return {uri.removeprefix(out + "/"): storage.read_bytes(uri).replace(out.encode(), b"<out>") for uri in storage.list(out + "/") if ".checkpoint/" not in uri}
 
 
-def counts(manifest: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(manifest[k] for k in ("rows_in", "rows_out", "rows_failed", "rows_rejected", "failures_by_reason", "pairs_kept", "requests"))
+def counts(manifest: Any) -> tuple[Any, ...]:
+    return tuple(getattr(manifest, k) for k in ("rows_in", "rows_out", "rows_failed", "rows_rejected", "failures_by_reason", "pairs_kept", "requests"))
 
 
 def test_every_stage_on_a_faulty_store_writes_what_it_writes_on_a_sound_one(
@@ -115,6 +117,8 @@ def test_every_stage_on_a_faulty_store_writes_what_it_writes_on_a_sound_one(
         for out, manifests in ((faulty_out, faulty), (clean_out, clean)):
             deduplicated = deduplicate_shards(storage, [manifests["image_qa"]], whole, staging=f"{out}/merged", dedup=NearDuplicateSettings(threshold=0.95))
             merged[out] = merge_run(storage, {"generate": [manifests["image_qa"]], "dedup": deduplicated}, output=f"{out}/merged/generate.jsonl", plan=whole)
+            # the preview (it reads the images back) and the manifest, last
+            finalize_run(storage, merged[out], title="t", media_root=f"{shared}/media", allowed_roots=[shared])
         injected = dict(proxy.counts)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_env)
     assert [(s.first_line, s.rows) for s in plan] == [(1, 3), (4, 3)]
@@ -122,17 +126,17 @@ def test_every_stage_on_a_faulty_store_writes_what_it_writes_on_a_sound_one(
     assert all(injected.get(kind, 0) >= 3 for kind in RATES), injected
     for stage in STAGES:
         assert counts(faulty[stage]) == counts(clean[stage]), stage
-        assert faulty[stage]["rows_reused"] == 0, stage  # the job never failed: the faults were all absorbed
+        assert faulty[stage].rows_reused == 0, stage  # the job never failed: the faults were all absorbed
     # the files: byte for byte what the sound store got (checkpoints aside)
     got, want = files(faulty_out), files(clean_out)
     assert got.keys() == want.keys()
     for name in want:
         if not name.endswith(".manifest.json"):  # the merged manifest holds the run's seconds
             assert got[name] == want[name], name
-    assert merged[faulty_out]["rows_out"] == merged[clean_out]["rows_out"] == 6
+    assert merged[faulty_out].rows_out == merged[clean_out].rows_out == 6
     # a good row never went to errors, and the video frames the ingest wrote are all there
-    assert clean["image_qa"]["rows_failed"] == clean["video_qa_final"]["rows_failed"] == 0
-    assert clean["video_ingest"]["rows_out"] == 3
+    assert clean["image_qa"].rows_failed == clean["video_qa_final"].rows_failed == 0
+    assert clean["video_ingest"].rows_out == 3
 
 
 def test_a_definite_answer_is_the_rows_and_a_fault_that_persists_fails_the_job_with_exit_5(
@@ -143,7 +147,7 @@ def test_a_definite_answer_is_the_rows_and_a_fault_that_persists_fails_the_job_w
     # AccessDenied on one image: its row goes to errors as unreadable, the others are made
     faulty.denied = "/media/1.jpg"
     manifest = run_stage(vlm_server, tmp_path, shared, out, "image_qa")
-    assert (manifest["rows_out"], manifest["failures_by_reason"]) == (4, {"image_unreadable": 2})
+    assert (manifest.rows_out, manifest.failures_by_reason) == (4, {"image_unreadable": 2})
     errors = [json.loads(line) for line in Storage().iter_lines(f"{out}/image_qa.errors.jsonl")]
     # row 0 shows images 0 and 1, row 1 image 1
     assert [e["row"]["id"] for e in errors] == [0, 1] and all("AccessDenied" in e["detail"] for e in errors)
@@ -169,6 +173,6 @@ def test_a_definite_answer_is_the_rows_and_a_fault_that_persists_fails_the_job_w
     faulty.persistent = None
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    retried = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert (retried["rows_out"], retried["rows_failed"]) == (6, 0) and 3 <= retried["rows_reused"] <= 5
-    assert retried["requests"] == 6 - retried["rows_reused"]
+    retried = StageManifest.model_validate_json(proc.stdout.strip().splitlines()[-1])
+    assert (retried.rows_out, retried.rows_failed) == (6, 0) and 3 <= retried.rows_reused <= 5
+    assert retried.requests == 6 - retried.rows_reused

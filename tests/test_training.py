@@ -41,7 +41,8 @@ OUTPUT = {"image_qa": "generate", "video_qa": "final"}
 def _run(folder: Path, server: OpenAITestServer, rows: list[dict], stages: list[tuple[str, str, dict]], name: str) -> Path:
     """The stages over ``rows`` (one shard), the merge and the exports, as the DAG runs them; the run's folder."""
     from vqa_operators.export import export_run
-    from vqa_operators.sharding import merge_run, plan_shards
+    from vqa_operators.merge import merge_run
+    from vqa_operators.sharding import plan_shards
     from vqa_operators.storage import Storage
     from vqa_operators.worker import run_job
 
@@ -65,7 +66,7 @@ def _run(folder: Path, server: OpenAITestServer, rows: list[dict], stages: list[
     copy = folder / "synced" / "run"
     shutil.copytree(folder / "run", copy)
     shutil.rmtree(media)
-    assert manifest["rows_out"] >= 3
+    assert manifest.rows_out >= 3
     return copy
 
 

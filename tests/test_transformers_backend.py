@@ -66,15 +66,15 @@ def test_guided_decoding_gets_a_random_models_rows_out(tiny_idefics3: Path, tmp_
         media_root=str(media), seed=1, max_tokens=512, params={"pairs_per_row": 2, "max_question_chars": 40, "max_answer_chars": 60},
     )
     manifest = run_job(opts)
-    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"]) == (3, 2, 1)
+    assert (manifest.rows_in, manifest.rows_out, manifest.rows_failed) == (3, 2, 1)
     out = read_rows(tmp_path / "out.jsonl")
     for row in out:  # noise, but noise in the schema's shape and bounds
         assert len(row["qa_pairs"]) == 2 and all(0 < len(p["question"]) <= 40 and 0 < len(p["answer"]) <= 60 for p in row["qa_pairs"])
     assert [e["reason"] for e in read_rows(tmp_path / "out.errors.jsonl")] == ["bad_image"]
     # each image row asked once, no repair needed; the broken image never reached the model
-    assert manifest["requests"] == 2 and manifest["repairs"] == 0
-    assert manifest["prompt_tokens"] > 0 and manifest["completion_tokens"] > 0
-    assert manifest["model"] == str(tiny_idefics3)
+    assert manifest.requests == 2 and manifest.repairs == 0
+    assert manifest.prompt_tokens > 0 and manifest.completion_tokens > 0
+    assert manifest.model == str(tiny_idefics3)
 
 
 def test_without_guided_decoding_the_same_model_writes_unusable_text(tiny_idefics3: Path) -> None:

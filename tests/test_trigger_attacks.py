@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from testkit.data import MODEL, make_jpeg
-from tests.airflow_env import airflow, airflow_env
+from tests.airflow_env import airflow, airflow_env, in_home
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ def test_each_trigger_attack_fails_in_plan_and_leaks_nothing(_vlm_server, s3, s3
         run_home = tmp_path / f"home-{index}"
         run_home.mkdir()
         shutil.copy(home / "airflow.db", run_home / "airflow.db")
-        proc = airflow("dags", "test", dag_id, "-c", json.dumps(conf), env={**env, "AIRFLOW_HOME": str(run_home)})
+        proc = airflow("dags", "test", dag_id, "-c", json.dumps(conf), env=in_home(env, run_home))
         assert proc.returncode != 0, f"{name}: the run succeeded"
         return name, proc.stdout + proc.stderr, run_home
 

@@ -117,7 +117,7 @@ def test_a_video_becomes_clips_with_stored_frames_timestamps_and_captions(vlm_se
     write_video(media / "ad.mp4", [2.0, 3.0, 1.5], fps=FPS, size=(320, 240))
     opts = ingest_options(vlm_server, tmp_path, [{"id": "ad", "video": "ad.mp4", "Meta": "A shoe ad."}], params={"frames_per_clip": 4})
     manifest = run_job(opts)
-    assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"]) == (1, 1, 0)
+    assert (manifest.rows_in, manifest.rows_out, manifest.rows_failed) == (1, 1, 0)
     [row] = read_rows(tmp_path / "run" / "ingest.jsonl")
     assert row["id"] == "ad" and row["video"] == "ad.mp4" and row["Meta"] == "A shoe ad."
     clips = row["Clips"]
@@ -203,7 +203,7 @@ def test_bad_videos_go_to_errors_with_a_reason_and_every_row_is_accounted_for(vl
     ]
     opts = ingest_options(vlm_server, tmp_path, rows, params={"caption": False, "max_side": 300})
     manifest = run_job(opts)
-    assert manifest["rows_in"] == 12 and manifest["rows_out"] == 0 and manifest["rows_failed"] == 12  # 320 wide is over max_side 300
+    assert manifest.rows_in == 12 and manifest.rows_out == 0 and manifest.rows_failed == 12  # 320 wide is over max_side 300
     reasons = {e["row"]["id"]: e["reason"] for e in read_rows(tmp_path / "run" / "ingest.errors.jsonl")}
     assert reasons == {
         "good": "bad_dimensions", "empty": "video_unreadable", "truncated": "video_unreadable", "noise": "video_unreadable",
@@ -260,13 +260,13 @@ def test_the_ingested_rows_run_through_the_three_video_stages(vlm_server: OpenAI
     common = {"base_url": vlm_server.base_url, "model": MODEL, "media_root": str(media), "concurrency": 4, "seed": 1, "max_tokens": 4096}
     # the frames lie in the run's folder, outside the media root: only the run's staging root lets a stage read them
     confined = run_job(JobOptions(generator="video_qa_initial", input=str(run / "ingest.jsonl"), output=str(run / "confined.jsonl"), **common))
-    assert confined["failures_by_reason"] == {"path_not_allowed": 1}
+    assert confined.failures_by_reason == {"path_not_allowed": 1}
     stages = [("video_qa_initial", "ingest", "initial", {}), ("video_qa_multiagent", "initial", "multiagent", {"max_iterations": 1}), ("video_qa_final", "multiagent", "final", {"final_pairs": 3})]
     for generator, source, output, params in stages:
         manifest = run_job(JobOptions(
             generator=generator, input=str(run / f"{source}.jsonl"), output=str(run / f"{output}.jsonl"), staging_root=str(run), params=params, **common,
         ))
-        assert (manifest["rows_out"], manifest["rows_failed"]) == (1, 0), manifest["failures_by_reason"]
+        assert (manifest.rows_out, manifest.rows_failed) == (1, 0), manifest.failures_by_reason
     [row] = read_rows(run / "final.jsonl")
     assert len(row["QA"]) == 3 and all({"Label", "Question", "Answer", "Clips"} == set(p) and all(0 <= c < len(row["Clips"]) for c in p["Clips"]) for p in row["QA"])
     # the initial request showed the ingested frames, and their captions
@@ -288,7 +288,7 @@ def test_videos_and_frames_on_s3(vlm_server: OpenAITestServer, s3, bucket: str, 
         generator="video_ingest", input=str(source), output=out, base_url=vlm_server.base_url, model=MODEL, media_root=f"s3://{bucket}/raw/",
         allowed_media_roots=[f"s3://{bucket}"], params={"frames_per_clip": 2, "caption": False},
     ))
-    assert (manifest["rows_out"], manifest["failures_by_reason"]) == (1, {"bad_field": 1, "video_not_found": 1})
+    assert (manifest.rows_out, manifest.failures_by_reason) == (1, {"bad_field": 1, "video_not_found": 1})
     row = json.loads(s3.get_object(Bucket=bucket, Key="out/run-1/ingest/shard-00000.jsonl")["Body"].read())
     frames = [uri for clip in row["Clips"] for uri in clip["Frames_Images"]]
     assert len(frames) == 4 and all(uri.startswith(f"s3://{bucket}/out/run-1/ingest/shard-00000.frames/") for uri in frames)

@@ -381,9 +381,9 @@ def test_rows_of_every_stage_are_in_flight_together(vlm_server: OpenAITestServer
     rows = [{**initial_row("a"), "id": i} for i in range(6)]
 
     async def run() -> list:
-        return [o async for o in run_rows(gen, list(enumerate(rows, start=1)), window=6)]
+        return [o async for o in run_rows(gen, list(enumerate(rows, start=1)), concurrency=6)]
 
     outcomes = asyncio.run(run())
     assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
-    assert vlm_server.max_in_flight >= 4
+    assert vlm_server.peak_concurrency >= 4
     assert re.search(r"reply [0-9a-f]{8}", json.dumps([o.fields for o in outcomes]))

@@ -25,16 +25,21 @@ event, so it is off by default.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Asset
 
+if TYPE_CHECKING:
+    from vqa_operators.records import RunManifest
+
 ASSET_GROUP = "vqa-datasets"
-# what a consumer needs to find and judge the dataset without reading the manifest
+# what a consumer needs to find and judge the dataset without reading the manifest (``records.RunManifest``'s fields)
 EVENT_KEYS = (
-    "output", "errors", "rejected", "manifest", "preview", "input", "generator", "model", "prompt_sha256",
+    "dag_id", "run_id", "generator", "input", "output", "errors", "rejected", "manifest", "preview",
     "rows_in", "rows_out", "rows_failed", "rows_rejected", "pairs_kept", "pairs_rejected", "acceptance_rate", "exports", "estimate",
 )  # fmt: skip
+# of each stage: what made it, and where its failed rows are
+STAGE_KEYS = ("generator", "model", "prompt_sha256", "errors")
 
 
 def dataset_asset(dag_id: str) -> Asset:
@@ -42,9 +47,10 @@ def dataset_asset(dag_id: str) -> Asset:
     return Asset(name=f"vqa.{dag_id}", group=ASSET_GROUP)
 
 
-def event_extra(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The asset event's ``extra``: the merged manifest's counts and the dataset's URIs."""
-    return {key: manifest.get(key) for key in EVENT_KEYS}
+def event_extra(manifest: RunManifest) -> dict[str, Any]:
+    """The asset event's ``extra``: the merged manifest's counts and the dataset's URIs, and each stage's model, prompts and errors file."""
+    found = manifest.dump()
+    return {**{key: found[key] for key in EVENT_KEYS}, "stages": {name: {key: stage[key] for key in STAGE_KEYS} for name, stage in found["stages"].items()}}
 
 
 def published(triggering_asset_events: Any) -> list[dict[str, Any]]:

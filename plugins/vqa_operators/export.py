@@ -44,6 +44,7 @@ from vqa_operators.exceptions import ConfigError, ExportError, RowError
 from vqa_operators.generators import row_output_fields
 from vqa_operators.media import MediaReader
 from vqa_operators.preview import describe_row
+from vqa_operators.records import RunManifest
 from vqa_operators.storage import Storage, read_jsonl
 from vqa_operators.storage.uris import beside
 
@@ -107,17 +108,17 @@ def clean(text: str) -> str:
     return text.replace(IMAGE_TOKEN, "[image]").replace(VIDEO_TOKEN, "[video]")
 
 
-def examples(storage: Storage, manifest: dict[str, Any], reader: MediaReader, dataset: str) -> Iterator[Example]:
+def examples(storage: Storage, manifest: RunManifest, reader: MediaReader, dataset: str) -> Iterator[Example]:
     """One example per output row, in order: its id, its media's URIs, its pairs as the output declaration reads them."""
-    for n, row in read_jsonl(storage.iter_lines(manifest["output"])):
+    for n, row in read_jsonl(storage.iter_lines(manifest.output)):
         if not isinstance(row, dict):
-            raise ExportError(f"{manifest['output']} line {n} is not a JSON object: the merged output is damaged")
-        fields = row_output_fields(manifest["generator"], row)
+            raise ExportError(f"{manifest.output} line {n} is not a JSON object: the merged output is damaged")
+        fields = row_output_fields(manifest.generator, row)
         shown = describe_row(fields, n, row)
         try:
             media = [reader.resolve(path) for path in shown["paths"]]
         except RowError as err:
-            raise ExportError(f"{manifest['output']} line {n}: {err.detail}") from None
+            raise ExportError(f"{manifest.output} line {n}: {err.detail}") from None
         pairs = [
             ExportPair(
                 question=clean(p["question"]), answer=clean(p["answer"]), labels=p["labels"], clips=p["clips"],
@@ -389,7 +390,7 @@ class _HfShards:
 
 def export_run(
     storage: Storage,
-    manifest: dict[str, Any],
+    manifest: RunManifest,
     *,
     formats: list[str],
     copy_media: bool = True,
@@ -408,9 +409,9 @@ def export_run(
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ConfigError(f"unknown export formats {unknown}; choose from {list(FORMATS)}")
-    output = manifest["output"]
+    output = manifest.output
     folder = output.rsplit("/", 1)[0]
-    name = dataset or manifest["generator"]
+    name = dataset or manifest.generator
     uris: dict[str, str] = {}
     if "hf" in formats:
         uris["hf"] = f"{folder}/{HF_FOLDER}"
@@ -473,8 +474,8 @@ def export_run(
                 labels.update(label for pair in example.pairs for label in pair.labels)
             if flat is not None:
                 _write(flat, flat_batch, flat_schema)
-            if rows != manifest["rows_out"]:
-                raise ExportError(f"exported {rows} rows but the manifest counts {manifest['rows_out']} rows out")
+            if rows != manifest.rows_out:
+                raise ExportError(f"exported {rows} rows but the manifest counts {manifest.rows_out} rows out")
             for writer in (llava, sharegpt):
                 if writer is not None:
                     writer.close()
@@ -525,7 +526,7 @@ def sharegpt_entry(file_name: str, media: set[str]) -> dict[str, Any]:
 class CardFacts:
     """What a card says of the dataset: the run's manifest, and the exported rows, pairs and labels (from the output declaration)."""
 
-    manifest: dict[str, Any]
+    manifest: RunManifest
     dataset: str
     run_id: str
     rows: int
@@ -559,30 +560,31 @@ def dataset_card(facts: CardFacts, uris: dict[str, str], *, data_files: str | No
         lines += ["configs:", "- config_name: default", "  data_files:", "  - split: train", f"    path: {data_files}"]
         lines += ["dataset_info:", HF_FEATURES_YAML]
     lines += ["---", "", f"# {facts.dataset} · {facts.run_id}".rstrip(" ·"), ""]
-    rate = manifest.get("acceptance_rate")
-    judged = manifest.get("pairs_kept", 0) + manifest.get("pairs_rejected", 0)
+    rate = manifest.acceptance_rate
+    judged = manifest.pairs_kept + manifest.pairs_rejected
     lines += [
-        f"- **Rows**: {facts.rows} in the dataset, of {manifest['rows_in']} input rows "
-        f"({manifest['rows_failed']} failed, {manifest.get('rows_rejected', 0)} rejected by the quality checks).",
-        f"- **QA pairs**: {facts.pairs}" + (f"; the quality checks kept {manifest['pairs_kept']} of {judged} judged (acceptance rate {rate:.1%})." if rate is not None else "."),
+        f"- **Rows**: {facts.rows} in the dataset, of {manifest.rows_in} input rows "
+        f"({manifest.rows_failed} failed, {manifest.rows_rejected} rejected by the quality checks).",
+        f"- **QA pairs**: {facts.pairs}" + (f"; the quality checks kept {manifest.pairs_kept} of {judged} judged (acceptance rate {rate:.1%})." if rate is not None else "."),
     ]
-    if manifest.get("quality_scores"):
+    if manifest.quality_scores:
         from vqa_operators.generators.quality import describe_scores
 
         lines.append(
-            "- **Verdicts**: " + describe_scores(manifest["quality_scores"])
+            "- **Verdicts**: " + describe_scores(manifest.quality_scores)
             + ". Each pair's are in `vqa_provenance.quality.verdicts` (with `rejection` where a check failed, when the run annotated instead of filtering)."
         )
-    if manifest.get("rejections_by_reason"):
-        lines.append("- **Rejected pairs by reason**: " + ", ".join(f"`{k}` {v}" for k, v in manifest["rejections_by_reason"].items()) + ".")
-    if manifest.get("failures_by_reason"):
-        lines.append("- **Failed rows by reason**: " + ", ".join(f"`{k}` {v}" for k, v in manifest["failures_by_reason"].items()) + ".")
+    if manifest.rejections_by_reason:
+        lines.append("- **Rejected pairs by reason**: " + ", ".join(f"`{k}` {v}" for k, v in manifest.rejections_by_reason.items()) + ".")
+    if manifest.failures_by_reason:
+        lines.append("- **Failed rows by reason**: " + ", ".join(f"`{k}` {v}" for k, v in manifest.failures_by_reason.items()) + ".")
     if facts.labels:
         lines.append("- **Labels**: " + ", ".join(f"`{k}` {v}" for k, v in facts.labels.most_common()) + ".")
-    lines += [f"- **Input**: `{manifest['input']}`", f"- **Run**: `{facts.run_id}`" if facts.run_id else "", ""]
-    lines += ["## How it was made", "", "| stage | model | prompt SHA-256 |", "| --- | --- | --- |"]
-    for stage, summary in (manifest.get("stages") or {}).items():
-        lines.append(f"| {stage} | `{summary.get('model')}` | `{str(summary.get('prompt_sha256') or '')[:16]}` |")
+    lines += [f"- **Input**: `{manifest.input}`", f"- **DAG**: `{manifest.dag_id}`" if manifest.dag_id else "", f"- **Run**: `{facts.run_id}`" if facts.run_id else "", ""]
+    lines += ["## How it was made", "", "| stage | generator | model | prompt SHA-256 | rows failed | errors file |", "| --- | --- | --- | --- | --- | --- |"]
+    for stage, summary in manifest.stages.items():
+        errors = f"`{summary.errors}`" if summary.errors else ""
+        lines.append(f"| {stage} | {summary.generator} | `{summary.model}` | `{(summary.prompt_sha256 or '')[:16]}` | {summary.rows_failed} | {errors} |")
     lines += ["", "## Files", ""]
     if "hf" in uris:
         lines.append(f"- `{relative(uris['hf'])}/`: Parquet shards under `data/` with the images embedded and TRL's `messages` (`datasets.load_dataset`, `push_to_hub`).")

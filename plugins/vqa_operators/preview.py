@@ -26,11 +26,12 @@ import jinja2
 from vqa_operators import settings
 from vqa_operators.exceptions import RowError
 from vqa_operators.generators import row_output_fields
-from vqa_operators.generators.base import PROVENANCE_KEY, OutputFields, input_line
-from vqa_operators.generators.quality import describe_scores
+from vqa_operators.generators.base import OutputFields, input_line
+from vqa_operators.generators.quality import describe_scores, pair_verdicts
 from vqa_operators.media import MediaReader
+from vqa_operators.records import RunManifest
 from vqa_operators.storage.jsonl import read_jsonl
-from vqa_operators.storage.uris import Storage, beside
+from vqa_operators.storage.uris import Storage
 
 log = logging.getLogger("vqa_operators.preview")
 
@@ -80,10 +81,7 @@ def _score(verdicts: Any) -> int | None:
 
 def describe_row(fields: OutputFields, n: int, row: dict[str, Any], rejected: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """What the page shows of one output row: its media paths, title, kept QA pairs (with their grounding score) and rejected ones."""
-    provenance = row.get(PROVENANCE_KEY) or {}
-    gate = provenance.get("quality")
-    gate = gate if isinstance(gate, dict) else {}
-    verdicts: list[Any] = gate["verdicts"] if isinstance(gate.get("verdicts"), list) else []
+    verdicts = pair_verdicts(row)
     items = fields.pairs(row)
     qa = [
         {
@@ -98,14 +96,8 @@ def describe_row(fields: OutputFields, n: int, row: dict[str, Any], rejected: li
         if pair:
             dropped.append({"question": pair[0].question, "answer": pair[0].answer, "reason": entry.get("reason"), "score": _score(entry.get("verdicts")), "detail": str(entry.get("detail", ""))[:RAW_OUTPUT_SHOWN]})
     if fields.clips is not None:
-        sent = (provenance.get("video_qa_initial") or {}).get("frames_sent")
-        frames = [f["path"] for f in sent if isinstance(f, dict) and isinstance(f.get("path"), str)] if isinstance(sent, list) else []
-        clips = row.get(fields.clips)
-        if not frames and isinstance(clips, list):
-            frames = [p for clip in clips if isinstance(clip, dict) for p in _paths(clip.get("Frames_Images"))]
-        title = str(row.get("id") or row.get("Meta") or "")[:160]
-        frames_total = (provenance.get("video_qa_initial") or {}).get("frames_total")
-        return {"kind": "video", "n": n, "title": title, "paths": frames, "qa": qa, "rejected": dropped, "frames_total": frames_total}
+        frames, frames_total = fields.frames_shown(row)
+        return {"kind": "video", "n": n, "title": fields.title(row)[:160], "paths": frames, "qa": qa, "rejected": dropped, "frames_total": frames_total}
     paths = _paths(row.get(fields.images)) if fields.images else []
     title = ", ".join(paths)[:160]
     return {"kind": "image", "n": n, "title": title, "paths": paths, "qa": qa, "rejected": dropped}
@@ -147,7 +139,7 @@ def failure_groups(storage: Storage, error_files: list[str], examples_per_reason
 
 def render_preview(
     storage: Storage,
-    manifest: dict[str, Any],
+    manifest: RunManifest,
     *,
     title: str,
     media_root: str = ".",
@@ -155,38 +147,35 @@ def render_preview(
     max_rows: int = 50,
     examples_per_reason: int = 5,
 ) -> bytes:
-    """The HTML page for a merged run ``manifest`` (from ``merge_run``)."""
-    shown = [(n, row) for n, row in itertools.islice(read_jsonl(storage.iter_lines(manifest["output"])), max_rows) if isinstance(row, dict)]
-    rejected_file = manifest.get("rejected")
+    """The HTML page for a merged run ``manifest`` (from ``merge.merge_run``)."""
+    shown = [(n, row) for n, row in itertools.islice(read_jsonl(storage.iter_lines(manifest.output)), max_rows) if isinstance(row, dict)]
+    rejected_file = manifest.rejected
     lines = {input_line(row, n): n for n, row in shown}
     by_line: dict[int, list[dict[str, Any]]] = {}
     if rejected_file and shown:  # the rejected pairs of the rows shown: one pass over the rejected file
         for _, entry in read_jsonl(storage.iter_lines(rejected_file)):
             if isinstance(entry, dict) and entry.get("line") in lines and not entry.get("row_rejected"):
                 by_line.setdefault(entry["line"], []).append(entry)
-    rows = [describe_row(row_output_fields(manifest["generator"], row), n, row, by_line.get(input_line(row, n))) for n, row in shown]
+    rows = [describe_row(row_output_fields(manifest.generator, row), n, row, by_line.get(input_line(row, n))) for n, row in shown]
     reader = MediaReader(storage, media_root=media_root, allowed_roots=allowed_roots)
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="vqa-preview") as pool:
         for row in rows:
             row["media"] = list(pool.map(lambda p: _media(reader, p), row.pop("paths")))
-    stages = manifest.get("stages") or {}
-    error_files = [stage["errors"] for stage in stages.values() if stage["errors"]] or [manifest["errors"]]
-    groups = failure_groups(storage, error_files, examples_per_reason)
+    groups = failure_groups(storage, list(manifest.errors.values()), examples_per_reason)
     counted = sum(g.count for g in groups)
-    if counted != manifest["rows_failed"]:
-        log.warning("the errors files hold %d rows but the manifest reports %d failed", counted, manifest["rows_failed"])
+    if counted != manifest.rows_failed:
+        log.warning("the errors files hold %d rows but the manifest reports %d failed", counted, manifest.rows_failed)
     rejections = failure_groups(storage, [rejected_file], examples_per_reason) if rejected_file else []
     page = _template().render(
-        title=title, manifest=manifest, rows=rows, failures=groups, error_files=error_files, rejections=rejections,
-        acceptance=manifest.get("acceptance_rate"),
-        scores=describe_scores(manifest["quality_scores"]) if manifest.get("quality_scores") else None,
+        title=title, manifest=manifest, rows=rows, failures=groups, rejections=rejections, acceptance=manifest.acceptance_rate,
+        scores=describe_scores(manifest.quality_scores) if manifest.quality_scores else None,
     )
     return page.encode("utf-8")
 
 
-def write_preview(storage: Storage, manifest: dict[str, Any], **kwargs: Any) -> str:
-    """Render the preview and write it beside the output as ``<output name>.preview.html``; return its URI."""
-    uri = beside(manifest["output"], ".preview.html")
+def write_preview(storage: Storage, manifest: RunManifest, **kwargs: Any) -> str:
+    """Render the preview and write it where the manifest names it (``<output name>.preview.html``); return its URI."""
+    uri = manifest.preview
     page = render_preview(storage, manifest, **kwargs)
     with storage.open_atomic(uri, content_type="text/html; charset=utf-8") as handle:
         handle.write(page)

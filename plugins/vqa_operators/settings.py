@@ -26,6 +26,13 @@ MAX_TOKENS = 1024
 MAX_PIXELS = 1280 * 28 * 28
 # the model server's batch size (vLLM's --max-num-seqs, 256 by default); the requests in flight derive from it
 MAX_NUM_SEQS = 256
+# the in-process vLLM engine (the seeds' LocalModelVLMServing_vllm): the GPU memory it takes (vLLM's own default), and images per prompt
+VLLM_GPU_MEMORY_UTILIZATION = 0.9
+MAX_IMAGES_PER_PROMPT = 16
+# images a row may hold, and video: frames per request (sampled evenly across the clips) and each frame's pixel budget
+MAX_IMAGES_PER_ROW = 8
+MAX_FRAMES = 16
+FRAME_MAX_PIXELS = 448 * 448
 # the HTTP client
 REQUEST_TIMEOUT_S = 300.0
 MAX_RETRIES = 5
@@ -73,7 +80,7 @@ def default_concurrency(max_num_seqs: int) -> int:
     return max_num_seqs + max(1, max_num_seqs // 4)
 
 
-def in_flight(concurrency: int | None, max_num_seqs: int, sharing: int = 1) -> int:
+def effective_concurrency(concurrency: int | None, max_num_seqs: int, sharing: int = 1) -> int:
     """Requests to keep in flight: ``concurrency`` if set, else the server's budget split between the ``sharing`` tasks
     that send to it at once (a run's shards), rounded up."""
     return concurrency or -(-default_concurrency(max_num_seqs) // sharing)
@@ -177,9 +184,9 @@ class Environment(BaseSettings):
         return roots
 
     @property
-    def in_flight(self) -> int:
+    def effective_concurrency(self) -> int:
         """Requests to keep in flight: ``VQA_CONCURRENCY``, else derived from ``VQA_MAX_NUM_SEQS``."""
-        return in_flight(self.concurrency, self.max_num_seqs)
+        return effective_concurrency(self.concurrency, self.max_num_seqs)
 
 
 def environment() -> Environment:

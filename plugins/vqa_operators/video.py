@@ -11,7 +11,7 @@ so no more than a frame (and a frame's thumbnail history of one) is ever held:
 ``plan_clips`` turns the scan into clips: a scene change (the thumbnail changed by at least
 ``scene_threshold``) starts a clip, none shorter than ``min_clip_s``; a clip longer than
 ``max_clip_s`` is split evenly; a video with no scene change is cut every ``clip_s`` seconds.
-``sample_frames`` picks frames evenly within each clip. ``audio_wav`` cuts a clip's sound as
+``clip_frame_indices`` picks frames evenly within each clip. ``audio_wav`` cuts a clip's sound as
 16 kHz mono WAV, the input a transcription endpoint (Whisper) takes.
 
 Every problem with the file itself is a RowError with a reason: ``video_not_found``,
@@ -195,7 +195,7 @@ def scan(path: str, rules: ClipRules) -> Scan:
             result.times.append(at - first)
             if at - first > rules.max_duration_s:  # a container that did not declare its length
                 raise RowError(Reason.VIDEO_TOO_LONG, f"over {rules.max_duration_s:.0f} s, the limit (max_video_s)")
-            thumb = thumbnail(frame)
+            thumb = scene_signature(frame)
             result.changes.append(0.0 if previous is None else float(np.abs(thumb - previous).mean()) / 255)
             previous = thumb
             if frame.duration:
@@ -206,7 +206,7 @@ def scan(path: str, rules: ClipRules) -> Scan:
     return result
 
 
-def thumbnail(frame: Any) -> Any:
+def scene_signature(frame: Any) -> Any:
     """A frame's Y, U and V planes, each sampled on a 64x36 grid (each point the mean of 2x2 samples), as one float vector."""
     import numpy as np
 
@@ -252,7 +252,7 @@ def plan_clips(result: Scan, rules: ClipRules) -> list[ClipPlan]:
     clips = []
     for index, (a, b) in enumerate(itertools.pairwise(bounds)):
         end = times[b] if b < n else result.end_s
-        clips.append(ClipPlan(index, a, b, times[a], end, sample_frames(times, a, b, end, rules.frames_per_clip)))
+        clips.append(ClipPlan(index, a, b, times[a], end, clip_frame_indices(times, a, b, end, rules.frames_per_clip)))
     return clips
 
 
@@ -265,7 +265,7 @@ def _every(times: list[float], first: int, last: int, step: float) -> list[int]:
     return starts
 
 
-def sample_frames(times: list[float], first: int, last: int, end_s: float, count: int) -> tuple[int, ...]:
+def clip_frame_indices(times: list[float], first: int, last: int, end_s: float, count: int) -> tuple[int, ...]:
     """Up to ``count`` frames of ``[first, last)``: the frame showing at the middle of each of ``count`` equal spans.
 
     A clip with fewer frames than ``count`` gives every frame once.

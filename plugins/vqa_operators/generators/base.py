@@ -21,12 +21,18 @@ from vqa_operators.generators.answers import TextLimits
 from vqa_operators.media import MediaReader, PreparedImage
 from vqa_operators.parsing import ParseError, describe_validation_error, parse_structured
 from vqa_operators.prompts import load_prompts
+from vqa_operators.records import PairRejection
 from vqa_operators.serving.base import ChatRequest, VLMServing
 from vqa_operators.storage.uris import Storage
 
 M = TypeVar("M", bound=BaseModel)
 # the output rows' field that says, per stage, what produced them (Generator.provenance and the row's details)
 PROVENANCE_KEY = "vqa_provenance"
+# a video clip's field with its frames' paths (the seeds' name)
+CLIP_FRAMES = "Frames_Images"
+# a video stage's provenance details: the frames it sent the model (each with its path), and how many the video had
+FRAMES_SENT = "frames_sent"
+FRAMES_TOTAL = "frames_total"
 
 
 class GeneratorOptions(BaseModel):
@@ -60,11 +66,23 @@ class QATextOptions(AnswerTextOptions):
         return TextLimits(question=self.max_question_chars, answer=self.max_answer_chars)
 
 
-class ImageRowOptions(GeneratorOptions):
+class ImageLimitOptions(GeneratorOptions):
+    """Options of generators that send a row's images."""
+
+    max_images_per_row: int = Field(settings.MAX_IMAGES_PER_ROW, ge=1, le=64, description="rows with more images go to errors")
+
+
+class ImageRowOptions(ImageLimitOptions):
     """Options of generators whose rows hold image paths."""
 
     image_key: str = Field("image", min_length=1, description="input field with the image path(s)")
-    max_images_per_row: int = Field(8, ge=1, le=64, description="rows with more images go to errors")
+
+
+class FrameOptions(GeneratorOptions):
+    """Options of generators that send a video's frames."""
+
+    max_frames: int = Field(settings.MAX_FRAMES, ge=1, le=256, description="frames per request, sampled evenly across the video's clips")
+    frame_max_pixels: int = Field(settings.FRAME_MAX_PIXELS, ge=28 * 28, le=4_000_000, description="pixel budget per frame")
 
 
 def row_key(row: dict[str, Any]) -> str:
@@ -141,10 +159,12 @@ class OutputFields:
     # one "Question: ... Answer: ..." string ("text"), or a list of {"Label", "Question", "Answer"} ("labelled")
     qa: str
     form: Literal["pairs", "text", "labelled"]
-    # the field with the row's image path(s), or with its clips (each with "Frames_Images") and the video's meta text
+    # the field with the row's image path(s), or with its clips (each with its frames in ``CLIP_FRAMES``) and the video's meta text
     images: str | None = None
     clips: str | None = None
     meta: str | None = None
+    # video: the stage whose provenance lists the frames the model was shown (``FRAMES_SENT``, ``FRAMES_TOTAL``)
+    sent: str | None = None
     # labelled pairs: how a pair's labels are written in its "Label" string (one label if None)
     label_separator: str | None = None
     # labelled pairs: the pair's key naming the clips it is about (indices into the row's clips), if it has one
@@ -191,6 +211,23 @@ class OutputFields:
             return None
         return float(min(starts)), float(max(ends))
 
+    def frames_shown(self, row: dict[str, Any]) -> tuple[list[str], int | None]:
+        """A video row's frames as the model was shown them (else every clip's frames), and how many frames the video had (None: unknown)."""
+        details = ((row.get(PROVENANCE_KEY) or {}).get(self.sent) or {}) if self.sent else {}
+        sent = details.get(FRAMES_SENT) if isinstance(details, dict) else None
+        frames = [f["path"] for f in sent if isinstance(f, dict) and isinstance(f.get("path"), str)] if isinstance(sent, list) else []
+        clips = row.get(self.clips) if self.clips else None
+        if not frames and isinstance(clips, list):
+            for clip in clips:
+                paths = clip.get(CLIP_FRAMES) if isinstance(clip, dict) else None
+                frames += [paths] if isinstance(paths, str) else [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else []
+        total = details.get(FRAMES_TOTAL) if isinstance(details, dict) else None
+        return frames, total if isinstance(total, int) else None
+
+    def title(self, row: dict[str, Any]) -> str:
+        """What names the row to a reader: its ``id``, else its meta text."""
+        return str(row.get("id") or (row.get(self.meta) if self.meta else None) or "")
+
     def keep(self, row: dict[str, Any], indices: Iterable[int]) -> dict[str, Any]:
         """``row`` with only the pairs at ``indices`` (a text-form row holds one pair: keep it, or nothing is left)."""
         keep = set(indices)
@@ -200,25 +237,17 @@ class OutputFields:
         return {**row, self.qa: [element for index, element in enumerate(value or []) if index in keep]}
 
 
-def rejected_entry(stage: str, line: int, rejection: dict[str, Any], *, row: dict[str, Any], row_rejected: bool) -> dict[str, Any]:
-    """A rejected-file record: the pair, why, the verdicts, and the row it came from.
-
-    ``row_rejected``: no pair of the row was left at this stage, so the row left the dataset here.
-    """
-    return {"stage": stage, "line": line, **rejection, "row_rejected": row_rejected, "row": row}
-
-
 @dataclass
 class Generated:
     """What a stage made of one row: the fields to add and the provenance details.
 
-    A quality gate also says which pairs it rejected (each ``{"index", "pair", "reason", "detail",
-    "verdicts"}``) and how many it kept: a row with none left leaves the dataset.
+    A quality gate also says which pairs it rejected (``records.PairRejection``) and how many it
+    kept: a row with none left leaves the dataset.
     """
 
     fields: dict[str, Any]
     meta: dict[str, Any]
-    rejected: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[PairRejection] = field(default_factory=list)
     # pairs the gate kept (None: a generation stage, which does not judge pairs)
     pairs_kept: int | None = None
 
@@ -247,6 +276,10 @@ class Generator(ABC):
     prompt_set: ClassVar[str | None] = None
     # a quality gate drops pairs (``run_row`` says which, and why); a generation stage adds fields
     gate: ClassVar[bool] = False
+    # its rows are a dataset's, the QA pairs a reader trains on (the last generation stage): a gate can judge them
+    makes_dataset: ClassVar[bool] = False
+    # the completion tokens its answers need, unless a run sets max_tokens
+    max_tokens: ClassVar[int] = settings.MAX_TOKENS
 
     def __init__(
         self,

@@ -21,6 +21,7 @@ class ImageQAGenerator(Generator):
     """Sends all of a row's images in one multi-image prompt and returns validated QA pairs."""
 
     name = "image_qa"
+    makes_dataset = True
     Options = ImageQAOptions
     options: ImageQAOptions
 

@@ -98,6 +98,7 @@ class PersQAGenerator(Generator):
     """One question per row about the tagged main character, answered from all of the row's images."""
 
     name = "pers_qa"
+    makes_dataset = True
     Options = PersQAOptions
     options: PersQAOptions
 

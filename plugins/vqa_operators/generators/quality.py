@@ -29,6 +29,7 @@ Plain Python: it knows nothing of Airflow. Prompts: ``include/prompts/quality/``
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from typing import Any, Literal
 
@@ -37,34 +38,57 @@ from pydantic import BaseModel, Field, create_model, field_validator
 from vqa_operators import settings
 from vqa_operators.exceptions import Reason, Rejection, RowError
 from vqa_operators.generators.answers import STRICT, bounded_text
-from vqa_operators.generators.base import Generated, Generator, GeneratorOptions, OutputFields, QAItem, origin_key
+from vqa_operators.generators.base import (
+    CLIP_FRAMES,
+    PROVENANCE_KEY,
+    FrameOptions,
+    Generated,
+    Generator,
+    ImageLimitOptions,
+    OutputFields,
+    QAItem,
+    origin_key,
+)
 from vqa_operators.media import PreparedImage
+from vqa_operators.records import PairRejection
 
-# the generators whose rows a gate can judge (their output holds QA pairs a reader would train on)
-SOURCES = ("image_qa", "pers_qa", "video_qa_final")
+# the gate's provenance details: each kept pair's verdicts, in order
+VERDICTS = "verdicts"
 
 
-class QualityOptions(GeneratorOptions):
+def pair_verdicts(row: dict[str, Any] | None, gate: str | None = None) -> list[Any]:
+    """The verdicts ``gate`` (default the quality gate) wrote for each pair ``row`` kept, in order (empty if it judged none)."""
+    details = ((row or {}).get(PROVENANCE_KEY) or {}).get(gate or QualityGate.name)
+    verdicts = details.get(VERDICTS) if isinstance(details, dict) else None
+    return verdicts if isinstance(verdicts, list) else []
+
+
+@functools.cache
+def sources() -> tuple[str, ...]:
+    """The generators whose rows a gate can judge: those that make a dataset's rows (``Generator.makes_dataset``)."""
+    from vqa_operators.generators import GENERATORS, generator_class
+
+    return tuple(name for name in GENERATORS if generator_class(name).makes_dataset)
+
+
+class QualityOptions(FrameOptions, ImageLimitOptions):
     """Options of the quality gate."""
 
-    source: str = Field(description=f"the generator whose rows are judged: one of {SOURCES}")
+    source: str = Field(description="the generator whose rows are judged: one that makes a dataset's rows (image_qa, pers_qa, video_qa_final)")
     blind_check: bool = Field(True, description="reject pairs the model answers correctly without the images (answerable_blind)")
     grounding_check: bool = Field(True, description="reject pairs the model judges not grounded in the images (not_grounded)")
     min_judge_score: int = Field(settings.MIN_JUDGE_SCORE, ge=1, le=5, description="the lowest grounding score (1-5) a kept pair may have")
     mode: Literal["filter", "annotate"] = Field(
         "filter", description="filter: drop the pairs that fail; annotate: keep every pair, every check run, its verdicts and would-be rejection in the row"
     )
-    max_frames: int = Field(16, ge=1, le=256, description="video: frames sent to the grounding check, sampled evenly across the clips")
-    frame_max_pixels: int = Field(448 * 448, ge=28 * 28, le=4_000_000, description="video: pixel budget per frame")
-    max_images_per_row: int = Field(8, ge=1, le=64, description="rows with more images go to errors")
     max_answer_chars: int = Field(300, ge=20, le=5_000, description="longest blind answer, in characters")
     max_reason_chars: int = Field(300, ge=20, le=2_000, description="longest verdict reason, in characters")
 
     @field_validator("source")
     @classmethod
     def _known_source(cls, source: str) -> str:
-        if source not in SOURCES:
-            raise ValueError(f"must be one of {SOURCES}, got {source!r}")
+        if source not in sources():
+            raise ValueError(f"must be one of {sources()}, got {source!r}")
         return source
 
 
@@ -126,7 +150,7 @@ class QualityGate(Generator):
         """Where this row keeps its pairs: the source's fields, with the options its run used."""
         from vqa_operators.generators import row_output_fields
 
-        provenance = (row.get("vqa_provenance") or {}).get(self.options.source, {})
+        provenance = (row.get(PROVENANCE_KEY) or {}).get(self.options.source, {})
         cache_key = json.dumps(provenance.get("options"), sort_keys=True, default=str)
         if cache_key not in self._fields:
             self._fields[cache_key] = row_output_fields(self.options.source, row)
@@ -153,7 +177,7 @@ class QualityGate(Generator):
         verdicts = await asyncio.gather(*(self._judge_pair(row, fields, item, images, key) for item in items))
         kept: list[int] = []
         kept_verdicts: list[dict[str, Any]] = []
-        rejected: list[dict[str, Any]] = []
+        rejected: list[PairRejection] = []
         annotate = self.options.mode == "annotate"
         for item, (verdict, rejection) in zip(items, verdicts, strict=True):
             if annotate:
@@ -164,10 +188,10 @@ class QualityGate(Generator):
                 kept_verdicts.append(verdict)
             else:
                 reason, detail = rejection
-                rejected.append({"index": item.index, "pair": item.raw, "reason": reason, "detail": detail, "verdicts": verdict})
+                rejected.append(PairRejection(index=item.index, pair=item.raw, reason=reason, detail=detail, verdicts=verdict))
         trimmed = fields.keep(row, kept)
         out_fields = {fields.qa: trimmed[fields.qa]} if fields.qa in trimmed else {}
-        meta = {"verdicts": kept_verdicts, "pairs_in": len(items), "rejected": [{"index": r["index"], "reason": r["reason"]} for r in rejected], "mode": self.options.mode}
+        meta = {VERDICTS: kept_verdicts, "pairs_in": len(items), "rejected": [{"index": r.index, "reason": r.reason} for r in rejected], "mode": self.options.mode}
         if images.loaded:
             meta["images_sent"] = len(images.value or [])
         return Generated(out_fields, meta, rejected=rejected, pairs_kept=len(kept))
@@ -236,7 +260,7 @@ class QualityGate(Generator):
                 raise RowError(Reason.BAD_FIELD, f"{fields.clips!r}: {err}") from None
             frames = sample_frames(clips, opts.max_frames)
             if not frames:
-                raise RowError(Reason.BAD_FIELD, "no clip has any frame in 'Frames_Images'")
+                raise RowError(Reason.BAD_FIELD, f"no clip has any frame in {CLIP_FRAMES!r}")
             return await self.media.prepare([f.path for f in frames], max_pixels=opts.frame_max_pixels)
         assert fields.images is not None
         return await self.media.prepare(self.image_paths(row, fields.images, opts.max_images_per_row))

@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field, model_validator
 from vqa_operators import settings
 from vqa_operators.exceptions import ConfigError, Reason, RowError
 from vqa_operators.generators.answers import STRICT, bounded_text
-from vqa_operators.generators.base import Generator, GeneratorOptions, OutputFields, origin_key
+from vqa_operators.generators.base import CLIP_FRAMES, Generator, GeneratorOptions, OutputFields, origin_key
 from vqa_operators.media import PreparedImage, prepare_image
 from vqa_operators.storage.uris import beside, is_s3
 from vqa_operators.video import ClipPlan, ClipRules, Scan, audio_wav, extract, plan_clips, scan
@@ -59,7 +59,7 @@ class VideoIngestOptions(GeneratorOptions):
     )
     max_caption_chars: int = Field(300, ge=20, le=2000, description="longest Description: the caption schema's bound")
     frames_prefix: str | None = Field(None, description="where the frames go (default: beside the output, <output name>.frames/)")
-    videos_in_flight: int = Field(
+    video_concurrency: int = Field(
         16, ge=1, le=1024, description="videos decoded and captioned at once: each holds its sampled frames until its captions come back"
     )
 
@@ -96,7 +96,7 @@ class VideoIngestGenerator(Generator):
         super().__init__(*args, **kwargs)
         opts = self.opts
         self.caption_answer = caption_model(opts.max_caption_chars)
-        self.videos = asyncio.Semaphore(opts.videos_in_flight)
+        self.videos = asyncio.Semaphore(opts.video_concurrency)
         env = settings.environment()
         self.transcriber: Any = None
         if opts.transcribe != "off" and env.transcription_url:
@@ -105,7 +105,7 @@ class VideoIngestGenerator(Generator):
             from vqa_operators.serving.openai_api import APIVLMServing_openai
 
             self.transcriber = APIVLMServing_openai(
-                api_url=env.transcription_url, model_name=env.transcription_model, max_workers=max(1, self.serving.max_concurrency)
+                api_url=env.transcription_url, model_name=env.transcription_model, max_workers=max(1, self.serving.concurrency)
             )
         elif opts.transcribe == "on":
             raise ConfigError("transcribe is on but no transcription endpoint is configured: set VQA_TRANSCRIPTION_URL and VQA_TRANSCRIPTION_MODEL")
@@ -166,7 +166,7 @@ class VideoIngestGenerator(Generator):
             out_clips.append({
                 "Description": description,
                 "Audio_Text": audio,
-                "Frames_Images": [uri for uri, _ in frames[clip.index]],
+                CLIP_FRAMES: [uri for uri, _ in frames[clip.index]],
                 "Start": round(clip.start_s, 3),
                 "End": round(clip.end_s, 3),
                 "Frame_Times": [round(result.times[i], 3) for i in clip.frames],

@@ -28,7 +28,16 @@ from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError, c
 
 from vqa_operators.exceptions import Reason, RowError
 from vqa_operators.generators.answers import STRICT, QAPair, TextLimits, bounded_text, distinct, qa_set_model
-from vqa_operators.generators.base import Generator, OutputFields, QATextOptions, origin_key
+from vqa_operators.generators.base import (
+    CLIP_FRAMES,
+    FRAMES_SENT,
+    FRAMES_TOTAL,
+    FrameOptions,
+    Generator,
+    OutputFields,
+    QATextOptions,
+    origin_key,
+)
 from vqa_operators.media import PreparedImage
 from vqa_operators.parsing import ParseError, describe_validation_error
 
@@ -58,7 +67,7 @@ class Clip(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True, str_strip_whitespace=True)
     description: str = Field(alias="Description")
     audio_text: str | None = Field(None, alias="Audio_Text")
-    frames: list[str] = Field(alias="Frames_Images")
+    frames: list[str] = Field(alias=CLIP_FRAMES)
 
     @field_validator("frames")
     @classmethod
@@ -191,7 +200,7 @@ def final_model(pairs: int, limits: TextLimits, clips: int | None = None) -> typ
 _NOT_WORD = re.compile(r"[\W_]+")
 
 
-def normalise(text: str) -> str:
+def comparable(text: str) -> str:
     """Case-, punctuation- and spacing-insensitive form of a question or role, for duplicate checks."""
     return " ".join(_NOT_WORD.sub(" ", text.casefold()).split())
 
@@ -201,7 +210,7 @@ def dedupe(pairs: list[dict[str, Any]], key: str = "Question") -> list[dict[str,
     seen: set[str] = set()
     out = []
     for pair in pairs:
-        norm = normalise(pair[key])
+        norm = comparable(pair[key])
         if norm not in seen:
             seen.add(norm)
             out.append(pair)
@@ -218,15 +227,13 @@ def qa_json(pairs: list[dict[str, Any]]) -> str:
     return "[\n" + ",\n".join(json.dumps({"question": p["Question"], "answer": p["Answer"]}, ensure_ascii=False) for p in pairs) + "\n]"
 
 
-class VideoQAOptions(QATextOptions):
+class VideoQAOptions(QATextOptions, FrameOptions):
     """Options every video QA stage shares."""
 
     meta_key: str = Field("Meta", min_length=1, description="input field with the video's meta text")
     clips_key: str = Field("Clips", min_length=1, description="input field with the list of clips")
     output_key: str = Field("QA", min_length=1, description="field with the current QA set, and the final output")
     state_key: str = Field("video_qa_state", min_length=1, description="field with the state carried between stages")
-    max_frames: int = Field(16, ge=1, le=256, description="frames per request, sampled evenly across the video")
-    frame_max_pixels: int = Field(448 * 448, ge=28 * 28, le=4_000_000, description="pixel budget per frame")
     max_clips: int = Field(128, ge=1, le=4096, description="rows with more clips go to errors")
 
 
@@ -234,6 +241,8 @@ class _VideoQAStage(Generator):
     """What the three stages share: reading the row, frames, prompt parts and the carried state."""
 
     prompt_set = "video_qa"
+    # the revised and final sets are long JSON answers
+    max_tokens = 4096
     options: VideoQAOptions
 
     def read_video(self, row: dict[str, Any]) -> Video:
@@ -259,7 +268,7 @@ class _VideoQAStage(Generator):
                 raise RowError(Reason.BAD_FIELD, f"clip {number}: {describe_validation_error(err)}") from None
         video = Video(meta=meta.strip(), clips=clips, frames=sample_frames(clips, opts.max_frames))
         if not video.frames:
-            raise RowError(Reason.BAD_FIELD, "no clip has any frame in 'Frames_Images'")
+            raise RowError(Reason.BAD_FIELD, f"no clip has any frame in {CLIP_FRAMES!r}")
         return video
 
     async def load_frames(self, video: Video) -> list[PreparedImage]:
@@ -300,6 +309,7 @@ class _VideoQAStage(Generator):
         """The QA set in ``output_key`` ({"Question", "Answer"}, labelled after the final stage), about the clips' frames."""
         return OutputFields(
             qa=options.output_key, form="labelled", clips=options.clips_key, meta=options.meta_key, label_separator=LABEL_SEPARATOR, pair_clips=PAIR_CLIPS,
+            sent=VideoQAInitialGenerator.name,
         )
 
     def current_set(self, row: dict[str, Any]) -> list[dict[str, str]]:
@@ -328,7 +338,7 @@ class _VideoQAStage(Generator):
 
     @staticmethod
     def frames_meta(video: Video) -> dict[str, Any]:
-        return {"frames_sent": [f.summary() for f in video.frames], "frames_total": video.frames_total}
+        return {FRAMES_SENT: [f.summary() for f in video.frames], FRAMES_TOTAL: video.frames_total}
 
 
 # --- stage 1 ---------------------------------------------------------------------------------
@@ -435,11 +445,11 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
 
     async def _recruit(self, video: Video, current: list[dict[str, str]], state: VideoQAState, iteration: int, key: str) -> Recruit | Terminate | None:
         """The master's decision, or None if it kept naming an expert it already had."""
-        taken = {normalise(e.role) for e in state.experts}
+        taken = {comparable(e.role) for e in state.experts}
 
         def check(decision: MasterDecision) -> None:
             move = decision.root
-            if isinstance(move, Recruit) and normalise(move.expert.role) in taken:
+            if isinstance(move, Recruit) and comparable(move.expert.role) in taken:
                 raise ParseError(f"the role {move.expert.role!r} was already recruited; name a different expert or terminate", reason=Reason.DUPLICATE_EXPERT)
 
         task = self.prompts.render(
@@ -477,6 +487,7 @@ class VideoQAFinalGenerator(_VideoQAStage):
     """Stage 3: synthesise ``final_pairs`` best pairs, each labelled with one or two of ``LABELS``."""
 
     name = "video_qa_final"
+    makes_dataset = True
     Options = VideoQAFinalOptions
     options: VideoQAFinalOptions
 

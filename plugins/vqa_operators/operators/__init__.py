@@ -130,10 +130,10 @@ def judge_and_merge(
     task. ``params`` and ``options``: as ``quality_task``'s.
     """
     from vqa_operators.assets import dataset_asset
+    from vqa_operators.merge import DEDUP_STAGE
     from vqa_operators.operators.dag_config import EXPORT, NEAR_DUPLICATES
     from vqa_operators.operators.fanout import VQADedupOperator
     from vqa_operators.operators.spec import STAGING_ROOT
-    from vqa_operators.sharding import DEDUP_STAGE
 
     last = list(stages)[-1]
     dedup = VQADedupOperator(task_id=DEDUP_STAGE, upstream=stages[last].output, plan=plan.output, staging_root=STAGING_ROOT, near_duplicates=NEAR_DUPLICATES)

@@ -10,13 +10,16 @@ before any model call.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pendulum
 from airflow.sdk import Param
 
 from vqa_operators import settings
 from vqa_operators.operators.callbacks import on_task_failure, on_task_retry
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 START_DATE = pendulum.datetime(2026, 1, 1, tz="UTC")
 
@@ -62,6 +65,22 @@ RUN_OPTIONS: dict[str, Any] = {
     "seed": "{{ params.seed }}",
     "concurrency": "{{ params.concurrency or '' }}",
 }
+
+
+# what a trigger-form param takes from an options model's JSON schema
+_SCHEMA_KEYS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "pattern", "minLength", "maxLength")
+
+
+def option_param(options: type[BaseModel], field: str, *, title: str, description: str | None = None, default: Any = ...) -> Param:
+    """The trigger-form param of ``options``' ``field``: its default, type and bounds from the model, their one home.
+
+    ``description``: what the form says (default: the field's own); ``default``: a DAG's own default, where it differs.
+    """
+    schema = options.model_json_schema()["properties"][field]
+    return Param(
+        schema["default"] if default is ... else default, title=title, description=description or schema.get("description"),
+        **{key: schema[key] for key in _SCHEMA_KEYS if key in schema},
+    )
 
 
 def data_defaults(dag_id: str) -> dict[str, str | None]:
@@ -182,37 +201,40 @@ def quality_params(*, near_duplicate_key: str = "question") -> dict[str, Param]:
     ``near_duplicate_key``: the default text the dedup task compares (pers_qa's questions come from a
     fixed bank, so it compares question and answer).
     """
+    from vqa_operators.generators.quality import QualityOptions
+    from vqa_operators.records import NearDuplicateSettings
+
     return {
-        "blind_check": Param(
-            True, type="boolean", title="Check: needs the picture",
+        "blind_check": option_param(
+            QualityOptions, "blind_check", title="Check: needs the picture",
             description="Ask each question without the images (video: with only its meta) and reject the pair (answerable_blind) if the model's blind answer agrees with the reference. 2 text-only model calls per pair.",
         ),
-        "grounding_check": Param(
-            True, type="boolean", title="Check: grounded in the picture",
+        "grounding_check": option_param(
+            QualityOptions, "grounding_check", title="Check: grounded in the picture",
             description="Show the model the images (video: the sampled frames) with the pair; reject it (not_grounded) if judged not grounded or scored below the minimum. 1 call with the images per pair the first check kept.",
         ),
-        "min_judge_score": Param(
-            settings.MIN_JUDGE_SCORE, type="integer", minimum=1, maximum=5, title="Lowest grounding score",
+        "min_judge_score": option_param(
+            QualityOptions, "min_judge_score", title="Lowest grounding score",
             description="Pairs the grounding check scores below this (1 contradicted ... 5 fully supported) are rejected as not_grounded.",
         ),
-        "quality_mode": Param(
-            "filter", type="string", enum=["filter", "annotate"], title="What the checks do",
+        "quality_mode": option_param(
+            QualityOptions, "mode", title="What the checks do",
             description=(
                 "filter: drop the pairs that fail a check (to the rejected file, with the reason). annotate: keep every pair, ask every "
                 "check of each (3 calls a pair), and write its verdicts, score and would-be rejection into vqa_provenance.quality.verdicts, "
                 "to filter later with your own threshold. Near-duplicates are dropped either way."
             ),
         ),
-        "remove_near_duplicates": Param(
-            True, type="boolean", title="Remove near-duplicates",
+        "remove_near_duplicates": option_param(
+            NearDuplicateSettings, "enabled", title="Remove near-duplicates",
             description="Across all shards, before any pair is judged (the dedup task): a pair whose question nearly repeats an earlier one's is rejected (near_duplicate); the first is kept. No model calls, and none spent judging duplicates.",
         ),
-        "near_duplicate_threshold": Param(
-            settings.NEAR_DUPLICATE_THRESHOLD, type="number", exclusiveMinimum=0, maximum=1, title="Near-duplicate threshold",
+        "near_duplicate_threshold": option_param(
+            NearDuplicateSettings, "threshold", title="Near-duplicate threshold",
             description="Jaccard similarity of character 3-grams (lower case, punctuation ignored) at or above which two questions are near-duplicates.",
         ),
-        "near_duplicate_key": Param(
-            near_duplicate_key, type="string", enum=["question", "question_answer"], title="Near-duplicates compare",
+        "near_duplicate_key": option_param(
+            NearDuplicateSettings, "key", default=near_duplicate_key, title="Near-duplicates compare",
             description="question: the questions alone; question_answer: question and answer together (two pairs with one question and different answers are both kept).",
         ),
     }
@@ -236,7 +258,7 @@ NEAR_DUPLICATES: dict[str, Any] = {
 
 def export_params() -> dict[str, Param]:
     """The training-ready copies ``merge`` writes in the run's folder, documented for the trigger form."""
-    from vqa_operators.export import DEFAULT_FORMATS, FORMATS
+    from vqa_operators.export import DEFAULT_FORMATS, FORMATS, ExportSettings
 
     return {
         "export_formats": Param(
@@ -251,36 +273,37 @@ def export_params() -> dict[str, Param]:
                 "conversation JSON), parquet (one flat file with the media's own URIs). Empty: the JSONL and the card only."
             ),
         ),
-        "copy_media": Param(
-            True, type="boolean", title="Copy media into the dataset",
+        "copy_media": option_param(
+            ExportSettings, "copy_media", title="Copy media into the dataset",
             description="sharegpt and llava point at copies in the run's folder (media/<sha256>.<ext>), so the folder is a self-contained dataset; off: at the media's own URIs.",
         ),
-        "embed_images": Param(False, type="boolean", title="Embed images in the flat Parquet", description="The parquet format only: each image's bytes too (datasets' Image feature), not only its URI. hf always embeds them."),
+        "embed_images": option_param(ExportSettings, "embed_images", title="Embed images in the flat Parquet", description="The parquet format only: each image's bytes too (datasets' Image feature), not only its URI. hf always embeds them."),
     }
 
 
 def ingest_params() -> dict[str, Param]:
     """The video ingest's cuts, frames and texts (video_qa's first task, for rows that name a video file), documented for the trigger form."""
-    from vqa_operators.video import ClipRules
+    from vqa_operators.generators.video_ingest import VideoIngestOptions
 
     return {
-        "frames_per_clip": Param(
-            ClipRules.frames_per_clip, type="integer", minimum=1, maximum=64, title="Frames per clip",
+        "frames_per_clip": option_param(
+            VideoIngestOptions, "frames_per_clip", title="Frames per clip",
             description="Video files: frames sampled evenly within each clip and stored as JPEG under the run's folder, each with its timestamp.",
         ),
-        "scene_threshold": Param(
-            ClipRules.scene_threshold, type="number", minimum=0, maximum=1, title="Scene-change threshold",
+        "scene_threshold": option_param(
+            VideoIngestOptions, "scene_threshold", title="Scene-change threshold",
             description="How much the picture must change from one frame to the next (0-1, mean pixel change of a small thumbnail) to start a new clip. 0: cut every clip_s seconds.",
         ),
-        "min_clip_s": Param(ClipRules.min_clip_s, type="number", exclusiveMinimum=0, maximum=3600, title="Shortest clip (s)", description="A scene change sooner than this after the clip began is ignored."),
-        "max_clip_s": Param(ClipRules.max_clip_s, type="number", exclusiveMinimum=0, maximum=3600, title="Longest clip (s)", description="A longer scene is split into equal clips."),
-        "clip_s": Param(
-            ClipRules.clip_s, type="number", exclusiveMinimum=0, maximum=3600, title="Fixed clip length (s)",
-            description="A video with no scene change (or a threshold of 0) is cut into clips this long.",
+        "min_clip_s": option_param(VideoIngestOptions, "min_clip_s", title="Shortest clip (s)", description="A scene change sooner than this after the clip began is ignored."),
+        "max_clip_s": option_param(VideoIngestOptions, "max_clip_s", title="Longest clip (s)", description="A longer scene is split into equal clips."),
+        "clip_s": option_param(
+            VideoIngestOptions, "clip_s", title="Fixed clip length (s)", description="A video with no scene change (or a threshold of 0) is cut into clips this long."
         ),
-        "caption": Param(True, type="boolean", title="Caption each clip", description="Ask the model for each clip's Description from its frames (1 request per clip). Off: empty."),
-        "transcribe": Param(
-            "auto", type="string", enum=["auto", "on", "off"], title="Transcribe each clip",
+        "caption": option_param(
+            VideoIngestOptions, "caption", title="Caption each clip", description="Ask the model for each clip's Description from its frames (1 request per clip). Off: empty."
+        ),
+        "transcribe": option_param(
+            VideoIngestOptions, "transcribe", title="Transcribe each clip",
             description="Audio_Text from the speech-to-text endpoint VQA_TRANSCRIPTION_URL (vLLM serving Whisper): auto uses it if set, else leaves Audio_Text empty; on fails the run if none is set.",
         ),
     }

@@ -10,13 +10,16 @@ from __future__ import annotations
 import copy
 import posixpath
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseOperator, BaseOperatorLink
 
 from vqa_operators import settings
 from vqa_operators.hooks.storage import s3_storage
 from vqa_operators.operators.spec import WorkerSpec
+
+if TYPE_CHECKING:
+    from vqa_operators.records import RunManifest
 
 
 class VQAShardPlanOperator(BaseOperator):
@@ -113,7 +116,7 @@ class VQAShardPlanOperator(BaseOperator):
         self.log.info("%s: %d rows in %d shard(s) of up to %d rows", input_uri, rows, len(plan), max(s.rows for s in plan))
         if sample is not None:
             self.log.info("an estimate: the first %d of the input's %d rows go through every stage", rows, plan[0].sample_of)
-        return [s.model_dump() for s in plan]
+        return [s.dump() for s in plan]
 
 
 def lifetime(seconds: int) -> str:
@@ -162,9 +165,10 @@ class VQADedupOperator(BaseOperator):
         from pydantic import ValidationError
 
         from vqa_operators.exceptions import ConfigError
+        from vqa_operators.merge import deduplicate_shards
         from vqa_operators.operators.failures import fail_fast
         from vqa_operators.parsing import describe_validation_error
-        from vqa_operators.sharding import NearDuplicateSettings, deduplicate_shards
+        from vqa_operators.records import NearDuplicateSettings
 
         with fail_fast():
             try:
@@ -172,16 +176,16 @@ class VQADedupOperator(BaseOperator):
             except ValidationError as err:
                 raise ConfigError(f"invalid near-duplicate parameters: {describe_validation_error(err)}") from None
             manifests = deduplicate_shards(s3_storage(self.aws_conn_id), list(self.upstream), list(self.plan), staging=self.staging_root, dedup=settings_)
-        pairs = sum(m["pairs_kept"] + m["pairs_rejected"] for m in manifests)
-        dropped = sum(m["pairs_rejected"] for m in manifests)
+        pairs = sum(m.pairs_kept + m.pairs_rejected for m in manifests)
+        dropped = sum(m.pairs_rejected for m in manifests)
         if settings_.enabled:
             self.log.info(
                 "near-duplicates (%s, threshold %s): %d of %d pairs dropped across %d shard(s) before judging, %d rows left with none",
-                settings_.key, settings_.threshold, dropped, pairs, len(manifests), sum(m["rows_rejected"] for m in manifests),
+                settings_.key, settings_.threshold, dropped, pairs, len(manifests), sum(m.rows_rejected for m in manifests),
             )
         else:
             self.log.info("near-duplicates: off; %d pairs passed through to judging", pairs)
-        return manifests
+        return [m.dump() for m in manifests]
 
 
 class VQAMergeOperator(BaseOperator):
@@ -214,94 +218,49 @@ class VQAMergeOperator(BaseOperator):
         self.preview_url: str | None = None
 
     def execute(self, context: Any) -> dict[str, Any]:
-        """Merge, check every input row is accounted for, write the manifest and the preview beside the output."""
-        from vqa_operators.operators.failures import fail_fast
+        """Merge and finalize the run (``merge.merge_run``, ``merge.finalize_run``), announce the dataset; return its manifest.
 
-        # a shard whose file disagrees with its task, a dataset that cannot be exported ...: another try would meet it again
-        with fail_fast():
-            return self.merge(context)
-
-    def merge(self, context: Any) -> dict[str, Any]:
-        """``execute``'s work; job errors propagate for ``execute`` to judge."""
+        A shard whose file disagrees with its task, a dataset that cannot be exported ...: another
+        try would meet it again, so such job errors fail the task at once.
+        """
         from pydantic import ValidationError
 
         from vqa_operators.exceptions import ConfigError
-        from vqa_operators.export import ExportSettings, export_run
+        from vqa_operators.export import ExportSettings
         from vqa_operators.media import readable_roots
+        from vqa_operators.merge import finalize_run, merge_run, report
+        from vqa_operators.operators.failures import fail_fast
         from vqa_operators.parsing import describe_validation_error
-        from vqa_operators.preview import write_preview
-        from vqa_operators.sharding import merge_run, write_manifest
 
-        try:
-            export = None if self.export is None else ExportSettings.model_validate(self.export)
-        except ValidationError as err:
-            raise ConfigError(f"invalid export parameters: {describe_validation_error(err)}") from None
-        storage = s3_storage(self.aws_conn_id)
-        stages = {name: list(manifests) for name, manifests in self.stages.items()}
-        rate = float(self.requests_per_s) if self.requests_per_s not in (None, "") else None
-        manifest = merge_run(storage, stages, output=self.output_uri, plan=list(self.plan), requests_per_s=rate)
-        if manifest["estimate"] is not None:
-            self.log_estimate(manifest["estimate"])
-        self.log.info(
-            "merged %d shard(s): %d rows in, %d out, %d failed %s, %d rejected, %d reused from earlier tries -> %s",
-            manifest["shards"], manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"], manifest["failures_by_reason"],
-            manifest["rows_rejected"], manifest["rows_reused"], manifest["output"],
-        )
-        if manifest["near_duplicates"] is not None:
-            dedup = manifest["near_duplicates"]
-            self.log.info(
-                "near-duplicates: %d of %d pairs dropped before judging, about %d judge calls saved (%.2f a pair)",
-                dedup["duplicates"], dedup["pairs_checked"], dedup["judge_calls_saved"], dedup["judge_calls_per_pair"],
+        dag_id, run_id = context["dag"].dag_id, context["run_id"]
+        with fail_fast():
+            try:
+                export = None if self.export is None else ExportSettings.model_validate(self.export)
+            except ValidationError as err:
+                raise ConfigError(f"invalid export parameters: {describe_validation_error(err)}") from None
+            storage = s3_storage(self.aws_conn_id)
+            rate = float(self.requests_per_s) if self.requests_per_s not in (None, "") else None
+            stages = {name: list(manifests) for name, manifests in self.stages.items()}
+            manifest = merge_run(storage, stages, output=self.output_uri, plan=list(self.plan), requests_per_s=rate, dag_id=dag_id, run_id=run_id)
+            report(manifest, self.log)
+            # the media roots, and the run's folder, where the video ingest stored its frames
+            allowed = readable_roots(self.media_root, settings.environment().allowed_media_roots, posixpath.dirname(manifest.output))
+            manifest = finalize_run(
+                storage, manifest, title=f"{dag_id} · {run_id}", media_root=self.media_root, allowed_roots=allowed, export=export, dataset=dag_id
             )
-        if manifest["cost_per_kept_pair"] is not None:
-            cost = manifest["cost_per_kept_pair"]
-            self.log.info(
-                "cost per kept pair: %.2f model calls, %.0f prompt and %.0f completion tokens (%d pairs kept)",
-                cost["requests"], cost["prompt_tokens"], cost["completion_tokens"], manifest["pairs_kept"],
-            )
-        if manifest["acceptance_rate"] is not None:
-            self.log.info(
-                "quality: kept %d of %d pairs (acceptance rate %.1f%%), rejected %s -> %s",
-                manifest["pairs_kept"], manifest["pairs_kept"] + manifest["pairs_rejected"], 100 * manifest["acceptance_rate"],
-                manifest["rejections_by_reason"], manifest["rejected"],
-            )
-        title = f"{context['dag'].dag_id} · {context['run_id']}"
-        # the media roots, and the run's folder, where the video ingest stored its frames
-        allowed = readable_roots(self.media_root, settings.environment().allowed_media_roots, posixpath.dirname(manifest["output"]))
-        preview = write_preview(storage, manifest, title=title, media_root=self.media_root, allowed_roots=allowed)
-        self.log.info("QA preview: %s", preview)
+        self.log.info("QA preview: %s", manifest.preview)
+        for name, uri in manifest.exports.items():
+            self.log.info("exported %s: %s", name, uri)
+        self.log.info("manifest: %s", manifest.manifest)
         link_seconds = settings.environment().preview_link_seconds
         if link_seconds:
             # anyone holding the link can open the page until it expires: it is logged, and kept as the task's extra link
-            self.preview_url = storage.url(preview, expires_s=link_seconds)
+            self.preview_url = storage.url(manifest.preview, expires_s=link_seconds)
             self.log.info("QA preview in a browser (link valid %s; also the task's 'QA preview' button): %s", lifetime(link_seconds), self.preview_url)
-        if export is not None:
-            manifest["exports"] = export_run(
-                storage, manifest, formats=list(export.formats), copy_media=export.copy_media, embed_images=export.embed_images, media_root=self.media_root,
-                allowed_roots=allowed, dataset=context["dag"].dag_id, run_id=context["run_id"],
-            )
-            write_manifest(storage, manifest)  # again: the manifest names the exports too
-            for name, uri in manifest["exports"].items():
-                self.log.info("exported %s: %s", name, uri)
         self.announce(context, manifest)
-        return manifest
+        return manifest.dump()
 
-    def log_estimate(self, estimate: dict[str, Any]) -> None:
-        """The estimate's lines: per row, per kept pair, acceptance, and the projection for the whole input."""
-        per_row, per_pair, projected = estimate["per_row"] or {}, estimate["per_kept_pair"] or {}, estimate["projected"]
-        self.log.info(
-            "estimate from %d of %d rows: per row %.2f calls, %.0f prompt and %.0f completion tokens; per kept pair %s; acceptance %s",
-            estimate["sample_rows"], estimate["input_rows"], per_row.get("requests", 0), per_row.get("prompt_tokens", 0), per_row.get("completion_tokens", 0),
-            f"{per_pair['requests']:.2f} calls, {per_pair['prompt_tokens']:.0f} prompt and {per_pair['completion_tokens']:.0f} completion tokens" if per_pair else "n/a (no pair kept)",
-            "n/a" if estimate["acceptance_rate"] is None else f"{100 * estimate['acceptance_rate']:.1f}%",
-        )
-        hours = "n/a" if estimate["server_hours"] is None else f"{estimate['server_hours']:.2f} hours of one model server at {estimate['requests_per_s']} requests/s ({estimate['throughput']})"
-        self.log.info(
-            "estimate for the whole input: %d model calls, %d prompt and %d completion tokens, about %d pairs kept; %s",
-            projected["requests"], projected["prompt_tokens"], projected["completion_tokens"], projected["pairs_kept"], hours,
-        )
-
-    def announce(self, context: Any, manifest: dict[str, Any]) -> None:
+    def announce(self, context: Any, manifest: RunManifest) -> None:
         """Put the run's counts and URIs on each outlet asset's event; Airflow records the events when the task succeeds."""
         from vqa_operators.assets import event_extra
 
@@ -313,4 +272,4 @@ class VQAMergeOperator(BaseOperator):
             event.extra.update(extra)
             if partition:
                 event.add_partitions(partition)
-            self.log.info("announcing %s%s: %d rows out -> %s", asset.name, f" (partition {partition})" if partition else "", manifest["rows_out"], manifest["output"])
+            self.log.info("announcing %s%s: %d rows out -> %s", asset.name, f" (partition {partition})" if partition else "", manifest.rows_out, manifest.output)

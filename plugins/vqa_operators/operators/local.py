@@ -62,6 +62,6 @@ class VQAWorkerOperator(BaseOperator):
             self.log.info("try %s of %s: running %s in-process: %s -> %s", ti.try_number, ti.max_tries + 1, spec.generator, opts.input, opts.output)
             # Airflow stops a task with SIGINT, then SIGTERM: either stops the run cleanly, its finished rows checkpointed
             stop_on = STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ()
-            manifest = run_job(opts, storage=s3_storage(self.aws_conn_id), stop_on=stop_on)
+            manifest = run_job(opts, storage=s3_storage(self.aws_conn_id), stop_on=stop_on).dump()
         self.log.info("manifest: %s", manifest)
         return manifest

@@ -55,7 +55,7 @@ class WorkerSpec:
     seed: int | str | None = None
     temperature: float = settings.TEMPERATURE
     top_p: float = settings.TOP_P
-    max_tokens: int = settings.MAX_TOKENS
+    max_tokens: int | None = None  # None: the generator's own (Generator.max_tokens)
     max_pixels: int = settings.MAX_PIXELS
     media_root: str = "."
     staging_root: str | None = STAGING_ROOT

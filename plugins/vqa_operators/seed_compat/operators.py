@@ -44,9 +44,9 @@ async def _process(generator: Generator, items: list[tuple[int, dict[str, Any] |
     good: list[dict[str, Any]] = []
     bad: list[dict[str, Any]] = []
     try:
-        async for outcome in run_rows(generator, items, window=2 * generator.serving.max_concurrency):
+        async for outcome in run_rows(generator, items, concurrency=2 * generator.serving.concurrency):
             if outcome.error is not None:
-                bad.append(outcome.error_entry(generator.name))
+                bad.append(outcome.error_entry(generator.name).dump())
             else:
                 assert outcome.row is not None and outcome.fields is not None
                 good.append(generator.finish_row(outcome.row, outcome.fields))

@@ -44,7 +44,7 @@ class VLMServing(Protocol):
 
     model_name: str
     sampling: SamplingParams
-    max_concurrency: int
+    concurrency: int
 
     async def chat(self, request: ChatRequest) -> ChatResult:
         """Run one chat completion; raise JobError subclasses for job-level failures, RowError for this request."""

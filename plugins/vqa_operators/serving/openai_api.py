@@ -116,14 +116,14 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
                     raise ConfigError("no model name: pass model_name or set VQA_MODEL")
                 model_name = env.model
             if max_workers is None:
-                max_workers = env.in_flight
+                max_workers = env.effective_concurrency
         if not api_url:
             raise ConfigError("api_url is empty: set VQA_BASE_URL or the vqa_vlm connection's host")
         if max_workers < 1:
             raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
         self.api_url = api_url.rstrip("/")
         self.model_name = model_name
-        self.max_concurrency = max_workers
+        self.concurrency = max_workers
         self.sampling = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         self.timeout = timeout
         self.max_retries = max_retries
@@ -137,7 +137,7 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
         self._outage = _Outage(max_consecutive_failures)
 
     def __repr__(self) -> str:  # never show the key
-        return f"APIVLMServing_openai(api_url={redact_url(self.api_url)!r}, model_name={self.model_name!r}, max_workers={self.max_concurrency})"
+        return f"APIVLMServing_openai(api_url={redact_url(self.api_url)!r}, model_name={self.model_name!r}, max_workers={self.concurrency})"
 
     def _bound(self) -> tuple[Any, asyncio.Semaphore]:
         # httpx connections and semaphores belong to one event loop; the seed API runs one loop per run()
@@ -148,7 +148,7 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
             self._client = AsyncOpenAI(
                 base_url=self.api_url, api_key=self._api_key, max_retries=0, timeout=self.timeout
             )
-            self._slots = asyncio.Semaphore(self.max_concurrency)
+            self._slots = asyncio.Semaphore(self.concurrency)
             self._loop = loop
         assert self._slots is not None
         return self._client, self._slots

@@ -83,7 +83,7 @@ class LocalModelVLMServing_transformers:  # noqa: N801 - named like the seeds' L
             raise ConfigError("hf_model_name_or_path is required")
         self.model_name = hf_model_name_or_path
         self.sampling = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
-        self.max_concurrency = 1
+        self.concurrency = 1
         self.device = device
         self._model: Any = None
         self._processor: Any = None

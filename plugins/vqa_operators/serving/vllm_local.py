@@ -35,11 +35,11 @@ class LocalModelVLMServing_vllm:  # noqa: N801 - the original toolkit's class na
         vllm_top_p: float = settings.TOP_P,
         vllm_max_tokens: int = settings.MAX_TOKENS,
         vllm_max_model_len: int | None = None,
-        vllm_gpu_memory_utilization: float = 0.9,
+        vllm_gpu_memory_utilization: float = settings.VLLM_GPU_MEMORY_UTILIZATION,
         vllm_seed: int | None = None,
         *,
-        max_batch_size: int = 256,
-        max_images_per_prompt: int = 16,
+        concurrency: int = settings.MAX_NUM_SEQS,
+        max_images_per_prompt: int = settings.MAX_IMAGES_PER_PROMPT,
         engine_args: dict[str, Any] | None = None,
         engine: Any | None = None,
     ) -> None:
@@ -47,7 +47,7 @@ class LocalModelVLMServing_vllm:  # noqa: N801 - the original toolkit's class na
             raise ConfigError("hf_model_name_or_path is required")
         self.model_name = hf_model_name_or_path
         self.sampling = SamplingParams(temperature=vllm_temperature, top_p=vllm_top_p, max_tokens=vllm_max_tokens, seed=vllm_seed)
-        self.max_concurrency = max_batch_size
+        self.concurrency = concurrency
         self._engine_kwargs = {
             "model": hf_model_name_or_path,
             "download_dir": hf_local_dir or hf_cache_dir,
@@ -110,7 +110,7 @@ class LocalModelVLMServing_vllm:  # noqa: N801 - the original toolkit's class na
         while True:
             batch = [await self._queue.get()]
             await asyncio.sleep(0)  # let the other rows of this wave enqueue
-            while not self._queue.empty() and len(batch) < self.max_concurrency:
+            while not self._queue.empty() and len(batch) < self.concurrency:
                 batch.append(self._queue.get_nowait())
             try:
                 results = await asyncio.to_thread(self._run_batch, [req for req, _ in batch])

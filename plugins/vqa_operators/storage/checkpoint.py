@@ -27,58 +27,16 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
+from vqa_operators import settings
+from vqa_operators.records import Finished
 from vqa_operators.storage.jsonl import JsonlWriter, read_jsonl
 from vqa_operators.storage.uris import Storage, beside
 
 log = logging.getLogger("vqa_operators.checkpoint")
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=+:-]+")
-
-
-class Finished(BaseModel):
-    """A row's final record, as the checkpoint keeps it and the run loop writes it out.
-
-    Exactly one of three kinds:
-
-    - kept: ``out`` (the output row); a quality gate adds ``pairs_kept`` >= 1 and the pairs it
-      dropped in ``rejected``;
-    - rejected: a quality gate left no pair (``pairs_kept`` 0, ``rejected`` not empty, no ``out``);
-    - failed: ``error`` (the errors-file entry, with its reason), nothing else.
-    """
-
-    model_config = ConfigDict(extra="forbid")
-
-    out: dict[str, Any] | None = None
-    error: dict[str, Any] | None = None
-    pairs_kept: int | None = Field(None, ge=0)
-    rejected: list[dict[str, Any]] = []
-
-    @model_validator(mode="after")
-    def _one_kind(self) -> Finished:
-        if self.error is not None:
-            if self.out is not None or self.rejected or self.pairs_kept is not None:
-                raise ValueError("a failed row's record holds its error and nothing else")
-            if not isinstance(self.error.get("reason"), str):
-                raise ValueError("a failed row's error names its reason")
-        elif self.out is None:
-            if self.pairs_kept != 0 or not self.rejected:
-                raise ValueError("a record without out or error is a rejected row: pairs_kept 0 and the pairs rejected")
-        elif self.pairs_kept == 0:
-            raise ValueError("a kept row keeps at least one pair")
-        if any(not isinstance(entry.get("reason"), str) for entry in self.rejected):
-            raise ValueError("every rejected pair names its reason")
-        return self
-
-    @property
-    def kind(self) -> str:
-        """``kept``, ``rejected`` or ``failed``."""
-        return "failed" if self.error is not None else "kept" if self.out is not None else "rejected"
-
-    def line(self, key: str) -> dict[str, Any]:
-        """The checkpoint line: the key and the record's fields (the unset ones left out)."""
-        return {"key": key, **self.model_dump(exclude_defaults=True)}
 
 
 def fingerprint(settings: dict[str, Any]) -> str:
@@ -96,7 +54,7 @@ def checkpoint_prefix(output_uri: str, task: str | None, settings_hash: str) -> 
 class Checkpoint:
     """Finished records by row key: loaded from earlier tries, added to as rows finish, flushed in parts."""
 
-    def __init__(self, storage: Storage, prefix: str, *, every_rows: int = 64, every_seconds: float = 30.0) -> None:
+    def __init__(self, storage: Storage, prefix: str, *, every_rows: int = settings.CHECKPOINT_EVERY, every_seconds: float = settings.CHECKPOINT_SECONDS) -> None:
         self.storage = storage
         self.prefix = prefix
         self.every_rows = every_rows

@@ -10,12 +10,18 @@ from vqa_operators.worker.options import JobOptions
 
 
 def open_serving(opts: JobOptions, stack: contextlib.ExitStack) -> VLMServing:
-    """The serving object ``opts`` asks for; a server it starts (``--serve-vllm``) is stopped when ``stack`` closes."""
+    """The serving object ``opts`` asks for; a server it starts (``--serve-vllm``) is stopped when ``stack`` closes.
+
+    Its completion token limit: the run's ``max_tokens``, else the generator's own (``Generator.max_tokens``).
+    """
+    from vqa_operators.generators import generator_class
+
+    max_tokens = opts.max_tokens if opts.max_tokens is not None else generator_class(opts.generator).max_tokens
     if opts.backend == "transformers":
         from vqa_operators.serving.transformers_local import DEFAULT_CPU_MODEL, LocalModelVLMServing_transformers
 
         return LocalModelVLMServing_transformers(
-            opts.model or DEFAULT_CPU_MODEL, temperature=opts.temperature, top_p=opts.top_p, max_tokens=opts.max_tokens, seed=opts.seed
+            opts.model or DEFAULT_CPU_MODEL, temperature=opts.temperature, top_p=opts.top_p, max_tokens=max_tokens, seed=opts.seed
         )
     if not opts.model:
         raise ConfigError("no model name: pass --model or set VQA_MODEL (or the vqa_vlm connection's extra.model)")
@@ -31,11 +37,11 @@ def open_serving(opts: JobOptions, stack: contextlib.ExitStack) -> VLMServing:
     return APIVLMServing_openai(
         api_url=base_url,
         model_name=opts.model,
-        max_workers=opts.in_flight,
+        max_workers=opts.effective_concurrency,
         api_key=opts.api_key.get_secret_value() if opts.api_key else None,
         temperature=opts.temperature,
         top_p=opts.top_p,
-        max_tokens=opts.max_tokens,
+        max_tokens=max_tokens,
         seed=opts.seed,
         timeout=opts.request_timeout,
         max_retries=opts.max_retries,

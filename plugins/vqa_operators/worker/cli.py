@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="sampling seed; per-row seeds derive from it")
     run.add_argument("--temperature", type=float, help=f"default {settings.TEMPERATURE}")
     run.add_argument("--top-p", type=float, help=f"default {settings.TOP_P}")
-    run.add_argument("--max-tokens", type=int, help=f"completion token limit (default {settings.MAX_TOKENS}; video QA needs ~4096)")
+    run.add_argument("--max-tokens", type=int, help=f"completion token limit (default: the generator's own, {settings.MAX_TOKENS}; video QA's stages 4096)")
     run.add_argument("--max-pixels", type=int, help=f"pixel budget per image (default {settings.MAX_PIXELS})")
     run.add_argument("--media-root", help="folder or s3:// prefix for relative image paths (default: .) [VQA_MEDIA_ROOT]")
     run.add_argument("--param", dest="params", type=_param, action="append", default=[], metavar="KEY=VALUE", help="generator option, e.g. pairs_per_row=5")
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
-    line = json.dumps(manifest, sort_keys=True)
+    line = json.dumps(manifest.dump(), sort_keys=True)
     xcom_file = args.xcom_file or settings.environment().xcom_file
     if xcom_file:
         os.makedirs(os.path.dirname(xcom_file) or ".", exist_ok=True)

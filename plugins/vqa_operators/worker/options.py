@@ -16,7 +16,7 @@ from vqa_operators.generators import generator_class
 from vqa_operators.generators.base import Generator
 from vqa_operators.media import readable_roots
 from vqa_operators.parsing import describe_validation_error
-from vqa_operators.sharding import Shard
+from vqa_operators.records import Shard
 from vqa_operators.storage.uris import errors_uri_for, rejected_uri_for, within
 
 # the options whose default is a VQA_* variable: option name -> Environment field
@@ -47,7 +47,8 @@ class JobOptions(BaseModel):
     seed: int | None = None
     temperature: float = Field(settings.TEMPERATURE, ge=0.0, le=2.0)
     top_p: float = Field(settings.TOP_P, gt=0.0, le=1.0)
-    max_tokens: int = Field(settings.MAX_TOKENS, ge=16, le=65536)
+    # None: the generator's own (Generator.max_tokens)
+    max_tokens: int | None = Field(None, ge=16, le=65536)
     max_pixels: int = Field(settings.MAX_PIXELS, ge=28 * 28, le=50_000_000)
     media_root: str = "."
     # where rows may read media from, the input may be read and the output written; deployment settings, not run parameters
@@ -98,10 +99,10 @@ class JobOptions(BaseModel):
         return self.shard.shards if self.shard is not None and not self.serve_vllm else 1
 
     @property
-    def in_flight(self) -> int:
+    def effective_concurrency(self) -> int:
         """Requests kept in flight: ``concurrency`` if set, else the server's budget (``max_num_seqs`` and a quarter)
         split between the shards that share it."""
-        return settings.in_flight(self.concurrency, self.max_num_seqs, self.sharing)
+        return settings.effective_concurrency(self.concurrency, self.max_num_seqs, self.sharing)
 
     @property
     def media_roots(self) -> list[str]:

@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from vqa_operators.exceptions import InputError, Interrupted, JobError, RowError, TryProgress, UnexpectedError
-from vqa_operators.generators.base import PROVENANCE_KEY, Generated, Generator, input_line, origin_key, rejected_entry, row_key
-from vqa_operators.generators.quality import score_counts
+from vqa_operators.generators.base import PROVENANCE_KEY, Generated, Generator, input_line, origin_key, row_key
+from vqa_operators.generators.quality import pair_verdicts, score_counts
 from vqa_operators.media import MediaReader
+from vqa_operators.records import CHECKPOINT_FORMAT, Cost, ErrorEntry, Finished, RejectedEntry, StageManifest
 from vqa_operators.serving.base import VLMServing
-from vqa_operators.sharding import cost_per_pair
-from vqa_operators.storage.checkpoint import Checkpoint, Finished, checkpoint_prefix, fingerprint
+from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix, fingerprint
 from vqa_operators.storage.jsonl import BadLine, JsonlWriter, read_jsonl
 from vqa_operators.storage.uris import Storage
 from vqa_operators.worker.backends import open_serving
@@ -34,8 +34,6 @@ from vqa_operators.worker.options import JobOptions, check_options
 log = logging.getLogger("vqa_operators.worker")
 
 RAW_OUTPUT_LIMIT = 2000
-# bump when the checkpoint record format changes, so old checkpoints are not reused
-CHECKPOINT_FORMAT = 2
 
 
 @dataclass
@@ -57,32 +55,29 @@ class RowOutcome:
         """The fields the stage adds to the row (None if it made nothing)."""
         return self.made.fields if self.made is not None else None
 
-    def error_entry(self, stage: str) -> dict[str, Any]:
+    def error_entry(self, stage: str) -> ErrorEntry:
         """The errors-file record: the input (row or raw line) with a reason."""
         err = self.error
         assert err is not None
-        entry: dict[str, Any] = {"stage": stage, "line": input_line(self.row, self.line), "reason": err.reason, "detail": err.detail}
+        line = input_line(self.row, self.line)
         if isinstance(err, BadLine):
-            entry["raw_line"] = err.raw
-        else:
-            entry["row"] = self.row
-            if err.raw_output is not None:
-                entry["raw_output"] = err.raw_output[:RAW_OUTPUT_LIMIT]
-        return entry
+            return ErrorEntry(stage=stage, line=line, reason=err.reason, detail=err.detail, raw_line=err.raw)
+        raw = err.raw_output[:RAW_OUTPUT_LIMIT] if err.raw_output is not None else None
+        return ErrorEntry(stage=stage, line=line, reason=err.reason, detail=err.detail, row=self.row, raw_output=raw)
 
 
 async def run_rows(
     generator: Generator,
     items: Iterable[tuple[int, dict[str, Any] | BadLine | RowOutcome]],
     *,
-    window: int,
+    concurrency: int,
     on_finished: Callable[[RowOutcome], None] | None = None,
     reorder: int | None = None,
 ) -> AsyncIterator[RowOutcome]:
-    """Process rows with at most ``window`` running at once, yielding outcomes in input order.
+    """Process rows with at most ``concurrency`` running at once, yielding outcomes in input order.
 
     Rows that finish ahead of a slower one wait, finished, for it to be yielded: up to ``reorder``
-    of them (default ``4 * window``), so that one slow row (a long answer, a repair) does not stop
+    of them (default ``4 * concurrency``), so that one slow row (a long answer, a repair) does not stop
     new rows from starting while the server has room. ``on_finished`` sees each new outcome as
     soon as its row finishes, in completion order, so that rows finished behind a slow one are not
     lost if the job fails. An item that is already a RowOutcome (a row finished by an earlier try)
@@ -91,7 +86,7 @@ async def run_rows(
     """
     loop = asyncio.get_running_loop()
     fatal: asyncio.Future[None] = loop.create_future()
-    reorder = 4 * window if reorder is None else reorder
+    reorder = 4 * concurrency if reorder is None else reorder
     running: set[asyncio.Task[RowOutcome]] = set()
 
     async def one(line: int, item: dict[str, Any] | BadLine | RowOutcome) -> RowOutcome:
@@ -132,10 +127,10 @@ async def run_rows(
             while True:
                 while pending and pending[0].done():
                     yield pending.popleft().result()
-                if len(running) < window and len(pending) - len(running) < reorder:
+                if len(running) < concurrency and len(pending) - len(running) < reorder:
                     break
                 # a running row must finish: the head (to make room to reorder) or any (to make room to run)
-                await wait_for({pending[0]} if len(running) < window else set(running))
+                await wait_for({pending[0]} if len(running) < concurrency else set(running))
         while pending:
             await wait_for({pending[0]})
             yield pending.popleft().result()
@@ -177,7 +172,7 @@ class Progress:
         self.done += 1
         self.reused += reused
         if record.error is not None:
-            self.reasons[str(record.error["reason"])] += 1  # a Reason, or its value read back from a checkpoint
+            self.reasons[str(record.error.reason)] += 1  # a Reason, or its value read back from a checkpoint
         elif record.out is not None:
             self.out += 1
         else:
@@ -185,12 +180,11 @@ class Progress:
         if record.pairs_kept is not None:
             self.judges = True
             self.pairs_kept += record.pairs_kept
-            kept = ((record.out or {}).get(PROVENANCE_KEY) or {}).get(self.name) or {}
             # a rejected pair's verdicts with the rejection filter made, as annotate writes a kept pair's
-            dropped = [{**(e.get("verdicts") or {}), "rejection": {"reason": str(e["reason"])}} for e in record.rejected]
-            self.scores = score_counts([*(kept.get("verdicts") or []), *dropped], self.scores)
+            dropped = [{**(e.verdicts or {}), "rejection": {"reason": str(e.reason)}} for e in record.rejected]
+            self.scores = score_counts([*pair_verdicts(record.out, self.name), *dropped], self.scores)
         for entry in record.rejected:
-            self.rejections[str(entry["reason"])] += 1
+            self.rejections[str(entry.reason)] += 1
 
     @property
     def pairs_rejected(self) -> int:
@@ -245,9 +239,9 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def progress_batch(total: int | None, in_flight: int) -> int:
-    """Rows per progress line: a window of requests, or a twentieth of the shard if that is smaller."""
-    return min(in_flight, -(-total // 20)) if total else in_flight
+def progress_batch(total: int | None, concurrency: int) -> int:
+    """Rows per progress line: as many rows as requests run at once, or a twentieth of the shard if that is smaller."""
+    return min(concurrency, -(-total // 20)) if total else concurrency
 
 
 def _provenance(generator: Generator, prior: Any, key: str, meta: dict[str, Any]) -> dict[str, Any]:
@@ -273,7 +267,7 @@ def _record(generator: Generator, outcome: RowOutcome) -> Finished:
     made = outcome.made
     assert outcome.row is not None and made is not None
     line = input_line(outcome.row, outcome.line)
-    rejected = [rejected_entry(generator.name, line, r, row=outcome.row, row_rejected=not made.kept) for r in made.rejected]
+    rejected = [RejectedEntry.of(generator.name, line, r, row=outcome.row, row_rejected=not made.kept) for r in made.rejected]
     row = None
     if made.kept:
         row = generator.finish_row(outcome.row, made.fields)
@@ -325,7 +319,7 @@ class StopOnSignals:
                 signal.signal(sig, before[sig])
 
 
-async def process(generator: Generator, storage: Storage, opts: JobOptions, *, stop_on: tuple[signal.Signals, ...] = ()) -> dict[str, Any]:
+async def process(generator: Generator, storage: Storage, opts: JobOptions, *, stop_on: tuple[signal.Signals, ...] = ()) -> StageManifest:
     """Run every row of ``opts.input`` and write the output and errors files; return the manifest.
 
     On any failure (and on a signal in ``stop_on``) the rows this try finished are checkpointed, and
@@ -342,7 +336,7 @@ async def process(generator: Generator, storage: Storage, opts: JobOptions, *, s
             raise Interrupted(stop.received, "while closing the run; its rows are checkpointed") from None
 
 
-async def _process(generator: Generator, storage: Storage, opts: JobOptions, stop: StopOnSignals) -> dict[str, Any]:
+async def _process(generator: Generator, storage: Storage, opts: JobOptions, stop: StopOnSignals) -> StageManifest:
     assert opts.input is not None
     run_fingerprint = settings_fingerprint(generator, opts)
     checkpoint = Checkpoint(
@@ -355,7 +349,7 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
     lines = storage.iter_lines(opts.input, start=shard.start, end=shard.end, version=shard.version) if shard else storage.iter_lines(opts.input)
     # a later stage's input is the upstream shard's output, which may hold fewer rows: its total is unknown
     total = shard.rows if shard else None
-    progress = Progress(generator.name, total, progress_batch(total, opts.in_flight))
+    progress = Progress(generator.name, total, progress_batch(total, opts.effective_concurrency))
 
     def items() -> Any:
         for line, item in read_jsonl(lines, first_line=shard.first_line if shard else 1):
@@ -383,19 +377,19 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
             # only a quality gate drops pairs: its rejected file is written even when it drops none
             rej = JsonlWriter(files.enter_context(storage.open_atomic(opts.rejected_uri))) if generator.gate else None
             try:
-                async for outcome in run_rows(generator, items(), window=2 * opts.in_flight, on_finished=finished):
+                async for outcome in run_rows(generator, items(), concurrency=2 * opts.effective_concurrency, on_finished=finished):
                     del keys[outcome.line]
                     record = outcome.record
                     assert record is not None
                     progress.add(record, outcome.reused)
                     if record.error is not None:
-                        err.write(record.error)
+                        err.write(record.error.dump())
                     if record.out is not None:
                         out.write(record.out)
                         progress.pairs_out += record.pairs_kept if record.pairs_kept is not None else len(output_fields.pairs(record.out))
                     if rej is not None:
                         for entry in record.rejected:
-                            rej.write(entry)
+                            rej.write(entry.dump())
                     if progress.due():
                         log.info("%s", progress.line(generator.usage))
                 if shard is not None and progress.done != shard.rows:
@@ -425,42 +419,22 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
         finally:
             await generator.serving.aclose()
     usage = generator.usage
-    return {
-        "generator": generator.name,
-        "input": opts.input,
-        "shard": opts.shard.index if opts.shard else None,
-        "try_number": opts.try_number,
-        "output": opts.output,
-        "errors": opts.errors_uri,
-        "rows_in": progress.done,
-        "rows_out": progress.out,
-        "rows_failed": progress.failed,
-        "rows_reused": progress.reused,
-        "failures_by_reason": dict(sorted(progress.reasons.items())),
-        "rejected": opts.rejected_uri if generator.gate else None,
-        "rows_rejected": progress.rows_rejected,
-        "pairs_kept": progress.pairs_kept,
-        "pairs_rejected": progress.pairs_rejected,
-        "rejections_by_reason": dict(sorted(progress.rejections.items())),
-        "model": generator.serving.model_name,
-        "prompt_sha256": generator.prompts.sha256,
-        "seed": opts.seed,
-        "checkpoint": checkpoint.prefix,
-        "requests": usage.requests,
-        "repairs": usage.repairs,
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "pairs_out": progress.pairs_out,
-        "quality_scores": progress.scores,
+    spent = {"requests": usage.requests, "repairs": usage.repairs, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+    return StageManifest(
+        generator=generator.name, input=opts.input, shard=opts.shard.index if opts.shard else None, try_number=opts.try_number, output=opts.output,
+        errors=opts.errors_uri, rows_in=progress.done, rows_out=progress.out, rows_failed=progress.failed, rows_reused=progress.reused,
+        failures_by_reason=dict(sorted(progress.reasons.items())), rejected=opts.rejected_uri if generator.gate else None,
+        rows_rejected=progress.rows_rejected, pairs_kept=progress.pairs_kept, pairs_rejected=progress.pairs_rejected,
+        rejections_by_reason=dict(sorted(progress.rejections.items())), model=generator.serving.model_name, prompt_sha256=generator.prompts.sha256,
+        seed=opts.seed, checkpoint=checkpoint.prefix, **spent, pairs_out=progress.pairs_out, quality_scores=progress.scores,
         # this stage's model calls and tokens per pair it wrote (None: it wrote none)
-        "cost_per_pair": cost_per_pair({"requests": usage.requests, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}, progress.pairs_out),
-        "duration_s": round(time.monotonic() - progress.started, 3),
-    }
+        cost_per_pair=Cost.per(spent, progress.pairs_out), duration_s=round(time.monotonic() - progress.started, 3),
+    )
 
 
 def run_job(
     opts: JobOptions, *, storage: Storage | None = None, serving: VLMServing | None = None, stop_on: tuple[signal.Signals, ...] = ()
-) -> dict[str, Any]:
+) -> StageManifest:
     """Run one generator over one input file and return the manifest; raise JobError for job-level failures.
 
     ``stop_on``: signals that stop the run cleanly (the CLI's SIGTERM and SIGINT); the caller must be the main thread.
@@ -476,13 +450,13 @@ def run_job(
         media = MediaReader(storage, media_root=opts.media_root, max_pixels=opts.max_pixels, executor=executor, allowed_roots=opts.media_roots)
         generator = cls(serving, options=opts.params, media=media, seed=opts.seed, output=opts.output)
         split = f", the server's budget split between {opts.sharing} shards" if opts.sharing > 1 and opts.concurrency is None else ""
-        log.info("%s: %s -> %s (model %s, concurrency %d%s)", cls.name, opts.input, opts.output, serving.model_name, serving.max_concurrency, split)
+        log.info("%s: %s -> %s (model %s, concurrency %d%s)", cls.name, opts.input, opts.output, serving.model_name, serving.concurrency, split)
         manifest = asyncio.run(process(generator, storage, opts, stop_on=stop_on))
-    judged = f", {manifest['rows_rejected']} rejected, {manifest['pairs_kept']} pairs kept, {manifest['pairs_rejected']} rejected {manifest['rejections_by_reason']}" if manifest["rejected"] else ""
+    judged = f", {manifest.rows_rejected} rejected, {manifest.pairs_kept} pairs kept, {manifest.pairs_rejected} rejected {manifest.rejections_by_reason}" if manifest.rejected else ""
     log.info(
         "%s: %s%d rows in, %d out, %d failed %s%s, %d reused from earlier tries, %d model requests",
-        manifest["generator"], opts.attempt, manifest["rows_in"], manifest["rows_out"],
-        manifest["rows_failed"], manifest["failures_by_reason"], judged, manifest["rows_reused"], manifest["requests"],
+        manifest.generator, opts.attempt, manifest.rows_in, manifest.rows_out,
+        manifest.rows_failed, manifest.failures_by_reason, judged, manifest.rows_reused, manifest.requests,
     )
     return manifest
 
