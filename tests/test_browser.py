@@ -36,6 +36,8 @@ CHROMIUM_ARGS = [
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
 ]
 ARTIFACTS = ROOT / ".artifacts" / "browser"
+# the README's screenshots: this tier takes them, so they show the UI and the pages as they are now (commit them after a run)
+README_SHOTS = ROOT / "docs" / "img"
 BUCKET = "vqa-demo"  # the deployment's data root here (VQA_DATA_ROOT): scheduled runs with default params read it
 
 
@@ -164,7 +166,7 @@ def trigger_from_form(page: Any, standalone: Standalone, dag_id: str, run_id: st
     if shot:  # the whole form: a viewport tall enough for the dialog, then back
         size = page.viewport_size
         page.set_viewport_size({"width": size["width"], "height": 2400})
-        dialog.screenshot(path=str(ARTIFACTS / shot))
+        dialog.screenshot(path=str(README_SHOTS / shot))
         page.set_viewport_size(size)
     dialog.get_by_role("button", name="Advanced Options").click()
     page.fill("input[name=dagRunId]", run_id)
@@ -211,7 +213,7 @@ def test_trigger_image_qa_from_the_form_and_read_its_log(page: Any, standalone: 
     assert len(sizes) == 3 and all(w > 0 for w in sizes)
     assert page.locator("h3").all_inner_texts() == ["image_not_found · 1 row"]
     assert page.locator(".qa li").count() == 6
-    page.screenshot(path=str(ARTIFACTS / "preview.png"), full_page=True)
+    page.screenshot(path=str(README_SHOTS / "preview.png"), full_page=True)
 
 
 def test_a_failed_try_is_retried_and_the_ui_shows_try_2(page: Any, standalone: Standalone, s3_demo, _vlm_server: OpenAITestServer) -> None:
@@ -249,7 +251,7 @@ def test_a_failed_try_is_retried_and_the_ui_shows_try_2(page: Any, standalone: S
     # the task page shows try 2, whose log says what it reused ...
     page.goto(f"{standalone.url}/dags/image_qa/runs/ui_retry_run/tasks/generate/mapped/0")
     page.get_by_text("rows/s").first.wait_for()
-    page.screenshot(path=str(ARTIFACTS / "retry-try-2.png"))
+    page.screenshot(path=str(README_SHOTS / "retry-try-2.png"))
     body = page.locator("body").inner_text()
     assert re.search(r"Try Number\s+2\b", body) and "Task Tries" in body
     assert "try 2 of 4: running image_qa in-process" in body

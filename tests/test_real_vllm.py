@@ -96,7 +96,11 @@ def test_dags_test_runs_each_dag_against_vllm(
         labelled = _staged_row(s3, bucket, manifest, "final", "video-file-0")
         assert labelled["QA"] and all(set(p) == {"Label", "Question", "Answer", "Clips"} and all(0 <= c < len(labelled["Clips"]) for c in p["Clips"]) for p in labelled["QA"]), labelled["QA"]
     # no request refused by vLLM, in any stage (the quality stage's three schemas included)
-    assert manifest["model"] == real_vllm.SERVED_NAME and not real_vllm.REFUSED & set(manifest["failures_by_reason"]), manifest
+    # every stage that asks the model names it (dedup asks none), and the manifest names every stage's errors file
+    assert {name: stage["model"] for name, stage in manifest["stages"].items() if name != "dedup"} == {
+        name: real_vllm.SERVED_NAME for name in manifest["stages"] if name != "dedup"
+    }, manifest["stages"]
+    assert set(manifest["errors"]) == set(manifest["stages"]) - {"dedup"} and not real_vllm.REFUSED & set(manifest["failures_by_reason"]), manifest
     # every verdict that came back is schema-valid: kept pairs' (provenance) and rejected pairs' (rejected file)
     from vqa_operators.generators.quality import verdict_models
 
