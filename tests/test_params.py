@@ -14,7 +14,7 @@ import pytest
 from vqa_operators.generators.base import Usage
 from vqa_operators.operators.callbacks import summary
 from vqa_operators.records import Finished
-from vqa_operators.worker.run_loop import Progress, progress_batch
+from vqa_operators.worker.progress import Progress, progress_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 FORM = {"input_uri", "output_prefix", "model", "seed", "rows_per_shard", "max_shards", "media_root", "concurrency", "estimate_rows", "estimate_requests_per_s"}

@@ -18,7 +18,7 @@ from vqa_operators.media import MediaReader
 from vqa_operators.prompts import load_prompts
 from vqa_operators.serving.openai_api import APIVLMServing_openai
 from vqa_operators.storage import Storage
-from vqa_operators.worker.run_loop import run_rows
+from vqa_operators.worker.rows import run_rows
 
 FORMAT = re.compile(r"^Question: (?P<q>.+?) Answer: (?P<a>.+)$")
 

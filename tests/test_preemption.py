@@ -115,7 +115,7 @@ def test_in_process_a_signal_raises_interrupted_with_what_the_try_did_and_the_re
     from testkit.data import job_options
     from vqa_operators.exceptions import Interrupted
     from vqa_operators.worker import run_job
-    from vqa_operators.worker.run_loop import STOP_SIGNALS
+    from vqa_operators.worker.signals import STOP_SIGNALS
 
     source = write_image_rows(tmp_path, ROWS)
     vlm_server.latency = 0.2

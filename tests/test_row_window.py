@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from vqa_operators.generators.base import Generated
-from vqa_operators.worker.run_loop import run_rows
+from vqa_operators.worker.rows import run_rows
 
 
 class Scripted:

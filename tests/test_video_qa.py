@@ -26,7 +26,7 @@ from vqa_operators.generators.video_qa import (
 from vqa_operators.media import MediaReader, target_size
 from vqa_operators.serving.openai_api import APIVLMServing_openai
 from vqa_operators.storage import Storage
-from vqa_operators.worker.run_loop import run_rows
+from vqa_operators.worker.rows import run_rows
 
 
 @pytest.fixture

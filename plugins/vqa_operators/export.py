@@ -43,8 +43,8 @@ from pydantic import BaseModel, Field, field_validator
 from vqa_operators.exceptions import ConfigError, ExportError, RowError
 from vqa_operators.generators import row_output_fields
 from vqa_operators.media import MediaReader
-from vqa_operators.preview import describe_row
 from vqa_operators.records import RunManifest
+from vqa_operators.row_view import describe_row
 from vqa_operators.storage import Storage, read_jsonl
 from vqa_operators.storage.uris import beside
 

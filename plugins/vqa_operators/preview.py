@@ -26,10 +26,11 @@ import jinja2
 from vqa_operators import settings
 from vqa_operators.exceptions import RowError
 from vqa_operators.generators import row_output_fields
-from vqa_operators.generators.base import OutputFields, input_line
-from vqa_operators.generators.quality import describe_scores, pair_verdicts
+from vqa_operators.generators.base import input_line
+from vqa_operators.generators.quality import describe_scores
 from vqa_operators.media import MediaReader
 from vqa_operators.records import RunManifest
+from vqa_operators.row_view import DETAIL_SHOWN, describe_row
 from vqa_operators.storage.jsonl import read_jsonl
 from vqa_operators.storage.uris import Storage
 
@@ -68,41 +69,6 @@ def thumbnail(data: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _paths(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    return [p for p in value if isinstance(p, str)] if isinstance(value, list) else []
-
-
-def _score(verdicts: Any) -> int | None:
-    grounding = verdicts.get("grounding") if isinstance(verdicts, dict) else None
-    return grounding.get("score") if isinstance(grounding, dict) else None
-
-
-def describe_row(fields: OutputFields, n: int, row: dict[str, Any], rejected: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """What the page shows of one output row: its media paths, title, kept QA pairs (with their grounding score) and rejected ones."""
-    verdicts = pair_verdicts(row)
-    items = fields.pairs(row)
-    qa = [
-        {
-            "labels": item.labels, "question": item.question, "answer": item.answer, "score": _score(verdicts[k]) if k < len(verdicts) else None,
-            "clips": item.clips, "span": fields.span(row, item),
-        }
-        for k, item in enumerate(items)
-    ]
-    dropped = []
-    for entry in rejected or []:
-        pair = fields.pairs({fields.qa: [entry.get("pair")] if fields.form != "text" else entry.get("pair")})
-        if pair:
-            dropped.append({"question": pair[0].question, "answer": pair[0].answer, "reason": entry.get("reason"), "score": _score(entry.get("verdicts")), "detail": str(entry.get("detail", ""))[:RAW_OUTPUT_SHOWN]})
-    if fields.clips is not None:
-        frames, frames_total = fields.frames_shown(row)
-        return {"kind": "video", "n": n, "title": fields.title(row)[:160], "paths": frames, "qa": qa, "rejected": dropped, "frames_total": frames_total}
-    paths = _paths(row.get(fields.images)) if fields.images else []
-    title = ", ".join(paths)[:160]
-    return {"kind": "image", "n": n, "title": title, "paths": paths, "qa": qa, "rejected": dropped}
-
-
 def _media(reader: MediaReader, path: str) -> dict[str, Any]:
     try:
         return {"path": path, "src": thumbnail(reader.storage.read_bytes(reader.resolve(path))), "problem": None}
@@ -130,7 +96,7 @@ def failure_groups(storage: Storage, error_files: list[str], examples_per_reason
                     {
                         "stage": entry.get("stage", ""),
                         "line": entry.get("line", ""),
-                        "detail": str(entry.get("detail", ""))[:RAW_OUTPUT_SHOWN],
+                        "detail": str(entry.get("detail", ""))[:DETAIL_SHOWN],
                         "raw_output": str(entry.get("raw_output") or entry.get("raw_line") or entry.get("pair") or "")[:RAW_OUTPUT_SHOWN],
                     }
                 )

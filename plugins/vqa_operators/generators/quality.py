@@ -63,6 +63,13 @@ def pair_verdicts(row: dict[str, Any] | None, gate: str | None = None) -> list[A
     return verdicts if isinstance(verdicts, list) else []
 
 
+def grounding_score(verdict: Any) -> int | None:
+    """The grounding check's score (1-5) in one pair's verdict, or None (not judged, or not grounded-checked)."""
+    grounding = verdict.get("grounding") if isinstance(verdict, dict) else None
+    score = grounding.get("score") if isinstance(grounding, dict) else None
+    return score if isinstance(score, int) else None
+
+
 @functools.cache
 def sources() -> tuple[str, ...]:
     """The generators whose rows a gate can judge: those that make a dataset's rows (``Generator.makes_dataset``)."""

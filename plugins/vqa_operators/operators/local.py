@@ -41,7 +41,7 @@ class VQAWorkerOperator(BaseOperator):
         from vqa_operators.operators.failures import fail_fast
         from vqa_operators.parsing import describe_validation_error
         from vqa_operators.worker import JobOptions, run_job
-        from vqa_operators.worker.run_loop import STOP_SIGNALS
+        from vqa_operators.worker.signals import STOP_SIGNALS
 
         spec = self.spec
         # the run's own model server (its URL in the spec), else the vqa_vlm connection's

@@ -20,7 +20,7 @@ from vqa_operators.media import MediaReader
 from vqa_operators.seed_compat.file_storage import FileStorage, records
 from vqa_operators.storage.jsonl import BadLine
 from vqa_operators.storage.uris import Storage
-from vqa_operators.worker.run_loop import run_rows
+from vqa_operators.worker.rows import run_rows
 
 if TYPE_CHECKING:
     import pandas as pd

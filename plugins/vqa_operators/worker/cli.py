@@ -24,7 +24,8 @@ from vqa_operators.exceptions import ConfigError, Interrupted, JobError, Unexpec
 from vqa_operators.generators import GENERATORS
 from vqa_operators.parsing import describe_validation_error
 from vqa_operators.worker.options import JobOptions
-from vqa_operators.worker.run_loop import STOP_SIGNALS, run_job
+from vqa_operators.worker.run_loop import run_job
+from vqa_operators.worker.signals import STOP_SIGNALS
 
 log = logging.getLogger("vqa_operators.worker")
 
