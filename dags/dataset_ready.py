@@ -41,7 +41,8 @@ def dataset_ready() -> None:
             datasets.append(item)
             print(
                 f"{item['asset']} from {item['source_dag_id']} run {item['source_run_id']}: {item['rows_out']} rows out of {item['rows_in']} "
-                f"({item['rows_failed']} failed, {item['rows_rejected']} rejected; acceptance {item['acceptance_rate']}) -> {item['output']}"
+                f"({item['rows_failed']} failed, {item['rows_rejected']} rejected; acceptance {item['acceptance_rate']}) -> {item['output']}; "
+                f"errors by stage {item['errors']}, rejected {item['rejected']}, manifest {item['manifest']}"
             )
         return datasets
 

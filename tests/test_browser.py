@@ -333,6 +333,10 @@ def test_a_published_dataset_starts_the_downstream_dag_and_a_failed_run_starts_n
         k: manifest[k] for k in ("rows_in", "rows_out", "rows_failed", "rows_rejected", "manifest", "errors", "rejected")
     }
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"]) == (4, 3, 1)
+    # the event names every stage's errors file, and what made each stage
+    prefix = f"s3://{BUCKET}/output/image_qa/asset_ok_run"
+    assert event["extra"]["errors"] == {"generate": f"{prefix}/generate.errors.jsonl", "quality": f"{prefix}/quality.errors.jsonl"}
+    assert set(event["extra"]["stages"]) == {"generate", "dedup", "quality"} and event["extra"]["stages"]["quality"]["errors"] == f"{prefix}/quality.errors.jsonl"
     read = standalone.api("GET", f"/dags/dataset_ready/dagRuns/{consumer_run}/taskInstances/new_datasets/xcomEntries/return_value")["value"]
     read = json.loads(read) if isinstance(read, str) else read
     assert [(d["asset"], d["output"], d["rows_out"]) for d in read if d["source_run_id"] == "asset_ok_run"] == [("vqa.image_qa", manifest["output"], 3)]
