@@ -423,15 +423,12 @@ def _pair_bucket(path: Path, shift: int, block: int, pairs: Path, pair_files: di
     group_start = np.flatnonzero(opens)[np.cumsum(opens) - 1]
     rank = np.arange(len(keys)) - group_start
     members = np.flatnonzero(rank > 0)
-    found = []
+    # one posting at a time: at most one pair per record is held (a crowded run pairs most records with all POSTINGS)
     for posting in range(POSTINGS):
         members = members[rank[members] > posting]
         if not len(members):
             break
         later, earlier = texts[members], texts[group_start[members] + posting]
         distinct = later != earlier  # two bands of one text whose keys collide
-        found.append((later[distinct].astype(np.uint64) << np.uint64(32)) | earlier[distinct].astype(np.uint64))
-    if not found:
-        return
-    codes = np.concatenate(found)
-    _append_grouped(codes, (codes >> np.uint64(32)).astype(np.int64) // block, pairs, pair_files)
+        codes = (later[distinct].astype(np.uint64) << np.uint64(32)) | earlier[distinct].astype(np.uint64)
+        _append_grouped(codes, (codes >> np.uint64(32)).astype(np.int64) // block, pairs, pair_files)
