@@ -7,17 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from vqa_operators.generators.base import OutputFields
+from vqa_operators.generators.base import OutputFields, path_list
 from vqa_operators.generators.quality import grounding_score, pair_verdicts
 
 # characters of a rejected pair's detail kept
 DETAIL_SHOWN = 300
-
-
-def _paths(value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    return [p for p in value if isinstance(p, str)] if isinstance(value, list) else []
 
 
 def describe_row(fields: OutputFields, n: int, row: dict[str, Any], rejected: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -42,6 +36,6 @@ def describe_row(fields: OutputFields, n: int, row: dict[str, Any], rejected: li
     if fields.clips is not None:
         frames, frames_total = fields.frames_shown(row)
         return {"kind": "video", "n": n, "title": fields.title(row)[:160], "paths": frames, "qa": qa, "rejected": dropped, "frames_total": frames_total}
-    paths = _paths(row.get(fields.images)) if fields.images else []
+    paths = path_list(row.get(fields.images)) if fields.images else []
     title = ", ".join(paths)[:160]
     return {"kind": "image", "n": n, "title": title, "paths": paths, "qa": qa, "rejected": dropped}

@@ -151,6 +151,13 @@ def split_pair_text(text: str) -> tuple[str, str]:
     return (question.removeprefix("Question: "), answer) if sep else ("", text)
 
 
+def path_list(value: Any) -> list[str]:
+    """A row field that holds one path or a list of them, as a list (what is not a string left out)."""
+    if isinstance(value, str):
+        return [value]
+    return [p for p in value if isinstance(p, str)] if isinstance(value, list) else []
+
+
 @dataclass(frozen=True)
 class OutputFields:
     """Where a generator's output rows keep what a reader looks at: the QA, and the media it is about."""
@@ -218,9 +225,7 @@ class OutputFields:
         frames = [f["path"] for f in sent if isinstance(f, dict) and isinstance(f.get("path"), str)] if isinstance(sent, list) else []
         clips = row.get(self.clips) if self.clips else None
         if not frames and isinstance(clips, list):
-            for clip in clips:
-                paths = clip.get(CLIP_FRAMES) if isinstance(clip, dict) else None
-                frames += [paths] if isinstance(paths, str) else [p for p in paths if isinstance(p, str)] if isinstance(paths, list) else []
+            frames = [path for clip in clips if isinstance(clip, dict) for path in path_list(clip.get(CLIP_FRAMES))]
         total = details.get(FRAMES_TOTAL) if isinstance(details, dict) else None
         return frames, total if isinstance(total, int) else None
 

@@ -9,6 +9,7 @@ before any model call.
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -76,11 +77,17 @@ def option_param(options: type[BaseModel], field: str, *, title: str, descriptio
 
     ``description``: what the form says (default: the field's own); ``default``: a DAG's own default, where it differs.
     """
-    schema = options.model_json_schema()["properties"][field]
+    schema = _properties(options)[field]
     return Param(
         schema["default"] if default is ... else default, title=title, description=description or schema.get("description"),
         **{key: schema[key] for key in _SCHEMA_KEYS if key in schema},
     )
+
+
+@functools.cache
+def _properties(options: type[BaseModel]) -> dict[str, Any]:
+    """``options``' JSON schema's properties, made once per model (each DAG file asks for several of one model's fields)."""
+    return options.model_json_schema()["properties"]
 
 
 def data_defaults(dag_id: str) -> dict[str, str | None]:
