@@ -7,7 +7,8 @@ is run the way a kubelet would run it, as strictly as one machine allows:
   Dockerfile), then the container's ``envFrom`` Secrets, then its ``env`` (literal values and
   ``secretKeyRef``s, resolved from the test's Secrets); nothing of the caller's environment. A
   missing Secret or key fails the pod, as ``CreateContainerConfigError`` does;
-- the container's own ``command`` and ``args``;
+- the container's own ``command`` and ``args``, with ``$(VAR)`` expanded in them and in the env
+  values as the kubelet does (``testkit.expansion``);
 - its volumes: each ``emptyDir`` a fresh folder, each ``persistentVolumeClaim`` a folder per claim,
   bind-mounted at its ``mountPath`` in a mount namespace of the pod's own, over a root file system
   that is read-only when ``readOnlyRootFilesystem`` says so;
@@ -36,6 +37,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from testkit import expansion
 
 XCOM_CONTAINER = "airflow-xcom-sidecar"
 # where the image's folders wait, in the pod's mount namespace, while its volumes are mounted (an empty folder on this machine)
@@ -113,28 +116,13 @@ class Kubelet:
     timeout: float = 600.0
     runs: list[PodRun] = field(default_factory=list)
 
-    def environment(self, container: dict[str, Any]) -> dict[str, str]:
-        """The container's environment as a kubelet makes it: image ENV < envFrom < env."""
-        env = {"PATH": f"{self.image.bin_dir}:/usr/local/bin:/usr/bin:/bin", **self.image.env}
-        for source in container.get("envFrom") or []:
-            ref = source.get("secretRef")
-            if ref is None:
-                raise PodSpecError(f"envFrom {source}: only secretRef is supported here")
-            if ref["name"] not in self.secrets:
-                raise PodSpecError(f"secret {ref['name']!r} not found")
-            env.update(self.secrets[ref["name"]])
-        for var in container.get("env") or []:
-            if "value" in var:
-                env[var["name"]] = var["value"]
-                continue
-            ref = (var.get("valueFrom") or {}).get("secretKeyRef")
-            if ref is None:
-                raise PodSpecError(f"env {var['name']}: only literal values and secretKeyRef are supported here")
-            secret = self.secrets.get(ref["name"])
-            if secret is None or ref["key"] not in secret:
-                raise PodSpecError(f"env {var['name']}: key {ref['key']!r} of secret {ref['name']!r} not found")
-            env[var["name"]] = secret[ref["key"]]
-        return env
+    def environment(self, container: dict[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
+        """The container's environment as the kubelet makes it (``testkit.expansion``), and the process's: the image's ENV below it."""
+        try:
+            env = expansion.environment(container, self.secrets)
+        except expansion.CreateContainerConfigError as err:
+            raise PodSpecError(str(err)) from None
+        return env, {"PATH": f"{self.image.bin_dir}:/usr/local/bin:/usr/bin:/bin", **self.image.env, **env}
 
     def volumes(self, spec: dict[str, Any], pod_dir: Path) -> dict[str, Path]:
         """A host folder for each of the pod's volumes: emptyDir fresh per pod, a claim's shared across pods."""
@@ -194,7 +182,7 @@ class Kubelet:
             raise PodSpecError(f"pod {name}: expected one container beside the XCom sidecar, got {[c['name'] for c in containers]}")
         container = containers[0]
         pod_dir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=self.workdir))
-        env = self.environment(container)
+        kubelet_env, env = self.environment(container)
         host = self.volumes(spec, pod_dir)
         mounts = [(host[m["name"]], m["mountPath"]) for m in container.get("volumeMounts") or []]
         # the sidecar shares the xcom volume with the main container: where the worker writes its manifest
@@ -202,7 +190,9 @@ class Kubelet:
         pod_security = spec.get("securityContext") or {}
         security = {**pod_security, **(container.get("securityContext") or {})}
         os.makedirs(STAGE, exist_ok=True)
-        argv = [*(container.get("command") or []), *(container.get("args") or [])]
+        # the kubelet expands $(VAR) in command and args from the container's environment (not the image's ENV)
+        command, args = expansion.command_and_args(container, kubelet_env)
+        argv = [*command, *args]
         if not argv:
             raise PodSpecError(f"pod {name}: no command (the image's ENTRYPOINT is not modelled here)")
         script = ["set -e", *self._stage_image()]

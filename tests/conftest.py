@@ -36,6 +36,15 @@ def tiny_idefics3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pod_tier(tmp_path_factory: pytest.TempPathFactory):
+    """The kubelet stand-in that runs a kubernetes-mode run's pods, with this package installed where its image stands."""
+    from tests.pod_tier import PodTier, install_worker_image
+
+    image_bin = install_worker_image(tmp_path_factory.mktemp("dist"))
+    return PodTier.create(tmp_path_factory.mktemp("kubelet"), image_bin)
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
     """A moto S3 server over real HTTP on localhost."""
     from moto.server import ThreadedMotoServer

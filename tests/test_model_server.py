@@ -210,3 +210,20 @@ def test_the_setup_gives_up_on_a_server_that_never_answers() -> None:
 
     with pytest.raises(ServerUnavailableError, match="not healthy after 1s: Deployment vqa/x"):
         wait_healthy("http://127.0.0.1:9/health", 1.0, what="Deployment vqa/x")
+
+
+def test_the_run_servers_model_and_flags_reach_vllm_as_typed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's ``model`` param is text to the server's container too: the kubelet's expansion gives back what was typed."""
+    from tests.test_pod_spec import NAMESPACE_SECRETS, SECRET_KEY, as_the_kubelet_starts_it
+    from vqa_operators.operators.model_server import server_manifests
+    from vqa_operators.operators.placement import PodSettings
+
+    placement = PodSettings(image="registry.example/vqa-worker:1", namespace="vqa", env={"HOST_COPY": "$(HOME)"})
+    deployment, _ = server_manifests(
+        name="vqa-model-x", namespace="vqa", model="$(VLLM_API_KEY)", placement=placement, dag_id="d", run_id="r", max_num_seqs=8,
+        vllm_args=["--chat-template", "{{ x }}$$(HOME)"],
+    )
+    argv, env = as_the_kubelet_starts_it(deployment["spec"]["template"]["spec"]["containers"][0])
+    assert argv[argv.index("--model") + 1] == "$(VLLM_API_KEY)" and argv[-1] == "{{ x }}$$(HOME)"
+    assert env["VLLM_API_KEY"] == SECRET_KEY and env["HOST_COPY"] == "/tmp"  # the author's env may reference on purpose
+    assert not any(value in " ".join(argv) for secret in NAMESPACE_SECRETS.values() for value in secret.values())

@@ -327,3 +327,57 @@ def test_a_worker_exit_code_no_retry_can_fix_fails_the_task_without_retries(monk
     assert isinstance(failed.value, AirflowFailException) is not retried
     if not retried:
         assert f"the worker exited with code {exit_code}" in str(failed.value) and "another try would fail the same way" in str(failed.value)
+
+
+# what the namespace's Secrets hold, as the kubelet resolves them into the container's environment
+NAMESPACE_SECRETS = {
+    "vqa-vlm": {"api-key": SECRET_KEY},
+    "vqa-s3": {"AWS_ACCESS_KEY_ID": "AKIA-must-not-appear", "AWS_SECRET_ACCESS_KEY": "s3-secret-must-not-appear"},
+}
+
+
+def as_the_kubelet_starts_it(container: dict) -> tuple[list[str], dict[str, str]]:
+    """The process's argv and environment after the kubelet's ``$(VAR)`` expansion of the container as specified."""
+    from testkit.expansion import command_and_args, environment
+
+    env = environment(container, NAMESPACE_SECRETS, namespace="vqa")
+    command, args = command_and_args(container, env)
+    return [*command, *args], env
+
+
+@pytest.mark.parametrize("secret_name", ["VQA_API_KEY", "AWS_SECRET_ACCESS_KEY"])
+def test_params_reach_the_worker_as_typed_whatever_the_kubelet_expands(vlm_connection, monkeypatch: pytest.MonkeyPatch, secret_name: str) -> None:
+    """A trigger's ``$(VAR)`` is text: the worker gets it as typed, never the Secret's value it names (the kubelet's expansion applied)."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("VQA_VLLM_ARGS", "--served-model-name 'a$b'")  # a deployment setting with a $ of its own reaches the pod as set
+    monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
+    dags = DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "dags")).dags
+    reference = f"$({secret_name})"
+    typed = {
+        "pers_qa": {"tag": reference, "model": reference, "output_prefix": f"s3://out/{reference}", "media_root": f"s3://in/{reference}/"},
+        "image_qa": {"model": f"$${reference}", "output_prefix": "s3://out/prefix", "media_root": "s3://in/", "pairs_per_row": 2},
+    }
+    for dag_id, params in typed.items():
+        manifest = build_manifest(monkeypatch, dag_id, params={"input_uri": "s3://in/rows.jsonl", "seed": 9, **params}, dag=dags[dag_id])
+        container = manifest["spec"]["containers"][0]
+        argv, env = as_the_kubelet_starts_it(container)
+        assert argv[:5] == ["python3", "-m", "vqa_operators", "run", dag_id]
+        assert argv[argv.index("--model") + 1] == params["model"]
+        assert argv[argv.index("--media-root") + 1] == params["media_root"]
+        assert argv[argv.index("--output") + 1].startswith(f"{params['output_prefix']}/{dag_id}/{RUN_ID}/generate/")
+        if dag_id == "pers_qa":
+            assert argv[argv.index("--param") + 1] == f"tag={reference}"
+        assert env["VQA_VLLM_ARGS"] == "--served-model-name 'a$b'"
+        process = json.dumps([argv, {k: v for k, v in env.items() if k not in ("VQA_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}])
+        assert not any(secret in process for values in NAMESPACE_SECRETS.values() for secret in values.values())
+
+
+def test_env_written_in_the_dag_may_use_references_on_purpose(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PodSettings.env`` is the DAG author's: passed as written, so the kubelet expands it; every other value is escaped."""
+    authored = {"OPENAI_BASE_URL": "$(VQA_BASE_URL)", "S3_KEY_ID": "$(AWS_ACCESS_KEY_ID)", "LITERAL": "$$(VQA_MODEL)"}
+    monkeypatch.setenv("VQA_POD_ENV", json.dumps(authored))  # the admins' PodSettings.env default, read when the DAG is parsed
+    manifest = build_manifest(monkeypatch, params={**PARAMS["image_qa"], "model": "$(VQA_BASE_URL)"})
+    argv, env = as_the_kubelet_starts_it(manifest["spec"]["containers"][0])
+    assert env["OPENAI_BASE_URL"] == "http://vllm.vqa.svc:8000/v1" and env["S3_KEY_ID"] == "AKIA-must-not-appear" and env["LITERAL"] == "$(VQA_MODEL)"
+    assert argv[argv.index("--model") + 1] == "$(VQA_BASE_URL)"

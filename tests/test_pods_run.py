@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,34 +20,19 @@ import pytest
 from testkit.data import MODEL, make_jpeg
 from testkit.openai_server import OpenAITestServer
 from testkit.videos import write_video
-from tests.airflow_env import ROOT, airflow, airflow_env
+from tests.airflow_env import airflow, airflow_env
+from tests.pod_tier import API_KEY, AWS_SECRET, PodTier
 
 pytestmark = pytest.mark.slow
 
-API_KEY = "sk-pods-4d8e1a-never-in-a-spec"
-AWS_KEY_ID, AWS_SECRET = "pods-key-id", "pods-aws-secret-7b2c9f-never-in-a-spec"
 BUCKET = "vqa-pods"
 WHISPER = "whisper-pods-test"
 
 
 @pytest.fixture(scope="module")
-def worker_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the pods' ``python3`` comes from: vLLM's environment with this package's wheel installed, as the worker image has them."""
-    python = ROOT / ".venv-vllm" / "bin" / "python"
-    assert python.exists(), "the pod tier needs .venv-vllm (make vllm-venv)"
-    dist = tmp_path_factory.mktemp("dist")
-    uv = str(Path(sys.executable).with_name("uv"))
-    subprocess.run([uv, "build", "--quiet", "--wheel", "-o", str(dist), str(ROOT)], check=True, capture_output=True)
-    wheel = next(dist.glob("vqa_airflow-*.whl"))
-    subprocess.run([uv, "pip", "install", "--quiet", "--python", str(python), "--no-deps", "--reinstall", str(wheel)], check=True, capture_output=True)
-    return python.parent
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITestServer, s3_endpoint: str, worker_image: Path) -> dict:
-    """An Airflow home, the deployment's (non-default) settings, and the kubelet stand-in's config."""
+def deployment(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITestServer, s3_endpoint: str, pod_tier: PodTier) -> dict:
+    """An Airflow home and the deployment's (non-default) settings; the pod tier runs the pods."""
     home = tmp_path_factory.mktemp("pods_home")
-    work = tmp_path_factory.mktemp("kubelet")
     env = airflow_env(home, s3_endpoint=s3_endpoint, vlm_base_url=_vlm_server.base_url, model=MODEL, api_key=API_KEY)
     env.update(
         {
@@ -62,17 +45,9 @@ def deployment(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITest
             "VQA_ALLOWED_MEDIA_ROOTS": f"s3://{BUCKET}/media",
         }
     )
-    config = {
-        "image_bin": str(worker_image),
-        "dockerfile": str(ROOT / "docker" / "worker.Dockerfile"),
-        "secrets": {"vqa-vlm": {"api-key": API_KEY}, "vqa-s3": {"AWS_ACCESS_KEY_ID": AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": AWS_SECRET}},
-        "workdir": str(work),
-        "record": str(work / "pods.jsonl"),
-    }
-    (work / "config.json").write_text(json.dumps(config))
     migrate = airflow("db", "migrate", env=env)
     assert migrate.returncode == 0, migrate.stderr[-2000:]
-    return {"env": env, "config": config, "record": work / "pods.jsonl"}
+    return {"env": env}
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +93,7 @@ def run_ids(s3, dag_id: str) -> set[str]:
     ("video_qa", "final", {"max_iterations": 1, "final_pairs": 3, "frames_per_clip": 2}),
 ])
 def test_kubernetes_mode_gives_local_modes_dataset(
-    vlm_server: OpenAITestServer, s3, deployment: dict, data: dict, dag_id: str, output: str, extra: dict
+    vlm_server: OpenAITestServer, s3, deployment: dict, pod_tier: PodTier, data: dict, dag_id: str, output: str, extra: dict
 ) -> None:
     vlm_server.required_key = API_KEY  # a pod without the vqa-vlm Secret would be refused (401: ConfigError)
     vlm_server.transcription_model = WHISPER
@@ -129,12 +104,7 @@ def test_kubernetes_mode_gives_local_modes_dataset(
     # two runs of the same input, seed and settings; each writes under its own run id, so neither reuses the other's checkpoints
     runs = {}
     for mode in ("local", "pods"):
-        env = dict(deployment["env"], VQA_EXECUTION="local" if mode == "local" else "kubernetes")
-        if mode == "pods":
-            env.update(
-                VQA_WORKER_IMAGE="registry.example/vqa-worker:test", VQA_TEST_KUBELET=str(Path(deployment["config"]["workdir"]) / "config.json"),
-                PYTHONPATH=f"{ROOT / 'tests' / 'kubelet_site'}:{ROOT / 'plugins'}:{ROOT}",
-            )
+        env = pod_tier.env(deployment["env"]) if mode == "pods" else deployment["env"]
         before, transcribed = run_ids(s3, dag_id), len(vlm_server.transcriptions)
         proc = airflow("dags", "test", dag_id, "-c", json.dumps(conf), env=env, timeout=900)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
@@ -147,7 +117,7 @@ def test_kubernetes_mode_gives_local_modes_dataset(
     assert runs["local"][f"{output}.jsonl"], "no rows came out"
     assert sum(len(rows) for name, rows in runs["local"].items() if name.endswith(".errors.jsonl")) == 1, "the bad row is not in one errors file"
 
-    pods = [json.loads(line) for line in deployment["record"].read_text().splitlines() if json.loads(line)["manifest"]["metadata"]["labels"]["dag_id"] == dag_id]
+    pods = [p for p in pod_tier.pods() if p["manifest"]["metadata"]["labels"]["dag_id"] == dag_id]
     stages = {"image_qa": {"generate", "quality"}, "pers_qa": {"generate", "quality"}, "video_qa": {"ingest", "initial", "multiagent", "final", "quality"}}[dag_id]
     assert {p["task_id"] for p in pods} == stages and all(p["exit_code"] == 0 for p in pods)
     for pod in pods:
@@ -171,7 +141,7 @@ def test_kubernetes_mode_gives_local_modes_dataset(
 
 @pytest.mark.vllm
 def test_without_a_model_service_a_gpu_pod_starts_vllm_serves_its_shard_and_stops_it(
-    s3, deployment: dict, data: dict, tiny_idefics3: Path
+    s3, deployment: dict, pod_tier: PodTier, data: dict, tiny_idefics3: Path
 ) -> None:
     """In-pod vLLM, as the pod spec stands: vLLM's CPU build in the worker image's environment, as the image's non-root user over
     a read-only root, started by the worker with the deployment's vLLM settings, the model read from the model cache claim."""
@@ -184,14 +154,13 @@ def test_without_a_model_service_a_gpu_pod_starts_vllm_serves_its_shard_and_stop
     from vqa_operators.serving.vllm_server import CPU_ENV
 
     real_vllm.require_vllm()
-    cache = Path(deployment["config"]["workdir"]) / "claims" / "vqa-model-cache"
+    cache = pod_tier.workdir / "claims" / "vqa-model-cache"
     shutil.copytree(tiny_idefics3, cache / "tiny", dirs_exist_ok=True)
     for path in [cache / "tiny", *(cache / "tiny").rglob("*")]:  # readable by the pods' user, as a model cache is
         path.chmod(0o755 if path.is_dir() else 0o644)
     port = free_port()
-    env = dict(deployment["env"], VQA_EXECUTION="kubernetes", VQA_WORKER_IMAGE="registry.example/vqa-worker:test")
+    env = pod_tier.env(deployment["env"])
     env.update(
-        VQA_TEST_KUBELET=str(Path(deployment["config"]["workdir"]) / "config.json"), PYTHONPATH=f"{ROOT / 'tests' / 'kubelet_site'}:{ROOT / 'plugins'}:{ROOT}",
         # no model service: the connection names the model, and no host
         AIRFLOW_CONN_VQA_VLM=json.dumps({"conn_type": "http", "password": API_KEY, "extra": {"model": "/models/tiny"}}),
         VQA_VLLM_ARGS=shlex.join(server_args(None)), VQA_VLLM_PORT=str(port), VQA_MAX_NUM_SEQS="8",
@@ -201,7 +170,7 @@ def test_without_a_model_service_a_gpu_pod_starts_vllm_serves_its_shard_and_stop
     # one GPU pod is the proof: every worker pod of this topology starts vLLM the same way (quality and merge are marked done)
     proc = airflow("dags", "test", "image_qa", "-c", json.dumps(conf), "--mark-success-pattern", "^(quality|merge)$", env=env, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    pods = [p for p in map(json.loads, deployment["record"].read_text().splitlines()) if "--serve-vllm" in p["manifest"]["spec"]["containers"][0]["args"]]
+    pods = [p for p in pod_tier.pods() if "--serve-vllm" in p["manifest"]["spec"]["containers"][0]["args"]]
     assert [p["task_id"] for p in pods] == ["generate"]
     assert json.loads(pods[0]["logs"].strip().splitlines()[0])["rows_out"] == 3  # the manifest: 3 of the 4 rows (one image is missing)
     for pod in pods:

@@ -1,9 +1,21 @@
 """What every container of ours carries, the worker's pod and the run's model server alike: volumes, Secrets by reference, a locked-down context.
 
 Kubernetes models only; ``pod`` and ``model_server`` both build on it, and it imports neither.
+
+**The process receives the text that was typed.** The kubelet expands ``$(NAME)`` in a container's
+``command``, ``args`` and ``env`` values from the container's own environment before the process
+starts, and that environment holds the Secrets' values (the API key, the S3 keys). A param holding
+``$(VQA_API_KEY)`` would reach the worker as the key itself. So every command word, argument and
+env value we write is escaped for the kubelet (``$`` → ``$$``, which it turns back into ``$``), in
+one place: ``process``. The one exception is the env that DAG authors and deployment admins write
+in code (``PodSettings.env``, ``VQA_POD_ENV``): trusted, passed as written, so it may use
+``$(VAR)`` on purpose.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from airflow.providers.cncf.kubernetes.secret import Secret
 from kubernetes.client import models as k8s
@@ -42,3 +54,32 @@ def secrets(placement: PodSettings) -> list[Secret]:
 def locked_down() -> k8s.V1SecurityContext:
     """A container that cannot gain privileges, holds no capabilities and cannot write its image's files."""
     return k8s.V1SecurityContext(allow_privilege_escalation=False, read_only_root_filesystem=True, capabilities=k8s.V1Capabilities(drop=["ALL"]))
+
+
+def kubelet_literal(text: str) -> str:
+    """``text`` as the kubelet must leave it: each ``$`` doubled, so that ``$(VAR)`` expansion gives back exactly ``text``."""
+    return text.replace("$", "$$")
+
+
+@dataclass(frozen=True)
+class Process:
+    """What a container runs, escaped for the kubelet: command words, arguments and env values reach the process as written here.
+
+    ``authored_env`` is the env of ``PodSettings.env``, written in code by DAG authors and admins: it
+    is passed as written (it may use ``$(VAR)`` on purpose) and wins over ``env`` on a shared name.
+    """
+
+    command: list[str]
+    args: list[str]
+    env: list[k8s.V1EnvVar]
+
+    @classmethod
+    def of(cls, command: Iterable[str], args: Iterable[str], env: Mapping[str, str], authored_env: Mapping[str, str]) -> Process:
+        """The container's command, args and env: every value escaped for the kubelet but ``authored_env``'s."""
+        values = {name: kubelet_literal(value) for name, value in env.items() if name not in authored_env}
+        values.update(authored_env)
+        return cls(
+            command=[kubelet_literal(word) for word in command],
+            args=[kubelet_literal(arg) for arg in args],
+            env=[k8s.V1EnvVar(name=name, value=value) for name, value in values.items()],
+        )

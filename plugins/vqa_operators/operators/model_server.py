@@ -41,6 +41,7 @@ def run_server_url(spec_base_url: str | None) -> str:
         raise ConfigError(f"the run's model server gave no base_url: the {SETUP_TASK} task's XCom is missing (was it cleared without its setup?)")
     return spec_base_url
 SERVER_PORT = 8000
+SERVER_COMMAND = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
 APP_LABEL = "vqa-model-server"
 
 
@@ -61,25 +62,27 @@ def server_manifests(
     from kubernetes.client import ApiClient
     from kubernetes.client import models as k8s
 
-    from vqa_operators.operators.containers import locked_down, secrets, volumes
+    from vqa_operators.operators.containers import Process, locked_down, secrets, volumes
 
     labels = {"app.kubernetes.io/name": APP_LABEL, "app.kubernetes.io/instance": name, **placement.labels}
     annotations = {"vqa/dag-id": dag_id, "vqa/run-id": run_id, **placement.annotations}
     size = placement.size("model_server", gpu=True)
     gpus = placement.gpu_count(serves_model=True)
     vols, mounts = volumes(placement, size.tmp)
-    env = [k8s.V1EnvVar(name=key, value=value) for key, value in {**CONTAINER_ENV, **placement.env}.items()]
+    args = ["--model", model, "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--max-num-seqs", str(max_num_seqs), *vllm_args]  # noqa: S104 - the Service reaches it
+    # the model (a run's param) and the flags reach vLLM as typed: escaped for the kubelet's $(VAR) expansion (containers.Process)
+    process = Process.of(SERVER_COMMAND, args, CONTAINER_ENV, placement.env)
+    env = list(process.env)
     for secret in secrets(placement):
         if secret.deploy_target == settings.API_KEY_ENV:  # the server checks the key the workers send
             env.append(k8s.V1EnvVar(name="VLLM_API_KEY", value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=secret.secret, key=secret.key))))
         elif secret.deploy_target and secret.key:
             env.append(k8s.V1EnvVar(name=secret.deploy_target, value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=secret.secret, key=secret.key))))
-    args = ["--model", model, "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--max-num-seqs", str(max_num_seqs), *vllm_args]  # noqa: S104 - the Service reaches it
     container = k8s.V1Container(
         name="vllm",
         image=placement.image,
-        command=["python3", "-m", "vllm.entrypoints.openai.api_server"],
-        args=args,
+        command=process.command,
+        args=process.args,
         ports=[k8s.V1ContainerPort(name="http", container_port=SERVER_PORT)],
         env=env,
         resources=k8s.V1ResourceRequirements(

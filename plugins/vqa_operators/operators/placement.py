@@ -72,7 +72,10 @@ class PodSettings(BaseModel):
     api_key_secret: str | None = "vqa-vlm"
     api_key_secret_key: str = "api-key"
     s3_secret: str | None = "vqa-s3"
-    # more environment: literal values, and keys of Secrets (e.g. {"HF_TOKEN": {"secret": "hf-token", "key": "token"}})
+    # more environment: literal values, and keys of Secrets (e.g. {"HF_TOKEN": {"secret": "hf-token", "key": "token"}}).
+    # ``env`` is written in code by DAG authors (or VQA_POD_ENV by admins), so it is trusted and passed to the kubelet as
+    # written: it may use $(VAR) on purpose (e.g. {"NO_PROXY": "$(MY_HOSTS),.svc"}). Everything else a pod carries,
+    # params above all, is escaped so that the process receives it as typed (containers.Process).
     env: dict[str, str] = Field(default_factory=lambda: dict(settings.environment().pod_env))
     secret_env: dict[str, SecretKey] = Field(default_factory=dict)
     image_pull_secrets: list[str] = Field(default_factory=list)

@@ -27,7 +27,7 @@ from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperato
 from kubernetes.client import models as k8s
 
 from vqa_operators import settings
-from vqa_operators.operators.containers import locked_down, secrets, volumes
+from vqa_operators.operators.containers import Process, locked_down, secrets, volumes
 from vqa_operators.operators.failures import final_error_for_exit_code
 from vqa_operators.operators.model_server import RUN_SERVER_URL, run_server_url
 from vqa_operators.operators.placement import CONTAINER_ENV, PodSettings
@@ -143,7 +143,6 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         serves_model = not endpoint.base_url  # no service: vLLM runs in this pod, on its GPU
         placement, generator = self.placement, self.spec.generator
         shard = ["--shard", json.dumps(self.shard, sort_keys=True)] if self.shard else []
-        self.arguments = [*self.spec.argv(), *shard, "--xcom-file", XCOM_FILE, *(["--serve-vllm"] if serves_model else [])]
         env = {
             **CONTAINER_ENV,
             **settings.worker_env(),
@@ -151,9 +150,12 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
             **({"VQA_BASE_URL": endpoint.base_url} if endpoint.base_url else {}),
             # the default model; a --model rendered from the run's params wins
             **({"VQA_MODEL": endpoint.model} if endpoint.model else {}),
-            **placement.env,
         }
-        self.env_vars = [k8s.V1EnvVar(name=name, value=value) for name, value in env.items()]
+        # params, shard and settings reach the worker as typed: escaped for the kubelet's $(VAR) expansion (containers.Process)
+        process = Process.of(
+            WORKER_COMMAND, [*self.spec.argv(), *shard, "--xcom-file", XCOM_FILE, *(["--serve-vllm"] if serves_model else [])], env, placement.env,
+        )
+        self.cmds, self.arguments, self.env_vars = process.command, process.args, process.env
         self.secrets = secrets(placement)
         size = placement.size(generator, gpu=serves_model)
         limits = {"cpu": size.cpu, "memory": size.memory}
