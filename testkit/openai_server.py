@@ -217,8 +217,14 @@ class OpenAITestServer:
 
     @property
     def base_url(self) -> str:
+        """Its URL on this machine (127.0.0.1 when it listens on every address)."""
         host, port = cast(tuple[str, int], self._httpd.server_address[:2])
-        return f"http://{host}:{port}/v1"
+        return f"http://{'127.0.0.1' if host == '0.0.0.0' else host}:{port}/v1"
+
+    def url_at(self, address: str) -> str:
+        """Its URL at ``address``: where a container reaches it, if it listens on every address."""
+        port = cast(tuple[str, int], self._httpd.server_address[:2])[1]
+        return f"http://{address}:{port}/v1"
 
     def simulate(self, *, slots: int, latency: float, decode_images: bool = False, keep_requests: bool = False) -> OpenAITestServer:
         """Serve like a continuous-batching server: ``slots`` requests at once, ``latency`` seconds each."""

@@ -5,16 +5,21 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from testkit.data import MODEL, make_jpeg
 from testkit.openai_server import OpenAITestServer
 
+if TYPE_CHECKING:
+    from tests.pod_tier import PodTier
+
 
 @pytest.fixture(scope="session")
 def _vlm_server() -> Iterator[OpenAITestServer]:
-    server = OpenAITestServer(MODEL).start()
+    # on every address: the container tier's pods reach it at this machine's address (its own 127.0.0.1 is the pod)
+    server = OpenAITestServer(MODEL, host="0.0.0.0").start()
     yield server
     server.stop()
 
@@ -36,24 +41,55 @@ def tiny_idefics3(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pod_tier(tmp_path_factory: pytest.TempPathFactory):
-    """The kubelet stand-in that runs a kubernetes-mode run's pods, with this package installed where its image stands."""
-    from tests.pod_tier import PodTier, install_worker_image
+def worker_images() -> dict[str, str]:
+    """The worker images built here from our Dockerfiles (scripts/images.py; built once per digest of their sources): name -> tag."""
+    from scripts.images import ensure
 
-    image_bin = install_worker_image(tmp_path_factory.mktemp("dist"))
-    return PodTier.create(tmp_path_factory.mktemp("kubelet"), image_bin)
+    return ensure()
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """A moto S3 server over real HTTP on localhost."""
+def pod_tier(tmp_path_factory: pytest.TempPathFactory, worker_images: dict[str, str]) -> Iterator[PodTier]:
+    """The container tier's namespace: pods run by podman from the images built from our Dockerfiles."""
+    from tests.pod_tier import PodTier
+
+    tier = PodTier.create(tmp_path_factory.mktemp("cluster"), worker_images)
+    yield tier
+    tier.namespace.remove_pods()
+
+
+@pytest.fixture(scope="session")
+def cluster_airflow(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITestServer, _moto: int, pod_tier: PodTier) -> dict[str, Any]:
+    """An Airflow home, migrated once, whose connections name the servers at this machine's address, where pods reach them too.
+
+    ``{"home": its folder, "env": its environment}``: the model's key is the one the namespace's
+    ``vqa-vlm`` Secret holds, so local and kubernetes runs send the same.
+    """
+    from tests.airflow_env import airflow, airflow_env
+    from tests.pod_tier import API_KEY
+
+    home = tmp_path_factory.mktemp("cluster_home")
+    env = airflow_env(home, s3_endpoint=pod_tier.s3_url(_moto), vlm_base_url=_vlm_server.url_at(pod_tier.address), model=MODEL, api_key=API_KEY)
+    migrate = airflow("db", "migrate", env=env)
+    assert migrate.returncode == 0, migrate.stderr[-2000:]
+    return {"home": home, "env": env}
+
+
+@pytest.fixture(scope="session")
+def _moto() -> Iterator[int]:
+    """A moto S3 server over real HTTP, on every address of this machine (the container tier's pods reach it too): its port."""
     from moto.server import ThreadedMotoServer
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = ThreadedMotoServer(ip_address="0.0.0.0", port=0, verbose=False)
     server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
+    yield server.get_host_and_port()[1]
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(_moto: int) -> str:
+    """The S3 server's URL on this machine."""
+    return f"http://127.0.0.1:{_moto}"
 
 
 @pytest.fixture

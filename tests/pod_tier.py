@@ -1,68 +1,98 @@
-"""The pod tier, shared by the slow tests that run DAGs in kubernetes mode: where their pods run, with which Secrets.
+"""The container tier, shared by the slow tests that run DAGs in kubernetes mode: a namespace whose pods podman runs.
 
-``airflow dags test`` runs with ``VQA_EXECUTION=kubernetes``; each worker pod the operator builds is
-handed to the kubelet stand-in (``testkit.kubelet``, loaded through ``tests/kubelet_site``) and run
-as its spec stands, with the namespace's Secrets below and nothing of the caller's environment.
+``airflow dags test`` runs with ``VQA_EXECUTION=kubernetes``; each pod the operator builds is created
+in the namespace (``testkit.cluster``) and runs as a container from the images built from our
+Dockerfiles (``scripts/images.py``), with its own network, the namespace's Secrets and nothing of
+the caller's environment. Its servers (S3, the model double) listen on every address of this
+machine, and the pods reach them at this machine's address, as a cluster's pods reach a Service.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.airflow_env import ROOT
+from scripts.images import PODMAN_ENV
+from testkit.cluster import Claim, Config, Namespace, Node, host_address
 
 # what the namespace's Secrets hold: the model server's key (vqa-vlm) and the S3 credentials (vqa-s3)
 API_KEY = "sk-pods-4d8e1a-never-in-a-spec"
 AWS_KEY_ID, AWS_SECRET = "pods-key-id", "pods-aws-secret-7b2c9f-never-in-a-spec"
 SECRETS = {"vqa-vlm": {"api-key": API_KEY}, "vqa-s3": {"AWS_ACCESS_KEY_ID": AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": AWS_SECRET}}
-IMAGE = "registry.example/vqa-worker:test"
+# the images as a deployment names them (VQA_WORKER_IMAGE, VQA_VLLM_IMAGE); the namespace tags ours with these names
+WORKER_IMAGE = "registry.example/vqa-worker:test"
+VLLM_IMAGE = "registry.example/vqa-worker-vllm:test"
+NAMESPACE = "vqa"
+MODEL_CACHE = "vqa-model-cache"
 
 
-def install_worker_image(dist: Path) -> Path:
-    """Where the pods' ``python3`` comes from: vLLM's environment with this package's wheel installed, as the worker image has them."""
-    python = ROOT / ".venv-vllm" / "bin" / "python"
-    assert python.exists(), "the pod tier needs .venv-vllm (make vllm-venv)"
-    uv = str(Path(sys.executable).with_name("uv"))
-    subprocess.run([uv, "build", "--quiet", "--wheel", "-o", str(dist), str(ROOT)], check=True, capture_output=True)
-    wheel = next(dist.glob("vqa_airflow-*.whl"))
-    subprocess.run([uv, "pip", "install", "--quiet", "--python", str(python), "--no-deps", "--reinstall", str(wheel)], check=True, capture_output=True)
-    return python.parent
-
-
-@dataclass(frozen=True)
+@dataclass
 class PodTier:
-    """One kubelet stand-in: its work folder, its config (image, Secrets) and the record of every pod it ran."""
+    """The namespace, and where its pods reach this machine's servers."""
 
-    workdir: Path
+    namespace: Namespace
+    address: str
 
     @classmethod
-    def create(cls, workdir: Path, image_bin: Path) -> PodTier:
-        config = {
-            "image_bin": str(image_bin),
-            "dockerfile": str(ROOT / "docker" / "worker.Dockerfile"),
-            "secrets": SECRETS,
-            "workdir": str(workdir),
-            "record": str(workdir / "pods.jsonl"),
-        }
-        (workdir / "config.json").write_text(json.dumps(config))
-        return cls(workdir)
+    def create(cls, workdir: Path, tags: Mapping[str, str]) -> PodTier:
+        """A namespace with the Secrets and the model cache claim, our images under their deployment names, and two nodes.
 
-    def env(self, env: dict[str, str]) -> dict[str, str]:
-        """``env`` of an ``airflow dags test`` in kubernetes mode whose pods this tier runs."""
-        return {
-            **env,
-            "VQA_EXECUTION": "kubernetes",
-            "VQA_WORKER_IMAGE": IMAGE,
-            "VQA_TEST_KUBELET": str(self.workdir / "config.json"),
-            "PYTHONPATH": f"{ROOT / 'tests' / 'kubelet_site'}:{ROOT / 'plugins'}:{ROOT}",
-        }
+        A CPU node, and a GPU node as a cluster labels and taints one, advertising ``nvidia.com/gpu``:
+        the scheduler places a GPU pod there, where vLLM's CPU build runs (no device is given).
+        """
+        nodes = [
+            Node(name="cpu-1", labels={"kubernetes.io/hostname": "cpu-1"}, allocatable={"cpu": "16", "memory": "64Gi", "ephemeral-storage": "500Gi", "pods": "110"}),
+            Node(
+                name="gpu-1", labels={"kubernetes.io/hostname": "gpu-1", "nvidia.com/gpu.present": "true"},
+                taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
+                allocatable={"cpu": "16", "memory": "64Gi", "ephemeral-storage": "500Gi", "nvidia.com/gpu": "1", "pods": "110"},
+            ),
+        ]
+        config = Config(
+            name=NAMESPACE, workdir=str(workdir), podman_env=PODMAN_ENV, secrets=SECRETS, nodes=nodes,
+            # block storage: the kubelet gives the pod's fsGroup the volume
+            claims={MODEL_CACHE: Claim(path=str(workdir / "claims" / MODEL_CACHE))},
+        )
+        from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
+
+        # the XCom sidecar's image (the pod operator's default, alpine from Docker Hub, which cannot be pulled here): the worker image
+        sidecar = PodDefaults.SIDECAR_CONTAINER.image
+        images = {WORKER_IMAGE: tags["vqa-worker"], VLLM_IMAGE: tags["vqa-worker-vllm-cpu"], f"docker.io/library/{sidecar}": tags["vqa-worker"]}
+        return cls(Namespace.create(config, images=images), host_address())
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.namespace.config.workdir)
+
+    def env(self, env: Mapping[str, str]) -> dict[str, str]:
+        """``env`` of an ``airflow dags test`` in kubernetes mode whose pods this namespace runs."""
+        return {**self.namespace.env(env), "VQA_WORKER_IMAGE": WORKER_IMAGE, "VQA_VLLM_IMAGE": VLLM_IMAGE}
 
     def pods(self) -> list[dict[str, Any]]:
-        """Every pod run so far: task id, map index, exit code, manifest and logs."""
-        record = self.workdir / "pods.jsonl"
-        return [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+        """Every pod made so far: task id, map index, exit code, manifest and log."""
+        return self.namespace.pods()
+
+    def s3_url(self, port: int) -> str:
+        return f"http://{self.address}:{port}"
+
+    @contextlib.contextmanager
+    def without_secret(self, name: str) -> Iterator[None]:
+        """The namespace without the Secret ``name`` for the block (as if nobody had created it)."""
+        data = self.namespace.delete_secret(name)
+        try:
+            yield
+        finally:
+            self.namespace.put_secret(name, data)
+
+    @contextlib.contextmanager
+    def with_claim(self, name: str, claim: Claim) -> Iterator[None]:
+        """The claim ``name`` bound to ``claim``'s volume for the block."""
+        old = self.namespace.put_claim(name, claim)
+        try:
+            yield
+        finally:
+            if old is not None:
+                self.namespace.put_claim(name, old)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from testkit.data import MODEL, make_jpeg
+from testkit.data import make_jpeg
 from testkit.openai_server import OpenAITestServer
-from tests.airflow_env import airflow, airflow_env, in_home
+from tests.airflow_env import airflow, in_home
 from tests.pod_tier import API_KEY, AWS_SECRET, PodTier
 
 pytestmark = pytest.mark.slow
@@ -72,14 +72,16 @@ def reference_attacks(bucket: str) -> dict[str, tuple[str, dict, bool]]:
 
 
 @pytest.fixture(scope="module")
-def attack_env(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITestServer, s3_endpoint: str) -> dict:
-    """A migrated Airflow home and its environment; each run copies its database (two may run at once on SQLite)."""
+def attack_env(tmp_path_factory: pytest.TempPathFactory, cluster_airflow: dict) -> dict:
+    """The container tier's Airflow (its servers at this machine's address, for both modes), with the roots and a Variable set.
+
+    Each run copies its database (two may run at once on SQLite).
+    """
     suffix = uuid.uuid4().hex[:8]
     bucket, other = f"vqa-attacks-{suffix}", f"vqa-other-team-{suffix}"
     root = tmp_path_factory.mktemp("attacks")
     allowed = root / "allowed"
-    home = root / "home"
-    env = airflow_env(home, s3_endpoint=s3_endpoint, vlm_base_url=_vlm_server.base_url, model=MODEL, api_key=API_KEY)
+    env = dict(cluster_airflow["env"])
     env.update(
         {
             "AIRFLOW_VAR_VQA_NOTE": VARIABLE,
@@ -88,9 +90,7 @@ def attack_env(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITest
             "VQA_ALLOWED_MEDIA_ROOTS": f"s3://{bucket}/media",
         }
     )
-    migrate = airflow("db", "migrate", env=env)
-    assert migrate.returncode == 0, migrate.stderr[-2000:]
-    return {"env": env, "home": home, "root": root, "allowed": allowed, "bucket": bucket, "other": other}
+    return {"env": env, "home": cluster_airflow["home"], "root": root, "allowed": allowed, "bucket": bucket, "other": other}
 
 
 def run_all(runs: list[tuple[str, str, dict, dict]], attack_env: dict) -> dict[str, tuple[int, str, Path]]:

@@ -134,7 +134,10 @@ class Environment(BaseSettings):
     data_root: str | None = None
     schedule: str = "@daily"
     retry_delay_seconds: float = Field(60.0, ge=0)
+    # kubernetes mode's images: the worker (docker/worker.Dockerfile: no vLLM, for pods that call a model service), and
+    # vLLM with the worker (docker/worker-vllm.Dockerfile, on vLLM's CUDA image: pods that run vLLM, the run's own server)
     worker_image: str = "vqa-worker:latest"
+    vllm_image: str = "vqa-worker-vllm:latest"
     namespace: str | None = None
     # more environment for every worker pod (and the run's model server), as a JSON object: proxies, Hub and vLLM variables
     pod_env: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)

@@ -80,7 +80,7 @@ def server_manifests(
             env.append(k8s.V1EnvVar(name=secret.deploy_target, value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=secret.secret, key=secret.key))))
     container = k8s.V1Container(
         name="vllm",
-        image=placement.image,
+        image=placement.vllm_image,
         command=process.command,
         args=process.args,
         ports=[k8s.V1ContainerPort(name="http", container_port=SERVER_PORT)],

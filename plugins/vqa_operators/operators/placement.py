@@ -51,7 +51,9 @@ class PodSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    # pods that call a model service run the worker image; pods that run vLLM (and the run's server) the vLLM image
     image: str = Field(default_factory=lambda: settings.environment().worker_image)
+    vllm_image: str = Field(default_factory=lambda: settings.environment().vllm_image)
     namespace: str | None = Field(default_factory=lambda: settings.environment().namespace)
     service_account_name: str | None = None
     # None: by topology and task (CPU_SIZES, CPU_SIZE, GPU_SIZE)
@@ -82,7 +84,7 @@ class PodSettings(BaseModel):
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
     priority_class_name: str | None = None
-    # the worker image's own user (docker/worker.Dockerfile)
+    # the images' own user (docker/worker.Dockerfile, docker/worker-vllm.Dockerfile)
     run_as_user: int = Field(2000, ge=1)
     startup_timeout_seconds: int = 1800
     # what the worker may take to stop after SIGTERM (it checkpoints its finished rows within seconds, then stops vLLM)

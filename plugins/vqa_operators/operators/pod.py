@@ -17,13 +17,16 @@ spec. S3's endpoint and region come from the ``aws_default`` connection; its cre
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from collections.abc import Sequence
+from functools import cached_property
 from typing import Any
 from urllib.parse import urlsplit
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager
 from kubernetes.client import models as k8s
 
 from vqa_operators import settings
@@ -156,6 +159,8 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
             WORKER_COMMAND, [*self.spec.argv(), *shard, "--xcom-file", XCOM_FILE, *(["--serve-vllm"] if serves_model else [])], env, placement.env,
         )
         self.cmds, self.arguments, self.env_vars = process.command, process.args, process.env
+        # a pod that only calls a model service needs no vLLM, torch or CUDA: the worker image; one that serves the model, vLLM's
+        self.image = placement.vllm_image if serves_model else placement.image
         self.secrets = secrets(placement)
         size = placement.size(generator, gpu=serves_model)
         limits = {"cpu": size.cpu, "memory": size.memory}
@@ -173,24 +178,89 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         self.annotations = dict(placement.annotations)
         return super().build_pod_request_obj(context, dry_run=dry_run)
 
-    def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, xcom_result: dict | None = None, context: Any = None) -> None:
-        """The pod operator's verdict, except that a worker exit code no retry can fix fails the task at once.
+    @cached_property
+    def pod_manager(self) -> Any:
+        """The pod operator's pod manager, which gives up on a pod's start as soon as a container is known never to start."""
+        return StartWatchingPodManager(kube_client=self.client, callbacks=self.callbacks)
 
-        Both execution modes end here (the deferrable one through ``trigger_reentry``), and the exit
-        codes map to the same errors as in-process (``failures``): configuration (2), unreadable input (3).
+    def cleanup(self, pod: k8s.V1Pod, remote_pod: k8s.V1Pod, xcom_result: dict | None = None, context: Any = None) -> None:
+        """The pod operator's verdict, except that what no retry can fix fails the task at once, and an OOM kill says so.
+
+        Both execution modes end here (the deferrable one through ``trigger_reentry``). The worker's
+        exit codes map to the same errors as in-process (``failures``): configuration (2), unreadable
+        input (3). A pod whose container could not be created (a missing Secret or key) is deleted, as
+        it would wait for ever, and the task fails naming what is missing.
         """
         from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSkipException
 
+        unstarted = None
+        if remote_pod is not None and remote_pod.status is not None and remote_pod.status.phase == "Pending":
+            with contextlib.suppress(Exception):  # the pod may be gone already
+                unstarted = cannot_start(self.pod_manager.read_pod(remote_pod))
         try:
             super().cleanup(pod, remote_pod, xcom_result=xcom_result, context=context)
         except AirflowSkipException:
             raise
         except AirflowException as err:
+            if unstarted is not None:
+                self.pod_manager.delete_pod(remote_pod)
+                raise AirflowFailException(f"the pod {pod.metadata.name} could not start: {unstarted}; another try would fail the same way") from err
             code = worker_exit_code(remote_pod, self.base_container_name)
             final = final_error_for_exit_code(code)
             if final is not None:
                 raise AirflowFailException(f"the worker exited with code {code} ({final.__name__}): another try would fail the same way\n{err}") from err
+            if terminated_reason(remote_pod, self.base_container_name) == "OOMKilled":
+                limit = (self.container_resources.limits or {}).get("memory") if self.container_resources else None
+                raise AirflowException(
+                    f"the worker was killed for using more memory than its pod's limit ({limit}): OOMKilled. Raise this task's memory "
+                    f"(Placement(tasks={{{self.task_id!r}: {{'memory': ...}}}}) in the DAG), or lower its concurrency\n{err}"
+                ) from err
             raise
+
+
+# a container waiting for one of these will not start until someone changes the cluster or the spec (the kubelet retries for ever)
+NEVER_STARTS = ("CreateContainerConfigError", "CreateContainerError", "InvalidImageName", "ErrImageNeverPull")
+
+
+def cannot_start(remote_pod: k8s.V1Pod | None) -> str | None:
+    """Why one of the pod's containers cannot start (its waiting reason and the kubelet's message), if it is one of ``NEVER_STARTS``."""
+    statuses = (remote_pod.status.container_statuses if remote_pod is not None and remote_pod.status is not None else None) or []
+    for status in statuses:
+        waiting = status.state.waiting if status.state is not None else None
+        if waiting is not None and waiting.reason in NEVER_STARTS:
+            return f"container {status.name}: {waiting.reason}: {waiting.message}"
+    return None
+
+
+class StartWatchingPodManager(PodManager):
+    """While it waits for a pod to start, a container that cannot start ends the wait at once (the pod operator's own waits
+    only for image errors, so a missing Secret would hold the task for the whole startup timeout, on every try)."""
+
+    _starting = False
+
+    async def await_pod_start(self, pod: k8s.V1Pod, *args: Any, **kwargs: Any) -> None:
+        self._starting = True
+        try:
+            await super().await_pod_start(pod, *args, **kwargs)
+        finally:
+            self._starting = False
+
+    def read_pod(self, pod: k8s.V1Pod) -> k8s.V1Pod:
+        from airflow.providers.cncf.kubernetes.utils.pod_manager import PodLaunchFailedException
+
+        remote = super().read_pod(pod)
+        if self._starting and (reason := cannot_start(remote)) is not None:
+            raise PodLaunchFailedException(f"the pod {pod.metadata.name} cannot start: {reason}")
+        return remote
+
+
+def terminated_reason(remote_pod: k8s.V1Pod | None, container: str) -> str | None:
+    """Why the pod's worker container terminated (``OOMKilled``, ``Error``, ``Completed``), if it has."""
+    from airflow.providers.cncf.kubernetes.utils.container import get_container_status
+
+    status = get_container_status(remote_pod, container) if remote_pod is not None else None
+    terminated = status.state.terminated if status is not None and status.state else None
+    return terminated.reason if terminated is not None else None
 
 
 def worker_exit_code(remote_pod: k8s.V1Pod | None, container: str) -> int | None:

@@ -14,17 +14,20 @@ import contextlib
 import os
 import shlex
 import signal
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 from vqa_operators import settings
-from vqa_operators.exceptions import ServerUnavailableError
+from vqa_operators.exceptions import ConfigError, ServerUnavailableError
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # how the server is stopped: SIGTERM, then SIGKILL, each waited for this long; within a pod's grace period
@@ -66,6 +69,29 @@ def vllm_command(
     return [*base, "--model", model, "--host", "127.0.0.1", "--port", str(port), *extra]
 
 
+def check_model_cache(env: Mapping[str, str]) -> None:
+    """ConfigError, naming the folder and the user, unless this user may write the model cache vLLM will use (``HF_HOME``).
+
+    vLLM and the Hub download, unpack and lock files there; a cache it cannot write fails minutes
+    later, deep inside the engine's start. In a pod the cache is a volume: its owner is the storage's
+    (often root on NFS or EFS) unless the kubelet gives it to the pod's ``fsGroup``.
+    """
+    folder = Path(env.get("HF_HOME") or Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".vqa-write-check-"):
+            pass
+    except OSError as err:
+        where = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+        owner = where.stat()
+        raise ConfigError(
+            f"the model cache {folder} (HF_HOME) is not writable by uid {os.getuid()} (gid {os.getgid()}): {err.strerror}. "
+            f"{where} is owned by {owner.st_uid}:{owner.st_gid} with mode {stat.S_IMODE(owner.st_mode):o}. In a pod, the model cache "
+            "volume must be writable by the pod's user: its storage must honour the pod's fsGroup (PodSettings.run_as_user's group), "
+            "or its root must be owned by that user"
+        ) from None
+
+
 @contextlib.contextmanager
 def serve_vllm(
     model: str,
@@ -86,6 +112,7 @@ def serve_vllm(
     """
     port = port or settings.environment().vllm_port
     argv = vllm_command(model, port, max_num_seqs, command=command, args=args)
+    check_model_cache({**os.environ, **(env or {})})
     print(f"starting model server: {shlex.join(argv)}", file=sys.stderr, flush=True)
     out = log if log is not None else sys.stderr
     # its own process group: vLLM runs its engine in child processes, and stopping the group stops them all
