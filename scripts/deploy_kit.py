@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT / "plugins"))
 KIT = ROOT / "deploy" / "run-server.yaml"
 # the example the file shows: a scheduled video_qa run of a 7B model, with the deployment kit's settings
 DAG_ID, RUN_ID, NAMESPACE = "video_qa", "scheduled__2026-01-05T00:00:00+00:00", "vqa"
-MODEL, IMAGE, MAX_NUM_SEQS = "Qwen/Qwen2.5-VL-7B-Instruct", "registry.example.com/vqa-worker:0.26.0", 256
+MODEL, IMAGE, MAX_NUM_SEQS = "Qwen/Qwen2.5-VL-7B-Instruct", "registry.example.com/vqa-worker-vllm:0.26.0", 256
 VLLM_ARGS = ["--max-model-len", "32768", "--limit-mm-per-prompt", '{"image": 16}']
 HEADER = """# The run-scoped model server (VQA_MODEL_SERVER=run), as the setup task creates it for one DAG run (here a
 # scheduled video_qa run), and the teardown task deletes it: one GPU pod running vLLM from the worker image,
@@ -32,7 +32,7 @@ def example_manifests() -> list[dict[str, Any]]:
     from vqa_operators.operators.model_server import server_manifests, server_name
     from vqa_operators.operators.placement import PodSettings
 
-    placement = PodSettings(image=IMAGE, namespace=NAMESPACE)
+    placement = PodSettings(vllm_image=IMAGE, namespace=NAMESPACE)
     deployment, service = server_manifests(
         name=server_name(DAG_ID, RUN_ID), namespace=NAMESPACE, model=MODEL, placement=placement, dag_id=DAG_ID, run_id=RUN_ID,
         max_num_seqs=MAX_NUM_SEQS, vllm_args=VLLM_ARGS,
