@@ -7,8 +7,7 @@ PY := $(VENV)/bin/python
 UV := $(PYTHON) -m uv
 # torch's CPU build: the wheel on this machine if there is one, else PyTorch's CPU index
 TORCH_SOURCE ?= $(if $(wildcard /opt/wheels/torch-*),--find-links /opt/wheels,--extra-index-url https://download.pytorch.org/whl/cpu --index-strategy unsafe-best-match)
-CHROMIUM := /usr/bin/chromium
-PODMAN := /usr/bin/podman
+SYSTEM_PACKAGES := chromium podman runc debootstrap
 # vLLM's CPU build in an environment of its own (its pins are not Airflow's)
 VLLM_VENV := .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
@@ -21,7 +20,7 @@ GPU_TORCH_SOURCE ?= $(if $(wildcard /opt/pypi-more/files/torch-2.14.1*),--find-l
 # break even `import transformers`. Nothing on the paths vLLM's CPU build takes here needs them.
 VLLM_EXCLUDES := torchvision torchaudio torchcodec
 
-.PHONY: venv vllm-venv trainer-venvs images test test-fast demo lint bench bench-faults constraints clean
+.PHONY: venv vllm-venv trainer-venvs system-packages images test-setup test test-fast demo lint bench bench-faults constraints clean
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt constraints.txt
 	$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
@@ -48,11 +47,9 @@ $(LF_VENV)/.installed: requirements-llamafactory.txt constraints-llamafactory.tx
 	$(UV) pip install --quiet --python $(LF_VENV)/bin/python $(GPU_TORCH_SOURCE) -r requirements-llamafactory.txt -c constraints-llamafactory.txt
 	touch $@
 
-$(CHROMIUM):  ## Debian's chromium for the browser tests (Playwright drives it; it never downloads a browser)
-	apt-get install -y -qq chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
-
-$(PODMAN):  ## Debian's podman, runc and debootstrap: the container tier builds the images and runs the pods with them
-	apt-get install -y -qq podman runc debootstrap >/dev/null || (apt-get update -qq && apt-get install -y -qq podman runc debootstrap >/dev/null)
+system-packages:  ## Debian's chromium (the browser tests: Playwright drives it, it never downloads one) and podman, runc, debootstrap (the container tier), with apt, where missing
+	@missing="$$(for p in $(SYSTEM_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done)"; \
+	if [ -n "$$missing" ]; then apt-get install -y -qq $$missing >/dev/null || (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null); fi
 
 venv: $(VENV)/.installed  ## create .venv with uv from the pinned constraints
 
@@ -60,10 +57,13 @@ vllm-venv: $(VLLM_VENV)/.installed  ## create .venv-vllm: vLLM's CPU build (the 
 
 trainer-venvs: $(TRL_VENV)/.installed $(LF_VENV)/.installed  ## create .venv-trl and .venv-llamafactory: the training tier's trainers
 
-images: venv $(PODMAN)  ## build the worker images here with podman, each once per digest of its sources: a base from Debian's packages, docker/worker.Dockerfile, docker/worker-vllm-cpu.Dockerfile
+images: venv system-packages  ## build the worker images here with podman, each once per digest of its sources: a base from Debian's packages, docker/worker.Dockerfile, docker/worker-vllm-cpu.Dockerfile
 	$(PY) scripts/images.py
 
-test: lint vllm-venv trainer-venvs $(CHROMIUM) images  ## lint and type check, then the whole suite: fast tier and slow tier (real vLLM, Airflow end to end, pods as containers, trainers, browser)
+test-setup: venv system-packages  ## what the whole suite needs, the downloads side by side: vLLM's environment, the trainers', the images
+	$(MAKE) --no-print-directory -j3 vllm-venv trainer-venvs images
+
+test: lint test-setup  ## lint and type check, then the whole suite: fast tier and slow tier (real vLLM, Airflow end to end, pods as containers, trainers, browser)
 	$(PY) -m pytest -m "slow or not slow" --durations=30
 
 test-fast: venv  ## the fast tier only (the default of a bare `pytest`)

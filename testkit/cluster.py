@@ -167,21 +167,20 @@ def tolerates(tolerations: list[dict[str, Any]], taint: Mapping[str, str]) -> bo
 
 
 def unfit(spec: Mapping[str, Any], node: Node) -> list[str]:
-    """Why ``node`` cannot take the pod (the scheduler's filters: selector, taints, then requests); empty if it can."""
-    reasons = []
-    if any(node.labels.get(key) != value for key, value in (spec.get("nodeSelector") or {}).items()):
-        reasons.append("node(s) didn't match Pod's node affinity/selector")
+    """Why ``node`` cannot take the pod, as the scheduler's filters say it: the first that fails (taints, then the node selector,
+    then the requests, each resource short); empty if it can."""
     for taint in node.taints:
         if taint.get("effect") in ("NoSchedule", "NoExecute") and not tolerates(spec.get("tolerations") or [], taint):
-            reasons.append(f"node(s) had untolerated taint {{{taint['key']}: {taint.get('value', '')}}}")
+            return [f"node(s) had untolerated taint {{{taint['key']}: {taint.get('value', '')}}}"]
+    if any(node.labels.get(key) != value for key, value in (spec.get("nodeSelector") or {}).items()):
+        return ["node(s) didn't match Pod's node affinity/selector"]
     requested: dict[str, float] = {}
     for container in spec.get("containers") or []:
         resources = container.get("resources") or {}
         # a container's request defaults to its limit (for extended resources, requests must equal limits)
         for name, value in {**(resources.get("limits") or {}), **(resources.get("requests") or {})}.items():
             requested[name] = requested.get(name, 0.0) + quantity(value)
-    reasons += [f"Insufficient {name}" for name, amount in sorted(requested.items()) if amount > quantity(node.allocatable.get(name, "0"))]
-    return reasons
+    return [f"Insufficient {name}" for name, amount in sorted(requested.items()) if amount > quantity(node.allocatable.get(name, "0"))]
 
 
 def schedule(spec: Mapping[str, Any], nodes: list[Node]) -> Node:
@@ -276,7 +275,9 @@ def prepare(manifest: Mapping[str, Any], config: Config, pod_dir: Path) -> Prepa
         elif "persistentVolumeClaim" in volume:
             claim = config.claims[volume["persistentVolumeClaim"]["claimName"]]
             path = Path(claim.path)
-            if fs_group is not None and claim.supports_fs_group and path.stat().st_gid != int(fs_group):  # fsGroupChangePolicy: OnRootMismatch
+            root = path.stat()
+            # fsGroupChangePolicy OnRootMismatch: the kubelet walks the volume unless its root already has the group, rwx for it, setgid
+            if fs_group is not None and claim.supports_fs_group and (root.st_gid != int(fs_group) or root.st_mode & 0o2070 != 0o2070):
                 for item in [path, *path.rglob("*")]:
                     os.chown(item, -1, int(fs_group), follow_symlinks=False)
                     if not item.is_symlink():

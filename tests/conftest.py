@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,7 +63,7 @@ def pod_tier(tmp_path_factory: pytest.TempPathFactory, worker_images: dict[str, 
 def cluster_airflow(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITestServer, _moto: int, pod_tier: PodTier) -> dict[str, Any]:
     """An Airflow home, migrated once, whose connections name the servers at this machine's address, where pods reach them too.
 
-    ``{"home": its folder, "env": its environment}``: the model's key is the one the namespace's
+    ``{"home": its folder, "env": its environment, "pristine": a copy of its database before any run}``: the model's key is the one the namespace's
     ``vqa-vlm`` Secret holds, so local and kubernetes runs send the same.
     """
     from tests.airflow_env import airflow, airflow_env
@@ -72,7 +73,9 @@ def cluster_airflow(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenA
     env = airflow_env(home, s3_endpoint=pod_tier.s3_url(_moto), vlm_base_url=_vlm_server.url_at(pod_tier.address), model=MODEL, api_key=API_KEY)
     migrate = airflow("db", "migrate", env=env)
     assert migrate.returncode == 0, migrate.stderr[-2000:]
-    return {"home": home, "env": env}
+    pristine = tmp_path_factory.mktemp("cluster_db") / "airflow.db"
+    shutil.copy(home / "airflow.db", pristine)  # the database as migrated, before any run: for tests that read back only their own
+    return {"home": home, "env": env, "pristine": pristine}
 
 
 @pytest.fixture(scope="session")

@@ -13,16 +13,22 @@ servers (S3, the model double) are reached at this machine's address, in both mo
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
+import shutil
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from testkit.data import make_jpeg
 from testkit.openai_server import OpenAITestServer
 from testkit.videos import write_video
-from tests.airflow_env import airflow
-from tests.pod_tier import API_KEY, AWS_SECRET, PodTier
+from tests.airflow_env import airflow, in_home
+from tests.pod_tier import API_KEY, AWS_SECRET, MODEL_CACHE, VLLM_IMAGE, PodTier
 
 pytestmark = pytest.mark.slow
 
@@ -88,7 +94,8 @@ def run_ids(s3, dag_id: str) -> set[str]:
 @pytest.mark.parametrize(("dag_id", "output", "extra"), [
     ("image_qa", "generate", {"pairs_per_row": 2}),
     ("pers_qa", "generate", {}),
-    ("video_qa", "final", {"max_iterations": 1, "final_pairs": 3, "frames_per_clip": 2}),
+    # one shard: five stages of pods already
+    ("video_qa", "final", {"max_iterations": 1, "final_pairs": 3, "frames_per_clip": 2, "rows_per_shard": 3}),
 ])
 def test_kubernetes_mode_gives_local_modes_dataset(
     vlm_server: OpenAITestServer, s3, deployment: dict, pod_tier: PodTier, data: dict, dag_id: str, output: str, extra: dict
@@ -101,6 +108,7 @@ def test_kubernetes_mode_gives_local_modes_dataset(
     }
     # two runs of the same input, seed and settings; each writes under its own run id, so neither reuses the other's checkpoints
     runs = {}
+    pods_before = len(pod_tier.pods())
     for mode in ("local", "pods"):
         env = pod_tier.env(deployment["env"]) if mode == "pods" else deployment["env"]
         before, transcribed = run_ids(s3, dag_id), len(vlm_server.transcriptions)
@@ -115,7 +123,7 @@ def test_kubernetes_mode_gives_local_modes_dataset(
     assert runs["local"][f"{output}.jsonl"], "no rows came out"
     assert sum(len(rows) for name, rows in runs["local"].items() if name.endswith(".errors.jsonl")) == 1, "the bad row is not in one errors file"
 
-    pods = [p for p in pod_tier.pods() if p["manifest"]["metadata"]["labels"]["dag_id"] == dag_id]
+    pods = pod_tier.pods()[pods_before:]
     stages = {"image_qa": {"generate", "quality"}, "pers_qa": {"generate", "quality"}, "video_qa": {"ingest", "initial", "multiagent", "final", "quality"}}[dag_id]
     assert {p["task_id"] for p in pods} == stages and all(p["exit_code"] == 0 for p in pods)
     for pod in pods:
@@ -138,43 +146,93 @@ def test_kubernetes_mode_gives_local_modes_dataset(
 
 
 @pytest.mark.vllm
-def test_without_a_model_service_a_gpu_pod_starts_vllm_serves_its_shard_and_stops_it(
-    s3, deployment: dict, pod_tier: PodTier, data: dict, tiny_idefics3: Path
+def test_without_a_model_service_gpu_pods_start_vllm_and_give_the_dataset_a_vllm_service_gives(
+    s3, cluster_airflow: dict, deployment: dict, pod_tier: PodTier, data: dict, tiny_idefics3: Path, tmp_path: Path
 ) -> None:
-    """In-pod vLLM, as the pod spec stands: vLLM's CPU build in the worker image's environment, as the image's non-root user over
-    a read-only root, started by the worker with the deployment's vLLM settings, the model read from the model cache claim."""
-    import shlex
-    import shutil
-
-    from scripts.local_vllm import free_port, server_args
+    """In-pod vLLM, as the pod spec stands: vLLM's CPU build from the CPU vLLM image, as the image's user over a read-only root,
+    started by the worker with the deployment's vLLM settings, the model read from the model cache claim (a Hugging Face cache,
+    as the Hub leaves it). Local mode calls vLLM serving the same model with the same flags on this machine; one request at a
+    time on both, so both servers see the same requests in the same order. The generate stage's rows and errors are equal."""
+    from scripts.local_vllm import serve_local_vllm, server_args
     from tests import real_vllm
     from vqa_operators.serving.vllm_server import CPU_ENV
 
     real_vllm.require_vllm()
-    cache = pod_tier.workdir / "claims" / "vqa-model-cache"
-    shutil.copytree(tiny_idefics3, cache / "tiny", dirs_exist_ok=True)
-    for path in [cache / "tiny", *(cache / "tiny").rglob("*")]:  # readable by the pods' user, as a model cache is
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    port = free_port()
-    env = pod_tier.env(deployment["env"])
-    env.update(
+    hub_cache(pod_tier.workdir / "claims" / MODEL_CACHE, tiny_idefics3)
+    host_cache = hub_cache(tmp_path / "hf", tiny_idefics3)
+    vllm_env = {**CPU_ENV, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    conf = {
+        "input_uri": data["image_qa"], "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/media/", "seed": 7,
+        "rows_per_shard": 4, "pairs_per_row": 1, "concurrency": 1,
+    }
+    # the generate stage is the proof: every worker pod of this topology starts vLLM the same way (quality and merge are marked done)
+    only_generate = ("--mark-success-pattern", "^(quality|merge)$")
+
+    def run(env: dict[str, str], name: str) -> dict[str, list]:
+        """One dags test in an Airflow home of its own (the two modes run side by side): the generate stage's files."""
+        home = tmp_path / name
+        home.mkdir()
+        shutil.copy(cluster_airflow["pristine"], home / "airflow.db")
+        proc = airflow("dags", "test", "image_qa", "-c", json.dumps(conf), *only_generate, env=in_home(env, home), timeout=900)
+        assert proc.returncode == 0, (name, (proc.stdout + proc.stderr)[-6000:])
+        with sqlite3.connect(home / "airflow.db") as db:
+            ((run_id,),) = db.execute("SELECT run_id FROM dag_run WHERE dag_id='image_qa'").fetchall()
+        return stage_files(s3, "image_qa", run_id, "generate")
+
+    pods_before = len(pod_tier.pods())
+    pods_env = pod_tier.env(deployment["env"])
+    pods_env.update(
         # no model service: the connection names the model, and no host
-        AIRFLOW_CONN_VQA_VLM=json.dumps({"conn_type": "http", "password": API_KEY, "extra": {"model": "/models/tiny"}}),
-        VQA_VLLM_ARGS=shlex.join(server_args(None)), VQA_VLLM_PORT=str(port), VQA_MAX_NUM_SEQS="8",
-        VQA_POD_ENV=json.dumps({**CPU_ENV, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}),
+        AIRFLOW_CONN_VQA_VLM=json.dumps({"conn_type": "http", "password": API_KEY, "extra": {"model": TINY_HUB_ID}}),
+        VQA_VLLM_ARGS=shlex.join(server_args(None)), VQA_MAX_NUM_SEQS="8", VQA_POD_ENV=json.dumps(vllm_env),
     )
-    conf = {"input_uri": data["image_qa"], "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/media/", "seed": 7, "rows_per_shard": 4, "pairs_per_row": 1}
-    # one GPU pod is the proof: every worker pod of this topology starts vLLM the same way (quality and merge are marked done)
-    proc = airflow("dags", "test", "image_qa", "-c", json.dumps(conf), "--mark-success-pattern", "^(quality|merge)$", env=env, timeout=900)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    pods = [p for p in pod_tier.pods() if "--serve-vllm" in p["manifest"]["spec"]["containers"][0]["args"]]
-    assert [p["task_id"] for p in pods] == ["generate"]
-    manifests = [json.loads(line) for line in pods[0]["logs"].splitlines() if line.startswith('{"')]
-    assert [m["rows_out"] for m in manifests if "rows_out" in m] == [3]  # the manifest: 3 of the 4 rows (one image is missing)
-    for pod in pods:
-        container, spec = pod["manifest"]["spec"]["containers"][0], pod["manifest"]["spec"]
-        assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-        assert re.search(rf"starting model server: \S+ -m vllm\.entrypoints\.openai\.api_server --model /models/tiny --host 127\.0\.0\.1 --port {port} ", pod["logs"])
-        assert "--max-num-seqs 8" in pod["logs"] and "rows in" in pod["logs"]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        in_pods = pool.submit(run, pods_env, "pods")
+        with (
+            mock.patch.dict(os.environ, {**vllm_env, "HF_HOME": str(host_cache)}),
+            (tmp_path / "vllm.log").open("wb") as log,
+            serve_local_vllm(TINY_HUB_ID, TINY_HUB_ID, max_num_seqs=8, log=log) as url,
+        ):
+            connection = json.dumps({"conn_type": "http", "host": url, "password": API_KEY, "extra": {"model": TINY_HUB_ID}})
+            runs = {"local": run(dict(deployment["env"], AIRFLOW_CONN_VQA_VLM=connection), "local")}
+        runs["pods"] = in_pods.result()
+
+    assert runs["pods"] == runs["local"]
+    assert len(runs["local"]["shard-00000.jsonl"]) == 3 and [e["reason"] for e in runs["local"]["shard-00000.errors.jsonl"]] == ["image_not_found"]
+    pods = pod_tier.pods()[pods_before:]
+    assert [p["task_id"] for p in pods] == ["generate"] and pods[0]["exit_code"] == 0
+    container, spec = pods[0]["manifest"]["spec"]["containers"][0], pods[0]["manifest"]["spec"]
+    assert container["image"] == VLLM_IMAGE and "--serve-vllm" in container["args"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert re.search(rf"starting model server: \S+ -m vllm\.entrypoints\.openai\.api_server --model {TINY_HUB_ID} --host 127\.0\.0\.1 ", pods[0]["logs"])
+    assert "--max-num-seqs 8" in pods[0]["logs"] and "rows in" in pods[0]["logs"]
     # the pod's vLLM went with the pod: the succeeded pod was deleted, nothing of it runs
     assert pods[0]["name"] not in pod_tier.namespace.running()
+
+
+# the tiny model under a Hub id, in a Hugging Face cache as a download leaves it: what a model cache volume holds
+TINY_HUB_ID = "vqa-test/tiny-idefics3"
+
+
+def hub_cache(home: Path, model: Path) -> Path:
+    """``home`` as HF_HOME, holding ``model`` as the Hub's cache holds TINY_HUB_ID (refs/main → a snapshot), readable by every user."""
+    repo = home / "hub" / f"models--{TINY_HUB_ID.replace('/', '--')}"
+    revision = "0" * 39 + "1"
+    shutil.copytree(model, repo / "snapshots" / revision, dirs_exist_ok=True)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    for path in [home, *home.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return home
+
+
+def stage_files(s3, dag_id: str, run_id: str, stage: str) -> dict[str, list]:
+    """A stage's staged JSONL (each shard's output and errors), the run's own folder written as <run>."""
+    folder = f"output/{dag_id}/{run_id}"
+    found = {}
+    for item in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{folder}/{stage}/").get("Contents", []):
+        key = item["Key"]
+        if key.endswith(".jsonl") and ".checkpoint/" not in key:
+            text = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
+            found[key.rsplit("/", 1)[1]] = [json.loads(line) for line in text.replace(f"s3://{BUCKET}/{folder}", "<run>").splitlines()]
+    return found

@@ -90,7 +90,7 @@ def attack_env(tmp_path_factory: pytest.TempPathFactory, cluster_airflow: dict) 
             "VQA_ALLOWED_MEDIA_ROOTS": f"s3://{bucket}/media",
         }
     )
-    return {"env": env, "home": cluster_airflow["home"], "root": root, "allowed": allowed, "bucket": bucket, "other": other}
+    return {"env": env, "db": cluster_airflow["pristine"], "root": root, "allowed": allowed, "bucket": bucket, "other": other}
 
 
 def run_all(runs: list[tuple[str, str, dict, dict]], attack_env: dict) -> dict[str, tuple[int, str, Path]]:
@@ -100,7 +100,7 @@ def run_all(runs: list[tuple[str, str, dict, dict]], attack_env: dict) -> dict[s
         index, (name, dag_id, conf, env) = item
         run_home = attack_env["root"] / f"home-{uuid.uuid4().hex[:8]}-{index}"
         run_home.mkdir()
-        shutil.copy(attack_env["home"] / "airflow.db", run_home / "airflow.db")
+        shutil.copy(attack_env["db"], run_home / "airflow.db")
         proc = airflow("dags", "test", dag_id, "-c", json.dumps(conf), env=in_home(env, run_home), timeout=900)
         return name, (proc.returncode, proc.stdout + proc.stderr, run_home)
 
