@@ -128,6 +128,8 @@ class Config:
     services: dict[str, Service] = field(default_factory=dict)
     nodes: list[Node] = field(default_factory=lambda: [Node()])
     network: str = "podman-default-kube-network"
+    # resources the caller's account may not touch (RBAC): every call on them is 403, as the API server answers
+    forbidden: list[str] = field(default_factory=list)
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     def dump(self, path: Path) -> None:
@@ -144,6 +146,11 @@ class Config:
     @property
     def record(self) -> Path:
         return Path(self.workdir) / "pods.jsonl"
+
+    @property
+    def calls(self) -> Path:
+        """Each API call the namespace answered, as RBAC sees it: a JSON line of apiGroup, resource and verb."""
+        return Path(self.workdir) / "calls.jsonl"
 
 
 class Unschedulable(Exception):
@@ -516,6 +523,16 @@ class CoreV1:
             raise self._not_found(name)
         return record
 
+    def _call(self, resource: str, *verbs: str, group: str = "") -> None:
+        """Record a call as the API server's authorizer sees it (``Config.calls``); 403 on a resource the account may not touch."""
+        from kubernetes.client.exceptions import ApiException
+
+        if resource in self.config.forbidden:
+            raise ApiException(status=403, reason=f'{resource} is forbidden: User "system:serviceaccount:airflow:airflow-worker" cannot {verbs[0]} resource "{resource}"')
+        with self._lock, self.config.calls.open("a", encoding="utf-8") as out:
+            for verb in verbs:
+                out.write(json.dumps({"apiGroup": group, "resource": resource, "verb": verb}) + "\n")
+
     def _event(self, record: PodRecord, reason: str, message: str, kind: str = "Normal", container: str | None = None) -> None:
         from kubernetes.client import models as k8s
 
@@ -534,6 +551,7 @@ class CoreV1:
 
     def create_namespaced_pod(self, namespace: str, body: Any, **kwargs: Any) -> Any:
         """Admit the pod (schema), schedule it, let the kubelet prepare it, and play it; a pod that cannot start stays Pending."""
+        self._call("pods", "create")
         import kubernetes_validate
         from kubernetes.client.exceptions import ApiException
 
@@ -558,12 +576,12 @@ class CoreV1:
             record.unschedulable = str(err)
             self._event(record, "FailedScheduling", str(err), kind="Warning")
             self._write_record(record, None, "")
-            return self.read_namespaced_pod(name, namespace)
+            return self._read_pod(name, namespace)
         except expansion.CreateContainerConfigError as err:
             record.waiting = ("CreateContainerConfigError", str(err))
             self._event(record, "Failed", f"Error: {err}", kind="Warning", container=MAIN_CONTAINER)
             self._write_record(record, None, "")
-            return self.read_namespaced_pod(name, namespace)
+            return self._read_pod(name, namespace)
         self._event(record, "Scheduled", f"Successfully assigned {namespace}/{name} to {record.prepared.node}")
         for container in manifest["spec"]["containers"]:
             image = container["image"]
@@ -571,7 +589,7 @@ class CoreV1:
                 record.waiting = ("ErrImagePull", f'failed to pull and unpack image "{image}": no registry can be reached from this cluster')
                 self._event(record, "Failed", f"Failed to pull image \"{image}\": {record.waiting[1]}", kind="Warning", container=container["name"])
                 self._write_record(record, None, "")
-                return self.read_namespaced_pod(name, namespace)
+                return self._read_pod(name, namespace)
         path = pod_dir / "pod.yaml"
         path.write_text(json.dumps(record.prepared.manifest))
         proc = self._podman("kube", "play", "--network", self.config.network, str(path), check=False)
@@ -582,7 +600,7 @@ class CoreV1:
         for container in manifest["spec"]["containers"]:
             self._event(record, "Created", f"Created container {container['name']}", container=container["name"])
             self._event(record, "Started", f"Started container {container['name']}", container=container["name"])
-        return self.read_namespaced_pod(name, namespace)
+        return self._read_pod(name, namespace)
 
     # -- read
 
@@ -661,6 +679,10 @@ class CoreV1:
         return k8s.V1PodStatus(phase=phase, conditions=[scheduled], container_statuses=statuses, start_time=record.created, host_ip="10.0.0.1")
 
     def read_namespaced_pod(self, name: str, namespace: str, **kwargs: Any) -> Any:
+        self._call("pods", "get")
+        return self._read_pod(name, namespace)
+
+    def _read_pod(self, name: str, namespace: str) -> Any:
         from kubernetes.client import models as k8s
 
         with self._lock:
@@ -691,25 +713,42 @@ class CoreV1:
         entry = {
             "name": record.manifest["metadata"]["name"], "task_id": labels.get("task_id"), "map_index": int(labels.get("map_index", -1)),
             "try_number": labels.get("try_number"), "exit_code": exit_code, "waiting": list(record.waiting) if record.waiting else None,
-            "unschedulable": record.unschedulable, "manifest": record.manifest, "logs": logs,
+            "unschedulable": record.unschedulable, "node": record.prepared.node if record.prepared else None, "manifest": record.manifest, "logs": logs,
         }
         record.recorded = True
         with self.config.record.open("a", encoding="utf-8") as out:
             out.write(json.dumps(entry) + "\n")
 
     def list_namespaced_pod(self, namespace: str, label_selector: str | None = None, **kwargs: Any) -> Any:
+        self._call("pods", "list")
         from kubernetes.client import models as k8s
 
         with self._lock:
             names = [n for n, r in self._pods.items() if not r.deleted and matches(r.manifest["metadata"].get("labels") or {}, label_selector)]
-        return k8s.V1PodList(items=[self.read_namespaced_pod(n, namespace) for n in names] if namespace == self.config.name else [])
+        return k8s.V1PodList(items=[self._read_pod(n, namespace) for n in names] if namespace == self.config.name else [])
 
     def patch_namespaced_pod(self, name: str, namespace: str, body: Mapping[str, Any], **kwargs: Any) -> Any:
+        self._call("pods", "patch")
         with self._lock:
             record = self._record(name, namespace)
             labels = (body.get("metadata") or {}).get("labels") or {}
             record.manifest["metadata"].setdefault("labels", {}).update(labels)
-        return self.read_namespaced_pod(name, namespace)
+        return self._read_pod(name, namespace)
+
+    # -- Secrets
+
+    def read_namespaced_secret(self, name: str, namespace: str, **kwargs: Any) -> Any:
+        """A Secret of the namespace (its data base64-encoded, as the API gives it), or 404."""
+        import base64
+
+        from kubernetes.client import models as k8s
+        from kubernetes.client.exceptions import ApiException
+
+        self._call("secrets", "get")
+        data = self.config.secrets.get(name) if namespace == self.config.name else None
+        if data is None:
+            raise ApiException(status=404, reason=f'secrets "{name}" not found')
+        return k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=name, namespace=namespace), data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()})
 
     # -- logs, events, exec
 
@@ -725,6 +764,8 @@ class CoreV1:
     ) -> Any:
         from kubernetes.client.exceptions import ApiException
 
+        self._call("pods/log", "get")
+
         with self._lock:
             record = self._record(name, namespace)
         container = container or MAIN_CONTAINER
@@ -738,6 +779,7 @@ class CoreV1:
         return stream
 
     def list_namespaced_event(self, namespace: str, field_selector: str | None = None, resource_version: str | None = None, **kwargs: Any) -> Any:
+        self._call("events", "list")
         from kubernetes.client import models as k8s
 
         wanted = dict(term.split("=", 1) for term in (field_selector or "").split(",") if "=" in term)
@@ -748,6 +790,8 @@ class CoreV1:
         return k8s.CoreV1EventList(items=events, metadata=k8s.V1ListMeta(resource_version=str(self._version)))
 
     def connect_get_namespaced_pod_exec(self, name: str, namespace: str, command: list[str], container: str | None = None, stdin: bool = False, **kwargs: Any) -> ExecSession:
+        # the client opens an exec with a GET upgraded to a WebSocket: Kubernetes from 1.31 authorizes it as create, older ones as get
+        self._call("pods/exec", "create", "get")
         with self._lock:
             self._record(name, namespace)
         argv = ["podman", "exec", *(["-i"] if stdin else []), f"{name}-{container or MAIN_CONTAINER}", *command]
@@ -757,6 +801,7 @@ class CoreV1:
 
     def delete_namespaced_pod(self, name: str, namespace: str, body: Any = None, grace_period_seconds: int | None = None, **kwargs: Any) -> Any:
         """Stop the pod's containers (SIGTERM, then SIGKILL after the grace period) and remove it with its volumes' folders."""
+        self._call("pods", "delete")
         with self._lock:
             record = self._record(name, namespace)
             record.stop_requested = True
@@ -885,6 +930,11 @@ class Namespace:
             **env, **self.config.podman_env, "VQA_EXECUTION": "kubernetes", "VQA_NAMESPACE": self.config.name, "VQA_TEST_CLUSTER": str(self.path),
             "PYTHONPATH": f"{root / 'tests' / 'cluster_site'}:{root / 'plugins'}:{root}",
         }
+
+    def calls(self) -> set[tuple[str, str, str]]:
+        """Every (apiGroup, resource, verb) the namespace was asked for so far."""
+        path = self.config.calls
+        return {(c["apiGroup"], c["resource"], c["verb"]) for c in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
 
     def pods(self) -> list[dict[str, Any]]:
         """Every pod the operator made so far, with what became of it."""

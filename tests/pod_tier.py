@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from scripts.images import PODMAN_ENV
-from testkit.cluster import Claim, Config, Namespace, Node, host_address
+from testkit.cluster import Claim, Config, Namespace, Node, Service, host_address
 
 # what the namespace's Secrets hold: the model server's key (vqa-vlm) and the S3 credentials (vqa-s3)
 API_KEY = "sk-pods-4d8e1a-never-in-a-spec"
@@ -40,27 +40,31 @@ class PodTier:
     def create(cls, workdir: Path, tags: Mapping[str, str]) -> PodTier:
         """A namespace with the Secrets and the model cache claim, our images under their deployment names, and two nodes.
 
-        A CPU node, and a GPU node as a cluster labels and taints one, advertising ``nvidia.com/gpu``:
-        the scheduler places a GPU pod there, where vLLM's CPU build runs (no device is given).
+        A CPU node, and a GPU node as a managed node pool makes one (GKE, AKS, EKS without NVIDIA's
+        GPU operator): the smallest one-GPU shape (8 vCPU, 32 GiB: g5.2xlarge, g2-standard-8, less
+        what the node keeps for itself), tainted ``nvidia.com/gpu``, advertising ``nvidia.com/gpu``,
+        and with no GPU Feature Discovery label. The scheduler places a GPU pod there, where vLLM's
+        CPU build runs (no device is given).
         """
         nodes = [
-            Node(name="cpu-1", labels={"kubernetes.io/hostname": "cpu-1"}, allocatable={"cpu": "16", "memory": "64Gi", "ephemeral-storage": "500Gi", "pods": "110"}),
+            Node(name="cpu-1", labels={"kubernetes.io/hostname": "cpu-1"}, allocatable={"cpu": "7910m", "memory": "29Gi", "ephemeral-storage": "180Gi", "pods": "58"}),
             Node(
-                name="gpu-1", labels={"kubernetes.io/hostname": "gpu-1", "nvidia.com/gpu.present": "true"},
+                name="gpu-1", labels={"kubernetes.io/hostname": "gpu-1"},
                 taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
-                allocatable={"cpu": "16", "memory": "64Gi", "ephemeral-storage": "500Gi", "nvidia.com/gpu": "1", "pods": "110"},
+                allocatable={"cpu": "7910m", "memory": "29Gi", "ephemeral-storage": "180Gi", "nvidia.com/gpu": "1", "pods": "58"},
             ),
         ]
         config = Config(
             name=NAMESPACE, workdir=str(workdir), podman_env=PODMAN_ENV, secrets=SECRETS, nodes=nodes,
             # block storage: the kubelet gives the pod's fsGroup the volume
             claims={MODEL_CACHE: Claim(path=str(workdir / "claims" / MODEL_CACHE))},
+            # a model service named as vLLM's Kubernetes guide warns against: with service links on, every later pod of the
+            # namespace gets VLLM_PORT=tcp://..., and vLLM refuses to start (the in-pod vLLM test would fail)
+            services={"vllm": Service(host="10.96.12.7", ports={"http": 8000})},
         )
-        from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
-
-        # the XCom sidecar's image (the pod operator's default, alpine from Docker Hub, which cannot be pulled here): the worker image
-        sidecar = PodDefaults.SIDECAR_CONTAINER.image
-        images = {WORKER_IMAGE: tags["vqa-worker"], VLLM_IMAGE: tags["vqa-worker-vllm-cpu"], f"docker.io/library/{sidecar}": tags["vqa-worker"]}
+        # nothing else: the XCom sidecar runs from the pod's own image (the pod operator's default, alpine from Docker Hub,
+        # would be ErrImagePull here, as on an air-gapped cluster)
+        images = {WORKER_IMAGE: tags["vqa-worker"], VLLM_IMAGE: tags["vqa-worker-vllm-cpu"]}
         return cls(Namespace.create(config, images=images), host_address())
 
     @property
@@ -86,6 +90,17 @@ class PodTier:
             yield
         finally:
             self.namespace.put_secret(name, data)
+
+    @contextlib.contextmanager
+    def forbidding(self, resource: str) -> Iterator[None]:
+        """Airflow's account may not touch ``resource`` for the block (a Role that does not grant it): each call is 403."""
+        self.namespace.config.forbidden.append(resource)
+        self.namespace.save()
+        try:
+            yield
+        finally:
+            self.namespace.config.forbidden.remove(resource)
+            self.namespace.save()
 
     @contextlib.contextmanager
     def with_claim(self, name: str, claim: Claim) -> Iterator[None]:

@@ -54,19 +54,42 @@ def test_the_kit_holds_what_the_pods_reference_by_default() -> None:
     assert json.loads(connections["AIRFLOW_CONN_VQA_VLM"])["conn_type"] == "http" and json.loads(connections["AIRFLOW_CONN_AWS_DEFAULT"])["conn_type"] == "aws"
 
 
-def test_the_role_covers_what_the_operators_ask_of_the_api() -> None:
+def test_the_rbac_is_the_kits_rules_bound_to_every_component_of_the_release() -> None:
+    """What the Role grants is ``deploy_kit.RULES``, which the tests derive from the components' calls (test_smoke, test_run_server_api)."""
+    from scripts.deploy_kit import RBAC, RULES, render_rbac
+
+    assert RBAC.read_text() == render_rbac(), "deploy/rbac.yaml is stale: run `.venv/bin/python scripts/deploy_kit.py`"
     role = next(o for o in objects() if o["kind"] == "Role")
     granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
-    # KubernetesPodOperator: create, watch, logs, the XCom sidecar through exec, delete, label as checked, events on failure;
-    # the run-scoped server: a Deployment and a Service, created and deleted
-    needed = {
-        ("", "pods", "create"), ("", "pods", "get"), ("", "pods", "list"), ("", "pods", "watch"), ("", "pods", "patch"), ("", "pods", "delete"),
-        ("", "pods/log", "get"), ("", "pods/exec", "create"), ("", "events", "list"),
-        ("apps", "deployments", "create"), ("apps", "deployments", "delete"), ("", "services", "create"), ("", "services", "delete"),
-    }
-    assert needed <= granted, needed - granted
+    assert granted == {(group, resource, verb) for group, resource, verbs, _ in RULES for verb in verbs}
+    # Secrets: get only, and only the ones the pods read by default
+    (secrets,) = [rule for rule in role["rules"] if rule["resources"] == ["secrets"]]
+    assert secrets["verbs"] == ["get"] and set(secrets["resourceNames"]) >= {"vqa-vlm", "vqa-s3"}
     binding = next(o for o in objects() if o["kind"] == "RoleBinding")
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    # the workers and the scheduler run tasks; the triggerer waits for deferred pods (without it, deferrable mode gets 403)
+    assert [s["name"] for s in binding["subjects"]] == ["airflow-worker", "airflow-scheduler", "airflow-triggerer"]
+    other = [doc for doc in yaml.safe_load_all(render_rbac("data-team", "orchestration")) if doc["kind"] == "RoleBinding"][0]
+    assert {(s["name"], s["namespace"]) for s in other["subjects"]} == {
+        ("data-team-worker", "orchestration"), ("data-team-scheduler", "orchestration"), ("data-team-triggerer", "orchestration"),
+    }
+
+
+def test_the_model_cache_claim_names_a_storage_class_and_no_pod_that_calls_a_service_mounts_it() -> None:
+    claim = next(o for o in objects() if o["kind"] == "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"]
+
+
+def test_no_service_of_the_kit_gives_vllm_a_variable_it_refuses() -> None:
+    """A Service named ``vllm`` makes the kubelet put ``VLLM_PORT=tcp://...`` into later pods (where links are on), which vLLM refuses."""
+    import json
+
+    connections = next(o for o in objects() if o["kind"] == "Secret" and o["metadata"]["name"] == "vqa-airflow-connections")["stringData"]
+    host = json.loads(connections["AIRFLOW_CONN_VQA_VLM"])["host"]
+    service = host.split("//", 1)[1].split(".", 1)[0]
+    assert not service.upper().replace("-", "_").startswith("VLLM"), host
+    names = [o["metadata"]["name"] for o in objects() if o["kind"] == "Service"]
+    assert not any(name.upper().replace("-", "_").startswith("VLLM") for name in names)
 
 
 def test_the_helm_values_set_only_real_settings_and_the_kubernetes_mode() -> None:

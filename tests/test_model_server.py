@@ -112,12 +112,15 @@ def test_the_kubernetes_server_is_one_gpu_pod_behind_a_service(monkeypatch: pyte
     from vqa_operators.operators.model_server import server_manifests, server_name
     from vqa_operators.operators.placement import PodSettings
 
-    name = server_name("video_qa", "scheduled__2026-01-05T00:00:00+00:00")
-    assert name == server_name("video_qa", "scheduled__2026-01-05T00:00:00+00:00") != server_name("video_qa", "manual__x")  # stable across retries
+    run = "scheduled__2026-01-05T00:00:00+00:00"
+    name = server_name("airflow", "video_qa", run)
+    # stable across retries of a run; distinct between runs, and between installations that share a namespace
+    assert name == server_name("airflow", "video_qa", run) != server_name("airflow", "video_qa", "manual__x")
+    assert name != server_name("airflow-eu", "video_qa", run)
     placement = PodSettings(image="registry.example/vqa-worker:1", namespace="vqa", secret_env={"HF_TOKEN": {"secret": "hf-token", "key": "token"}})
     deployment, service = server_manifests(
-        name=name, namespace="vqa", model="Qwen/Qwen2.5-VL-7B-Instruct", placement=placement, dag_id="video_qa", run_id="r", max_num_seqs=128,
-        vllm_args=["--max-model-len", "32768"],
+        name=name, namespace="vqa", model="Qwen/Qwen2.5-VL-7B-Instruct", placement=placement, installation="airflow", dag_id="video_qa", run_id="r",
+        max_num_seqs=128, expires_at="2026-01-07T00:00:00+00:00", vllm_args=["--max-model-len", "32768"],
     )
     for manifest in (deployment, service):
         kubernetes_validate.validate(manifest, "1.33", strict=True)
@@ -126,19 +129,30 @@ def test_the_kubernetes_server_is_one_gpu_pod_behind_a_service(monkeypatch: pyte
     container = pod["containers"][0]
     assert container["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
     assert container["args"] == ["--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--host", "0.0.0.0", "--port", "8000", "--max-num-seqs", "128", "--max-model-len", "32768"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
-    assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and not pod.get("nodeSelector")
+    assert pod["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    # the model loads under the startup probe (30 min by default); then a wedged engine is restarted, a busy one only unready
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}, probe
+    assert container["startupProbe"]["periodSeconds"] * container["startupProbe"]["failureThreshold"] == 1800
+    assert pod["enableServiceLinks"] is False and pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+    assert {v["name"]: v for v in pod["volumes"]}["model-cache"]["persistentVolumeClaim"] == {"claimName": "vqa-model-cache"}
+    # whose it is: what the janitor and a retry of the setup trust
+    assert deployment["metadata"]["annotations"] == {
+        "vqa/installation": "airflow", "vqa/dag-id": "video_qa", "vqa/run-id": "r", "vqa/expires-at": "2026-01-07T00:00:00+00:00",
+    }
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     # the server demands the key the workers send; the gated model's token reaches it by reference
     assert env["VLLM_API_KEY"]["secretKeyRef"] == {"name": "vqa-vlm", "key": "api-key"} and env["HF_TOKEN"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    # no replica until the installation's bound on servers lets it have one (the setup scales it)
+    assert deployment["spec"]["replicas"] == 0 and deployment["spec"]["strategy"] == {"type": "Recreate"}
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
 
 
 def test_worker_pods_are_restricted_and_so_is_their_xcom_sidecar(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.test_pod_spec import build_manifest
 
-    monkeypatch.setenv("AIRFLOW_CONN_VQA_VLM", json.dumps({"conn_type": "http", "host": "http://vllm.vqa.svc:8000/v1", "extra": {"model": "m"}}))
+    monkeypatch.setenv("AIRFLOW_CONN_VQA_VLM", json.dumps({"conn_type": "http", "host": "http://vqa-model.vqa.svc:8000/v1", "extra": {"model": "m"}}))
     manifest = build_manifest(monkeypatch)
     assert [c["name"] for c in manifest["spec"]["containers"]] == ["base", "airflow-xcom-sidecar"]
     assert restricted(manifest) == []
@@ -220,8 +234,8 @@ def test_the_run_servers_model_and_flags_reach_vllm_as_typed(monkeypatch: pytest
 
     placement = PodSettings(image="registry.example/vqa-worker:1", namespace="vqa", env={"HOST_COPY": "$(HOME)"})
     deployment, _ = server_manifests(
-        name="vqa-model-x", namespace="vqa", model="$(VLLM_API_KEY)", placement=placement, dag_id="d", run_id="r", max_num_seqs=8,
-        vllm_args=["--chat-template", "{{ x }}$$(HOME)"],
+        name="vqa-model-x", namespace="vqa", model="$(VLLM_API_KEY)", placement=placement, installation="airflow", dag_id="d", run_id="r",
+        max_num_seqs=8, expires_at="2026-01-07T00:00:00+00:00", vllm_args=["--chat-template", "{{ x }}$$(HOME)"],
     )
     argv, env = as_the_kubelet_starts_it(deployment["spec"]["template"]["spec"]["containers"][0])
     assert argv[argv.index("--model") + 1] == "$(VLLM_API_KEY)" and argv[-1] == "{{ x }}$$(HOME)"

@@ -25,7 +25,7 @@ SECRET_KEY = "sk-must-not-appear"
 def vlm_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(
         "AIRFLOW_CONN_VQA_VLM",
-        json.dumps({"conn_type": "http", "host": "http://vllm.vqa.svc:8000/v1", "password": SECRET_KEY, "extra": {"model": MODEL}}),
+        json.dumps({"conn_type": "http", "host": "http://vqa-model.vqa.svc:8000/v1", "password": SECRET_KEY, "extra": {"model": MODEL}}),
     )
 
 
@@ -94,11 +94,19 @@ def test_a_pod_that_calls_a_model_service_is_a_cpu_pod(vlm_connection, monkeypat
     assert not spec.get("nodeSelector") and not spec.get("tolerations")
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory" and volumes["tmp"]["emptyDir"]["sizeLimit"] == "16Gi"
-    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "vqa-model-cache"
+    # no model loads here: no model cache, so the pod never waits on its claim; the Hub's cache, if anything asks, under /tmp
+    assert "model-cache" not in volumes and "/models" not in json.dumps(container["volumeMounts"])
     assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
+    assert spec["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    # no service links (a Service named vllm would give VLLM_PORT=tcp://...); the XCom sidecar from the pod's own image, with limits
+    assert spec["enableServiceLinks"] is False
+    sidecar = manifest["spec"]["containers"][1]
+    assert sidecar["image"] == container["image"] and sidecar["resources"]["limits"] == {"cpu": "100m", "memory": "64Mi"}
+    # a failed pod is deleted too, once its log is in the task's (it is followed as the pod runs)
     env = env_of(manifest)
-    assert env["VQA_BASE_URL"] == "http://vllm.vqa.svc:8000/v1" and env["VQA_MODEL"] == MODEL
+    assert env["HF_HOME"] == "/tmp/.cache/huggingface"
+    assert env["VQA_BASE_URL"] == "http://vqa-model.vqa.svc:8000/v1" and env["VQA_MODEL"] == MODEL
     assert env["VQA_API_KEY"]["secretKeyRef"] == {"name": "vqa-vlm", "key": "api-key"}
     assert container["envFrom"] == [{"secretRef": {"name": "vqa-s3"}}]
     assert SECRET_KEY not in json.dumps(manifest)
@@ -120,10 +128,15 @@ def test_without_a_service_url_vllm_runs_in_a_gpu_pod(monkeypatch: pytest.Monkey
     # the deployment's vLLM settings start the in-pod server: its flags for video, and the batch size the worker sizes for
     assert env["VQA_MODEL"] == "Qwen/Qwen2.5-VL-7B-Instruct" and env["VQA_MAX_NUM_SEQS"] == "64"
     assert env["VQA_VLLM_ARGS"] == "--max-model-len 32768 --limit-mm-per-prompt '{\"image\": 16}'"
-    assert container["resources"]["limits"] == {"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"}
-    assert container["resources"]["requests"]["ephemeral-storage"] == "64Gi"  # the ingest copies each S3 video to /tmp
-    assert spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # requests below limits: an 8 vCPU / 32 GiB one-GPU node (g5.2xlarge, g2-standard-8) takes it beside its daemons
+    assert container["resources"]["limits"] == {"cpu": "8", "memory": "28Gi", "nvidia.com/gpu": "1"}
+    assert container["resources"]["requests"] == {"cpu": "4", "memory": "24Gi", "ephemeral-storage": "64Gi", "nvidia.com/gpu": "1"}  # the ingest copies videos to /tmp
+    # a GPU node is found by the GPU request and the GPU taint's toleration: no GPU Feature Discovery label
+    assert not spec.get("nodeSelector")
     assert spec["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
+    # vLLM loads the model here: the cache claim, at HF_HOME
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "vqa-model-cache" and env["HF_HOME"] == "/models"
 
 
 def test_default_params_give_no_empty_argument_and_a_shard_is_never_rendered(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -196,13 +209,14 @@ def test_pod_runs_locked_down_with_the_deployments_worker_settings(vlm_connectio
     manifest = build_manifest(monkeypatch)
     spec, container = manifest["spec"], manifest["spec"]["containers"][0]
     assert spec["securityContext"] == {
-        "fsGroup": 2000, "runAsGroup": 2000, "runAsNonRoot": True, "runAsUser": 2000, "seccompProfile": {"type": "RuntimeDefault"},
+        "fsGroup": 2000, "fsGroupChangePolicy": "OnRootMismatch", "runAsGroup": 2000, "runAsNonRoot": True, "runAsUser": 2000,
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert container["securityContext"] == {
         "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
     }
-    # the read-only root filesystem leaves /tmp (checkpoint index, upload spool) and the caches writable
-    assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/tmp", "/dev/shm", "/models"}
+    # the read-only root filesystem leaves /tmp (checkpoint index, upload spool, caches) writable
+    assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/tmp", "/dev/shm"}
     env = env_of(manifest)
     # every worker setting the deployment set reaches the pod; the Airflow-only ones do not
     assert {k: v for k, v in env.items() if k.startswith("VQA_") and k not in ("VQA_API_KEY", "VQA_BASE_URL", "VQA_MODEL")} == deployment
@@ -376,8 +390,92 @@ def test_params_reach_the_worker_as_typed_whatever_the_kubelet_expands(vlm_conne
 def test_env_written_in_the_dag_may_use_references_on_purpose(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
     """``PodSettings.env`` is the DAG author's: passed as written, so the kubelet expands it; every other value is escaped."""
     authored = {"OPENAI_BASE_URL": "$(VQA_BASE_URL)", "S3_KEY_ID": "$(AWS_ACCESS_KEY_ID)", "LITERAL": "$$(VQA_MODEL)"}
-    monkeypatch.setenv("VQA_POD_ENV", json.dumps(authored))  # the admins' PodSettings.env default, read when the DAG is parsed
+    monkeypatch.setenv("VQA_POD_DEFAULTS", json.dumps({"env": authored}))  # the admins' PodSettings.env default, read when the DAG is parsed
     manifest = build_manifest(monkeypatch, params={**PARAMS["image_qa"], "model": "$(VQA_BASE_URL)"})
     argv, env = as_the_kubelet_starts_it(manifest["spec"]["containers"][0])
-    assert env["OPENAI_BASE_URL"] == "http://vllm.vqa.svc:8000/v1" and env["S3_KEY_ID"] == "AKIA-must-not-appear" and env["LITERAL"] == "$(VQA_MODEL)"
+    assert env["OPENAI_BASE_URL"] == "http://vqa-model.vqa.svc:8000/v1" and env["S3_KEY_ID"] == "AKIA-must-not-appear" and env["LITERAL"] == "$(VQA_MODEL)"
     assert argv[argv.index("--model") + 1] == "$(VQA_BASE_URL)"
+
+
+def test_a_worker_task_is_bounded_in_time_by_its_shards_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pod's activeDeadlineSeconds and the task's execution_timeout, set when the task starts, from its shard's rows."""
+    import datetime as dt
+
+    from vqa_operators.operators import WorkerSpec
+    from vqa_operators.operators.local import VQAWorkerOperator
+    from vqa_operators.operators.pod import VQAWorkerPodOperator
+
+    shard = {**SHARD, "rows": 1000}
+    pod = VQAWorkerPodOperator(task_id="generate", spec=WorkerSpec(generator="image_qa"), shard=shard)
+    pod.pre_execute({})
+    assert pod.active_deadline_seconds == 3600 + 5 * 1000
+    # the task's limit adds the longest waits to be placed and to start (a GPU pod's: 900 + 900) and the grace period: the pod's
+    # deadline comes first, and says why
+    assert pod.execution_timeout == dt.timedelta(seconds=3600 + 5000 + 1800 + 30)
+    local = VQAWorkerOperator(task_id="generate", spec=WorkerSpec(generator="image_qa"), shard=shard)
+    local.pre_execute({})
+    assert local.execution_timeout == dt.timedelta(seconds=8600)
+    # a DAG's own limit wins; the settings change the bound; 0 is none
+    own = VQAWorkerOperator(task_id="generate", spec=WorkerSpec(generator="image_qa"), shard=shard, execution_timeout=dt.timedelta(minutes=5))
+    own.pre_execute({})
+    assert own.execution_timeout == dt.timedelta(minutes=5)
+    monkeypatch.setenv("VQA_TASK_TIMEOUT_SECONDS", "600")
+    monkeypatch.setenv("VQA_TASK_SECONDS_PER_ROW", "0.5")
+    local = VQAWorkerOperator(task_id="generate", spec=WorkerSpec(generator="image_qa"), shard=shard)
+    local.pre_execute({})
+    assert local.execution_timeout == dt.timedelta(seconds=1100)
+    monkeypatch.setenv("VQA_TASK_TIMEOUT_SECONDS", "0")
+    pod = VQAWorkerPodOperator(task_id="generate", spec=WorkerSpec(generator="image_qa"), shard=shard)
+    pod.pre_execute({})
+    assert pod.active_deadline_seconds is None and pod.execution_timeout is None
+
+
+def test_the_deployments_pod_defaults_sit_under_every_dags_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from vqa_operators.operators.placement import Placement, PodSettings
+
+    monkeypatch.setenv("VQA_POD_DEFAULTS", json.dumps({
+        "s3_secret": None, "service_account_name": "vqa-worker", "image_pull_secrets": ["regcred"], "startup_timeout_seconds": 600,
+        "xcom_sidecar_image": "registry.example/tools/busybox:1.37", "tolerations": [{"key": "team", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+    }))
+    default = PodSettings()
+    assert (default.s3_secret, default.service_account_name, default.image_pull_secrets, default.startup_timeout_seconds) == (None, "vqa-worker", ["regcred"], 600)
+    # a DAG file's settings win over the deployment's; the rest keep the deployment's
+    placed = Placement(default=PodSettings(service_account_name="vision-team"), tasks={"generate": {"startup_timeout_seconds": 120}})
+    generate = placed.for_task("generate")
+    assert (generate.service_account_name, generate.startup_timeout_seconds, generate.s3_secret) == ("vision-team", 120, None)
+    monkeypatch.setenv("VQA_POD_DEFAULTS", json.dumps({"servce_account_name": "typo"}))
+    with pytest.raises(ValidationError, match="VQA_POD_DEFAULTS sets 'servce_account_name', which is not a PodSettings field"):
+        PodSettings()
+    monkeypatch.setenv("VQA_POD_DEFAULTS", json.dumps({"image": "x"}))
+    with pytest.raises(ValidationError, match="VQA_POD_DEFAULTS sets 'image': set VQA_WORKER_IMAGE instead"):
+        PodSettings()
+    monkeypatch.setenv("VQA_POD_DEFAULTS", "[1, 2]")
+    with pytest.raises(ValidationError, match="VQA_POD_DEFAULTS must be a JSON object of PodSettings fields"):
+        PodSettings()
+
+
+def test_the_deployments_sidecar_image_and_resources_reach_the_pod(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VQA_POD_DEFAULTS", json.dumps({
+        "xcom_sidecar_image": "registry.example/tools/busybox:1.37",
+        "xcom_sidecar_resources": {"requests": {"cpu": "5m", "memory": "8Mi"}, "limits": {"cpu": "50m", "memory": "32Mi"}},
+    }))
+    manifest = build_manifest(monkeypatch)
+    sidecar = manifest["spec"]["containers"][1]
+    assert sidecar["image"] == "registry.example/tools/busybox:1.37" and sidecar["resources"]["limits"] == {"cpu": "50m", "memory": "32Mi"}
+
+
+def test_plan_names_every_secret_and_key_the_pods_read_that_the_namespace_lacks() -> None:
+    from vqa_operators.operators.containers import missing_secrets
+    from vqa_operators.operators.placement import PodSettings
+
+    namespace = {"vqa-vlm": {"token"}, "hf-token": {"token"}}  # the API key under another key; no vqa-s3
+    placements = [PodSettings(), PodSettings(secret_env={"HF_TOKEN": {"secret": "hf-token", "key": "token"}, "WANDB_API_KEY": {"secret": "wandb", "key": "key"}})]
+    assert missing_secrets(namespace.get, placements) == [
+        "Secret 'vqa-s3' (s3_secret) does not exist",
+        "Secret 'vqa-vlm' has no key 'api-key' (api_key_secret)",
+        "Secret 'wandb' (secret_env['WANDB_API_KEY']) does not exist",
+    ]
+    # IRSA and a key of its own name: nothing missing
+    assert missing_secrets({"vqa-vlm": {"token"}}.get, [PodSettings(s3_secret=None, api_key_secret_key="token")]) == []

@@ -1,8 +1,9 @@
 """Slow tier: pods that fail, on the container tier, as a cluster would fail them; the operator's own code judges each.
 
-- A Secret a pod reads does not exist: the kubelet cannot create its container
-  (``CreateContainerConfigError``) and would retry for ever; the task fails on its first try, naming
-  the Secret, and the pod is deleted.
+- A Secret a pod reads does not exist: ``plan`` fails naming it, before any pod is made. Where
+  Airflow's account may not read Secrets (plan says it could not check), the kubelet cannot create
+  the pod's container (``CreateContainerConfigError``) and would retry for ever; the task fails on
+  its first try, naming the Secret, and the pod is deleted.
 - A pod over its memory limit: the kernel kills the worker (exit 137); the task says ``OOMKilled``
   and which memory to raise.
 - A pod stopped with SIGTERM inside its grace period (an eviction, a spot node reclaimed): the
@@ -70,12 +71,25 @@ def new_pods(pod_tier: PodTier, before: int, task_id: str) -> list[dict]:
     return [p for p in pod_tier.pods()[before:] if p["task_id"] == task_id]
 
 
-def test_a_missing_secret_fails_the_task_at_once_naming_it(cluster_airflow: dict, pod_tier: PodTier, inputs: dict) -> None:
+def test_a_missing_secret_fails_plan_naming_it_before_any_pod(cluster_airflow: dict, pod_tier: PodTier, inputs: dict) -> None:
     before = len(pod_tier.pods())
     with pod_tier.without_secret("vqa-s3"):
         proc = airflow("dags", "test", "image_qa", "-c", conf(inputs), env=pod_tier.env(cluster_airflow["env"]), timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
+    assert "the pods of this DAG read Secrets the namespace vqa lacks: Secret 'vqa-s3' (s3_secret) does not exist" in output, output[-4000:]
+    assert task_tries(cluster_airflow["home"], "image_qa", "plan") == [(1, "failed")]
+    assert pod_tier.pods()[before:] == [], "a pod was made"
+
+
+def test_a_pod_whose_secret_is_missing_fails_at_once_naming_it(cluster_airflow: dict, pod_tier: PodTier, inputs: dict) -> None:
+    """Where plan may not read Secrets (it says so and goes on), the pod meets the missing Secret: no 5-minute wait, no retry."""
+    before = len(pod_tier.pods())
+    with pod_tier.without_secret("vqa-s3"), pod_tier.forbidding("secrets"):
+        proc = airflow("dags", "test", "image_qa", "-c", conf(inputs), env=pod_tier.env(cluster_airflow["env"]), timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "could not check the pods' Secrets in vqa (403" in output, output[-4000:]
     assert 'CreateContainerConfigError: Error: secret "vqa-s3" not found' in output or 'CreateContainerConfigError: secret "vqa-s3" not found' in output, output[-4000:]
     assert "could not start" in output and "another try would fail the same way" in output, output[-4000:]
     # on its first try, without retries: the pod never started, and the operator deleted it rather than leave it waiting
@@ -107,6 +121,9 @@ def test_a_pod_over_its_memory_limit_is_killed_and_the_task_says_so(cluster_airf
     assert [p["manifest"]["spec"]["containers"][0]["resources"]["limits"]["memory"] for p in pods] == ["48Mi"] * len(pods)
     assert [state for _, state in task_tries(cluster_airflow["home"], "image_qa", "generate")] == ["failed"]
     assert len(pods) == max(t for t, _ in task_tries(cluster_airflow["home"], "image_qa", "generate")) == 2
+    # each failed pod was deleted once its log was in the task's (followed as it ran): none piles up in the namespace
+    for pod in pods:
+        assert pod["name"] not in pod_tier.namespace.running() and not (pod_tier.workdir / "pods" / pod["name"]).exists(), pod["name"]
 
 
 def test_a_pod_stopped_with_sigterm_keeps_its_finished_rows_and_the_retry_resumes(

@@ -131,7 +131,10 @@ def test_kubernetes_mode_gives_local_modes_dataset(
         container = spec["containers"][0]
         # a pod that only calls a model service holds no GPU, and is not placed on GPU nodes
         assert not any("gpu" in name for name in container["resources"]["limits"]), container["resources"]
-        assert not spec.get("nodeSelector") and not spec.get("tolerations")
+        assert not spec.get("nodeSelector") and not spec.get("tolerations") and pod["node"] == "cpu-1"
+        # no model cache: the claim never holds a CPU pod back; the XCom sidecar ran from the pod's own image (no Docker Hub here)
+        assert not any("persistentVolumeClaim" in v for v in spec["volumes"])
+        assert {c["image"] for c in spec["containers"]} == {container["image"]} and spec["enableServiceLinks"] is False
         assert "--serve-vllm" not in container["args"] and "" not in container["args"]
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert (env["VQA_MAX_NUM_SEQS"], env["VQA_TRANSCRIPTION_MODEL"]) == ("6", WHISPER)
@@ -184,7 +187,7 @@ def test_without_a_model_service_gpu_pods_start_vllm_and_give_the_dataset_a_vllm
     pods_env.update(
         # no model service: the connection names the model, and no host
         AIRFLOW_CONN_VQA_VLM=json.dumps({"conn_type": "http", "password": API_KEY, "extra": {"model": TINY_HUB_ID}}),
-        VQA_VLLM_ARGS=shlex.join(server_args(None)), VQA_MAX_NUM_SEQS="8", VQA_POD_ENV=json.dumps(vllm_env),
+        VQA_VLLM_ARGS=shlex.join(server_args(None)), VQA_MAX_NUM_SEQS="8", VQA_POD_DEFAULTS=json.dumps({"env": vllm_env}),
     )
     with ThreadPoolExecutor(max_workers=1) as pool:
         in_pods = pool.submit(run, pods_env, "pods")
@@ -203,7 +206,9 @@ def test_without_a_model_service_gpu_pods_start_vllm_and_give_the_dataset_a_vllm
     assert [p["task_id"] for p in pods] == ["generate"] and pods[0]["exit_code"] == 0
     container, spec = pods[0]["manifest"]["spec"]["containers"][0], pods[0]["manifest"]["spec"]
     assert container["image"] == VLLM_IMAGE and "--serve-vllm" in container["args"]
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and spec["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    # on the GPU node (8 vCPU, 29 GiB allocatable, no Feature Discovery label) by its GPU request and toleration
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and not spec.get("nodeSelector")
+    assert pods[0]["node"] == "gpu-1"
     assert re.search(rf"starting model server: \S+ -m vllm\.entrypoints\.openai\.api_server --model {TINY_HUB_ID} --host 127\.0\.0\.1 ", pods[0]["logs"])
     assert "--max-num-seqs 8" in pods[0]["logs"] and "rows in" in pods[0]["logs"]
     # the pod's vLLM went with the pod: the succeeded pod was deleted, nothing of it runs

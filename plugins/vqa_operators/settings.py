@@ -52,6 +52,10 @@ MAX_SHARDS_LIMIT = 256  # Airflow's max_map_length is 1024 by default; a plan ne
 VLLM_PORT = 8000
 # what a worker pod may take to stop after SIGTERM (Kubernetes' default, set explicitly in the pod spec)
 POD_GRACE_PERIOD_S = 30
+# the longest a worker task runs (its execution_timeout; a pod's activeDeadlineSeconds): a fixed part (start, model load,
+# checkpoints) and a part per row of its shard; a bound on a hung task, not an estimate: raise it for slow models
+TASK_TIMEOUT_S = 3600
+TASK_SECONDS_PER_ROW = 5.0
 # how long the QA preview's presigned link opens the page (SigV4 allows at most 7 days; 0: no link)
 PREVIEW_LINK_SECONDS = 24 * 3600
 PRESIGN_LIMIT_SECONDS = 7 * 24 * 3600
@@ -127,6 +131,9 @@ class Environment(BaseSettings):
     vllm_port: int = Field(VLLM_PORT, ge=1, le=65535, json_schema_extra=WORKER)
     # Airflow: the dag-processor and workers
     execution: Literal["local", "kubernetes"] = "local"
+    # a worker task's time limit: task_timeout_seconds plus task_seconds_per_row for each row of its shard (0: none)
+    task_timeout_seconds: int = Field(TASK_TIMEOUT_S, ge=0)
+    task_seconds_per_row: float = Field(TASK_SECONDS_PER_ROW, ge=0)
     # where the model runs for a DAG run: "connection" (the vqa_vlm connection's host; without one, vLLM in each
     # worker pod) or "run" (one vLLM server for the whole run, started by a setup task, stopped by a teardown task)
     model_server: Literal["connection", "run"] = "connection"
@@ -139,8 +146,15 @@ class Environment(BaseSettings):
     worker_image: str = "vqa-worker:latest"
     vllm_image: str = "vqa-worker-vllm:latest"
     namespace: str | None = None
-    # more environment for every worker pod (and the run's model server), as a JSON object: proxies, Hub and vLLM variables
-    pod_env: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # this Airflow installation's name among those that share a namespace: the run servers' names and owners derive from it
+    installation: str = Field("airflow", pattern=r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$")
+    # how many run servers (VQA_MODEL_SERVER=run) of the installation hold a GPU at once (0: no bound); a setup waits its
+    # turn, oldest first. And how long one may live before the janitor deletes it, whatever its run's state
+    max_run_servers: int = Field(4, ge=0)
+    run_server_max_hours: float = Field(48.0, gt=0)
+    # the deployment's defaults for every DAG's pods (placement.PodSettings' fields, as a JSON object): the service account,
+    # s3_secret (null for IRSA), pull secrets, node selector, tolerations, timeouts, the XCom sidecar's image, env ...
+    pod_defaults: Annotated[dict[str, Any], NoDecode] = Field(default_factory=dict)
     # tag each published dataset's asset event with its run's date (ds): for partition-aware consumers only
     asset_partitions: bool = False
     # scripts/demo.py's working folder (default: .demo in the repository)
@@ -156,7 +170,7 @@ class Environment(BaseSettings):
     def _comma_separated(cls, value: Any) -> Any:
         return [root.strip() for root in value.split(",") if root.strip()] if isinstance(value, str) else value
 
-    @field_validator("pod_env", mode="before")
+    @field_validator("pod_defaults", mode="before")
     @classmethod
     def _json_object(cls, value: Any) -> Any:
         if not isinstance(value, str):
@@ -167,8 +181,8 @@ class Environment(BaseSettings):
             found = json.loads(value)
         except json.JSONDecodeError:
             found = None
-        if not isinstance(found, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
-            raise ValueError('a JSON object of strings, e.g. {"HF_HUB_OFFLINE": "1"}')
+        if not isinstance(found, dict):
+            raise ValueError('a JSON object of PodSettings fields, e.g. {"s3_secret": null, "service_account_name": "vqa-worker"}')
         return found
 
     @field_validator("data_root")
@@ -185,6 +199,12 @@ class Environment(BaseSettings):
             if not ROOT.fullmatch(root) or any(part in (".", "..") for part in root.split("/")):
                 raise ValueError(f"a comma-separated list of absolute folders and s3://bucket[/prefix]es without . or .. segments ({root!r} is not one)")
         return roots
+
+    def task_timeout(self, rows: int | None) -> int | None:
+        """Seconds a worker task over a shard of ``rows`` rows may run; None without a limit, or for a task over no shard."""
+        if not self.task_timeout_seconds or rows is None:
+            return None
+        return self.task_timeout_seconds + int(self.task_seconds_per_row * rows)
 
     @property
     def effective_concurrency(self) -> int:

@@ -8,7 +8,7 @@ starts, and that environment holds the Secrets' values (the API key, the S3 keys
 ``$(VQA_API_KEY)`` would reach the worker as the key itself. So every command word, argument and
 env value we write is escaped for the kubelet (``$`` → ``$$``, which it turns back into ``$``), in
 one place: ``process``. The one exception is the env that DAG authors and deployment admins write
-in code (``PodSettings.env``, ``VQA_POD_ENV``): trusted, passed as written, so it may use
+in code (``PodSettings.env``, and ``env`` in ``VQA_POD_DEFAULTS``): trusted, passed as written, so it may use
 ``$(VAR)`` on purpose.
 """
 
@@ -16,28 +16,61 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from airflow.providers.cncf.kubernetes.secret import Secret
 from kubernetes.client import models as k8s
 
 from vqa_operators import settings
-from vqa_operators.operators.placement import PodSettings
+from vqa_operators.operators.placement import CONTAINER_ENV, MODEL_CACHE, MODEL_CACHE_ENV, PodSettings, Size
 
 
-def volumes(placement: PodSettings, tmp_size: str) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
-    """``/tmp`` (sized), a memory-backed ``/dev/shm`` and the model cache at ``/models`` (a PVC, or an emptyDir)."""
-    cache = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=placement.model_cache_claim) if placement.model_cache_claim else None
+def volumes(placement: PodSettings, tmp_size: str, *, loads_model: bool) -> tuple[list[k8s.V1Volume], list[k8s.V1VolumeMount]]:
+    """``/tmp`` (sized), a memory-backed ``/dev/shm`` and, where a model loads, the model cache at ``/models`` (a PVC, or an emptyDir).
+
+    A pod that only calls a model service mounts no cache: its scheduling never waits on the claim.
+    """
     found = [
         k8s.V1Volume(name="dshm", empty_dir=k8s.V1EmptyDirVolumeSource(medium="Memory", size_limit=placement.shm_size)),
         k8s.V1Volume(name="tmp", empty_dir=k8s.V1EmptyDirVolumeSource(size_limit=tmp_size)),
-        k8s.V1Volume(name="model-cache", persistent_volume_claim=cache, empty_dir=None if cache else k8s.V1EmptyDirVolumeSource()),
     ]
-    mounts = [
-        k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"),
-        k8s.V1VolumeMount(name="tmp", mount_path="/tmp"),
-        k8s.V1VolumeMount(name="model-cache", mount_path="/models"),
-    ]
+    mounts = [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"), k8s.V1VolumeMount(name="tmp", mount_path="/tmp")]
+    if loads_model:
+        cache = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=placement.model_cache_claim) if placement.model_cache_claim else None
+        found.append(k8s.V1Volume(name="model-cache", persistent_volume_claim=cache, empty_dir=None if cache else k8s.V1EmptyDirVolumeSource()))
+        mounts.append(k8s.V1VolumeMount(name="model-cache", mount_path=MODEL_CACHE))
     return found, mounts
+
+
+def home_env(*, loads_model: bool) -> dict[str, str]:
+    """The home and caches of a container on a read-only root: /tmp, and the Hugging Face cache on the model cache where one is mounted."""
+    return dict(MODEL_CACHE_ENV if loads_model else CONTAINER_ENV)
+
+
+def pod_security(placement: PodSettings) -> k8s.V1PodSecurityContext:
+    """The pod runs as the images' user; its volumes belong to that user's group, changed only where the root does not already
+    (``OnRootMismatch``: a model cache of many files is not walked at every start)."""
+    return k8s.V1PodSecurityContext(
+        run_as_non_root=True,
+        run_as_user=placement.run_as_user,
+        run_as_group=placement.run_as_user,
+        fs_group=placement.run_as_user,
+        fs_group_change_policy="OnRootMismatch",
+        seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
+    )
+
+
+def resources(placement: PodSettings, size: Size, gpus: int) -> k8s.V1ResourceRequirements:
+    """Requests and limits of the pod's main container; a GPU is asked for in both (extended resources allow no overcommit)."""
+    gpu = {placement.gpu_resource: str(gpus)} if gpus else {}
+    return k8s.V1ResourceRequirements(limits={**size.limits, **gpu}, requests={**size.requests, **gpu})
+
+
+def node_placement(placement: PodSettings, gpus: int) -> tuple[dict[str, str], list[k8s.V1Toleration]]:
+    """Node selector and tolerations: the GPU nodes' own where the pod asks for a GPU, then what every pod gets."""
+    selector = {**(placement.gpu_node_selector if gpus else {}), **placement.node_selector}
+    tolerations = [k8s.V1Toleration(**t) for t in [*(placement.gpu_tolerations if gpus else []), *placement.tolerations]]
+    return selector, tolerations
 
 
 def secrets(placement: PodSettings) -> list[Secret]:
@@ -49,6 +82,31 @@ def secrets(placement: PodSettings) -> list[Secret]:
         found.append(Secret("env", None, placement.s3_secret))  # envFrom: the AWS_* keys of the Secret
     found += [Secret("env", name, ref.secret, ref.key) for name, ref in sorted(placement.secret_env.items())]
     return found
+
+
+def missing_secrets(read_secret: Any, placements: Iterable[PodSettings]) -> list[str]:
+    """What the pods of ``placements`` read that the namespace lacks: a Secret, or a key of one, each naming its setting.
+
+    ``read_secret(name)`` returns the Secret's keys, or None if there is no such Secret.
+    """
+    wanted: dict[str, dict[str, str]] = {}  # Secret -> {key, or "" for envFrom: the setting that names it}
+    for placement in placements:
+        for secret in secrets(placement):
+            if secret.secret == placement.s3_secret and secret.key is None:
+                setting = "s3_secret"
+            elif secret.deploy_target == settings.API_KEY_ENV:
+                setting = "api_key_secret"
+            else:
+                setting = f"secret_env[{secret.deploy_target!r}]"
+            wanted.setdefault(secret.secret, {})[secret.key or ""] = setting
+    problems = []
+    for name, keys in sorted(wanted.items()):
+        found = read_secret(name)
+        if found is None:
+            problems.append(f"Secret {name!r} ({', '.join(sorted(set(keys.values())))}) does not exist")
+            continue
+        problems += [f"Secret {name!r} has no key {key!r} ({setting})" for key, setting in sorted(keys.items()) if key and key not in found]
+    return problems
 
 
 def locked_down() -> k8s.V1SecurityContext:

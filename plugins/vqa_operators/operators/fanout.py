@@ -70,6 +70,58 @@ class VQAShardPlanOperator(BaseOperator):
                 specs.append(spec)
         return specs
 
+    def pod_settings(self) -> list[Any]:
+        """The pod settings of every task of the DAG that makes pods (its worker tasks, the run's server)."""
+        from vqa_operators.operators.placement import PodSettings
+
+        found = []
+        for task in self.dag.tasks if self.has_dag() else []:
+            partial = getattr(task, "partial_kwargs", None)
+            given = partial.get("pod") if isinstance(partial, dict) else None
+            for value in (given, getattr(task, "placement", None), getattr(task, "pod", None)):
+                if isinstance(value, PodSettings):
+                    found.append(value)
+        return found
+
+    def check_secrets(self) -> None:
+        """kubernetes mode: the Secrets (and keys) the DAG's pods read exist, or a ConfigError names each missing one, before any pod
+        is made (a pod that reads a missing Secret never starts). An Airflow whose account may not read Secrets skips this, saying so."""
+        from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+        from kubernetes.client.exceptions import ApiException
+
+        from vqa_operators.exceptions import ConfigError
+        from vqa_operators.operators.containers import missing_secrets
+
+        placements = self.pod_settings()
+        if not placements:
+            return
+        hook = KubernetesHook()
+        namespace = placements[0].namespace or hook.get_namespace() or "default"
+        core = hook.core_v1_client
+
+        def read_secret(name: str) -> set[str] | None:
+            try:
+                secret = core.read_namespaced_secret(name, namespace)
+            except ApiException as err:
+                if err.status == 404:
+                    return None
+                raise
+            return set(secret.data or {}) | set(secret.string_data or {})
+
+        try:
+            problems = missing_secrets(read_secret, [p for p in placements if (p.namespace or namespace) == namespace])
+        except ApiException as err:
+            if err.status != 403:
+                raise
+            self.log.warning("could not check the pods' Secrets in %s (403: this account may not get Secrets; deploy/rbac.yaml grants it)", namespace)
+            return
+        if problems:
+            raise ConfigError(
+                f"the pods of this DAG read Secrets the namespace {namespace} lacks: {'; '.join(problems)}. Create them (deploy/secrets.yaml), "
+                'or change the pod settings (VQA_POD_DEFAULTS, e.g. {"s3_secret": null} for IRSA or workload identity)'
+            )
+        self.log.info("the Secrets the pods read exist in %s", namespace)
+
     def check_params(self, context: Any) -> str:
         """The run's input URI, its dates filled in, once every param has passed the rules; ConfigError otherwise."""
         from vqa_operators import run_params as rules
@@ -109,6 +161,8 @@ class VQAShardPlanOperator(BaseOperator):
                 input_uri = self.check_params(context)
             except ConfigError as err:
                 raise ConfigError(f"invalid parameters: {err}") from None
+            if settings.environment().execution == "kubernetes":
+                self.check_secrets()
             # a missing or forbidden input is an InputError: another try would find the same
             sample = int(self.sample) if self.sample not in (None, "", 0, "0") else None
             plan = plan_shards(s3_storage(self.aws_conn_id), input_uri, rows_per_shard=int(self.rows_per_shard), max_shards=int(self.max_shards), sample=sample)

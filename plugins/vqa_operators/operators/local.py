@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -11,7 +12,7 @@ from airflow.sdk import BaseOperator
 
 from vqa_operators.hooks.storage import s3_storage
 from vqa_operators.operators.model_server import RUN_SERVER_URL, run_server_url
-from vqa_operators.operators.spec import WorkerSpec
+from vqa_operators.operators.spec import WorkerSpec, task_timeout
 
 
 class VQAWorkerOperator(BaseOperator):
@@ -31,6 +32,11 @@ class VQAWorkerOperator(BaseOperator):
         self.shard = shard
         self.vlm_conn_id = vlm_conn_id
         self.aws_conn_id = aws_conn_id
+
+    def pre_execute(self, context: Any) -> None:
+        """The task's time limit, from its shard's size, unless the DAG set one (Airflow reads it after this, before ``execute``)."""
+        if self.execution_timeout is None and (limit := task_timeout(self.shard)) is not None:
+            self.execution_timeout = dt.timedelta(seconds=limit)
 
     def execute(self, context: Any) -> dict[str, Any]:
         """Run the worker and return its manifest."""

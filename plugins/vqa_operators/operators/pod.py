@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime as dt
 import json
 from collections.abc import Sequence
 from functools import cached_property
@@ -27,14 +28,24 @@ from urllib.parse import urlsplit
 
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from airflow.providers.cncf.kubernetes.utils.pod_manager import PodManager
+from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
 from kubernetes.client import models as k8s
 
 from vqa_operators import settings
-from vqa_operators.operators.containers import Process, locked_down, secrets, volumes
+from vqa_operators.operators.containers import (
+    Process,
+    home_env,
+    locked_down,
+    node_placement,
+    pod_security,
+    resources,
+    secrets,
+    volumes,
+)
 from vqa_operators.operators.failures import final_error_for_exit_code
 from vqa_operators.operators.model_server import RUN_SERVER_URL, run_server_url
-from vqa_operators.operators.placement import CONTAINER_ENV, PodSettings
-from vqa_operators.operators.spec import WorkerSpec
+from vqa_operators.operators.placement import PodSettings
+from vqa_operators.operators.spec import WorkerSpec, task_timeout
 
 __all__ = ["WORKER_COMMAND", "XCOM_FILE", "PodSettings", "VQAWorkerPodOperator", "worker_exit_code"]
 
@@ -77,25 +88,22 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
             service_account_name=placement.service_account_name,
             # the worker never calls the Kubernetes API
             automount_service_account_token=False,
-            security_context=k8s.V1PodSecurityContext(
-                run_as_non_root=True,
-                run_as_user=placement.run_as_user,
-                run_as_group=placement.run_as_user,
-                fs_group=placement.run_as_user,
-                seccomp_profile=k8s.V1SeccompProfile(type="RuntimeDefault"),
-            ),
+            security_context=pod_security(placement),
             container_security_context=locked_down(),
             # the XCom sidecar too: a namespace under the "restricted" Pod Security Standard admits no container without it
             xcom_sidecar_container_security_context=locked_down(),
             # the worker's last log lines (its one-line reason) become the pod's termination message
             termination_message_policy="FallbackToLogsOnError",
+            # by topology when the pod is built (placement.timeouts)
+            schedule_timeout_seconds=placement.schedule_timeout_seconds,
             startup_timeout_seconds=placement.startup_timeout_seconds,
             termination_grace_period=placement.termination_grace_period,
             poll_interval=placement.poll_interval,
             priority_class_name=placement.priority_class_name,
             do_xcom_push=True,
+            # the log is followed into the task's log as the pod runs: a failed pod has nothing more to give once it ended
             get_logs=True,
-            on_finish_action="delete_succeeded_pod",
+            on_finish_action="delete_succeeded_pod" if placement.keep_failed_pods else "delete_pod",
             **kwargs,
         )
         # Airflow renders template fields in place, and mapped instances share partial()'s spec
@@ -106,6 +114,17 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         self.placement = placement
         self.vlm_conn_id = vlm_conn_id
         self.aws_conn_id = aws_conn_id
+
+    def pre_execute(self, context: Any) -> None:
+        """The pod's deadline and the task's time limit, from its shard's size (Airflow reads the limit after this, before ``execute``).
+
+        The pod's ``activeDeadlineSeconds`` counts from its start; the task's limit adds the longest
+        waits to be scheduled and to start, so the pod's deadline comes first and says why.
+        """
+        self.active_deadline_seconds = task_timeout(self.shard)
+        if self.execution_timeout is None and self.active_deadline_seconds is not None:
+            waits = max(sum(self.placement.timeouts(gpu=True)), sum(self.placement.timeouts(gpu=False)))
+            self.execution_timeout = dt.timedelta(seconds=self.active_deadline_seconds + waits + self.placement.termination_grace_period)
 
     def execute(self, context: Any) -> Any:
         """The pod operator's run, with the job errors no retry can fix (a bad setting, say) failing the task at once."""
@@ -143,11 +162,10 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         """The pod, from the rendered spec: its arguments, environment, Secrets, size and placement for the topology."""
         endpoint = self.model_endpoint()
         refuse_credentials_in(endpoint.base_url, "the model server's URL")
-        serves_model = not endpoint.base_url  # no service: vLLM runs in this pod, on its GPU
+        serves_model = self.loads_model(endpoint)
         placement, generator = self.placement, self.spec.generator
-        shard = ["--shard", json.dumps(self.shard, sort_keys=True)] if self.shard else []
         env = {
-            **CONTAINER_ENV,
+            **home_env(loads_model=serves_model),
             **settings.worker_env(),
             **self.s3_location(),
             **({"VQA_BASE_URL": endpoint.base_url} if endpoint.base_url else {}),
@@ -155,28 +173,37 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
             **({"VQA_MODEL": endpoint.model} if endpoint.model else {}),
         }
         # params, shard and settings reach the worker as typed: escaped for the kubelet's $(VAR) expansion (containers.Process)
-        process = Process.of(
-            WORKER_COMMAND, [*self.spec.argv(), *shard, "--xcom-file", XCOM_FILE, *(["--serve-vllm"] if serves_model else [])], env, placement.env,
-        )
+        process = Process.of(WORKER_COMMAND, self.worker_args(serves_model), env, placement.env)
         self.cmds, self.arguments, self.env_vars = process.command, process.args, process.env
         # a pod that only calls a model service needs no vLLM, torch or CUDA: the worker image; one that serves the model, vLLM's
         self.image = placement.vllm_image if serves_model else placement.image
         self.secrets = secrets(placement)
         size = placement.size(generator, gpu=serves_model)
-        limits = {"cpu": size.cpu, "memory": size.memory}
         gpus = placement.gpu_count(serves_model=serves_model)
-        if gpus:
-            limits[placement.gpu_resource] = str(gpus)
-        # the scheduler places the pod where its /tmp fits; the emptyDir's sizeLimit bounds it
-        requests = {"cpu": size.cpu, "memory": size.memory, "ephemeral-storage": size.tmp}
-        self.container_resources = k8s.V1ResourceRequirements(limits=limits, requests=requests)
-        self.node_selector = {**(placement.gpu_node_selector if gpus else {}), **placement.node_selector}
-        self.tolerations = [k8s.V1Toleration(**t) for t in [*(placement.gpu_tolerations if gpus else []), *placement.tolerations]]
-        self.volumes, self.volume_mounts = volumes(placement, size.tmp)
+        self.container_resources = resources(placement, size, gpus)
+        self.node_selector, self.tolerations = node_placement(placement, gpus)
+        self.schedule_timeout_seconds, self.startup_timeout_seconds = placement.timeouts(gpu=bool(gpus))
+        self.volumes, self.volume_mounts = volumes(placement, size.tmp, loads_model=serves_model)
         self.image_pull_secrets = [k8s.V1LocalObjectReference(name=name) for name in placement.image_pull_secrets]
         self.labels = dict(placement.labels)
         self.annotations = dict(placement.annotations)
-        return super().build_pod_request_obj(context, dry_run=dry_run)
+        pod = super().build_pod_request_obj(context, dry_run=dry_run)
+        # no service-link variables: a Service named vllm would give the worker VLLM_PORT=tcp://..., which vLLM refuses
+        pod.spec.enable_service_links = False
+        for container in pod.spec.containers:
+            if container.name == PodDefaults.SIDECAR_CONTAINER_NAME:  # from the pod's own image (no Docker Hub pull), with limits a quota can count
+                container.image = placement.xcom_sidecar_image or self.image
+                container.resources = k8s.V1ResourceRequirements(**placement.xcom_sidecar_resources)
+        return pod
+
+    def loads_model(self, endpoint: Any) -> bool:
+        """Whether the pod loads the model (vLLM in the pod, on its GPU): when no model service is configured."""
+        return not endpoint.base_url
+
+    def worker_args(self, serves_model: bool) -> list[str]:
+        """The worker's arguments: the rendered spec, the shard, where the manifest goes, and whether to start vLLM."""
+        shard = ["--shard", json.dumps(self.shard, sort_keys=True)] if self.shard else []
+        return [*self.spec.argv(), *shard, "--xcom-file", XCOM_FILE, *(["--serve-vllm"] if serves_model else [])]
 
     @cached_property
     def pod_manager(self) -> Any:

@@ -33,6 +33,12 @@ TASK_KEY = "{{ dag.dag_id }}/{{ task.task_id }}/{{ run_id }}/{{ ti.map_index }}"
 TRY_NUMBER = "{{ ti.try_number }}"
 
 
+def task_timeout(shard: dict[str, Any] | None) -> int | None:
+    """Seconds a worker task over ``shard`` may run (``VQA_TASK_TIMEOUT_SECONDS`` and ``VQA_TASK_SECONDS_PER_ROW``; None: unbounded)."""
+    rows = shard.get("rows") if shard else None
+    return settings.environment().task_timeout(int(rows) if rows is not None else None)
+
+
 @dataclass
 class WorkerSpec:
     """The worker's arguments; string fields may hold Jinja templates that Airflow renders."""

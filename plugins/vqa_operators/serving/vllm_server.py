@@ -126,13 +126,20 @@ def serve_vllm(
         _stop(proc)
 
 
-def wait_healthy(health: str, timeout: float, *, exited: Callable[[], int | None] = lambda: None, what: str = "model server") -> None:
-    """Poll ``health`` until it answers 200; ServerUnavailableError if ``exited()`` reports an exit code first, or after ``timeout`` s."""
+def wait_healthy(
+    health: str, timeout: float, *, exited: Callable[[], int | None] = lambda: None, cannot_serve: Callable[[], str | None] = lambda: None,
+    what: str = "model server",
+) -> None:
+    """Poll ``health`` until it answers 200; ServerUnavailableError after ``timeout`` s, or at once when ``exited()`` reports an
+    exit code or ``cannot_serve()`` a reason the server will never answer (a pod crash-looping, an image that cannot be pulled)."""
     deadline = time.monotonic() + timeout
     while True:
         code = exited()
         if code is not None:
             raise ServerUnavailableError(f"model server exited with code {code} before it was healthy: {what}")
+        reason = cannot_serve()
+        if reason is not None:
+            raise ServerUnavailableError(f"model server cannot start: {what}: {reason}")
         try:
             with urllib.request.urlopen(health, timeout=5) as resp:  # noqa: S310 - the server's own health URL
                 if resp.status == 200:

@@ -89,11 +89,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="start vLLM's server on MODEL here, use it, and stop it [VQA_VLLM_COMMAND, VQA_VLLM_ARGS, VQA_VLLM_PORT]",
     )
     run.add_argument("--xcom-file", help="also write the manifest here (KubernetesPodOperator XCom) [VQA_XCOM_FILE]")
+    smoke = sub.add_parser("smoke", help="check what a worker needs of this pod (vqa_smoke): user, read-only root, data root, model server, cache, GPU")
+    smoke.add_argument("--data-root", required=True, help="folder or s3:// prefix to write a probe object under (<root>/smoke/)")
+    smoke.add_argument("--name", default="pod", help="this pod's role, in the probe object's name")
+    smoke.add_argument("--uid", type=int, required=True, help="the user the pod must run as")
+    smoke.add_argument("--model-cache", help="the model cache's folder, which must be writable")
+    smoke.add_argument("--gpus", type=int, default=0, help="GPUs requested: each must be a device in /dev")
+    smoke.add_argument("--expect-gpu", action="store_true", help="a missing GPU fails the check (else it is reported, not required)")
+    smoke.add_argument("--xcom-file", help="also write the verdicts here (KubernetesPodOperator XCom)")
     return parser
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise Interrupted(signal.Signals(signum), "before any row ran")
+
+
+def smoke(args: argparse.Namespace) -> int:
+    """Run the smoke checks; print a verdict per check; exit 2 (no retry helps) if one failed."""
+    from vqa_operators.smoke import run_checks
+    from vqa_operators.storage import Storage
+
+    env = settings.environment()
+    verdicts = run_checks(
+        storage=Storage(), root=args.data_root, name=args.name, expected_uid=args.uid, base_url=env.base_url, model=env.model,
+        api_key=settings.variable(settings.API_KEY_ENV), model_cache=args.model_cache, gpus=args.gpus, expect_gpu=args.expect_gpu,
+    )
+    for verdict in verdicts:
+        print(verdict.line(), flush=True)
+    failed = [v.check for v in verdicts if v.ok is False]
+    write_xcom(args.xcom_file, {"pod": args.name, "ok": not failed, "checks": [v.model_dump() for v in verdicts]})
+    if failed:
+        print(f"vqa_operators: ConfigError: this pod fails the smoke checks: {', '.join(failed)}", file=sys.stderr, flush=True)
+        return ConfigError.exit_code
+    return 0
+
+
+def write_xcom(path: str | None, value: dict[str, Any]) -> None:
+    """Write ``value`` as the pod's XCom (the KubernetesPodOperator's sidecar reads it), if a path is given."""
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(value, sort_keys=True))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     before = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
     try:
         args = build_parser().parse_args(argv)
+        if args.command == "smoke":
+            return smoke(args)
         try:
             # what was not given is left to JobOptions, which takes it from the environment or settings
             # (a template that rendered empty, such as --model "" from an unset param, counts as not given)
@@ -119,11 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)
-    line = json.dumps(manifest.dump(), sort_keys=True)
-    xcom_file = args.xcom_file or settings.environment().xcom_file
-    if xcom_file:
-        os.makedirs(os.path.dirname(xcom_file) or ".", exist_ok=True)
-        with open(xcom_file, "w", encoding="utf-8") as handle:
-            handle.write(line)
-    print(line, flush=True)
+    write_xcom(args.xcom_file or settings.environment().xcom_file, manifest.dump())
+    print(json.dumps(manifest.dump(), sort_keys=True), flush=True)
     return 0
