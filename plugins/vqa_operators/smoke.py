@@ -33,8 +33,9 @@ class Verdict(BaseModel):
     ok: bool | None
     detail: str
 
-    def line(self) -> str:
-        return f"{ {True: 'PASS', False: 'FAIL', None: 'SKIP'}[self.ok]:4} {self.check}: {self.detail}"
+    def line(self, pod: str = "") -> str:
+        """``PASS|FAIL|SKIP [pod ]check: detail``."""
+        return f"{ {True: 'PASS', False: 'FAIL', None: 'SKIP'}[self.ok]:4} {pod + ' ' if pod else ''}{self.check}: {self.detail}"
 
 
 def _check(name: str, probe: Callable[[], str]) -> Verdict:
@@ -87,11 +88,11 @@ def model_server(base_url: str, model: str | None, api_key: str | None) -> str:
 
 
 def writable(folder: str) -> str:
-    path = Path(folder)
-    probe = path / f".vqa-smoke-{uuid.uuid4().hex[:8]}"
-    probe.write_bytes(b"x")
-    probe.unlink()
-    info = path.stat()
+    """The model cache as vLLM will use it: ``check_model_cache``'s verdict, naming the owner and mode either way."""
+    from vqa_operators.serving.vllm_server import check_model_cache
+
+    check_model_cache({"HF_HOME": folder})
+    info = Path(folder).stat()
     return f"{folder} is writable (owner {info.st_uid}:{info.st_gid}, mode {oct(info.st_mode & 0o7777)})"
 
 

@@ -109,6 +109,22 @@ def missing_secrets(read_secret: Any, placements: Iterable[PodSettings]) -> list
     return problems
 
 
+# a container waiting for one of these will not start until someone changes the cluster or the spec (the kubelet retries for ever)
+NEVER_STARTS = ("CreateContainerConfigError", "CreateContainerError", "InvalidImageName", "ErrImageNeverPull")
+# ... and a server's container, which the kubelet restarts and pulls again, will not serve either
+NEVER_SERVES = (*NEVER_STARTS, "CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull")
+
+
+def waiting_in(remote_pod: k8s.V1Pod | None, reasons: tuple[str, ...]) -> k8s.V1ContainerStatus | None:
+    """The first of the pod's containers that waits for one of ``reasons``, if any."""
+    statuses = (remote_pod.status.container_statuses if remote_pod is not None and remote_pod.status is not None else None) or []
+    for status in statuses:
+        waiting = status.state.waiting if status.state is not None else None
+        if waiting is not None and waiting.reason in reasons:
+            return status
+    return None
+
+
 def locked_down() -> k8s.V1SecurityContext:
     """A container that cannot gain privileges, holds no capabilities and cannot write its image's files."""
     return k8s.V1SecurityContext(allow_privilege_escalation=False, read_only_root_filesystem=True, capabilities=k8s.V1Capabilities(drop=["ALL"]))

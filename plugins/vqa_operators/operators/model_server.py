@@ -47,8 +47,6 @@ INSTALLATION = "vqa/installation"
 DAG_ID = "vqa/dag-id"
 RUN_ID = "vqa/run-id"
 EXPIRES = "vqa/expires-at"
-# a container waiting for one of these will not serve without a change to the cluster or the spec
-NEVER_SERVES = ("CrashLoopBackOff", "ImagePullBackOff", "ErrImagePull", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError", "CreateContainerError")
 # how often a queued setup looks again for a free place among the installation's servers
 QUEUE_POLL_S = 15.0
 
@@ -61,6 +59,11 @@ def server_name(installation: str, dag_id: str, run_id: str) -> str:
 def owner(installation: str, dag_id: str, run_id: str) -> dict[str, str]:
     """The annotations that say which installation's run a server belongs to."""
     return {INSTALLATION: installation, DAG_ID: dag_id, RUN_ID: run_id}
+
+
+def installation_servers(installation: str) -> str:
+    """The label selector of an installation's run servers."""
+    return f"app.kubernetes.io/name={APP_LABEL},{INSTALLATION}={installation}"
 
 
 def server_manifests(
@@ -161,14 +164,16 @@ def server_manifests(
 def why_not_serving(pods: list[Any], events: list[Any]) -> str | None:
     """Why the server's pod will not serve without a change to the cluster or the spec, from its status and events; None if it may.
 
-    A container waiting in one of ``NEVER_SERVES``, or a pod the scheduler cannot place, unless the
-    cluster autoscaler said it is adding a node for it (``TriggeredScaleUp``).
+    A container waiting in one of ``containers.NEVER_SERVES``, or a pod the scheduler cannot place,
+    unless the cluster autoscaler said it is adding a node for it (``TriggeredScaleUp``).
     """
+    from vqa_operators.operators.containers import NEVER_SERVES, waiting_in
+
     for pod in pods:
-        for status in (pod.status.container_statuses or []) if pod.status else []:
-            waiting = status.state.waiting if status.state is not None else None
-            if waiting is not None and waiting.reason in NEVER_SERVES:
-                return f"pod {pod.metadata.name}: container {status.name}: {waiting.reason}: {waiting.message or ''}".rstrip(": ")
+        status = waiting_in(pod, NEVER_SERVES)
+        if status is not None:
+            waiting = status.state.waiting
+            return f"pod {pod.metadata.name}: container {status.name}: {waiting.reason}: {waiting.message or ''}".rstrip(": ")
         for condition in (pod.status.conditions or []) if pod.status else []:
             if condition.type == "PodScheduled" and condition.status == "False" and condition.reason == "Unschedulable":
                 scaling = any(e.reason == "TriggeredScaleUp" and e.involved_object.name == pod.metadata.name for e in events)
@@ -321,10 +326,9 @@ class VQAModelServerOperator(BaseOperator):
 
         from vqa_operators.exceptions import ServerUnavailableError
 
-        selector = f"app.kubernetes.io/name={APP_LABEL},{INSTALLATION}={env.installation}"
         deadline = time.monotonic() + self.startup_timeout
         while env.max_run_servers:
-            ahead = server_position(apps.list_namespaced_deployment(namespace, label_selector=selector).items, name)
+            ahead = server_position(apps.list_namespaced_deployment(namespace, label_selector=installation_servers(env.installation)).items, name)
             if ahead < env.max_run_servers:
                 break
             if time.monotonic() > deadline:
@@ -412,8 +416,7 @@ class VQAJanitorOperator(BaseOperator):
         apps, core = AppsV1Api(client), CoreV1Api(client)
         now = dt.datetime.now(dt.UTC)
         found: dict[str, list[dict[str, str]]] = {"deleted": [], "kept": []}
-        selector = f"app.kubernetes.io/name={APP_LABEL},{INSTALLATION}={env.installation}"
-        for deployment in apps.list_namespaced_deployment(namespace, label_selector=selector).items:
+        for deployment in apps.list_namespaced_deployment(namespace, label_selector=installation_servers(env.installation)).items:
             name, annotations = deployment.metadata.name, deployment.metadata.annotations or {}
             dag_id, run_id, expires = annotations.get(DAG_ID), annotations.get(RUN_ID), annotations.get(EXPIRES)
             if annotations.get(INSTALLATION) != env.installation or not dag_id or not run_id or not expires:

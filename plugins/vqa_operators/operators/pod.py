@@ -33,6 +33,7 @@ from kubernetes.client import models as k8s
 
 from vqa_operators import settings
 from vqa_operators.operators.containers import (
+    NEVER_STARTS,
     Process,
     home_env,
     locked_down,
@@ -41,6 +42,7 @@ from vqa_operators.operators.containers import (
     resources,
     secrets,
     volumes,
+    waiting_in,
 )
 from vqa_operators.operators.failures import final_error_for_exit_code
 from vqa_operators.operators.model_server import RUN_SERVER_URL, run_server_url
@@ -245,18 +247,10 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
             raise
 
 
-# a container waiting for one of these will not start until someone changes the cluster or the spec (the kubelet retries for ever)
-NEVER_STARTS = ("CreateContainerConfigError", "CreateContainerError", "InvalidImageName", "ErrImageNeverPull")
-
-
 def cannot_start(remote_pod: k8s.V1Pod | None) -> str | None:
     """Why one of the pod's containers cannot start (its waiting reason and the kubelet's message), if it is one of ``NEVER_STARTS``."""
-    statuses = (remote_pod.status.container_statuses if remote_pod is not None and remote_pod.status is not None else None) or []
-    for status in statuses:
-        waiting = status.state.waiting if status.state is not None else None
-        if waiting is not None and waiting.reason in NEVER_STARTS:
-            return f"container {status.name}: {waiting.reason}: {waiting.message}"
-    return None
+    status = waiting_in(remote_pod, NEVER_STARTS)
+    return f"container {status.name}: {status.state.waiting.reason}: {status.state.waiting.message}" if status is not None else None
 
 
 class StartWatchingPodManager(PodManager):
@@ -281,19 +275,21 @@ class StartWatchingPodManager(PodManager):
         return remote
 
 
-def terminated_reason(remote_pod: k8s.V1Pod | None, container: str) -> str | None:
-    """Why the pod's worker container terminated (``OOMKilled``, ``Error``, ``Completed``), if it has."""
+def terminated(remote_pod: k8s.V1Pod | None, container: str) -> k8s.V1ContainerStateTerminated | None:
+    """How the pod's ``container`` terminated, if it has."""
     from airflow.providers.cncf.kubernetes.utils.container import get_container_status
 
     status = get_container_status(remote_pod, container) if remote_pod is not None else None
-    terminated = status.state.terminated if status is not None and status.state else None
-    return terminated.reason if terminated is not None else None
+    return status.state.terminated if status is not None and status.state else None
+
+
+def terminated_reason(remote_pod: k8s.V1Pod | None, container: str) -> str | None:
+    """Why the pod's worker container terminated (``OOMKilled``, ``Error``, ``Completed``), if it has."""
+    state = terminated(remote_pod, container)
+    return state.reason if state is not None else None
 
 
 def worker_exit_code(remote_pod: k8s.V1Pod | None, container: str) -> int | None:
     """The exit code of the pod's worker container, if it has terminated."""
-    from airflow.providers.cncf.kubernetes.utils.container import get_container_status
-
-    status = get_container_status(remote_pod, container) if remote_pod is not None else None
-    terminated = status.state.terminated if status is not None and status.state else None
-    return terminated.exit_code if terminated is not None else None
+    state = terminated(remote_pod, container)
+    return state.exit_code if state is not None else None

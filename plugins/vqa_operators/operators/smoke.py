@@ -105,6 +105,8 @@ class VQASmokeReportOperator(BaseOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowFailException
 
+        from vqa_operators.smoke import Verdict
+
         ti = context["ti"]
         lines, failed = [], []
         for task_id in self.pods:
@@ -113,11 +115,10 @@ class VQASmokeReportOperator(BaseOperator):
                 failed.append(task_id)
                 lines.append(f"FAIL {task_id}: no verdicts (the pod did not start or run: its task's log says why)")
                 continue
-            for check in found["checks"]:
-                mark = {True: "PASS", False: "FAIL", None: "SKIP"}[check["ok"]]
-                lines.append(f"{mark:4} {task_id} {check['check']}: {check['detail']}")
-                if check["ok"] is False:
-                    failed.append(f"{task_id} {check['check']}")
+            for verdict in map(Verdict.model_validate, found["checks"]):
+                lines.append(verdict.line(task_id))
+                if verdict.ok is False:
+                    failed.append(f"{task_id} {verdict.check}")
         from vqa_operators.records import RunManifest
 
         merged = ti.xcom_pull(task_ids=self.merge)
