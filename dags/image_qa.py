@@ -33,6 +33,7 @@ from airflow.sdk import dag
 from vqa_operators.generators.image_qa import ImageQAOptions
 from vqa_operators.operators import Placement, WorkerSpec, judge_and_merge, shard_plan, worker_task
 from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, export_params, io_params, option_param, quality_params
+from vqa_operators.operators.spec import from_params
 
 # kubernetes mode: where this DAG's worker pods run, and what they carry (placement.PodSettings), for every
 # task or per task id, e.g. Placement(default=PodSettings(s3_secret=None, service_account_name="vqa-worker"),
@@ -53,7 +54,7 @@ PODS = Placement()
         ),
         **export_params(),
         **quality_params(),
-        "pairs_per_row": option_param(ImageQAOptions, "pairs_per_row", title="QA pairs per row", description="Question-answer pairs generated for each row's images."),
+        "pairs_per_row": option_param(ImageQAOptions, "pairs_per_row"),
     },
 )
 def image_qa() -> None:
@@ -65,7 +66,7 @@ def image_qa() -> None:
         spec=WorkerSpec(
             generator="image_qa",
             **RUN_OPTIONS,
-            params={"pairs_per_row": "{{ params.pairs_per_row }}"},
+            params=from_params("pairs_per_row"),
         ),
     )
     judge_and_merge(plan, {"generate": generate}, source="image_qa", dataset="image_qa", pods=PODS, **RUN_OPTIONS)

@@ -34,6 +34,7 @@ from airflow.sdk import dag
 from vqa_operators.generators.pers_qa import PersQAOptions
 from vqa_operators.operators import Placement, WorkerSpec, judge_and_merge, shard_plan, worker_task
 from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, export_params, io_params, option_param, quality_params
+from vqa_operators.operators.spec import from_params
 
 # kubernetes mode: where this DAG's worker pods run, and what they carry (placement.PodSettings), for every
 # task or per task id, e.g. Placement(default=PodSettings(s3_secret=None, service_account_name="vqa-worker"),
@@ -54,7 +55,7 @@ PODS = Placement()
         ),
         **export_params(),
         **quality_params(near_duplicate_key="question_answer"),
-        "tag": option_param(PersQAOptions, "tag", title="Main character tag", description="Name the model must use for the main character; every answer starts with it."),
+        "tag": option_param(PersQAOptions, "tag"),
     },
 )
 def pers_qa() -> None:
@@ -66,7 +67,7 @@ def pers_qa() -> None:
         spec=WorkerSpec(
             generator="pers_qa",
             **RUN_OPTIONS,
-            params={"tag": "{{ params.tag }}"},
+            params=from_params("tag"),
         ),
     )
     judge_and_merge(plan, {"generate": generate}, source="pers_qa", dataset="pers_qa", pods=PODS, **RUN_OPTIONS)

@@ -55,6 +55,7 @@ from vqa_operators.operators.dag_config import (
     option_param,
     quality_params,
 )
+from vqa_operators.operators.spec import from_params
 
 # kubernetes mode: where this DAG's worker pods run, and what they carry (placement.PodSettings), for every
 # task or per task id, e.g. Placement(default=PodSettings(s3_secret=None, service_account_name="vqa-worker"),
@@ -76,9 +77,9 @@ PODS = Placement()
         **ingest_params(),
         **export_params(),
         **quality_params(),
-        "max_frames": option_param(VideoQAOptions, "max_frames", title="Frames per request", description="Sampled evenly across the video."),
-        "max_iterations": option_param(VideoQAMultiAgentOptions, "max_iterations", title="Expert rounds", description="Multi-agent iterations; the master may stop earlier."),
-        "final_pairs": option_param(VideoQAFinalOptions, "final_pairs", title="Final QA pairs per video", description="Labelled Question/Answer pairs in each video's QA list."),
+        "max_frames": option_param(VideoQAOptions, "max_frames"),
+        "max_iterations": option_param(VideoQAMultiAgentOptions, "max_iterations"),
+        "final_pairs": option_param(VideoQAFinalOptions, "final_pairs"),
     },
 )
 def video_qa() -> None:
@@ -88,7 +89,7 @@ def video_qa() -> None:
         task_id="initial",
         shards=plan,
         pods=PODS,
-        spec=WorkerSpec(generator="video_qa_initial", input=staged_output("ingest"), params={"max_frames": "{{ params.max_frames }}"}, **RUN_OPTIONS),
+        spec=WorkerSpec(generator="video_qa_initial", input=staged_output("ingest"), params=from_params("max_frames"), **RUN_OPTIONS),
     )
     multiagent = worker_task(
         task_id="multiagent",
@@ -97,7 +98,7 @@ def video_qa() -> None:
         spec=WorkerSpec(
             generator="video_qa_multiagent",
             input=staged_output("initial"),
-            params={"max_frames": "{{ params.max_frames }}", "max_iterations": "{{ params.max_iterations }}"},
+            params=from_params("max_frames", "max_iterations"),
             **RUN_OPTIONS,
         ),
     )
@@ -105,11 +106,11 @@ def video_qa() -> None:
         task_id="final",
         shards=plan,
         pods=PODS,
-        spec=WorkerSpec(generator="video_qa_final", input=staged_output("multiagent"), params={"final_pairs": "{{ params.final_pairs }}"}, **RUN_OPTIONS),
+        spec=WorkerSpec(generator="video_qa_final", input=staged_output("multiagent"), params=from_params("final_pairs"), **RUN_OPTIONS),
     )
     ingest >> initial >> multiagent >> final
     stages = {"ingest": ingest, "initial": initial, "multiagent": multiagent, "final": final}
-    judge_and_merge(plan, stages, source="video_qa_final", dataset="video_qa", params={"max_frames": "{{ params.max_frames }}"}, pods=PODS, **RUN_OPTIONS)
+    judge_and_merge(plan, stages, source="video_qa_final", dataset="video_qa", params=from_params("max_frames"), pods=PODS, **RUN_OPTIONS)
 
 
 video_qa()

@@ -452,9 +452,9 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
         )
         say(f"{dag_id}: quality checks kept {manifest['pairs_kept']} pairs and rejected {manifest['pairs_rejected']} (acceptance {acceptance(manifest)}) {manifest['rejections_by_reason']}")
         if manifest.get("quality_scores"):
-            from vqa_operators.generators.quality import describe_scores
+            from vqa_operators.records import QualityScores
 
-            say(f"{dag_id}: verdicts (annotated, every pair kept): {describe_scores(manifest['quality_scores'])}")
+            say(f"{dag_id}: verdicts (annotated, every pair kept): {QualityScores.model_validate(manifest['quality_scores']).describe()}")
         say(f"{dag_id}: output {manifest['output']} (copied to {work / 'output' / f'{dag_id}.jsonl'}); errors {manifest['errors']}; rejected {manifest['rejected']}")
         if "ingest" in manifest["stages"]:
             for line in ingested(s3, manifest):

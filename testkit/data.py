@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -75,7 +75,7 @@ def job_options(server: OpenAITestServer, folder: Path, source: Path, **extra: o
     """A worker run of image_qa over ``source`` into ``folder/out/rows.jsonl``; ``extra`` overrides any option."""
     from vqa_operators.worker import JobOptions
 
-    settings: dict[str, object] = {
+    settings: dict[str, Any] = {
         "generator": "image_qa", "input": str(source), "output": str(folder / "out" / "rows.jsonl"), "base_url": server.base_url,
         "model": MODEL, "media_root": str(folder / "media"), "concurrency": 8, "seed": 3, "params": {"pairs_per_row": 2},
         "max_retries": 6, "request_timeout": 1.0, **extra,

@@ -55,18 +55,18 @@ def test_video_qa_is_ingest_then_three_chained_tasks_mapped_over_shards(dagbag) 
     assert dag.get_task("dedup").upstream_task_ids == {"final", "plan"} and dag.get_task("quality").upstream_task_ids == {"dedup", "plan"}
     # merge accounts for every stage's errors, the ingest's included
     assert dag.get_task("merge").upstream_task_ids == {"ingest", "initial", "multiagent", "final", "dedup", "quality", "plan"}
-    assert dag.get_task("quality").partial_kwargs["spec"].params["source"] == "video_qa_final"
+    assert dag.get_task("quality").partial_kwargs["spec"].get("params")["source"] == "video_qa_final"
     for task_id in ("ingest", "initial", "multiagent", "final", "quality"):
         assert dag.get_task(task_id).expand_input.value.keys() == {"shard"}  # one mapped instance per shard
     # the ingest reads the shard of the run's input; each later stage reads what the one before it staged for the same shard (map index)
     ingest = dag.get_task("ingest").partial_kwargs["spec"]
-    assert ingest.generator == "video_ingest" and ingest.input is None
-    assert set(ingest.params) == {"frames_per_clip", "scene_threshold", "min_clip_s", "max_clip_s", "clip_s", "caption", "transcribe"} <= set(dag.params)
-    assert dag.get_task("initial").partial_kwargs["spec"].input.split("}}/")[-1].startswith("ingest{{")
-    assert dag.get_task("multiagent").partial_kwargs["spec"].input.endswith("/initial{{ '/shard-%05d' % ti.map_index if ti.map_index is not none and ti.map_index >= 0 else '' }}.jsonl")
-    assert dag.get_task("final").partial_kwargs["spec"].input.split("}}/")[-1].startswith("multiagent{{")
+    assert ingest.generator == "video_ingest" and ingest.get("input") is None
+    assert set(ingest.get("params")) == {"frames_per_clip", "scene_threshold", "min_clip_s", "max_clip_s", "clip_s", "caption", "transcribe"} <= set(dag.params)
+    assert dag.get_task("initial").partial_kwargs["spec"].get("input").split("}}/")[-1].startswith("ingest{{")
+    assert dag.get_task("multiagent").partial_kwargs["spec"].get("input").endswith("/initial{{ '/shard-%05d' % ti.map_index if ti.map_index is not none and ti.map_index >= 0 else '' }}.jsonl")
+    assert dag.get_task("final").partial_kwargs["spec"].get("input").split("}}/")[-1].startswith("multiagent{{")
     # every stage may read media the run staged (the ingest's frames), and only the run's own folder
-    assert ingest.staging_root == "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}"
+    assert ingest.get("staging_root") == "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}"
 
 
 @pytest.mark.parametrize("dag_id", ["image_qa", "pers_qa"])
@@ -77,8 +77,8 @@ def test_image_dags_plan_generate_judge_and_merge(dagbag, dag_id: str) -> None:
         assert dag.get_task(task_id).expand_input.value.keys() == {"shard"}
     # the quality stage judges what dedup left of its shard, not what generate staged; the dataset keeps generate's name
     quality = dag.get_task("quality").partial_kwargs["spec"]
-    assert quality.generator == "quality" and quality.params["source"] == dag_id
-    assert quality.input.split("}}/")[-1].startswith("dedup{{")
+    assert quality.generator == "quality" and quality.get("params")["source"] == dag_id
+    assert quality.get("input").split("}}/")[-1].startswith("dedup{{")
     dedup = dag.get_task("dedup")
     assert dedup.upstream_task_ids == {"generate", "plan"} and dedup.staging_root == "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}"
     assert dag.get_task("merge").output_uri.endswith("/generate{{ '/shard-%05d' % ti.map_index if ti.map_index is not none and ti.map_index >= 0 else '' }}.jsonl")

@@ -29,7 +29,7 @@ def run(server: OpenAITestServer, folder: Path, source: Path, name: str, *, samp
         out = staging / "generate" / f"shard-{shard.index:05d}.jsonl"
         stages["generate"].append(run_job(job_options(server, folder, source, output=str(out), shard=shard, task_key=f"{name}-g{shard.index}", params={"pairs_per_row": 2})))
     # off: the double's questions of same-sized images are near-duplicates of one another, and how many are depends on the rows seen
-    dedup = deduplicate_shards(Storage(), stages["generate"], [s.model_dump() for s in plan], staging=str(staging), dedup=NearDuplicateSettings(enabled=False))
+    dedup = deduplicate_shards(Storage(), stages["generate"], [s.model_dump() for s in plan], staging=str(staging), dedup=NearDuplicateSettings(remove_near_duplicates=False))
     for shard in plan:
         out = staging / "quality" / f"shard-{shard.index:05d}.jsonl"
         stages["quality"].append(

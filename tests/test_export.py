@@ -243,10 +243,11 @@ def test_video_pairs_keep_their_labels_and_the_seconds_they_are_about(tmp_path: 
 
 
 def test_the_settings_read_the_params_and_refuse_unknown_formats() -> None:
-    assert ExportSettings.model_validate({"formats": "hf,sharegpt", "copy_media": "True", "embed_images": "False"}) == ExportSettings(
-        formats=["hf", "sharegpt"], copy_media=True, embed_images=False
+    # the params as the form gives them: a list and booleans, never a joined string
+    assert ExportSettings.model_validate({"export_formats": ["hf", "sharegpt"], "copy_media": True, "embed_images": False}) == ExportSettings(
+        export_formats=["hf", "sharegpt"], copy_media=True, embed_images=False
     )
-    assert ExportSettings.model_validate({"formats": ""}).formats == []
-    assert ExportSettings().formats == ["hf", "sharegpt", "llava"]
+    assert ExportSettings.model_validate({"export_formats": []}).export_formats == []
+    assert ExportSettings().export_formats == ["hf", "sharegpt", "llava"]
     with pytest.raises(ValueError, match="csv"):
-        ExportSettings.model_validate({"formats": "hf,csv"})
+        ExportSettings.model_validate({"export_formats": ["hf", "csv"]})

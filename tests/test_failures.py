@@ -83,6 +83,6 @@ def test_merge_fails_at_once_on_bad_export_settings(tmp_path: Path) -> None:
 
     from vqa_operators.operators import VQAMergeOperator
 
-    merge = VQAMergeOperator(task_id="merge", stages={}, output_uri=str(tmp_path / "g.jsonl"), plan=[], export={"formats": "csv"}, aws_conn_id=None)
-    with pytest.raises(AirflowFailException, match="ConfigError: invalid export parameters: formats"):
+    merge = VQAMergeOperator(task_id="merge", stages={}, output_uri=str(tmp_path / "g.jsonl"), plan=[], export={"export_formats": ["csv"]}, aws_conn_id=None)
+    with pytest.raises(AirflowFailException, match="ConfigError: invalid export parameters: export_formats"):
         merge.execute({"dag": SimpleNamespace(dag_id="image_qa"), "run_id": "r"})

@@ -180,7 +180,7 @@ def test_a_run_scoped_server_goes_around_every_worker_task(run_scoped_dags: dict
     assert {t.task_id for t in workers} == stages
     for worker in workers:
         assert "model_server" in worker.upstream_task_ids and "stop_model_server" in worker.downstream_task_ids
-        assert worker.partial_kwargs["spec"].base_url == RUN_SERVER_URL
+        assert worker.partial_kwargs["spec"].get("base_url") == RUN_SERVER_URL
     # the merge needs no model: the GPU is given back without waiting for it
     assert "stop_model_server" not in dag.get_task("merge").upstream_task_ids
 
@@ -191,7 +191,7 @@ def test_without_a_run_scoped_server_the_dags_have_no_setup(monkeypatch: pytest.
     monkeypatch.delenv("VQA_MODEL_SERVER", raising=False)
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["video_qa"]
     assert not {"model_server", "stop_model_server"} & set(dag.task_ids)
-    assert all(t.partial_kwargs["spec"].base_url is None for t in dag.tasks if "spec" in (getattr(t, "partial_kwargs", None) or {}))
+    assert all(t.partial_kwargs["spec"].get("base_url") is None for t in dag.tasks if "spec" in (getattr(t, "partial_kwargs", None) or {}))
 
 
 def test_a_worker_pod_of_a_run_scoped_server_is_a_cpu_pod_that_calls_it(monkeypatch: pytest.MonkeyPatch) -> None:

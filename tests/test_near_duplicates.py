@@ -169,7 +169,7 @@ def test_near_duplicates_are_dropped_across_shards_before_any_is_judged_and_ever
     vlm_server.verdicts = ScriptedVerdicts(score=lambda q, a: 1 if q.startswith("question 2: saw 2 image(s)") else 5)
     # the double words the questions of rows with same-sized images alike but for an 8-character digest (3-gram Jaccard
     # up to about 0.85): 0.95 tells them apart, and still catches the exact repeat
-    plan, stages = _sharded_run(vlm_server, tmp_path, source, NearDuplicateSettings(threshold=0.95))
+    plan, stages = _sharded_run(vlm_server, tmp_path, source, NearDuplicateSettings(near_duplicate_threshold=0.95))
     # the judge saw 10 pairs, 3 calls each (blind answer, agreement, grounding): the 2 near-duplicates cost none
     assert len(vlm_server.requests) == sum(m.requests for m in stages["quality"]) == 30
     output = tmp_path / "run" / "generate.jsonl"
@@ -189,7 +189,7 @@ def test_near_duplicates_are_dropped_across_shards_before_any_is_judged_and_ever
     # every kept pair still has its verdict beside it
     assert all(len(r["qa_pairs"]) == len(r["vqa_provenance"]["quality"]["verdicts"]) for r in out)
     summary = merged.near_duplicates
-    assert (summary.threshold, summary.pairs_checked, summary.duplicates, summary.judge_calls_per_pair, summary.judge_calls_saved) == (0.95, 12, 2, 3.0, 6)
+    assert (summary.near_duplicate_threshold, summary.pairs_checked, summary.duplicates, summary.judge_calls_per_pair, summary.judge_calls_saved) == (0.95, 12, 2, 3.0, 6)
     # what the dataset's pairs cost: the generation's calls (one per row) and the judge's, over the 9 pairs kept
     assert merged.requests == 6 + 30 and merged.cost_per_kept_pair.requests == round(36 / 9, 3)
     assert merged.cost_per_kept_pair.prompt_tokens == round(merged.prompt_tokens / 9, 3)
@@ -210,17 +210,17 @@ def test_near_duplicates_are_dropped_across_shards_before_any_is_judged_and_ever
 def test_switched_off_every_pair_is_judged(vlm_server, tmp_path: Path) -> None:
     source = _rows(tmp_path)
     vlm_server.verdicts = ScriptedVerdicts(score=lambda q, a: 1 if q.startswith("question 2: saw 2 image(s)") else 5)
-    plan, stages = _sharded_run(vlm_server, tmp_path, source, NearDuplicateSettings(enabled=False))
+    plan, stages = _sharded_run(vlm_server, tmp_path, source, NearDuplicateSettings(remove_near_duplicates=False))
     assert len(vlm_server.requests) == 36
     off = merge_run(Storage(), stages, output=str(tmp_path / "run" / "generate.jsonl"), plan=plan)
     assert (off.rows_out, off.rows_rejected, off.pairs_kept, off.rejections_by_reason) == (6, 0, 11, {"not_grounded": 1})
-    assert (off.near_duplicates.enabled, off.near_duplicates.duplicates, off.near_duplicates.judge_calls_saved) == (False, 0, 0)
+    assert (off.near_duplicates.remove_near_duplicates, off.near_duplicates.duplicates, off.near_duplicates.judge_calls_saved) == (False, 0, 0)
     assert len(read_rows(tmp_path / "run" / "generate.rejected.jsonl")) == 1
 
 
 def test_the_merge_refuses_shards_that_do_not_account_for_every_row(vlm_server, tmp_path: Path) -> None:
     source = _rows(tmp_path)
-    plan, stages = _sharded_run(vlm_server, tmp_path, source, NearDuplicateSettings(enabled=False))
+    plan, stages = _sharded_run(vlm_server, tmp_path, source, NearDuplicateSettings(remove_near_duplicates=False))
     short = [stages["quality"][0].model_copy(update={"rows_out": stages["quality"][0].rows_out - 1}), stages["quality"][1]]
     with pytest.raises(InputError, match="6 input rows but the shards report 5 in the output, 0 in errors files and 0 rejected"):
         merge_run(Storage(), {**stages, "quality": short}, output=str(tmp_path / "run" / "generate.jsonl"), plan=plan)

@@ -58,7 +58,7 @@ def test_the_merge_operator_merges_finalizes_and_announces_the_dataset_with_the_
     ]
     merge = VQAMergeOperator(
         task_id="merge", stages={"generate": made}, output_uri=str(run / "generate.jsonl"), plan=[s.dump() for s in plan], media_root=str(tmp_path / "media"),
-        export={"formats": "llava,parquet", "copy_media": "True", "embed_images": "False"}, aws_conn_id=None, outlets=[dataset_asset("image_qa")],
+        export={"export_formats": ["llava", "parquet"], "copy_media": True, "embed_images": False}, aws_conn_id=None, outlets=[dataset_asset("image_qa")],
     )
     events = OutletEventAccessors()
     returned = merge.execute({"dag": SimpleNamespace(dag_id="image_qa"), "run_id": "r1", "outlet_events": events, "logical_date": None})

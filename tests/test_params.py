@@ -53,8 +53,8 @@ def test_every_param_is_typed_titled_and_described(dagbag, dag_id: str) -> None:
         ("video_qa", "final_pairs", "vqa_operators.generators.video_qa:VideoQAFinalOptions", "final_pairs"),
         ("video_qa", "frames_per_clip", "vqa_operators.generators.video_ingest:VideoIngestOptions", "frames_per_clip"),
         ("image_qa", "min_judge_score", "vqa_operators.generators.quality:QualityOptions", "min_judge_score"),
-        ("image_qa", "quality_mode", "vqa_operators.generators.quality:QualityOptions", "mode"),
-        ("image_qa", "near_duplicate_threshold", "vqa_operators.records:NearDuplicateSettings", "threshold"),
+        ("image_qa", "quality_mode", "vqa_operators.generators.quality:QualityOptions", "quality_mode"),
+        ("image_qa", "near_duplicate_threshold", "vqa_operators.records:NearDuplicateSettings", "near_duplicate_threshold"),
     ],
 )
 def test_a_dag_param_takes_its_default_and_bounds_from_the_options_model(dagbag, dag_file: str, param: str, options: str, field: str) -> None:

@@ -168,7 +168,7 @@ def test_annotate_keeps_every_pair_with_every_checks_verdict_and_what_filter_wou
     source = generated(vlm_server, tmp_path)
     # as in the filter test: pair 2 of every row is answerable blind, pair 3 scores 2
     vlm_server.verdicts = ScriptedVerdicts(answerable_blind=lambda q, a: _pair_number(q) == 2, score=lambda q, a: 2 if _pair_number(q) == 3 else 4)
-    manifest = gate(vlm_server, tmp_path, source, mode="annotate")
+    manifest = gate(vlm_server, tmp_path, source, quality_mode="annotate")
     out = read_rows(tmp_path / "q" / "rows.jsonl")
     assert (manifest.rows_out, manifest.pairs_kept, manifest.pairs_rejected, manifest.rows_rejected) == (4, 12, 0, 0)
     assert read_rows(tmp_path / "q" / "rows.rejected.jsonl") == []
@@ -181,7 +181,7 @@ def test_annotate_keeps_every_pair_with_every_checks_verdict_and_what_filter_wou
     names = _schema_names(vlm_server)
     assert (names.count("BlindAnswer"), names.count(AGREEMENT), names.count(GROUNDING)) == (12, 12, 12)
     # the verdicts' distribution, for the preview and the card
-    assert manifest.quality_scores == {
+    assert manifest.quality_scores.dump() == {
         "grounding_score": {"1": 0, "2": 4, "3": 0, "4": 8, "5": 0}, "blind_asked": 12, "blind_agreed": 4,
         "failing": {"answerable_blind": 4, "not_grounded": 4},
     }
@@ -189,9 +189,27 @@ def test_annotate_keeps_every_pair_with_every_checks_verdict_and_what_filter_wou
     # a blind-answerable pair, so those four have no score)
     vlm_server.requests.clear()
     filtered = gate(vlm_server, tmp_path, source)
-    assert filtered.quality_scores == {
+    assert filtered.quality_scores.dump() == {
         "grounding_score": {"1": 0, "2": 4, "3": 0, "4": 4, "5": 0}, "blind_asked": 12, "blind_agreed": 4,
         "failing": {"answerable_blind": 4, "not_grounded": 4},
     }
-    with pytest.raises(ConfigError, match="mode"):
-        gate(vlm_server, tmp_path, source, mode="drop")
+    with pytest.raises(ConfigError, match="quality_mode"):
+        gate(vlm_server, tmp_path, source, quality_mode="drop")
+
+
+def test_a_pair_verdict_dumps_what_was_found_and_reads_back_as_written() -> None:
+    from pydantic import ValidationError
+
+    from vqa_operators.records import PairVerdict, QualityScores
+
+    blind_only = {"blind": {"answer": "a dog", "agrees": True, "reason": "the same animal"}}  # filter: the first failed check decides
+    annotated = {**blind_only, "grounding": {"grounded": True, "score": 4, "reason": "shown"}, "rejection": None}
+    would = {**annotated, "rejection": {"reason": "answerable_blind", "detail": "answered without the images: 'a dog'"}}
+    for written in (blind_only, annotated, would):
+        assert PairVerdict.model_validate(written).model_dump(mode="json") == written
+    assert [PairVerdict.model_validate(v).score for v in (blind_only, annotated)] == [None, 4]
+    with pytest.raises(ValidationError):
+        PairVerdict.model_validate({**annotated, "grounding": {"grounded": True, "score": 9, "reason": "out of range"}})
+    counts = QualityScores().add(PairVerdict.model_validate(v) for v in (blind_only, annotated, would))
+    assert (counts.grounding_score["4"], counts.blind_asked, counts.blind_agreed, counts.failing) == (2, 3, 3, {"answerable_blind": 1})
+    assert QualityScores.total([counts, None, counts]).blind_asked == 6 and QualityScores.total([None]) is None

@@ -74,21 +74,19 @@ def test_every_default_has_one_value_everywhere_it_is_offered() -> None:
     import inspect
 
     from vqa_operators.operators.dag_config import io_params
-    from vqa_operators.operators.spec import WorkerSpec
     from vqa_operators.serving.base import SamplingParams
     from vqa_operators.serving.openai_api import APIVLMServing_openai
     from vqa_operators.serving.vllm_local import LocalModelVLMServing_vllm
     from vqa_operators.worker import JobOptions
 
-    spec = WorkerSpec(generator="image_qa")
     opts = JobOptions(generator="image_qa", input="in.jsonl", output="out.jsonl")
     sampling = SamplingParams()
-    for got in (spec, opts, sampling):
+    for got in (opts, sampling):
         assert (got.temperature, got.top_p) == (settings.TEMPERATURE, settings.TOP_P)
     # the completion token limit: the generator's own unless a run sets it (video QA's stages declare theirs)
-    assert spec.max_tokens is None and opts.max_tokens is None and sampling.max_tokens == settings.MAX_TOKENS
+    assert opts.max_tokens is None and sampling.max_tokens == settings.MAX_TOKENS
     assert generator_class("image_qa").max_tokens == settings.MAX_TOKENS and generator_class("video_qa_final").max_tokens == 4096
-    assert spec.max_pixels == opts.max_pixels == settings.MAX_PIXELS
+    assert opts.max_pixels == settings.MAX_PIXELS
     client = inspect.signature(APIVLMServing_openai).parameters
     local = inspect.signature(LocalModelVLMServing_vllm).parameters
     assert (client["temperature"].default, client["top_p"].default, client["max_tokens"].default) == (settings.TEMPERATURE, settings.TOP_P, settings.MAX_TOKENS)

@@ -115,7 +115,7 @@ def test_every_stage_on_a_faulty_store_writes_what_it_writes_on_a_sound_one(
         whole = [Shard(input=f"{shared}/in/image.jsonl", index=0, first_line=1, rows=6, start=0, end=plan[-1].end).model_dump()]
         merged = {}
         for out, manifests in ((faulty_out, faulty), (clean_out, clean)):
-            deduplicated = deduplicate_shards(storage, [manifests["image_qa"]], whole, staging=f"{out}/merged", dedup=NearDuplicateSettings(threshold=0.95))
+            deduplicated = deduplicate_shards(storage, [manifests["image_qa"]], whole, staging=f"{out}/merged", dedup=NearDuplicateSettings(near_duplicate_threshold=0.95))
             merged[out] = merge_run(storage, {"generate": [manifests["image_qa"]], "dedup": deduplicated}, output=f"{out}/merged/generate.jsonl", plan=whole)
             # the preview (it reads the images back) and the manifest, last
             finalize_run(storage, merged[out], title="t", media_root=f"{shared}/media", allowed_roots=[shared])

@@ -38,7 +38,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from vqa_operators.exceptions import ConfigError, ExportError, RowError
 from vqa_operators.generators import row_output_fields
@@ -67,16 +67,22 @@ EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": 
 class ExportSettings(BaseModel):
     """What ``merge`` exports (the DAG params ``export_formats``, ``copy_media`` and ``embed_images``)."""
 
-    formats: list[Format] = Field(default_factory=lambda: list(DEFAULT_FORMATS))
-    # llava and sharegpt point at copies in the run's folder (media/<sha256>.<ext>), not at the media's own URIs
-    copy_media: bool = True
-    # the flat parquet format: the media's bytes too, not only their URIs (hf always embeds them)
-    embed_images: bool = False
-
-    @field_validator("formats", mode="before")
-    @classmethod
-    def _comma_separated(cls, value: Any) -> Any:
-        return [name.strip() for name in value.split(",") if name.strip()] if isinstance(value, str) else value
+    export_formats: list[Format] = Field(
+        default_factory=lambda: list(DEFAULT_FORMATS), title="Export formats", json_schema_extra={"uniqueItems": True},
+        description=(
+            "Written in the run's folder, with a dataset card (README.md): hf (a Hub-ready folder: Parquet shards with the images and "
+            "TRL's messages; datasets.load_dataset(folder)), sharegpt (LLaMA-Factory, registered in dataset_info.json), llava (LLaVA's "
+            "conversation JSON), parquet (one flat file with the media's own URIs). Empty: the JSONL and the card only."
+        ),
+    )
+    copy_media: bool = Field(
+        True, title="Copy media into the dataset",
+        description="sharegpt and llava point at copies in the run's folder (media/<sha256>.<ext>), so the folder is a self-contained dataset; off: at the media's own URIs.",
+    )
+    embed_images: bool = Field(
+        False, title="Embed images in the flat Parquet",
+        description="The parquet format only: each image's bytes too (datasets' Image feature), not only its URI. hf always embeds them.",
+    )
 
 
 @dataclass
@@ -116,19 +122,19 @@ def examples(storage: Storage, manifest: RunManifest, reader: MediaReader, datas
         fields = row_output_fields(manifest.generator, row)
         shown = describe_row(fields, n, row)
         try:
-            media = [reader.resolve(path) for path in shown["paths"]]
+            media = [reader.resolve(path) for path in shown.paths]
         except RowError as err:
             raise ExportError(f"{manifest.output} line {n}: {err.detail}") from None
         pairs = [
             ExportPair(
-                question=clean(p["question"]), answer=clean(p["answer"]), labels=p["labels"], clips=p["clips"],
-                start=p["span"][0] if p["span"] else None, end=p["span"][1] if p["span"] else None,
+                question=clean(p.question), answer=clean(p.answer), labels=p.labels, clips=p.clips,
+                start=p.span[0] if p.span else None, end=p.span[1] if p.span else None,
             )
-            for p in shown["qa"]
+            for p in shown.qa
         ]
         meta = row.get(fields.meta) if fields.meta else None
         yield Example(
-            id=str(row["id"]) if "id" in row else f"line-{n}", kind=shown["kind"], media=media, pairs=pairs,
+            id=str(row["id"]) if "id" in row else f"line-{n}", kind=shown.kind, media=media, pairs=pairs,
             meta=meta if isinstance(meta, str) else None, dataset=dataset,
         )
 
@@ -568,10 +574,8 @@ def dataset_card(facts: CardFacts, uris: dict[str, str], *, data_files: str | No
         f"- **QA pairs**: {facts.pairs}" + (f"; the quality checks kept {manifest.pairs_kept} of {judged} judged (acceptance rate {rate:.1%})." if rate is not None else "."),
     ]
     if manifest.quality_scores:
-        from vqa_operators.generators.quality import describe_scores
-
         lines.append(
-            "- **Verdicts**: " + describe_scores(manifest.quality_scores)
+            "- **Verdicts**: " + manifest.quality_scores.describe()
             + ". Each pair's are in `vqa_provenance.quality.verdicts` (with `rejection` where a check failed, when the run annotated instead of filtering)."
         )
     if manifest.rejections_by_reason:

@@ -31,6 +31,7 @@ from vqa_operators.records import (
     NearDuplicateSummary,
     PairRejection,
     Projected,
+    QualityScores,
     RejectedEntry,
     RunManifest,
     Shard,
@@ -108,12 +109,12 @@ def deduplicate_shards(
         for manifest in ordered:
             for count, row, _, items in shard_rows(manifest):
                 line = input_line(row, count)
-                yield from ((item.question if dedup.key == "question" else f"{item.question} {item.answer}", [line, item.index]) for item in items)
+                yield from ((item.question if dedup.near_duplicate_key == "question" else f"{item.question} {item.answer}", [line, item.index]) for item in items)
 
     results = []
     with contextlib.ExitStack() as stack:
         # two passes over the shards: every pair's text into the index, then each row with its pairs' verdicts, in the same order
-        index = stack.enter_context(NearDuplicates(dedup.threshold)) if dedup.enabled else None
+        index = stack.enter_context(NearDuplicates(dedup.near_duplicate_threshold)) if dedup.remove_near_duplicates else None
         if index is not None:
             index.add_many(texts())
         verdicts = index.matches() if index is not None else None
@@ -142,7 +143,7 @@ def deduplicate_shards(
                         first_line, first_index = match.first
                         rejection = PairRejection(
                             index=item.index, pair=item.raw, reason=Rejection.NEAR_DUPLICATE, verdicts=None,
-                            detail=f"repeats the pair {first_index} of line {first_line} (similarity {match.similarity} >= {dedup.threshold})",
+                            detail=f"repeats the pair {first_index} of line {first_line} (similarity {match.similarity} >= {dedup.near_duplicate_threshold})",
                             duplicate_of=DuplicateOf(line=first_line, index=first_index),
                         )
                         rejected.write(RejectedEntry.of(DEDUP_STAGE, line, rejection, row=row, row_rejected=not keep).dump())
@@ -225,8 +226,6 @@ def merge_run(
     All or nothing: if the shards' reports do not account for every input row, or a shard's file
     holds another number of rows than its task reported, InputError and no file is written.
     """
-    from vqa_operators.generators.quality import merge_score_counts
-
     shards = [Shard.model_validate(s) for s in plan]
     folder = output.rsplit("/", 1)[0]
     names = list(stages)
@@ -275,7 +274,7 @@ def merge_run(
         rows_in=rows, rows_out=out, rows_failed=failed, rows_rejected=rejected_rows, failures_by_reason=dict(sorted(reasons.items())),
         pairs_kept=pairs_kept, pairs_rejected=pairs_rejected, rejections_by_reason=dict(sorted(rejections.items())), acceptance_rate=acceptance,
         near_duplicates=_dedup_summary(merged, ordered),
-        quality_scores=merge_score_counts([m.quality_scores for manifests in ordered.values() for m in manifests]),
+        quality_scores=QualityScores.total(m.quality_scores for manifests in ordered.values() for m in manifests),
         **totals,
         cost_per_kept_pair=cost, stages=merged,
         estimate=estimate(shards, merged, totals, pairs_kept, cost=cost, acceptance=acceptance, requests_per_s=requests_per_s),
@@ -350,7 +349,7 @@ def finalize_run(
         from vqa_operators.export import export_run
 
         exports = export_run(
-            storage, manifest, formats=list(export.formats), copy_media=export.copy_media, embed_images=export.embed_images, media_root=media_root,
+            storage, manifest, formats=list(export.export_formats), copy_media=export.copy_media, embed_images=export.embed_images, media_root=media_root,
             allowed_roots=allowed_roots, dataset=dataset, run_id=manifest.run_id or "",
         )
         manifest = manifest.model_copy(update={"exports": exports})

@@ -27,9 +27,8 @@ from vqa_operators import settings
 from vqa_operators.exceptions import RowError
 from vqa_operators.generators import row_output_fields
 from vqa_operators.generators.base import input_line
-from vqa_operators.generators.quality import describe_scores
 from vqa_operators.media import MediaReader
-from vqa_operators.records import RunManifest
+from vqa_operators.records import RejectedEntry, RunManifest
 from vqa_operators.row_view import DETAIL_SHOWN, describe_row
 from vqa_operators.storage.jsonl import read_jsonl
 from vqa_operators.storage.uris import Storage
@@ -117,16 +116,16 @@ def render_preview(
     shown = [(n, row) for n, row in itertools.islice(read_jsonl(storage.iter_lines(manifest.output)), max_rows) if isinstance(row, dict)]
     rejected_file = manifest.rejected
     lines = {input_line(row, n): n for n, row in shown}
-    by_line: dict[int, list[dict[str, Any]]] = {}
+    by_line: dict[int, list[RejectedEntry]] = {}
     if rejected_file and shown:  # the rejected pairs of the rows shown: one pass over the rejected file
         for _, entry in read_jsonl(storage.iter_lines(rejected_file)):
             if isinstance(entry, dict) and entry.get("line") in lines and not entry.get("row_rejected"):
-                by_line.setdefault(entry["line"], []).append(entry)
+                by_line.setdefault(entry["line"], []).append(RejectedEntry.model_validate(entry))
     rows = [describe_row(row_output_fields(manifest.generator, row), n, row, by_line.get(input_line(row, n))) for n, row in shown]
     reader = MediaReader(storage, media_root=media_root, allowed_roots=allowed_roots)
     with ThreadPoolExecutor(max_workers=8, thread_name_prefix="vqa-preview") as pool:
         for row in rows:
-            row["media"] = list(pool.map(lambda p: _media(reader, p), row.pop("paths")))
+            row.media = list(pool.map(lambda p: _media(reader, p), row.paths))
     groups = failure_groups(storage, list(manifest.errors.values()), examples_per_reason)
     counted = sum(g.count for g in groups)
     if counted != manifest.rows_failed:
@@ -134,7 +133,7 @@ def render_preview(
     rejections = failure_groups(storage, [rejected_file], examples_per_reason) if rejected_file else []
     page = _template().render(
         title=title, manifest=manifest, rows=rows, failures=groups, rejections=rejections, acceptance=manifest.acceptance_rate,
-        scores=describe_scores(manifest.quality_scores) if manifest.quality_scores else None,
+        scores=manifest.quality_scores.describe() if manifest.quality_scores else None,
     )
     return page.encode("utf-8")
 

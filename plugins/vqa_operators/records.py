@@ -16,9 +16,10 @@ project, so every module may import it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 from vqa_operators import settings
 
@@ -84,6 +85,95 @@ class DuplicateOf(Record):
     index: int
 
 
+class BlindCheck(Record):
+    """The blind check of one pair: the model's answer without the images, and whether the judge found it agrees with the reference."""
+
+    answer: str
+    agrees: bool
+    reason: str
+
+
+class GroundingCheck(Record):
+    """The grounding check of one pair: grounded in the images or not, its score (1 contradicted ... 5 fully supported) and why."""
+
+    grounded: bool
+    score: int = Field(ge=1, le=5)
+    reason: str
+
+
+class WouldReject(Record):
+    """Why a check failed a pair: what ``filter`` rejects it for, or (``annotate``) would."""
+
+    reason: str
+    detail: str | None = None
+
+
+class PairVerdict(Record):
+    """What the quality stage found of one pair: the checks it asked, and in ``annotate`` the would-be rejection (None: it passes).
+
+    Its JSON holds only what was found (a check not asked has no key; ``filter`` writes no rejection), so rows read back dump
+    as they were written.
+    """
+
+    blind: BlindCheck | None = None
+    grounding: GroundingCheck | None = None
+    rejection: WouldReject | None = None
+
+    @model_serializer(mode="wrap")
+    def _what_was_found(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if key in self.model_fields_set}
+
+    @property
+    def score(self) -> int | None:
+        """The grounding score, if the pair was grounding-checked."""
+        return self.grounding.score if self.grounding is not None else None
+
+
+class QualityScores(Record):
+    """The distribution of judged pairs' verdicts: grounding scores (1-5), blind answers that agreed with the reference over
+    those asked, and what ``filter`` rejects (or would, in ``annotate``) by reason."""
+
+    grounding_score: dict[str, int] = Field(default_factory=lambda: {str(score): 0 for score in range(1, 6)})
+    blind_asked: int = 0
+    blind_agreed: int = 0
+    failing: dict[str, int] = Field(default_factory=dict)
+
+    def add(self, verdicts: Iterable[PairVerdict]) -> QualityScores:
+        """These counts with ``verdicts`` counted in (in place); returns itself."""
+        for verdict in verdicts:
+            if verdict.grounding is not None and str(verdict.grounding.score) in self.grounding_score:
+                self.grounding_score[str(verdict.grounding.score)] += 1
+            if verdict.blind is not None:
+                self.blind_asked += 1
+                self.blind_agreed += verdict.blind.agrees
+            if verdict.rejection is not None:
+                self.failing[verdict.rejection.reason] = self.failing.get(verdict.rejection.reason, 0) + 1
+        return self
+
+    @classmethod
+    def total(cls, parts: Iterable[QualityScores | None]) -> QualityScores | None:
+        """The sum of shards' counts (None if no shard judged)."""
+        found = [part for part in parts if part is not None]
+        if not found:
+            return None
+        total = cls()
+        for part in found:
+            for score, n in part.grounding_score.items():
+                total.grounding_score[score] = total.grounding_score.get(score, 0) + n
+            total.blind_asked += part.blind_asked
+            total.blind_agreed += part.blind_agreed
+            for reason, n in part.failing.items():
+                total.failing[reason] = total.failing.get(reason, 0) + n
+        return total
+
+    def describe(self) -> str:
+        """``grounding scores 1: 0 · 2: 1 · 3: 4 · 4: 9 · 5: 2; blind answer agreed for 3 of 16; failing a check: not_grounded 1``."""
+        scores = " · ".join(f"{score}: {n}" for score, n in sorted(self.grounding_score.items()))
+        text = f"grounding scores {scores}; blind answer agreed for {self.blind_agreed} of {self.blind_asked}"
+        failing = ", ".join(f"{reason} {n}" for reason, n in sorted(self.failing.items()))
+        return text + (f"; failing a check: {failing}" if failing else "; no pair failed a check")
+
+
 class PairRejection(Record):
     """What a quality decision said of one pair it dropped: the pair, why, and the verdicts (None for a near-duplicate)."""
 
@@ -91,7 +181,7 @@ class PairRejection(Record):
     pair: Any
     reason: str
     detail: str
-    verdicts: dict[str, Any] | None
+    verdicts: PairVerdict | None
     duplicate_of: DuplicateOf | None = None
 
 
@@ -168,10 +258,21 @@ class Cost(Record):
 class NearDuplicateSettings(Record):
     """The run's near-duplicate check, before any pair is judged: on or off, the Jaccard threshold, and what text is compared."""
 
-    enabled: bool = True
-    threshold: float = Field(settings.NEAR_DUPLICATE_THRESHOLD, gt=0.0, le=1.0)
-    # "question": questions are compared; "question_answer": the pair's question and answer together
-    key: Literal["question", "question_answer"] = "question"
+    remove_near_duplicates: bool = Field(
+        True, title="Remove near-duplicates",
+        description=(
+            "Across all shards, before any pair is judged (the dedup task): a pair whose question nearly repeats an earlier one's is "
+            "rejected (near_duplicate); the first is kept. No model calls, and none spent judging duplicates."
+        ),
+    )
+    near_duplicate_threshold: float = Field(
+        settings.NEAR_DUPLICATE_THRESHOLD, gt=0.0, le=1.0, title="Near-duplicate threshold",
+        description="Jaccard similarity of character 3-grams (lower case, punctuation ignored) at or above which two questions are near-duplicates.",
+    )
+    near_duplicate_key: Literal["question", "question_answer"] = Field(
+        "question", title="Near-duplicates compare",
+        description="question: the questions alone; question_answer: question and answer together (two pairs with one question and different answers are both kept).",
+    )
 
 
 class NearDuplicateIndex(NearDuplicateSettings):
@@ -230,8 +331,8 @@ class StageManifest(Counts):
     # QA pairs in the rows written out, and this stage's model calls and tokens per one of them (None: none written)
     pairs_out: int | None = None
     cost_per_pair: Cost | None = None
-    # a gate's verdicts: their distribution (quality.score_counts)
-    quality_scores: dict[str, Any] | None = None
+    # a gate's verdicts: their distribution
+    quality_scores: QualityScores | None = None
     # dedup: the generator whose rows it read, and its index
     source: str | None = None
     near_duplicates: NearDuplicateIndex | None = None
@@ -295,7 +396,7 @@ class RunManifest(Counts):
     acceptance_rate: float | None
     near_duplicates: NearDuplicateSummary | None
     # the judged pairs' grounding scores, blind agreements and failing checks (None: nothing judged)
-    quality_scores: dict[str, Any] | None
+    quality_scores: QualityScores | None
     # what each pair of the dataset cost, every stage's model calls and tokens included (None: no pair kept)
     cost_per_kept_pair: Cost | None
     stages: dict[str, StageSummary]

@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AfterValidator, BeforeValidator, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from vqa_operators.exceptions import ConfigError
@@ -90,37 +91,95 @@ def effective_concurrency(concurrency: int | None, max_num_seqs: int, sharing: i
     return concurrency or -(-default_concurrency(max_num_seqs) // sharing)
 
 
-# marks a setting that the worker reads: every worker pod gets it (worker_env), as an in-process worker sees it
+# marks a setting that the worker reads: every worker pod gets it (worker_env), as an in-process worker sees it; a
+# JobOptions field so marked takes its VQA_* variable when the caller does not give it
 WORKER: dict[str, Any] = {"worker": True}
 
 
-class Environment(BaseSettings):
+def is_worker_setting(info: FieldInfo) -> bool:
+    """Whether a field is marked ``WORKER``: a ``VQA_*`` variable the worker reads."""
+    return isinstance(info.json_schema_extra, dict) and bool(info.json_schema_extra.get("worker"))
+
+
+def _lower(value: Any) -> Any:
+    return value.strip().lower() if isinstance(value, str) else value
+
+
+def _comma_separated(value: Any) -> Any:
+    return [root.strip() for root in value.split(",") if root.strip()] if isinstance(value, str) else value
+
+
+def _roots(roots: list[str]) -> list[str]:
+    for root in roots:
+        if not ROOT.fullmatch(root) or any(part in (".", "..") for part in root.split("/")):
+            raise ValueError(f"a comma-separated list of absolute folders and s3://bucket[/prefix]es without . or .. segments ({root!r} is not one)")
+    return roots
+
+
+# folders and s3://bucket[/prefix]es: a list, or one comma-separated string (a variable's form)
+Roots = Annotated[list[str], NoDecode, BeforeValidator(_comma_separated), AfterValidator(_roots)]
+Backend = Annotated[Literal["openai", "transformers"], BeforeValidator(_lower)]
+
+
+class WorkerSettings(BaseSettings):
+    """The worker's settings that a deployment sets as ``VQA_<FIELD>`` variables and a run may give as options: declared here
+    once, for ``Environment`` (what Airflow's processes read) and ``worker.JobOptions`` (what one run is given) alike."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, env_ignore_empty=True, extra="ignore", case_sensitive=False)
+
+    backend: Backend = Field(
+        "openai", json_schema_extra=WORKER,
+        description="openai: an OpenAI-compatible server such as vllm serve; transformers: the model on this machine's CPU (the demo)",
+    )
+    base_url: str | None = Field(None, json_schema_extra=WORKER, description="the model server's OpenAI-compatible /v1 URL")
+    model: str | None = Field(
+        None, title="Model", json_schema_extra=WORKER,
+        description=(
+            "The served model's name (vLLM), or with VQA_BACKEND=transformers a Hub id or a local folder. "
+            "Empty: the vqa_vlm connection's extra.model, else VQA_MODEL."
+        ),
+    )
+    max_num_seqs: int = Field(
+        MAX_NUM_SEQS, ge=1, le=65536, json_schema_extra=WORKER, description="the model server's batch size, vLLM's --max-num-seqs",
+    )
+    concurrency: int | None = Field(
+        None, ge=1, le=4096, title="Requests in flight", json_schema_extra=WORKER,
+        description=(
+            "Model requests each task keeps in flight. Empty: the server's batch size (VQA_MAX_NUM_SEQS, vLLM's --max-num-seqs, "
+            f"{MAX_NUM_SEQS} by default) and a quarter more, split between the run's shards, which share the server "
+            "(a pod that starts its own vLLM keeps it all)."
+        ),
+    )
+    media_root: str = Field(
+        ".", title="Media root", json_schema_extra=WORKER,
+        description="Folder or s3:// prefix that relative image paths are resolved against, within the deployment's allowed media roots.",
+    )
+    # where a run may read media, read its input and write its output: deployment settings, not run parameters
+    # (for a DAG run, none configured means s3:// only; see run_params)
+    allowed_media_roots: Roots = Field(
+        default_factory=list, json_schema_extra=WORKER, description="folders and s3://bucket[/prefix]es rows may read media from (default: the media root)",
+    )
+    allowed_input_roots: Roots = Field(default_factory=list, json_schema_extra=WORKER, description="where the input may be read")
+    allowed_output_roots: Roots = Field(default_factory=list, json_schema_extra=WORKER, description="where the output, errors and staging may be written")
+
+    @property
+    def effective_concurrency(self) -> int:
+        """Requests to keep in flight: ``concurrency``, else derived from ``max_num_seqs``."""
+        return effective_concurrency(self.concurrency, self.max_num_seqs)
+
+
+class Environment(WorkerSettings):
     """The ``VQA_<FIELD>`` environment variables; unset and empty ones take these defaults.
 
     A field marked ``WORKER`` is read by the worker, so ``worker_env`` hands it to every worker
     pod; the others are read by Airflow's own processes (DAG parsing, plan, merge) only.
     """
 
-    model_config = SettingsConfigDict(env_prefix=PREFIX, env_ignore_empty=True, extra="ignore", case_sensitive=False)
-
-    # the model server (the vqa_vlm connection, when it exists, gives a DAG's tasks the base URL and model instead)
-    backend: Literal["openai", "transformers"] = Field("openai", json_schema_extra=WORKER)
-    base_url: str | None = Field(None, json_schema_extra=WORKER)
-    model: str | None = Field(None, json_schema_extra=WORKER)
-    max_num_seqs: int = Field(MAX_NUM_SEQS, ge=1, le=65536, json_schema_extra=WORKER)
-    concurrency: int | None = Field(None, ge=1, le=4096, json_schema_extra=WORKER)
     # the video ingest's speech-to-text: an OpenAI-compatible /v1 URL (vLLM serving Whisper) and its model
     transcription_url: str | None = Field(None, json_schema_extra=WORKER)
     transcription_model: str | None = Field(None, json_schema_extra=WORKER)
     # the object store's retries, for every read and write of input, media, checkpoint and output
     s3_max_attempts: int = Field(S3_MAX_ATTEMPTS, ge=1, le=100, json_schema_extra=WORKER)
-    # media
-    media_root: str = Field(".", json_schema_extra=WORKER)
-    # where a run may read media, read its input and write its output: folders and s3://bucket[/prefix]es
-    # (for a DAG run, none configured means s3:// only; see run_params)
-    allowed_media_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, json_schema_extra=WORKER)
-    allowed_input_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, json_schema_extra=WORKER)
-    allowed_output_roots: Annotated[list[str], NoDecode] = Field(default_factory=list, json_schema_extra=WORKER)
     # the QA preview's presigned link: seconds it opens the page; 0 logs no link
     preview_link_seconds: int = Field(PREVIEW_LINK_SECONDS, ge=0, le=PRESIGN_LIMIT_SECONDS)
     # the worker process (a custom prompts folder must exist at the same path in the worker image)
@@ -160,15 +219,10 @@ class Environment(BaseSettings):
     # scripts/demo.py's working folder (default: .demo in the repository)
     demo_dir: str | None = None
 
-    @field_validator("backend", "execution", "model_server", mode="before")
+    @field_validator("execution", "model_server", mode="before")
     @classmethod
-    def _lower(cls, value: Any) -> Any:
-        return value.strip().lower() if isinstance(value, str) else value
-
-    @field_validator("allowed_media_roots", "allowed_input_roots", "allowed_output_roots", mode="before")
-    @classmethod
-    def _comma_separated(cls, value: Any) -> Any:
-        return [root.strip() for root in value.split(",") if root.strip()] if isinstance(value, str) else value
+    def _lowered(cls, value: Any) -> Any:
+        return _lower(value)
 
     @field_validator("pod_defaults", mode="before")
     @classmethod
@@ -192,24 +246,11 @@ class Environment(BaseSettings):
             raise ValueError("an absolute folder or s3://bucket[/prefix] (a bucket name of 3 to 63 characters), without . or .. segments")
         return root
 
-    @field_validator("allowed_media_roots", "allowed_input_roots", "allowed_output_roots")
-    @classmethod
-    def _roots(cls, roots: list[str]) -> list[str]:
-        for root in roots:
-            if not ROOT.fullmatch(root) or any(part in (".", "..") for part in root.split("/")):
-                raise ValueError(f"a comma-separated list of absolute folders and s3://bucket[/prefix]es without . or .. segments ({root!r} is not one)")
-        return roots
-
     def task_timeout(self, rows: int | None) -> int | None:
         """Seconds a worker task over a shard of ``rows`` rows may run; None without a limit, or for a task over no shard."""
         if not self.task_timeout_seconds or rows is None:
             return None
         return self.task_timeout_seconds + int(self.task_seconds_per_row * rows)
-
-    @property
-    def effective_concurrency(self) -> int:
-        """Requests to keep in flight: ``VQA_CONCURRENCY``, else derived from ``VQA_MAX_NUM_SEQS``."""
-        return effective_concurrency(self.concurrency, self.max_num_seqs)
 
 
 def environment() -> Environment:
@@ -220,9 +261,9 @@ def environment() -> Environment:
         raise ConfigError("; ".join(_explain(e) for e in err.errors())) from None
 
 
-def _explain(error: Any) -> str:
-    """``VQA_MAX_NUM_SEQS must be an integer, got 'lots'``."""
-    field_name = str(error["loc"][0]) if error["loc"] else "?"
+def _explain(error: Any, field_name: str | None = None) -> str:
+    """``VQA_MAX_NUM_SEQS must be an integer, got 'lots'``: the error of the variable of ``field_name`` (default: the error's)."""
+    field_name = field_name or (str(error["loc"][0]) if error["loc"] else "?")
     kind = error["type"]
     if kind in ("int_parsing", "int_type", "int_from_float"):
         what = "an integer"
@@ -244,7 +285,7 @@ def variable(name: str) -> str | None:
 
 def worker_settings() -> list[str]:
     """The fields marked ``WORKER``: what a worker reads from the deployment."""
-    return [name for name, info in Environment.model_fields.items() if isinstance(info.json_schema_extra, dict) and info.json_schema_extra.get("worker")]
+    return [name for name, info in Environment.model_fields.items() if is_worker_setting(info)]
 
 
 def worker_env() -> dict[str, str]:

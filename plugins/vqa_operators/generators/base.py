@@ -81,7 +81,7 @@ class ImageRowOptions(ImageLimitOptions):
 class FrameOptions(GeneratorOptions):
     """Options of generators that send a video's frames."""
 
-    max_frames: int = Field(settings.MAX_FRAMES, ge=1, le=256, description="frames per request, sampled evenly across the video's clips")
+    max_frames: int = Field(settings.MAX_FRAMES, ge=1, le=256, title="Frames per request", description="Sampled evenly across the video's clips.")
     frame_max_pixels: int = Field(settings.FRAME_MAX_PIXELS, ge=28 * 28, le=4_000_000, description="pixel budget per frame")
 
 

@@ -83,7 +83,7 @@ def one_line(text: str) -> str:
 class PersQAOptions(ImageRowOptions, AnswerTextOptions):
     """Options of the personalised QA generator."""
 
-    tag: str = Field("<mam>", min_length=1, max_length=40, pattern=r"^\S+$", description="the main character's name tag")
+    tag: str = Field("<mam>", min_length=1, max_length=40, pattern=r"^\S+$", title="Main character tag", description="Name the model must use for the main character; every answer starts with it.")
     max_answer_chars: int = Field(
         PATTERN_MAX_CHARS, ge=50, le=PATTERN_MAX_CHARS,
         description=f"longest answer, tag included: the answer pattern's bound (at most {PATTERN_MAX_CHARS}, what vLLM's xgrammar compiles)",

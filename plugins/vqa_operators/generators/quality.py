@@ -50,24 +50,17 @@ from vqa_operators.generators.base import (
     origin_key,
 )
 from vqa_operators.media import PreparedImage
-from vqa_operators.records import PairRejection
+from vqa_operators.records import BlindCheck, GroundingCheck, PairRejection, PairVerdict, WouldReject
 
 # the gate's provenance details: each kept pair's verdicts, in order
 VERDICTS = "verdicts"
 
 
-def pair_verdicts(row: dict[str, Any] | None, gate: str | None = None) -> list[Any]:
+def pair_verdicts(row: dict[str, Any] | None, gate: str | None = None) -> list[PairVerdict]:
     """The verdicts ``gate`` (default the quality gate) wrote for each pair ``row`` kept, in order (empty if it judged none)."""
     details = ((row or {}).get(PROVENANCE_KEY) or {}).get(gate or QualityGate.name)
     verdicts = details.get(VERDICTS) if isinstance(details, dict) else None
-    return verdicts if isinstance(verdicts, list) else []
-
-
-def grounding_score(verdict: Any) -> int | None:
-    """The grounding check's score (1-5) in one pair's verdict, or None (not judged, or not grounded-checked)."""
-    grounding = verdict.get("grounding") if isinstance(verdict, dict) else None
-    score = grounding.get("score") if isinstance(grounding, dict) else None
-    return score if isinstance(score, int) else None
+    return [PairVerdict.model_validate(v) for v in verdicts] if isinstance(verdicts, list) else []
 
 
 @functools.cache
@@ -82,11 +75,31 @@ class QualityOptions(FrameOptions, ImageLimitOptions):
     """Options of the quality gate."""
 
     source: str = Field(description="the generator whose rows are judged: one that makes a dataset's rows (image_qa, pers_qa, video_qa_final)")
-    blind_check: bool = Field(True, description="reject pairs the model answers correctly without the images (answerable_blind)")
-    grounding_check: bool = Field(True, description="reject pairs the model judges not grounded in the images (not_grounded)")
-    min_judge_score: int = Field(settings.MIN_JUDGE_SCORE, ge=1, le=5, description="the lowest grounding score (1-5) a kept pair may have")
-    mode: Literal["filter", "annotate"] = Field(
-        "filter", description="filter: drop the pairs that fail; annotate: keep every pair, every check run, its verdicts and would-be rejection in the row"
+    blind_check: bool = Field(
+        True, title="Check: needs the picture",
+        description=(
+            "Ask each question without the images (video: with only its meta) and reject the pair (answerable_blind) if the model's "
+            "blind answer agrees with the reference. 2 text-only model calls per pair."
+        ),
+    )
+    grounding_check: bool = Field(
+        True, title="Check: grounded in the picture",
+        description=(
+            "Show the model the images (video: the sampled frames) with the pair; reject it (not_grounded) if judged not grounded or "
+            "scored below the minimum. 1 call with the images per pair the first check kept."
+        ),
+    )
+    min_judge_score: int = Field(
+        settings.MIN_JUDGE_SCORE, ge=1, le=5, title="Lowest grounding score",
+        description="Pairs the grounding check scores below this (1 contradicted ... 5 fully supported) are rejected as not_grounded.",
+    )
+    quality_mode: Literal["filter", "annotate"] = Field(
+        "filter", title="What the checks do",
+        description=(
+            "filter: drop the pairs that fail a check (to the rejected file, with the reason). annotate: keep every pair, ask every "
+            "check of each (3 calls a pair), and write its verdicts, score and would-be rejection into vqa_provenance.quality.verdicts, "
+            "to filter later with your own threshold. Near-duplicates are dropped either way."
+        ),
     )
     max_answer_chars: int = Field(300, ge=20, le=5_000, description="longest blind answer, in characters")
     max_reason_chars: int = Field(300, ge=20, le=2_000, description="longest verdict reason, in characters")
@@ -183,13 +196,13 @@ class QualityGate(Generator):
         images = _Lazy(self._images, row, fields)
         verdicts = await asyncio.gather(*(self._judge_pair(row, fields, item, images, key) for item in items))
         kept: list[int] = []
-        kept_verdicts: list[dict[str, Any]] = []
+        kept_verdicts: list[PairVerdict] = []
         rejected: list[PairRejection] = []
-        annotate = self.options.mode == "annotate"
+        annotate = self.options.quality_mode == "annotate"
         for item, (verdict, rejection) in zip(items, verdicts, strict=True):
             if annotate:
                 kept.append(item.index)
-                kept_verdicts.append({**verdict, "rejection": None if rejection is None else {"reason": rejection[0], "detail": rejection[1]}})
+                kept_verdicts.append(verdict.model_copy(update={"rejection": None if rejection is None else WouldReject(reason=rejection[0], detail=rejection[1])}))
             elif rejection is None:
                 kept.append(item.index)
                 kept_verdicts.append(verdict)
@@ -198,16 +211,16 @@ class QualityGate(Generator):
                 rejected.append(PairRejection(index=item.index, pair=item.raw, reason=reason, detail=detail, verdicts=verdict))
         trimmed = fields.keep(row, kept)
         out_fields = {fields.qa: trimmed[fields.qa]} if fields.qa in trimmed else {}
-        meta = {VERDICTS: kept_verdicts, "pairs_in": len(items), "rejected": [{"index": r.index, "reason": r.reason} for r in rejected], "mode": self.options.mode}
+        meta = {VERDICTS: [v.model_dump(mode="json") for v in kept_verdicts], "pairs_in": len(items), "rejected": [{"index": r.index, "reason": r.reason} for r in rejected], "mode": self.options.quality_mode}
         if images.loaded:
             meta["images_sent"] = len(images.value or [])
         return Generated(out_fields, meta, rejected=rejected, pairs_kept=len(kept))
 
     async def _judge_pair(
         self, row: dict[str, Any], fields: OutputFields, item: QAItem, images: _Lazy, key: str
-    ) -> tuple[dict[str, Any], tuple[Rejection, str] | None]:
+    ) -> tuple[PairVerdict, tuple[Rejection, str] | None]:
         opts = self.options
-        verdict: dict[str, Any] = {}
+        verdict = PairVerdict()
         pair_key = f"{key}:{item.index}"
         # filter: the first failed check decides, and the later ones are not asked; annotate: every check is asked
         failed: tuple[Rejection, str] | None = None
@@ -226,10 +239,10 @@ class QualityGate(Generator):
                 },
             ]
             agreement = await self.ask(judge, self.agreement_model, key=f"{pair_key}:agreement")
-            verdict["blind"] = {"answer": blind.answer, "agrees": agreement.agrees, "reason": agreement.reason}  # type: ignore[attr-defined]
+            verdict.blind = BlindCheck(answer=blind.answer, agrees=agreement.agrees, reason=agreement.reason)  # type: ignore[attr-defined]
             if agreement.agrees:  # type: ignore[attr-defined]
                 failed = (Rejection.ANSWERABLE_BLIND, f"answered without the images: {blind.answer!r}")  # type: ignore[attr-defined]
-                if opts.mode == "filter":
+                if opts.quality_mode == "filter":
                     return verdict, failed
         if opts.grounding_check:
             prepared = await images.get()
@@ -239,7 +252,7 @@ class QualityGate(Generator):
             )
             messages = [{"role": "system", "content": self.prompts.render("system")}, self.user_message(prepared, text)]
             grounding = await self.ask(messages, self.grounding_model, key=f"{pair_key}:grounding")
-            verdict["grounding"] = {"grounded": grounding.grounded, "score": grounding.score, "reason": grounding.reason}  # type: ignore[attr-defined]
+            verdict.grounding = GroundingCheck(grounded=grounding.grounded, score=grounding.score, reason=grounding.reason)  # type: ignore[attr-defined]
             if not grounding.grounded or grounding.score < opts.min_judge_score:  # type: ignore[attr-defined]
                 why = "not grounded" if not grounding.grounded else f"score {grounding.score} < min_judge_score {opts.min_judge_score}"  # type: ignore[attr-defined]
                 failed = failed or (Rejection.NOT_GROUNDED, f"{why}: {grounding.reason}")  # type: ignore[attr-defined]
@@ -291,46 +304,3 @@ class _Lazy:
         value = await asyncio.shield(self._task)
         self.value = value
         return value
-
-
-def score_counts(verdicts: list[Any], previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The distribution of judged pairs' verdicts, added to ``previous``: grounding scores (1-5), blind answers that
-    agreed with the reference over those asked, and what ``filter`` rejects (or would, in ``annotate``) by reason."""
-    counts = previous or {"grounding_score": {str(s): 0 for s in range(1, 6)}, "blind_asked": 0, "blind_agreed": 0, "failing": {}}
-    for verdict in verdicts:
-        if not isinstance(verdict, dict):
-            continue
-        grounding, blind = verdict.get("grounding"), verdict.get("blind")
-        if isinstance(grounding, dict) and str(grounding.get("score")) in counts["grounding_score"]:
-            counts["grounding_score"][str(grounding["score"])] += 1
-        if isinstance(blind, dict):
-            counts["blind_asked"] += 1
-            counts["blind_agreed"] += bool(blind.get("agrees"))
-        rejection = verdict.get("rejection")
-        if isinstance(rejection, dict) and isinstance(rejection.get("reason"), str):
-            counts["failing"][rejection["reason"]] = counts["failing"].get(rejection["reason"], 0) + 1
-    return counts
-
-
-def merge_score_counts(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
-    """The sum of shards' ``score_counts`` (None if no shard judged)."""
-    found = [p for p in parts if p]
-    if not found:
-        return None
-    total = score_counts([])
-    for part in found:
-        for score, n in part["grounding_score"].items():
-            total["grounding_score"][score] = total["grounding_score"].get(score, 0) + n
-        total["blind_asked"] += part["blind_asked"]
-        total["blind_agreed"] += part["blind_agreed"]
-        for reason, n in part["failing"].items():
-            total["failing"][reason] = total["failing"].get(reason, 0) + n
-    return total
-
-
-def describe_scores(counts: dict[str, Any]) -> str:
-    """``grounding scores 1: 0 · 2: 1 · 3: 4 · 4: 9 · 5: 2; blind answer agreed for 3 of 16; failing a check: not_grounded 1``."""
-    scores = " · ".join(f"{score}: {n}" for score, n in sorted(counts["grounding_score"].items()))
-    text = f"grounding scores {scores}; blind answer agreed for {counts['blind_agreed']} of {counts['blind_asked']}"
-    failing = ", ".join(f"{reason} {n}" for reason, n in sorted(counts["failing"].items()))
-    return text + (f"; failing a check: {failing}" if failing else "; no pair failed a check")

@@ -44,18 +44,26 @@ class VideoIngestOptions(GeneratorOptions):
     video_key: str = Field("video", min_length=1, description="input field with the video's path or s3:// URI")
     meta_key: str = Field("Meta", min_length=1, description="input field with the video's meta text (kept; made from the file if absent)")
     clips_key: str = Field("Clips", min_length=1, description="the clips field written (a row that has one and no video passes through)")
-    frames_per_clip: int = Field(ClipRules.frames_per_clip, ge=1, le=64, description="frames sampled evenly within each clip")
-    scene_threshold: float = Field(
-        ClipRules.scene_threshold, ge=0.0, le=1.0, description="how much the picture must change (0-1) to start a new clip; 0: fixed lengths only"
+    frames_per_clip: int = Field(
+        ClipRules.frames_per_clip, ge=1, le=64, title="Frames per clip",
+        description="Video files: frames sampled evenly within each clip and stored as JPEG under the run's folder, each with its timestamp.",
     )
-    min_clip_s: float = Field(ClipRules.min_clip_s, gt=0, le=3600, description="shortest clip, in seconds (a scene change sooner is ignored)")
-    max_clip_s: float = Field(ClipRules.max_clip_s, gt=0, le=3600, description="longest clip, in seconds (a longer scene is split evenly)")
-    clip_s: float = Field(ClipRules.clip_s, gt=0, le=3600, description="clip length when no scene change is found")
+    scene_threshold: float = Field(
+        ClipRules.scene_threshold, ge=0.0, le=1.0, title="Scene-change threshold",
+        description="How much the picture must change from one frame to the next (0-1, mean pixel change of a small thumbnail) to start a new clip. 0: cut every clip_s seconds.",
+    )
+    min_clip_s: float = Field(ClipRules.min_clip_s, gt=0, le=3600, title="Shortest clip (s)", description="A scene change sooner than this after the clip began is ignored.")
+    max_clip_s: float = Field(ClipRules.max_clip_s, gt=0, le=3600, title="Longest clip (s)", description="A longer scene is split into equal clips.")
+    clip_s: float = Field(ClipRules.clip_s, gt=0, le=3600, title="Fixed clip length (s)", description="A video with no scene change (or a threshold of 0) is cut into clips this long.")
     max_video_s: float = Field(ClipRules.max_duration_s, gt=0, le=86_400, description="longer videos go to errors (video_too_long)")
     max_side: int = Field(ClipRules.max_side, ge=16, le=65_536, description="a picture side above this many pixels goes to errors (bad_dimensions)")
-    caption: bool = Field(True, description="ask the VLM for each clip's Description (else it is empty)")
+    caption: bool = Field(True, title="Caption each clip", description="Ask the model for each clip's Description from its frames (1 request per clip). Off: empty.")
     transcribe: Literal["auto", "on", "off"] = Field(
-        "auto", description="each clip's Audio_Text from the transcription endpoint (VQA_TRANSCRIPTION_URL); auto: if one is set, else empty; on: one must be set"
+        "auto", title="Transcribe each clip",
+        description=(
+            "Audio_Text from the speech-to-text endpoint VQA_TRANSCRIPTION_URL (vLLM serving Whisper): auto uses it if set, else leaves "
+            "Audio_Text empty; on fails the run if none is set."
+        ),
     )
     max_caption_chars: int = Field(300, ge=20, le=2000, description="longest Description: the caption schema's bound")
     frames_prefix: str | None = Field(None, description="where the frames go (default: beside the output, <output name>.frames/)")

@@ -375,7 +375,7 @@ class VideoQAInitialGenerator(_VideoQAStage):
 
 
 class VideoQAMultiAgentOptions(VideoQAOptions):
-    max_iterations: int = Field(3, ge=0, le=20, description="recruit-answer-revise rounds in all (the state counts them)")
+    max_iterations: int = Field(3, ge=0, le=20, title="Expert rounds", description="Multi-agent recruit-answer-revise rounds in all (the state counts them); the master may stop earlier.")
     expert_pairs: int = Field(5, ge=1, le=30, description="at most this many new pairs per expert")
     max_pairs: int = Field(20, ge=1, le=100, description="the revised set is kept to at most this many pairs")
 
@@ -479,7 +479,7 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
 
 
 class VideoQAFinalOptions(VideoQAOptions):
-    final_pairs: int = Field(10, ge=1, le=50, description="QA pairs in the final output")
+    final_pairs: int = Field(10, ge=1, le=50, title="Final QA pairs per video", description="Labelled Question/Answer pairs in each video's QA list.")
     name_clips: bool = Field(True, description='each final pair names the clips it is about ("Clips": indices into the row\'s clips, from 0); off: the seed\'s three keys only')
 
 

@@ -10,7 +10,6 @@ lookup on every parse.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, get_args
 
 from vqa_operators import settings
@@ -59,8 +58,8 @@ def worker_task(*, task_id: str, spec: WorkerSpec, shards: Any = None, mode: str
     mode = mode or execution_mode()
     if isinstance(shards, VQAShardPlanOperator):
         shards = shards.output
-    if runs_own_server() and spec.base_url is None:
-        spec = dataclasses.replace(spec, base_url=RUN_SERVER_URL)
+    if runs_own_server() and spec.get("base_url") is None:
+        spec = spec.with_options(base_url=RUN_SERVER_URL)
     if mode == "kubernetes":
         from vqa_operators.operators.pod import VQAWorkerPodOperator
 
@@ -106,7 +105,7 @@ def quality_task(
     """
     from vqa_operators.operators.dag_config import QUALITY_OPTIONS
 
-    spec = WorkerSpec(generator="quality", input=staged_output(after), params={"source": source, **QUALITY_OPTIONS, **(params or {})}, **options)
+    spec = WorkerSpec("quality", input=staged_output(after), params={"source": source, **QUALITY_OPTIONS, **(params or {})}, **options)
     return worker_task(task_id="quality", shards=plan, spec=spec, pods=pods)
 
 

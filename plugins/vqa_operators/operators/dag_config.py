@@ -18,6 +18,8 @@ from airflow.sdk import Param
 
 from vqa_operators import settings
 from vqa_operators.operators.callbacks import on_task_failure, on_task_retry
+from vqa_operators.operators.spec import from_params
+from vqa_operators.worker.options import JobOptions
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -59,29 +61,39 @@ DAG_DEFAULTS: dict[str, Any] = {
 }
 
 
-# the worker options every task takes from the run's params (WorkerSpec keyword arguments)
-RUN_OPTIONS: dict[str, Any] = {
-    "model": "{{ params.model or '' }}",
-    "media_root": "{{ params.media_root }}",
-    "seed": "{{ params.seed }}",
-    "concurrency": "{{ params.concurrency or '' }}",
-}
+# the worker options every task takes from the run's params, by the same names (WorkerSpec options)
+RUN_OPTIONS: dict[str, Any] = from_params("model", "media_root", "seed", "concurrency")
 
 
 # what a trigger-form param takes from an options model's JSON schema
-_SCHEMA_KEYS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "pattern", "minLength", "maxLength")
+_SCHEMA_KEYS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "pattern", "minLength", "maxLength", "items", "uniqueItems")
 
 
-def option_param(options: type[BaseModel], field: str, *, title: str, description: str | None = None, default: Any = ...) -> Param:
-    """The trigger-form param of ``options``' ``field``: its default, type and bounds from the model, their one home.
+def option_param(options: type[BaseModel], field: str, *, default: Any = ..., **schema: Any) -> Param:
+    """The trigger-form param of ``options``' ``field``, named as the field: its default, type, bounds, title and description
+    from the model, their one home. ``default``: a DAG's own default, where it differs; ``schema``: what a DAG run requires
+    beyond the option (an absolute ``pattern``, say)."""
+    found = _schema(options, field)
+    described = {"title": found.get("title") or field.replace("_", " ").capitalize(), "description": found.get("description")}
+    own = options.model_fields[field].get_default(call_default_factory=True)
+    return Param(own if default is ... else default, **{**described, **{key: found[key] for key in _SCHEMA_KEYS if key in found}, **schema})
 
-    ``description``: what the form says (default: the field's own); ``default``: a DAG's own default, where it differs.
-    """
-    schema = _properties(options)[field]
-    return Param(
-        schema["default"] if default is ... else default, title=title, description=description or schema.get("description"),
-        **{key: schema[key] for key in _SCHEMA_KEYS if key in schema},
-    )
+
+def option_params(options: type[BaseModel], *fields: str) -> dict[str, Param]:
+    """``option_param`` of each of ``fields``, by name."""
+    return {field: option_param(options, field) for field in fields}
+
+
+def _schema(options: type[BaseModel], field: str) -> dict[str, Any]:
+    """A field's JSON schema as a form shows it: ``T | None`` is one schema whose type lists ``"null"``; the model's own
+    definitions inlined (a ``Literal`` list's items)."""
+    schema = dict(_properties(options)[field])
+    if "anyOf" in schema:
+        branches = schema.pop("anyOf")
+        kinds = [branch.get("type") for branch in branches]
+        schema.update({k: v for branch in branches for k, v in branch.items() if k != "type"})
+        schema["type"] = kinds if len(kinds) > 1 else kinds[0]
+    return schema
 
 
 @functools.cache
@@ -129,34 +141,12 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
                 f"<prefix>/{dag_id}/<run_id>/{final_task}.jsonl, with a manifest and errors file beside it. Default: under VQA_DATA_ROOT."
             ),
         ),
-        "model": Param(
-            None,
-            type=["null", "string"],
-            title="Model",
-            description=(
-                "The served model's name (vLLM), or with VQA_BACKEND=transformers a Hub id or a local folder. "
-                "Empty: the vqa_vlm connection's extra.model, else VQA_MODEL."
-            ),
+        "model": option_param(JobOptions, "model"),
+        "media_root": option_param(
+            JobOptions, "media_root", default=defaults["media_root"], type=["null", "string"], pattern="^(s3://[a-z0-9.-]{3,63}/?.*|/.*)$",
+            description=f"{_schema(JobOptions, 'media_root')['description']} Default: VQA_DATA_ROOT.",
         ),
-        "media_root": Param(
-            defaults["media_root"],
-            type=["null", "string"],
-            pattern="^(s3://[a-z0-9.-]{3,63}/?.*|/.*)$",
-            title="Media root",
-            description="Folder or s3:// prefix that relative image paths are resolved against, within the deployment's allowed media roots. Default: VQA_DATA_ROOT.",
-        ),
-        "concurrency": Param(
-            None,
-            type=["null", "integer"],
-            minimum=1,
-            maximum=4096,
-            title="Requests in flight",
-            description=(
-                "Model requests each task keeps in flight. Empty: the server's batch size (VQA_MAX_NUM_SEQS, vLLM's --max-num-seqs, "
-                f"{settings.MAX_NUM_SEQS} by default) and a quarter more, split between the run's shards, which share the server "
-                "(a pod that starts its own vLLM keeps it all)."
-            ),
-        ),
+        "concurrency": option_param(JobOptions, "concurrency"),
         "rows_per_shard": Param(
             settings.ROWS_PER_SHARD,
             type="integer",
@@ -192,13 +182,7 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
             title="Estimate at this throughput (requests/s)",
             description="The model server's throughput to project the hours with (what it serves at full load). Empty: the rate the sample measured, which a small sample seldom reaches full load for: its hours are a ceiling.",
         ),
-        "seed": Param(
-            0,
-            type="integer",
-            minimum=0,
-            title="Sampling seed",
-            description="Per-row seeds (and choices such as pers_qa's question) derive from it, so reruns ask the same way.",
-        ),
+        "seed": option_param(JobOptions, "seed", default=0, type="integer"),
     }
 
 
@@ -212,116 +196,35 @@ def quality_params(*, near_duplicate_key: str = "question") -> dict[str, Param]:
     from vqa_operators.records import NearDuplicateSettings
 
     return {
-        "blind_check": option_param(
-            QualityOptions, "blind_check", title="Check: needs the picture",
-            description="Ask each question without the images (video: with only its meta) and reject the pair (answerable_blind) if the model's blind answer agrees with the reference. 2 text-only model calls per pair.",
-        ),
-        "grounding_check": option_param(
-            QualityOptions, "grounding_check", title="Check: grounded in the picture",
-            description="Show the model the images (video: the sampled frames) with the pair; reject it (not_grounded) if judged not grounded or scored below the minimum. 1 call with the images per pair the first check kept.",
-        ),
-        "min_judge_score": option_param(
-            QualityOptions, "min_judge_score", title="Lowest grounding score",
-            description="Pairs the grounding check scores below this (1 contradicted ... 5 fully supported) are rejected as not_grounded.",
-        ),
-        "quality_mode": option_param(
-            QualityOptions, "mode", title="What the checks do",
-            description=(
-                "filter: drop the pairs that fail a check (to the rejected file, with the reason). annotate: keep every pair, ask every "
-                "check of each (3 calls a pair), and write its verdicts, score and would-be rejection into vqa_provenance.quality.verdicts, "
-                "to filter later with your own threshold. Near-duplicates are dropped either way."
-            ),
-        ),
-        "remove_near_duplicates": option_param(
-            NearDuplicateSettings, "enabled", title="Remove near-duplicates",
-            description="Across all shards, before any pair is judged (the dedup task): a pair whose question nearly repeats an earlier one's is rejected (near_duplicate); the first is kept. No model calls, and none spent judging duplicates.",
-        ),
-        "near_duplicate_threshold": option_param(
-            NearDuplicateSettings, "threshold", title="Near-duplicate threshold",
-            description="Jaccard similarity of character 3-grams (lower case, punctuation ignored) at or above which two questions are near-duplicates.",
-        ),
-        "near_duplicate_key": option_param(
-            NearDuplicateSettings, "key", default=near_duplicate_key, title="Near-duplicates compare",
-            description="question: the questions alone; question_answer: question and answer together (two pairs with one question and different answers are both kept).",
-        ),
+        **option_params(QualityOptions, "blind_check", "grounding_check", "min_judge_score", "quality_mode"),
+        **option_params(NearDuplicateSettings, "remove_near_duplicates", "near_duplicate_threshold"),
+        "near_duplicate_key": option_param(NearDuplicateSettings, "near_duplicate_key", default=near_duplicate_key),
     }
 
 
 # the quality stage's options from the run's params (the WorkerSpec ``params`` of a ``quality`` task; add ``source``)
-QUALITY_OPTIONS: dict[str, Any] = {
-    "blind_check": "{{ params.blind_check }}",
-    "grounding_check": "{{ params.grounding_check }}",
-    "min_judge_score": "{{ params.min_judge_score }}",
-    "mode": "{{ params.quality_mode }}",
-}
+QUALITY_OPTIONS: dict[str, Any] = from_params("blind_check", "grounding_check", "min_judge_score", "quality_mode")
 
 # the dedup task's near-duplicate settings from the run's params (VQADedupOperator's ``near_duplicates``)
-NEAR_DUPLICATES: dict[str, Any] = {
-    "enabled": "{{ params.remove_near_duplicates }}",
-    "threshold": "{{ params.near_duplicate_threshold }}",
-    "key": "{{ params.near_duplicate_key }}",
-}
+NEAR_DUPLICATES: dict[str, Any] = from_params("remove_near_duplicates", "near_duplicate_threshold", "near_duplicate_key")
 
 
 def export_params() -> dict[str, Param]:
     """The training-ready copies ``merge`` writes in the run's folder, documented for the trigger form."""
-    from vqa_operators.export import DEFAULT_FORMATS, FORMATS, ExportSettings
+    from vqa_operators.export import ExportSettings
 
-    return {
-        "export_formats": Param(
-            list(DEFAULT_FORMATS),
-            type="array",
-            items={"type": "string", "enum": list(FORMATS)},
-            uniqueItems=True,
-            title="Export formats",
-            description=(
-                "Written in the run's folder, with a dataset card (README.md): hf (a Hub-ready folder: Parquet shards with the images and "
-                "TRL's messages; datasets.load_dataset(folder)), sharegpt (LLaMA-Factory, registered in dataset_info.json), llava (LLaVA's "
-                "conversation JSON), parquet (one flat file with the media's own URIs). Empty: the JSONL and the card only."
-            ),
-        ),
-        "copy_media": option_param(
-            ExportSettings, "copy_media", title="Copy media into the dataset",
-            description="sharegpt and llava point at copies in the run's folder (media/<sha256>.<ext>), so the folder is a self-contained dataset; off: at the media's own URIs.",
-        ),
-        "embed_images": option_param(ExportSettings, "embed_images", title="Embed images in the flat Parquet", description="The parquet format only: each image's bytes too (datasets' Image feature), not only its URI. hf always embeds them."),
-    }
+    return option_params(ExportSettings, "export_formats", "copy_media", "embed_images")
 
 
 def ingest_params() -> dict[str, Param]:
     """The video ingest's cuts, frames and texts (video_qa's first task, for rows that name a video file), documented for the trigger form."""
     from vqa_operators.generators.video_ingest import VideoIngestOptions
 
-    return {
-        "frames_per_clip": option_param(
-            VideoIngestOptions, "frames_per_clip", title="Frames per clip",
-            description="Video files: frames sampled evenly within each clip and stored as JPEG under the run's folder, each with its timestamp.",
-        ),
-        "scene_threshold": option_param(
-            VideoIngestOptions, "scene_threshold", title="Scene-change threshold",
-            description="How much the picture must change from one frame to the next (0-1, mean pixel change of a small thumbnail) to start a new clip. 0: cut every clip_s seconds.",
-        ),
-        "min_clip_s": option_param(VideoIngestOptions, "min_clip_s", title="Shortest clip (s)", description="A scene change sooner than this after the clip began is ignored."),
-        "max_clip_s": option_param(VideoIngestOptions, "max_clip_s", title="Longest clip (s)", description="A longer scene is split into equal clips."),
-        "clip_s": option_param(
-            VideoIngestOptions, "clip_s", title="Fixed clip length (s)", description="A video with no scene change (or a threshold of 0) is cut into clips this long."
-        ),
-        "caption": option_param(
-            VideoIngestOptions, "caption", title="Caption each clip", description="Ask the model for each clip's Description from its frames (1 request per clip). Off: empty."
-        ),
-        "transcribe": option_param(
-            VideoIngestOptions, "transcribe", title="Transcribe each clip",
-            description="Audio_Text from the speech-to-text endpoint VQA_TRANSCRIPTION_URL (vLLM serving Whisper): auto uses it if set, else leaves Audio_Text empty; on fails the run if none is set.",
-        ),
-    }
+    return option_params(VideoIngestOptions, *INGEST_OPTIONS)
 
 
 # the ingest's options from the run's params (the WorkerSpec ``params`` of a ``video_ingest`` task)
-INGEST_OPTIONS: dict[str, Any] = {name: f"{{{{ params.{name} }}}}" for name in ("frames_per_clip", "scene_threshold", "min_clip_s", "max_clip_s", "clip_s", "caption", "transcribe")}
+INGEST_OPTIONS: dict[str, Any] = from_params("frames_per_clip", "scene_threshold", "min_clip_s", "max_clip_s", "clip_s", "caption", "transcribe")
 
 # the merge's export settings from the run's params (merge_shards' ``export``)
-EXPORT: dict[str, Any] = {
-    "formats": "{{ params.export_formats | join(',') }}",
-    "copy_media": "{{ params.copy_media }}",
-    "embed_images": "{{ params.embed_images }}",
-}
+EXPORT: dict[str, Any] = from_params("export_formats", "copy_media", "embed_images")

@@ -16,7 +16,7 @@ from airflow.sdk import BaseOperator, BaseOperatorLink
 
 from vqa_operators import settings
 from vqa_operators.hooks.storage import s3_storage
-from vqa_operators.operators.spec import WorkerSpec
+from vqa_operators.operators.spec import WorkerSpec, resolve
 
 if TYPE_CHECKING:
     from vqa_operators.records import RunManifest
@@ -147,7 +147,7 @@ class VQAShardPlanOperator(BaseOperator):
         for spec in self.worker_specs():
             # rendered as the worker task will render it, on a copy: the DAG's spec stays as written
             rendered = self.render_template(copy.deepcopy(spec), context)
-            validate_spec(rendered.options(), input_uri)
+            validate_spec(rendered.values(context), input_uri)
         return input_uri
 
     def execute(self, context: Any) -> list[dict[str, Any]]:
@@ -226,16 +226,16 @@ class VQADedupOperator(BaseOperator):
 
         with fail_fast():
             try:
-                settings_ = NearDuplicateSettings.model_validate(self.near_duplicates)
+                settings_ = NearDuplicateSettings.model_validate(resolve(self.near_duplicates, context.get("params") or {}))
             except ValidationError as err:
                 raise ConfigError(f"invalid near-duplicate parameters: {describe_validation_error(err)}") from None
             manifests = deduplicate_shards(s3_storage(self.aws_conn_id), list(self.upstream), list(self.plan), staging=self.staging_root, dedup=settings_)
         pairs = sum(m.pairs_kept + m.pairs_rejected for m in manifests)
         dropped = sum(m.pairs_rejected for m in manifests)
-        if settings_.enabled:
+        if settings_.remove_near_duplicates:
             self.log.info(
                 "near-duplicates (%s, threshold %s): %d of %d pairs dropped across %d shard(s) before judging, %d rows left with none",
-                settings_.key, settings_.threshold, dropped, pairs, len(manifests), sum(m.rows_rejected for m in manifests),
+                settings_.near_duplicate_key, settings_.near_duplicate_threshold, dropped, pairs, len(manifests), sum(m.rows_rejected for m in manifests),
             )
         else:
             self.log.info("near-duplicates: off; %d pairs passed through to judging", pairs)
@@ -289,7 +289,7 @@ class VQAMergeOperator(BaseOperator):
         dag_id, run_id = context["dag"].dag_id, context["run_id"]
         with fail_fast():
             try:
-                export = None if self.export is None else ExportSettings.model_validate(self.export)
+                export = None if self.export is None else ExportSettings.model_validate(resolve(self.export, context.get("params") or {}))
             except ValidationError as err:
                 raise ConfigError(f"invalid export parameters: {describe_validation_error(err)}") from None
             storage = s3_storage(self.aws_conn_id)

@@ -28,7 +28,7 @@ class VQAWorkerOperator(BaseOperator):
         # Airflow renders template fields in place, and mapped instances share partial()'s spec
         self.spec = copy.deepcopy(spec)
         # the run's own model server (VQA_MODEL_SERVER=run): its URL comes from the setup task, or the task fails
-        self.calls_run_server = spec.base_url == RUN_SERVER_URL
+        self.calls_run_server = spec.get("base_url") == RUN_SERVER_URL
         self.shard = shard
         self.vlm_conn_id = vlm_conn_id
         self.aws_conn_id = aws_conn_id
@@ -40,13 +40,10 @@ class VQAWorkerOperator(BaseOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         """Run the worker and return its manifest."""
-        from pydantic import ValidationError
-
-        from vqa_operators.exceptions import ConfigError
         from vqa_operators.hooks.vlm import VLMHook
         from vqa_operators.operators.failures import fail_fast
-        from vqa_operators.parsing import describe_validation_error
-        from vqa_operators.worker import JobOptions, run_job
+        from vqa_operators.worker import run_job
+        from vqa_operators.worker.options import job_options
         from vqa_operators.worker.signals import STOP_SIGNALS
 
         spec = self.spec
@@ -55,16 +52,12 @@ class VQAWorkerOperator(BaseOperator):
         ti = context["ti"]
         # another try would fail the same way on a bad option, an unreadable input ...: fail now, with the reason
         with fail_fast():
+            values = spec.values(context)
             if self.calls_run_server:
-                run_server_url(spec.base_url)
-            try:
-                opts = JobOptions(
-                    **{**spec.options(), "model": spec.model or endpoint.model, "base_url": spec.base_url or endpoint.base_url},
-                    shard=self.shard,
-                    api_key=endpoint.api_key,
-                )
-            except ValidationError as err:
-                raise ConfigError(f"bad options: {describe_validation_error(err)}") from None
+                run_server_url(values.get("base_url"))
+            opts = job_options(
+                values, model=values.get("model") or endpoint.model, base_url=values.get("base_url") or endpoint.base_url, shard=self.shard, api_key=endpoint.api_key
+            )
             self.log.info("try %s of %s: running %s in-process: %s -> %s", ti.try_number, ti.max_tries + 1, spec.generator, opts.input, opts.output)
             # Airflow stops a task with SIGINT, then SIGTERM: either stops the run cleanly, its finished rows checkpointed
             stop_on = STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ()

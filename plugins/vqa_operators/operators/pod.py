@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
-import json
 from collections.abc import Sequence
 from functools import cached_property
 from typing import Any
@@ -111,7 +110,7 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         # Airflow renders template fields in place, and mapped instances share partial()'s spec
         self.spec = copy.deepcopy(spec)
         # the run's own model server (VQA_MODEL_SERVER=run): its URL comes from the setup task, or the task fails
-        self.calls_run_server = spec.base_url == RUN_SERVER_URL
+        self.calls_run_server = spec.get("base_url") == RUN_SERVER_URL
         self.shard = shard
         self.placement = placement
         self.vlm_conn_id = vlm_conn_id
@@ -140,10 +139,11 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         from vqa_operators.hooks.vlm import VLMEndpoint, VLMHook
 
         endpoint = VLMHook(self.vlm_conn_id).get_endpoint()
+        base_url = self.spec.get("base_url")
         if self.calls_run_server:
-            run_server_url(self.spec.base_url)
+            run_server_url(base_url)
         # the run's own server serves the model the connection names (or VQA_MODEL), as the setup task chose it
-        return VLMEndpoint(base_url=self.spec.base_url, model=endpoint.model) if self.spec.base_url else endpoint
+        return VLMEndpoint(base_url=base_url, model=endpoint.model) if base_url else endpoint
 
     def s3_location(self) -> dict[str, str]:
         """``AWS_ENDPOINT_URL_S3`` and ``AWS_DEFAULT_REGION`` from the AWS connection, if it names them (never its credentials)."""
@@ -175,7 +175,7 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
             **({"VQA_MODEL": endpoint.model} if endpoint.model else {}),
         }
         # params, shard and settings reach the worker as typed: escaped for the kubelet's $(VAR) expansion (containers.Process)
-        process = Process.of(WORKER_COMMAND, self.worker_args(serves_model), env, placement.env)
+        process = Process.of(WORKER_COMMAND, self.worker_args(context, serves_model), env, placement.env)
         self.cmds, self.arguments, self.env_vars = process.command, process.args, process.env
         # a pod that only calls a model service needs no vLLM, torch or CUDA: the worker image; one that serves the model, vLLM's
         self.image = placement.vllm_image if serves_model else placement.image
@@ -202,10 +202,15 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         """Whether the pod loads the model (vLLM in the pod, on its GPU): when no model service is configured."""
         return not endpoint.base_url
 
-    def worker_args(self, serves_model: bool) -> list[str]:
-        """The worker's arguments: the rendered spec, the shard, where the manifest goes, and whether to start vLLM."""
-        shard = ["--shard", json.dumps(self.shard, sort_keys=True)] if self.shard else []
-        return [*self.spec.argv(), *shard, "--xcom-file", XCOM_FILE, *(["--serve-vllm"] if serves_model else [])]
+    def worker_args(self, context: Any, serves_model: bool) -> list[str]:
+        """The worker's arguments: the rendered spec, checked as the worker will check it, the shard, where the manifest
+        goes, and whether to start vLLM."""
+        from vqa_operators.worker.options import argv, job_options
+
+        values = {**self.spec.values(context), "shard": self.shard, "serve_vllm": serves_model}
+        # the worker's own check, here first: a bad option fails the task, not the pod (the endpoint is the pod's)
+        job_options(values)
+        return [*argv(values), "--xcom-file", XCOM_FILE]
 
     @cached_property
     def pod_manager(self) -> Any:

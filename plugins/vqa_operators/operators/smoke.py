@@ -34,7 +34,7 @@ class VQASmokePodOperator(VQAWorkerPodOperator):
     def loads_model(self, endpoint: Any) -> bool:
         return self.gpu
 
-    def worker_args(self, serves_model: bool) -> list[str]:
+    def worker_args(self, context: Any, serves_model: bool) -> list[str]:
         from vqa_operators.exceptions import ConfigError
 
         if not self.data_root:

@@ -1,13 +1,13 @@
 """``WorkerSpec``: one description of a worker run, turned into CLI arguments (pods) or JobOptions (in-process).
 
-Its field names are the worker's option names (``JobOptions`` and the CLI flags), so both
-translations are mechanical.
+It names ``JobOptions`` fields and nothing else: a value given by the DAG, a run's param
+(``FromParam``, native), or a template of the run's identity (the staged paths).
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from vqa_operators import settings
@@ -28,9 +28,6 @@ def staged_output(task_id: str = "{{ task.task_id }}") -> str:
 STAGED_OUTPUT_URI = staged_output()
 # the run's staging folder: media an earlier task of the run wrote there (the video ingest's frames) may be read
 STAGING_ROOT = "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}"
-# the task's identity, which names its checkpoint: every try of one task instance shares it
-TASK_KEY = "{{ dag.dag_id }}/{{ task.task_id }}/{{ run_id }}/{{ ti.map_index }}"
-TRY_NUMBER = "{{ ti.try_number }}"
 
 
 def task_timeout(shard: dict[str, Any] | None) -> int | None:
@@ -39,47 +36,65 @@ def task_timeout(shard: dict[str, Any] | None) -> int | None:
     return settings.environment().task_timeout(int(rows) if rows is not None else None)
 
 
-@dataclass
+@dataclass(frozen=True)
+class FromParam:
+    """An option whose value is the run's param ``name`` as the form or the REST API gave it: native (an int stays an int),
+    and never rendered as a template."""
+
+    name: str
+
+
+def resolve(value: Any, params: Mapping[str, Any]) -> Any:
+    """``value`` with each ``FromParam`` in it (at any depth of dicts) replaced by the run's param."""
+    if isinstance(value, FromParam):
+        return params.get(value.name)
+    if isinstance(value, dict):
+        return {key: resolve(item, params) for key, item in value.items()}
+    return value
+
+
+def from_params(*names: str) -> dict[str, FromParam]:
+    """``{name: FromParam(name)}`` for options named as their params are."""
+    return {name: FromParam(name) for name in names}
+
+
 class WorkerSpec:
-    """The worker's arguments; string fields may hold Jinja templates that Airflow renders."""
+    """One worker task's run: the generator and its ``JobOptions`` values, each a value, a ``FromParam`` or a template that
+    Airflow renders (the staged paths). ``values(context)`` resolves them; ``JobOptions`` checks and converts them, in
+    ``plan`` and again in the worker."""
 
     # Airflow renders the template fields of objects held in an operator's template fields
-    template_fields: ClassVar[tuple[str, ...]] = (
-        "input", "output", "errors", "base_url", "model", "params", "concurrency", "seed", "media_root", "staging_root", "task_key", "try_number",
-    )
+    template_fields: ClassVar[tuple[str, ...]] = ("options",)
 
-    generator: str
-    # None: the file the plan task split (the shard's input), with the run's dates filled in
-    input: str | None = None
-    output: str = STAGED_OUTPUT_URI
-    errors: str | None = None
-    # None: the vqa_vlm connection's host; the run's own model server (VQA_MODEL_SERVER=run) sets it
-    base_url: str | None = None
-    model: str | None = None
-    params: dict[str, Any] = field(default_factory=dict)
-    concurrency: int | str | None = None  # None: derived from the server's max_num_seqs
-    seed: int | str | None = None
-    temperature: float = settings.TEMPERATURE
-    top_p: float = settings.TOP_P
-    max_tokens: int | None = None  # None: the generator's own (Generator.max_tokens)
-    max_pixels: int = settings.MAX_PIXELS
-    media_root: str = "."
-    staging_root: str | None = STAGING_ROOT
-    task_key: str = TASK_KEY
-    try_number: int | str | None = TRY_NUMBER
+    def __init__(self, generator: str, **options: Any) -> None:
+        from vqa_operators.worker.options import JobOptions
 
-    def options(self) -> dict[str, Any]:
-        """The fields as ``JobOptions`` keyword arguments (empty strings from templates become None)."""
-        return {k: (None if v == "" else v) for k, v in asdict(self).items()}
+        unknown = sorted(set(options) - set(JobOptions.model_fields))
+        if unknown:
+            raise TypeError(f"WorkerSpec: {', '.join(unknown)} is not a worker option (JobOptions)")
+        self.generator = generator
+        # the output is staged under the run's folder; media an earlier task of the run wrote there may be read
+        self.options: dict[str, Any] = {"output": STAGED_OUTPUT_URI, "staging_root": STAGING_ROOT, **options}
 
-    def argv(self) -> list[str]:
-        """``run <generator> --input ... --output ...`` for ``python -m vqa_operators``."""
-        args = ["run", self.generator]
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in ("generator", "params") or value is None or value == "":
-                continue
-            args += [f"--{f.name.replace('_', '-')}", str(value)]
-        for key, value in self.params.items():
-            args += ["--param", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
-        return args
+    def __repr__(self) -> str:
+        return f"WorkerSpec({self.generator!r}, {self.options!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WorkerSpec) and (self.generator, self.options) == (other.generator, other.options)
+
+    def get(self, name: str) -> Any:
+        """One option as written (a value, a FromParam or a template)."""
+        return self.options.get(name)
+
+    def with_options(self, **options: Any) -> WorkerSpec:
+        """A copy with ``options`` set."""
+        return WorkerSpec(self.generator, **{**self.options, **options})
+
+    def values(self, context: Any) -> dict[str, Any]:
+        """The options of this try, once Airflow has rendered the templates: the params filled in, and the task's identity
+        (which names its checkpoint: every try of one task instance shares it) and try."""
+        ti = context["ti"]
+        identity = {"try_number": ti.try_number}
+        if "task_key" not in self.options and hasattr(ti, "task_id"):
+            identity["task_key"] = f"{context['dag'].dag_id}/{ti.task_id}/{context['run_id']}/{ti.map_index}"
+        return {"generator": self.generator, **identity, **resolve(self.options, context.get("params") or {})}

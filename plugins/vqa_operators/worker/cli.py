@@ -15,15 +15,15 @@ import os
 import signal
 import sys
 from types import FrameType
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter
+from pydantic.fields import FieldInfo
 
 from vqa_operators import settings
 from vqa_operators.exceptions import ConfigError, Interrupted, JobError, UnexpectedError
 from vqa_operators.generators import GENERATORS
-from vqa_operators.parsing import describe_validation_error
-from vqa_operators.worker.options import JobOptions
+from vqa_operators.worker.options import JobOptions, cli_kind, flag_of, job_options, repeated
 from vqa_operators.worker.run_loop import run_job
 from vqa_operators.worker.signals import STOP_SIGNALS
 
@@ -40,54 +40,46 @@ def _param(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI: ``run <generator>`` with URIs, model endpoint and sampling options."""
+def help_of(name: str, info: FieldInfo) -> str:
+    """A flag's help: the field's description, its default, and its variable where it has one."""
+    default = info.get_default(call_default_factory=True)
+    parts = [info.description or name.replace("_", " ")]
+    if default not in (None, False, [], {}, ""):
+        parts.append(f"(default {default:g})" if isinstance(default, float) else f"(default {default})")
+    if settings.is_worker_setting(info):
+        parts.append(f"[{settings.PREFIX}{name.upper()}{', comma-separated' if repeated(info) else ''}]")
+    return " ".join(parts)
+
+
+def add_options(parser: argparse.ArgumentParser, model: type[JobOptions] = JobOptions) -> None:
+    """A flag per field of ``model`` (``JobOptions``): its name, help, choices, and whether it repeats, all from the field.
+
+    Values stay text here; ``JobOptions`` converts each once, by its field's type. A flag left out is not given.
+    """
+    for name, info in model.model_fields.items():
+        kind = cli_kind(info)
+        if kind == "positional":
+            parser.add_argument(name, choices=sorted(GENERATORS) if name == "generator" else None, help=info.description)
+            continue
+        if kind is not True:
+            continue
+        flag, text = flag_of(name, info), help_of(name, info)
+        choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
+        if info.annotation is bool:
+            parser.add_argument(flag, dest=name, action="store_true", default=None, help=text)
+        elif repeated(info):
+            is_mapping = TypeAdapter(info.rebuild_annotation()).json_schema().get("type") == "object"
+            parser.add_argument(flag, dest=name, action="append", type=_param if is_mapping else str, metavar="KEY=VALUE" if is_mapping else None, help=text)
+        else:
+            parser.add_argument(flag, dest=name, choices=choices, required=info.is_required(), help=text)
+
+
+def build_parser(model: type[JobOptions] = JobOptions) -> argparse.ArgumentParser:
+    """The CLI: ``run <generator>`` with a flag per ``JobOptions`` field (``model``), and ``smoke``."""
     parser = argparse.ArgumentParser(prog="python -m vqa_operators", description="Run one generator over a JSONL file.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one generator over a JSONL file")
-    run.add_argument("generator", choices=sorted(GENERATORS))
-    run.add_argument("--input", help="input JSONL: a path or s3://bucket/key (default: the --shard's input)")
-    run.add_argument("--output", required=True, help="output JSONL: a path or s3://bucket/key")
-    run.add_argument("--errors", help="errors JSONL (default: <output name>.errors.jsonl)")
-    run.add_argument(
-        "--backend", choices=["openai", "transformers"],
-        help="openai: an OpenAI-compatible server such as vllm serve (default); transformers: the model on this machine's CPU [VQA_BACKEND]",
-    )
-    run.add_argument("--base-url", help="OpenAI-compatible /v1 URL [VQA_BASE_URL]")
-    run.add_argument("--model", help="served model name, or a Hub id / local folder for --backend transformers [VQA_MODEL]")
-    run.add_argument("--concurrency", type=int, help="requests in flight (default: --max-num-seqs and a quarter) [VQA_CONCURRENCY]")
-    run.add_argument(
-        "--max-num-seqs", type=int, help=f"the model server's batch size, vLLM's --max-num-seqs (default {settings.MAX_NUM_SEQS}) [VQA_MAX_NUM_SEQS]"
-    )
-    run.add_argument("--seed", type=int, help="sampling seed; per-row seeds derive from it")
-    run.add_argument("--temperature", type=float, help=f"default {settings.TEMPERATURE}")
-    run.add_argument("--top-p", type=float, help=f"default {settings.TOP_P}")
-    run.add_argument("--max-tokens", type=int, help=f"completion token limit (default: the generator's own, {settings.MAX_TOKENS}; video QA's stages 4096)")
-    run.add_argument("--max-pixels", type=int, help=f"pixel budget per image (default {settings.MAX_PIXELS})")
-    run.add_argument("--media-root", help="folder or s3:// prefix for relative image paths (default: .) [VQA_MEDIA_ROOT]")
-    run.add_argument("--param", dest="params", type=_param, action="append", default=[], metavar="KEY=VALUE", help="generator option, e.g. pairs_per_row=5")
-    run.add_argument(
-        "--allowed-media-root", dest="allowed_media_roots", action="append",
-        help="folder or s3://bucket[/prefix] rows may read media from; repeatable (default: the media root) [VQA_ALLOWED_MEDIA_ROOTS, comma-separated]",
-    )
-    run.add_argument(
-        "--staging-root", help="the run's staging folder or s3:// prefix: media an earlier task of the run wrote there (the video ingest's frames) may be read",
-    )
-    run.add_argument("--max-retries", type=int, help=f"HTTP retries per request, backoff with jitter (default {settings.MAX_RETRIES})")
-    run.add_argument(
-        "--max-consecutive-failures", type=int,
-        help=f"fail fast after this many failed requests in a row: the server is down (default {settings.MAX_CONSECUTIVE_FAILURES})",
-    )
-    run.add_argument("--task-key", help="the task's identity (dag/task/run/map index): names the checkpoint")
-    run.add_argument("--checkpoint-every", type=int, help=f"checkpoint after this many finished rows (default {settings.CHECKPOINT_EVERY})")
-    run.add_argument("--checkpoint-seconds", type=float, help=f"... or after this many seconds (default {settings.CHECKPOINT_SECONDS:g})")
-    run.add_argument("--shard", type=json.loads, help="one shard of the input, as JSON (what the DAG's plan task returns)")
-    run.add_argument("--try-number", type=int, help="the Airflow try this run is (logged, and kept in the manifest)")
-    run.add_argument("--request-timeout", type=float, help=f"seconds per HTTP request (default {settings.REQUEST_TIMEOUT_S:g})")
-    run.add_argument(
-        "--serve-vllm", action="store_true",
-        help="start vLLM's server on MODEL here, use it, and stop it [VQA_VLLM_COMMAND, VQA_VLLM_ARGS, VQA_VLLM_PORT]",
-    )
+    add_options(run, model)
     run.add_argument("--xcom-file", help="also write the manifest here (KubernetesPodOperator XCom) [VQA_XCOM_FILE]")
     smoke = sub.add_parser("smoke", help="check what a worker needs of this pod (vqa_smoke): user, read-only root, data root, model server, cache, GPU")
     smoke.add_argument("--data-root", required=True, help="folder or s3:// prefix to write a probe object under (<root>/smoke/)")
@@ -141,13 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "smoke":
             return smoke(args)
-        try:
-            # what was not given is left to JobOptions, which takes it from the environment or settings
-            # (a template that rendered empty, such as --model "" from an unset param, counts as not given)
-            fields = {k: v for k, v in vars(args).items() if k in JobOptions.model_fields and v is not None and v != "" and v is not False}
-            opts = JobOptions(**{**fields, "params": dict(args.params)})
-        except ValidationError as err:
-            raise ConfigError(f"bad options: {describe_validation_error(err)}") from None
+        # what was not given is left to JobOptions, which takes it from the environment or settings
+        # (an empty value, such as --model "", counts as not given)
+        given = {name: value for name, value in vars(args).items() if name in JobOptions.model_fields}
+        opts = job_options({**given, "params": dict(given.get("params") or [])})
         manifest = run_job(opts, stop_on=STOP_SIGNALS)
     except JobError as err:
         if isinstance(err, UnexpectedError):

@@ -1,14 +1,21 @@
-"""What one worker run is given (``JobOptions``), checked before any I/O or model call.
+"""What one worker run is given (``JobOptions``), checked before any I/O or model call: the one declaration of a worker option.
 
-An option the caller does not pass takes its ``VQA_*`` variable (``settings.environment()``), else
-its default from ``settings``. An option passed explicitly, even as None, is the caller's.
+Each field carries its default, bounds and description. From the fields come the worker's CLI
+(``cli.build_parser``: a flag per field, ``--max-num-seqs`` for ``max_num_seqs``), the pod's
+arguments (``argv``), the DAG params that expose an option (``dag_config.option_param``) and, for a
+field marked ``settings.WORKER``, its ``VQA_*`` variable: an option the caller does not give takes
+its variable, else its default. An option given explicitly, even as None, is the caller's.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from collections.abc import Mapping
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from vqa_operators import settings
 from vqa_operators.exceptions import ConfigError
@@ -19,63 +26,81 @@ from vqa_operators.parsing import describe_validation_error
 from vqa_operators.records import Shard
 from vqa_operators.storage.uris import errors_uri_for, rejected_uri_for, within
 
-# the options whose default is a VQA_* variable: option name -> Environment field
-FROM_ENVIRONMENT = (
-    "backend", "base_url", "model", "concurrency", "max_num_seqs", "media_root", "allowed_media_roots", "allowed_input_roots", "allowed_output_roots",
-)
+# a field that is no CLI flag: the generator (the command's positional argument), the API key (never on a command line)
+POSITIONAL: dict[str, Any] = {"cli": "positional"}
+NO_FLAG: dict[str, Any] = {"cli": False}
 
 
-class JobOptions(BaseModel):
-    """Everything one worker run needs; validated before any model call."""
+class WorkerVariables(EnvSettingsSource):
+    """The ``VQA_*`` variables of the fields marked ``settings.WORKER``, each checked alone, so that a bad one is a ConfigError
+    naming the variable rather than a validation error of the options."""
 
-    model_config = ConfigDict(extra="forbid")
+    def __call__(self) -> dict[str, Any]:
+        found = {}
+        for name, value in super().__call__().items():
+            info = self.settings_cls.model_fields.get(name)
+            if info is None or not settings.is_worker_setting(info):
+                continue
+            try:
+                TypeAdapter(info.rebuild_annotation()).validate_python(value)
+            except ValidationError as err:
+                raise ConfigError("; ".join(settings._explain(e, name) for e in err.errors())) from None
+            found[name] = value
+        return found
 
-    generator: str
-    # None: the shard's input (the file the plan split)
-    input: str | None = Field(None, min_length=1)
-    output: str = Field(min_length=1)
-    errors: str | None = None
-    # "openai": an OpenAI-compatible server (vLLM); "transformers": a model on this machine's CPU (the demo)
-    backend: Literal["openai", "transformers"] = "openai"
-    base_url: str | None = None
-    model: str | None = None
-    # None: the client reads VQA_API_KEY
-    api_key: SecretStr | None = None
-    # requests in flight; None = derived from the server's batch size (settings.default_concurrency)
-    concurrency: int | None = Field(None, ge=1, le=4096)
-    max_num_seqs: int = Field(settings.MAX_NUM_SEQS, ge=1, le=65536)
-    seed: int | None = None
-    temperature: float = Field(settings.TEMPERATURE, ge=0.0, le=2.0)
-    top_p: float = Field(settings.TOP_P, gt=0.0, le=1.0)
-    # None: the generator's own (Generator.max_tokens)
-    max_tokens: int | None = Field(None, ge=16, le=65536)
-    max_pixels: int = Field(settings.MAX_PIXELS, ge=28 * 28, le=50_000_000)
-    media_root: str = "."
-    # where rows may read media from, the input may be read and the output written; deployment settings, not run parameters
-    allowed_media_roots: list[str] | None = None
-    allowed_input_roots: list[str] | None = None
-    allowed_output_roots: list[str] | None = None
-    # the run's staging folder: media an earlier task of the run wrote there (the video ingest's frames) may be read too
-    staging_root: str | None = None
-    params: dict[str, Any] = Field(default_factory=dict)
-    serve_vllm: bool = False
-    request_timeout: float = Field(settings.REQUEST_TIMEOUT_S, gt=0)
-    max_retries: int = Field(settings.MAX_RETRIES, ge=0, le=20)
-    max_consecutive_failures: int = Field(settings.MAX_CONSECUTIVE_FAILURES, ge=1, le=10_000)
-    task_key: str | None = None
-    checkpoint_every: int = Field(settings.CHECKPOINT_EVERY, ge=1, le=100_000)
-    checkpoint_seconds: float = Field(settings.CHECKPOINT_SECONDS, gt=0)
-    # one shard of the input (from plan_shards); None = the whole input
-    shard: Shard | None = None
-    # which Airflow try this is (logged and kept in the manifest); None outside Airflow
-    try_number: int | None = Field(None, ge=1)
 
-    def __init__(self, **data: Any) -> None:
-        # read here, not in a validator: a bad variable is a ConfigError naming it, not a validation error of the options
-        if not all(name in data for name in FROM_ENVIRONMENT):
-            env = settings.environment()
-            data = {**{name: getattr(env, name) for name in FROM_ENVIRONMENT if name not in data}, **data}
-        super().__init__(**data)
+class JobOptions(settings.WorkerSettings):
+    """Everything one worker run needs; validated before any model call. The fields it shares with the deployment's
+    settings (the model server, the media root, the allowed roots) are ``settings.WorkerSettings``'."""
+
+    model_config = SettingsConfigDict(extra="forbid")
+
+    generator: str = Field(json_schema_extra=POSITIONAL, description="the generator to run")
+    input: str | None = Field(None, min_length=1, description="input JSONL: a path or s3://bucket/key (default: the shard's input)")
+    output: str = Field(min_length=1, description="output JSONL: a path or s3://bucket/key")
+    errors: str | None = Field(None, description="errors JSONL (default: <output name>.errors.jsonl)")
+    api_key: SecretStr | None = Field(None, json_schema_extra=NO_FLAG, description="the model server's key (default: VQA_API_KEY)")
+    seed: int | None = Field(
+        None, ge=0, title="Sampling seed", description="Per-row seeds (and choices such as pers_qa's question) derive from it, so reruns ask the same way."
+    )
+    temperature: float = Field(settings.TEMPERATURE, ge=0.0, le=2.0, description="sampling temperature")
+    top_p: float = Field(settings.TOP_P, gt=0.0, le=1.0, description="nucleus sampling's top_p")
+    max_tokens: int | None = Field(
+        None, ge=16, le=65536, description=f"completion token limit (default: the generator's own, {settings.MAX_TOKENS}; video QA's stages 4096)"
+    )
+    max_pixels: int = Field(settings.MAX_PIXELS, ge=28 * 28, le=50_000_000, description="pixel budget per image")
+    staging_root: str | None = Field(
+        None, description="the run's staging folder or s3:// prefix: media an earlier task of the run wrote there (the video ingest's frames) may be read"
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="generator option, e.g. pairs_per_row=5")
+    serve_vllm: bool = Field(False, description="start vLLM's server on MODEL here, use it, and stop it [VQA_VLLM_COMMAND, VQA_VLLM_ARGS, VQA_VLLM_PORT]")
+    request_timeout: float = Field(settings.REQUEST_TIMEOUT_S, gt=0, description="seconds per HTTP request")
+    max_retries: int = Field(settings.MAX_RETRIES, ge=0, le=20, description="HTTP retries per request, backoff with jitter")
+    max_consecutive_failures: int = Field(
+        settings.MAX_CONSECUTIVE_FAILURES, ge=1, le=10_000, description="fail fast after this many failed requests in a row: the server is down"
+    )
+    task_key: str | None = Field(None, description="the task's identity (dag/task/run/map index): names the checkpoint")
+    checkpoint_every: int = Field(settings.CHECKPOINT_EVERY, ge=1, le=100_000, description="checkpoint after this many finished rows")
+    checkpoint_seconds: float = Field(settings.CHECKPOINT_SECONDS, gt=0, description="... or after this many seconds")
+    shard: Shard | None = Field(None, description="one shard of the input, as JSON (what the DAG's plan task returns; default: the whole input)")
+    try_number: int | None = Field(None, ge=1, description="the Airflow try this run is (logged, and kept in the manifest)")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """What the caller gives, then the variables of the ``WORKER`` fields: no other field is ever read from the environment."""
+        return init_settings, WorkerVariables(settings_cls)
+
+    @field_validator("shard", mode="before")
+    @classmethod
+    def _shard_json(cls, value: Any) -> Any:
+        return json.loads(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _input_from_shard(self) -> JobOptions:
@@ -83,9 +108,6 @@ class JobOptions(BaseModel):
             if self.shard is None:
                 raise ValueError("input: give --input, or a --shard whose input is read")
             self.input = self.shard.input
-        self.allowed_media_roots = self.allowed_media_roots or None
-        self.allowed_input_roots = self.allowed_input_roots or None
-        self.allowed_output_roots = self.allowed_output_roots or None
         return self
 
     @property
@@ -119,6 +141,12 @@ class JobOptions(BaseModel):
         """A quality gate's rejected file: ``<output name>.rejected.jsonl`` beside the output."""
         return rejected_uri_for(self.output)
 
+    @classmethod
+    def flags(cls) -> dict[str, FieldInfo]:
+        """The fields that are CLI flags, by flag: ``--max-num-seqs``; a list's or a mapping's in the singular, repeated
+        (``--allowed-media-root``, ``--param KEY=VALUE``)."""
+        return {flag_of(name, info): info for name, info in cls.model_fields.items() if cli_kind(info) is True}
+
 
 def check_options(opts: JobOptions) -> type[Generator]:
     """What can be checked before reading anything: the generator, its options, the locations; ConfigError if bad."""
@@ -139,11 +167,62 @@ def check_options(opts: JobOptions) -> type[Generator]:
     return cls
 
 
-def validate_spec(options: dict[str, Any], input_uri: str) -> JobOptions:
-    """A worker's options (``WorkerSpec.options()``) checked as its run would check them, without any I/O."""
+def job_options(values: Mapping[str, Any], *, what: str = "bad options", **given: Any) -> JobOptions:
+    """``JobOptions`` of ``values`` and ``given`` (which win): the one typed conversion of what a form, a template or a command
+    line gave. A value of None or "" is not given (it takes its variable, else its default). ConfigError if one is bad."""
+    data = {name: value for name, value in {**values, **given}.items() if value is not None and value != ""}
     try:
-        opts = JobOptions(**{**options, "input": options.get("input") or input_uri})
+        return JobOptions(**data)
     except ValidationError as err:
-        raise ConfigError(f"{options.get('generator')}: {describe_validation_error(err)}") from None
+        raise ConfigError(f"{what}: {describe_validation_error(err)}") from None
+
+
+def validate_spec(values: Mapping[str, Any], input_uri: str) -> JobOptions:
+    """A worker's options (``WorkerSpec.values``, resolved) checked as its run would check them, without any I/O."""
+    opts = job_options(values, what=str(values.get("generator")), input=values.get("input") or input_uri)
     check_options(opts)
     return opts
+
+
+def cli_kind(info: FieldInfo) -> bool | str:
+    """True for a flag, ``"positional"`` for the command's argument, False for a field no command line carries."""
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    return extra.get("cli", True)  # type: ignore[return-value]
+
+
+def is_model(info: FieldInfo) -> bool:
+    """A field whose value is a model (the shard): given as JSON."""
+    return any(isinstance(arg, type) and issubclass(arg, BaseModel) for arg in (info.annotation, *getattr(info.annotation, "__args__", ())))
+
+
+def repeated(info: FieldInfo) -> bool:
+    """A list or a mapping: given as a repeated flag."""
+    return not is_model(info) and TypeAdapter(info.rebuild_annotation()).json_schema().get("type") in ("array", "object")
+
+
+def flag_of(name: str, info: FieldInfo) -> str:
+    """The field's flag: its name in kebab case, in the singular where it repeats."""
+    return "--" + (name.removesuffix("s") if repeated(info) else name).replace("_", "-")
+
+
+def argv(values: Mapping[str, Any], model: type[JobOptions] = JobOptions) -> list[str]:
+    """``run <generator> --flag value ...`` for ``python -m vqa_operators``: the options in ``values`` that are given, each as its
+    flag (a True switch alone; a list's items and a mapping's ``KEY=VALUE`` pairs each with their flag; a model as JSON)."""
+    args = ["run", str(values["generator"])]
+    # the run's own options first (input and output lead), then those it shares with the deployment's settings
+    for name in sorted(model.model_fields, key=lambda name: name in settings.WorkerSettings.model_fields):
+        info, value = model.model_fields[name], values.get(name)
+        if cli_kind(info) is not True or value is None or value == "" or value is False:
+            continue
+        flag = flag_of(name, info)
+        if value is True:
+            args.append(flag)
+        elif is_model(info):
+            args += [flag, json.dumps(value.model_dump() if isinstance(value, BaseModel) else value, sort_keys=True)]
+        elif isinstance(value, Mapping):
+            args += [part for key, item in value.items() for part in (flag, f"{key}={item if isinstance(item, str) else json.dumps(item)}")]
+        elif isinstance(value, list | tuple):
+            args += [part for item in value for part in (flag, str(item))]
+        else:
+            args += [flag, str(value)]
+    return args

@@ -7,8 +7,8 @@ from collections import Counter
 from typing import Any
 
 from vqa_operators.exceptions import TryProgress
-from vqa_operators.generators.quality import pair_verdicts, score_counts
-from vqa_operators.records import Finished
+from vqa_operators.generators.quality import pair_verdicts
+from vqa_operators.records import Finished, PairVerdict, QualityScores, WouldReject
 
 
 class Progress:
@@ -27,8 +27,8 @@ class Progress:
         self.rows_rejected = self.pairs_kept = 0
         # QA pairs in the rows written out (a gate's kept pairs)
         self.pairs_out = 0
-        # a gate's verdicts: their distribution (quality.score_counts)
-        self.scores: dict[str, Any] | None = None
+        # a gate's verdicts: their distribution
+        self.scores: QualityScores | None = None
         self.rejections: Counter[str] = Counter()
         self.judges = False
 
@@ -51,8 +51,8 @@ class Progress:
             self.judges = True
             self.pairs_kept += record.pairs_kept
             # a rejected pair's verdicts with the rejection filter made, as annotate writes a kept pair's
-            dropped = [{**(e.verdicts or {}), "rejection": {"reason": str(e.reason)}} for e in record.rejected]
-            self.scores = score_counts([*pair_verdicts(record.out, self.name), *dropped], self.scores)
+            dropped = [(e.verdicts or PairVerdict()).model_copy(update={"rejection": WouldReject(reason=str(e.reason))}) for e in record.rejected]
+            self.scores = (self.scores or QualityScores()).add([*pair_verdicts(record.out, self.name), *dropped])
         for entry in record.rejected:
             self.rejections[str(entry.reason)] += 1
 
