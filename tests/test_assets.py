@@ -13,10 +13,10 @@ from vqa_operators.records import RunManifest, StageSummary
 RUN = "s3://b/out/image_qa/r1"
 
 
-def stage(generator: str, errors: str | None, **counts: int) -> StageSummary:
+def stage(generator: str | None, errors: str | None, **counts: int) -> StageSummary:
     return StageSummary(
-        generator=generator, shards=1, output=None, errors=errors, rejected=None, model="m" if generator != "dedup" else None,
-        prompt_sha256="ab" if generator != "dedup" else None, seed=None, slowest_shard_s=1.0, **{"rows_in": 10, "rows_out": 10, "rows_failed": 0, **counts},
+        kind="generator" if generator else "dedup", generator=generator, shards=1, output=None, errors=errors, rejected=None, model="m" if generator else None,
+        prompt_sha256="ab" if generator else None, seed=None, slowest_shard_s=1.0, **{"rows_in": 10, "rows_out": 10, "rows_failed": 0, **counts},
     )
 
 
@@ -27,7 +27,7 @@ MANIFEST = RunManifest(
     pairs_kept=20, pairs_rejected=8, acceptance_rate=0.7143, exports={"parquet": f"{RUN}/generate.parquet"}, estimate=None, requests=99,
     near_duplicates=None, quality_scores=None, cost_per_kept_pair=None,
     stages={
-        "generate": stage("image_qa", f"{RUN}/generate.errors.jsonl"), "dedup": stage("dedup", None),
+        "generate": stage("image_qa", f"{RUN}/generate.errors.jsonl"), "dedup": stage(None, None),
         "quality": stage("quality", f"{RUN}/quality.errors.jsonl", rows_failed=1),
     },
 )
@@ -51,9 +51,9 @@ def test_the_event_carries_the_counts_and_uris_and_nothing_else() -> None:
     # every stage: what made it, and where its failed rows are
     assert event.extra["errors"] == {"generate": f"{RUN}/generate.errors.jsonl", "quality": f"{RUN}/quality.errors.jsonl"}
     assert event.extra["stages"] == {
-        "generate": {"generator": "image_qa", "model": "m", "prompt_sha256": "ab", "errors": f"{RUN}/generate.errors.jsonl"},
-        "dedup": {"generator": "dedup", "model": None, "prompt_sha256": None, "errors": None},
-        "quality": {"generator": "quality", "model": "m", "prompt_sha256": "ab", "errors": f"{RUN}/quality.errors.jsonl"},
+        "generate": {"kind": "generator", "generator": "image_qa", "model": "m", "prompt_sha256": "ab", "errors": f"{RUN}/generate.errors.jsonl"},
+        "dedup": {"kind": "dedup", "generator": None, "model": None, "prompt_sha256": None, "errors": None},
+        "quality": {"kind": "generator", "generator": "quality", "model": "m", "prompt_sha256": "ab", "errors": f"{RUN}/quality.errors.jsonl"},
     }
     assert event.partition_keys == set()
 

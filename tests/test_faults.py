@@ -15,7 +15,7 @@ from tests.helpers import checkpointed_rows
 from vqa_operators.exceptions import ServerUnavailableError
 from vqa_operators.serving import openai_api
 from vqa_operators.serving.base import ChatRequest
-from vqa_operators.serving.openai_api import APIVLMServing_openai, redact_url, retry_after
+from vqa_operators.serving.openai_api import OpenAIServing, redact_url, retry_after
 from vqa_operators.worker import JobOptions, run_job
 
 pytestmark = pytest.mark.usefixtures("fast_backoff")
@@ -33,7 +33,7 @@ def test_retry_after_header_forms() -> None:
 
 def test_429_waits_as_asked_and_does_not_count_as_an_outage(vlm_server: OpenAITestServer) -> None:
     vlm_server.enqueue(*[Reply(status=429, headers={"Retry-After": "0.4"})] * 3)
-    client = APIVLMServing_openai(api_url=vlm_server.base_url, model_name=MODEL, max_retries=3, max_consecutive_failures=2)
+    client = OpenAIServing(base_url=vlm_server.base_url, model=MODEL, concurrency=8, max_retries=3, max_consecutive_failures=2)
     start = time.monotonic()
     assert asyncio.run(client.chat(REQUEST)).text
     assert time.monotonic() - start >= 1.2  # three waits of 0.4 s, as the server asked
@@ -50,7 +50,7 @@ def test_backoff_grows_with_jitter_and_is_bounded(vlm_server: OpenAITestServer, 
 
     monkeypatch.setattr(openai_api.asyncio, "sleep", record)
     vlm_server.enqueue(*[Reply(status=503)] * 5)
-    client = APIVLMServing_openai(api_url=vlm_server.base_url, model_name=MODEL, max_retries=4, retry_base_delay=1.0, max_consecutive_failures=100)
+    client = OpenAIServing(base_url=vlm_server.base_url, model=MODEL, concurrency=8, max_retries=4, retry_base_delay=1.0, max_consecutive_failures=100)
     with pytest.raises(ServerUnavailableError, match="still failing after 4 retries: HTTP 503"):
         asyncio.run(client.chat(REQUEST))
     assert len(waits) == 4 and len(vlm_server.requests) == 5  # bounded: 1 try + 4 retries
@@ -66,7 +66,7 @@ def test_transient_faults_are_retried(vlm_server: OpenAITestServer, fault: str) 
     # only the hang needs a timeout shorter than itself (3 s); a short one elsewhere would turn a slow answer on a loaded
     # machine into one more retry than the faults asked for
     timeout = 1.5 if fault == "timeout" else 30.0
-    client = APIVLMServing_openai(api_url=vlm_server.base_url, model_name=MODEL, max_retries=3, timeout=timeout, retry_base_delay=0.01)
+    client = OpenAIServing(base_url=vlm_server.base_url, model=MODEL, concurrency=8, max_retries=3, timeout=timeout, retry_base_delay=0.01)
     assert asyncio.run(client.chat(REQUEST)).text
     assert len(vlm_server.requests) == 3
 
@@ -129,7 +129,7 @@ def test_every_row_is_accounted_for_under_a_fault_mix(vlm_server: OpenAITestServ
 def test_urls_lose_their_credentials_in_messages() -> None:
     assert redact_url("http://user:pw@vllm:8000/v1") == "http://***@vllm:8000/v1"
     assert redact_url("http://vllm:8000/v1") == "http://vllm:8000/v1"
-    client = APIVLMServing_openai(api_url="http://u:secret-pw@127.0.0.1:9/v1", model_name=MODEL, max_retries=0)
+    client = OpenAIServing(base_url="http://u:secret-pw@127.0.0.1:9/v1", model=MODEL, concurrency=8, max_retries=0)
     with pytest.raises(ServerUnavailableError) as info:
         asyncio.run(client.chat(REQUEST))
     assert "secret-pw" not in str(info.value) and "secret-pw" not in repr(client)

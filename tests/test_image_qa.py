@@ -13,7 +13,7 @@ from testkit.openai_server import OpenAITestServer, Reply
 from vqa_operators.exceptions import ConfigError, RowError, StorageError
 from vqa_operators.generators.image_qa import ImageQAGenerator
 from vqa_operators.media import MediaReader
-from vqa_operators.serving.openai_api import APIVLMServing_openai
+from vqa_operators.seed_compat.serving import APIVLMServing_openai
 from vqa_operators.storage import Storage
 
 

@@ -10,16 +10,17 @@ import pytest
 from testkit.data import MODEL
 from testkit.openai_server import OpenAITestServer, Reply
 from vqa_operators.exceptions import ConfigError, RowError, ServerUnavailableError
+from vqa_operators.seed_compat.serving import APIVLMServing_openai
 from vqa_operators.serving.base import ChatRequest
-from vqa_operators.serving.openai_api import APIVLMServing_openai
+from vqa_operators.serving.openai_api import OpenAIServing
 
 SCHEMA = {"type": "object", "properties": {"x": {"type": "string"}}, "required": ["x"], "additionalProperties": False}
 REQUEST = ChatRequest(messages=[{"role": "user", "content": "hi"}], schema=SCHEMA, schema_name="X", seed=7)
 
 
-def serving(server: OpenAITestServer, **kwargs) -> APIVLMServing_openai:
+def serving(server: OpenAITestServer, **kwargs) -> OpenAIServing:
     kwargs.setdefault("max_retries", 3)
-    return APIVLMServing_openai(api_url=server.base_url, model_name=kwargs.pop("model_name", MODEL), **kwargs)
+    return OpenAIServing(base_url=server.base_url, model=kwargs.pop("model", MODEL), concurrency=kwargs.pop("concurrency", 8), **kwargs)
 
 
 def test_sends_sampling_parameters_and_json_schema(vlm_server: OpenAITestServer) -> None:
@@ -61,16 +62,16 @@ def test_persistent_5xx_is_a_job_error(vlm_server: OpenAITestServer) -> None:
 
 
 def test_unreachable_server_is_a_job_error() -> None:
-    client = APIVLMServing_openai(api_url="http://127.0.0.1:9/v1", model_name=MODEL, max_retries=1)
+    client = OpenAIServing(base_url="http://127.0.0.1:9/v1", model=MODEL, concurrency=8, max_retries=1)
     with pytest.raises(ServerUnavailableError, match="unreachable"):
         asyncio.run(client.chat(REQUEST))
 
 
 def test_unknown_model_is_a_config_error(vlm_server: OpenAITestServer) -> None:
     with pytest.raises(ConfigError, match="no model 'other'"):
-        asyncio.run(serving(vlm_server, model_name="other").chat(REQUEST))
+        asyncio.run(serving(vlm_server, model="other").chat(REQUEST))
     with pytest.raises(ConfigError, match="not served"):
-        asyncio.run(serving(vlm_server, model_name="other").check())
+        asyncio.run(serving(vlm_server, model="other").check())
 
 
 def test_request_rejected_is_a_row_error(vlm_server: OpenAITestServer) -> None:
@@ -88,7 +89,7 @@ def test_malformed_schema_is_rejected_by_the_double(vlm_server: OpenAITestServer
 
 def test_concurrency_is_bounded(vlm_server: OpenAITestServer) -> None:
     vlm_server.latency = 0.1
-    client = serving(vlm_server, max_workers=4)
+    client = serving(vlm_server, concurrency=4)
 
     async def burst() -> None:
         await asyncio.gather(*(client.chat(REQUEST) for _ in range(16)))

@@ -16,7 +16,7 @@ from vqa_operators.generators.base import row_key
 from vqa_operators.generators.pers_qa import CATEGORIES, SUBJECT_TYPES, PersQAGenerator, choose_question, load_question_bank
 from vqa_operators.media import MediaReader
 from vqa_operators.prompts import load_prompts
-from vqa_operators.serving.openai_api import APIVLMServing_openai
+from vqa_operators.seed_compat.serving import APIVLMServing_openai
 from vqa_operators.storage import Storage
 from vqa_operators.worker.rows import run_rows
 

@@ -180,7 +180,7 @@ def test_a_server_without_a_speech_model_refuses_transcriptions_as_the_double_do
     import wave
 
     from vqa_operators.exceptions import ConfigError
-    from vqa_operators.serving.openai_api import APIVLMServing_openai
+    from vqa_operators.seed_compat.serving import APIVLMServing_openai
 
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as wav:

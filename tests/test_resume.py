@@ -17,7 +17,7 @@ from tests.helpers import checkpointed_rows, wait_for_progress
 from vqa_operators.exceptions import ServerUnavailableError
 from vqa_operators.generators.image_qa import ImageQAGenerator
 from vqa_operators.records import Finished
-from vqa_operators.serving.openai_api import APIVLMServing_openai
+from vqa_operators.seed_compat.serving import APIVLMServing_openai
 from vqa_operators.storage import Storage
 from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix
 from vqa_operators.worker import JobOptions, run_job, settings_fingerprint

@@ -74,9 +74,9 @@ def test_every_default_has_one_value_everywhere_it_is_offered() -> None:
     import inspect
 
     from vqa_operators.operators.dag_config import io_params
+    from vqa_operators.seed_compat.serving import LocalModelVLMServing_vllm
     from vqa_operators.serving.base import SamplingParams
-    from vqa_operators.serving.openai_api import APIVLMServing_openai
-    from vqa_operators.serving.vllm_local import LocalModelVLMServing_vllm
+    from vqa_operators.serving.openai_api import OpenAIServing
     from vqa_operators.worker import JobOptions
 
     opts = JobOptions(generator="image_qa", input="in.jsonl", output="out.jsonl")
@@ -87,7 +87,7 @@ def test_every_default_has_one_value_everywhere_it_is_offered() -> None:
     assert opts.max_tokens is None and sampling.max_tokens == settings.MAX_TOKENS
     assert generator_class("image_qa").max_tokens == settings.MAX_TOKENS and generator_class("video_qa_final").max_tokens == 4096
     assert opts.max_pixels == settings.MAX_PIXELS
-    client = inspect.signature(APIVLMServing_openai).parameters
+    client = inspect.signature(OpenAIServing).parameters
     local = inspect.signature(LocalModelVLMServing_vllm).parameters
     assert (client["temperature"].default, client["top_p"].default, client["max_tokens"].default) == (settings.TEMPERATURE, settings.TOP_P, settings.MAX_TOKENS)
     assert (local["vllm_temperature"].default, local["vllm_top_p"].default, local["vllm_max_tokens"].default) == (settings.TEMPERATURE, settings.TOP_P, settings.MAX_TOKENS)
@@ -107,7 +107,7 @@ def test_every_default_has_one_value_everywhere_it_is_offered() -> None:
 
 
 def test_the_http_clients_defaults_are_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vqa_operators.serving.openai_api import APIVLMServing_openai
+    from vqa_operators.seed_compat.serving import APIVLMServing_openai
 
     monkeypatch.setenv("VQA_MODEL", "served-model")
     monkeypatch.setenv("VQA_MAX_NUM_SEQS", "32")

@@ -17,7 +17,7 @@ from testkit.data import make_jpeg, read_rows
 from vqa_operators.exceptions import ConfigError
 from vqa_operators.media import prepare_image
 from vqa_operators.serving.base import ChatRequest
-from vqa_operators.serving.transformers_local import LocalModelVLMServing_transformers, to_processor_messages
+from vqa_operators.serving.transformers_local import TransformersServing, to_processor_messages
 from vqa_operators.worker import JobOptions, run_job
 from vqa_operators.worker.cli import main
 
@@ -38,7 +38,7 @@ def test_openai_messages_become_template_parts_and_images_in_order() -> None:
 
 
 def test_generation_is_real_and_seeded(tiny_idefics3: Path) -> None:
-    serving = LocalModelVLMServing_transformers(str(tiny_idefics3), max_tokens=24, temperature=0.7)
+    serving = TransformersServing(str(tiny_idefics3), max_tokens=24, temperature=0.7)
     request = ChatRequest(messages=image_message((64, 48), (30, 90)), seed=11)
 
     async def twice() -> tuple:
@@ -82,7 +82,7 @@ def test_without_guided_decoding_the_same_model_writes_unusable_text(tiny_idefic
     from vqa_operators.generators.answers import TextLimits, qa_set_model
     from vqa_operators.parsing import ParseError, parse_structured
 
-    serving = LocalModelVLMServing_transformers(str(tiny_idefics3), max_tokens=512, seed=1)
+    serving = TransformersServing(str(tiny_idefics3), max_tokens=512, seed=1)
     model = qa_set_model("A", 2, TextLimits(40, 60), min_pairs=2)
     free = asyncio.run(serving.chat(ChatRequest(messages=image_message((64, 48)), seed=3)))
     guided = asyncio.run(serving.chat(ChatRequest(messages=image_message((64, 48)), seed=3, schema=model.model_json_schema())))
@@ -117,6 +117,6 @@ def test_a_model_folder_without_a_chat_template_is_a_config_error(tiny_idefics3:
         config = json.loads((copy / name).read_text())
         config.pop("chat_template", None)
         (copy / name).write_text(json.dumps(config))
-    serving = LocalModelVLMServing_transformers(str(copy))
+    serving = TransformersServing(str(copy))
     with pytest.raises(ConfigError, match="no chat template"):
         asyncio.run(serving.check())

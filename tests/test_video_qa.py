@@ -24,7 +24,7 @@ from vqa_operators.generators.video_qa import (
     sample_frames,
 )
 from vqa_operators.media import MediaReader, target_size
-from vqa_operators.serving.openai_api import APIVLMServing_openai
+from vqa_operators.seed_compat.serving import APIVLMServing_openai
 from vqa_operators.storage import Storage
 from vqa_operators.worker.rows import run_rows
 

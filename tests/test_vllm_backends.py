@@ -27,8 +27,8 @@ from tests import real_vllm
 from tests.helpers import ROOT, run_worker
 from tests.seed_examples import read_results, write_seed_inputs
 from vqa_operators.exceptions import ServerUnavailableError
+from vqa_operators.seed_compat.serving import LocalModelVLMServing_vllm
 from vqa_operators.serving.base import ChatRequest
-from vqa_operators.serving.vllm_local import LocalModelVLMServing_vllm
 from vqa_operators.serving.vllm_server import CPU_ENV, VLLM_SERVER_MODULE
 
 

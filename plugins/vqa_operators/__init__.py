@@ -12,8 +12,8 @@ from typing import Any
 _EXPORTS = {
     "FileStorage": "vqa_operators.seed_compat.file_storage",
     "ImageQAGenerate": "vqa_operators.seed_compat.operators",
-    "APIVLMServing_openai": "vqa_operators.serving.openai_api",
-    "LocalModelVLMServing_vllm": "vqa_operators.serving.vllm_local",
+    "APIVLMServing_openai": "vqa_operators.seed_compat.serving",
+    "LocalModelVLMServing_vllm": "vqa_operators.seed_compat.serving",
     "ImageQAGenerator": "vqa_operators.generators.image_qa",
     "PersQAGenerate": "vqa_operators.seed_compat.operators",
     "MultiroleVideoQAInitialGenerator": "vqa_operators.seed_compat.operators",

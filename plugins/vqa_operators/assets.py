@@ -39,7 +39,7 @@ EVENT_KEYS = (
     "rows_in", "rows_out", "rows_failed", "rows_rejected", "pairs_kept", "pairs_rejected", "acceptance_rate", "exports", "estimate",
 )  # fmt: skip
 # of each stage: what made it, and where its failed rows are
-STAGE_KEYS = ("generator", "model", "prompt_sha256", "errors")
+STAGE_KEYS = ("kind", "generator", "model", "prompt_sha256", "errors")
 
 
 def dataset_asset(dag_id: str) -> Asset:

@@ -36,7 +36,7 @@ import json
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import IO, Any, Literal
+from typing import IO, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field
 
@@ -394,6 +394,172 @@ class _HfShards:
         self.open, self.writer = None, None
 
 
+@dataclass
+class Prepared:
+    """One example's media as the exporters take them: each medium's stored path and bytes (when some format needs the
+    bytes), and the paths the files name (copies relative to the run's folder, or the media's own URIs)."""
+
+    read: list[tuple[str, bytes]]
+    paths: list[str]
+
+
+class Exporter:
+    """One format: its files in the run's folder (``uris``), opened before the rows, given each example in order, closed
+    (published) after the last, or aborted; ``after`` writes what needs the whole run (a card, a registry)."""
+
+    name: ClassVar[Format]
+    # reads each medium's bytes (hf embeds them; sharegpt reads a video's frame sizes); names media files (copies, where copied)
+    needs_bytes: ClassVar[bool] = True
+    names_media: ClassVar[bool] = False
+
+    def __init__(self, storage: Storage, output: str, *, dataset: str, embed_images: bool, shard_bytes: int) -> None:
+        self.storage, self.output, self.dataset = storage, output, dataset
+        self.folder = output.rsplit("/", 1)[0]
+
+    @property
+    def uris(self) -> dict[str, str]:
+        """What it writes, by name."""
+        raise NotImplementedError
+
+    def open(self, stack: contextlib.ExitStack) -> None:
+        """Open its files (atomic writes that ``stack`` publishes, or discards on an error)."""
+
+    def add(self, example: Example, prepared: Prepared, media: MediaFiles) -> None:
+        """Write one example."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """End its files, after the last example."""
+
+    def abort(self, error: BaseException) -> None:
+        """Leave nothing behind that was published before ``error``."""
+
+    def after(self, facts: CardFacts, uris: dict[str, str]) -> None:
+        """Write what needs the whole run, once every format's files are published."""
+
+
+class LlavaExport(Exporter):
+    """LLaVA's conversation JSON, ``<output name>.llava.json``."""
+
+    name = "llava"
+    needs_bytes = False
+    names_media = True
+
+    @property
+    def uris(self) -> dict[str, str]:
+        return {"llava": beside(self.output, ".llava.json")}
+
+    def open(self, stack: contextlib.ExitStack) -> None:
+        self.items = _JsonArray(stack.enter_context(self.storage.open_atomic(self.uris["llava"], content_type="application/json")))
+
+    def add(self, example: Example, prepared: Prepared, media: MediaFiles) -> None:
+        item = llava_item(example, prepared.paths)
+        check_placeholders(example.id, "llava", *placeholders_of(item, "llava"))
+        self.items.add(item)
+
+    def close(self) -> None:
+        self.items.close()
+
+
+class ShareGPTExport(Exporter):
+    """LLaMA-Factory's ShareGPT form, ``<output name>.sharegpt.json``, registered in the folder's ``dataset_info.json``."""
+
+    name = "sharegpt"
+    names_media = True
+
+    @property
+    def uris(self) -> dict[str, str]:
+        return {"sharegpt": beside(self.output, ".sharegpt.json"), "dataset_info": f"{self.folder}/{DATASET_INFO}"}
+
+    def open(self, stack: contextlib.ExitStack) -> None:
+        self.items = _JsonArray(stack.enter_context(self.storage.open_atomic(self.uris["sharegpt"], content_type="application/json")))
+        self.columns: set[str] = set()
+
+    def add(self, example: Example, prepared: Prepared, media: MediaFiles) -> None:
+        # a video's frames go as one video where they can: LLaMA-Factory stacks them, so they must share one size
+        as_video = example.kind == "video" and len({media.sizes[uri] for uri in example.media}) == 1
+        item = sharegpt_item(example, prepared.paths, as_video=as_video)
+        check_placeholders(example.id, "sharegpt", *placeholders_of(item, "sharegpt"))
+        self.items.add(item)
+        self.columns.add("videos" if as_video else "images")
+
+    def close(self) -> None:
+        self.items.close()
+
+    def after(self, facts: CardFacts, uris: dict[str, str]) -> None:
+        info = {f"vqa_{self.dataset}": sharegpt_entry(self.uris["sharegpt"].rsplit("/", 1)[1], self.columns or {"images"})}
+        with self.storage.open_atomic(self.uris["dataset_info"], content_type="application/json") as handle:
+            handle.write((json.dumps(info, indent=2) + "\n").encode("utf-8"))
+
+
+class HfExport(Exporter):
+    """A Hub-ready folder: Parquet shards with the images embedded and TRL's messages, and its card."""
+
+    name = "hf"
+
+    def __init__(self, storage: Storage, output: str, *, dataset: str, embed_images: bool, shard_bytes: int) -> None:
+        super().__init__(storage, output, dataset=dataset, embed_images=embed_images, shard_bytes=shard_bytes)
+        self.shards = _HfShards(storage, self.uris["hf"], shard_bytes)
+
+    @property
+    def uris(self) -> dict[str, str]:
+        return {"hf": f"{self.folder}/{HF_FOLDER}"}
+
+    def add(self, example: Example, prepared: Prepared, media: MediaFiles) -> None:
+        row = {
+            "id": example.id, "images": [{"bytes": data, "path": medium} for medium, data in prepared.read],
+            "messages": messages(example, len(prepared.read)), "qa": [asdict(p) for p in example.pairs], "meta": example.meta, "dataset": self.dataset,
+        }
+        check_placeholders(example.id, "hf", *placeholders_of(row, "hf"))
+        self.shards.add(row, sum(len(data) for _, data in prepared.read) + sum(len(p.question) + len(p.answer) for p in example.pairs))
+
+    def close(self) -> None:
+        self.shards.finish()
+
+    def abort(self, error: BaseException) -> None:
+        self.shards.abort(error)
+
+    def after(self, facts: CardFacts, uris: dict[str, str]) -> None:
+        with self.storage.open_atomic(f"{self.uris['hf']}/{CARD_NAME}", content_type="text/markdown; charset=utf-8") as handle:
+            handle.write(dataset_card(facts, uris, data_files="data/train-*.parquet", here=self.uris["hf"]).encode("utf-8"))
+
+
+class ParquetExport(Exporter):
+    """One flat Parquet file, ``<output name>.parquet``, with the media's own URIs (and, with ``embed_images``, their bytes)."""
+
+    name = "parquet"
+
+    def __init__(self, storage: Storage, output: str, *, dataset: str, embed_images: bool, shard_bytes: int) -> None:
+        super().__init__(storage, output, dataset=dataset, embed_images=embed_images, shard_bytes=shard_bytes)
+        self.embed_images = embed_images
+        self.needs_bytes = embed_images  # type: ignore[misc]
+        self.schema = parquet_schema(embed_images)
+        self.batch: list[dict[str, Any]] = []
+
+    @property
+    def uris(self) -> dict[str, str]:
+        return {"parquet": beside(self.output, ".parquet")}
+
+    def open(self, stack: contextlib.ExitStack) -> None:
+        import pyarrow.parquet as pq
+
+        self.writer = stack.enter_context(pq.ParquetWriter(stack.enter_context(self.storage.open_atomic(self.uris["parquet"])), self.schema, compression="zstd"))
+
+    def add(self, example: Example, prepared: Prepared, media: MediaFiles) -> None:
+        images: list[Any] = [{"bytes": data, "path": uri} for uri, (_, data) in zip(example.media, prepared.read, strict=True)] if self.embed_images else list(example.media)
+        turns = llava_item(example, list(example.media))["conversations"]
+        self.batch.append({"id": example.id, "images": images, "qa": [asdict(p) for p in example.pairs], "conversations": turns, "meta": example.meta, "dataset": self.dataset})
+        if len(self.batch) >= BATCH_ROWS:
+            _write(self.writer, self.batch, self.schema)
+
+    def close(self) -> None:
+        _write(self.writer, self.batch, self.schema)
+
+
+# the formats, in the order their files are listed
+EXPORTERS: dict[Format, type[Exporter]] = {"hf": HfExport, "sharegpt": ShareGPTExport, "llava": LlavaExport, "parquet": ParquetExport}
+
+
 def export_run(
     storage: Storage,
     manifest: RunManifest,
@@ -409,101 +575,50 @@ def export_run(
 ) -> dict[str, str]:
     """Write ``formats`` and the cards in the run's folder; return their URIs by name (``card``, ``media`` and each format's).
 
-    All or nothing: a sample whose placeholders do not match its media, or a medium gone since
-    the row was generated, is an ExportError, and no export file is left behind.
+    The rows are read once; each example goes to every format asked for. All or nothing: a sample whose placeholders do
+    not match its media, or a medium gone since the row was generated, is an ExportError, and no export file is left behind.
     """
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ConfigError(f"unknown export formats {unknown}; choose from {list(FORMATS)}")
-    output = manifest.output
-    folder = output.rsplit("/", 1)[0]
+    folder = manifest.output.rsplit("/", 1)[0]
     name = dataset or manifest.generator
-    uris: dict[str, str] = {}
-    if "hf" in formats:
-        uris["hf"] = f"{folder}/{HF_FOLDER}"
-    if "sharegpt" in formats:
-        uris["sharegpt"] = beside(output, ".sharegpt.json")
-        uris["dataset_info"] = f"{folder}/{DATASET_INFO}"
-    if "llava" in formats:
-        uris["llava"] = beside(output, ".llava.json")
-    if "parquet" in formats:
-        uris["parquet"] = beside(output, ".parquet")
+    exporters = [cls(storage, manifest.output, dataset=name, embed_images=embed_images, shard_bytes=shard_bytes) for fmt, cls in EXPORTERS.items() if fmt in formats]
+    uris = {key: uri for exporter in exporters for key, uri in exporter.uris.items()}
     reader = MediaReader(storage, media_root=media_root, allowed_roots=allowed_roots)
     # only the formats that name media files use the copies; hf embeds the bytes themselves
-    media = MediaFiles(storage, folder, copy=copy_media and bool({"sharegpt", "llava"} & set(formats)))
-    # sharegpt reads each video frame's size too
-    needs_bytes = media.copy or "hf" in uris or "sharegpt" in uris or ("parquet" in uris and embed_images)
+    media = MediaFiles(storage, folder, copy=copy_media and any(e.names_media for e in exporters))
+    needs_bytes = media.copy or any(e.needs_bytes for e in exporters)
     rows, pairs, labels, kinds = 0, 0, Counter[str](), Counter[str]()
-    columns: set[str] = set()
-    hf = _HfShards(storage, uris["hf"], shard_bytes) if "hf" in uris else None
     try:
         with contextlib.ExitStack() as stack:
-            llava = _JsonArray(stack.enter_context(storage.open_atomic(uris["llava"], content_type="application/json"))) if "llava" in uris else None
-            sharegpt = _JsonArray(stack.enter_context(storage.open_atomic(uris["sharegpt"], content_type="application/json"))) if "sharegpt" in uris else None
-            flat = flat_schema = None
-            if "parquet" in uris:
-                import pyarrow.parquet as pq
-
-                flat_schema = parquet_schema(embed_images)
-                flat = stack.enter_context(pq.ParquetWriter(stack.enter_context(storage.open_atomic(uris["parquet"])), flat_schema, compression="zstd"))
-            flat_batch: list[dict[str, Any]] = []
+            for exporter in exporters:
+                exporter.open(stack)
             for example in examples(storage, manifest, reader, name):
                 read = [media.read(uri, example.id) for uri in example.media] if needs_bytes else []
-                paths = [media.path(uri) for uri in example.media] if needs_bytes else list(example.media)
-                if llava is not None:
-                    item = llava_item(example, paths)
-                    check_placeholders(example.id, "llava", *placeholders_of(item, "llava"))
-                    llava.add(item)
-                if sharegpt is not None:
-                    # a video's frames go as one video where they can: LLaMA-Factory stacks them, so they must share one size
-                    as_video = example.kind == "video" and len({media.sizes[uri] for uri in example.media}) == 1
-                    item = sharegpt_item(example, paths, as_video=as_video)
-                    check_placeholders(example.id, "sharegpt", *placeholders_of(item, "sharegpt"))
-                    sharegpt.add(item)
-                    columns.add("videos" if as_video else "images")
-                if hf is not None:
-                    row = {
-                        "id": example.id, "images": [{"bytes": data, "path": medium} for medium, data in read],
-                        "messages": messages(example, len(read)), "qa": [asdict(p) for p in example.pairs], "meta": example.meta, "dataset": name,
-                    }
-                    check_placeholders(example.id, "hf", *placeholders_of(row, "hf"))
-                    hf.add(row, sum(len(data) for _, data in read) + sum(len(p.question) + len(p.answer) for p in example.pairs))
-                if flat is not None:
-                    images: list[Any] = [{"bytes": data, "path": uri} for uri, (_, data) in zip(example.media, read, strict=True)] if embed_images else list(example.media)
-                    turns = llava_item(example, list(example.media))["conversations"]
-                    flat_batch.append({"id": example.id, "images": images, "qa": [asdict(p) for p in example.pairs], "conversations": turns, "meta": example.meta, "dataset": name})
-                    if len(flat_batch) >= BATCH_ROWS:
-                        _write(flat, flat_batch, flat_schema)
+                prepared = Prepared(read=read, paths=[media.path(uri) for uri in example.media] if needs_bytes else list(example.media))
+                for exporter in exporters:
+                    exporter.add(example, prepared, media)
                 rows += 1
                 pairs += len(example.pairs)
                 kinds[example.kind] += 1
                 labels.update(label for pair in example.pairs for label in pair.labels)
-            if flat is not None:
-                _write(flat, flat_batch, flat_schema)
             if rows != manifest.rows_out:
                 raise ExportError(f"exported {rows} rows but the manifest counts {manifest.rows_out} rows out")
-            for writer in (llava, sharegpt):
-                if writer is not None:
-                    writer.close()
-            if hf is not None:
-                hf.finish()
+            for exporter in exporters:
+                exporter.close()
     except BaseException as err:
-        if hf is not None:
-            hf.abort(err)
+        for exporter in exporters:
+            exporter.abort(err)
         raise
     if media.copy:
         uris["media"] = f"{folder}/{MEDIA_FOLDER}"
     facts = CardFacts(manifest=manifest, dataset=name, run_id=run_id, rows=rows, pairs=pairs, labels=labels, video="video" in kinds)
-    if hf is not None:
-        with storage.open_atomic(f"{uris['hf']}/{CARD_NAME}", content_type="text/markdown; charset=utf-8") as handle:
-            handle.write(dataset_card(facts, uris, data_files="data/train-*.parquet", here=uris["hf"]).encode("utf-8"))
-    if "sharegpt" in uris:
-        info = {f"vqa_{name}": sharegpt_entry(uris["sharegpt"].rsplit("/", 1)[1], columns or {"images"})}
-        with storage.open_atomic(uris["dataset_info"], content_type="application/json") as handle:
-            handle.write((json.dumps(info, indent=2) + "\n").encode("utf-8"))
+    for exporter in exporters:
+        exporter.after(facts, uris)
     card = f"{folder}/{CARD_NAME}"
     with storage.open_atomic(card, content_type="text/markdown; charset=utf-8") as handle:
-        handle.write(dataset_card(facts, uris, data_files=f"{HF_FOLDER}/data/train-*.parquet" if hf else None, here=folder).encode("utf-8"))
+        handle.write(dataset_card(facts, uris, data_files=f"{HF_FOLDER}/data/train-*.parquet" if "hf" in uris else None, here=folder).encode("utf-8"))
     return {**uris, "card": card}
 
 
@@ -588,7 +703,7 @@ def dataset_card(facts: CardFacts, uris: dict[str, str], *, data_files: str | No
     lines += ["## How it was made", "", "| stage | generator | model | prompt SHA-256 | rows failed | errors file |", "| --- | --- | --- | --- | --- | --- |"]
     for stage, summary in manifest.stages.items():
         errors = f"`{summary.errors}`" if summary.errors else ""
-        lines.append(f"| {stage} | {summary.generator} | `{summary.model}` | `{(summary.prompt_sha256 or '')[:16]}` | {summary.rows_failed} | {errors} |")
+        lines.append(f"| {stage} | {summary.generator or summary.kind} | `{summary.model}` | `{(summary.prompt_sha256 or '')[:16]}` | {summary.rows_failed} | {errors} |")
     lines += ["", "## Files", ""]
     if "hf" in uris:
         lines.append(f"- `{relative(uris['hf'])}/`: Parquet shards under `data/` with the images embedded and TRL's `messages` (`datasets.load_dataset`, `push_to_hub`).")

@@ -92,6 +92,8 @@ def deduplicate_shards(
     ordered = stage_manifests("the stage dedup reads", manifests)
     if len(ordered) != len(plan):
         raise InputError(f"{len(ordered)} shard results for {len(plan)} shards")
+    if any(m.generator is None for m in ordered):
+        raise InputError("dedup reads a generator's stage, not another dedup's")
 
     def shard_rows(manifest: StageManifest) -> Iterator[tuple[int, dict[str, Any], Any, list[Any]]]:
         """Each row of a shard with its count, output fields and pairs; the count must be what its task reported."""
@@ -100,7 +102,7 @@ def deduplicate_shards(
             count += 1
             if not isinstance(row, dict):
                 raise InputError(f"{manifest.output} line {count} is not a JSON object; rerun that shard")
-            fields = row_output_fields(manifest.generator, row)
+            fields = row_output_fields(str(manifest.generator), row)
             yield count, row, fields, fields.pairs(row)
         if count != manifest.rows_out:
             raise InputError(f"{manifest.output} holds {count} rows but its task reported {manifest.rows_out}; rerun that shard")
@@ -157,7 +159,7 @@ def deduplicate_shards(
                         counts["rows_rejected"] += 1
             results.append(
                 StageManifest(
-                    generator=DEDUP_STAGE, source=manifest.generator, shard=manifest.shard, input=manifest.output, output=output, errors=None,
+                    kind="dedup", generator=None, source=manifest.generator, shard=manifest.shard, input=manifest.output, output=output, errors=None,
                     rejected=rejected_uri, rows_in=counts["rows_in"], rows_out=counts["rows_out"], rows_failed=0, rows_rejected=counts["rows_rejected"],
                     pairs_kept=counts["pairs_kept"], pairs_rejected=counts["pairs_rejected"],
                     rejections_by_reason={Rejection.NEAR_DUPLICATE.value: counts["pairs_rejected"]} if counts["pairs_rejected"] else {},
@@ -190,7 +192,7 @@ def _stage_summary(manifests: list[StageManifest], *, output: str | None, errors
     first = manifests[0]
     summed = ("rows_in", "rows_out", "rows_failed", "rows_reused", "rows_rejected", "pairs_kept", "pairs_rejected", "requests", "repairs", "prompt_tokens", "completion_tokens")
     return StageSummary(
-        generator=first.generator, output=output, errors=errors, rejected=rejected, shards=len(manifests),
+        kind=first.kind, generator=first.generator, output=output, errors=errors, rejected=rejected, shards=len(manifests),
         **{key: sum(getattr(m, key) for m in manifests) for key in summed},
         failures_by_reason=dict(sorted(reasons.items())), rejections_by_reason=dict(sorted(rejections.items())),
         model=first.model, prompt_sha256=first.prompt_sha256, seed=first.seed, slowest_shard_s=max(m.duration_s for m in manifests),
@@ -201,8 +203,9 @@ def dataset_generator(stages: dict[str, StageSummary]) -> str:
     """The generator whose rows the dataset holds: the last stage's that makes a dataset (a quality gate and dedup keep its rows)."""
     from vqa_operators.generators import GENERATORS, generator_class
 
-    made = [s.generator for s in stages.values() if s.generator in GENERATORS and generator_class(s.generator).makes_dataset]
-    return made[-1] if made else list(stages.values())[-1].generator
+    ran = [s.generator for s in stages.values() if s.kind == "generator" and s.generator is not None]
+    made = [name for name in ran if name in GENERATORS and generator_class(name).makes_dataset]
+    return (made or ran)[-1]
 
 
 def merge_run(

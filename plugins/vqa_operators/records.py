@@ -27,6 +27,9 @@ from vqa_operators import settings
 CHECKPOINT_FORMAT = 2
 
 Outcome = Literal["kept", "rejected", "failed"]
+# what a stage of a run is: a generator's run (the worker: generation, or the quality gate), or dedup's pass over all the
+# shards; the merge's is the run's own manifest (RunManifest)
+StageKind = Literal["generator", "dedup"]
 
 
 class Record(BaseModel):
@@ -310,14 +313,27 @@ class Counts(Record):
     completion_tokens: int = Field(0, ge=0)
 
 
-class StageManifest(Counts):
+class StageCounts(Counts):
+    """A stage's counts, and what the stage is: a generator's run, naming its generator, or dedup's pass, naming none."""
+
+    kind: StageKind = "generator"
+    generator: str | None
+
+    @model_validator(mode="after")
+    def _generator_of_its_kind(self) -> StageCounts:
+        if (self.kind == "generator") != (self.generator is not None):
+            raise ValueError("a generator's stage names its generator, and dedup's names none")
+        return self
+
+
+class StageManifest(StageCounts):
     """One stage of one shard, as its task returns it: a worker's run of a generator, or dedup's pass.
 
     ``errors``: its errors file (None for dedup, whose rows cannot fail); ``rejected``: the pairs
-    it dropped (a gate's, or dedup's near-duplicates; None for a generation stage).
+    it dropped (a gate's, or dedup's near-duplicates; None for a generation stage). ``generator``: the generator that ran
+    (None for dedup, which is none).
     """
 
-    generator: str
     input: str
     shard: int | None = None
     output: str
@@ -339,10 +355,9 @@ class StageManifest(Counts):
     duration_s: float = Field(ge=0)
 
 
-class StageSummary(Counts):
-    """One stage over all the shards of a run: its counts, its model and prompts, and where its merged files are."""
+class StageSummary(StageCounts):
+    """One stage over all the shards of a run: its kind and generator, its counts, its model and prompts, and where its merged files are."""
 
-    generator: str
     shards: int
     output: str | None
     errors: str | None

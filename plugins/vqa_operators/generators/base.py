@@ -348,7 +348,7 @@ class Generator(ABC):
         """What produced this stage's output: model, prompt hash, sampling and options."""
         sampling = self.serving.sampling
         return {
-            "model": self.serving.model_name,
+            "model": self.serving.model,
             "prompt_sha256": self.prompts.sha256,
             "seed": self.seed,
             "temperature": sampling.temperature,

@@ -110,11 +110,9 @@ class VideoIngestGenerator(Generator):
         if opts.transcribe != "off" and env.transcription_url:
             if not env.transcription_model:
                 raise ConfigError("VQA_TRANSCRIPTION_URL is set but VQA_TRANSCRIPTION_MODEL is not: name the speech-to-text model")
-            from vqa_operators.serving.openai_api import APIVLMServing_openai
+            from vqa_operators.serving.openai_api import OpenAIServing
 
-            self.transcriber = APIVLMServing_openai(
-                api_url=env.transcription_url, model_name=env.transcription_model, max_workers=max(1, self.serving.concurrency)
-            )
+            self.transcriber = OpenAIServing(base_url=env.transcription_url, model=env.transcription_model, concurrency=max(1, self.serving.concurrency))
         elif opts.transcribe == "on":
             raise ConfigError("transcribe is on but no transcription endpoint is configured: set VQA_TRANSCRIPTION_URL and VQA_TRANSCRIPTION_MODEL")
 
@@ -141,7 +139,7 @@ class VideoIngestGenerator(Generator):
         return [self.caption_answer]
 
     def provenance(self) -> dict[str, Any]:
-        transcription = self.transcriber.model_name if self.transcriber is not None else None
+        transcription = self.transcriber.model if self.transcriber is not None else None
         return {**super().provenance(), "transcription_model": transcription}
 
     async def aclose(self) -> None:

@@ -58,11 +58,11 @@ class VLMHook(BaseHook):
         import asyncio
 
         from vqa_operators.exceptions import JobError
-        from vqa_operators.serving.openai_api import APIVLMServing_openai
+        from vqa_operators.serving.openai_api import OpenAIServing
 
         endpoint = self.get_endpoint()
         try:
-            serving = APIVLMServing_openai(api_url=endpoint.base_url or "", model_name=endpoint.model or "", api_key=endpoint.api_key, max_retries=0)
+            serving = OpenAIServing(base_url=endpoint.base_url or "", model=endpoint.model or "", concurrency=1, api_key=endpoint.api_key, max_retries=0)
             asyncio.run(serving.check())
         except JobError as err:
             return False, str(err)

@@ -1,6 +1,7 @@
 """What every container of ours carries, the worker's pod and the run's model server alike: volumes, Secrets by reference, a locked-down context.
 
-Kubernetes models only; ``pod`` and ``model_server`` both build on it, and it imports neither.
+Kubernetes models only; ``pod`` and ``model_server`` both build on it (``Workload``: one container and what its pod
+carries, made once from the pod settings), and it imports neither.
 
 **The process receives the text that was typed.** The kubelet expands ``$(NAME)`` in a container's
 ``command``, ``args`` and ``env`` values from the container's own environment before the process
@@ -133,6 +134,75 @@ def locked_down() -> k8s.V1SecurityContext:
 def kubelet_literal(text: str) -> str:
     """``text`` as the kubelet must leave it: each ``$`` doubled, so that ``$(VAR)`` expansion gives back exactly ``text``."""
     return text.replace("$", "$$")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One container of ours and what its pod carries, from the pod settings: image, process, Secrets, size, volumes,
+    placement and security. The worker's pod sets the pod operator's fields from it; the run's server builds its
+    Deployment's pod from it (``container``, ``pod_spec``)."""
+
+    image: str
+    process: Process
+    secrets: list[Secret]
+    gpus: int
+    resources: k8s.V1ResourceRequirements
+    volumes: list[k8s.V1Volume]
+    mounts: list[k8s.V1VolumeMount]
+    node_selector: dict[str, str]
+    tolerations: list[k8s.V1Toleration]
+    pod_security: k8s.V1PodSecurityContext
+    security: k8s.V1SecurityContext
+    image_pull_secrets: list[k8s.V1LocalObjectReference]
+
+    @classmethod
+    def of(
+        cls, placement: PodSettings, *, role: str, loads_model: bool, command: Iterable[str], args: Iterable[str], env: Mapping[str, str]
+    ) -> Workload:
+        """The container of ``role`` (a task id, or ``model_server``): vLLM's image, a GPU, GPU placement and the model cache where
+        it ``loads_model``; the worker image on a CPU node otherwise."""
+        size = placement.size(role, gpu=loads_model)
+        gpus = placement.gpu_count(serves_model=loads_model)
+        found_volumes, mounts = volumes(placement, size.tmp, loads_model=loads_model)
+        selector, tolerations = node_placement(placement, gpus)
+        return cls(
+            image=placement.vllm_image if loads_model else placement.image,
+            process=Process.of(command, args, {**home_env(loads_model=loads_model), **env}, placement.env),
+            secrets=secrets(placement),
+            gpus=gpus,
+            resources=resources(placement, size, gpus),
+            volumes=found_volumes,
+            mounts=mounts,
+            node_selector=selector,
+            tolerations=tolerations,
+            pod_security=pod_security(placement),
+            security=locked_down(),
+            image_pull_secrets=[k8s.V1LocalObjectReference(name=name) for name in placement.image_pull_secrets],
+        )
+
+    def container(self, name: str, *, env: list[k8s.V1EnvVar] | None = None, **more: Any) -> k8s.V1Container:
+        """The container, with ``env`` after the process's own and ``more`` of ``V1Container``'s fields (ports, probes)."""
+        return k8s.V1Container(
+            name=name, image=self.image, command=self.process.command, args=self.process.args, env=[*self.process.env, *(env or [])],
+            resources=self.resources, volume_mounts=self.mounts, security_context=self.security, **more,
+        )
+
+    def pod_spec(self, containers: list[k8s.V1Container], placement: PodSettings) -> k8s.V1PodSpec:
+        """A pod of ``containers`` as ours run: placed, the images' user, no API token, no service links."""
+        return k8s.V1PodSpec(
+            containers=containers,
+            volumes=self.volumes,
+            node_selector=self.node_selector or None,
+            tolerations=self.tolerations or None,
+            service_account_name=placement.service_account_name,
+            automount_service_account_token=False,
+            # no service-link variables: a Service named vllm in the namespace would give vLLM VLLM_PORT=tcp://..., which it refuses
+            enable_service_links=False,
+            image_pull_secrets=self.image_pull_secrets or None,
+            priority_class_name=placement.priority_class_name,
+            termination_grace_period_seconds=placement.termination_grace_period,
+            security_context=self.pod_security,
+        )
 
 
 @dataclass(frozen=True)

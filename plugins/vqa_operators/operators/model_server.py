@@ -82,63 +82,31 @@ def server_manifests(
     from kubernetes.client import ApiClient
     from kubernetes.client import models as k8s
 
-    from vqa_operators.operators.containers import (
-        Process,
-        home_env,
-        locked_down,
-        node_placement,
-        pod_security,
-        resources,
-        secrets,
-        volumes,
-    )
+    from vqa_operators.operators.containers import Workload
 
     labels = {"app.kubernetes.io/name": APP_LABEL, "app.kubernetes.io/instance": name, INSTALLATION: installation, **placement.labels}
     annotations = {**owner(installation, dag_id, run_id), EXPIRES: expires_at, **placement.annotations}
-    size = placement.size("model_server", gpu=True)
-    gpus = placement.gpu_count(serves_model=True)
-    vols, mounts = volumes(placement, size.tmp, loads_model=True)
     args = ["--model", model, "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--max-num-seqs", str(max_num_seqs), *vllm_args]  # noqa: S104 - the Service reaches it
     # the model (a run's param) and the flags reach vLLM as typed: escaped for the kubelet's $(VAR) expansion (containers.Process)
-    process = Process.of(SERVER_COMMAND, args, home_env(loads_model=True), placement.env)
-    env = list(process.env)
-    for secret in secrets(placement):
+    workload = Workload.of(placement, role="model_server", loads_model=True, command=SERVER_COMMAND, args=args, env={})
+    env = []
+    for secret in workload.secrets:
         if secret.deploy_target == settings.API_KEY_ENV:  # the server checks the key the workers send
             env.append(k8s.V1EnvVar(name="VLLM_API_KEY", value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=secret.secret, key=secret.key))))
         elif secret.deploy_target and secret.key:
             env.append(k8s.V1EnvVar(name=secret.deploy_target, value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=secret.secret, key=secret.key))))
     health = k8s.V1HTTPGetAction(path="/health", port="http")
-    container = k8s.V1Container(
-        name="vllm",
-        image=placement.vllm_image,
-        command=process.command,
-        args=process.args,
-        ports=[k8s.V1ContainerPort(name="http", container_port=SERVER_PORT)],
+    container = workload.container(
+        "vllm",
         env=env,
-        resources=resources(placement, size, gpus),
+        ports=[k8s.V1ContainerPort(name="http", container_port=SERVER_PORT)],
         # the model loads under the startup probe; then a server that stops answering is restarted, and one that is busy is
         # only taken out of the Service
         startup_probe=k8s.V1Probe(http_get=health, period_seconds=10, failure_threshold=max(1, int(startup_timeout // 10))),
         liveness_probe=k8s.V1Probe(http_get=health, period_seconds=30, timeout_seconds=10, failure_threshold=4),
         readiness_probe=k8s.V1Probe(http_get=health, period_seconds=10, failure_threshold=3),
-        volume_mounts=mounts,
-        security_context=locked_down(),
     )
-    selector, tolerations = node_placement(placement, gpus)
-    pod = k8s.V1PodSpec(
-        containers=[container],
-        volumes=vols,
-        node_selector=selector or None,
-        tolerations=tolerations or None,
-        service_account_name=placement.service_account_name,
-        automount_service_account_token=False,
-        # no service-link variables: a Service named vllm in the namespace would give vLLM VLLM_PORT=tcp://..., which it refuses
-        enable_service_links=False,
-        image_pull_secrets=[k8s.V1LocalObjectReference(name=n) for n in placement.image_pull_secrets] or None,
-        priority_class_name=placement.priority_class_name,
-        termination_grace_period_seconds=placement.termination_grace_period,
-        security_context=pod_security(placement),
-    )
+    pod = workload.pod_spec([container], placement)
     deployment = k8s.V1Deployment(
         api_version="apps/v1",
         kind="Deployment",

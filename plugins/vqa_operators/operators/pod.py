@@ -31,18 +31,7 @@ from airflow.providers.cncf.kubernetes.utils.xcom_sidecar import PodDefaults
 from kubernetes.client import models as k8s
 
 from vqa_operators import settings
-from vqa_operators.operators.containers import (
-    NEVER_STARTS,
-    Process,
-    home_env,
-    locked_down,
-    node_placement,
-    pod_security,
-    resources,
-    secrets,
-    volumes,
-    waiting_in,
-)
+from vqa_operators.operators.containers import NEVER_STARTS, Workload, locked_down, pod_security, waiting_in
 from vqa_operators.operators.failures import final_error_for_exit_code
 from vqa_operators.operators.model_server import RUN_SERVER_URL, run_server_url
 from vqa_operators.operators.placement import PodSettings
@@ -167,26 +156,21 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         serves_model = self.loads_model(endpoint)
         placement, generator = self.placement, self.spec.generator
         env = {
-            **home_env(loads_model=serves_model),
             **settings.worker_env(),
             **self.s3_location(),
             **({"VQA_BASE_URL": endpoint.base_url} if endpoint.base_url else {}),
             # the default model; a --model rendered from the run's params wins
             **({"VQA_MODEL": endpoint.model} if endpoint.model else {}),
         }
-        # params, shard and settings reach the worker as typed: escaped for the kubelet's $(VAR) expansion (containers.Process)
-        process = Process.of(WORKER_COMMAND, self.worker_args(context, serves_model), env, placement.env)
-        self.cmds, self.arguments, self.env_vars = process.command, process.args, process.env
+        # params, shard and settings reach the worker as typed: escaped for the kubelet's $(VAR) expansion (containers.Process);
         # a pod that only calls a model service needs no vLLM, torch or CUDA: the worker image; one that serves the model, vLLM's
-        self.image = placement.vllm_image if serves_model else placement.image
-        self.secrets = secrets(placement)
-        size = placement.size(generator, gpu=serves_model)
-        gpus = placement.gpu_count(serves_model=serves_model)
-        self.container_resources = resources(placement, size, gpus)
-        self.node_selector, self.tolerations = node_placement(placement, gpus)
-        self.schedule_timeout_seconds, self.startup_timeout_seconds = placement.timeouts(gpu=bool(gpus))
-        self.volumes, self.volume_mounts = volumes(placement, size.tmp, loads_model=serves_model)
-        self.image_pull_secrets = [k8s.V1LocalObjectReference(name=name) for name in placement.image_pull_secrets]
+        workload = Workload.of(placement, role=generator, loads_model=serves_model, command=WORKER_COMMAND, args=self.worker_args(context, serves_model), env=env)
+        self.cmds, self.arguments, self.env_vars = workload.process.command, workload.process.args, workload.process.env
+        self.image, self.secrets, self.container_resources = workload.image, workload.secrets, workload.resources
+        self.node_selector, self.tolerations = workload.node_selector, workload.tolerations
+        self.schedule_timeout_seconds, self.startup_timeout_seconds = placement.timeouts(gpu=bool(workload.gpus))
+        self.volumes, self.volume_mounts = workload.volumes, workload.mounts
+        self.image_pull_secrets = workload.image_pull_secrets
         self.labels = dict(placement.labels)
         self.annotations = dict(placement.annotations)
         pod = super().build_pod_request_obj(context, dry_run=dry_run)

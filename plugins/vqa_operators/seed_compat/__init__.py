@@ -2,7 +2,7 @@
 
 ``operators``: ``ImageQAGenerate``, ``PersQAGenerate`` and the three ``MultiroleVideoQA*Generator``
 stages, driving the same generators as the worker. ``file_storage``: the step files they read and
-write. The serving classes the seeds pass in (``APIVLMServing_openai``, ``LocalModelVLMServing_vllm``)
-are the worker's own backends and live in ``serving/``. They run in the user's own process on the
+write. ``serving``: the serving classes the seeds pass in (``APIVLMServing_openai``, ``LocalModelVLMServing_vllm``),
+the worker's own backends under the seeds' keyword names. They run in the user's own process on the
 user's own files, so image paths are not confined unless a media root or allowed roots are given.
 """

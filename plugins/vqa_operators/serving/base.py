@@ -42,7 +42,7 @@ class ChatResult:
 class VLMServing(Protocol):
     """The interface every serving backend offers to the generators."""
 
-    model_name: str
+    model: str
     sampling: SamplingParams
     concurrency: int
 

@@ -1,4 +1,4 @@
-"""``APIVLMServing_openai``: an async client for OpenAI-compatible servers such as ``vllm serve``.
+"""``OpenAIServing``: an async client for OpenAI-compatible servers such as ``vllm serve``.
 
 Faults, and what becomes of them:
 
@@ -85,17 +85,22 @@ class _Outage:
             self.tripped = f"{self.count} consecutive failures, the last: {what}"
 
 
-class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, kept for drop-in use
-    """Chat completions over HTTP with bounded concurrency, structured output and sampling parameters."""
+class OpenAIServing:
+    """Chat completions over HTTP with bounded concurrency, structured output and sampling parameters.
+
+    ``base_url``: the server's OpenAI-compatible /v1 URL; ``model``: the served model's name; ``concurrency``: requests in
+    flight. The key: ``api_key``, else the variable ``api_key_env`` names, else none. The seeds' class with their names is
+    ``seed_compat.serving.APIVLMServing_openai``.
+    """
 
     def __init__(
         self,
-        api_url: str | None = None,
-        key_name_of_api_key: str = settings.API_KEY_ENV,
-        model_name: str | None = None,
-        max_workers: int | None = None,
         *,
+        base_url: str,
+        model: str,
+        concurrency: int,
         api_key: str | None = None,
+        api_key_env: str = settings.API_KEY_ENV,
         temperature: float = settings.TEMPERATURE,
         top_p: float = settings.TOP_P,
         max_tokens: int = settings.MAX_TOKENS,
@@ -106,38 +111,29 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
         retry_base_delay: float | None = None,
         structured_output: bool = True,
     ) -> None:
-        # what is not given comes from the worker's settings: VQA_BASE_URL, VQA_MODEL, the requests in flight
-        if api_url is None or model_name is None or max_workers is None:
-            env = settings.environment()
-            if api_url is None:
-                api_url = env.base_url or settings.API_URL
-            if model_name is None:
-                if not env.model:
-                    raise ConfigError("no model name: pass model_name or set VQA_MODEL")
-                model_name = env.model
-            if max_workers is None:
-                max_workers = env.effective_concurrency
-        if not api_url:
-            raise ConfigError("api_url is empty: set VQA_BASE_URL or the vqa_vlm connection's host")
-        if max_workers < 1:
-            raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
-        self.api_url = api_url.rstrip("/")
-        self.model_name = model_name
-        self.concurrency = max_workers
+        if not base_url:
+            raise ConfigError("the model server's URL is empty: set VQA_BASE_URL or the vqa_vlm connection's host")
+        if not model:
+            raise ConfigError("no model name: pass the model or set VQA_MODEL")
+        if concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {concurrency}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.concurrency = concurrency
         self.sampling = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         self.timeout = timeout
         self.max_retries = max_retries
         self.retry_base_delay = RETRY_BASE_DELAY_S if retry_base_delay is None else retry_base_delay
         self.structured_output = structured_output
         # an API key is optional for a local vLLM server; "EMPTY" is what vLLM's docs use
-        self._api_key = api_key or settings.variable(key_name_of_api_key) or "EMPTY"
+        self._api_key = api_key or settings.variable(api_key_env) or "EMPTY"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
-        self._slots: asyncio.Semaphore | None = None
+        self._in_flight: asyncio.Semaphore | None = None
         self._outage = _Outage(max_consecutive_failures)
 
     def __repr__(self) -> str:  # never show the key
-        return f"APIVLMServing_openai(api_url={redact_url(self.api_url)!r}, model_name={self.model_name!r}, max_workers={self.concurrency})"
+        return f"{type(self).__name__}(base_url={redact_url(self.base_url)!r}, model={self.model!r}, concurrency={self.concurrency})"
 
     def _bound(self) -> tuple[Any, asyncio.Semaphore]:
         # httpx connections and semaphores belong to one event loop; the seed API runs one loop per run()
@@ -146,17 +142,17 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
             from openai import AsyncOpenAI
 
             self._client = AsyncOpenAI(
-                base_url=self.api_url, api_key=self._api_key, max_retries=0, timeout=self.timeout
+                base_url=self.base_url, api_key=self._api_key, max_retries=0, timeout=self.timeout
             )
-            self._slots = asyncio.Semaphore(self.concurrency)
+            self._in_flight = asyncio.Semaphore(self.concurrency)
             self._loop = loop
-        assert self._slots is not None
-        return self._client, self._slots
+        assert self._in_flight is not None
+        return self._client, self._in_flight
 
     def request_body(self, request: ChatRequest) -> dict[str, Any]:
         """The JSON body POSTed to ``/chat/completions`` for ``request``."""
         body: dict[str, Any] = {
-            "model": self.model_name,
+            "model": self.model,
             "messages": request.messages,
             "temperature": self.sampling.temperature,
             "top_p": self.sampling.top_p,
@@ -180,7 +176,7 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
         import openai
 
         client, slots = self._bound()
-        where = redact_url(self.api_url)
+        where = redact_url(self.base_url)
         for attempt in range(self.max_retries + 1):
             try:
                 async with slots:
@@ -190,7 +186,7 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
             except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
                 raise ConfigError(f"model server refused the API key: HTTP {exc.status_code}") from None
             except openai.NotFoundError as exc:
-                raise ConfigError(f"{not_found or f'model server has no model {self.model_name!r}'}: {_message(exc)}") from None
+                raise ConfigError(f"{not_found or f'model server has no model {self.model!r}'}: {_message(exc)}") from None
             except openai.APIStatusError as exc:
                 if exc.status_code in (400, 413, 422):
                     raise RowError(Reason.REQUEST_REJECTED, f"HTTP {exc.status_code}: {_message(exc)}") from None
@@ -243,32 +239,32 @@ class APIVLMServing_openai:  # noqa: N801 - the original toolkit's class name, k
         """
         from openai.types.audio import Transcription
 
-        where = redact_url(self.api_url)
+        where = redact_url(self.base_url)
 
         async def send(client: Any) -> Transcription:
             # the client's files argument is (name, bytes, content type); temperature 0: the same audio gives the same text
             return await client.audio.transcriptions.create(
-                model=self.model_name, file=(filename, audio, "audio/wav"), response_format="json", temperature=0.0
+                model=self.model, file=(filename, audio, "audio/wav"), response_format="json", temperature=0.0
             )
 
-        result = await self._call(send, not_found=f"{where} has no /audio/transcriptions for {self.model_name!r} (is it serving a speech-to-text model?)")
+        result = await self._call(send, not_found=f"{where} has no /audio/transcriptions for {self.model!r} (is it serving a speech-to-text model?)")
         return result.text.strip()
 
     async def check(self) -> None:
-        """Fail fast if the server is unreachable or does not serve ``model_name``."""
+        """Fail fast if the server is unreachable or does not serve ``model``."""
 
         async def served(client: Any) -> list[str]:
             return [m.id async for m in client.models.list()]
 
         models = await self._call(served)
-        if self.model_name not in models:
-            raise ConfigError(f"model {self.model_name!r} is not served at {redact_url(self.api_url)}; it serves {models}")
+        if self.model not in models:
+            raise ConfigError(f"model {self.model!r} is not served at {redact_url(self.base_url)}; it serves {models}")
 
     async def aclose(self) -> None:
         """Close the HTTP client of the current event loop."""
         if self._client is not None:
             await self._client.close()
-        self._client, self._loop, self._slots = None, None, None
+        self._client, self._loop, self._in_flight = None, None, None
         self._outage = _Outage(self._outage.limit)
 
 

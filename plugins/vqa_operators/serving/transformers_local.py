@@ -1,4 +1,4 @@
-"""``LocalModelVLMServing_transformers``: a vision-language model run by Hugging Face transformers on this machine's CPU.
+"""``TransformersServing``: a vision-language model run by Hugging Face transformers on this machine's CPU.
 
 For laptops where vLLM's CPU build does not install (macOS, say): no GPU, no model server.
 ``torch``, ``transformers`` and ``xgrammar`` are imported on first use only, so nothing else pays
@@ -66,12 +66,12 @@ def to_processor_messages(messages: list[dict[str, Any]]) -> tuple[list[dict[str
     return converted, images
 
 
-class LocalModelVLMServing_transformers:  # noqa: N801 - named like the seeds' LocalModelVLMServing_vllm
+class TransformersServing:
     """Runs chat requests one at a time through ``model.generate`` in a worker thread."""
 
     def __init__(
         self,
-        hf_model_name_or_path: str = DEFAULT_CPU_MODEL,
+        model: str = DEFAULT_CPU_MODEL,
         *,
         temperature: float = settings.TEMPERATURE,
         top_p: float = settings.TOP_P,
@@ -79,9 +79,9 @@ class LocalModelVLMServing_transformers:  # noqa: N801 - named like the seeds' L
         seed: int | None = None,
         device: str = "cpu",
     ) -> None:
-        if not hf_model_name_or_path:
-            raise ConfigError("hf_model_name_or_path is required")
-        self.model_name = hf_model_name_or_path
+        if not model:
+            raise ConfigError("the model is required: a Hub id or a local folder")
+        self.model = model
         self.sampling = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         self.concurrency = 1
         self.device = device
@@ -101,19 +101,19 @@ class LocalModelVLMServing_transformers:  # noqa: N801 - named like the seeds' L
             except ImportError as err:
                 raise ConfigError(f"the transformers backend needs torch and transformers installed ({err})") from None
             try:
-                processor = AutoProcessor.from_pretrained(self.model_name)
-                model = AutoModelForImageTextToText.from_pretrained(self.model_name).to(self.device).eval()  # type: ignore[arg-type]  # transformers' own annotation of .to
+                processor = AutoProcessor.from_pretrained(self.model)
+                model = AutoModelForImageTextToText.from_pretrained(self.model).to(self.device).eval()  # type: ignore[arg-type]  # transformers' own annotation of .to
             except OSError as err:
                 # a Hub id that cannot be fetched (offline, private, misspelt) or a folder without the files
-                raise ConfigError(f"cannot load model {self.model_name!r}: {str(err).splitlines()[0]}") from None
+                raise ConfigError(f"cannot load model {self.model!r}: {str(err).splitlines()[0]}") from None
             if not getattr(processor, "chat_template", None):
-                raise ConfigError(f"model {self.model_name!r} has no chat template in its processor files")
+                raise ConfigError(f"model {self.model!r} has no chat template in its processor files")
             import xgrammar
 
             vocab = model.get_output_embeddings().weight.shape[0]  # may be larger than the tokenizer's (padding)
             self._grammars = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(processor.tokenizer, vocab_size=vocab))
             self._processor, self._model = processor, model
-            log.info("loaded %s (%s) on %s in %.1fs", self.model_name, type(model).__name__, self.device, time.monotonic() - started)
+            log.info("loaded %s (%s) on %s in %.1fs", self.model, type(model).__name__, self.device, time.monotonic() - started)
 
     def _guide(self, schema: dict[str, Any] | None) -> list[Any]:
         """xgrammar's logits processor for ``schema`` (one per generation: it keeps the match state), or none."""

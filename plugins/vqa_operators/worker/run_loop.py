@@ -177,7 +177,7 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
         errors=opts.errors_uri, rows_in=progress.done, rows_out=progress.out, rows_failed=progress.failed, rows_reused=progress.reused,
         failures_by_reason=dict(sorted(progress.reasons.items())), rejected=opts.rejected_uri if generator.gate else None,
         rows_rejected=progress.rows_rejected, pairs_kept=progress.pairs_kept, pairs_rejected=progress.pairs_rejected,
-        rejections_by_reason=dict(sorted(progress.rejections.items())), model=generator.serving.model_name, prompt_sha256=generator.prompts.sha256,
+        rejections_by_reason=dict(sorted(progress.rejections.items())), model=generator.serving.model, prompt_sha256=generator.prompts.sha256,
         seed=opts.seed, checkpoint=checkpoint.prefix, **spent, pairs_out=progress.pairs_out, quality_scores=progress.scores,
         # this stage's model calls and tokens per pair it wrote (None: it wrote none)
         cost_per_pair=Cost.per(spent, progress.pairs_out), duration_s=round(time.monotonic() - progress.started, 3),
@@ -202,7 +202,7 @@ def run_job(
         media = MediaReader(storage, media_root=opts.media_root, max_pixels=opts.max_pixels, executor=executor, allowed_roots=opts.media_roots)
         generator = cls(serving, options=opts.params, media=media, seed=opts.seed, output=opts.output)
         split = f", the server's budget split between {opts.sharing} shards" if opts.sharing > 1 and opts.concurrency is None else ""
-        log.info("%s: %s -> %s (model %s, concurrency %d%s)", cls.name, opts.input, opts.output, serving.model_name, serving.concurrency, split)
+        log.info("%s: %s -> %s (model %s, concurrency %d%s)", cls.name, opts.input, opts.output, serving.model, serving.concurrency, split)
         manifest = asyncio.run(process(generator, storage, opts, stop_on=stop_on))
     judged = f", {manifest.rows_rejected} rejected, {manifest.pairs_kept} pairs kept, {manifest.pairs_rejected} rejected {manifest.rejections_by_reason}" if manifest.rejected else ""
     log.info(
