@@ -73,7 +73,8 @@ demo: venv  ## the three DAGs on one machine: a model (vLLM's CPU build, else tr
 	@$(MAKE) --no-print-directory vllm-venv || echo "[demo] vLLM's CPU build does not install here: the model runs on transformers instead"
 	$(PY) scripts/demo.py
 
-lint: venv  ## ruff over the code, tests and benches; mypy over plugins/, dags/ and scripts/; hadolint over the Dockerfiles
+lint: venv  ## ruff's formatter and linter (imports sorted) over the code, tests and benches; mypy over plugins/, dags/ and scripts/; hadolint over the Dockerfiles
+	$(VENV)/bin/ruff format --check plugins dags scripts testkit tests bench
 	$(VENV)/bin/ruff check plugins dags scripts testkit tests bench
 	$(VENV)/bin/mypy plugins dags scripts
 	$(VENV)/bin/hadolint Dockerfile docker/*.Dockerfile

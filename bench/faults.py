@@ -33,14 +33,28 @@ MIXES: dict[str, dict[str, float]] = {
     "transient 50%": {"429": 0.1, "500": 0.1, "503": 0.1, "drop": 0.15, "timeout": 0.05},
     "content 30%": {"truncated": 0.1, "invalid_json": 0.1, "schema_mismatch": 0.1},
     "everything 40%": {
-        "429": 0.05, "500": 0.05, "503": 0.05, "drop": 0.05, "timeout": 0.05, "truncated": 0.05, "invalid_json": 0.05, "schema_mismatch": 0.05,
+        "429": 0.05,
+        "500": 0.05,
+        "503": 0.05,
+        "drop": 0.05,
+        "timeout": 0.05,
+        "truncated": 0.05,
+        "invalid_json": 0.05,
+        "schema_mismatch": 0.05,
     },
 }
 
 
 def options(server: OpenAITestServer, folder: Path, source: Path, output: str, concurrency: int, **extra: object) -> JobOptions:
     """The tests' image_qa run, with more retries and no outage breaker unless asked for."""
-    settings = {"output": str(folder / output), "concurrency": concurrency, "seed": 1, "max_retries": 8, "max_consecutive_failures": 10_000, **extra}
+    settings = {
+        "output": str(folder / output),
+        "concurrency": concurrency,
+        "seed": 1,
+        "max_retries": 8,
+        "max_consecutive_failures": 10_000,
+        **extra,
+    }
     return job_options(server, folder, source, **settings)
 
 
@@ -64,7 +78,10 @@ def main() -> None:
         folder = Path(tmp)
         source = write_image_rows(folder, args.rows)
         print(f"## Fault mixes: {args.rows} image_qa rows, concurrency {args.concurrency}, max_retries 8, one repair\n")
-        print("| mix | faults injected | tries (a job error is retried, as Airflow would) | rows in | out | errors | accounted (each id once) | reused by the last try | requests, all tries | error reasons |")
+        print(
+            "| mix | faults injected | tries (a job error is retried, as Airflow would) | rows in | out | errors | "
+            "accounted (each id once) | reused by the last try | requests, all tries | error reasons |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for number, (name, rates) in enumerate(MIXES.items()):
             server.reset()
@@ -87,7 +104,9 @@ def main() -> None:
             )
 
         print(f"\n## Resume after an outage: {args.rows} rows, the server goes down after a share of them\n")
-        print("| outage after | try 1 | rows reused by try 2 | try 2 requests | clean-run requests | calls saved | output identical to a clean run |")
+        print(
+            "| outage after | try 1 | rows reused by try 2 | try 2 requests | clean-run requests | calls saved | output identical to a clean run |"
+        )
         print("|---|---|---|---|---|---|---|")
         server.reset()
         clean = run_job(options(server, folder, source, "clean.jsonl", args.concurrency))
@@ -107,7 +126,10 @@ def main() -> None:
             again = run_job(opts)
             same = (folder / output).read_bytes() == clean_bytes
             saved = 1 - again.requests / clean.requests
-            print(f"| {share:.0%} of rows | {first} | {again['rows_reused']} | {again['requests']} | {clean['requests']} | {saved:.0%} | {'yes' if same else 'NO'} |")
+            print(
+                f"| {share:.0%} of rows | {first} | {again['rows_reused']} | {again['requests']} | {clean['requests']} "
+                f"| {saved:.0%} | {'yes' if same else 'NO'} |"
+            )
     server.stop()
 
 

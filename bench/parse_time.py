@@ -24,11 +24,17 @@ def parse_durations(mode: str) -> dict[str, float]:
     """{dag_id: last parse duration in seconds} after the dag-processor has parsed dags/ twice in ``mode``."""
     with tempfile.TemporaryDirectory() as home:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VQA_"))}
-        env.update({
-            "AIRFLOW_HOME": home, "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"), "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-            "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "1", "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "0",
-            "VQA_EXECUTION": mode,
-        })
+        env.update(
+            {
+                "AIRFLOW_HOME": home,
+                "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+                "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+                "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "1",
+                "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "0",
+                "VQA_EXECUTION": mode,
+            }
+        )
         for argv in (["db", "migrate"], ["dag-processor", "--num-runs", "2"]):
             proc = subprocess.run([AIRFLOW, *argv], env=env, capture_output=True, text=True, timeout=600, check=False, cwd=ROOT)
             if proc.returncode != 0:
@@ -47,8 +53,15 @@ def own_share(path: Path) -> float:
     That is what a parsing child does beyond the processor's own work (fork, serialise, store),
     since the processor pre-imports ``airflow.sdk`` from the DAG file's imports.
     """
-    code = f"import time, runpy, airflow.sdk; t = time.perf_counter(); runpy.run_path({str(path)!r}); print(time.perf_counter() - t)"
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": str(ROOT / "plugins"), "AIRFLOW_HOME": tempfile.gettempdir(), "VQA_EXECUTION": "local"}
+    code = (
+        f"import time, runpy, airflow.sdk; t = time.perf_counter(); runpy.run_path({str(path)!r}); print(time.perf_counter() - t)"
+    )
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "PYTHONPATH": str(ROOT / "plugins"),
+        "AIRFLOW_HOME": tempfile.gettempdir(),
+        "VQA_EXECUTION": "local",
+    }
     proc = subprocess.run([os.sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, check=True)
     return float(proc.stdout.strip().splitlines()[-1])
 
@@ -59,9 +72,25 @@ def run() -> list[Result]:
         durations = parse_durations(mode)
         worst = max(durations.values())
         figures = ", ".join(f"{dag} {seconds:.2f} s" for dag, seconds in sorted(durations.items()))
-        results.append(Result(f"5. DAG parse time ({mode} mode)", f"slowest {worst:.2f} s", "< 0.3 s per file", worst < 0.3, f"dag-processor: {figures}"))
+        results.append(
+            Result(
+                f"5. DAG parse time ({mode} mode)",
+                f"slowest {worst:.2f} s",
+                "< 0.3 s per file",
+                worst < 0.3,
+                f"dag-processor: {figures}",
+            )
+        )
     shares = ", ".join(f"{path.stem} {own_share(path) * 1000:.0f} ms" for path in sorted((ROOT / "dags").glob("*.py")))
-    results.append(Result("5. the DAG file's own share", shares, "reported", None, "this project's imports and the DAG's construction; the rest is the processor's"))
+    results.append(
+        Result(
+            "5. the DAG file's own share",
+            shares,
+            "reported",
+            None,
+            "this project's imports and the DAG's construction; the rest is the processor's",
+        )
+    )
     return results
 
 

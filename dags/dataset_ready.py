@@ -36,7 +36,9 @@ def dataset_ready() -> None:
         datasets = []
         for item in published(triggering_asset_events):
             if item.get("estimate"):
-                print(f"{item['asset']} from {item['source_dag_id']} run {item['source_run_id']}: an estimate's sample, not a dataset; skipped")
+                print(
+                    f"{item['asset']} from {item['source_dag_id']} run {item['source_run_id']}: an estimate's sample, not a dataset; skipped"
+                )
                 continue
             datasets.append(item)
             print(

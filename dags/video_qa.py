@@ -84,12 +84,16 @@ PODS = Placement()
 )
 def video_qa() -> None:
     plan = shard_plan()
-    ingest = worker_task(task_id="ingest", shards=plan, pods=PODS, spec=WorkerSpec(generator="video_ingest", params=INGEST_OPTIONS, **RUN_OPTIONS))
+    ingest = worker_task(
+        task_id="ingest", shards=plan, pods=PODS, spec=WorkerSpec(generator="video_ingest", params=INGEST_OPTIONS, **RUN_OPTIONS)
+    )
     initial = worker_task(
         task_id="initial",
         shards=plan,
         pods=PODS,
-        spec=WorkerSpec(generator="video_qa_initial", input=staged_output("ingest"), params=from_params("max_frames"), **RUN_OPTIONS),
+        spec=WorkerSpec(
+            generator="video_qa_initial", input=staged_output("ingest"), params=from_params("max_frames"), **RUN_OPTIONS
+        ),
     )
     multiagent = worker_task(
         task_id="multiagent",
@@ -106,11 +110,15 @@ def video_qa() -> None:
         task_id="final",
         shards=plan,
         pods=PODS,
-        spec=WorkerSpec(generator="video_qa_final", input=staged_output("multiagent"), params=from_params("final_pairs"), **RUN_OPTIONS),
+        spec=WorkerSpec(
+            generator="video_qa_final", input=staged_output("multiagent"), params=from_params("final_pairs"), **RUN_OPTIONS
+        ),
     )
     ingest >> initial >> multiagent >> final
     stages = {"ingest": ingest, "initial": initial, "multiagent": multiagent, "final": final}
-    judge_and_merge(plan, stages, source="video_qa_final", dataset="video_qa", params=from_params("max_frames"), pods=PODS, **RUN_OPTIONS)
+    judge_and_merge(
+        plan, stages, source="video_qa_final", dataset="video_qa", params=from_params("max_frames"), pods=PODS, **RUN_OPTIONS
+    )
 
 
 video_qa()

@@ -19,5 +19,10 @@ from vqa_operators.operators.dag_config import DAG_DEFAULTS
 from vqa_operators.operators.model_server import VQAJanitorOperator
 
 if execution_mode() == "kubernetes" and runs_own_server():
-    with DAG(dag_id="vqa_janitor", doc_md=__doc__, tags=["vqa", "maintenance"], **{**DAG_DEFAULTS, "schedule": "@hourly", "max_active_runs": 1}):
+    with DAG(
+        dag_id="vqa_janitor",
+        doc_md=__doc__,
+        tags=["vqa", "maintenance"],
+        **{**DAG_DEFAULTS, "schedule": "@hourly", "max_active_runs": 1},
+    ):
         VQAJanitorOperator(task_id="delete_idle_run_servers")

@@ -42,23 +42,56 @@ if execution_mode() == "kubernetes":
         **io_params("vqa_smoke", rows_doc="an `image` field", final_task="generate"),
         **export_params(),
         **quality_params(),
-        "expect_gpu": Param(True, type="boolean", title="A GPU is required", description="Off: a GPU pod without a GPU device is reported, not failed."),
+        "expect_gpu": Param(
+            True,
+            type="boolean",
+            title="A GPU is required",
+            description="Off: a GPU pod without a GPU device is reported, not failed.",
+        ),
     }
-    params["input_uri"] = Param(f"{root}/{SAMPLE_FOLDER}/input.jsonl" if root else None, type=["null", "string"], title="Input JSONL", description="The sample the DAG writes.")
-    params["estimate_rows"] = Param(SAMPLE_ROWS, type="integer", minimum=1, title="Estimate from a sample (rows)", description="image_qa's estimate over this many rows.")
+    params["input_uri"] = Param(
+        f"{root}/{SAMPLE_FOLDER}/input.jsonl" if root else None,
+        type=["null", "string"],
+        title="Input JSONL",
+        description="The sample the DAG writes.",
+    )
+    params["estimate_rows"] = Param(
+        SAMPLE_ROWS,
+        type="integer",
+        minimum=1,
+        title="Estimate from a sample (rows)",
+        description="image_qa's estimate over this many rows.",
+    )
     with DAG(
-        dag_id="vqa_smoke", doc_md=__doc__, tags=["vqa", "maintenance"], params=params,
-        **{**DAG_DEFAULTS, "schedule": None, "max_active_runs": 1, "default_args": {**DAG_DEFAULTS["default_args"], "retries": 0}},
+        dag_id="vqa_smoke",
+        doc_md=__doc__,
+        tags=["vqa", "maintenance"],
+        params=params,
+        **{
+            **DAG_DEFAULTS,
+            "schedule": None,
+            "max_active_runs": 1,
+            "default_args": {**DAG_DEFAULTS["default_args"], "retries": 0},
+        },
     ):
         probes = f"{defaults['output_prefix'].rstrip('/')}/vqa_smoke" if defaults["output_prefix"] else ""
         pods = [
-            VQASmokePodOperator(task_id="cpu_pod", gpu=False, data_root=probes, expect_gpu="{{ params.expect_gpu }}", pod=PODS.for_task("cpu_pod")),
-            VQASmokePodOperator(task_id="gpu_pod", gpu=True, data_root=probes, expect_gpu="{{ params.expect_gpu }}", pod=PODS.for_task("gpu_pod")),
+            VQASmokePodOperator(
+                task_id="cpu_pod", gpu=False, data_root=probes, expect_gpu="{{ params.expect_gpu }}", pod=PODS.for_task("cpu_pod")
+            ),
+            VQASmokePodOperator(
+                task_id="gpu_pod", gpu=True, data_root=probes, expect_gpu="{{ params.expect_gpu }}", pod=PODS.for_task("gpu_pod")
+            ),
         ]
         sample = VQASmokeSampleOperator(task_id="sample", folder=f"{root}/{SAMPLE_FOLDER}" if root else None)
         plan = shard_plan()
         sample >> plan
-        generate = worker_task(task_id="generate", shards=plan, pods=PODS, spec=WorkerSpec(generator="image_qa", **RUN_OPTIONS, params={"pairs_per_row": 2}))
+        generate = worker_task(
+            task_id="generate",
+            shards=plan,
+            pods=PODS,
+            spec=WorkerSpec(generator="image_qa", **RUN_OPTIONS, params={"pairs_per_row": 2}),
+        )
         merge = judge_and_merge(plan, {"generate": generate}, source="image_qa", dataset="vqa_smoke", pods=PODS, **RUN_OPTIONS)
         report = VQASmokeReportOperator(task_id="report", pods=[p.task_id for p in pods], merge=merge.task_id)
         [*pods, merge] >> report

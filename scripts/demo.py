@@ -60,7 +60,11 @@ class ModelChoice:
     noise: bool = False
 
     def describe(self) -> str:
-        where = {"server": f"the server at {self.base_url}", "vllm": "vLLM's CPU build on this machine", "transformers": "transformers on this machine's CPU"}
+        where = {
+            "server": f"the server at {self.base_url}",
+            "vllm": "vLLM's CPU build on this machine",
+            "transformers": "transformers on this machine's CPU",
+        }
         what = " (a tiny random-weight model built here: its answers are noise)" if self.noise else ""
         return f"{self.model}{what}, served by {where[self.engine]}"
 
@@ -124,12 +128,46 @@ def sample_images() -> dict[str, bytes]:
 
     scenes = {
         "red_ball.jpg": ((640, 480), (70, 130, 180), [("ellipse", (220, 140, 420, 340), (220, 30, 30))]),
-        "two_boxes.jpg": ((800, 600), (240, 240, 230), [("rectangle", (80, 200, 300, 420), (30, 160, 60)), ("rectangle", (450, 150, 700, 400), (250, 200, 0))]),
-        "traffic_light.jpg": ((480, 640), (20, 20, 30), [("rectangle", (170, 80, 310, 560), (60, 60, 60)), ("ellipse", (200, 110, 280, 190), (230, 0, 0)), ("ellipse", (200, 290, 280, 370), (80, 80, 0)), ("ellipse", (200, 460, 280, 540), (0, 90, 0))]),
-        "sunset.jpg": ((1024, 576), (250, 150, 60), [("ellipse", (412, 300, 612, 500), (255, 220, 80)), ("rectangle", (0, 420, 1024, 576), (30, 60, 120))]),
+        "two_boxes.jpg": (
+            (800, 600),
+            (240, 240, 230),
+            [("rectangle", (80, 200, 300, 420), (30, 160, 60)), ("rectangle", (450, 150, 700, 400), (250, 200, 0))],
+        ),
+        "traffic_light.jpg": (
+            (480, 640),
+            (20, 20, 30),
+            [
+                ("rectangle", (170, 80, 310, 560), (60, 60, 60)),
+                ("ellipse", (200, 110, 280, 190), (230, 0, 0)),
+                ("ellipse", (200, 290, 280, 370), (80, 80, 0)),
+                ("ellipse", (200, 460, 280, 540), (0, 90, 0)),
+            ],
+        ),
+        "sunset.jpg": (
+            (1024, 576),
+            (250, 150, 60),
+            [("ellipse", (412, 300, 612, 500), (255, 220, 80)), ("rectangle", (0, 420, 1024, 576), (30, 60, 120))],
+        ),
         # the same figure (the personalised QA's main character) in two settings
-        "figure_park.jpg": ((640, 480), (120, 190, 110), [("ellipse", (290, 90, 350, 150), (240, 200, 170)), ("rectangle", (285, 150, 355, 300), (200, 40, 40)), ("rectangle", (290, 300, 350, 420), (40, 40, 120))]),
-        "figure_beach.jpg": ((640, 480), (240, 220, 160), [("rectangle", (0, 0, 640, 200), (90, 160, 230)), ("ellipse", (400, 120, 460, 180), (240, 200, 170)), ("rectangle", (395, 180, 465, 330), (200, 40, 40)), ("rectangle", (400, 330, 460, 450), (40, 40, 120))]),
+        "figure_park.jpg": (
+            (640, 480),
+            (120, 190, 110),
+            [
+                ("ellipse", (290, 90, 350, 150), (240, 200, 170)),
+                ("rectangle", (285, 150, 355, 300), (200, 40, 40)),
+                ("rectangle", (290, 300, 350, 420), (40, 40, 120)),
+            ],
+        ),
+        "figure_beach.jpg": (
+            (640, 480),
+            (240, 220, 160),
+            [
+                ("rectangle", (0, 0, 640, 200), (90, 160, 230)),
+                ("ellipse", (400, 120, 460, 180), (240, 200, 170)),
+                ("rectangle", (395, 180, 465, 330), (200, 40, 40)),
+                ("rectangle", (400, 330, 460, 450), (40, 40, 120)),
+            ],
+        ),
     }
     out = {}
     for name, (size, background, shapes) in scenes.items():
@@ -141,7 +179,9 @@ def sample_images() -> dict[str, bytes]:
     return out
 
 
-def sample_video(name: str, clips: list[tuple[tuple[int, int, int], tuple[int, int, int], str, str]], frames_per_clip: int = 6) -> tuple[dict[str, bytes], dict[str, Any]]:
+def sample_video(
+    name: str, clips: list[tuple[tuple[int, int, int], tuple[int, int, int], str, str]], frames_per_clip: int = 6
+) -> tuple[dict[str, bytes], dict[str, Any]]:
     """A video as frame sequences: per clip, a ball moving across a background; returns (files, row)."""
     from PIL import Image, ImageDraw
 
@@ -178,11 +218,20 @@ def sample_data() -> tuple[dict[str, bytes], dict[str, list[dict[str, Any]]]]:
     files = {f"media/{name}": data for name, data in sample_images().items()}
     video_rows = []
     for name, meta, clips in [
-        ("bouncing_ad", "A 15-second advertisement for a bouncy ball brand, aimed at children.", [
-            ((70, 130, 180), (220, 30, 30), "A red ball rolls across a blue background.", "Meet Bouncy, the ball that never stops!"),
-            ((240, 240, 230), (250, 200, 0), "A yellow ball crosses a bright studio.", "Now in five colours."),
-            ((20, 20, 30), (0, 200, 90), "A green ball glows in the dark.", "Bouncy. Play all night."),
-        ]),
+        (
+            "bouncing_ad",
+            "A 15-second advertisement for a bouncy ball brand, aimed at children.",
+            [
+                (
+                    (70, 130, 180),
+                    (220, 30, 30),
+                    "A red ball rolls across a blue background.",
+                    "Meet Bouncy, the ball that never stops!",
+                ),
+                ((240, 240, 230), (250, 200, 0), "A yellow ball crosses a bright studio.", "Now in five colours."),
+                ((20, 20, 30), (0, 200, 90), "A green ball glows in the dark.", "Bouncy. Play all night."),
+            ],
+        ),
     ]:
         video_files, row = sample_video(name, clips)
         files.update(video_files)
@@ -317,7 +366,9 @@ def main() -> int:
                 length = context_length(choice.source)
                 log = stack.enter_context(vllm_log.open("wb"))
                 local = choice.noise or Path(choice.source).exists()
-                base_url = stack.enter_context(serve_local_vllm(choice.source, choice.model, log=log, offline=local, max_model_len=length))
+                base_url = stack.enter_context(
+                    serve_local_vllm(choice.source, choice.model, log=log, offline=local, max_model_len=length)
+                )
             except (ServerUnavailableError, OSError, ValueError) as err:
                 say(f"FAILED: the model server could not start: {err}")
                 say(f"vLLM's last words ({vllm_log}): {last_error(vllm_log)}")
@@ -338,8 +389,13 @@ def main() -> int:
 
 # what merge exports beside the JSONL, as the demo names it
 EXPORT_NAMES = {
-    "hf": "Hub-ready folder (datasets, TRL)", "sharegpt": "ShareGPT JSON (LLaMA-Factory)", "dataset_info": "LLaMA-Factory dataset_info.json",
-    "llava": "LLaVA conversation JSON", "parquet": "flat Parquet", "media": "media copies", "card": "dataset card",
+    "hf": "Hub-ready folder (datasets, TRL)",
+    "sharegpt": "ShareGPT JSON (LLaMA-Factory)",
+    "dataset_info": "LLaMA-Factory dataset_info.json",
+    "llava": "LLaVA conversation JSON",
+    "parquet": "flat Parquet",
+    "media": "media copies",
+    "card": "dataset card",
 }
 
 
@@ -382,7 +438,9 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
         s3.put_object(Bucket=BUCKET, Key=key, Body=data)
     for dag_id, dag_rows in rows.items():
         s3.put_object(Bucket=BUCKET, Key=f"input/{dag_id}.jsonl", Body="".join(json.dumps(r) + "\n" for r in dag_rows).encode())
-    say(f"uploaded {len(files) - 1} images and frames, a video file ({VIDEO_FILE}) and {sum(map(len, rows.values()))} rows to s3://{BUCKET}/")
+    say(
+        f"uploaded {len(files) - 1} images and frames, a video file ({VIDEO_FILE}) and {sum(map(len, rows.values()))} rows to s3://{BUCKET}/"
+    )
 
     api_port = free_port(8080)
     api = f"http://localhost:{api_port}"
@@ -400,8 +458,22 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
         "AIRFLOW__API__PORT": str(api_port),
         "AIRFLOW__API__BASE_URL": api,
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "10",
-        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps({"conn_type": "aws", "login": "demo", "password": "demo", "extra": {"endpoint_url": s3_url, "region_name": "us-east-1"}}),
-        "AIRFLOW_CONN_VQA_VLM": json.dumps({"conn_type": "http", "host": base_url, "password": settings.variable(settings.API_KEY_ENV) or "", "extra": {"model": choice.model}}),
+        "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "demo",
+                "password": "demo",
+                "extra": {"endpoint_url": s3_url, "region_name": "us-east-1"},
+            }
+        ),
+        "AIRFLOW_CONN_VQA_VLM": json.dumps(
+            {
+                "conn_type": "http",
+                "host": base_url,
+                "password": settings.variable(settings.API_KEY_ENV) or "",
+                "extra": {"model": choice.model},
+            }
+        ),
         "VQA_BACKEND": "transformers" if choice.engine == "transformers" else "openai",
         "VQA_EXECUTION": "local",
         # the demo's data: the DAGs' default locations in the trigger form lie in its bucket
@@ -422,14 +494,26 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
     for dag_id, extra in RUNS.items():
         wait_for(f"{dag_id} DAG", lambda dag_id=dag_id: http("GET", f"{api}/api/v2/dags/{dag_id}", token=token), 120)
         http("PATCH", f"{api}/api/v2/dags/{dag_id}", {"is_paused": False}, token=token)
-        conf = {"input_uri": f"s3://{BUCKET}/input/{dag_id}.jsonl", "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/", "seed": 0, **extra}
-        runs[dag_id] = http("POST", f"{api}/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf}, token=token)["dag_run_id"]
+        conf = {
+            "input_uri": f"s3://{BUCKET}/input/{dag_id}.jsonl",
+            "output_prefix": f"s3://{BUCKET}/output",
+            "media_root": f"s3://{BUCKET}/",
+            "seed": 0,
+            **extra,
+        }
+        runs[dag_id] = http("POST", f"{api}/api/v2/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf}, token=token)[
+            "dag_run_id"
+        ]
         say(f"triggered {dag_id} run {runs[dag_id]}")
     failed = False
     made: dict[str, int] = {}
     for dag_id, run_id in runs.items():
         run_url = f"{api}/api/v2/dags/{dag_id}/dagRuns/{run_id}"
-        state = wait_for(f"the {dag_id} run", lambda run_url=run_url: (s := http("GET", run_url, token=token)["state"]) in ("success", "failed") and s, 1800)
+        state = wait_for(
+            f"the {dag_id} run",
+            lambda run_url=run_url: (s := http("GET", run_url, token=token)["state"]) in ("success", "failed") and s,
+            1800,
+        )
         if state != "success":
             failed = True
             say(f"FAILED: {dag_id} run ended {state}. Why:")
@@ -450,12 +534,20 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
             f"{dag_id}: rows_in={manifest['rows_in']} rows_out={manifest['rows_out']} rows_failed={manifest['rows_failed']} "
             f"rows_rejected={manifest['rows_rejected']} failures={manifest['failures_by_reason']}"
         )
-        say(f"{dag_id}: quality checks kept {manifest['pairs_kept']} pairs and rejected {manifest['pairs_rejected']} (acceptance {acceptance(manifest)}) {manifest['rejections_by_reason']}")
+        say(
+            f"{dag_id}: quality checks kept {manifest['pairs_kept']} pairs and rejected {manifest['pairs_rejected']} "
+            f"(acceptance {acceptance(manifest)}) {manifest['rejections_by_reason']}"
+        )
         if manifest.get("quality_scores"):
             from vqa_operators.records import QualityScores
 
-            say(f"{dag_id}: verdicts (annotated, every pair kept): {QualityScores.model_validate(manifest['quality_scores']).describe()}")
-        say(f"{dag_id}: output {manifest['output']} (copied to {work / 'output' / f'{dag_id}.jsonl'}); errors {manifest['errors']}; rejected {manifest['rejected']}")
+            say(
+                f"{dag_id}: verdicts (annotated, every pair kept): {QualityScores.model_validate(manifest['quality_scores']).describe()}"
+            )
+        say(
+            f"{dag_id}: output {manifest['output']} (copied to {work / 'output' / f'{dag_id}.jsonl'}); errors "
+            f"{manifest['errors']}; rejected {manifest['rejected']}"
+        )
         if "ingest" in manifest["stages"]:
             for line in ingested(s3, manifest):
                 say(f"{dag_id}: {line}")
@@ -474,7 +566,9 @@ def run_dags(work: Path, choice: ModelChoice, base_url: str, start: Any) -> int:
             say(f"{dag_id}: the quality checks rejected every row; the rejected file says why: {manifest['rejected']}")
     if failed:
         return 1
-    say(f"every DAG ran ({', '.join(f'{dag_id}: {n} rows out' for dag_id, n in made.items())}); the model was {choice.describe()}")
+    say(
+        f"every DAG ran ({', '.join(f'{dag_id}: {n} rows out' for dag_id, n in made.items())}); the model was {choice.describe()}"
+    )
     if choice.noise:
         say("remember: that model has random weights, so the questions and answers are noise in the right shape,")
         say("and the quality checks' verdicts come from the same model, so which pairs they keep is chance")

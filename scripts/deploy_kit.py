@@ -63,8 +63,16 @@ def example_manifests() -> list[dict[str, Any]]:
 
     placement = PodSettings(vllm_image=IMAGE, namespace=NAMESPACE)
     deployment, service = server_manifests(
-        name=server_name(INSTALLATION, DAG_ID, RUN_ID), namespace=NAMESPACE, model=MODEL, placement=placement, installation=INSTALLATION,
-        dag_id=DAG_ID, run_id=RUN_ID, max_num_seqs=MAX_NUM_SEQS, expires_at=EXPIRES_AT, vllm_args=VLLM_ARGS,
+        name=server_name(INSTALLATION, DAG_ID, RUN_ID),
+        namespace=NAMESPACE,
+        model=MODEL,
+        placement=placement,
+        installation=INSTALLATION,
+        dag_id=DAG_ID,
+        run_id=RUN_ID,
+        max_num_seqs=MAX_NUM_SEQS,
+        expires_at=EXPIRES_AT,
+        vllm_args=VLLM_ARGS,
     )
     return [deployment, service]
 
@@ -81,18 +89,30 @@ def render_rbac(release: str = "airflow", airflow_namespace: str = "airflow", na
     import yaml
 
     account = {
-        "apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "vqa-worker", "namespace": namespace},
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": "vqa-worker", "namespace": namespace},
         "automountServiceAccountToken": False,
     }
     rules = [
         {"apiGroups": [group], "resources": [resource], **({"resourceNames": names} if names else {}), "verbs": verbs}
         for group, resource, verbs, names in RULES
     ]
-    role = {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "vqa-pod-launcher", "namespace": namespace}, "rules": rules}
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "vqa-pod-launcher", "namespace": namespace},
+        "rules": rules,
+    }
     binding = {
-        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "vqa-pod-launcher", "namespace": namespace},
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": {"name": "vqa-pod-launcher", "namespace": namespace},
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "vqa-pod-launcher"},
-        "subjects": [{"kind": "ServiceAccount", "name": f"{release}-{component}", "namespace": airflow_namespace} for component in COMPONENTS],
+        "subjects": [
+            {"kind": "ServiceAccount", "name": f"{release}-{component}", "namespace": airflow_namespace}
+            for component in COMPONENTS
+        ],
     }
     header = (
         f"# What Airflow's components may do in the {namespace} namespace, for the chart's release {release!r} in {airflow_namespace!r}:\n"

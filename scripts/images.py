@@ -87,11 +87,21 @@ def build_base() -> float:
     with tempfile.TemporaryDirectory(prefix="vqa-debootstrap-", dir="/var/tmp") as tmp:
         rootfs = Path(tmp) / "rootfs"
         subprocess.run(
-            ["debootstrap", "--variant=minbase", "--include=python3,python3-venv,ca-certificates", "bookworm", str(rootfs), DEBIAN_MIRROR],
-            check=True, capture_output=True,
+            [
+                "debootstrap",
+                "--variant=minbase",
+                "--include=python3,python3-venv,ca-certificates",
+                "bookworm",
+                str(rootfs),
+                DEBIAN_MIRROR,
+            ],
+            check=True,
+            capture_output=True,
         )
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(["podman", "import", "-", BASE], stdin=tar.stdout, env={**os.environ, **PODMAN_ENV}, check=True, capture_output=True)
+        subprocess.run(
+            ["podman", "import", "-", BASE], stdin=tar.stdout, env={**os.environ, **PODMAN_ENV}, check=True, capture_output=True
+        )
         tar.wait()
     return time.monotonic() - started
 
@@ -145,7 +155,9 @@ def prune(keep: set[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tags", action="store_true", help="print each image's tag for the sources as they are, as JSON, and build nothing")
+    parser.add_argument(
+        "--tags", action="store_true", help="print each image's tag for the sources as they are, as JSON, and build nothing"
+    )
     if parser.parse_args().tags:
         print(json.dumps(tags()))
         return

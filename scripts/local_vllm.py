@@ -65,8 +65,16 @@ def server_args(
 
 @contextlib.contextmanager
 def serve_local_vllm(
-    model: str | Path, served_name: str, *, backend: str = "auto", log: IO[bytes] | None = None, max_num_seqs: int | None = None,
-    max_model_len: int = MAX_MODEL_LEN, offline: bool = True, startup_timeout: float = 1800.0, keep_alive_s: int | None = None,
+    model: str | Path,
+    served_name: str,
+    *,
+    backend: str = "auto",
+    log: IO[bytes] | None = None,
+    max_num_seqs: int | None = None,
+    max_model_len: int = MAX_MODEL_LEN,
+    offline: bool = True,
+    startup_timeout: float = 1800.0,
+    keep_alive_s: int | None = None,
 ) -> Iterator[str]:
     """vLLM's OpenAI-compatible server on ``model`` (a folder, or a Hub id with ``offline=False``); yields its /v1 URL.
 
@@ -77,12 +85,19 @@ def serve_local_vllm(
         raise RuntimeError(reason)
     # no usage reports from a test or demo machine; no Hub look-ups for a model on disk
     env = {
-        **CPU_ENV, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", **({"HF_HUB_OFFLINE": "1"} if offline else {}),
+        **CPU_ENV,
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        **({"HF_HUB_OFFLINE": "1"} if offline else {}),
         **({"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(keep_alive_s)} if keep_alive_s else {}),
     }
     with serve_vllm(
-        str(model), port=free_port(), command=[str(VLLM_PYTHON), "-m", VLLM_SERVER_MODULE],
-        args=server_args(served_name, backend=backend, max_num_seqs=max_num_seqs, max_model_len=max_model_len), env=env, log=log,
+        str(model),
+        port=free_port(),
+        command=[str(VLLM_PYTHON), "-m", VLLM_SERVER_MODULE],
+        args=server_args(served_name, backend=backend, max_num_seqs=max_num_seqs, max_model_len=max_model_len),
+        env=env,
+        log=log,
         startup_timeout=startup_timeout,
     ) as base_url:
         yield base_url

@@ -30,7 +30,12 @@ from typing import Any
 SERVED_NAME = "tiny-idefics3"
 IMAGE_SIZE = 32  # the vision tower's input; patches of 8 -> 16 patches -> 4 tokens after pixel shuffle (scale factor 2)
 SPECIAL = [
-    "<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>",
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<end_of_utterance>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<global-img>",
     *[f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)],
 ]
 # SmolVLM's template, which also takes a plain string as a message's content (vLLM passes system turns that way)
@@ -60,10 +65,16 @@ def tokenizer(vocab_size: int = 512) -> Any:
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     bpe.train_from_iterator(CORPUS * 50, trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<end_of_utterance>", pad_token="<|endoftext|>", unk_token="<|endoftext|>",
+        tokenizer_object=bpe,
+        bos_token="<|im_start|>",
+        eos_token="<end_of_utterance>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
         chat_template=CHAT_TEMPLATE,
     )
 
@@ -76,14 +87,34 @@ def build_tiny_idefics3(folder: Path, *, seed: int = 0, max_positions: int = 327
 
     tok = tokenizer()
     text = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, vocab_size=len(tok),
-        max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=max_positions,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
-    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": IMAGE_SIZE, "patch_size": 8}
+    vision = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": IMAGE_SIZE,
+        "patch_size": 8,
+    }
     config = Idefics3Config(
-        vision_config=vision, text_config=text.to_dict(), scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"),
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,  # type: ignore[call-arg]  # a text-config key Idefics3Config passes on
+        vision_config=vision,
+        text_config=text.to_dict(),
+        scale_factor=2,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,  # type: ignore[call-arg]  # a text-config key Idefics3Config passes on
     )
     torch.manual_seed(seed)
     model = Idefics3ForConditionalGeneration(config).eval()
@@ -92,16 +123,22 @@ def build_tiny_idefics3(folder: Path, *, seed: int = 0, max_positions: int = 327
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     image_processor = Idefics3ImageProcessorPil(
-        do_image_splitting=False, size={"longest_edge": IMAGE_SIZE}, max_image_size={"longest_edge": IMAGE_SIZE},
+        do_image_splitting=False,
+        size={"longest_edge": IMAGE_SIZE},
+        max_image_size={"longest_edge": IMAGE_SIZE},
     )
     image_tokens = (IMAGE_SIZE // 8) ** 2 // 4
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=image_tokens, chat_template=CHAT_TEMPLATE)
+    processor = Idefics3Processor(
+        image_processor=image_processor, tokenizer=tok, image_seq_len=image_tokens, chat_template=CHAT_TEMPLATE
+    )
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     # vLLM reads the chat template from the tokenizer's files as well as the processor's
     (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    (folder / "tiny_vlm.json").write_text(json.dumps({"built_by": "scripts/tiny_vlm.py", "seed": seed, "random_weights": True}) + "\n")
+    (folder / "tiny_vlm.json").write_text(
+        json.dumps({"built_by": "scripts/tiny_vlm.py", "seed": seed, "random_weights": True}) + "\n"
+    )
     return folder
 
 

@@ -63,10 +63,17 @@ DEFAULT_GRACE_S = 30
 TIER_LABEL = "vqa-test-namespace"  # on every pod podman plays for a namespace: what its clean-up removes, and nothing else
 
 
-def podman(*args: str, env: Mapping[str, str], check: bool = True, timeout: float | None = 300, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+def podman(
+    *args: str, env: Mapping[str, str], check: bool = True, timeout: float | None = 300, stdin: bytes | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run ``podman <args>`` with the tier's configuration (``CONTAINERS_CONF``)."""
     proc = subprocess.run(
-        ["podman", *args], env={**os.environ, **env}, capture_output=True, text=stdin is None, check=False, timeout=timeout,
+        ["podman", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=stdin is None,
+        check=False,
+        timeout=timeout,
         input=stdin,
     )
     if check and proc.returncode != 0:
@@ -77,7 +84,21 @@ def podman(*args: str, env: Mapping[str, str], check: bool = True, timeout: floa
 def quantity(value: str | int | float) -> float:
     """A Kubernetes quantity as a number: ``500m`` → 0.5, ``4Gi`` → 4·2³⁰, ``1G`` → 10⁹."""
     text = str(value)
-    suffixes = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18, "m": 1e-3}
+    suffixes = {
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+        "Pi": 2**50,
+        "Ei": 2**60,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "P": 1e15,
+        "E": 1e18,
+        "m": 1e-3,
+    }
     for suffix, factor in suffixes.items():
         if text.endswith(suffix):
             return float(text[: -len(suffix)]) * factor
@@ -113,7 +134,9 @@ class Node:
     name: str = "node-1"
     labels: dict[str, str] = field(default_factory=lambda: {"kubernetes.io/hostname": "node-1", "kubernetes.io/os": "linux"})
     taints: list[dict[str, str]] = field(default_factory=list)
-    allocatable: dict[str, str] = field(default_factory=lambda: {"cpu": "16", "memory": "64Gi", "ephemeral-storage": "500Gi", "pods": "110"})
+    allocatable: dict[str, str] = field(
+        default_factory=lambda: {"cpu": "16", "memory": "64Gi", "ephemeral-storage": "500Gi", "pods": "110"}
+    )
 
 
 @dataclass
@@ -139,8 +162,12 @@ class Config:
     def load(cls, path: str | Path) -> Config:
         raw = json.loads(Path(path).read_text())
         return cls(
-            **{**raw, "claims": {k: Claim(**v) for k, v in raw["claims"].items()}, "services": {k: Service(**v) for k, v in raw["services"].items()},
-               "nodes": [Node(**node) for node in raw["nodes"]]},
+            **{
+                **raw,
+                "claims": {k: Claim(**v) for k, v in raw["claims"].items()},
+                "services": {k: Service(**v) for k, v in raw["services"].items()},
+                "nodes": [Node(**node) for node in raw["nodes"]],
+            },
         )
 
     @property
@@ -187,7 +214,9 @@ def unfit(spec: Mapping[str, Any], node: Node) -> list[str]:
         # a container's request defaults to its limit (for extended resources, requests must equal limits)
         for name, value in {**(resources.get("limits") or {}), **(resources.get("requests") or {})}.items():
             requested[name] = requested.get(name, 0.0) + quantity(value)
-    return [f"Insufficient {name}" for name, amount in sorted(requested.items()) if amount > quantity(node.allocatable.get(name, "0"))]
+    return [
+        f"Insufficient {name}" for name, amount in sorted(requested.items()) if amount > quantity(node.allocatable.get(name, "0"))
+    ]
 
 
 def schedule(spec: Mapping[str, Any], nodes: list[Node]) -> Node:
@@ -237,11 +266,16 @@ def prepare(manifest: Mapping[str, Any], config: Config, pod_dir: Path) -> Prepa
         claim = (volume.get("persistentVolumeClaim") or {}).get("claimName")
         if claim is not None and claim not in config.claims:
             n = len(config.nodes)
-            raise Unschedulable(f'0/{n} nodes are available: persistentvolumeclaim "{claim}" not found. preemption: 0/{n} nodes are available: {n} Preemption is not helpful for scheduling.')
+            raise Unschedulable(
+                f'0/{n} nodes are available: persistentvolumeclaim "{claim}" not found. preemption: 0/{n} nodes are '
+                f"available: {n} Preemption is not helpful for scheduling."
+            )
     node = schedule(spec, config.nodes)
 
     # the API server's own Service is linked into every container; the namespace's Services unless the pod opts out
-    links = service_links({"kubernetes": KUBERNETES_SERVICE, **({} if spec.get("enableServiceLinks") is False else config.services)})
+    links = service_links(
+        {"kubernetes": KUBERNETES_SERVICE, **({} if spec.get("enableServiceLinks") is False else config.services)}
+    )
     for container in [*(spec.get("initContainers") or []), *spec["containers"]]:
         env = expansion.environment(container, config.secrets, namespace=config.name, services=links)
         command, args = expansion.command_and_args(container, env)
@@ -253,9 +287,14 @@ def prepare(manifest: Mapping[str, Any], config: Config, pod_dir: Path) -> Prepa
         declared = {var["name"] for var in container.get("env") or []}
         resolved = [
             {"name": var["name"], "value": env[var["name"]]} if "valueFrom" not in var else var
-            for var in container.get("env") or [] if var["name"] in env
+            for var in container.get("env") or []
+            if var["name"] in env
         ]
-        resolved += [{"name": name, "value": value} for name, value in links.items() if name not in declared and name in env and not from_env_from(container, config, name)]
+        resolved += [
+            {"name": name, "value": value}
+            for name, value in links.items()
+            if name not in declared and name in env and not from_env_from(container, config, name)
+        ]
         container["env"] = resolved
 
     security = spec.get("securityContext") or {}
@@ -272,7 +311,9 @@ def prepare(manifest: Mapping[str, Any], config: Config, pod_dir: Path) -> Prepa
             if empty.get("medium") == "Memory":
                 sizes = [s for s in (quantity(empty["sizeLimit"]) if empty.get("sizeLimit") else None, memory) if s]
                 size = int(min(sizes)) if sizes else None
-                subprocess.run(["mount", "-t", "tmpfs", "-o", f"mode=0777{f',size={size}' if size else ''}", "tmpfs", str(path)], check=True)
+                subprocess.run(
+                    ["mount", "-t", "tmpfs", "-o", f"mode=0777{f',size={size}' if size else ''}", "tmpfs", str(path)], check=True
+                )
                 tmpfs.append(path)
             path.chmod(0o777)
             if fs_group is not None:
@@ -284,7 +325,11 @@ def prepare(manifest: Mapping[str, Any], config: Config, pod_dir: Path) -> Prepa
             path = Path(claim.path)
             root = path.stat()
             # fsGroupChangePolicy OnRootMismatch: the kubelet walks the volume unless its root already has the group, rwx for it, setgid
-            if fs_group is not None and claim.supports_fs_group and (root.st_gid != int(fs_group) or root.st_mode & 0o2070 != 0o2070):
+            if (
+                fs_group is not None
+                and claim.supports_fs_group
+                and (root.st_gid != int(fs_group) or root.st_mode & 0o2070 != 0o2070)
+            ):
                 for item in [path, *path.rglob("*")]:
                     os.chown(item, -1, int(fs_group), follow_symlinks=False)
                     if not item.is_symlink():
@@ -298,7 +343,10 @@ def prepare(manifest: Mapping[str, Any], config: Config, pod_dir: Path) -> Prepa
 
 def from_env_from(container: Mapping[str, Any], config: Config, name: str) -> bool:
     """Whether ``name`` comes from one of the container's ``envFrom`` Secrets (which podman resolves itself)."""
-    return any(name in config.secrets.get((source.get("secretRef") or {}).get("name", ""), {}) for source in container.get("envFrom") or [])
+    return any(
+        name in config.secrets.get((source.get("secretRef") or {}).get("name", ""), {})
+        for source in container.get("envFrom") or []
+    )
 
 
 def service_links(services: Mapping[str, Service]) -> dict[str, str]:
@@ -409,7 +457,11 @@ class ExecSession:
 
     def __init__(self, argv: list[str], env: Mapping[str, str], *, stdin: bool) -> None:
         self._proc = subprocess.Popen(
-            argv, env={**os.environ, **env}, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            argv,
+            env={**os.environ, **env},
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         self._channels: dict[int, list[bytes]] = {1: [], 2: []}
         self._all: list[bytes] = []
@@ -514,7 +566,9 @@ class CoreV1:
         from kubernetes.client.exceptions import ApiException
 
         err = ApiException(status=404, reason="Not Found")
-        err.body = json.dumps({"kind": "Status", "status": "Failure", "message": f'pods "{name}" not found', "reason": "NotFound", "code": 404})
+        err.body = json.dumps(
+            {"kind": "Status", "status": "Failure", "message": f'pods "{name}" not found', "reason": "NotFound", "code": 404}
+        )
         return err
 
     def _record(self, name: str, namespace: str) -> PodRecord:
@@ -528,7 +582,10 @@ class CoreV1:
         from kubernetes.client.exceptions import ApiException
 
         if resource in self.config.forbidden:
-            raise ApiException(status=403, reason=f'{resource} is forbidden: User "system:serviceaccount:airflow:airflow-worker" cannot {verbs[0]} resource "{resource}"')
+            raise ApiException(
+                status=403,
+                reason=f'{resource} is forbidden: User "system:serviceaccount:airflow:airflow-worker" cannot {verbs[0]} resource "{resource}"',
+            )
         with self._lock, self.config.calls.open("a", encoding="utf-8") as out:
             for verb in verbs:
                 out.write(json.dumps({"apiGroup": group, "resource": resource, "verb": verb}) + "\n")
@@ -541,9 +598,21 @@ class CoreV1:
         field_path = f"spec.containers{{{container}}}" if container else None
         record.events.append(
             k8s.CoreV1Event(
-                metadata=k8s.V1ObjectMeta(name=f"{meta['name']}.{uuid.uuid4().hex[:16]}", namespace=self.config.name, resource_version=str(self._version), uid=str(uuid.uuid4())),
-                involved_object=k8s.V1ObjectReference(kind="Pod", name=meta["name"], namespace=self.config.name, uid=record.uid, field_path=field_path),
-                reason=reason, message=message, type=kind, count=1, first_timestamp=_now(), last_timestamp=_now(),
+                metadata=k8s.V1ObjectMeta(
+                    name=f"{meta['name']}.{uuid.uuid4().hex[:16]}",
+                    namespace=self.config.name,
+                    resource_version=str(self._version),
+                    uid=str(uuid.uuid4()),
+                ),
+                involved_object=k8s.V1ObjectReference(
+                    kind="Pod", name=meta["name"], namespace=self.config.name, uid=record.uid, field_path=field_path
+                ),
+                reason=reason,
+                message=message,
+                type=kind,
+                count=1,
+                first_timestamp=_now(),
+                last_timestamp=_now(),
             )
         )
 
@@ -586,8 +655,17 @@ class CoreV1:
         for container in manifest["spec"]["containers"]:
             image = container["image"]
             if self._podman("image", "exists", image, check=False).returncode != 0:
-                record.waiting = ("ErrImagePull", f'failed to pull and unpack image "{image}": no registry can be reached from this cluster')
-                self._event(record, "Failed", f"Failed to pull image \"{image}\": {record.waiting[1]}", kind="Warning", container=container["name"])
+                record.waiting = (
+                    "ErrImagePull",
+                    f'failed to pull and unpack image "{image}": no registry can be reached from this cluster',
+                )
+                self._event(
+                    record,
+                    "Failed",
+                    f'Failed to pull image "{image}": {record.waiting[1]}',
+                    kind="Warning",
+                    container=container["name"],
+                )
                 self._write_record(record, None, "")
                 return self._read_pod(name, namespace)
         path = pod_dir / "pod.yaml"
@@ -595,7 +673,10 @@ class CoreV1:
         proc = self._podman("kube", "play", "--network", self.config.network, str(path), check=False)
         record.played = True
         if proc.returncode != 0 and not self._container_states(record):  # nothing was created: the runtime refused the pod
-            record.waiting = ("CreateContainerError", proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "podman kube play failed")
+            record.waiting = (
+                "CreateContainerError",
+                proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "podman kube play failed",
+            )
             self._event(record, "Failed", f"Error: {record.waiting[1]}", kind="Warning", container=MAIN_CONTAINER)
         for container in manifest["spec"]["containers"]:
             self._event(record, "Created", f"Created container {container['name']}", container=container["name"])
@@ -618,7 +699,9 @@ class CoreV1:
 
         spec = record.manifest["spec"]
         if record.unschedulable:
-            condition = k8s.V1PodCondition(type="PodScheduled", status="False", reason="Unschedulable", message=record.unschedulable)
+            condition = k8s.V1PodCondition(
+                type="PodScheduled", status="False", reason="Unschedulable", message=record.unschedulable
+            )
             return k8s.V1PodStatus(phase="Pending", conditions=[condition])
         scheduled = k8s.V1PodCondition(type="PodScheduled", status="True")
         statuses = []
@@ -626,11 +709,17 @@ class CoreV1:
             reason, message = record.waiting
             for container in spec["containers"]:
                 state = k8s.V1ContainerState(waiting=k8s.V1ContainerStateWaiting(reason=reason, message=message))
-                statuses.append(k8s.V1ContainerStatus(name=container["name"], image=container["image"], image_id="", ready=False, restart_count=0, state=state))
+                statuses.append(
+                    k8s.V1ContainerStatus(
+                        name=container["name"], image=container["image"], image_id="", ready=False, restart_count=0, state=state
+                    )
+                )
             return k8s.V1PodStatus(phase="Pending", conditions=[scheduled], container_statuses=statuses)
         infos = self._container_states(record)
         if not infos:  # its containers are gone: removed behind the API server's back, as if the node had died
-            return k8s.V1PodStatus(phase="Failed", reason="NodeLost", message="the pod's containers no longer exist", conditions=[scheduled])
+            return k8s.V1PodStatus(
+                phase="Failed", reason="NodeLost", message="the pod's containers no longer exist", conditions=[scheduled]
+            )
         phases = []
         for container in spec["containers"]:
             info = infos.get(container["name"])
@@ -642,7 +731,12 @@ class CoreV1:
             elif state_info.get("Error") and not _time(state_info.get("StartedAt")):
                 # the runtime could not start the process (no such workdir, executable ...): what containerd reports as StartError
                 state = k8s.V1ContainerState(
-                    terminated=k8s.V1ContainerStateTerminated(exit_code=128, reason="StartError", message=state_info["Error"], finished_at=_time(state_info.get("FinishedAt")))
+                    terminated=k8s.V1ContainerStateTerminated(
+                        exit_code=128,
+                        reason="StartError",
+                        message=state_info["Error"],
+                        finished_at=_time(state_info.get("FinishedAt")),
+                    )
                 )
                 phases.append("failed")
             elif status in ("exited", "stopped"):
@@ -655,7 +749,11 @@ class CoreV1:
                     message = self._logs(record.manifest["metadata"]["name"], container["name"], tail=80)[-2048:] or None
                 state = k8s.V1ContainerState(
                     terminated=k8s.V1ContainerStateTerminated(
-                        exit_code=code, reason=reason, message=message, started_at=_time(state_info.get("StartedAt")), finished_at=_time(state_info.get("FinishedAt")),
+                        exit_code=code,
+                        reason=reason,
+                        message=message,
+                        started_at=_time(state_info.get("StartedAt")),
+                        finished_at=_time(state_info.get("FinishedAt")),
                     )
                 )
                 phases.append("failed" if code else "succeeded")
@@ -664,7 +762,12 @@ class CoreV1:
                 phases.append("waiting")
             statuses.append(
                 k8s.V1ContainerStatus(
-                    name=container["name"], image=container["image"], image_id=(info or {}).get("Image", ""), ready=status == "running", restart_count=0, state=state,
+                    name=container["name"],
+                    image=container["image"],
+                    image_id=(info or {}).get("Image", ""),
+                    ready=status == "running",
+                    restart_count=0,
+                    state=state,
                     started=status == "running",
                 )
             )
@@ -676,7 +779,9 @@ class CoreV1:
             phase = "Failed"
         else:
             phase = "Succeeded"
-        return k8s.V1PodStatus(phase=phase, conditions=[scheduled], container_statuses=statuses, start_time=record.created, host_ip="10.0.0.1")
+        return k8s.V1PodStatus(
+            phase=phase, conditions=[scheduled], container_statuses=statuses, start_time=record.created, host_ip="10.0.0.1"
+        )
 
     def read_namespaced_pod(self, name: str, namespace: str, **kwargs: Any) -> Any:
         self._call("pods", "get")
@@ -695,7 +800,9 @@ class CoreV1:
         pod.spec.node_name = record.prepared.node if record.prepared else None
         pod.status = status
         code = self._main_exit_code(status)
-        if not record.recorded and (code is not None or status.phase in ("Succeeded", "Failed")):  # the worker has finished: its code and log are final
+        if not record.recorded and (
+            code is not None or status.phase in ("Succeeded", "Failed")
+        ):  # the worker has finished: its code and log are final
             self._write_record(record, code, self._logs(name, MAIN_CONTAINER))
         assert isinstance(pod, k8s.V1Pod)
         return pod
@@ -711,9 +818,16 @@ class CoreV1:
         """Append what became of the pod to the namespace's record (once), for the tests to read."""
         labels = record.manifest["metadata"].get("labels") or {}
         entry = {
-            "name": record.manifest["metadata"]["name"], "task_id": labels.get("task_id"), "map_index": int(labels.get("map_index", -1)),
-            "try_number": labels.get("try_number"), "exit_code": exit_code, "waiting": list(record.waiting) if record.waiting else None,
-            "unschedulable": record.unschedulable, "node": record.prepared.node if record.prepared else None, "manifest": record.manifest, "logs": logs,
+            "name": record.manifest["metadata"]["name"],
+            "task_id": labels.get("task_id"),
+            "map_index": int(labels.get("map_index", -1)),
+            "try_number": labels.get("try_number"),
+            "exit_code": exit_code,
+            "waiting": list(record.waiting) if record.waiting else None,
+            "unschedulable": record.unschedulable,
+            "node": record.prepared.node if record.prepared else None,
+            "manifest": record.manifest,
+            "logs": logs,
         }
         record.recorded = True
         with self.config.record.open("a", encoding="utf-8") as out:
@@ -724,7 +838,11 @@ class CoreV1:
         from kubernetes.client import models as k8s
 
         with self._lock:
-            names = [n for n, r in self._pods.items() if not r.deleted and matches(r.manifest["metadata"].get("labels") or {}, label_selector)]
+            names = [
+                n
+                for n, r in self._pods.items()
+                if not r.deleted and matches(r.manifest["metadata"].get("labels") or {}, label_selector)
+            ]
         return k8s.V1PodList(items=[self._read_pod(n, namespace) for n in names] if namespace == self.config.name else [])
 
     def patch_namespaced_pod(self, name: str, namespace: str, body: Mapping[str, Any], **kwargs: Any) -> Any:
@@ -748,19 +866,37 @@ class CoreV1:
         data = self.config.secrets.get(name) if namespace == self.config.name else None
         if data is None:
             raise ApiException(status=404, reason=f'secrets "{name}" not found')
-        return k8s.V1Secret(metadata=k8s.V1ObjectMeta(name=name, namespace=namespace), data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()})
+        return k8s.V1Secret(
+            metadata=k8s.V1ObjectMeta(name=name, namespace=namespace),
+            data={k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        )
 
     # -- logs, events, exec
 
     def _logs(self, name: str, container: str, *, tail: int | None = None) -> str:
         """The container's log, stdout and stderr in the order they were written."""
         argv = ["podman", "logs", *(["--tail", str(tail)] if tail else []), f"{name}-{container}"]
-        proc = subprocess.run(argv, env={**os.environ, **self.config.podman_env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+        proc = subprocess.run(
+            argv,
+            env={**os.environ, **self.config.podman_env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            check=False,
+        )
         return proc.stdout if proc.returncode == 0 else ""
 
     def read_namespaced_pod_log(
-        self, name: str, namespace: str, container: str | None = None, follow: bool = False, timestamps: bool = False, since_seconds: int | None = None,
-        tail_lines: int | None = None, _preload_content: bool = True, **kwargs: Any,
+        self,
+        name: str,
+        namespace: str,
+        container: str | None = None,
+        follow: bool = False,
+        timestamps: bool = False,
+        since_seconds: int | None = None,
+        tail_lines: int | None = None,
+        _preload_content: bool = True,
+        **kwargs: Any,
     ) -> Any:
         from kubernetes.client.exceptions import ApiException
 
@@ -770,26 +906,42 @@ class CoreV1:
             record = self._record(name, namespace)
         container = container or MAIN_CONTAINER
         if not record.played or record.waiting:
-            raise ApiException(status=400, reason=f'container "{container}" in pod "{name}" is waiting to start: {(record.waiting or ("ContainerCreating",))[0]}')
+            raise ApiException(
+                status=400,
+                reason=f'container "{container}" in pod "{name}" is waiting to start: {(record.waiting or ("ContainerCreating",))[0]}',
+            )
         argv = ["podman", "logs", *(["--follow"] if follow else []), *(["--timestamps"] if timestamps else [])]
-        argv += [*(["--since", f"{since_seconds}s"] if since_seconds else []), *(["--tail", str(tail_lines)] if tail_lines else []), f"{name}-{container}"]
+        argv += [
+            *(["--since", f"{since_seconds}s"] if since_seconds else []),
+            *(["--tail", str(tail_lines)] if tail_lines else []),
+            f"{name}-{container}",
+        ]
         stream = LogStream(argv, self.config.podman_env)
         if _preload_content:
             return b"".join(stream.stream()).decode()
         return stream
 
-    def list_namespaced_event(self, namespace: str, field_selector: str | None = None, resource_version: str | None = None, **kwargs: Any) -> Any:
+    def list_namespaced_event(
+        self, namespace: str, field_selector: str | None = None, resource_version: str | None = None, **kwargs: Any
+    ) -> Any:
         self._call("events", "list")
         from kubernetes.client import models as k8s
 
         wanted = dict(term.split("=", 1) for term in (field_selector or "").split(",") if "=" in term)
         with self._lock:
-            events = [e for r in self._pods.values() for e in r.events if wanted.get("involvedObject.name", e.involved_object.name) == e.involved_object.name]
+            events = [
+                e
+                for r in self._pods.values()
+                for e in r.events
+                if wanted.get("involvedObject.name", e.involved_object.name) == e.involved_object.name
+            ]
         if resource_version:
             events = [e for e in events if int(e.metadata.resource_version) > int(resource_version)]
         return k8s.CoreV1EventList(items=events, metadata=k8s.V1ListMeta(resource_version=str(self._version)))
 
-    def connect_get_namespaced_pod_exec(self, name: str, namespace: str, command: list[str], container: str | None = None, stdin: bool = False, **kwargs: Any) -> ExecSession:
+    def connect_get_namespaced_pod_exec(
+        self, name: str, namespace: str, command: list[str], container: str | None = None, stdin: bool = False, **kwargs: Any
+    ) -> ExecSession:
         # the client opens an exec with a GET upgraded to a WebSocket: Kubernetes from 1.31 authorizes it as create, older ones as get
         self._call("pods/exec", "create", "get")
         with self._lock:
@@ -799,7 +951,9 @@ class CoreV1:
 
     # -- delete
 
-    def delete_namespaced_pod(self, name: str, namespace: str, body: Any = None, grace_period_seconds: int | None = None, **kwargs: Any) -> Any:
+    def delete_namespaced_pod(
+        self, name: str, namespace: str, body: Any = None, grace_period_seconds: int | None = None, **kwargs: Any
+    ) -> Any:
         """Stop the pod's containers (SIGTERM, then SIGKILL after the grace period) and remove it with its volumes' folders."""
         self._call("pods", "delete")
         with self._lock:
@@ -829,7 +983,11 @@ def stop_pod(name: str, containers: list[str], grace: int, env: Mapping[str, str
     and only then the pod's sandbox (its network). ``podman pod stop`` may stop the sandbox first, cutting off a container's
     network while it still has writes to finish."""
     stoppers = [
-        threading.Thread(target=podman, args=("stop", "--time", str(grace), f"{name}-{container}"), kwargs={"env": env, "check": False, "timeout": grace + 60})
+        threading.Thread(
+            target=podman,
+            args=("stop", "--time", str(grace), f"{name}-{container}"),
+            kwargs={"env": env, "check": False, "timeout": grace + 60},
+        )
         for container in containers
     ]
     for stopper in stoppers:
@@ -870,7 +1028,10 @@ class Namespace:
 
     @classmethod
     def create(
-        cls, config: Config, *, images: Mapping[str, str],
+        cls,
+        config: Config,
+        *,
+        images: Mapping[str, str],
     ) -> Namespace:
         """Create the Secrets (podman secrets), make the claims' folders, tag the images with the names pods ask for."""
         workdir = Path(config.workdir)
@@ -927,14 +1088,22 @@ class Namespace:
         """``env`` of an ``airflow dags test`` whose pods this namespace runs."""
         root = Path(__file__).resolve().parents[1]
         return {
-            **env, **self.config.podman_env, "VQA_EXECUTION": "kubernetes", "VQA_NAMESPACE": self.config.name, "VQA_TEST_CLUSTER": str(self.path),
+            **env,
+            **self.config.podman_env,
+            "VQA_EXECUTION": "kubernetes",
+            "VQA_NAMESPACE": self.config.name,
+            "VQA_TEST_CLUSTER": str(self.path),
             "PYTHONPATH": f"{root / 'tests' / 'cluster_site'}:{root / 'plugins'}:{root}",
         }
 
     def calls(self) -> set[tuple[str, str, str]]:
         """Every (apiGroup, resource, verb) the namespace was asked for so far."""
         path = self.config.calls
-        return {(c["apiGroup"], c["resource"], c["verb"]) for c in map(json.loads, path.read_text().splitlines())} if path.exists() else set()
+        return (
+            {(c["apiGroup"], c["resource"], c["verb"]) for c in map(json.loads, path.read_text().splitlines())}
+            if path.exists()
+            else set()
+        )
 
     def pods(self) -> list[dict[str, Any]]:
         """Every pod the operator made so far, with what became of it."""
@@ -943,16 +1112,32 @@ class Namespace:
 
     def running(self) -> list[str]:
         """The names of this namespace's pods whose main container runs now."""
-        proc = podman("pod", "ps", "--filter", f"label={TIER_LABEL}={self.config.uid}", "--format", "{{.Name}}", env=self.config.podman_env)
+        proc = podman(
+            "pod", "ps", "--filter", f"label={TIER_LABEL}={self.config.uid}", "--format", "{{.Name}}", env=self.config.podman_env
+        )
         names = proc.stdout.split()
         if not names:
             return []
-        states = podman("container", "inspect", "--format", "{{.Name}} {{.State.Status}}", *(f"{n}-{MAIN_CONTAINER}" for n in names), env=self.config.podman_env, check=False)
-        return [line.split()[0].removesuffix(f"-{MAIN_CONTAINER}") for line in states.stdout.splitlines() if line.split()[-1] == "running"]
+        states = podman(
+            "container",
+            "inspect",
+            "--format",
+            "{{.Name}} {{.State.Status}}",
+            *(f"{n}-{MAIN_CONTAINER}" for n in names),
+            env=self.config.podman_env,
+            check=False,
+        )
+        return [
+            line.split()[0].removesuffix(f"-{MAIN_CONTAINER}")
+            for line in states.stdout.splitlines()
+            if line.split()[-1] == "running"
+        ]
 
     def remove_pods(self) -> None:
         """Remove every pod of this namespace left (the operator keeps failed pods, as on a cluster) and their volumes' folders."""
-        listed = podman("pod", "ps", "--filter", f"label={TIER_LABEL}={self.config.uid}", "--format", "{{.Name}}", env=self.config.podman_env)
+        listed = podman(
+            "pod", "ps", "--filter", f"label={TIER_LABEL}={self.config.uid}", "--format", "{{.Name}}", env=self.config.podman_env
+        )
         for name in listed.stdout.split():
             podman("pod", "rm", "--force", "--time", "0", name, env=self.config.podman_env, check=False)
         pods = Path(self.config.workdir) / "pods"

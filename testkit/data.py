@@ -17,7 +17,9 @@ if TYPE_CHECKING:
 MODEL = "test-vlm"
 
 
-def make_jpeg(size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 30, 30), exif_orientation: int | None = None) -> bytes:
+def make_jpeg(
+    size: tuple[int, int] = (64, 48), color: tuple[int, int, int] = (200, 30, 30), exif_orientation: int | None = None
+) -> bytes:
     """A small JPEG, optionally with an EXIF orientation tag."""
     from PIL import Image
 
@@ -38,7 +40,9 @@ def photo(size: tuple[int, int], seed: int = 0) -> Image.Image:
 
     w, h = size
     blobs = (max(1, w // 40), max(1, h // 40))
-    img = Image.merge("RGB", [Image.effect_noise(blobs, 50 + 10 * ((i + seed) % 5)).resize(size, Image.Resampling.BICUBIC) for i in range(3)])
+    img = Image.merge(
+        "RGB", [Image.effect_noise(blobs, 50 + 10 * ((i + seed) % 5)).resize(size, Image.Resampling.BICUBIC) for i in range(3)]
+    )
     draw = ImageDraw.Draw(img)
     step = max(2, w // 170)
     for x in range(0, w, 2 * step):
@@ -76,8 +80,17 @@ def job_options(server: OpenAITestServer, folder: Path, source: Path, **extra: o
     from vqa_operators.worker import JobOptions
 
     settings: dict[str, Any] = {
-        "generator": "image_qa", "input": str(source), "output": str(folder / "out" / "rows.jsonl"), "base_url": server.base_url,
-        "model": MODEL, "media_root": str(folder / "media"), "concurrency": 8, "seed": 3, "params": {"pairs_per_row": 2},
-        "max_retries": 6, "request_timeout": 1.0, **extra,
+        "generator": "image_qa",
+        "input": str(source),
+        "output": str(folder / "out" / "rows.jsonl"),
+        "base_url": server.base_url,
+        "model": MODEL,
+        "media_root": str(folder / "media"),
+        "concurrency": 8,
+        "seed": 3,
+        "params": {"pairs_per_row": 2},
+        "max_retries": 6,
+        "request_timeout": 1.0,
+        **extra,
     }
     return JobOptions(**settings)

@@ -59,7 +59,11 @@ def expand(text: str, lookup: Callable[[str], str | None]) -> str:
 
 
 def environment(
-    container: Mapping[str, Any], secrets: Mapping[str, Mapping[str, str]], *, namespace: str = "default", services: Mapping[str, str] | None = None,
+    container: Mapping[str, Any],
+    secrets: Mapping[str, Mapping[str, str]],
+    *,
+    namespace: str = "default",
+    services: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The container's environment as the kubelet makes it: ``envFrom``, then ``env`` in order (literals expanded), then the service links."""
     services = dict(services or {})

@@ -66,9 +66,17 @@ class FakeApi:
         if kind == "Deployment":  # what the apps validation refuses beyond the schema (pkg/apis/apps/validation)
             template = manifest["spec"]["template"]["spec"]
             if template.get("activeDeadlineSeconds") is not None:
-                raise self._error(422, f'Deployment.apps "{name}" is invalid: spec.template.spec.activeDeadlineSeconds: Forbidden: activeDeadlineSeconds in ReplicaSet is not Supported')
+                raise self._error(
+                    422,
+                    f'Deployment.apps "{name}" is invalid: spec.template.spec.activeDeadlineSeconds: Forbidden: '
+                    f"activeDeadlineSeconds in ReplicaSet is not Supported",
+                )
             if template.get("restartPolicy", "Always") != "Always":
-                raise self._error(422, f'Deployment.apps "{name}" is invalid: spec.template.spec.restartPolicy: Unsupported value: "{template["restartPolicy"]}": supported values: "Always"')
+                raise self._error(
+                    422,
+                    f'Deployment.apps "{name}" is invalid: spec.template.spec.restartPolicy: Unsupported value: '
+                    f'"{template["restartPolicy"]}": supported values: "Always"',
+                )
         if name in store:
             raise self._error(409, f'{kind.lower()}s "{name}" already exists')
         self._created += 1
@@ -102,10 +110,26 @@ class FakeApi:
 
     def pod_status(self, deployment: str, status: dict[str, Any]) -> None:
         """The pod of ``deployment`` reports ``status`` (a PodStatus as JSON) from now on."""
-        self.pods[deployment] = self._model({"metadata": {"name": f"{deployment}-7d9f8-x2x4q", "labels": {"app.kubernetes.io/instance": deployment}}, "status": status}, "V1Pod")
+        self.pods[deployment] = self._model(
+            {
+                "metadata": {"name": f"{deployment}-7d9f8-x2x4q", "labels": {"app.kubernetes.io/instance": deployment}},
+                "status": status,
+            },
+            "V1Pod",
+        )
 
     def event(self, pod: str, reason: str, message: str) -> None:
-        self.events.append(self._model({"metadata": {"name": f"{pod}.1"}, "involvedObject": {"kind": "Pod", "name": pod}, "reason": reason, "message": message}, "CoreV1Event"))
+        self.events.append(
+            self._model(
+                {
+                    "metadata": {"name": f"{pod}.1"},
+                    "involvedObject": {"kind": "Pod", "name": pod},
+                    "reason": reason,
+                    "message": message,
+                },
+                "CoreV1Event",
+            )
+        )
 
     @property
     def apps(self) -> Apps:
@@ -134,7 +158,11 @@ class Apps:
         from kubernetes.client import models as k8s
 
         self.api._call("apps", "deployments", "list")
-        found = [d for d in self.api.deployments.values() if namespace == self.api.namespace and matches(d["metadata"].get("labels") or {}, label_selector)]
+        found = [
+            d
+            for d in self.api.deployments.values()
+            if namespace == self.api.namespace and matches(d["metadata"].get("labels") or {}, label_selector)
+        ]
         return k8s.V1DeploymentList(items=[self.api._model(d, "V1Deployment") for d in found])
 
     def patch_namespaced_deployment_scale(self, name: str, namespace: str, body: Any, **kwargs: Any) -> Any:

@@ -135,7 +135,9 @@ def schema_instance(schema: dict[str, Any], root: dict[str, Any], note: str, nam
     # a few words of its own, as a model's answers differ: without them two strings of one answer share all but a digit
     # (and the merge's near-duplicate check, rightly, takes them for one)
     seed = hashlib.sha256(f"{note}|{name}|{index}".encode()).digest()
-    words = " ".join("".join("bcdfghjklmnprstvwz"[b % 18] + "aeiou"[b // 18 % 5] for b in seed[i : i + 2]) for i in range(0, 8, 2))
+    words = " ".join(
+        "".join("bcdfghjklmnprstvwz"[b % 18] + "aeiou"[b // 18 % 5] for b in seed[i : i + 2]) for i in range(0, 8, 2)
+    )
     text = f"{name} {index + 1}: {note} {words}"
     if "pattern" in schema:
         return _patterned(schema["pattern"], text)
@@ -226,7 +228,9 @@ class OpenAITestServer:
         port = cast(tuple[str, int], self._httpd.server_address[:2])[1]
         return f"http://{address}:{port}/v1"
 
-    def simulate(self, *, slots: int, latency: float, decode_images: bool = False, keep_requests: bool = False) -> OpenAITestServer:
+    def simulate(
+        self, *, slots: int, latency: float, decode_images: bool = False, keep_requests: bool = False
+    ) -> OpenAITestServer:
         """Serve like a continuous-batching server: ``slots`` requests at once, ``latency`` seconds each."""
         self.slots, self.latency = slots, latency
         self._slot_gate = threading.Semaphore(slots)
@@ -246,9 +250,15 @@ class OpenAITestServer:
             return {"requests": 0, "span_s": 0.0, "peak_concurrency": peak}
         first, last = min(t[0] for t in timings), max(t[2] for t in timings)
         return {
-            "requests": len(timings), "first": first, "last": last, "span_s": last - first, "peak_concurrency": peak,
-            "mean_queue_s": sum(t[1] - t[0] for t in timings) / len(timings), "max_queue_s": max(t[1] - t[0] for t in timings),
-            "slots": self.slots, "latency": self.latency,
+            "requests": len(timings),
+            "first": first,
+            "last": last,
+            "span_s": last - first,
+            "peak_concurrency": peak,
+            "mean_queue_s": sum(t[1] - t[0] for t in timings) / len(timings),
+            "max_queue_s": max(t[1] - t[0] for t in timings),
+            "slots": self.slots,
+            "latency": self.latency,
         }
 
     def enqueue(self, *replies: Reply) -> None:
@@ -346,7 +356,11 @@ class OpenAITestServer:
         arrived = time.monotonic()
         try:
             sizes, decoder = vllm_rules.validate_request(
-                body, model=self.model, max_images=self.max_images, max_model_len=self.max_model_len, backend=self.backend,
+                body,
+                model=self.model,
+                max_images=self.max_images,
+                max_model_len=self.max_model_len,
+                backend=self.backend,
                 decode_images=self.decode_images,
             )
         except vllm_rules.Refusal as exc:
@@ -367,7 +381,11 @@ class OpenAITestServer:
         else:
             time.sleep(self.latency + reply.delay)
         if reply.status != 200:
-            return reply.status, {"error": {"message": f"scripted HTTP {reply.status}", "type": "ServerError", "code": reply.status}}, reply.headers
+            return (
+                reply.status,
+                {"error": {"message": f"scripted HTTP {reply.status}", "type": "ServerError", "code": reply.status}},
+                reply.headers,
+            )
         content = reply.content
         # hash and count the text and image sizes, not megabytes of base64
         seen = _without_image_data(body["messages"], sizes)
@@ -377,7 +395,11 @@ class OpenAITestServer:
             digest = hashlib.sha256(json.dumps([seen, body.get("seed")], sort_keys=True).encode()).hexdigest()[:8]
             note = f"saw {len(sizes)} image(s) " + ",".join(f"{w}x{h}" for w, h in sizes) + f" (reply {digest})"
             schema = ((body.get("response_format") or {}).get("json_schema") or {}).get("schema")
-            content = self._write(cast(dict[str, Any], schema), note, decoder, self.verdicts.fields(body)) if decoder is not None else note
+            content = (
+                self._write(cast(dict[str, Any], schema), note, decoder, self.verdicts.fields(body))
+                if decoder is not None
+                else note
+            )
         if reply.spoil == "truncate":
             content = content[: len(content) // 2]
         elif reply.spoil == "invalid_json":
@@ -385,14 +407,24 @@ class OpenAITestServer:
         elif reply.spoil == "schema_mismatch":
             content = json.dumps({"unexpected": ["not", "the", "schema"]})
         prompt_chars = sum(len(json.dumps(m.get("content"))) for m in seen)
-        return 200, {
-            "id": f"chatcmpl-{len(self.requests)}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": self.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reply.finish_reason}],
-            "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(content) // 4, "total_tokens": prompt_chars // 4 + len(content) // 4},
-        }, reply.headers
+        return (
+            200,
+            {
+                "id": f"chatcmpl-{len(self.requests)}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": self.model,
+                "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": reply.finish_reason}
+                ],
+                "usage": {
+                    "prompt_tokens": prompt_chars // 4,
+                    "completion_tokens": len(content) // 4,
+                    "total_tokens": prompt_chars // 4 + len(content) // 4,
+                },
+            },
+            reply.headers,
+        )
 
     def _write(self, schema: dict[str, Any], note: str, decoder: str, scripted: dict[str, Any] | None = None) -> str:
         """The answer guided decoding could have written for ``schema`` (with ``scripted`` fields): checked against xgrammar's own grammar."""
@@ -404,7 +436,9 @@ class OpenAITestServer:
             return content.replace(_QUIRK_MARK_JSON, "")  # llguidance writes no raw control characters
         content = content.replace(_QUIRK_MARK_JSON, CONTROL_QUIRK)
         if self.check_answers and not vllm_rules.grammar_accepts(json.dumps(schema), content):
-            raise RuntimeError(f"its answer breaks the request's grammar, which vLLM's guided decoding never would: {content[:300]!r}")
+            raise RuntimeError(
+                f"its answer breaks the request's grammar, which vLLM's guided decoding never would: {content[:300]!r}"
+            )
         return content
 
     def _transcribe(self, content_type: str, raw: bytes) -> tuple[int, dict[str, Any]]:
@@ -418,8 +452,13 @@ class OpenAITestServer:
             return 404, {"detail": "Not Found"}
         if not content_type.startswith("multipart/form-data"):
             return 422, {"detail": [{"type": "missing", "loc": ["body", "file"], "msg": "Field required"}]}
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + raw)
-        fields = {str(part.get_param("name", header="content-disposition")): cast(bytes, part.get_payload(decode=True)) for part in message.iter_parts()}
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+            f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+        )
+        fields = {
+            str(part.get_param("name", header="content-disposition")): cast(bytes, part.get_payload(decode=True))
+            for part in message.iter_parts()
+        }
         if "file" not in fields:
             return 422, {"detail": [{"type": "missing", "loc": ["body", "file"], "msg": "Field required"}]}
         model = (fields.get("model") or b"").decode()
@@ -434,7 +473,9 @@ class OpenAITestServer:
         except (wave.Error, EOFError, ZeroDivisionError):
             return 400, {"error": {"message": "Invalid or unsupported audio file.", "type": "BadRequestError", "code": 400}}
         with self._lock:
-            self.transcriptions.append({"model": model, "seconds": seconds, "response_format": (fields.get("response_format") or b"json").decode()})
+            self.transcriptions.append(
+                {"model": model, "seconds": seconds, "response_format": (fields.get("response_format") or b"json").decode()}
+            )
         return 200, {"text": f" Transcript of {seconds:.2f} s of audio."}
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -466,7 +507,9 @@ class OpenAITestServer:
                     self._send(200, server.stats(reset="reset" in self.path))
                 elif self.path == "/v1/models":
                     served = [server.model, *([server.transcription_model] if server.transcription_model else [])]
-                    self._send(200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "vllm"} for m in served]})
+                    self._send(
+                        200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "vllm"} for m in served]}
+                    )
                 else:
                     self._send(404, {"error": {"message": "Not Found", "type": "NotFoundError", "code": 404}})
 
@@ -495,7 +538,11 @@ class OpenAITestServer:
                     try:
                         answer = server._complete(body)
                     except Exception as exc:  # noqa: BLE001 - a broken test responder: say so instead of dropping the connection
-                        answer = 500, {"error": {"message": f"test double failed: {exc!r}", "type": "InternalServerError", "code": 500}}, {}
+                        answer = (
+                            500,
+                            {"error": {"message": f"test double failed: {exc!r}", "type": "InternalServerError", "code": 500}},
+                            {},
+                        )
                     if answer is None:
                         self.close_connection = True
                         self.connection.shutdown(2)  # dropped connection, no response
@@ -511,7 +558,9 @@ class OpenAITestServer:
 def main() -> None:
     parser = argparse.ArgumentParser(description="OpenAI-compatible TEST DOUBLE (not a model)")
     parser.add_argument("model", nargs="?")
-    parser.add_argument("--model", dest="model_option", help="as vLLM's server takes it (the worker's --serve-vllm passes --model)")
+    parser.add_argument(
+        "--model", dest="model_option", help="as vLLM's server takes it (the worker's --serve-vllm passes --model)"
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--latency", type=float, default=0.0)

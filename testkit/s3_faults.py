@@ -29,7 +29,18 @@ from typing import Any
 from urllib.parse import urlsplit
 
 FAULTS = ("slowdown", "internal", "drop", "drop_after", "cut", "slow")
-_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "expect", "host", "content-length"}
+_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+    "host",
+    "content-length",
+}
 
 
 def _error_document(code: str, message: str) -> bytes:
@@ -40,7 +51,13 @@ class S3FaultProxy:
     """``with S3FaultProxy(upstream, rates={"slowdown": 0.1, ...}, seed=1) as proxy: proxy.url``."""
 
     def __init__(
-        self, upstream: str, rates: dict[str, float] | None = None, *, seed: int = 0, delay_s: float = 0.3, max_in_a_row: int = 4,
+        self,
+        upstream: str,
+        rates: dict[str, float] | None = None,
+        *,
+        seed: int = 0,
+        delay_s: float = 0.3,
+        max_in_a_row: int = 4,
     ) -> None:
         unknown = set(rates or {}) - set(FAULTS)
         if unknown:

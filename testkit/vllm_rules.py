@@ -28,8 +28,20 @@ from typing import Any
 # (vllm/v1/structured_output/backend_xgrammar.py: has_xgrammar_unsupported_json_features)
 _ARRAY_UNSUPPORTED = ("uniqueItems", "contains", "minContains", "maxContains")
 _STRING_FORMATS = {
-    "email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri", "uri-reference",
-    "uri-template", "json-pointer", "relative-json-pointer",
+    "email",
+    "date",
+    "time",
+    "date-time",
+    "duration",
+    "ipv4",
+    "ipv6",
+    "hostname",
+    "uuid",
+    "uri",
+    "uri-reference",
+    "uri-template",
+    "json-pointer",
+    "relative-json-pointer",
 }
 
 
@@ -172,7 +184,9 @@ def validate_request(
     """Refuse what vLLM refuses (and fail where its engine fails); return the request's image sizes, in order, and the
     structured-output backend that decodes it (None without a JSON schema)."""
     if body.get("model") != model:
-        raise Refusal(f"The model `{body.get('model')}` does not exist. Valid aliases: {model}.", status=404, kind="NotFoundError")
+        raise Refusal(
+            f"The model `{body.get('model')}` does not exist. Valid aliases: {model}.", status=404, kind="NotFoundError"
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise Refusal("1 validation error: body.messages: Input should be a valid list", kind="Bad Request")
@@ -193,11 +207,16 @@ def validate_request(
     fmt = body.get("response_format")
     if fmt is not None:
         if not isinstance(fmt, dict) or fmt.get("type") not in {"text", "json_object", "json_schema", "structural_tag"}:
-            raise Refusal("1 validation error: body.response_format.type: Input should be 'text', 'json_object' or 'json_schema'", kind="Bad Request")
+            raise Refusal(
+                "1 validation error: body.response_format.type: Input should be 'text', 'json_object' or 'json_schema'",
+                kind="Bad Request",
+            )
         if fmt["type"] == "json_schema":
             spec = fmt.get("json_schema")
             if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(spec.get("schema"), dict):
-                raise Refusal("validation errors: body.response_format.json_schema needs a name and a schema object", kind="Bad Request")
+                raise Refusal(
+                    "validation errors: body.response_format.json_schema needs a name and a schema object", kind="Bad Request"
+                )
             decoder = check_schema(spec["schema"], backend)
             if decoder == "xgrammar":  # the engine compiles the grammar before decoding; a failure there is a 500
                 compiled_grammar(json.dumps(spec["schema"]))
@@ -213,9 +232,13 @@ def _sampling(body: dict[str, Any], max_model_len: int) -> None:
     if "seed" in body and body["seed"] is not None and not isinstance(body["seed"], int):
         raise Refusal("1 validation error: body.seed: Input should be a valid integer", kind="Bad Request")
     if not math.isfinite(temperature) or temperature < 0:
-        raise Refusal(f"temperature must be non-negative, got {float(temperature)}. (parameter=temperature, value={float(temperature)})")
+        raise Refusal(
+            f"temperature must be non-negative, got {float(temperature)}. (parameter=temperature, value={float(temperature)})"
+        )
     if temperature > 2:
-        raise Refusal(f"temperature must be in [0, 2], got {float(temperature)}. (parameter=temperature, value={float(temperature)})")
+        raise Refusal(
+            f"temperature must be in [0, 2], got {float(temperature)}. (parameter=temperature, value={float(temperature)})"
+        )
     if not 0.0 < top_p <= 1.0:
         raise Refusal(f"top_p must be in (0, 1], got {float(top_p)}. (parameter=top_p, value={float(top_p)})")
     if max_tokens is not None:

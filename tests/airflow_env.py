@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 
 
-def airflow_env(home: Path, *, s3_endpoint: str, vlm_base_url: str, model: str, api_key: str = "sk-airflow-secret-456") -> dict[str, str]:
+def airflow_env(
+    home: Path, *, s3_endpoint: str, vlm_base_url: str, model: str, api_key: str = "sk-airflow-secret-456"
+) -> dict[str, str]:
     """Environment for an isolated Airflow on SQLite that sees this project and the local servers."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "VQA_", "AWS_"))}
     env.update(
@@ -30,7 +32,9 @@ def airflow_env(home: Path, *, s3_endpoint: str, vlm_base_url: str, model: str, 
                     "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
                 }
             ),
-            "AIRFLOW_CONN_VQA_VLM": json.dumps({"conn_type": "http", "host": vlm_base_url, "password": api_key, "extra": {"model": model}}),
+            "AIRFLOW_CONN_VQA_VLM": json.dumps(
+                {"conn_type": "http", "host": vlm_base_url, "password": api_key, "extra": {"model": model}}
+            ),
             "VQA_EXECUTION": "local",
             "VQA_RETRY_DELAY_SECONDS": "3",  # a failing task fails the test in seconds, not minutes
         }

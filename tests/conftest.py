@@ -60,7 +60,9 @@ def pod_tier(tmp_path_factory: pytest.TempPathFactory, worker_images: dict[str, 
 
 
 @pytest.fixture(scope="session")
-def cluster_airflow(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITestServer, _moto: int, pod_tier: PodTier) -> dict[str, Any]:
+def cluster_airflow(
+    tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITestServer, _moto: int, pod_tier: PodTier
+) -> dict[str, Any]:
     """An Airflow home, migrated once, whose connections name the servers at this machine's address, where pods reach them too.
 
     ``{"home": its folder, "env": its environment, "pristine": a copy of its database before any run}``: the model's key is the one the namespace's
@@ -70,11 +72,15 @@ def cluster_airflow(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenA
     from tests.pod_tier import API_KEY
 
     home = tmp_path_factory.mktemp("cluster_home")
-    env = airflow_env(home, s3_endpoint=pod_tier.s3_url(_moto), vlm_base_url=_vlm_server.url_at(pod_tier.address), model=MODEL, api_key=API_KEY)
+    env = airflow_env(
+        home, s3_endpoint=pod_tier.s3_url(_moto), vlm_base_url=_vlm_server.url_at(pod_tier.address), model=MODEL, api_key=API_KEY
+    )
     migrate = airflow("db", "migrate", env=env)
     assert migrate.returncode == 0, migrate.stderr[-2000:]
     pristine = tmp_path_factory.mktemp("cluster_db") / "airflow.db"
-    shutil.copy(home / "airflow.db", pristine)  # the database as migrated, before any run: for tests that read back only their own
+    shutil.copy(
+        home / "airflow.db", pristine
+    )  # the database as migrated, before any run: for tests that read back only their own
     return {"home": home, "env": env, "pristine": pristine}
 
 
@@ -139,5 +145,3 @@ def fast_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     from vqa_operators.serving import openai_api
 
     monkeypatch.setattr(openai_api, "RETRY_BASE_DELAY_S", 0.01)
-
-

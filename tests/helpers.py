@@ -15,7 +15,12 @@ def run_worker(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     """``python -m vqa_operators run ARGS`` in a child process; its output captured."""
     full_env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins"), **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "vqa_operators", "run", *args], capture_output=True, text=True, env=full_env, timeout=120, check=False
+        [sys.executable, "-m", "vqa_operators", "run", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+        check=False,
     )
 
 
@@ -24,23 +29,50 @@ def checkpointed_rows(folder: Path) -> int:
     return sum(len(p.read_text().splitlines()) for p in folder.glob("*.checkpoint/**/part-*.jsonl"))
 
 
-def run_manifest(generator: str, output: str | Path, *, rows_in: int, rows_out: int, rows_failed: int = 0, **fields: object) -> Any:
-    """A one-stage run's ``records.RunManifest`` for ``output`` (its errors file beside it, as ``merge_run`` names it), as the preview and the export read it."""
+def run_manifest(
+    generator: str, output: str | Path, *, rows_in: int, rows_out: int, rows_failed: int = 0, **fields: object
+) -> Any:
+    """A one-stage run's ``records.RunManifest`` for ``output`` (its errors file beside it, as ``merge_run`` names it), as
+    the preview and the export read it."""
     from vqa_operators.records import RunManifest, StageSummary
     from vqa_operators.storage.uris import beside
 
     output = str(output)
     errors = f"{output.rsplit('/', 1)[0]}/generate.errors.jsonl"
     stage = StageSummary(
-        generator=generator, shards=1, output=output, errors=errors, rejected=None, model="m", prompt_sha256="ab" * 32, seed=1, slowest_shard_s=1.0,
-        rows_in=rows_in, rows_out=rows_out, rows_failed=rows_failed,
+        generator=generator,
+        shards=1,
+        output=output,
+        errors=errors,
+        rejected=None,
+        model="m",
+        prompt_sha256="ab" * 32,
+        seed=1,
+        slowest_shard_s=1.0,
+        rows_in=rows_in,
+        rows_out=rows_out,
+        rows_failed=rows_failed,
     )
     return RunManifest(
         **{
-            "generator": generator, "shards": 1, "input": "in.jsonl", "output": output, "errors": {"generate": errors}, "rejected": None,
-            "rows_in": rows_in, "rows_out": rows_out, "rows_failed": rows_failed, "acceptance_rate": None, "near_duplicates": None,
-            "quality_scores": None, "cost_per_kept_pair": None, "stages": {"generate": stage}, "estimate": None,
-            "manifest": beside(output, ".manifest.json"), "preview": beside(output, ".preview.html"), **fields,
+            "generator": generator,
+            "shards": 1,
+            "input": "in.jsonl",
+            "output": output,
+            "errors": {"generate": errors},
+            "rejected": None,
+            "rows_in": rows_in,
+            "rows_out": rows_out,
+            "rows_failed": rows_failed,
+            "acceptance_rate": None,
+            "near_duplicates": None,
+            "quality_scores": None,
+            "cost_per_kept_pair": None,
+            "stages": {"generate": stage},
+            "estimate": None,
+            "manifest": beside(output, ".manifest.json"),
+            "preview": beside(output, ".preview.html"),
+            **fields,
         }
     )
 
@@ -51,6 +83,10 @@ def wait_for_progress(stderr: Any, generator: str, rows: int) -> list[str]:
     for line in stderr:
         seen.append(line)
         head = line.split(f"{generator}: ", 1)[-1]
-        if " rows" in head and head.split(" ", 1)[0].split("/", 1)[0].isdigit() and int(head.split(" ", 1)[0].split("/", 1)[0]) >= rows:
+        if (
+            " rows" in head
+            and head.split(" ", 1)[0].split("/", 1)[0].isdigit()
+            and int(head.split(" ", 1)[0].split("/", 1)[0]) >= rows
+        ):
             return seen
     raise AssertionError("the worker ended before it reported progress:\n" + "".join(seen))

@@ -47,15 +47,24 @@ class PodTier:
         CPU build runs (no device is given).
         """
         nodes = [
-            Node(name="cpu-1", labels={"kubernetes.io/hostname": "cpu-1"}, allocatable={"cpu": "7910m", "memory": "29Gi", "ephemeral-storage": "180Gi", "pods": "58"}),
             Node(
-                name="gpu-1", labels={"kubernetes.io/hostname": "gpu-1"},
+                name="cpu-1",
+                labels={"kubernetes.io/hostname": "cpu-1"},
+                allocatable={"cpu": "7910m", "memory": "29Gi", "ephemeral-storage": "180Gi", "pods": "58"},
+            ),
+            Node(
+                name="gpu-1",
+                labels={"kubernetes.io/hostname": "gpu-1"},
                 taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
                 allocatable={"cpu": "7910m", "memory": "29Gi", "ephemeral-storage": "180Gi", "nvidia.com/gpu": "1", "pods": "58"},
             ),
         ]
         config = Config(
-            name=NAMESPACE, workdir=str(workdir), podman_env=PODMAN_ENV, secrets=SECRETS, nodes=nodes,
+            name=NAMESPACE,
+            workdir=str(workdir),
+            podman_env=PODMAN_ENV,
+            secrets=SECRETS,
+            nodes=nodes,
             # block storage: the kubelet gives the pod's fsGroup the volume
             claims={MODEL_CACHE: Claim(path=str(workdir / "claims" / MODEL_CACHE))},
             # a model service named as vLLM's Kubernetes guide warns against: with service links on, every later pod of the

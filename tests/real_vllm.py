@@ -47,7 +47,10 @@ def vllm_server(model: Path, log_name: str, *, backend: str = "auto") -> Iterato
     """vLLM serving ``model`` as ``SERVED_NAME``; its log goes to .artifacts/real_vllm/<log_name>.log."""
     require_vllm()
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    with (ARTIFACTS / f"{log_name}.log").open("wb") as log, serve_local_vllm(model, SERVED_NAME, backend=backend, log=log) as base_url:
+    with (
+        (ARTIFACTS / f"{log_name}.log").open("wb") as log,
+        serve_local_vllm(model, SERVED_NAME, backend=backend, log=log) as base_url,
+    ):
         yield base_url
 
 
@@ -60,7 +63,9 @@ def write_inputs(folder: Path, *, images: int = 24, videos: int = 8, video_files
     media.mkdir(parents=True, exist_ok=True)
     for i in range(images):
         (media / f"{i}.jpg").write_bytes(make_jpeg((64 + 13 * i, 48 + 7 * i), color=(10 * i % 256, 120, 200)))
-    image_rows = [{"id": i, "image": [f"{i}.jpg", f"{(i + 1) % images}.jpg"] if i % 3 == 0 else f"{i}.jpg"} for i in range(images)]
+    image_rows = [
+        {"id": i, "image": [f"{i}.jpg", f"{(i + 1) % images}.jpg"] if i % 3 == 0 else f"{i}.jpg"} for i in range(images)
+    ]
     pers_rows = [{"id": i, "image": [f"{i}.jpg"], "subject_type": ("person", "pet", "object")[i % 3]} for i in range(images)]
     video_rows = []
     for v in range(videos):
@@ -71,7 +76,13 @@ def write_inputs(folder: Path, *, images: int = 24, videos: int = 8, video_files
                 name = f"v{v}c{c}f{k}.jpg"
                 (media / name).write_bytes(make_jpeg((96, 54), color=(30 * v % 256, 60 * c, 40 * k)))
                 frames.append(name)
-            clips.append({"Description": f"Clip {c + 1} of video {v}: a ball rolls by.", "Audio_Text": "Meet the ball.", "Frames_Images": frames})
+            clips.append(
+                {
+                    "Description": f"Clip {c + 1} of video {v}: a ball rolls by.",
+                    "Audio_Text": "Meet the ball.",
+                    "Frames_Images": frames,
+                }
+            )
         video_rows.append({"id": f"video-{v}", "Meta": f"A short advertisement, number {v}.", "Clips": clips})
     for v in range(video_files):
         from testkit.videos import write_video
@@ -89,8 +100,24 @@ def run_worker_cli(generator: str, source: Path, output: Path, base_url: str, me
     """``python -m vqa_operators run`` against the server; the manifest (the last stdout line)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins")}
     argv = [
-        sys.executable, "-m", "vqa_operators", "run", generator, "--input", str(source), "--output", str(output),
-        "--base-url", base_url, "--model", SERVED_NAME, "--media-root", str(media), "--seed", "7", *extra,
+        sys.executable,
+        "-m",
+        "vqa_operators",
+        "run",
+        generator,
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--base-url",
+        base_url,
+        "--model",
+        SERVED_NAME,
+        "--media-root",
+        str(media),
+        "--seed",
+        "7",
+        *extra,
     ]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=900, check=False)
     assert proc.returncode == 0, f"{generator} exited {proc.returncode}: {proc.stderr[-3000:]}"
@@ -116,8 +143,13 @@ def stage_figures(manifests: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
     """Per stage: rows in and out, the share out, failures by reason, requests, repairs, seconds."""
     return {
         stage: {
-            "rows_in": m["rows_in"], "rows_out": m["rows_out"], "share_out": round(m["rows_out"] / max(m["rows_in"], 1), 3),
-            "failures": m["failures_by_reason"], "requests": m["requests"], "repairs": m["repairs"], "seconds": m["duration_s"],
+            "rows_in": m["rows_in"],
+            "rows_out": m["rows_out"],
+            "share_out": round(m["rows_out"] / max(m["rows_in"], 1), 3),
+            "failures": m["failures_by_reason"],
+            "requests": m["requests"],
+            "repairs": m["repairs"],
+            "seconds": m["duration_s"],
         }
         for stage, m in manifests.items()
     }
@@ -145,22 +177,33 @@ def check_outputs(folder: Path) -> None:
 
     for row in rows("image_qa"):
         pairs = row["qa_pairs"]
-        assert len(pairs) == 3 and all(set(p) == {"question", "answer"} and _clean(p["question"]) and _clean(p["answer"]) for p in pairs), row
+        assert len(pairs) == 3 and all(
+            set(p) == {"question", "answer"} and _clean(p["question"]) and _clean(p["answer"]) for p in pairs
+        ), row
         assert all(len(p["question"]) <= 300 and len(p["answer"]) <= 600 for p in pairs)
     for row in rows("pers_qa"):
         match = re.fullmatch(r"Question: (?P<q>.+\?) Answer: (?P<a><mam>.+)", row["pers_qa"])
         assert match and _clean(row["pers_qa"]) and match["a"][len("<mam>") :].strip(" .,:;!?"), row["pers_qa"]
     for stage in ("video_qa_initial", "video_qa_multiagent"):
         for row in rows(stage):
-            assert row["QA"] and all(set(p) == {"Question", "Answer"} and _clean(p["Question"]) and _clean(p["Answer"]) for p in row["QA"])
+            assert row["QA"] and all(
+                set(p) == {"Question", "Answer"} and _clean(p["Question"]) and _clean(p["Answer"]) for p in row["QA"]
+            )
             assert "video_qa_state" in row
     for row in rows("video_qa_final"):
         assert "video_qa_state" not in row and 1 <= len(row["QA"]) <= 10
         for pair in row["QA"]:
             labels, clips = pair["Label"].split(", "), pair["Clips"]
-            assert set(pair) == {"Label", "Question", "Answer", "Clips"} and 1 <= len(labels) <= 2 and len(set(labels)) == len(labels), pair
+            assert (
+                set(pair) == {"Label", "Question", "Answer", "Clips"}
+                and 1 <= len(labels) <= 2
+                and len(set(labels)) == len(labels)
+            ), pair
             # the clips a pair is about: indices into the row's clips, from 0, each once, in order
-            assert clips and clips == sorted(set(clips)) and all(0 <= n < len(row["Clips"]) for n in clips), (pair, len(row["Clips"]))
+            assert clips and clips == sorted(set(clips)) and all(0 <= n < len(row["Clips"]) for n in clips), (
+                pair,
+                len(row["Clips"]),
+            )
             assert set(labels) <= set(LABELS) and _clean(pair["Question"]) and _clean(pair["Answer"])
 
 
@@ -196,7 +239,9 @@ def assert_targets(figures: dict[str, dict[str, Any]]) -> None:
     for stage, f in figures.items():
         got = f["rows_out"] + f["empty_text"]
         assert f["rows_out"] >= 0.75 * f["rows_in"], f"{stage}: {f['rows_out']}/{f['rows_in']} rows out: {f['failures']}"
-        assert got >= TARGET * f["rows_in"], f"{stage}: {f['rows_out']}/{f['rows_in']} rows out ({f['empty_text']} empty text), below {TARGET:.0%}: {f['failures']}"
+        assert got >= TARGET * f["rows_in"], (
+            f"{stage}: {f['rows_out']}/{f['rows_in']} rows out ({f['empty_text']} empty text), below {TARGET:.0%}: {f['failures']}"
+        )
         assert not REFUSED & set(f["failures"]), f"{stage}: vLLM refused requests: {f['failures']}"
 
 
@@ -211,19 +256,40 @@ def parity_requests(model: str) -> dict[str, dict[str, Any]]:
 
     def body(**changes: Any) -> dict[str, Any]:
         parts = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "Describe it."}]
-        return {"model": model, "messages": [{"role": "user", "content": parts}], "max_tokens": 32, "temperature": 0.7, "top_p": 0.9, "seed": 1, **changes}
+        return {
+            "model": model,
+            "messages": [{"role": "user", "content": parts}],
+            "max_tokens": 32,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "seed": 1,
+            **changes,
+        }
 
     def schema(s: Any) -> dict[str, Any]:
         return body(response_format={"type": "json_schema", "json_schema": {"name": "X", "schema": s}})
 
     def image_url(url: str) -> dict[str, Any]:
-        return body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]}])
+        return body(
+            messages=[
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "x"}]}
+            ]
+        )
 
     strings = {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2}
     return {
         "plain": body(),
-        "bounded strings": schema({"type": "object", "properties": {"a": {"type": "string", "minLength": 1, "maxLength": 8}}, "required": ["a"]}),
-        "union": schema({"anyOf": [{"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]}, {"type": "string", "maxLength": 3}]}),
+        "bounded strings": schema(
+            {"type": "object", "properties": {"a": {"type": "string", "minLength": 1, "maxLength": 8}}, "required": ["a"]}
+        ),
+        "union": schema(
+            {
+                "anyOf": [
+                    {"type": "object", "properties": {"k": {"const": "a"}}, "required": ["k"]},
+                    {"type": "string", "maxLength": 3},
+                ]
+            }
+        ),
         "pattern": schema({"type": "string", "pattern": "^<mam>[ ,]{0,3}[^\\s].{0,100}$"}),
         "pattern with a length (to llguidance)": schema({"type": "string", "pattern": "^a.*$", "maxLength": 5}),
         "allOf (to llguidance)": schema({"allOf": [{"type": "string"}, {"maxLength": 3}]}),
@@ -265,6 +331,8 @@ def check_parity(vllm_url: str, backend: str) -> None:
         assert not differ, json.dumps(differ, indent=1)
         assert {s[0] for s in statuses.values()} >= {200, 400, 404, 500}  # every kind of answer was exercised
         # vLLM stays up after every refusal, and so does the double
-        assert httpx.post(f"{vllm_url}/chat/completions", json=parity_requests(SERVED_NAME)["plain"], timeout=120).status_code == 200
+        assert (
+            httpx.post(f"{vllm_url}/chat/completions", json=parity_requests(SERVED_NAME)["plain"], timeout=120).status_code == 200
+        )
     finally:
         double.stop()

@@ -57,17 +57,13 @@ def image_qa_example(serving: Any) -> None:
         file_name_prefix="imageqa",
         cache_type="jsonl",
         media_key="image",
-        media_type="image"
+        media_type="image",
     )
     storage.step()
 
     # Step 3: Initialize and run the operator
     qa_generator = ImageQAGenerate(serving)
-    qa_generator.run(
-        storage=storage,
-        multi_modal_key="image",
-        output_key="qa_pairs"
-    )
+    qa_generator.run(storage=storage, multi_modal_key="image", output_key="qa_pairs")
 
 
 def pers_qa_example(serving: Any) -> None:
@@ -81,17 +77,13 @@ def pers_qa_example(serving: Any) -> None:
         file_name_prefix="pers_qa",
         cache_type="jsonl",
         media_key="image",
-        media_type="image"
+        media_type="image",
     )
     storage.step()
 
     # Step 3: Initialize and run the operator
     generator = PersQAGenerate(serving)
-    generator.run(
-        storage=storage,
-        multi_modal_key="image",
-        output_key="pers_qa"
-    )
+    generator.run(storage=storage, multi_modal_key="image", output_key="pers_qa")
 
 
 class VideoQAPipeline:
@@ -119,29 +111,26 @@ class VideoQAPipeline:
         )
 
         # Step 3: Initialize and run the operator
-        initial_QA_generation = MultiroleVideoQAInitialGenerator(llm_serving = self.llm_serving)
-        multiAgent_QA_generation = MultiroleVideoQAMultiAgentGenerator(llm_serving = self.llm_serving, max_iterations = 3)
-        final_QA_generation = MultiroleVideoQAFinalGenerator(llm_serving = self.llm_serving)
+        initial_QA_generation = MultiroleVideoQAInitialGenerator(llm_serving=self.llm_serving)
+        multiAgent_QA_generation = MultiroleVideoQAMultiAgentGenerator(llm_serving=self.llm_serving, max_iterations=3)
+        final_QA_generation = MultiroleVideoQAFinalGenerator(llm_serving=self.llm_serving)
 
         init_df = initial_QA_generation.run(
-                    storage = self.storage.step(),
-                    input_meta_key = self.input_meta_key,
-                    input_clips_key = self.input_clips_key,
-                    output_key = self.output_key
-                )
+            storage=self.storage.step(),
+            input_meta_key=self.input_meta_key,
+            input_clips_key=self.input_clips_key,
+            output_key=self.output_key,
+        )
         middle_df = multiAgent_QA_generation.run(
-                    df = init_df,
-                    input_meta_key = self.input_meta_key,
-                    input_clips_key = self.input_clips_key,
-                    output_key = self.output_key
-                )
+            df=init_df, input_meta_key=self.input_meta_key, input_clips_key=self.input_clips_key, output_key=self.output_key
+        )
         final_QA_generation.run(
-                    storage = self.storage,
-                    df = middle_df,
-                    input_meta_key = self.input_meta_key,
-                    input_clips_key = self.input_clips_key,
-                    output_key = self.output_key
-                )
+            storage=self.storage,
+            df=middle_df,
+            input_meta_key=self.input_meta_key,
+            input_clips_key=self.input_clips_key,
+            output_key=self.output_key,
+        )
 
 
 def video_qa_example(serving: Any) -> None:

@@ -127,7 +127,10 @@ def test_every_free_text_string_is_bounded(key: str) -> None:
             pattern = string["pattern"]
             assert pattern.startswith("^") and pattern.endswith("$"), path
             repeats = [int(n) for n in re.findall(r"\{\d+,(\d+)\}", pattern)]
-            assert not UNBOUNDED.search(re.sub(r"\[[^\]]*\]", "", pattern)) and all(n <= PATTERN_MAX_CHARS for n in repeats), (path, pattern)
+            assert not UNBOUNDED.search(re.sub(r"\[[^\]]*\]", "", pattern)) and all(n <= PATTERN_MAX_CHARS for n in repeats), (
+                path,
+                pattern,
+            )
         else:
             assert "maxLength" in string, f"{key}{path} is a string without a bound"
             assert string.get("minLength", 0) >= 1, f"{key}{path} may be empty"
@@ -154,7 +157,15 @@ def test_guided_decoding_of_the_tag_pattern_means_what_the_client_checks(tag: st
 
     schema = json.dumps(tagged_answer_model(tag, 128).model_json_schema())
     generator = PersQAGenerator(_NoServing(), options={"tag": tag})  # type: ignore[arg-type]
-    cases = [f"{tag} is smiling.", f"{tag}, who smiles", f"{tag}'s coat is red", tag, f"{tag} . ,", f"x {tag} smiles", f"{tag} " + "y" * 200]
+    cases = [
+        f"{tag} is smiling.",
+        f"{tag}, who smiles",
+        f"{tag}'s coat is red",
+        tag,
+        f"{tag} . ,",
+        f"x {tag} smiles",
+        f"{tag} " + "y" * 200,
+    ]
     for text in cases:
         accepted = vllm_rules.grammar_accepts(schema, json.dumps({"answer": text}, ensure_ascii=False))
         try:

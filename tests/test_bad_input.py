@@ -28,13 +28,22 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def job(tmp_path: Path, server: OpenAITestServer, lines: list[bytes], generator: str = "image_qa", **extra) -> tuple[dict, list[dict], list[dict]]:
+def job(
+    tmp_path: Path, server: OpenAITestServer, lines: list[bytes], generator: str = "image_qa", **extra
+) -> tuple[dict, list[dict], list[dict]]:
     source = tmp_path / "in.jsonl"
     source.write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "out" / "rows.jsonl"
     opts = JobOptions(
-        generator=generator, input=str(source), output=str(out), base_url=server.base_url, model=MODEL,
-        media_root=str(tmp_path / "media"), concurrency=4, max_retries=0, **extra,
+        generator=generator,
+        input=str(source),
+        output=str(out),
+        base_url=server.base_url,
+        model=MODEL,
+        media_root=str(tmp_path / "media"),
+        concurrency=4,
+        max_retries=0,
+        **extra,
     )
     manifest = run_job(opts)
     return manifest, read_rows(out), read_rows(tmp_path / "out" / "rows.errors.jsonl")
@@ -119,20 +128,30 @@ def test_s3_media_missing_and_denied(vlm_server: OpenAITestServer, tmp_path: Pat
     source.write_text("\n".join(lines) + "\n")
     out = tmp_path / "rows.jsonl"
     opts = JobOptions(
-        generator="image_qa", input=str(source), output=str(out), base_url=vlm_server.base_url, model=MODEL,
-        media_root=f"s3://{bucket}/", max_retries=0,
+        generator="image_qa",
+        input=str(source),
+        output=str(out),
+        base_url=vlm_server.base_url,
+        model=MODEL,
+        media_root=f"s3://{bucket}/",
+        max_retries=0,
     )
     manifest = run_job(opts, storage=Storage(s3_client=client))
     errors = read_rows(tmp_path / "rows.errors.jsonl")
     assert [r["id"] for r in read_rows(out)] == ["ok"]
     assert [(e["row"]["id"], e["reason"]) for e in errors] == [
-        ("missing", "image_not_found"), ("denied", "image_unreadable"), ("other-bucket", "path_not_allowed"), ("dotdot", "path_not_allowed"),
+        ("missing", "image_not_found"),
+        ("denied", "image_unreadable"),
+        ("other-bucket", "path_not_allowed"),
+        ("dotdot", "path_not_allowed"),
     ]
     assert "AccessDenied" in errors[1]["detail"]
     assert manifest.rows_failed == 4
 
 
-def test_allowed_roots_are_configurable(vlm_server: OpenAITestServer, tmp_path: Path, media: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_allowed_roots_are_configurable(
+    vlm_server: OpenAITestServer, tmp_path: Path, media: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     shared = tmp_path / "shared"
     shared.mkdir()
     (shared / "a.jpg").write_bytes(make_jpeg((40, 40)))
@@ -156,7 +175,10 @@ def test_video_corpus(vlm_server: OpenAITestServer, tmp_path: Path, media: Path)
         ({"id": "v-nullmeta", "Meta": None, "Clips": good["Clips"]}, "missing_field"),
         ({"id": "v-clips-type", "Meta": "x", "Clips": {"Description": "x"}}, "bad_field"),
         ({"id": "v-long", "Meta": "word " * 20_000, "Clips": good["Clips"]}, "prompt_too_long"),
-        ({"id": "v-traversal", "Meta": "x", "Clips": [{"Description": "d", "Frames_Images": ["../outside.jpg"]}]}, "path_not_allowed"),
+        (
+            {"id": "v-traversal", "Meta": "x", "Clips": [{"Description": "d", "Frames_Images": ["../outside.jpg"]}]},
+            "path_not_allowed",
+        ),
     ]
     manifest, out, errors = job(tmp_path, vlm_server, [json.dumps(r).encode() for r, _ in corpus], generator="video_qa_initial")
     assert [r["id"] for r in out] == ["v-ok"]
@@ -166,7 +188,9 @@ def test_video_corpus(vlm_server: OpenAITestServer, tmp_path: Path, media: Path)
 
 
 @pytest.mark.parametrize("case", ["missing", "directory", "not-readable"])
-def test_unreadable_input_is_a_one_line_job_error(vlm_server: OpenAITestServer, tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreadable_input_is_a_one_line_job_error(
+    vlm_server: OpenAITestServer, tmp_path: Path, case: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     source = tmp_path / "in.jsonl"
     if case == "directory":
         source.mkdir()
@@ -177,7 +201,20 @@ def test_unreadable_input_is_a_one_line_job_error(vlm_server: OpenAITestServer, 
             source.chmod(0o644)
             source = tmp_path / "in-dir"
             source.mkdir()  # as root every file is readable; a directory is not a file either
-    code = main(["run", "image_qa", "--input", str(source), "--output", str(tmp_path / "o.jsonl"), "--base-url", vlm_server.base_url, "--model", MODEL])
+    code = main(
+        [
+            "run",
+            "image_qa",
+            "--input",
+            str(source),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--base-url",
+            vlm_server.base_url,
+            "--model",
+            MODEL,
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == InputError.exit_code
     assert err[-1].startswith("vqa_operators: InputError: cannot read ") and len(err[-1]) < 300

@@ -32,8 +32,14 @@ pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
 # without the background-networking flags chromium keeps dialling Google, which this network refuses
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 ARTIFACTS = ROOT / ".artifacts" / "browser"
 # the README's screenshots: this tier takes them, so they show the UI and the pages as they are now (commit them after a run)
@@ -68,7 +74,9 @@ def upload_day(s3, dag_id: str, day: str, n: int) -> None:
         buf = io.BytesIO()
         photo((320, 240), seed=i).save(buf, "JPEG")
         s3.put_object(Bucket=BUCKET, Key=f"media/{day}/p{i}.jpg", Body=buf.getvalue())
-    rows = [{"id": f"{day}-{i}", "image": f"media/{day}/p{i}.jpg"} for i in range(n)] + [{"id": f"{day}-missing", "image": "media/nowhere.jpg"}]
+    rows = [{"id": f"{day}-{i}", "image": f"media/{day}/p{i}.jpg"} for i in range(n)] + [
+        {"id": f"{day}-missing", "image": "media/nowhere.jpg"}
+    ]
     s3.put_object(Bucket=BUCKET, Key=f"raw/{dag_id}/{day}/input.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
@@ -81,7 +89,11 @@ def s3_demo(s3_endpoint: str):
     import boto3
 
     client = boto3.client(
-        "s3", endpoint_url=s3_endpoint, aws_access_key_id="testing-key-id", aws_secret_access_key="testing-secret-value", region_name="us-east-1"
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id="testing-key-id",
+        aws_secret_access_key="testing-secret-value",
+        region_name="us-east-1",
     )
     if BUCKET not in [b["Name"] for b in client.list_buckets()["Buckets"]]:
         client.create_bucket(Bucket=BUCKET)
@@ -92,7 +104,9 @@ def s3_demo(s3_endpoint: str):
 
 
 @pytest.fixture(scope="module")
-def standalone(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITestServer, s3_endpoint: str, s3_demo) -> Iterator[Standalone]:
+def standalone(
+    tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITestServer, s3_endpoint: str, s3_demo
+) -> Iterator[Standalone]:
     home = tmp_path_factory.mktemp("standalone")
     port = free_port(18080)
     url = f"http://localhost:{port}"
@@ -108,7 +122,9 @@ def standalone(tmp_path_factory: pytest.TempPathFactory, _vlm_server: OpenAITest
         }
     )
     log = open(home / "standalone.log", "wb")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen([AIRFLOW, "standalone"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [AIRFLOW, "standalone"], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         wait_for("Airflow API", lambda: http("GET", f"{url}/api/v2/monitor/health")["scheduler"]["status"] == "healthy", 240)
         password_file = home / "simple_auth_manager_passwords.json.generated"
@@ -155,7 +171,9 @@ def page(browser, standalone: Standalone) -> Iterator[Any]:
     context.close()
 
 
-def trigger_from_form(page: Any, standalone: Standalone, dag_id: str, run_id: str, fields: dict[str, str], shot: str | None = None) -> None:
+def trigger_from_form(
+    page: Any, standalone: Standalone, dag_id: str, run_id: str, fields: dict[str, str], shot: str | None = None
+) -> None:
     """Open the DAG's trigger form, change ``fields``, name the run, and press Trigger."""
     page.goto(f"{standalone.url}/dags/{dag_id}")
     page.get_by_role("button", name="Trigger").first.click()
@@ -192,7 +210,9 @@ def test_trigger_image_qa_from_the_form_and_read_its_log(page: Any, standalone: 
     page.get_by_text("rows/s").first.wait_for()
     log_text = page.locator("body").inner_text()
     assert "try 1 of 4: running image_qa in-process" in log_text
-    assert re.search(r"image_qa: 4/4 rows \(100\.0%\), [\d.]+ rows/s, [\d,]+ tokens .*ETA 0s, 1 failed \{'image_not_found': 1\}", log_text)
+    assert re.search(
+        r"image_qa: 4/4 rows \(100\.0%\), [\d.]+ rows/s, [\d,]+ tokens .*ETA 0s, 1 failed \{'image_not_found': 1\}", log_text
+    )
     page.screenshot(path=str(ARTIFACTS / "task-log.png"))
 
     # the form's change reached the run: two pairs per row, today's partition read
@@ -203,7 +223,9 @@ def test_trigger_image_qa_from_the_form_and_read_its_log(page: Any, standalone: 
     assert [r["id"] for r in rows] == [f"{today}-{i}" for i in range(3)] and all(len(r["qa_pairs"]) == 2 for r in rows)
 
     # the merge task's "QA preview" link is the presigned preview URL
-    preview_url = standalone.api("GET", "/dags/image_qa/dagRuns/ui_form_run/taskInstances/merge/links")["extra_links"]["QA preview"]
+    preview_url = standalone.api("GET", "/dags/image_qa/dagRuns/ui_form_run/taskInstances/merge/links")["extra_links"][
+        "QA preview"
+    ]
     assert preview_url.startswith(f"{s3_endpoint}/{BUCKET}/output/image_qa/ui_form_run/generate.preview.html?")
 
     # ... and it renders: every thumbnail decoded, the failure under its reason
@@ -216,7 +238,9 @@ def test_trigger_image_qa_from_the_form_and_read_its_log(page: Any, standalone: 
     page.screenshot(path=str(README_SHOTS / "preview.png"), full_page=True)
 
 
-def test_a_failed_try_is_retried_and_the_ui_shows_try_2(page: Any, standalone: Standalone, s3_demo, _vlm_server: OpenAITestServer) -> None:
+def test_a_failed_try_is_retried_and_the_ui_shows_try_2(
+    page: Any, standalone: Standalone, s3_demo, _vlm_server: OpenAITestServer
+) -> None:
     # rows of this run ask for 4 pairs: the first try gets 2 rows through, then the server goes
     # away until that try has given up (its checkpoint is on S3); the retry resumes
     served = 0
@@ -230,7 +254,9 @@ def test_a_failed_try_is_retried_and_the_ui_shows_try_2(page: Any, standalone: S
         with lock:
             served += 1
             n = served
-        checkpointed = s3_demo.list_objects_v2(Bucket=BUCKET, Prefix="output/image_qa/ui_retry_run/generate/").get("KeyCount", 0) > 0
+        checkpointed = (
+            s3_demo.list_objects_v2(Bucket=BUCKET, Prefix="output/image_qa/ui_retry_run/generate/").get("KeyCount", 0) > 0
+        )
         return Reply(drop=True) if n > 2 and not checkpointed else None
 
     _vlm_server.responder = outage
@@ -242,7 +268,9 @@ def test_a_failed_try_is_retried_and_the_ui_shows_try_2(page: Any, standalone: S
 
     ti = standalone.api("GET", "/dags/image_qa/dagRuns/ui_retry_run/taskInstances/generate/0")
     assert (ti["try_number"], ti["state"]) == (2, "success")
-    manifest = standalone.api("GET", "/dags/image_qa/dagRuns/ui_retry_run/taskInstances/generate/xcomEntries/return_value?map_index=0")["value"]
+    manifest = standalone.api(
+        "GET", "/dags/image_qa/dagRuns/ui_retry_run/taskInstances/generate/xcomEntries/return_value?map_index=0"
+    )["value"]
     manifest = json.loads(manifest) if isinstance(manifest, str) else manifest
     reused = manifest["rows_reused"]
     # two rows answered, and the row with the missing image (no model call) may have finished beside them
@@ -264,7 +292,10 @@ def test_a_failed_try_is_retried_and_the_ui_shows_try_2(page: Any, standalone: S
     page.get_by_text("failed, will retry").first.wait_for()
     page.screenshot(path=str(ARTIFACTS / "retry-try-1.png"))
     first = page.locator("body").inner_text()
-    assert re.search(rf"image_qa\.generate\[0\] try 1 of 4 failed, will retry: ServerUnavailableError: .*; {reused}/4 rows finished \({reused} this try, 0 reused\)", first)
+    assert re.search(
+        rf"image_qa\.generate\[0\] try 1 of 4 failed, will retry: ServerUnavailableError: .*; {reused}/4 rows finished \({reused} this try, 0 reused\)",
+        first,
+    )
 
 
 def test_backfill_three_dates_each_with_its_own_output(standalone: Standalone, s3_demo) -> None:
@@ -274,7 +305,19 @@ def test_backfill_three_dates_each_with_its_own_output(standalone: Standalone, s
     standalone.api("PATCH", "/dags/image_qa", {"is_paused": False})  # backfill runs wait while a DAG is paused
     # the CLI writes to the same SQLite file as the running scheduler: it waits for the scheduler's lock (the busy
     # timeout airflow_env sets), so one call is enough
-    proc = airflow("backfill", "create", "--dag-id", "image_qa", "--from-date", days[0], "--to-date", days[-1], "--max-active-runs", "3", env=standalone.env)
+    proc = airflow(
+        "backfill",
+        "create",
+        "--dag-id",
+        "image_qa",
+        "--from-date",
+        days[0],
+        "--to-date",
+        days[-1],
+        "--max-active-runs",
+        "3",
+        env=standalone.env,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
 
     def backfill_runs() -> list[dict]:
@@ -285,16 +328,22 @@ def test_backfill_three_dates_each_with_its_own_output(standalone: Standalone, s
         runs = sorted(wait_for("three backfill runs", backfill_runs, 300), key=lambda r: r["logical_date"])
     except SystemExit:
         listed = standalone.api("GET", "/dags/image_qa/dagRuns?limit=100")["dag_runs"]
-        pytest.fail(f"backfill runs not done: {[(r['dag_run_id'], r['run_type'], r['state']) for r in listed]}; CLI said: {proc.stdout[-1500:]}")
+        pytest.fail(
+            f"backfill runs not done: {[(r['dag_run_id'], r['run_type'], r['state']) for r in listed]}; CLI said: {proc.stdout[-1500:]}"
+        )
     assert [r["state"] for r in runs] == ["success"] * 3
     assert [r["logical_date"][:10] for r in runs] == days
     for n, (run, day) in enumerate(zip(runs, days, strict=True), start=1):
-        manifest = standalone.api("GET", f"/dags/image_qa/dagRuns/{run['dag_run_id']}/taskInstances/merge/xcomEntries/return_value")["value"]
+        manifest = standalone.api(
+            "GET", f"/dags/image_qa/dagRuns/{run['dag_run_id']}/taskInstances/merge/xcomEntries/return_value"
+        )["value"]
         manifest = json.loads(manifest) if isinstance(manifest, str) else manifest
         assert manifest["input"] == f"s3://{BUCKET}/raw/image_qa/{day}/input.jsonl"
         assert manifest["output"] == f"s3://{BUCKET}/output/image_qa/{run['dag_run_id']}/generate.jsonl"
         assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"]) == (n + 1, n, 1)
-        assert [r["id"] for r in output_rows(s3_demo, manifest["output"].removeprefix(f"s3://{BUCKET}/"))] == [f"{day}-{i}" for i in range(n)]
+        assert [r["id"] for r in output_rows(s3_demo, manifest["output"].removeprefix(f"s3://{BUCKET}/"))] == [
+            f"{day}-{i}" for i in range(n)
+        ]
 
 
 def test_a_published_dataset_starts_the_downstream_dag_and_a_failed_run_starts_nothing(standalone: Standalone, s3_demo) -> None:
@@ -303,15 +352,25 @@ def test_a_published_dataset_starts_the_downstream_dag_and_a_failed_run_starts_n
         standalone.api("PATCH", f"/dags/{dag_id}", {"is_paused": False})
     # a run that fails (its input does not exist: plan fails at once, without retries) beside one that succeeds;
     # an asset event is recorded only as a task succeeds, so once the failed run has ended none can come from it
-    inputs = {"asset_failed_run": f"s3://{BUCKET}/raw/image_qa/no-such-day/input.jsonl", "asset_ok_run": f"s3://{BUCKET}/raw/image_qa/{today}/input.jsonl"}
+    inputs = {
+        "asset_failed_run": f"s3://{BUCKET}/raw/image_qa/no-such-day/input.jsonl",
+        "asset_ok_run": f"s3://{BUCKET}/raw/image_qa/{today}/input.jsonl",
+    }
     for name, input_uri in inputs.items():
-        standalone.api("POST", "/dags/image_qa/dagRuns", {"dag_run_id": name, "logical_date": None, "conf": {"input_uri": input_uri, "pairs_per_row": 1}})
+        standalone.api(
+            "POST",
+            "/dags/image_qa/dagRuns",
+            {"dag_run_id": name, "logical_date": None, "conf": {"input_uri": input_uri, "pairs_per_row": 1}},
+        )
     assert [standalone.wait_run("image_qa", name) for name in inputs] == ["failed", "success"]
 
     def consumer_runs() -> tuple[dict[str, dict], dict[str, list[dict]]]:
         """Each consumer run and its triggering events, once the run started for asset_ok_run has ended."""
         listed = {r["dag_run_id"]: r for r in standalone.api("GET", "/dags/dataset_ready/dagRuns?limit=100")["dag_runs"]}
-        events = {run_id: standalone.api("GET", f"/dags/dataset_ready/dagRuns/{run_id}/upstreamAssetEvents")["asset_events"] for run_id in listed}
+        events = {
+            run_id: standalone.api("GET", f"/dags/dataset_ready/dagRuns/{run_id}/upstreamAssetEvents")["asset_events"]
+            for run_id in listed
+        }
         ours = [run_id for run_id, evs in events.items() if any(e["source_run_id"] == "asset_ok_run" for e in evs)]
         return (listed, events) if ours and listed[ours[0]]["state"] in ("success", "failed") else ({}, {})
 
@@ -327,17 +386,32 @@ def test_a_published_dataset_starts_the_downstream_dag_and_a_failed_run_starts_n
     # (a consumer run may hold other runs' events too, e.g. a scheduled run's that finished alongside)
     [(consumer_run, event)] = [(run_id, e) for run_id, evs in events.items() for e in evs if e["source_run_id"] == "asset_ok_run"]
     assert (runs_seen[consumer_run]["run_type"], runs_seen[consumer_run]["state"]) == ("asset_triggered", "success")
-    assert (event["name"], event["source_dag_id"], event["source_task_id"], event["partition_key"]) == ("vqa.image_qa", "image_qa", "merge", None)
+    assert (event["name"], event["source_dag_id"], event["source_task_id"], event["partition_key"]) == (
+        "vqa.image_qa",
+        "image_qa",
+        "merge",
+        None,
+    )
     assert event["extra"]["output"] == manifest["output"] == f"s3://{BUCKET}/output/image_qa/asset_ok_run/generate.jsonl"
-    assert {k: event["extra"][k] for k in ("rows_in", "rows_out", "rows_failed", "rows_rejected", "manifest", "errors", "rejected")} == {
-        k: manifest[k] for k in ("rows_in", "rows_out", "rows_failed", "rows_rejected", "manifest", "errors", "rejected")
-    }
+    assert {
+        k: event["extra"][k] for k in ("rows_in", "rows_out", "rows_failed", "rows_rejected", "manifest", "errors", "rejected")
+    } == {k: manifest[k] for k in ("rows_in", "rows_out", "rows_failed", "rows_rejected", "manifest", "errors", "rejected")}
     assert (manifest["rows_in"], manifest["rows_out"], manifest["rows_failed"]) == (4, 3, 1)
     # the event names every stage's errors file, and what made each stage
     prefix = f"s3://{BUCKET}/output/image_qa/asset_ok_run"
-    assert event["extra"]["errors"] == {"generate": f"{prefix}/generate.errors.jsonl", "quality": f"{prefix}/quality.errors.jsonl"}
-    assert set(event["extra"]["stages"]) == {"generate", "dedup", "quality"} and event["extra"]["stages"]["quality"]["errors"] == f"{prefix}/quality.errors.jsonl"
-    read = standalone.api("GET", f"/dags/dataset_ready/dagRuns/{consumer_run}/taskInstances/new_datasets/xcomEntries/return_value")["value"]
+    assert event["extra"]["errors"] == {
+        "generate": f"{prefix}/generate.errors.jsonl",
+        "quality": f"{prefix}/quality.errors.jsonl",
+    }
+    assert (
+        set(event["extra"]["stages"]) == {"generate", "dedup", "quality"}
+        and event["extra"]["stages"]["quality"]["errors"] == f"{prefix}/quality.errors.jsonl"
+    )
+    read = standalone.api(
+        "GET", f"/dags/dataset_ready/dagRuns/{consumer_run}/taskInstances/new_datasets/xcomEntries/return_value"
+    )["value"]
     read = json.loads(read) if isinstance(read, str) else read
-    assert [(d["asset"], d["output"], d["rows_out"]) for d in read if d["source_run_id"] == "asset_ok_run"] == [("vqa.image_qa", manifest["output"], 3)]
+    assert [(d["asset"], d["output"], d["rows_out"]) for d in read if d["source_run_id"] == "asset_ok_run"] == [
+        ("vqa.image_qa", manifest["output"], 3)
+    ]
     standalone.api("PATCH", "/dags/dataset_ready", {"is_paused": True})

@@ -29,7 +29,11 @@ def test_service_links_are_the_documented_variables() -> None:
     }
     # a named port adds {SVC}_SERVICE_PORT_{NAME}; the first port is the Service's port
     named = service_links({"vllm": Service(host="10.0.0.7", ports={"http": 8000, "metrics": 9090})})
-    assert named["VLLM_SERVICE_PORT_HTTP"] == "8000" and named["VLLM_SERVICE_PORT"] == "8000" and named["VLLM_PORT"] == "tcp://10.0.0.7:8000"
+    assert (
+        named["VLLM_SERVICE_PORT_HTTP"] == "8000"
+        and named["VLLM_SERVICE_PORT"] == "8000"
+        and named["VLLM_PORT"] == "tcp://10.0.0.7:8000"
+    )
     assert named["VLLM_PORT_9090_TCP_ADDR"] == "10.0.0.7"
 
 
@@ -40,7 +44,10 @@ def pod(**spec: object) -> dict:
 
 def config(tmp_path: Path, **changes: object) -> Config:
     fields: dict = {
-        "name": "vqa", "workdir": str(tmp_path), "podman_env": {}, "secrets": {"vqa-vlm": {"api-key": "sk-1"}},
+        "name": "vqa",
+        "workdir": str(tmp_path),
+        "podman_env": {},
+        "secrets": {"vqa-vlm": {"api-key": "sk-1"}},
         "services": {"vllm": Service(host="10.0.0.7", ports={"http": 8000})},
     }
     return Config(**{**fields, **changes})
@@ -74,8 +81,11 @@ def test_a_missing_secret_is_create_container_config_error(tmp_path: Path) -> No
 def test_volumes_are_what_the_kubelet_makes_of_them(tmp_path: Path) -> None:
     spec = pod(
         securityContext={"fsGroup": 2000},
-        volumes=[{"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}}, {"name": "cache", "persistentVolumeClaim": {"claimName": "c"}},
-                 {"name": "nfs", "persistentVolumeClaim": {"claimName": "n"}}],
+        volumes=[
+            {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+            {"name": "cache", "persistentVolumeClaim": {"claimName": "c"}},
+            {"name": "nfs", "persistentVolumeClaim": {"claimName": "n"}},
+        ],
     )
     block, nfs = tmp_path / "block", tmp_path / "nfs"
     for folder in (block, nfs):
@@ -100,7 +110,9 @@ def test_a_claim_that_does_not_exist_leaves_the_pod_unschedulable(tmp_path: Path
 
 
 GPU_NODE = Node(
-    name="gpu-1", labels={"nvidia.com/gpu.present": "true"}, taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
+    name="gpu-1",
+    labels={"nvidia.com/gpu.present": "true"},
+    taints=[{"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}],
     allocatable={"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "1"},
 )
 CPU_NODE = Node(name="cpu-1", labels={}, allocatable={"cpu": "4", "memory": "16Gi"})
@@ -112,11 +124,14 @@ def with_resources(limits: dict, requests: dict | None = None, **spec: object) -
 
 def test_the_scheduler_places_a_pod_by_selector_taints_and_requests() -> None:
     gpu_pod = with_resources(
-        {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}, nodeSelector={"nvidia.com/gpu.present": "true"},
+        {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
+        nodeSelector={"nvidia.com/gpu.present": "true"},
         tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
     )
     assert schedule(gpu_pod, [CPU_NODE, GPU_NODE]).name == "gpu-1"
-    assert schedule(with_resources({"cpu": "2", "memory": "4Gi"}), [GPU_NODE, CPU_NODE]).name == "cpu-1"  # the GPU taint keeps it off
+    assert (
+        schedule(with_resources({"cpu": "2", "memory": "4Gi"}), [GPU_NODE, CPU_NODE]).name == "cpu-1"
+    )  # the GPU taint keeps it off
     # requests equal to limits that no node holds: 8 CPUs and 48Gi on a node of 8 vCPU / 32 GiB
     too_big = {**gpu_pod, **with_resources({"cpu": "8", "memory": "48Gi", "nvidia.com/gpu": "1"})}
     with pytest.raises(Unschedulable) as err:
@@ -136,4 +151,8 @@ def test_tolerations_and_label_selectors_follow_the_apis_rules() -> None:
     labels = {"dag_id": "image_qa", "task_id": "generate", "already_checked": "True"}
     assert matches(labels, "dag_id=image_qa,task_id=generate")
     assert not matches(labels, "dag_id=image_qa,already_checked!=True")
-    assert matches(labels, "dag_id==image_qa,!airflow-worker") and not matches(labels, "!task_id") and not matches(labels, "try_number")
+    assert (
+        matches(labels, "dag_id==image_qa,!airflow-worker")
+        and not matches(labels, "!task_id")
+        and not matches(labels, "try_number")
+    )

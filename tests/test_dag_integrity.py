@@ -47,12 +47,24 @@ def test_the_consumer_is_scheduled_on_the_three_datasets_and_created_paused(dagb
 
 def test_video_qa_is_ingest_then_three_chained_tasks_mapped_over_shards(dagbag) -> None:
     dag = dagbag.dags["video_qa"]
-    assert [t.task_id for t in dag.topological_sort()] == ["plan", "ingest", "initial", "multiagent", "final", "dedup", "quality", "merge"]
+    assert [t.task_id for t in dag.topological_sort()] == [
+        "plan",
+        "ingest",
+        "initial",
+        "multiagent",
+        "final",
+        "dedup",
+        "quality",
+        "merge",
+    ]
     assert dag.get_task("initial").upstream_task_ids == {"ingest", "plan"}
     assert dag.get_task("multiagent").upstream_task_ids == {"initial", "plan"}
     assert dag.get_task("final").upstream_task_ids == {"multiagent", "plan"}
     # near-duplicates leave across all the shards of final before any pair is judged
-    assert dag.get_task("dedup").upstream_task_ids == {"final", "plan"} and dag.get_task("quality").upstream_task_ids == {"dedup", "plan"}
+    assert dag.get_task("dedup").upstream_task_ids == {"final", "plan"} and dag.get_task("quality").upstream_task_ids == {
+        "dedup",
+        "plan",
+    }
     # merge accounts for every stage's errors, the ingest's included
     assert dag.get_task("merge").upstream_task_ids == {"ingest", "initial", "multiagent", "final", "dedup", "quality", "plan"}
     assert dag.get_task("quality").partial_kwargs["spec"].get("params")["source"] == "video_qa_final"
@@ -61,9 +73,18 @@ def test_video_qa_is_ingest_then_three_chained_tasks_mapped_over_shards(dagbag) 
     # the ingest reads the shard of the run's input; each later stage reads what the one before it staged for the same shard (map index)
     ingest = dag.get_task("ingest").partial_kwargs["spec"]
     assert ingest.generator == "video_ingest" and ingest.get("input") is None
-    assert set(ingest.get("params")) == {"frames_per_clip", "scene_threshold", "min_clip_s", "max_clip_s", "clip_s", "caption", "transcribe"} <= set(dag.params)
+    assert (
+        set(ingest.get("params"))
+        == {"frames_per_clip", "scene_threshold", "min_clip_s", "max_clip_s", "clip_s", "caption", "transcribe"}
+        <= set(dag.params)
+    )
     assert dag.get_task("initial").partial_kwargs["spec"].get("input").split("}}/")[-1].startswith("ingest{{")
-    assert dag.get_task("multiagent").partial_kwargs["spec"].get("input").endswith("/initial{{ '/shard-%05d' % ti.map_index if ti.map_index is not none and ti.map_index >= 0 else '' }}.jsonl")
+    assert (
+        dag.get_task("multiagent")
+        .partial_kwargs["spec"]
+        .get("input")
+        .endswith("/initial{{ '/shard-%05d' % ti.map_index if ti.map_index is not none and ti.map_index >= 0 else '' }}.jsonl")
+    )
     assert dag.get_task("final").partial_kwargs["spec"].get("input").split("}}/")[-1].startswith("multiagent{{")
     # every stage may read media the run staged (the ingest's frames), and only the run's own folder
     assert ingest.get("staging_root") == "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}"
@@ -80,8 +101,13 @@ def test_image_dags_plan_generate_judge_and_merge(dagbag, dag_id: str) -> None:
     assert quality.generator == "quality" and quality.get("params")["source"] == dag_id
     assert quality.get("input").split("}}/")[-1].startswith("dedup{{")
     dedup = dag.get_task("dedup")
-    assert dedup.upstream_task_ids == {"generate", "plan"} and dedup.staging_root == "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}"
-    assert dag.get_task("merge").output_uri.endswith("/generate{{ '/shard-%05d' % ti.map_index if ti.map_index is not none and ti.map_index >= 0 else '' }}.jsonl")
+    assert (
+        dedup.upstream_task_ids == {"generate", "plan"}
+        and dedup.staging_root == "{{ params.output_prefix.rstrip('/') }}/{{ dag.dag_id }}/{{ run_id }}"
+    )
+    assert dag.get_task("merge").output_uri.endswith(
+        "/generate{{ '/shard-%05d' % ti.map_index if ti.map_index is not none and ti.map_index >= 0 else '' }}.jsonl"
+    )
     assert {"rows_per_shard", "max_shards"} <= set(dag.params)
 
 
@@ -97,17 +123,24 @@ def test_dag_conventions(dagbag, dag_id: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["local", "kubernetes"])
-@pytest.mark.parametrize("path", DAG_FILES + [ROOT / "plugins" / "vqa_operators" / "operators" / "__init__.py"], ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", DAG_FILES + [ROOT / "plugins" / "vqa_operators" / "operators" / "__init__.py"], ids=lambda p: p.name
+)
 def test_parsing_imports_nothing_heavy(path: Path, mode: str) -> None:
     """Importing a DAG file (or the operator package) must not import model, image or data libraries, in either mode."""
-    code = (
-        "import runpy, sys; "
-        f"runpy.run_path({str(path)!r}); "
-        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
-    )
+    code = f"import runpy, sys; runpy.run_path({str(path)!r}); print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
-        env={"PYTHONPATH": str(ROOT / "plugins"), "PATH": "/usr/bin:/bin", "VQA_EXECUTION": mode, "AIRFLOW_HOME": "/tmp/vqa-parse-test"},
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={
+            "PYTHONPATH": str(ROOT / "plugins"),
+            "PATH": "/usr/bin:/bin",
+            "VQA_EXECUTION": mode,
+            "AIRFLOW_HOME": "/tmp/vqa-parse-test",
+        },
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1:] in ([], [""]), f"heavy modules imported: {proc.stdout}"
@@ -118,13 +151,25 @@ def test_airflow_local_settings_preloads_the_pod_operator_only_in_kubernetes_mod
     """Airflow imports ``airflow_local_settings`` (from plugins/) at start-up, before the dag-processor forks its parsers."""
     code = "import sys, airflow; print('airflow.providers.cncf.kubernetes.operators.pod' in sys.modules)"
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False,
-        env={"PATH": "/usr/bin:/bin", "VQA_EXECUTION": mode, "AIRFLOW_HOME": "/tmp/vqa-parse-test", "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins")},
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={
+            "PATH": "/usr/bin:/bin",
+            "VQA_EXECUTION": mode,
+            "AIRFLOW_HOME": "/tmp/vqa-parse-test",
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        },
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == str(preloaded)
     if mode not in ("kubernetes", "local"):  # Airflow still starts, and says why nothing was preloaded
-        assert f"not preloading the pod operator: VQA_EXECUTION must be 'local' or 'kubernetes' (the execution), got {mode!r}" in proc.stderr
+        assert (
+            f"not preloading the pod operator: VQA_EXECUTION must be 'local' or 'kubernetes' (the execution), got {mode!r}"
+            in proc.stderr
+        )
 
 
 def test_worker_task_leaves_the_plan_as_it_was_and_the_plan_finds_the_specs_downstream() -> None:
@@ -134,7 +179,10 @@ def test_worker_task_leaves_the_plan_as_it_was_and_the_plan_finds_the_specs_down
     from vqa_operators.operators import WorkerSpec, shard_plan, worker_task
 
     def holds_a_spec(value: object) -> bool:
-        return isinstance(value, WorkerSpec) or (isinstance(value, list | tuple | set | dict) and any(holds_a_spec(v) for v in (value.values() if isinstance(value, dict) else value)))
+        return isinstance(value, WorkerSpec) or (
+            isinstance(value, list | tuple | set | dict)
+            and any(holds_a_spec(v) for v in (value.values() if isinstance(value, dict) else value))
+        )
 
     with DAG("plan_specs", schedule=None):
         plan = shard_plan()

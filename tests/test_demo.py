@@ -20,7 +20,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_demo(env: dict[str, str], timeout: int = 30) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("VQA_", "AIRFLOW", "AWS_"))}
-    return subprocess.run([sys.executable, str(ROOT / "scripts/demo.py")], env={**clean, **env}, capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/demo.py")],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_a_server_that_does_not_answer_is_a_clear_failure() -> None:
@@ -55,7 +62,11 @@ def test_the_model_choice_without_anything_configured(tmp_path: Path, monkeypatc
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     choice = demo.choose_model(tmp_path)
-    assert choice.noise and choice.source == str(tmp_path / "models" / SERVED_NAME) and (tmp_path / "models" / SERVED_NAME / "config.json").exists()
+    assert (
+        choice.noise
+        and choice.source == str(tmp_path / "models" / SERVED_NAME)
+        and (tmp_path / "models" / SERVED_NAME / "config.json").exists()
+    )
     assert choice.engine == ("vllm" if (ROOT / ".venv-vllm/bin/python").exists() else "transformers")
     assert "its answers are noise" in choice.describe()
     # where vLLM's CPU build is missing (macOS), or when asked, transformers serves the folder itself
@@ -68,7 +79,9 @@ def test_the_model_choice_without_anything_configured(tmp_path: Path, monkeypatc
 
 
 @pytest.mark.slow
-def test_demo_runs_the_dags_through_airflow_standalone_and_says_why_one_failed(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
+def test_demo_runs_the_dags_through_airflow_standalone_and_says_why_one_failed(
+    vlm_server: OpenAITestServer, tmp_path: Path
+) -> None:
     # the double lists one model, so VQA_MODEL may be omitted; it refuses the key for the video requests
     # only: image_qa and pers_qa succeed, video_qa's first task fails at once (no retries) and the demo says why
     def refuse_video(body: dict) -> Reply | None:
@@ -82,7 +95,10 @@ def test_demo_runs_the_dags_through_airflow_standalone_and_says_why_one_failed(v
     assert "image_qa: rows_in=4 rows_out=4 rows_failed=0 rows_rejected=0" in out
     assert "image_qa: quality checks kept 8 pairs and rejected 0 (acceptance 100.0%)" in out
     # the demo annotates: every pair's verdicts counted (the double grounds each with 5; its blind answers never agree)
-    assert "image_qa: verdicts (annotated, every pair kept): grounding scores 1: 0 · 2: 0 · 3: 0 · 4: 0 · 5: 8; blind answer agreed for 0 of 8; no pair failed a check" in out
+    assert (
+        "image_qa: verdicts (annotated, every pair kept): grounding scores 1: 0 · 2: 0 · 3: 0 · 4: 0 · 5: 8; blind "
+        "answer agreed for 0 of 8; no pair failed a check" in out
+    )
     assert "pers_qa: rows_in=3 rows_out=3 rows_failed=0 rows_rejected=0" in out
     assert re.search(r"image_qa: Hub-ready folder \(datasets, TRL\) s3://vqa-demo/output/image_qa/\S+/hf\n", out)
     assert re.search(r"pers_qa: ShareGPT JSON \(LLaMA-Factory\) s3://vqa-demo/output/pers_qa/\S+/generate\.sharegpt\.json", out)
@@ -103,13 +119,21 @@ def test_demo_runs_the_dags_through_airflow_standalone_and_says_why_one_failed(v
     sent = Counter(r["response_format"]["json_schema"]["name"] for r in vlm_server.requests)
     assert 1 <= sent.pop("VideoQASet") <= 2
     # the ingest captioned the video file's two clips before the initial stage failed
-    assert sent == {"ImageQAAnswer": 4, "PersQAAnswer": 3, "BlindAnswer": 11, "AgreementVerdict": 11, "GroundingVerdict": 11, "ClipCaption": 2}
+    assert sent == {
+        "ImageQAAnswer": 4,
+        "PersQAAnswer": 3,
+        "BlindAnswer": 11,
+        "AgreementVerdict": 11,
+        "GroundingVerdict": 11,
+        "ClipCaption": 2,
+    }
 
 
 @pytest.mark.slow
 @pytest.mark.vllm
 def test_demo_with_nothing_configured_runs_every_dag_on_real_inference(tmp_path: Path) -> None:
-    """A clean machine without the Hub: vLLM's CPU build serves the tiny model built here; every row ends in output, errors or rejected, and the demo says what wrote them."""
+    """A clean machine without the Hub: vLLM's CPU build serves the tiny model built here; every row ends in output, errors
+    or rejected, and the demo says what wrote them."""
     proc = run_demo({"VQA_DEMO_DIR": str(tmp_path), "HF_HUB_OFFLINE": "1"}, timeout=1500)
     out = proc.stdout
     assert proc.returncode == 0, out[-4000:] + proc.stderr[-3000:]
@@ -127,12 +151,26 @@ def test_demo_with_nothing_configured_runs_every_dag_on_real_inference(tmp_path:
         assert judged and int(judged.group(1)) + int(judged.group(2)) >= kept + rejected, out[-3000:]
         made += kept
         assert re.search(rf"{dag_id}: QA preview http://127\.0\.0\.1:\d+/vqa-demo/output/{dag_id}/\S+\.preview\.html\?", out)
-    assert re.search(r"every DAG ran \(image_qa: \d+ rows out, pers_qa: \d+ rows out, video_qa: \d+ rows out\); the model was tiny-idefics3", out)
+    assert re.search(
+        r"every DAG ran \(image_qa: \d+ rows out, pers_qa: \d+ rows out, video_qa: \d+ rows out\); the model was tiny-idefics3",
+        out,
+    )
     assert "the quality checks' verdicts come from the same model" in out
     # the video file went in raw: the ingest found its two scenes and stored four frames of each; the exports say where they are
-    assert re.search(r"video_qa: ingested media/video/sunset_teaser\.mp4: 2 clips \(0-2 s, 2-4 s\), 8 frames in s3://vqa-demo/output/video_qa/\S+/ingest/shard-00000\.frames/[0-9a-f]{20}/", out), out[-3000:]
-    for name, path in (("Hub-ready folder \\(datasets, TRL\\)", "hf"), ("LLaVA conversation JSON", "final\\.llava\\.json"), ("dataset card", "README\\.md")):
+    assert re.search(
+        r"video_qa: ingested media/video/sunset_teaser\.mp4: 2 clips \(0-2 s, 2-4 s\), 8 frames in s3://vqa-demo/output/video_qa/\S+/ingest/shard-00000\.frames/[0-9a-f]{20}/",
+        out,
+    ), out[-3000:]
+    for name, path in (
+        ("Hub-ready folder \\(datasets, TRL\\)", "hf"),
+        ("LLaVA conversation JSON", "final\\.llava\\.json"),
+        ("dataset card", "README\\.md"),
+    ):
         assert re.search(rf"video_qa: {name} s3://vqa-demo/output/video_qa/\S+/{path}", out), out[-3000:]
-    records = [json.loads(line) for dag_id in ("image_qa", "pers_qa", "video_qa") for line in (tmp_path / "output" / f"{dag_id}.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for dag_id in ("image_qa", "pers_qa", "video_qa")
+        for line in (tmp_path / "output" / f"{dag_id}.jsonl").read_text().splitlines()
+    ]
     assert len(records) == made
     assert all(r["vqa_provenance"]["quality"]["model"] == "tiny-idefics3" for r in records)

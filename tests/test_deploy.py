@@ -51,7 +51,10 @@ def test_the_kit_holds_what_the_pods_reference_by_default() -> None:
     import json
 
     connections = kinds[("Secret", "vqa-airflow-connections")]["stringData"]
-    assert json.loads(connections["AIRFLOW_CONN_VQA_VLM"])["conn_type"] == "http" and json.loads(connections["AIRFLOW_CONN_AWS_DEFAULT"])["conn_type"] == "aws"
+    assert (
+        json.loads(connections["AIRFLOW_CONN_VQA_VLM"])["conn_type"] == "http"
+        and json.loads(connections["AIRFLOW_CONN_AWS_DEFAULT"])["conn_type"] == "aws"
+    )
 
 
 def test_the_rbac_is_the_kits_rules_bound_to_every_component_of_the_release() -> None:
@@ -60,7 +63,13 @@ def test_the_rbac_is_the_kits_rules_bound_to_every_component_of_the_release() ->
 
     assert RBAC.read_text() == render_rbac(), "deploy/rbac.yaml is stale: run `.venv/bin/python scripts/deploy_kit.py`"
     role = next(o for o in objects() if o["kind"] == "Role")
-    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
     assert granted == {(group, resource, verb) for group, resource, verbs, _ in RULES for verb in verbs}
     # Secrets: get only, and only the ones the pods read by default
     (secrets,) = [rule for rule in role["rules"] if rule["resources"] == ["secrets"]]
@@ -71,7 +80,9 @@ def test_the_rbac_is_the_kits_rules_bound_to_every_component_of_the_release() ->
     assert [s["name"] for s in binding["subjects"]] == ["airflow-worker", "airflow-scheduler", "airflow-triggerer"]
     other = [doc for doc in yaml.safe_load_all(render_rbac("data-team", "orchestration")) if doc["kind"] == "RoleBinding"][0]
     assert {(s["name"], s["namespace"]) for s in other["subjects"]} == {
-        ("data-team-worker", "orchestration"), ("data-team-scheduler", "orchestration"), ("data-team-triggerer", "orchestration"),
+        ("data-team-worker", "orchestration"),
+        ("data-team-scheduler", "orchestration"),
+        ("data-team-triggerer", "orchestration"),
     }
 
 
@@ -84,7 +95,9 @@ def test_no_service_of_the_kit_gives_vllm_a_variable_it_refuses() -> None:
     """A Service named ``vllm`` makes the kubelet put ``VLLM_PORT=tcp://...`` into later pods (where links are on), which vLLM refuses."""
     import json
 
-    connections = next(o for o in objects() if o["kind"] == "Secret" and o["metadata"]["name"] == "vqa-airflow-connections")["stringData"]
+    connections = next(o for o in objects() if o["kind"] == "Secret" and o["metadata"]["name"] == "vqa-airflow-connections")[
+        "stringData"
+    ]
     host = json.loads(connections["AIRFLOW_CONN_VQA_VLM"])["host"]
     service = host.split("//", 1)[1].split(".", 1)[0]
     assert not service.upper().replace("-", "_").startswith("VLLM"), host

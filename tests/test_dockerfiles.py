@@ -11,7 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile", "docker/worker.Dockerfile", "docker/worker-vllm.Dockerfile", "docker/worker-vllm-cpu.Dockerfile"])
+@pytest.mark.parametrize(
+    "dockerfile", ["Dockerfile", "docker/worker.Dockerfile", "docker/worker-vllm.Dockerfile", "docker/worker-vllm-cpu.Dockerfile"]
+)
 def test_hadolint_clean(dockerfile: str) -> None:
     hadolint = Path(sys.executable).with_name("hadolint")
     proc = subprocess.run([str(hadolint), "--no-color", str(ROOT / dockerfile)], capture_output=True, text=True, check=False)

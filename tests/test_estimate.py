@@ -20,28 +20,65 @@ from vqa_operators.worker import run_job
 ROWS = 40
 
 
-def run(server: OpenAITestServer, folder: Path, source: Path, name: str, *, sample: int | None, requests_per_s: float | None = None) -> dict[str, Any]:
+def run(
+    server: OpenAITestServer, folder: Path, source: Path, name: str, *, sample: int | None, requests_per_s: float | None = None
+) -> dict[str, Any]:
     """The image_qa DAG's stages by hand (plan, generate per shard, dedup, quality per shard, merge), under ``folder/name``."""
     staging = folder / name
     plan = plan_shards(Storage(), str(source), rows_per_shard=4 if sample else 20, sample=sample)
     stages: dict[str, list[dict[str, Any]]] = {"generate": [], "quality": []}
     for shard in plan:
         out = staging / "generate" / f"shard-{shard.index:05d}.jsonl"
-        stages["generate"].append(run_job(job_options(server, folder, source, output=str(out), shard=shard, task_key=f"{name}-g{shard.index}", params={"pairs_per_row": 2})))
+        stages["generate"].append(
+            run_job(
+                job_options(
+                    server,
+                    folder,
+                    source,
+                    output=str(out),
+                    shard=shard,
+                    task_key=f"{name}-g{shard.index}",
+                    params={"pairs_per_row": 2},
+                )
+            )
+        )
     # off: the double's questions of same-sized images are near-duplicates of one another, and how many are depends on the rows seen
-    dedup = deduplicate_shards(Storage(), stages["generate"], [s.model_dump() for s in plan], staging=str(staging), dedup=NearDuplicateSettings(remove_near_duplicates=False))
+    dedup = deduplicate_shards(
+        Storage(),
+        stages["generate"],
+        [s.model_dump() for s in plan],
+        staging=str(staging),
+        dedup=NearDuplicateSettings(remove_near_duplicates=False),
+    )
     for shard in plan:
         out = staging / "quality" / f"shard-{shard.index:05d}.jsonl"
         stages["quality"].append(
-            run_job(job_options(server, folder, staging / "dedup" / f"shard-{shard.index:05d}.jsonl", generator="quality", output=str(out), shard=shard,
-                                task_key=f"{name}-q{shard.index}", params={"source": "image_qa"}))
+            run_job(
+                job_options(
+                    server,
+                    folder,
+                    staging / "dedup" / f"shard-{shard.index:05d}.jsonl",
+                    generator="quality",
+                    output=str(out),
+                    shard=shard,
+                    task_key=f"{name}-q{shard.index}",
+                    params={"source": "image_qa"},
+                )
+            )
         )
-    return merge_run(Storage(), {"generate": stages["generate"], "dedup": dedup, "quality": stages["quality"]}, output=str(staging / "generate.jsonl"),
-                     plan=[s.model_dump() for s in plan], requests_per_s=requests_per_s)
+    return merge_run(
+        Storage(),
+        {"generate": stages["generate"], "dedup": dedup, "quality": stages["quality"]},
+        output=str(staging / "generate.jsonl"),
+        plan=[s.model_dump() for s in plan],
+        requests_per_s=requests_per_s,
+    )
 
 
 @pytest.mark.usefixtures("fast_backoff")
-def test_an_estimate_from_a_sample_lies_within_10_percent_of_the_real_runs_requests(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
+def test_an_estimate_from_a_sample_lies_within_10_percent_of_the_real_runs_requests(
+    vlm_server: OpenAITestServer, tmp_path: Path
+) -> None:
     source = write_image_rows(tmp_path, ROWS)
     # a pair in four fails grounding: the acceptance rate, and the judge's calls, are the real run's too
     vlm_server.verdicts = ScriptedVerdicts(score=lambda q, a: 2 if zlib.crc32(q.encode()) % 4 == 0 else 5)

@@ -66,14 +66,28 @@ def test_merge_fails_at_once_when_the_shards_do_not_account_for_the_input(tmp_pa
     from vqa_operators.operators import VQAMergeOperator
 
     plan = [{"input": "in.jsonl", "index": i, "first_line": 1 + 2 * i, "rows": 2, "start": 0, "end": 1} for i in range(2)]
-    shard = {"generator": "image_qa", "input": "in.jsonl", "shard": 0, "output": str(tmp_path / "s0.jsonl"), "errors": None, "rows_in": 2, "rows_out": 2, "rows_failed": 0, "duration_s": 1.0}
-    merge = VQAMergeOperator(task_id="merge", stages={"generate": [shard]}, output_uri=str(tmp_path / "generate.jsonl"), plan=plan, aws_conn_id=None)
+    shard = {
+        "generator": "image_qa",
+        "input": "in.jsonl",
+        "shard": 0,
+        "output": str(tmp_path / "s0.jsonl"),
+        "errors": None,
+        "rows_in": 2,
+        "rows_out": 2,
+        "rows_failed": 0,
+        "duration_s": 1.0,
+    }
+    merge = VQAMergeOperator(
+        task_id="merge", stages={"generate": [shard]}, output_uri=str(tmp_path / "generate.jsonl"), plan=plan, aws_conn_id=None
+    )
     context = {"dag": SimpleNamespace(dag_id="image_qa"), "run_id": "r", "outlet_events": {}}
     with pytest.raises(AirflowFailException, match="InputError: stage generate has 1 shard results for 2 shards"):
         merge.execute(context)
     # a shard result that is not a stage manifest (a task of another version, a hand-edited XCom) is named, not a traceback
     merge.stages = {"generate": [shard, {"shard": 1, "rows_out": 2}]}
-    with pytest.raises(AirflowFailException, match="InputError: shard result 1 of stage generate is not a stage manifest: .*rows_in"):
+    with pytest.raises(
+        AirflowFailException, match="InputError: shard result 1 of stage generate is not a stage manifest: .*rows_in"
+    ):
         merge.execute(context)
     assert not list(tmp_path.iterdir())  # all or nothing
 
@@ -83,6 +97,13 @@ def test_merge_fails_at_once_on_bad_export_settings(tmp_path: Path) -> None:
 
     from vqa_operators.operators import VQAMergeOperator
 
-    merge = VQAMergeOperator(task_id="merge", stages={}, output_uri=str(tmp_path / "g.jsonl"), plan=[], export={"export_formats": ["csv"]}, aws_conn_id=None)
+    merge = VQAMergeOperator(
+        task_id="merge",
+        stages={},
+        output_uri=str(tmp_path / "g.jsonl"),
+        plan=[],
+        export={"export_formats": ["csv"]},
+        aws_conn_id=None,
+    )
     with pytest.raises(AirflowFailException, match="ConfigError: invalid export parameters: export_formats"):
         merge.execute({"dag": SimpleNamespace(dag_id="image_qa"), "run_id": "r"})

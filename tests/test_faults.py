@@ -50,7 +50,14 @@ def test_backoff_grows_with_jitter_and_is_bounded(vlm_server: OpenAITestServer, 
 
     monkeypatch.setattr(openai_api.asyncio, "sleep", record)
     vlm_server.enqueue(*[Reply(status=503)] * 5)
-    client = OpenAIServing(base_url=vlm_server.base_url, model=MODEL, concurrency=8, max_retries=4, retry_base_delay=1.0, max_consecutive_failures=100)
+    client = OpenAIServing(
+        base_url=vlm_server.base_url,
+        model=MODEL,
+        concurrency=8,
+        max_retries=4,
+        retry_base_delay=1.0,
+        max_consecutive_failures=100,
+    )
     with pytest.raises(ServerUnavailableError, match="still failing after 4 retries: HTTP 503"):
         asyncio.run(client.chat(REQUEST))
     assert len(waits) == 4 and len(vlm_server.requests) == 5  # bounded: 1 try + 4 retries
@@ -66,7 +73,9 @@ def test_transient_faults_are_retried(vlm_server: OpenAITestServer, fault: str) 
     # only the hang needs a timeout shorter than itself (3 s); a short one elsewhere would turn a slow answer on a loaded
     # machine into one more retry than the faults asked for
     timeout = 1.5 if fault == "timeout" else 30.0
-    client = OpenAIServing(base_url=vlm_server.base_url, model=MODEL, concurrency=8, max_retries=3, timeout=timeout, retry_base_delay=0.01)
+    client = OpenAIServing(
+        base_url=vlm_server.base_url, model=MODEL, concurrency=8, max_retries=3, timeout=timeout, retry_base_delay=0.01
+    )
     assert asyncio.run(client.chat(REQUEST)).text
     assert len(vlm_server.requests) == 3
 
@@ -74,7 +83,9 @@ def test_transient_faults_are_retried(vlm_server: OpenAITestServer, fault: str) 
 def test_an_outage_fails_the_job_fast_and_marks_no_row_failed(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
     source = write_image_rows(tmp_path, 30)
     vlm_server.responder = outage_after(6)
-    opts = job_options(vlm_server, tmp_path, source, max_retries=20, max_consecutive_failures=5, concurrency=2, checkpoint_every=1000)
+    opts = job_options(
+        vlm_server, tmp_path, source, max_retries=20, max_consecutive_failures=5, concurrency=2, checkpoint_every=1000
+    )
     start = time.monotonic()
     with pytest.raises(ServerUnavailableError, match=r"is down: 5 consecutive failures, the last: APIConnectionError") as info:
         run_job(opts)
@@ -93,8 +104,14 @@ def test_an_outage_fails_the_job_fast_and_marks_no_row_failed(vlm_server: OpenAI
 def test_a_dead_server_fails_before_any_row(tmp_path: Path) -> None:
     source = write_image_rows(tmp_path, 3)
     opts = JobOptions(
-        generator="image_qa", input=str(source), output=str(tmp_path / "o.jsonl"), base_url="http://127.0.0.1:9/v1", model=MODEL,
-        media_root=str(tmp_path / "media"), max_retries=20, max_consecutive_failures=3,
+        generator="image_qa",
+        input=str(source),
+        output=str(tmp_path / "o.jsonl"),
+        base_url="http://127.0.0.1:9/v1",
+        model=MODEL,
+        media_root=str(tmp_path / "media"),
+        max_retries=20,
+        max_consecutive_failures=3,
     )
     with pytest.raises(ServerUnavailableError, match="is down: 3 consecutive failures"):
         run_job(opts)
@@ -103,7 +120,16 @@ def test_a_dead_server_fails_before_any_row(tmp_path: Path) -> None:
 MIXES = {
     "transient": {"429": 0.08, "500": 0.08, "503": 0.08, "drop": 0.08, "timeout": 0.04},
     "content": {"truncated": 0.1, "invalid_json": 0.1, "schema_mismatch": 0.1},
-    "everything": {"429": 0.05, "500": 0.05, "503": 0.05, "drop": 0.05, "timeout": 0.03, "truncated": 0.05, "invalid_json": 0.05, "schema_mismatch": 0.05},
+    "everything": {
+        "429": 0.05,
+        "500": 0.05,
+        "503": 0.05,
+        "drop": 0.05,
+        "timeout": 0.03,
+        "truncated": 0.05,
+        "invalid_json": 0.05,
+        "schema_mismatch": 0.05,
+    },
 }
 
 
@@ -136,9 +162,12 @@ def test_urls_lose_their_credentials_in_messages() -> None:
 
 
 @pytest.mark.parametrize(
-    ("fault", "reason"), [("truncated", "truncated_output"), ("invalid_json", "invalid_json"), ("schema_mismatch", "schema_mismatch")]
+    ("fault", "reason"),
+    [("truncated", "truncated_output"), ("invalid_json", "invalid_json"), ("schema_mismatch", "schema_mismatch")],
 )
-def test_bad_output_gets_one_repair_then_goes_to_errors(vlm_server: OpenAITestServer, tmp_path: Path, fault: str, reason: str) -> None:
+def test_bad_output_gets_one_repair_then_goes_to_errors(
+    vlm_server: OpenAITestServer, tmp_path: Path, fault: str, reason: str
+) -> None:
     source = write_image_rows(tmp_path, 2)
     vlm_server.enqueue(FAULTS[fault], FAULTS[fault], FAULTS[fault])  # one row: bad twice; the other: bad, then repaired
     manifest = run_job(job_options(vlm_server, tmp_path, source, concurrency=1))

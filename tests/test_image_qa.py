@@ -79,7 +79,13 @@ def test_still_unusable_after_repair_is_a_row_error(vlm_server: OpenAITestServer
 
 @pytest.mark.parametrize(
     ("row", "reason"),
-    [({}, "missing_field"), ({"image": None}, "missing_field"), ({"image": 3}, "bad_field"), ({"image": []}, "bad_field"), ({"image": ["missing.jpg"]}, "image_not_found")],
+    [
+        ({}, "missing_field"),
+        ({"image": None}, "missing_field"),
+        ({"image": 3}, "bad_field"),
+        ({"image": []}, "bad_field"),
+        ({"image": ["missing.jpg"]}, "image_not_found"),
+    ],
 )
 def test_bad_rows_raise_row_errors(vlm_server: OpenAITestServer, tmp_path: Path, row: dict, reason: str) -> None:
     with pytest.raises(RowError) as info:
@@ -130,7 +136,9 @@ class RaisingLocalStorage(Storage):
     ],
     ids=["local-permission", "s3-access-denied", "s3-missing", "malformed-s3-uri"],
 )
-def test_unreadable_images_are_row_errors(vlm_server: OpenAITestServer, storage: Storage, root: str, reason: str, detail: str) -> None:
+def test_unreadable_images_are_row_errors(
+    vlm_server: OpenAITestServer, storage: Storage, root: str, reason: str, detail: str
+) -> None:
     serving = APIVLMServing_openai(api_url=vlm_server.base_url, model_name=MODEL, max_retries=0)
     gen = ImageQAGenerator(serving, media=MediaReader(storage, media_root=root))
     image = "s3://bucket-only" if root == "s3://bucket-only" else "a.jpg"

@@ -32,14 +32,27 @@ print(json.dumps({"uid": os.getuid(), "gid": os.getgid(), "user": pwd.getpwuid(o
 
 def podman_run(image: str, *args: str, entrypoint: str | None = None) -> subprocess.CompletedProcess[str]:
     """``podman run`` as a locked-down pod runs a container: no network, a read-only root, the image's own user."""
-    argv = ["podman", "run", "--rm", "--network", "none", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges"]
+    argv = [
+        "podman",
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+    ]
     argv += [*(["--entrypoint", entrypoint] if entrypoint else []), image, *args]
     return subprocess.run(argv, env={**os.environ, **PODMAN_ENV}, capture_output=True, text=True, timeout=300, check=False)
 
 
 def pins() -> dict[str, str]:
     lines = (ROOT / "constraints-vllm.txt").read_text().splitlines()
-    return {name.lower().replace("_", "-"): version for name, _, version in (line.partition("==") for line in lines if "==" in line)}
+    return {
+        name.lower().replace("_", "-"): version for name, _, version in (line.partition("==") for line in lines if "==" in line)
+    }
 
 
 @pytest.mark.parametrize("name", ["vqa-worker", "vqa-worker-vllm-cpu"])
@@ -58,7 +71,9 @@ def test_each_image_starts_as_its_own_user_on_a_read_only_root(worker_images: di
 
 @pytest.mark.parametrize("name", ["vqa-worker", "vqa-worker-vllm-cpu"])
 def test_each_image_holds_what_the_pins_say(worker_images: dict[str, str], name: str) -> None:
-    listing = "import json, importlib.metadata as m; print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+    listing = (
+        "import json, importlib.metadata as m; print(json.dumps({d.metadata['Name']: d.version for d in m.distributions()}))"
+    )
     listed = podman_run(worker_images[name], "-c", listing, entrypoint="python3")
     assert listed.returncode == 0, listed.stderr[-2000:]
     installed = {p.lower().replace("_", "-"): v for p, v in json.loads(listed.stdout).items()}

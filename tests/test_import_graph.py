@@ -64,7 +64,10 @@ def test_plugins_have_no_import_cycle() -> None:
     ("files", "expected"),
     [
         # a cycle through an import inside a function, as the one between sharding and the run loop was
-        ({"pkg/__init__.py": "", "pkg/a.py": "from pkg.b import x\n", "pkg/b.py": "def f():\n    from pkg import a\n"}, {"pkg.a", "pkg.b"}),
+        (
+            {"pkg/__init__.py": "", "pkg/a.py": "from pkg.b import x\n", "pkg/b.py": "def f():\n    from pkg import a\n"},
+            {"pkg.a", "pkg.b"},
+        ),
         ({"pkg/__init__.py": "", "pkg/a.py": "from . import b\n", "pkg/b.py": "from .a import y\n"}, {"pkg.a", "pkg.b"}),
         ({"pkg/__init__.py": "", "pkg/a.py": "from pkg.b import x\n", "pkg/b.py": "import json\n"}, None),
     ],

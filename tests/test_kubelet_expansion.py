@@ -63,7 +63,9 @@ def test_expansion_follows_kubernetes_own_cases(text: str, expected: str) -> Non
 
 def test_references_resolve_in_declaration_order() -> None:
     """expand_test.go's TestMapReference, and the documentation's dependent variables."""
-    chained = {"env": [{"name": "FOO", "value": "bar"}, {"name": "ZOO", "value": "$(FOO)-1"}, {"name": "BLU", "value": "$(ZOO)-2"}]}
+    chained = {
+        "env": [{"name": "FOO", "value": "bar"}, {"name": "ZOO", "value": "$(FOO)-1"}, {"name": "BLU", "value": "$(ZOO)-2"}]
+    }
     assert environment(chained, {}) == {"FOO": "bar", "ZOO": "bar-1", "BLU": "bar-1-2"}
 
     docs = {
@@ -84,14 +86,28 @@ def test_references_resolve_in_declaration_order() -> None:
 
 def test_command_and_args_expand_against_the_whole_environment() -> None:
     """The documentation's ``args: ["$(MESSAGE)"]``, and a reference to a variable defined after the one that uses it."""
-    container = {"command": ["/bin/echo"], "args": ["$(MESSAGE)", "$(LATER)", "$$(MESSAGE)", "$(NOPE)"], "env": [{"name": "MESSAGE", "value": "hello world"}, {"name": "LATER", "value": "x"}]}
-    assert command_and_args(container, environment(container, {})) == (["/bin/echo"], ["hello world", "x", "$(MESSAGE)", "$(NOPE)"])
+    container = {
+        "command": ["/bin/echo"],
+        "args": ["$(MESSAGE)", "$(LATER)", "$$(MESSAGE)", "$(NOPE)"],
+        "env": [{"name": "MESSAGE", "value": "hello world"}, {"name": "LATER", "value": "x"}],
+    }
+    assert command_and_args(container, environment(container, {})) == (
+        ["/bin/echo"],
+        ["hello world", "x", "$(MESSAGE)", "$(NOPE)"],
+    )
 
 
 def test_secrets_come_first_are_never_expanded_and_are_what_a_reference_reaches() -> None:
-    secrets = {"vqa-s3": {"AWS_SECRET_ACCESS_KEY": "s3-secret", "LOOKS_LIKE": "$(AWS_SECRET_ACCESS_KEY)"}, "vqa-vlm": {"api-key": "sk-1"}}
+    secrets = {
+        "vqa-s3": {"AWS_SECRET_ACCESS_KEY": "s3-secret", "LOOKS_LIKE": "$(AWS_SECRET_ACCESS_KEY)"},
+        "vqa-vlm": {"api-key": "sk-1"},
+    }
     container = {
-        "envFrom": [{"secretRef": {"name": "vqa-s3"}}, {"secretRef": {"name": "other"}, "prefix": "X_"}, {"secretRef": {"name": "gone", "optional": True}}],
+        "envFrom": [
+            {"secretRef": {"name": "vqa-s3"}},
+            {"secretRef": {"name": "other"}, "prefix": "X_"},
+            {"secretRef": {"name": "gone", "optional": True}},
+        ],
         "env": [
             {"name": "AWS_SECRET_ACCESS_KEY", "value": "literal wins"},
             {"name": "VQA_API_KEY", "valueFrom": {"secretKeyRef": {"name": "vqa-vlm", "key": "api-key"}}},
@@ -100,7 +116,11 @@ def test_secrets_come_first_are_never_expanded_and_are_what_a_reference_reaches(
         ],
         "args": ["--tag", "$(VQA_API_KEY)", "--tag", "$$(VQA_API_KEY)"],
     }
-    env = environment({**container, "envFrom": container["envFrom"][::2]}, secrets, services={"VLLM_SERVICE_HOST": "10.0.0.7", "VLLM_PORT": "tcp://10.0.0.7:8000"})
+    env = environment(
+        {**container, "envFrom": container["envFrom"][::2]},
+        secrets,
+        services={"VLLM_SERVICE_HOST": "10.0.0.7", "VLLM_PORT": "tcp://10.0.0.7:8000"},
+    )
     assert env["LOOKS_LIKE"] == "$(AWS_SECRET_ACCESS_KEY)"  # a Secret's value is taken as it is
     assert env["AWS_SECRET_ACCESS_KEY"] == "literal wins" and env["COPY"] == "sk-1" and env["SVC"] == "10.0.0.7"
     assert env["VLLM_PORT"] == "tcp://10.0.0.7:8000"  # service links are added where nothing else defined the name

@@ -90,7 +90,8 @@ def test_an_upright_rgb_image_within_the_budget_is_sent_as_it_is(fmt: str) -> No
 
 
 @pytest.mark.parametrize(
-    "variant", ["rotated", "grayscale", "over-budget"],
+    "variant",
+    ["rotated", "grayscale", "over-budget"],
 )
 def test_an_image_with_something_to_fix_is_re_encoded(variant: str) -> None:
     img, extra, budget = photo((300, 200)), {}, 300 * 200

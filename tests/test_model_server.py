@@ -63,7 +63,7 @@ def test_a_server_that_never_gets_healthy_is_stopped_and_its_log_named(monkeypat
     marker = tmp_path / "pid"
     script = f"import os, time; open({str(marker)!r}, 'w').write(str(os.getpid())); print('loading weights ...', flush=True); time.sleep(60)"
     monkeypatch.setenv("VQA_VLLM_COMMAND", f"{sys.executable} -c {json.dumps(script)}")
-    with pytest.raises(ServerUnavailableError, match=r"not healthy after 2s: .*\n.*server\.log ends:\nloading weights \.\.\.") :
+    with pytest.raises(ServerUnavailableError, match=r"not healthy after 2s: .*\n.*server\.log ends:\nloading weights \.\.\."):
         start_server("m", log_path=str(tmp_path / "server.log"), startup_timeout=2)
     assert not alive(int(marker.read_text()))
 
@@ -117,10 +117,20 @@ def test_the_kubernetes_server_is_one_gpu_pod_behind_a_service(monkeypatch: pyte
     # stable across retries of a run; distinct between runs, and between installations that share a namespace
     assert name == server_name("airflow", "video_qa", run) != server_name("airflow", "video_qa", "manual__x")
     assert name != server_name("airflow-eu", "video_qa", run)
-    placement = PodSettings(image="registry.example/vqa-worker:1", namespace="vqa", secret_env={"HF_TOKEN": {"secret": "hf-token", "key": "token"}})
+    placement = PodSettings(
+        image="registry.example/vqa-worker:1", namespace="vqa", secret_env={"HF_TOKEN": {"secret": "hf-token", "key": "token"}}
+    )
     deployment, service = server_manifests(
-        name=name, namespace="vqa", model="Qwen/Qwen2.5-VL-7B-Instruct", placement=placement, installation="airflow", dag_id="video_qa", run_id="r",
-        max_num_seqs=128, expires_at="2026-01-07T00:00:00+00:00", vllm_args=["--max-model-len", "32768"],
+        name=name,
+        namespace="vqa",
+        model="Qwen/Qwen2.5-VL-7B-Instruct",
+        placement=placement,
+        installation="airflow",
+        dag_id="video_qa",
+        run_id="r",
+        max_num_seqs=128,
+        expires_at="2026-01-07T00:00:00+00:00",
+        vllm_args=["--max-model-len", "32768"],
     )
     for manifest in (deployment, service):
         kubernetes_validate.validate(manifest, "1.33", strict=True)
@@ -128,7 +138,18 @@ def test_the_kubernetes_server_is_one_gpu_pod_behind_a_service(monkeypatch: pyte
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["command"] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
-    assert container["args"] == ["--model", "Qwen/Qwen2.5-VL-7B-Instruct", "--host", "0.0.0.0", "--port", "8000", "--max-num-seqs", "128", "--max-model-len", "32768"]
+    assert container["args"] == [
+        "--model",
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8000",
+        "--max-num-seqs",
+        "128",
+        "--max-model-len",
+        "32768",
+    ]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and not pod.get("nodeSelector")
     assert pod["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
     # the model loads under the startup probe (30 min by default); then a wedged engine is restarted, a busy one only unready
@@ -139,11 +160,17 @@ def test_the_kubernetes_server_is_one_gpu_pod_behind_a_service(monkeypatch: pyte
     assert {v["name"]: v for v in pod["volumes"]}["model-cache"]["persistentVolumeClaim"] == {"claimName": "vqa-model-cache"}
     # whose it is: what the janitor and a retry of the setup trust
     assert deployment["metadata"]["annotations"] == {
-        "vqa/installation": "airflow", "vqa/dag-id": "video_qa", "vqa/run-id": "r", "vqa/expires-at": "2026-01-07T00:00:00+00:00",
+        "vqa/installation": "airflow",
+        "vqa/dag-id": "video_qa",
+        "vqa/run-id": "r",
+        "vqa/expires-at": "2026-01-07T00:00:00+00:00",
     }
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     # the server demands the key the workers send; the gated model's token reaches it by reference
-    assert env["VLLM_API_KEY"]["secretKeyRef"] == {"name": "vqa-vlm", "key": "api-key"} and env["HF_TOKEN"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
+    assert env["VLLM_API_KEY"]["secretKeyRef"] == {"name": "vqa-vlm", "key": "api-key"} and env["HF_TOKEN"]["secretKeyRef"] == {
+        "name": "hf-token",
+        "key": "token",
+    }
     # no replica until the installation's bound on servers lets it have one (the setup scales it)
     assert deployment["spec"]["replicas"] == 0 and deployment["spec"]["strategy"] == {"type": "Recreate"}
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
@@ -152,7 +179,10 @@ def test_the_kubernetes_server_is_one_gpu_pod_behind_a_service(monkeypatch: pyte
 def test_worker_pods_are_restricted_and_so_is_their_xcom_sidecar(monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.test_pod_spec import build_manifest
 
-    monkeypatch.setenv("AIRFLOW_CONN_VQA_VLM", json.dumps({"conn_type": "http", "host": "http://vqa-model.vqa.svc:8000/v1", "extra": {"model": "m"}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_VQA_VLM",
+        json.dumps({"conn_type": "http", "host": "http://vqa-model.vqa.svc:8000/v1", "extra": {"model": "m"}}),
+    )
     manifest = build_manifest(monkeypatch)
     assert [c["name"] for c in manifest["spec"]["containers"]] == ["base", "airflow-xcom-sidecar"]
     assert restricted(manifest) == []
@@ -176,7 +206,11 @@ def test_a_run_scoped_server_goes_around_every_worker_task(run_scoped_dags: dict
     # a bad param fails plan before any GPU is spent
     assert setup.upstream_task_ids == {"plan"}
     workers = [t for t in dag.tasks if "spec" in (getattr(t, "partial_kwargs", None) or {})]
-    stages = {"image_qa": {"generate", "quality"}, "pers_qa": {"generate", "quality"}, "video_qa": {"ingest", "initial", "multiagent", "final", "quality"}}[dag_id]
+    stages = {
+        "image_qa": {"generate", "quality"},
+        "pers_qa": {"generate", "quality"},
+        "video_qa": {"ingest", "initial", "multiagent", "final", "quality"},
+    }[dag_id]
     assert {t.task_id for t in workers} == stages
     for worker in workers:
         assert "model_server" in worker.upstream_task_ids and "stop_model_server" in worker.downstream_task_ids
@@ -191,7 +225,11 @@ def test_without_a_run_scoped_server_the_dags_have_no_setup(monkeypatch: pytest.
     monkeypatch.delenv("VQA_MODEL_SERVER", raising=False)
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["video_qa"]
     assert not {"model_server", "stop_model_server"} & set(dag.task_ids)
-    assert all(t.partial_kwargs["spec"].get("base_url") is None for t in dag.tasks if "spec" in (getattr(t, "partial_kwargs", None) or {}))
+    assert all(
+        t.partial_kwargs["spec"].get("base_url") is None
+        for t in dag.tasks
+        if "spec" in (getattr(t, "partial_kwargs", None) or {})
+    )
 
 
 def test_a_worker_pod_of_a_run_scoped_server_is_a_cpu_pod_that_calls_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -205,15 +243,30 @@ def test_a_worker_pod_of_a_run_scoped_server_is_a_cpu_pod_that_calls_it(monkeypa
 
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["video_qa"]
     task = dag.get_task("initial").unmap({"shard": SHARD})
-    server = {"mode": "kubernetes", "base_url": "http://vqa-model-abc.vqa.svc:8000/v1", "model": "Qwen/Qwen2.5-VL-7B-Instruct", "name": "vqa-model-abc", "namespace": "vqa"}
-    ti = SimpleNamespace(dag_id="video_qa", task_id="initial", map_index=3, try_number=1, xcom_pull=lambda task_ids: server if task_ids == "model_server" else None)
+    server = {
+        "mode": "kubernetes",
+        "base_url": "http://vqa-model-abc.vqa.svc:8000/v1",
+        "model": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "name": "vqa-model-abc",
+        "namespace": "vqa",
+    }
+    ti = SimpleNamespace(
+        dag_id="video_qa",
+        task_id="initial",
+        map_index=3,
+        try_number=1,
+        xcom_pull=lambda task_ids: server if task_ids == "model_server" else None,
+    )
     context = {"params": {**dag.params.dump(), **PARAMS["video_qa"]}, "dag": dag, "task": task, "run_id": RUN_ID, "ti": ti}
     task.render_template_fields(context)
     from kubernetes.client import ApiClient
 
     manifest = ApiClient().sanitize_for_serialization(task.build_pod_request_obj(context, dry_run=True))
     container = manifest["spec"]["containers"][0]
-    assert container["args"][container["args"].index("--base-url") + 1] == server["base_url"] and "--serve-vllm" not in container["args"]
+    assert (
+        container["args"][container["args"].index("--base-url") + 1] == server["base_url"]
+        and "--serve-vllm" not in container["args"]
+    )
     assert "nvidia.com/gpu" not in container["resources"]["limits"] and not manifest["spec"].get("nodeSelector")
 
 
@@ -234,8 +287,16 @@ def test_the_run_servers_model_and_flags_reach_vllm_as_typed(monkeypatch: pytest
 
     placement = PodSettings(image="registry.example/vqa-worker:1", namespace="vqa", env={"HOST_COPY": "$(HOME)"})
     deployment, _ = server_manifests(
-        name="vqa-model-x", namespace="vqa", model="$(VLLM_API_KEY)", placement=placement, installation="airflow", dag_id="d", run_id="r",
-        max_num_seqs=8, expires_at="2026-01-07T00:00:00+00:00", vllm_args=["--chat-template", "{{ x }}$$(HOME)"],
+        name="vqa-model-x",
+        namespace="vqa",
+        model="$(VLLM_API_KEY)",
+        placement=placement,
+        installation="airflow",
+        dag_id="d",
+        run_id="r",
+        max_num_seqs=8,
+        expires_at="2026-01-07T00:00:00+00:00",
+        vllm_args=["--chat-template", "{{ x }}$$(HOME)"],
     )
     argv, env = as_the_kubelet_starts_it(deployment["spec"]["template"]["spec"]["containers"][0])
     assert argv[argv.index("--model") + 1] == "$(VLLM_API_KEY)" and argv[-1] == "{{ x }}$$(HOME)"

@@ -30,7 +30,15 @@ def _matches(index: NearDuplicates, texts: list) -> list:
 
 def test_the_index_keeps_the_first_occurrence_and_names_it() -> None:
     with NearDuplicates(0.8) as index:
-        found = _matches(index, [("What color is the car?", [1, 0]), ("what COLOR is the car", [2, 0]), ("What color is the bus?", [3, 0]), ("What color is the car?!", [9, 9])])
+        found = _matches(
+            index,
+            [
+                ("What color is the car?", [1, 0]),
+                ("what COLOR is the car", [2, 0]),
+                ("What color is the bus?", [3, 0]),
+                ("What color is the car?!", [9, 9]),
+            ],
+        )
         assert found[0] is None and found[2] is None
         assert found[1] is not None and found[1].first == [1, 0] and found[1].similarity == 1.0
         assert found[3] is not None and found[3].first == [1, 0]
@@ -72,7 +80,10 @@ def _templated(count: int) -> list[tuple[str, int]]:
     rng = random.Random(7)
     words = ["red", "blue", "green", "wooden", "metal", "round", "square", "small", "large", "striped", "shiny", "broken"]
     things = ["cups", "chairs", "books", "lamps", "bottles", "plates", "boxes", "shoes", "apples", "keys", "pens", "clocks"]
-    return [(f"How many {rng.choice(words)} {rng.choice(things)} are on the {rng.choice(words)} {rng.choice(things)} near {n}?", n) for n in range(count)]
+    return [
+        (f"How many {rng.choice(words)} {rng.choice(things)} are on the {rng.choice(words)} {rng.choice(things)} near {n}?", n)
+        for n in range(count)
+    ]
 
 
 def test_the_index_finds_near_duplicates_among_many_texts() -> None:
@@ -89,7 +100,11 @@ def test_the_index_finds_near_duplicates_among_many_texts() -> None:
     # a repeat of a question that was itself dropped is found through the kept one it resembles: LSH and the candidate
     # cap make that likely, not certain
     assert sum(f is not None for f in found) >= 198
-    assert all(jaccard(shingles(text), shingles(texts[f.first][0])) >= 0.8 for (text, _), f in zip(repeats, found, strict=True) if f is not None)
+    assert all(
+        jaccard(shingles(text), shingles(texts[f.first][0])) >= 0.8
+        for (text, _), f in zip(repeats, found, strict=True)
+        if f is not None
+    )
     # a match is always of a text that was kept
     assert all(originals[f.first] is None for f in found if f is not None)
 
@@ -135,19 +150,30 @@ def _rows(folder: Path) -> Path:
     media.mkdir(exist_ok=True)
     (media / "a.jpg").write_bytes(make_jpeg((64, 48)))
     (media / "b.jpg").write_bytes(make_jpeg((48, 64), color=(20, 120, 200)))
-    rows = [{"image": "a.jpg", "id": 1}, {"image": "b.jpg", "id": 2}, {"image": ["a.jpg", "b.jpg"], "id": 3}, {"image": "b.jpg", "id": 4}, {"image": "a.jpg", "id": 1}, {"image": "a.jpg", "id": 6}]
+    rows = [
+        {"image": "a.jpg", "id": 1},
+        {"image": "b.jpg", "id": 2},
+        {"image": ["a.jpg", "b.jpg"], "id": 3},
+        {"image": "b.jpg", "id": 4},
+        {"image": "a.jpg", "id": 1},
+        {"image": "a.jpg", "id": 6},
+    ]
     source = folder / "in.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return source
 
 
-def _sharded_run(server, folder: Path, source: Path, dedup: NearDuplicateSettings) -> tuple[list[Shard], dict[str, list[StageManifest]]]:
+def _sharded_run(
+    server, folder: Path, source: Path, dedup: NearDuplicateSettings
+) -> tuple[list[Shard], dict[str, list[StageManifest]]]:
     """The DAG's tail by hand: generate per shard, dedup across them, quality per shard on what dedup left."""
     plan = plan_shards(Storage(), str(source), rows_per_shard=3)
     stages: dict[str, list[StageManifest]] = {"generate": [], "dedup": [], "quality": []}
     for shard in plan:
         generated = folder / "run" / "generate" / f"shard-{shard.index:05d}.jsonl"
-        stages["generate"].append(run_job(job_options(server, folder, source, output=str(generated), shard=shard, task_key=f"g{shard.index}")))
+        stages["generate"].append(
+            run_job(job_options(server, folder, source, output=str(generated), shard=shard, task_key=f"g{shard.index}"))
+        )
     stages["dedup"] = deduplicate_shards(Storage(), stages["generate"], plan, staging=str(folder / "run"), dedup=dedup)
     server.requests.clear()
     for shard in plan:
@@ -155,15 +181,23 @@ def _sharded_run(server, folder: Path, source: Path, dedup: NearDuplicateSetting
         stages["quality"].append(
             run_job(
                 job_options(
-                    server, folder, deduplicated, generator="quality", output=str(folder / "run" / "quality" / f"shard-{shard.index:05d}.jsonl"),
-                    shard=shard, task_key=f"q{shard.index}", params={"source": "image_qa"},
+                    server,
+                    folder,
+                    deduplicated,
+                    generator="quality",
+                    output=str(folder / "run" / "quality" / f"shard-{shard.index:05d}.jsonl"),
+                    shard=shard,
+                    task_key=f"q{shard.index}",
+                    params={"source": "image_qa"},
                 )
             )
         )
     return plan, stages
 
 
-def test_near_duplicates_are_dropped_across_shards_before_any_is_judged_and_every_row_is_accounted_for(vlm_server, tmp_path: Path) -> None:
+def test_near_duplicates_are_dropped_across_shards_before_any_is_judged_and_every_row_is_accounted_for(
+    vlm_server, tmp_path: Path
+) -> None:
     source = _rows(tmp_path)
     # the gate rejects the second pair of row 3 (the only row with two images)
     vlm_server.verdicts = ScriptedVerdicts(score=lambda q, a: 1 if q.startswith("question 2: saw 2 image(s)") else 5)
@@ -183,27 +217,43 @@ def test_near_duplicates_are_dropped_across_shards_before_any_is_judged_and_ever
     assert (merged.pairs_kept, merged.pairs_rejected, merged.acceptance_rate) == (9, 3, 0.75)
     dupes = [e for e in rejected if e["reason"] == "near_duplicate"]
     assert [(e["stage"], e["line"], e["index"], e["row_rejected"], e["duplicate_of"], e["verdicts"]) for e in dupes] == [
-        ("dedup", 5, 0, True, {"line": 1, "index": 0}, None), ("dedup", 5, 1, True, {"line": 1, "index": 1}, None)
+        ("dedup", 5, 0, True, {"line": 1, "index": 0}, None),
+        ("dedup", 5, 1, True, {"line": 1, "index": 1}, None),
     ]
     assert [(e["stage"], e["line"], e["index"]) for e in rejected if e["reason"] == "not_grounded"] == [("quality", 3, 1)]
     # every kept pair still has its verdict beside it
     assert all(len(r["qa_pairs"]) == len(r["vqa_provenance"]["quality"]["verdicts"]) for r in out)
     summary = merged.near_duplicates
-    assert (summary.near_duplicate_threshold, summary.pairs_checked, summary.duplicates, summary.judge_calls_per_pair, summary.judge_calls_saved) == (0.95, 12, 2, 3.0, 6)
+    assert (
+        summary.near_duplicate_threshold,
+        summary.pairs_checked,
+        summary.duplicates,
+        summary.judge_calls_per_pair,
+        summary.judge_calls_saved,
+    ) == (0.95, 12, 2, 3.0, 6)
     # what the dataset's pairs cost: the generation's calls (one per row) and the judge's, over the 9 pairs kept
     assert merged.requests == 6 + 30 and merged.cost_per_kept_pair.requests == round(36 / 9, 3)
     assert merged.cost_per_kept_pair.prompt_tokens == round(merged.prompt_tokens / 9, 3)
     assert merged.stages["quality"].rejected == str(tmp_path / "run" / "generate.rejected.jsonl")
-    assert read_rows(tmp_path / "run" / "quality.errors.jsonl") == [] and read_rows(tmp_path / "run" / "generate.errors.jsonl") == []
+    assert (
+        read_rows(tmp_path / "run" / "quality.errors.jsonl") == [] and read_rows(tmp_path / "run" / "generate.errors.jsonl") == []
+    )
     # the dataset's generator, and every stage's errors file (dedup's rows cannot fail: it has none)
-    assert merged.generator == "image_qa" and merged.errors == {name: str(tmp_path / "run" / f"{name}.errors.jsonl") for name in ("generate", "quality")}
-    assert merged.stages["dedup"].errors is None and merged.stages["quality"].model == merged.stages["generate"].model == "test-vlm"
+    assert merged.generator == "image_qa" and merged.errors == {
+        name: str(tmp_path / "run" / f"{name}.errors.jsonl") for name in ("generate", "quality")
+    }
+    assert (
+        merged.stages["dedup"].errors is None and merged.stages["quality"].model == merged.stages["generate"].model == "test-vlm"
+    )
 
     # the preview: the acceptance rate at the top, kept pairs with their score, a row's rejected pair with its reason
     page = render_preview(Storage(), merged, title="t", media_root=str(tmp_path / "media")).decode()
     assert "acceptance rate 75.0%: 9 of 12 pairs kept" in page and "2 near_duplicate" in page and "1 not_grounded" in page
     assert page.count('<span class="score">score 5</span>') == 9
-    assert re.search(r'<ul class="rejected"><li><span class="reason">not_grounded</span>score 1 · <span class="q">question 2: saw 2 image', page)
+    assert re.search(
+        r'<ul class="rejected"><li><span class="reason">not_grounded</span>score 1 · <span class="q">question 2: saw 2 image',
+        page,
+    )
     assert "<h3>near_duplicate · 2 pairs</h3>" in page and "repeats the pair 0 of line 1" in page
 
 
@@ -214,7 +264,11 @@ def test_switched_off_every_pair_is_judged(vlm_server, tmp_path: Path) -> None:
     assert len(vlm_server.requests) == 36
     off = merge_run(Storage(), stages, output=str(tmp_path / "run" / "generate.jsonl"), plan=plan)
     assert (off.rows_out, off.rows_rejected, off.pairs_kept, off.rejections_by_reason) == (6, 0, 11, {"not_grounded": 1})
-    assert (off.near_duplicates.remove_near_duplicates, off.near_duplicates.duplicates, off.near_duplicates.judge_calls_saved) == (False, 0, 0)
+    assert (
+        off.near_duplicates.remove_near_duplicates,
+        off.near_duplicates.duplicates,
+        off.near_duplicates.judge_calls_saved,
+    ) == (False, 0, 0)
     assert len(read_rows(tmp_path / "run" / "generate.rejected.jsonl")) == 1
 
 
@@ -228,14 +282,29 @@ def test_the_merge_refuses_shards_that_do_not_account_for_every_row(vlm_server, 
 
 
 def test_a_row_without_pairs_passes_dedup_whole_and_every_row_is_accounted_for(tmp_path: Path) -> None:
-    rows = [{"id": 1, "qa_pairs": [{"question": "What is red?", "answer": "The ball."}]}, {"id": 2, "qa_pairs": []},
-            {"id": 3, "qa_pairs": [{"question": "What is red?", "answer": "The ball."}]}]
+    rows = [
+        {"id": 1, "qa_pairs": [{"question": "What is red?", "answer": "The ball."}]},
+        {"id": 2, "qa_pairs": []},
+        {"id": 3, "qa_pairs": [{"question": "What is red?", "answer": "The ball."}]},
+    ]
     shard = tmp_path / "generate" / "shard-00000.jsonl"
     shard.parent.mkdir()
     shard.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    manifest = StageManifest(generator="image_qa", shard=0, input="in.jsonl", output=str(shard), errors=None, rows_in=3, rows_out=3, rows_failed=0, duration_s=0.1)
+    manifest = StageManifest(
+        generator="image_qa",
+        shard=0,
+        input="in.jsonl",
+        output=str(shard),
+        errors=None,
+        rows_in=3,
+        rows_out=3,
+        rows_failed=0,
+        duration_s=0.1,
+    )
     plan = [Shard(input="in.jsonl", index=0, first_line=1, rows=3, start=0, end=100)]
     [result] = deduplicate_shards(Storage(), [manifest], plan, staging=str(tmp_path), dedup=NearDuplicateSettings())
     assert [r["id"] for r in read_rows(tmp_path / "dedup" / "shard-00000.jsonl")] == [1, 2]
     assert (result.rows_in, result.rows_out, result.rows_rejected, result.pairs_kept, result.pairs_rejected) == (3, 2, 1, 1, 1)
-    assert [(e["line"], e["reason"], e["row_rejected"]) for e in read_rows(tmp_path / "dedup" / "shard-00000.rejected.jsonl")] == [(3, "near_duplicate", True)]
+    assert [
+        (e["line"], e["reason"], e["row_rejected"]) for e in read_rows(tmp_path / "dedup" / "shard-00000.rejected.jsonl")
+    ] == [(3, "near_duplicate", True)]

@@ -20,7 +20,9 @@ REQUEST = ChatRequest(messages=[{"role": "user", "content": "hi"}], schema=SCHEM
 
 def serving(server: OpenAITestServer, **kwargs) -> OpenAIServing:
     kwargs.setdefault("max_retries", 3)
-    return OpenAIServing(base_url=server.base_url, model=kwargs.pop("model", MODEL), concurrency=kwargs.pop("concurrency", 8), **kwargs)
+    return OpenAIServing(
+        base_url=server.base_url, model=kwargs.pop("model", MODEL), concurrency=kwargs.pop("concurrency", 8), **kwargs
+    )
 
 
 def test_sends_sampling_parameters_and_json_schema(vlm_server: OpenAITestServer) -> None:

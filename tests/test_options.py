@@ -18,7 +18,9 @@ BASE = {"generator": "image_qa", "input": "/data/in.jsonl", "output": "/data/out
 class WithANewOption(JobOptions):
     """A copy of the model with one more option, declared as a maintainer would: once."""
 
-    beam_width: int = Field(4, ge=1, le=64, title="Beam width", description="Beams the server keeps per request.", json_schema_extra=settings.WORKER)
+    beam_width: int = Field(
+        4, ge=1, le=64, title="Beam width", description="Beams the server keeps per request.", json_schema_extra=settings.WORKER
+    )
     dry_run_note: str | None = Field(None, description="A note kept in the log.")
 
 
@@ -27,11 +29,18 @@ def test_a_new_field_is_a_flag_a_variable_a_pod_argument_and_a_param(monkeypatch
     parser = build_parser(WithANewOption)
     run = parser._subparsers._group_actions[0].choices["run"]
     action = next(a for a in run._actions if "--beam-width" in a.option_strings)
-    assert "Beams the server keeps per request." in action.help and "(default 4)" in action.help and "[VQA_BEAM_WIDTH]" in action.help
+    assert (
+        "Beams the server keeps per request." in action.help
+        and "(default 4)" in action.help
+        and "[VQA_BEAM_WIDTH]" in action.help
+    )
     note = next(a for a in run._actions if "--dry-run-note" in a.option_strings)
     assert "A note kept in the log." in note.help and "VQA_" not in note.help
     args = parser.parse_args(["run", "image_qa", "--output", "/data/out.jsonl", "--input", "/data/in.jsonl", "--beam-width", "8"])
-    assert WithANewOption(**{k: v for k, v in vars(args).items() if k in WithANewOption.model_fields and v is not None}).beam_width == 8
+    assert (
+        WithANewOption(**{k: v for k, v in vars(args).items() if k in WithANewOption.model_fields and v is not None}).beam_width
+        == 8
+    )
     # the variable, where the field is marked WORKER; the caller's value wins; a bad variable is named
     monkeypatch.setenv("VQA_BEAM_WIDTH", "16")
     monkeypatch.setenv("VQA_DRY_RUN_NOTE", "not read: the field is not marked")
@@ -50,14 +59,24 @@ def test_a_new_field_is_a_flag_a_variable_a_pod_argument_and_a_param(monkeypatch
 
 def test_the_cli_and_the_pod_arguments_round_trip_every_kind_of_option() -> None:
     values = {
-        **BASE, "concurrency": 12, "seed": 3, "temperature": 0.5, "serve_vllm": True, "allowed_media_roots": ["/data", "s3://media"],
-        "params": {"pairs_per_row": 2, "tag": "<mam>", "caption": True}, "shard": {"index": 1, "shards": 2, "input": "/data/in.jsonl", "start": 0, "end": 10, "rows": 3, "first_line": 1},
+        **BASE,
+        "concurrency": 12,
+        "seed": 3,
+        "temperature": 0.5,
+        "serve_vllm": True,
+        "allowed_media_roots": ["/data", "s3://media"],
+        "params": {"pairs_per_row": 2, "tag": "<mam>", "caption": True},
+        "shard": {"index": 1, "shards": 2, "input": "/data/in.jsonl", "start": 0, "end": 10, "rows": 3, "first_line": 1},
     }
     parsed = build_parser().parse_args(argv(values))
     given = {k: v for k, v in vars(parsed).items() if k in JobOptions.model_fields}
     opts = job_options({**given, "params": dict(given["params"])})
     assert (opts.concurrency, opts.seed, opts.temperature, opts.serve_vllm) == (12, 3, 0.5, True)
-    assert opts.allowed_media_roots == ["/data", "s3://media"] and opts.params == {"pairs_per_row": 2, "tag": "<mam>", "caption": True}
+    assert opts.allowed_media_roots == ["/data", "s3://media"] and opts.params == {
+        "pairs_per_row": 2,
+        "tag": "<mam>",
+        "caption": True,
+    }
     assert opts.shard is not None and (opts.shard.index, opts.shard.rows) == (1, 3)
 
 

@@ -26,12 +26,29 @@ def test_the_package_installs_with_its_templates_and_its_worker_runs(vlm_server:
     venv = tmp_path / "venv"
     subprocess.run([uv, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True)
     install = subprocess.run(
-        [uv, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "-c", str(ROOT / "constraints.txt"), str(ROOT)],
-        capture_output=True, text=True, check=False,
+        [
+            uv,
+            "pip",
+            "install",
+            "--quiet",
+            "--python",
+            str(venv / "bin" / "python"),
+            "-c",
+            str(ROOT / "constraints.txt"),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert install.returncode == 0, install.stderr[-3000:]
-    files = subprocess.run([str(venv / "bin" / "python"), "-c", "import vqa_operators, pathlib; print(pathlib.Path(vqa_operators.__file__).parent)"],
-                           capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    files = subprocess.run(
+        [str(venv / "bin" / "python"), "-c", "import vqa_operators, pathlib; print(pathlib.Path(vqa_operators.__file__).parent)"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    ).stdout.strip()
     package = Path(files)
     assert package.is_relative_to(venv) and (package / "include" / "prompts" / "image_qa" / "user.j2").exists()
     assert (package / "include" / "report" / "preview.html.j2").exists()
@@ -39,10 +56,32 @@ def test_the_package_installs_with_its_templates_and_its_worker_runs(vlm_server:
     (tmp_path / "work").mkdir()
     (tmp_path / "work" / "a.jpg").write_bytes(make_jpeg((64, 48)))
     (tmp_path / "work" / "in.jsonl").write_text(json.dumps({"image": "a.jpg"}) + "\n")
-    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "VQA_BASE_URL": vlm_server.base_url, "VQA_MODEL": MODEL, "HOME": str(tmp_path)}
+    env = {
+        "PATH": f"{venv / 'bin'}:/usr/bin:/bin",
+        "VQA_BASE_URL": vlm_server.base_url,
+        "VQA_MODEL": MODEL,
+        "HOME": str(tmp_path),
+    }
     proc = subprocess.run(
-        ["vqa-worker", "run", "image_qa", "--input", "in.jsonl", "--output", "out.jsonl", "--media-root", ".", "--param", "pairs_per_row=1"],
-        capture_output=True, text=True, env=env, cwd=tmp_path / "work", timeout=120, check=False,
+        [
+            "vqa-worker",
+            "run",
+            "image_qa",
+            "--input",
+            "in.jsonl",
+            "--output",
+            "out.jsonl",
+            "--media-root",
+            ".",
+            "--param",
+            "pairs_per_row=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path / "work",
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -50,4 +89,7 @@ def test_the_package_installs_with_its_templates_and_its_worker_runs(vlm_server:
     # the installed prompts are the repository's: the same hash as the source tree's
     from vqa_operators.prompts import load_prompts
 
-    assert manifest["rows_out"] == 1 and manifest["prompt_sha256"] == load_prompts("image_qa").sha256 == row["vqa_provenance"]["image_qa"]["prompt_sha256"]
+    assert (
+        manifest["rows_out"] == 1
+        and manifest["prompt_sha256"] == load_prompts("image_qa").sha256 == row["vqa_provenance"]["image_qa"]["prompt_sha256"]
+    )

@@ -8,7 +8,9 @@ from vqa_operators.generators.answers import TextLimits, qa_set_model
 from vqa_operators.parsing import ParseError, extract_json, parse_structured
 
 Answer = qa_set_model("ImageQAAnswer", 2, TextLimits(question=40, answer=20), min_pairs=2)
-GOOD = '{"qa_pairs": [{"question": "What colour is the car?", "answer": "Red"}, {"question": "How many people?", "answer": "Two"}]}'
+GOOD = (
+    '{"qa_pairs": [{"question": "What colour is the car?", "answer": "Red"}, {"question": "How many people?", "answer": "Two"}]}'
+)
 
 
 def test_plain_json() -> None:
@@ -21,7 +23,7 @@ def test_fenced_json_with_prose() -> None:
 
 
 def test_unterminated_fence() -> None:
-    assert extract_json("```json\n{\"a\": 1}\n") == {"a": 1}
+    assert extract_json('```json\n{"a": 1}\n') == {"a": 1}
 
 
 def test_prose_around_json_without_fence() -> None:

@@ -88,7 +88,9 @@ def test_choice_is_reproducible_and_spread_and_respects_the_subject() -> None:
     assert any("pet" in q.kinds and "any" not in q.kinds for q in pets)
 
 
-def test_prompt_names_the_main_character_and_the_output_has_the_seed_format(vlm_server: OpenAITestServer, images: list[Path]) -> None:
+def test_prompt_names_the_main_character_and_the_output_has_the_seed_format(
+    vlm_server: OpenAITestServer, images: list[Path]
+) -> None:
     gen = generator(vlm_server, images[0].parent)
     row = {"image": [images[0].name]}
     fields, meta = asyncio.run(gen.generate(row))
@@ -136,7 +138,9 @@ def test_a_custom_tag_runs_end_to_end(vlm_server: OpenAITestServer, images: list
     fields, _ = asyncio.run(generator(vlm_server, images[0].parent, tag="[P1]").generate({"image": images[0].name}))
     match = FORMAT.match(fields["pers_qa"])
     assert "[P1]" in match["q"] and match["a"].startswith("[P1] ")
-    assert vlm_server.requests[0]["response_format"]["json_schema"]["schema"]["properties"]["answer"]["pattern"].startswith(r"^\[P1\][")
+    assert vlm_server.requests[0]["response_format"]["json_schema"]["schema"]["properties"]["answer"]["pattern"].startswith(
+        r"^\[P1\]["
+    )
 
 
 def test_an_answer_over_the_bound_is_repaired_then_goes_to_errors(vlm_server: OpenAITestServer, images: list[Path]) -> None:

@@ -25,25 +25,53 @@ SECRET_KEY = "sk-must-not-appear"
 def vlm_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(
         "AIRFLOW_CONN_VQA_VLM",
-        json.dumps({"conn_type": "http", "host": "http://vqa-model.vqa.svc:8000/v1", "password": SECRET_KEY, "extra": {"model": MODEL}}),
+        json.dumps(
+            {"conn_type": "http", "host": "http://vqa-model.vqa.svc:8000/v1", "password": SECRET_KEY, "extra": {"model": MODEL}}
+        ),
     )
 
 
 RUN_ID = "manual__2026-11-21T00:00:00+00:00"
 PARAMS = {
-    "image_qa": {"input_uri": "s3://in/rows.jsonl", "output_prefix": "s3://out/prefix", "media_root": "s3://in/", "pairs_per_row": 4, "seed": 9, "concurrency": 32},
+    "image_qa": {
+        "input_uri": "s3://in/rows.jsonl",
+        "output_prefix": "s3://out/prefix",
+        "media_root": "s3://in/",
+        "pairs_per_row": 4,
+        "seed": 9,
+        "concurrency": 32,
+    },
     "video_qa": {
-        "input_uri": "s3://in/videos.jsonl", "output_prefix": "s3://out/prefix", "media_root": "s3://in/", "seed": 9, "concurrency": 32,
-        "max_frames": 12, "max_iterations": 2, "final_pairs": 8,
+        "input_uri": "s3://in/videos.jsonl",
+        "output_prefix": "s3://out/prefix",
+        "media_root": "s3://in/",
+        "seed": 9,
+        "concurrency": 32,
+        "max_frames": 12,
+        "max_iterations": 2,
+        "final_pairs": 8,
     },
 }
 
 
-SHARD = {"input": "s3://in/rows.jsonl", "index": 3, "first_line": 301, "rows": 100, "start": 20480, "end": 27000, "version": '"etag-1"'}
+SHARD = {
+    "input": "s3://in/rows.jsonl",
+    "index": 3,
+    "first_line": 301,
+    "rows": 100,
+    "start": 20480,
+    "end": 27000,
+    "version": '"etag-1"',
+}
 
 
 def build_manifest(
-    monkeypatch: pytest.MonkeyPatch, dag_id: str = "image_qa", task_id: str = "generate", *, params: dict[str, Any] | None = None, dag: Any = None,
+    monkeypatch: pytest.MonkeyPatch,
+    dag_id: str = "image_qa",
+    task_id: str = "generate",
+    *,
+    params: dict[str, Any] | None = None,
+    dag: Any = None,
     shard: dict[str, Any] | None = None,
 ) -> dict:
     """The pod of ``task_id``'s mapped instance for a shard, as the run's task renders and builds it (``params`` replace the test's)."""
@@ -89,7 +117,10 @@ def test_a_pod_that_calls_a_model_service_is_a_cpu_pod(vlm_connection, monkeypat
     assert args[args.index("--param") : args.index("--param") + 2] == ["--param", "pairs_per_row=4"]
     assert "--serve-vllm" not in args  # an existing service URL is configured
     # no GPU, no GPU node, sized for its task
-    assert container["resources"] == {"limits": {"cpu": "2", "memory": "4Gi"}, "requests": {"cpu": "2", "memory": "4Gi", "ephemeral-storage": "16Gi"}}
+    assert container["resources"] == {
+        "limits": {"cpu": "2", "memory": "4Gi"},
+        "requests": {"cpu": "2", "memory": "4Gi", "ephemeral-storage": "16Gi"},
+    }
     spec = manifest["spec"]
     assert not spec.get("nodeSelector") and not spec.get("tolerations")
     volumes = {v["name"]: v for v in spec["volumes"]}
@@ -130,7 +161,12 @@ def test_without_a_service_url_vllm_runs_in_a_gpu_pod(monkeypatch: pytest.Monkey
     assert env["VQA_VLLM_ARGS"] == "--max-model-len 32768 --limit-mm-per-prompt '{\"image\": 16}'"
     # requests below limits: an 8 vCPU / 32 GiB one-GPU node (g5.2xlarge, g2-standard-8) takes it beside its daemons
     assert container["resources"]["limits"] == {"cpu": "8", "memory": "28Gi", "nvidia.com/gpu": "1"}
-    assert container["resources"]["requests"] == {"cpu": "4", "memory": "24Gi", "ephemeral-storage": "64Gi", "nvidia.com/gpu": "1"}  # the ingest copies videos to /tmp
+    assert container["resources"]["requests"] == {
+        "cpu": "4",
+        "memory": "24Gi",
+        "ephemeral-storage": "64Gi",
+        "nvidia.com/gpu": "1",
+    }  # the ingest copies videos to /tmp
     # a GPU node is found by the GPU request and the GPU taint's toleration: no GPU Feature Discovery label
     assert not spec.get("nodeSelector")
     assert spec["tolerations"] == [{"effect": "NoSchedule", "key": "nvidia.com/gpu", "operator": "Exists"}]
@@ -139,7 +175,9 @@ def test_without_a_service_url_vllm_runs_in_a_gpu_pod(monkeypatch: pytest.Monkey
     assert volumes["model-cache"]["persistentVolumeClaim"]["claimName"] == "vqa-model-cache" and env["HF_HOME"] == "/models"
 
 
-def test_default_params_give_no_empty_argument_and_a_shard_is_never_rendered(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_params_give_no_empty_argument_and_a_shard_is_never_rendered(
+    vlm_connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The DAGs' defaults (no concurrency, no model) are "not given", and the shard's JSON reaches the pod as data."""
     from airflow.dag_processing.dagbag import DagBag
 
@@ -161,18 +199,46 @@ CLIP = ClipRules()
     ("task_id", "generator", "source", "params", "max_tokens"),
     [
         (
-            "ingest", "video_ingest", None,
-            [f"frames_per_clip={CLIP.frames_per_clip}", f"scene_threshold={CLIP.scene_threshold}", f"min_clip_s={CLIP.min_clip_s}", f"max_clip_s={CLIP.max_clip_s}",
-             f"clip_s={CLIP.clip_s}", "caption=true", "transcribe=auto"], "1024",
+            "ingest",
+            "video_ingest",
+            None,
+            [
+                f"frames_per_clip={CLIP.frames_per_clip}",
+                f"scene_threshold={CLIP.scene_threshold}",
+                f"min_clip_s={CLIP.min_clip_s}",
+                f"max_clip_s={CLIP.max_clip_s}",
+                f"clip_s={CLIP.clip_s}",
+                "caption=true",
+                "transcribe=auto",
+            ],
+            "1024",
         ),
         ("initial", "video_qa_initial", f"s3://out/prefix/video_qa/{RUN_ID}/ingest/shard-00003.jsonl", ["max_frames=12"], "4096"),
-        ("multiagent", "video_qa_multiagent", f"s3://out/prefix/video_qa/{RUN_ID}/initial/shard-00003.jsonl", ["max_frames=12", "max_iterations=2"], "4096"),
+        (
+            "multiagent",
+            "video_qa_multiagent",
+            f"s3://out/prefix/video_qa/{RUN_ID}/initial/shard-00003.jsonl",
+            ["max_frames=12", "max_iterations=2"],
+            "4096",
+        ),
         ("final", "video_qa_final", f"s3://out/prefix/video_qa/{RUN_ID}/multiagent/shard-00003.jsonl", ["final_pairs=8"], "4096"),
-        ("quality", "quality", f"s3://out/prefix/video_qa/{RUN_ID}/dedup/shard-00003.jsonl", ["source=video_qa_final", "blind_check=true"], "1024"),
+        (
+            "quality",
+            "quality",
+            f"s3://out/prefix/video_qa/{RUN_ID}/dedup/shard-00003.jsonl",
+            ["source=video_qa_final", "blind_check=true"],
+            "1024",
+        ),
     ],
 )
 def test_video_qa_tasks_are_valid_pods_chained_through_s3(
-    vlm_connection, monkeypatch: pytest.MonkeyPatch, task_id: str, generator: str, source: str | None, params: list[str], max_tokens: str
+    vlm_connection,
+    monkeypatch: pytest.MonkeyPatch,
+    task_id: str,
+    generator: str,
+    source: str | None,
+    params: list[str],
+    max_tokens: str,
 ) -> None:
     import kubernetes_validate
 
@@ -180,17 +246,27 @@ def test_video_qa_tasks_are_valid_pods_chained_through_s3(
     kubernetes_validate.validate(manifest, "1.33", strict=True)
     container = manifest["spec"]["containers"][0]
     args = container["args"]
-    output = f"s3://out/prefix/video_qa/{RUN_ID}/{task_id}/shard-00003.jsonl"  # a later stage reads the same shard's upstream output
-    assert args[:6 if source else 4] == ["run", generator, *(["--input", source] if source else []), "--output", output]
+    output = (
+        f"s3://out/prefix/video_qa/{RUN_ID}/{task_id}/shard-00003.jsonl"  # a later stage reads the same shard's upstream output
+    )
+    assert args[: 6 if source else 4] == ["run", generator, *(["--input", source] if source else []), "--output", output]
     assert [args[i + 1] for i, a in enumerate(args) if a == "--param"][: len(params)] == params
     # the completion token limit is the generator's own (the worker takes it from its declaration), so the pod need not carry it
-    assert args[args.index("--seed") + 1] == "9" and "--max-tokens" not in args and generator_class(generator).max_tokens == int(max_tokens)
+    assert (
+        args[args.index("--seed") + 1] == "9"
+        and "--max-tokens" not in args
+        and generator_class(generator).max_tokens == int(max_tokens)
+    )
     # the stages may read the media the run staged (the ingest's frames) in the run's own folder
     assert args[args.index("--staging-root") + 1] == f"s3://out/prefix/video_qa/{RUN_ID}"
     assert "nvidia.com/gpu" not in container["resources"]["limits"]
     # the ingest decodes video: more CPU and memory, and a /tmp for the videos it copies
     expected = ("4", "8Gi", "64Gi") if task_id == "ingest" else ("2", "4Gi", "16Gi")
-    assert (container["resources"]["requests"]["cpu"], container["resources"]["requests"]["memory"], container["resources"]["requests"]["ephemeral-storage"]) == expected
+    assert (
+        container["resources"]["requests"]["cpu"],
+        container["resources"]["requests"]["memory"],
+        container["resources"]["requests"]["ephemeral-storage"],
+    ) == expected
     assert manifest["metadata"]["labels"]["task_id"] == task_id
     assert SECRET_KEY not in json.dumps(manifest)
 
@@ -199,34 +275,54 @@ def test_pod_runs_locked_down_with_the_deployments_worker_settings(vlm_connectio
     from vqa_operators import settings
 
     deployment = {
-        "VQA_ALLOWED_MEDIA_ROOTS": "s3://in/,s3://shared-media/frames", "VQA_ALLOWED_INPUT_ROOTS": "s3://in", "VQA_ALLOWED_OUTPUT_ROOTS": "s3://out",
-        "VQA_MAX_NUM_SEQS": "48", "VQA_CONCURRENCY": "40", "VQA_TRANSCRIPTION_URL": "http://whisper.vqa.svc:8000/v1",
-        "VQA_TRANSCRIPTION_MODEL": "openai/whisper-large-v3", "VQA_BACKEND": "openai",
+        "VQA_ALLOWED_MEDIA_ROOTS": "s3://in/,s3://shared-media/frames",
+        "VQA_ALLOWED_INPUT_ROOTS": "s3://in",
+        "VQA_ALLOWED_OUTPUT_ROOTS": "s3://out",
+        "VQA_MAX_NUM_SEQS": "48",
+        "VQA_CONCURRENCY": "40",
+        "VQA_TRANSCRIPTION_URL": "http://whisper.vqa.svc:8000/v1",
+        "VQA_TRANSCRIPTION_MODEL": "openai/whisper-large-v3",
+        "VQA_BACKEND": "openai",
     }
-    airflow_only = {"VQA_SCHEDULE": "@hourly", "VQA_RETRY_DELAY_SECONDS": "5", "VQA_PREVIEW_LINK_SECONDS": "600", "VQA_DATA_ROOT": "s3://in-data"}
+    airflow_only = {
+        "VQA_SCHEDULE": "@hourly",
+        "VQA_RETRY_DELAY_SECONDS": "5",
+        "VQA_PREVIEW_LINK_SECONDS": "600",
+        "VQA_DATA_ROOT": "s3://in-data",
+    }
     for name, value in {**deployment, **airflow_only}.items():
         monkeypatch.setenv(name, value)
     manifest = build_manifest(monkeypatch)
     spec, container = manifest["spec"], manifest["spec"]["containers"][0]
     assert spec["securityContext"] == {
-        "fsGroup": 2000, "fsGroupChangePolicy": "OnRootMismatch", "runAsGroup": 2000, "runAsNonRoot": True, "runAsUser": 2000,
+        "fsGroup": 2000,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "runAsGroup": 2000,
+        "runAsNonRoot": True,
+        "runAsUser": 2000,
         "seccompProfile": {"type": "RuntimeDefault"},
     }
     assert container["securityContext"] == {
-        "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": True,
     }
     # the read-only root filesystem leaves /tmp (checkpoint index, upload spool, caches) writable
     assert {m["mountPath"] for m in container["volumeMounts"]} >= {"/tmp", "/dev/shm"}
     env = env_of(manifest)
     # every worker setting the deployment set reaches the pod; the Airflow-only ones do not
-    assert {k: v for k, v in env.items() if k.startswith("VQA_") and k not in ("VQA_API_KEY", "VQA_BASE_URL", "VQA_MODEL")} == deployment
+    assert {
+        k: v for k, v in env.items() if k.startswith("VQA_") and k not in ("VQA_API_KEY", "VQA_BASE_URL", "VQA_MODEL")
+    } == deployment
     assert set(settings.worker_settings()) >= {k.removeprefix("VQA_").lower() for k in deployment}
     args = container["args"]
     assert args[args.index("--task-key") + 1] == f"image_qa/generate/{RUN_ID}/3"
     assert args[args.index("--concurrency") + 1] == "32"  # the run's param wins over VQA_CONCURRENCY
 
 
-def test_placement_per_dag_and_task_reaches_every_worker_task_quality_included(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_placement_per_dag_and_task_reaches_every_worker_task_quality_included(
+    vlm_connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import kubernetes_validate
     from airflow.sdk import DAG
 
@@ -236,13 +332,23 @@ def test_placement_per_dag_and_task_reaches_every_worker_task_quality_included(v
     monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
     pods = Placement(
         default=PodSettings(
-            s3_secret=None, service_account_name="vqa-worker", image_pull_secrets=["regcred"], labels={"team": "vision"},
-            annotations={"cost-center": "ml-data"}, priority_class_name="batch-low", env={"HF_HUB_OFFLINE": "1"},
-            secret_env={"HF_TOKEN": {"secret": "hf-token", "key": "token"}}, node_selector={"pool": "cpu-batch"},
+            s3_secret=None,
+            service_account_name="vqa-worker",
+            image_pull_secrets=["regcred"],
+            labels={"team": "vision"},
+            annotations={"cost-center": "ml-data"},
+            priority_class_name="batch-low",
+            env={"HF_HUB_OFFLINE": "1"},
+            secret_env={"HF_TOKEN": {"secret": "hf-token", "key": "token"}},
+            node_selector={"pool": "cpu-batch"},
         ),
         tasks={"generate": {"cpu": "6", "memory": "12Gi"}},
     )
-    with DAG("placed", params={**io_params("placed", rows_doc="x", final_task="generate"), **quality_params(), **export_params()}, **DAG_DEFAULTS) as dag:
+    with DAG(
+        "placed",
+        params={**io_params("placed", rows_doc="x", final_task="generate"), **quality_params(), **export_params()},
+        **DAG_DEFAULTS,
+    ) as dag:
         plan = shard_plan()
         generate = worker_task(task_id="generate", shards=plan, pods=pods, spec=WorkerSpec(generator="image_qa"))
         judge_and_merge(plan, {"generate": generate}, source="image_qa", dataset="image_qa", pods=pods)
@@ -254,7 +360,9 @@ def test_placement_per_dag_and_task_reaches_every_worker_task_quality_included(v
         # IRSA: no S3 Secret, the service account instead; the quality pods are placed like the others
         assert not container.get("envFrom") and spec["serviceAccountName"] == "vqa-worker", task_id
         assert spec["imagePullSecrets"] == [{"name": "regcred"}] and spec["priorityClassName"] == "batch-low"
-        assert manifest["metadata"]["labels"]["team"] == "vision" and manifest["metadata"]["annotations"] == {"cost-center": "ml-data"}
+        assert manifest["metadata"]["labels"]["team"] == "vision" and manifest["metadata"]["annotations"] == {
+            "cost-center": "ml-data"
+        }
         assert spec["nodeSelector"] == {"pool": "cpu-batch"}
         env = env_of(manifest)
         assert env["HF_HUB_OFFLINE"] == "1" and env["HF_TOKEN"]["secretKeyRef"] == {"name": "hf-token", "key": "token"}
@@ -265,17 +373,27 @@ def test_a_model_url_with_credentials_never_reaches_a_pod_spec(monkeypatch: pyte
     from vqa_operators.exceptions import ConfigError
 
     monkeypatch.setenv(
-        "AIRFLOW_CONN_VQA_VLM", json.dumps({"conn_type": "http", "host": f"http://user:{SECRET_KEY}@vllm.vqa.svc:8000/v1", "extra": {"model": MODEL}})
+        "AIRFLOW_CONN_VQA_VLM",
+        json.dumps({"conn_type": "http", "host": f"http://user:{SECRET_KEY}@vllm.vqa.svc:8000/v1", "extra": {"model": MODEL}}),
     )
     with pytest.raises(ConfigError, match=r"holds credentials \(user:password@\): a pod spec carries it in clear") as err:
         build_manifest(monkeypatch)
     assert SECRET_KEY not in str(err.value)
 
 
-def test_pods_take_the_s3_endpoint_and_region_from_the_aws_connection_never_its_keys(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pods_take_the_s3_endpoint_and_region_from_the_aws_connection_never_its_keys(
+    vlm_connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(
         "AIRFLOW_CONN_AWS_DEFAULT",
-        json.dumps({"conn_type": "aws", "login": "AKIA-in-airflow", "password": "aws-secret-in-airflow", "extra": {"endpoint_url": "http://minio.vqa.svc:9000", "region_name": "eu-west-1"}}),
+        json.dumps(
+            {
+                "conn_type": "aws",
+                "login": "AKIA-in-airflow",
+                "password": "aws-secret-in-airflow",
+                "extra": {"endpoint_url": "http://minio.vqa.svc:9000", "region_name": "eu-west-1"},
+            }
+        ),
     )
     manifest = build_manifest(monkeypatch)
     env = env_of(manifest)
@@ -283,7 +401,9 @@ def test_pods_take_the_s3_endpoint_and_region_from_the_aws_connection_never_its_
     assert "aws-secret-in-airflow" not in json.dumps(manifest) and "AKIA-in-airflow" not in json.dumps(manifest)
 
 
-def test_pods_stop_within_an_explicit_grace_period_and_report_the_workers_last_words(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pods_stop_within_an_explicit_grace_period_and_report_the_workers_last_words(
+    vlm_connection, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from vqa_operators.settings import POD_GRACE_PERIOD_S
 
     manifest = build_manifest(monkeypatch)
@@ -296,7 +416,12 @@ def _pod_operator(**pod: object):
     from vqa_operators.operators import WorkerSpec, worker_task
     from vqa_operators.operators.pod import PodSettings
 
-    return worker_task(task_id="generate", spec=WorkerSpec(generator="image_qa", input="s3://in/rows.jsonl"), mode="kubernetes", pods=PodSettings(**pod))
+    return worker_task(
+        task_id="generate",
+        spec=WorkerSpec(generator="image_qa", input="s3://in/rows.jsonl"),
+        mode="kubernetes",
+        pods=PodSettings(**pod),
+    )
 
 
 def test_deferrable_pods_wait_in_the_triggerer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -316,8 +441,13 @@ def _finished_pod(exit_code: int):
     from kubernetes.client import models as k8s
 
     terminated = k8s.V1ContainerStateTerminated(exit_code=exit_code, message="vqa_operators: ConfigError: ...")
-    status = k8s.V1ContainerStatus(name="base", image="w", image_id="w", ready=False, restart_count=0, state=k8s.V1ContainerState(terminated=terminated))
-    return k8s.V1Pod(metadata=k8s.V1ObjectMeta(name="vqa-image-qa-x", namespace="vqa"), status=k8s.V1PodStatus(phase="Failed", container_statuses=[status]))
+    status = k8s.V1ContainerStatus(
+        name="base", image="w", image_id="w", ready=False, restart_count=0, state=k8s.V1ContainerState(terminated=terminated)
+    )
+    return k8s.V1Pod(
+        metadata=k8s.V1ObjectMeta(name="vqa-image-qa-x", namespace="vqa"),
+        status=k8s.V1PodStatus(phase="Failed", container_statuses=[status]),
+    )
 
 
 @pytest.mark.parametrize(
@@ -325,7 +455,9 @@ def _finished_pod(exit_code: int):
     [(2, False), (3, False), (1, True), (4, True), (5, True), (143, True)],
     ids=["config", "input", "unexpected", "server-down", "storage", "preempted"],
 )
-def test_a_worker_exit_code_no_retry_can_fix_fails_the_task_without_retries(monkeypatch: pytest.MonkeyPatch, exit_code: int, retried: bool) -> None:
+def test_a_worker_exit_code_no_retry_can_fix_fails_the_task_without_retries(
+    monkeypatch: pytest.MonkeyPatch, exit_code: int, retried: bool
+) -> None:
     """The pod operator's own exit-code handling (cleanup, which the deferrable path reaches too), without a cluster."""
     from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
@@ -340,7 +472,9 @@ def test_a_worker_exit_code_no_retry_can_fix_fails_the_task_without_retries(monk
     # AirflowFailException fails the task at once; any other AirflowException is retried
     assert isinstance(failed.value, AirflowFailException) is not retried
     if not retried:
-        assert f"the worker exited with code {exit_code}" in str(failed.value) and "another try would fail the same way" in str(failed.value)
+        assert f"the worker exited with code {exit_code}" in str(failed.value) and "another try would fail the same way" in str(
+            failed.value
+        )
 
 
 # what the namespace's Secrets hold, as the kubelet resolves them into the container's environment
@@ -360,20 +494,31 @@ def as_the_kubelet_starts_it(container: dict) -> tuple[list[str], dict[str, str]
 
 
 @pytest.mark.parametrize("secret_name", ["VQA_API_KEY", "AWS_SECRET_ACCESS_KEY"])
-def test_params_reach_the_worker_as_typed_whatever_the_kubelet_expands(vlm_connection, monkeypatch: pytest.MonkeyPatch, secret_name: str) -> None:
+def test_params_reach_the_worker_as_typed_whatever_the_kubelet_expands(
+    vlm_connection, monkeypatch: pytest.MonkeyPatch, secret_name: str
+) -> None:
     """A trigger's ``$(VAR)`` is text: the worker gets it as typed, never the Secret's value it names (the kubelet's expansion applied)."""
     from airflow.dag_processing.dagbag import DagBag
 
-    monkeypatch.setenv("VQA_VLLM_ARGS", "--served-model-name 'a$b'")  # a deployment setting with a $ of its own reaches the pod as set
+    monkeypatch.setenv(
+        "VQA_VLLM_ARGS", "--served-model-name 'a$b'"
+    )  # a deployment setting with a $ of its own reaches the pod as set
     monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
     dags = DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "dags")).dags
     reference = f"$({secret_name})"
     typed = {
-        "pers_qa": {"tag": reference, "model": reference, "output_prefix": f"s3://out/{reference}", "media_root": f"s3://in/{reference}/"},
+        "pers_qa": {
+            "tag": reference,
+            "model": reference,
+            "output_prefix": f"s3://out/{reference}",
+            "media_root": f"s3://in/{reference}/",
+        },
         "image_qa": {"model": f"$${reference}", "output_prefix": "s3://out/prefix", "media_root": "s3://in/", "pairs_per_row": 2},
     }
     for dag_id, params in typed.items():
-        manifest = build_manifest(monkeypatch, dag_id, params={"input_uri": "s3://in/rows.jsonl", "seed": 9, **params}, dag=dags[dag_id])
+        manifest = build_manifest(
+            monkeypatch, dag_id, params={"input_uri": "s3://in/rows.jsonl", "seed": 9, **params}, dag=dags[dag_id]
+        )
         container = manifest["spec"]["containers"][0]
         argv, env = as_the_kubelet_starts_it(container)
         assert argv[:5] == ["python3", "-m", "vqa_operators", "run", dag_id]
@@ -383,17 +528,25 @@ def test_params_reach_the_worker_as_typed_whatever_the_kubelet_expands(vlm_conne
         if dag_id == "pers_qa":
             assert argv[argv.index("--param") + 1] == f"tag={reference}"
         assert env["VQA_VLLM_ARGS"] == "--served-model-name 'a$b'"
-        process = json.dumps([argv, {k: v for k, v in env.items() if k not in ("VQA_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}])
+        process = json.dumps(
+            [argv, {k: v for k, v in env.items() if k not in ("VQA_API_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}]
+        )
         assert not any(secret in process for values in NAMESPACE_SECRETS.values() for secret in values.values())
 
 
 def test_env_written_in_the_dag_may_use_references_on_purpose(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
     """``PodSettings.env`` is the DAG author's: passed as written, so the kubelet expands it; every other value is escaped."""
     authored = {"OPENAI_BASE_URL": "$(VQA_BASE_URL)", "S3_KEY_ID": "$(AWS_ACCESS_KEY_ID)", "LITERAL": "$$(VQA_MODEL)"}
-    monkeypatch.setenv("VQA_POD_DEFAULTS", json.dumps({"env": authored}))  # the admins' PodSettings.env default, read when the DAG is parsed
+    monkeypatch.setenv(
+        "VQA_POD_DEFAULTS", json.dumps({"env": authored})
+    )  # the admins' PodSettings.env default, read when the DAG is parsed
     manifest = build_manifest(monkeypatch, params={**PARAMS["image_qa"], "model": "$(VQA_BASE_URL)"})
     argv, env = as_the_kubelet_starts_it(manifest["spec"]["containers"][0])
-    assert env["OPENAI_BASE_URL"] == "http://vqa-model.vqa.svc:8000/v1" and env["S3_KEY_ID"] == "AKIA-must-not-appear" and env["LITERAL"] == "$(VQA_MODEL)"
+    assert (
+        env["OPENAI_BASE_URL"] == "http://vqa-model.vqa.svc:8000/v1"
+        and env["S3_KEY_ID"] == "AKIA-must-not-appear"
+        and env["LITERAL"] == "$(VQA_MODEL)"
+    )
     assert argv[argv.index("--model") + 1] == "$(VQA_BASE_URL)"
 
 
@@ -416,7 +569,9 @@ def test_a_worker_task_is_bounded_in_time_by_its_shards_size(monkeypatch: pytest
     local.pre_execute({})
     assert local.execution_timeout == dt.timedelta(seconds=8600)
     # a DAG's own limit wins; the settings change the bound; 0 is none
-    own = VQAWorkerOperator(task_id="generate", spec=WorkerSpec(generator="image_qa"), shard=shard, execution_timeout=dt.timedelta(minutes=5))
+    own = VQAWorkerOperator(
+        task_id="generate", spec=WorkerSpec(generator="image_qa"), shard=shard, execution_timeout=dt.timedelta(minutes=5)
+    )
     own.pre_execute({})
     assert own.execution_timeout == dt.timedelta(minutes=5)
     monkeypatch.setenv("VQA_TASK_TIMEOUT_SECONDS", "600")
@@ -435,14 +590,30 @@ def test_the_deployments_pod_defaults_sit_under_every_dags_own(monkeypatch: pyte
 
     from vqa_operators.operators.placement import Placement, PodSettings
 
-    monkeypatch.setenv("VQA_POD_DEFAULTS", json.dumps({
-        "s3_secret": None, "service_account_name": "vqa-worker", "image_pull_secrets": ["regcred"], "startup_timeout_seconds": 600,
-        "xcom_sidecar_image": "registry.example/tools/busybox:1.37", "tolerations": [{"key": "team", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
-    }))
+    monkeypatch.setenv(
+        "VQA_POD_DEFAULTS",
+        json.dumps(
+            {
+                "s3_secret": None,
+                "service_account_name": "vqa-worker",
+                "image_pull_secrets": ["regcred"],
+                "startup_timeout_seconds": 600,
+                "xcom_sidecar_image": "registry.example/tools/busybox:1.37",
+                "tolerations": [{"key": "team", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+            }
+        ),
+    )
     default = PodSettings()
-    assert (default.s3_secret, default.service_account_name, default.image_pull_secrets, default.startup_timeout_seconds) == (None, "vqa-worker", ["regcred"], 600)
+    assert (default.s3_secret, default.service_account_name, default.image_pull_secrets, default.startup_timeout_seconds) == (
+        None,
+        "vqa-worker",
+        ["regcred"],
+        600,
+    )
     # a DAG file's settings win over the deployment's; the rest keep the deployment's
-    placed = Placement(default=PodSettings(service_account_name="vision-team"), tasks={"generate": {"startup_timeout_seconds": 120}})
+    placed = Placement(
+        default=PodSettings(service_account_name="vision-team"), tasks={"generate": {"startup_timeout_seconds": 120}}
+    )
     generate = placed.for_task("generate")
     assert (generate.service_account_name, generate.startup_timeout_seconds, generate.s3_secret) == ("vision-team", 120, None)
     monkeypatch.setenv("VQA_POD_DEFAULTS", json.dumps({"servce_account_name": "typo"}))
@@ -457,13 +628,24 @@ def test_the_deployments_pod_defaults_sit_under_every_dags_own(monkeypatch: pyte
 
 
 def test_the_deployments_sidecar_image_and_resources_reach_the_pod(vlm_connection, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("VQA_POD_DEFAULTS", json.dumps({
-        "xcom_sidecar_image": "registry.example/tools/busybox:1.37",
-        "xcom_sidecar_resources": {"requests": {"cpu": "5m", "memory": "8Mi"}, "limits": {"cpu": "50m", "memory": "32Mi"}},
-    }))
+    monkeypatch.setenv(
+        "VQA_POD_DEFAULTS",
+        json.dumps(
+            {
+                "xcom_sidecar_image": "registry.example/tools/busybox:1.37",
+                "xcom_sidecar_resources": {
+                    "requests": {"cpu": "5m", "memory": "8Mi"},
+                    "limits": {"cpu": "50m", "memory": "32Mi"},
+                },
+            }
+        ),
+    )
     manifest = build_manifest(monkeypatch)
     sidecar = manifest["spec"]["containers"][1]
-    assert sidecar["image"] == "registry.example/tools/busybox:1.37" and sidecar["resources"]["limits"] == {"cpu": "50m", "memory": "32Mi"}
+    assert sidecar["image"] == "registry.example/tools/busybox:1.37" and sidecar["resources"]["limits"] == {
+        "cpu": "50m",
+        "memory": "32Mi",
+    }
 
 
 def test_plan_names_every_secret_and_key_the_pods_read_that_the_namespace_lacks() -> None:
@@ -471,7 +653,12 @@ def test_plan_names_every_secret_and_key_the_pods_read_that_the_namespace_lacks(
     from vqa_operators.operators.placement import PodSettings
 
     namespace = {"vqa-vlm": {"token"}, "hf-token": {"token"}}  # the API key under another key; no vqa-s3
-    placements = [PodSettings(), PodSettings(secret_env={"HF_TOKEN": {"secret": "hf-token", "key": "token"}, "WANDB_API_KEY": {"secret": "wandb", "key": "key"}})]
+    placements = [
+        PodSettings(),
+        PodSettings(
+            secret_env={"HF_TOKEN": {"secret": "hf-token", "key": "token"}, "WANDB_API_KEY": {"secret": "wandb", "key": "key"}}
+        ),
+    ]
     assert missing_secrets(namespace.get, placements) == [
         "Secret 'vqa-s3' (s3_secret) does not exist",
         "Secret 'vqa-vlm' has no key 'api-key' (api_key_secret)",

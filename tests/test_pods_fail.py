@@ -54,17 +54,26 @@ def inputs(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 
 def conf(inputs: dict, **extra: object) -> str:
-    return json.dumps({
-        "input_uri": inputs["uri"], "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/media/", "seed": 5, "pairs_per_row": 1,
-        "rows_per_shard": ROWS, **extra,
-    })
+    return json.dumps(
+        {
+            "input_uri": inputs["uri"],
+            "output_prefix": f"s3://{BUCKET}/output",
+            "media_root": f"s3://{BUCKET}/media/",
+            "seed": 5,
+            "pairs_per_row": 1,
+            "rows_per_shard": ROWS,
+            **extra,
+        }
+    )
 
 
 def task_tries(home: Path, dag_id: str, task_id: str) -> list[tuple[int, str]]:
     """(try number, state) of ``task_id`` in the last run of ``dag_id`` in ``home``'s database."""
     with sqlite3.connect(home / "airflow.db") as db:
         (run_id,) = db.execute("SELECT run_id FROM dag_run WHERE dag_id=? ORDER BY id DESC LIMIT 1", (dag_id,)).fetchone()
-        return db.execute("SELECT try_number, state FROM task_instance WHERE dag_id=? AND run_id=? AND task_id=?", (dag_id, run_id, task_id)).fetchall()
+        return db.execute(
+            "SELECT try_number, state FROM task_instance WHERE dag_id=? AND run_id=? AND task_id=?", (dag_id, run_id, task_id)
+        ).fetchall()
 
 
 def new_pods(pod_tier: PodTier, before: int, task_id: str) -> list[dict]:
@@ -77,7 +86,9 @@ def test_a_missing_secret_fails_plan_naming_it_before_any_pod(cluster_airflow: d
         proc = airflow("dags", "test", "image_qa", "-c", conf(inputs), env=pod_tier.env(cluster_airflow["env"]), timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "the pods of this DAG read Secrets the namespace vqa lacks: Secret 'vqa-s3' (s3_secret) does not exist" in output, output[-4000:]
+    assert "the pods of this DAG read Secrets the namespace vqa lacks: Secret 'vqa-s3' (s3_secret) does not exist" in output, (
+        output[-4000:]
+    )
     assert task_tries(cluster_airflow["home"], "image_qa", "plan") == [(1, "failed")]
     assert pod_tier.pods()[before:] == [], "a pod was made"
 
@@ -90,7 +101,10 @@ def test_a_pod_whose_secret_is_missing_fails_at_once_naming_it(cluster_airflow: 
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "could not check the pods' Secrets in vqa (403" in output, output[-4000:]
-    assert 'CreateContainerConfigError: Error: secret "vqa-s3" not found' in output or 'CreateContainerConfigError: secret "vqa-s3" not found' in output, output[-4000:]
+    assert (
+        'CreateContainerConfigError: Error: secret "vqa-s3" not found' in output
+        or 'CreateContainerConfigError: secret "vqa-s3" not found' in output
+    ), output[-4000:]
     assert "could not start" in output and "another try would fail the same way" in output, output[-4000:]
     # on its first try, without retries: the pod never started, and the operator deleted it rather than leave it waiting
     assert task_tries(cluster_airflow["home"], "image_qa", "generate") == [(1, "failed")]
@@ -99,7 +113,9 @@ def test_a_pod_whose_secret_is_missing_fails_at_once_naming_it(cluster_airflow: 
     assert pod["name"] not in pod_tier.namespace.running() and not (pod_tier.workdir / "pods" / pod["name"]).exists()
 
 
-def test_a_pod_over_its_memory_limit_is_killed_and_the_task_says_so(cluster_airflow: dict, pod_tier: PodTier, inputs: dict, tmp_path: Path) -> None:
+def test_a_pod_over_its_memory_limit_is_killed_and_the_task_says_so(
+    cluster_airflow: dict, pod_tier: PodTier, inputs: dict, tmp_path: Path
+) -> None:
     """The DAG's own file, with the generate task's memory set below what the worker needs (as a DAG author would, in Placement)."""
     dags = tmp_path / "dags"
     dags.mkdir()
@@ -107,7 +123,9 @@ def test_a_pod_over_its_memory_limit_is_killed_and_the_task_says_so(cluster_airf
     assert "\nPODS = Placement()\n" in source and "    **DAG_DEFAULTS,\n" in source
     source = source.replace("\nPODS = Placement()\n", '\nPODS = Placement(tasks={"generate": {"memory": "48Mi"}})\n')
     # one retry is enough to show that a try after an OOM kill is Airflow's (the DAG's own three would only take longer)
-    source = source.replace("    **DAG_DEFAULTS,\n", '    **{**DAG_DEFAULTS, "default_args": {**DAG_DEFAULTS["default_args"], "retries": 1}},\n')
+    source = source.replace(
+        "    **DAG_DEFAULTS,\n", '    **{**DAG_DEFAULTS, "default_args": {**DAG_DEFAULTS["default_args"], "retries": 1}},\n'
+    )
     (dags / "image_qa.py").write_text(source)
     env = pod_tier.env({**cluster_airflow["env"], "AIRFLOW__CORE__DAGS_FOLDER": str(dags)})
     before = len(pod_tier.pods())
@@ -123,7 +141,9 @@ def test_a_pod_over_its_memory_limit_is_killed_and_the_task_says_so(cluster_airf
     assert len(pods) == max(t for t, _ in task_tries(cluster_airflow["home"], "image_qa", "generate")) == 2
     # each failed pod was deleted once its log was in the task's (followed as it ran): none piles up in the namespace
     for pod in pods:
-        assert pod["name"] not in pod_tier.namespace.running() and not (pod_tier.workdir / "pods" / pod["name"]).exists(), pod["name"]
+        assert pod["name"] not in pod_tier.namespace.running() and not (pod_tier.workdir / "pods" / pod["name"]).exists(), pod[
+            "name"
+        ]
 
 
 def test_a_pod_stopped_with_sigterm_keeps_its_finished_rows_and_the_retry_resumes(
@@ -135,8 +155,12 @@ def test_a_pod_stopped_with_sigterm_keeps_its_finished_rows_and_the_retry_resume
     before = len(pod_tier.pods())
     env = pod_tier.env(cluster_airflow["env"])
     run = subprocess.Popen(
-        [AIRFLOW, "dags", "test", "image_qa", "-c", conf(inputs, quality_mode="annotate")], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True,
+        [AIRFLOW, "dags", "test", "image_qa", "-c", conf(inputs, quality_mode="annotate")],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(run.stdout or []), daemon=True)
@@ -167,7 +191,9 @@ def test_a_pod_stopped_with_sigterm_keeps_its_finished_rows_and_the_retry_resume
     assert [state for _, state in task_tries(cluster_airflow["home"], "image_qa", "generate")] == ["success"]
 
 
-def test_a_model_cache_the_pods_user_cannot_write_fails_at_once_naming_it(cluster_airflow: dict, pod_tier: PodTier, inputs: dict, tmp_path: Path) -> None:
+def test_a_model_cache_the_pods_user_cannot_write_fails_at_once_naming_it(
+    cluster_airflow: dict, pod_tier: PodTier, inputs: dict, tmp_path: Path
+) -> None:
     """In-pod vLLM on a claim whose storage ignores fsGroup (NFS, EFS) and whose root is root's: refused before vLLM starts."""
     env = pod_tier.env(cluster_airflow["env"])
     # no model service: each worker pod starts vLLM on the model the connection names, from the model cache
@@ -178,7 +204,9 @@ def test_a_model_cache_the_pods_user_cannot_write_fails_at_once_naming_it(cluste
         proc = airflow("dags", "test", "image_qa", "-c", conf(inputs), env=env, timeout=600)
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
-    assert "the model cache /models (HF_HOME) is not writable by uid 2000" in output and "owned by 0:0 with mode 755" in output, output[-4000:]
+    assert "the model cache /models (HF_HOME) is not writable by uid 2000" in output and "owned by 0:0 with mode 755" in output, (
+        output[-4000:]
+    )
     (pod,) = new_pods(pod_tier, before, "generate")
     assert pod["exit_code"] == 2 and "--serve-vllm" in pod["manifest"]["spec"]["containers"][0]["args"]
     assert "starting model server" not in pod["logs"]

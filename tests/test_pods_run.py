@@ -59,17 +59,39 @@ def data(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     """Each DAG's input on S3: good rows and a bad one; video_qa's holds rows of clips and a video file with sound."""
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="testing-key-id", aws_secret_access_key="testing-secret-value", region_name="us-east-1")
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id="testing-key-id",
+        aws_secret_access_key="testing-secret-value",
+        region_name="us-east-1",
+    )
     s3.create_bucket(Bucket=BUCKET)
     for i, size in enumerate([(320, 240), (200, 300), (640, 360), (500, 400)]):
         s3.put_object(Bucket=BUCKET, Key=f"media/img{i}.jpg", Body=make_jpeg(size))
     video = write_video(tmp_path_factory.mktemp("video") / "talk.mp4", [2.0, 2.0], fps=10)
     s3.upload_file(str(video), BUCKET, "media/talk.mp4")
-    clips = [{"Description": "a runner", "Audio_Text": "Go.", "Frames_Images": ["img0.jpg", "img1.jpg"]}, {"Description": "a shoe", "Audio_Text": "", "Frames_Images": ["img2.jpg"]}]
+    clips = [
+        {"Description": "a runner", "Audio_Text": "Go.", "Frames_Images": ["img0.jpg", "img1.jpg"]},
+        {"Description": "a shoe", "Audio_Text": "", "Frames_Images": ["img2.jpg"]},
+    ]
     inputs = {
-        "image_qa": [{"id": 1, "image": ["img0.jpg", "img1.jpg"]}, {"id": 2, "image": "img2.jpg"}, {"id": 3, "image": "missing.jpg"}, {"id": 4, "image": "img3.jpg"}],
-        "pers_qa": [{"id": 1, "image": "img0.jpg", "subject_type": "person"}, {"id": 2, "image": ["img1.jpg", "img2.jpg"]}, {"id": 3, "image": "../escape.jpg"}],
-        "video_qa": [{"id": "a", "Meta": "Trail ad", "Clips": clips}, {"id": "b", "video": "talk.mp4", "Meta": "A talk"}, {"id": "c", "Meta": "broken", "Clips": []}],
+        "image_qa": [
+            {"id": 1, "image": ["img0.jpg", "img1.jpg"]},
+            {"id": 2, "image": "img2.jpg"},
+            {"id": 3, "image": "missing.jpg"},
+            {"id": 4, "image": "img3.jpg"},
+        ],
+        "pers_qa": [
+            {"id": 1, "image": "img0.jpg", "subject_type": "person"},
+            {"id": 2, "image": ["img1.jpg", "img2.jpg"]},
+            {"id": 3, "image": "../escape.jpg"},
+        ],
+        "video_qa": [
+            {"id": "a", "Meta": "Trail ad", "Clips": clips},
+            {"id": "b", "video": "talk.mp4", "Meta": "A talk"},
+            {"id": "c", "Meta": "broken", "Clips": []},
+        ],
     }
     for dag_id, rows in inputs.items():
         s3.put_object(Bucket=BUCKET, Key=f"input/{dag_id}.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
@@ -83,7 +105,9 @@ def dataset(s3, dag_id: str, run_id: str) -> dict[str, list]:
     found = {}
     for key in sorted(k for k in keys if k.endswith(".jsonl") and k.count("/") == 3):
         text = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
-        found[key.rsplit("/", 1)[1]] = [json.loads(line) for line in text.replace(f"s3://{BUCKET}/{folder}", "<run>").splitlines()]
+        found[key.rsplit("/", 1)[1]] = [
+            json.loads(line) for line in text.replace(f"s3://{BUCKET}/{folder}", "<run>").splitlines()
+        ]
     return found
 
 
@@ -91,20 +115,28 @@ def run_ids(s3, dag_id: str) -> set[str]:
     return {o["Key"].split("/")[2] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"output/{dag_id}/").get("Contents", [])}
 
 
-@pytest.mark.parametrize(("dag_id", "output", "extra"), [
-    ("image_qa", "generate", {"pairs_per_row": 2}),
-    ("pers_qa", "generate", {}),
-    # one shard: five stages of pods already
-    ("video_qa", "final", {"max_iterations": 1, "final_pairs": 3, "frames_per_clip": 2, "rows_per_shard": 3}),
-])
+@pytest.mark.parametrize(
+    ("dag_id", "output", "extra"),
+    [
+        ("image_qa", "generate", {"pairs_per_row": 2}),
+        ("pers_qa", "generate", {}),
+        # one shard: five stages of pods already
+        ("video_qa", "final", {"max_iterations": 1, "final_pairs": 3, "frames_per_clip": 2, "rows_per_shard": 3}),
+    ],
+)
 def test_kubernetes_mode_gives_local_modes_dataset(
     vlm_server: OpenAITestServer, s3, deployment: dict, pod_tier: PodTier, data: dict, dag_id: str, output: str, extra: dict
 ) -> None:
     vlm_server.required_key = API_KEY  # a pod without the vqa-vlm Secret would be refused (401: ConfigError)
     vlm_server.transcription_model = WHISPER
     conf = {
-        "input_uri": data[dag_id], "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/media/", "seed": 7, "rows_per_shard": 2,
-        "near_duplicate_threshold": 0.99, **extra,
+        "input_uri": data[dag_id],
+        "output_prefix": f"s3://{BUCKET}/output",
+        "media_root": f"s3://{BUCKET}/media/",
+        "seed": 7,
+        "rows_per_shard": 2,
+        "near_duplicate_threshold": 0.99,
+        **extra,
     }
     # two runs of the same input, seed and settings; each writes under its own run id, so neither reuses the other's checkpoints
     runs = {}
@@ -121,10 +153,16 @@ def test_kubernetes_mode_gives_local_modes_dataset(
 
     assert runs["pods"] == runs["local"]
     assert runs["local"][f"{output}.jsonl"], "no rows came out"
-    assert sum(len(rows) for name, rows in runs["local"].items() if name.endswith(".errors.jsonl")) == 1, "the bad row is not in one errors file"
+    assert sum(len(rows) for name, rows in runs["local"].items() if name.endswith(".errors.jsonl")) == 1, (
+        "the bad row is not in one errors file"
+    )
 
     pods = pod_tier.pods()[pods_before:]
-    stages = {"image_qa": {"generate", "quality"}, "pers_qa": {"generate", "quality"}, "video_qa": {"ingest", "initial", "multiagent", "final", "quality"}}[dag_id]
+    stages = {
+        "image_qa": {"generate", "quality"},
+        "pers_qa": {"generate", "quality"},
+        "video_qa": {"ingest", "initial", "multiagent", "final", "quality"},
+    }[dag_id]
     assert {p["task_id"] for p in pods} == stages and all(p["exit_code"] == 0 for p in pods)
     for pod in pods:
         spec = pod["manifest"]["spec"]
@@ -145,7 +183,10 @@ def test_kubernetes_mode_gives_local_modes_dataset(
         assert f"concurrency {-(-7 // shards)}{split})" in pod["logs"], pod["logs"][-2000:]
         assert API_KEY not in json.dumps(pod["manifest"]) and AWS_SECRET not in json.dumps(pod["manifest"])
         if pod["task_id"] == "ingest":
-            assert container["resources"]["requests"]["cpu"] == "4" and container["resources"]["requests"]["ephemeral-storage"] == "64Gi"
+            assert (
+                container["resources"]["requests"]["cpu"] == "4"
+                and container["resources"]["requests"]["ephemeral-storage"] == "64Gi"
+            )
 
 
 @pytest.mark.vllm
@@ -165,8 +206,13 @@ def test_without_a_model_service_gpu_pods_start_vllm_and_give_the_dataset_a_vllm
     host_cache = hub_cache(tmp_path / "hf", tiny_idefics3)
     vllm_env = {**CPU_ENV, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     conf = {
-        "input_uri": data["image_qa"], "output_prefix": f"s3://{BUCKET}/output", "media_root": f"s3://{BUCKET}/media/", "seed": 7,
-        "rows_per_shard": 4, "pairs_per_row": 1, "concurrency": 1,
+        "input_uri": data["image_qa"],
+        "output_prefix": f"s3://{BUCKET}/output",
+        "media_root": f"s3://{BUCKET}/media/",
+        "seed": 7,
+        "rows_per_shard": 4,
+        "pairs_per_row": 1,
+        "concurrency": 1,
     }
     # the generate stage is the proof: every worker pod of this topology starts vLLM the same way (quality and merge are marked done)
     only_generate = ("--mark-success-pattern", "^(quality|merge)$")
@@ -187,7 +233,9 @@ def test_without_a_model_service_gpu_pods_start_vllm_and_give_the_dataset_a_vllm
     pods_env.update(
         # no model service: the connection names the model, and no host
         AIRFLOW_CONN_VQA_VLM=json.dumps({"conn_type": "http", "password": API_KEY, "extra": {"model": TINY_HUB_ID}}),
-        VQA_VLLM_ARGS=shlex.join(server_args(None)), VQA_MAX_NUM_SEQS="8", VQA_POD_DEFAULTS=json.dumps({"env": vllm_env}),
+        VQA_VLLM_ARGS=shlex.join(server_args(None)),
+        VQA_MAX_NUM_SEQS="8",
+        VQA_POD_DEFAULTS=json.dumps({"env": vllm_env}),
     )
     with ThreadPoolExecutor(max_workers=1) as pool:
         in_pods = pool.submit(run, pods_env, "pods")
@@ -201,7 +249,9 @@ def test_without_a_model_service_gpu_pods_start_vllm_and_give_the_dataset_a_vllm
         runs["pods"] = in_pods.result()
 
     assert runs["pods"] == runs["local"]
-    assert len(runs["local"]["shard-00000.jsonl"]) == 3 and [e["reason"] for e in runs["local"]["shard-00000.errors.jsonl"]] == ["image_not_found"]
+    assert len(runs["local"]["shard-00000.jsonl"]) == 3 and [e["reason"] for e in runs["local"]["shard-00000.errors.jsonl"]] == [
+        "image_not_found"
+    ]
     pods = pod_tier.pods()[pods_before:]
     assert [p["task_id"] for p in pods] == ["generate"] and pods[0]["exit_code"] == 0
     container, spec = pods[0]["manifest"]["spec"]["containers"][0], pods[0]["manifest"]["spec"]
@@ -209,7 +259,10 @@ def test_without_a_model_service_gpu_pods_start_vllm_and_give_the_dataset_a_vllm
     # on the GPU node (8 vCPU, 29 GiB allocatable, no Feature Discovery label) by its GPU request and toleration
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1" and not spec.get("nodeSelector")
     assert pods[0]["node"] == "gpu-1"
-    assert re.search(rf"starting model server: \S+ -m vllm\.entrypoints\.openai\.api_server --model {TINY_HUB_ID} --host 127\.0\.0\.1 ", pods[0]["logs"])
+    assert re.search(
+        rf"starting model server: \S+ -m vllm\.entrypoints\.openai\.api_server --model {TINY_HUB_ID} --host 127\.0\.0\.1 ",
+        pods[0]["logs"],
+    )
     assert "--max-num-seqs 8" in pods[0]["logs"] and "rows in" in pods[0]["logs"]
     # the pod's vLLM went with the pod: the succeeded pod was deleted, nothing of it runs
     assert pods[0]["name"] not in pod_tier.namespace.running()
@@ -239,5 +292,7 @@ def stage_files(s3, dag_id: str, run_id: str, stage: str) -> dict[str, list]:
         key = item["Key"]
         if key.endswith(".jsonl") and ".checkpoint/" not in key:
             text = s3.get_object(Bucket=BUCKET, Key=key)["Body"].read().decode()
-            found[key.rsplit("/", 1)[1]] = [json.loads(line) for line in text.replace(f"s3://{BUCKET}/{folder}", "<run>").splitlines()]
+            found[key.rsplit("/", 1)[1]] = [
+                json.loads(line) for line in text.replace(f"s3://{BUCKET}/{folder}", "<run>").splitlines()
+            ]
     return found

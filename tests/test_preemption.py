@@ -28,9 +28,31 @@ ROWS = 40
 
 def _worker(server: OpenAITestServer, folder: Path, source: Path) -> subprocess.Popen[str]:
     argv = [
-        sys.executable, "-m", "vqa_operators", "run", "image_qa", "--input", str(source), "--output", str(folder / "out" / "rows.jsonl"),
-        "--base-url", server.base_url, "--model", MODEL, "--media-root", str(folder / "media"), "--concurrency", "4", "--seed", "3",
-        "--checkpoint-every", "100000", "--checkpoint-seconds", "600", "--param", "pairs_per_row=2",
+        sys.executable,
+        "-m",
+        "vqa_operators",
+        "run",
+        "image_qa",
+        "--input",
+        str(source),
+        "--output",
+        str(folder / "out" / "rows.jsonl"),
+        "--base-url",
+        server.base_url,
+        "--model",
+        MODEL,
+        "--media-root",
+        str(folder / "media"),
+        "--concurrency",
+        "4",
+        "--seed",
+        "3",
+        "--checkpoint-every",
+        "100000",
+        "--checkpoint-seconds",
+        "600",
+        "--param",
+        "pairs_per_row=2",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins")}
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -80,13 +102,26 @@ def test_a_signal_before_any_row_stops_at_once_with_the_signals_code(tmp_path: P
     """While --serve-vllm waits for a server that never becomes healthy, SIGTERM still stops the worker, and its server."""
     source = write_image_rows(tmp_path, 2)
     env = {
-        **os.environ, "PYTHONPATH": str(ROOT / "plugins"),
+        **os.environ,
+        "PYTHONPATH": str(ROOT / "plugins"),
         # a "server" that never answers /health: the worker waits for it until the signal
         "VQA_VLLM_COMMAND": f"{sys.executable} -c 'import time; time.sleep(600)' --",
     }
     argv = [
-        sys.executable, "-m", "vqa_operators", "run", "image_qa", "--input", str(source), "--output", str(tmp_path / "out.jsonl"),
-        "--model", MODEL, "--serve-vllm", "--media-root", str(tmp_path / "media"),
+        sys.executable,
+        "-m",
+        "vqa_operators",
+        "run",
+        "image_qa",
+        "--input",
+        str(source),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+        "--model",
+        MODEL,
+        "--serve-vllm",
+        "--media-root",
+        str(tmp_path / "media"),
     ]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:

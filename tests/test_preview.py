@@ -17,13 +17,27 @@ def test_preview_shows_thumbnails_escaped_qa_and_failures_by_reason(tmp_path: Pa
     out = tmp_path / "run" / "generate.jsonl"
     out.parent.mkdir()
     rows = [
-        {"image": ["a.jpg", "gone.jpg"], "qa_pairs": [{"question": "Is <script>alert(1)</script> shown?", "answer": "No & never."}]},
+        {
+            "image": ["a.jpg", "gone.jpg"],
+            "qa_pairs": [{"question": "Is <script>alert(1)</script> shown?", "answer": "No & never."}],
+        },
         {"image": "a.jpg", "qa_pairs": [{"question": "Colour?", "answer": "Red."}]},
     ]
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    errors = [{"stage": "image_qa", "line": 3 + i, "reason": "invalid_json" if i < 7 else "bad_image", "detail": f"d{i}", "raw_output": "{oops"} for i in range(8)]
+    errors = [
+        {
+            "stage": "image_qa",
+            "line": 3 + i,
+            "reason": "invalid_json" if i < 7 else "bad_image",
+            "detail": f"d{i}",
+            "raw_output": "{oops",
+        }
+        for i in range(8)
+    ]
     (tmp_path / "run" / "generate.errors.jsonl").write_text("".join(json.dumps(e) + "\n" for e in errors))
-    manifest = run_manifest("image_qa", out, rows_in=10, rows_out=2, rows_failed=8, prompt_tokens=10, completion_tokens=5, requests=9)
+    manifest = run_manifest(
+        "image_qa", out, rows_in=10, rows_out=2, rows_failed=8, prompt_tokens=10, completion_tokens=5, requests=9
+    )
     uri = write_preview(Storage(), manifest, title="image_qa · run", media_root=str(tmp_path), examples_per_reason=5)
     assert uri == str(tmp_path / "run" / "generate.preview.html")
     page = Path(uri).read_text()
@@ -41,7 +55,11 @@ def test_a_run_with_other_field_names_previews_from_the_generators_declared_fiel
     out = tmp_path / "run" / "generate.jsonl"
     out.parent.mkdir()
     options = {"image_key": "photos", "output_key": "pairs", "pairs_per_row": 1}
-    row = {"photos": ["a.jpg"], "pairs": [{"question": "Which colour?", "answer": "Red."}], "vqa_provenance": {"image_qa": {"options": options}}}
+    row = {
+        "photos": ["a.jpg"],
+        "pairs": [{"question": "Which colour?", "answer": "Red."}],
+        "vqa_provenance": {"image_qa": {"options": options}},
+    }
     out.write_text(json.dumps(row) + "\n")
     (tmp_path / "run" / "generate.errors.jsonl").write_text("")
     manifest = run_manifest("image_qa", out, rows_in=1, rows_out=1, prompt_tokens=10, completion_tokens=5, requests=1)

@@ -22,7 +22,9 @@ def _schema_names(server: OpenAITestServer) -> list[str]:
 def generated(server: OpenAITestServer, folder: Path, rows: int = 4, pairs: int = 3) -> Path:
     """image_qa's output over ``rows`` rows with ``pairs`` pairs each (``folder/gen/rows.jsonl``)."""
     source = write_image_rows(folder, rows)
-    manifest = run_job(job_options(server, folder, source, output=str(folder / "gen" / "rows.jsonl"), params={"pairs_per_row": pairs}))
+    manifest = run_job(
+        job_options(server, folder, source, output=str(folder / "gen" / "rows.jsonl"), params={"pairs_per_row": pairs})
+    )
     assert manifest.rows_out == rows
     server.requests.clear()
     return folder / "gen" / "rows.jsonl"
@@ -31,7 +33,14 @@ def generated(server: OpenAITestServer, folder: Path, rows: int = 4, pairs: int 
 def gate(server: OpenAITestServer, folder: Path, rows: Path, **params: Any) -> dict[str, Any]:
     """The quality gate over ``rows`` into ``folder/q/rows.jsonl``; ``params`` are its options."""
     return run_job(
-        job_options(server, folder, rows, generator="quality", output=str(folder / "q" / "rows.jsonl"), params={"source": "image_qa", **params})
+        job_options(
+            server,
+            folder,
+            rows,
+            generator="quality",
+            output=str(folder / "q" / "rows.jsonl"),
+            params={"source": "image_qa", **params},
+        )
     )
 
 
@@ -40,10 +49,14 @@ def _pair_number(question: str) -> int:
     return int(question.split(":", 1)[0].removeprefix("question "))
 
 
-def test_pairs_are_kept_or_rejected_by_the_scripted_verdicts_with_reasons_and_verdicts(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
+def test_pairs_are_kept_or_rejected_by_the_scripted_verdicts_with_reasons_and_verdicts(
+    vlm_server: OpenAITestServer, tmp_path: Path
+) -> None:
     source = generated(vlm_server, tmp_path)
     # pair 2 of every row is answerable blind; pair 3 scores 2 (below the default 3)
-    vlm_server.verdicts = ScriptedVerdicts(answerable_blind=lambda q, a: _pair_number(q) == 2, score=lambda q, a: 2 if _pair_number(q) == 3 else 4)
+    vlm_server.verdicts = ScriptedVerdicts(
+        answerable_blind=lambda q, a: _pair_number(q) == 2, score=lambda q, a: 2 if _pair_number(q) == 3 else 4
+    )
     manifest = gate(vlm_server, tmp_path, source)
 
     out = read_rows(tmp_path / "q" / "rows.jsonl")
@@ -63,13 +76,19 @@ def test_pairs_are_kept_or_rejected_by_the_scripted_verdicts_with_reasons_and_ve
     blind = next(e for e in rejected if e["reason"] == "answerable_blind")
     assert blind["verdicts"]["blind"]["agrees"] is True and "grounding" not in blind["verdicts"]
     ungrounded = next(e for e in rejected if e["reason"] == "not_grounded")
-    assert ungrounded["verdicts"]["grounding"] == {"grounded": False, "score": 2, "reason": ungrounded["verdicts"]["grounding"]["reason"]}
+    assert ungrounded["verdicts"]["grounding"] == {
+        "grounded": False,
+        "score": 2,
+        "reason": ungrounded["verdicts"]["grounding"]["reason"],
+    }
     assert "score 2 < min_judge_score 3" in ungrounded["detail"] or "not grounded" in ungrounded["detail"]
     # the calls: 2 text-only calls per pair, and 1 with the images per pair the blind check kept
     names = _schema_names(vlm_server)
     assert (names.count("BlindAnswer"), names.count(AGREEMENT), names.count(GROUNDING)) == (12, 12, 8)
     for request in vlm_server.requests:
-        images = [p for m in request["messages"] if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image_url"]
+        images = [
+            p for m in request["messages"] if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image_url"
+        ]
         name = request["response_format"]["json_schema"]["name"]
         assert (len(images) > 0) == (name == GROUNDING)
 
@@ -117,7 +136,13 @@ def test_rows_without_pairs_to_judge_go_to_errors(vlm_server: OpenAITestServer, 
     media.mkdir()
     (media / "a.jpg").write_bytes(make_jpeg())
     source = tmp_path / "in.jsonl"
-    source.write_text("\n".join(json.dumps(r) for r in ({"image": "a.jpg"}, {"image": "a.jpg", "qa_pairs": []}, {"image": "a.jpg", "qa_pairs": [{"q": 1}]})) + "\n")
+    source.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in ({"image": "a.jpg"}, {"image": "a.jpg", "qa_pairs": []}, {"image": "a.jpg", "qa_pairs": [{"q": 1}]})
+        )
+        + "\n"
+    )
     manifest = gate(vlm_server, tmp_path, source)
     assert manifest.failures_by_reason == {"bad_field": 2, "missing_field": 1} and vlm_server.requests == []
 
@@ -146,8 +171,16 @@ def test_a_retried_gate_reuses_its_kept_rejected_and_failed_rows(vlm_server: Ope
     def try_gate() -> dict[str, Any]:
         return run_job(
             job_options(
-                vlm_server, tmp_path, source, generator="quality", output=str(tmp_path / "q" / "rows.jsonl"), params={"source": "image_qa"},
-                concurrency=1, checkpoint_every=1, max_consecutive_failures=2, max_retries=1,
+                vlm_server,
+                tmp_path,
+                source,
+                generator="quality",
+                output=str(tmp_path / "q" / "rows.jsonl"),
+                params={"source": "image_qa"},
+                concurrency=1,
+                checkpoint_every=1,
+                max_consecutive_failures=2,
+                max_retries=1,
             )
         )
 
@@ -159,30 +192,48 @@ def test_a_retried_gate_reuses_its_kept_rejected_and_failed_rows(vlm_server: Ope
     manifest = try_gate()
     # only line 4 is judged again: the rejected, the failed and the kept rows come from the checkpoint
     assert (manifest.rows_reused, manifest.requests, len(vlm_server.requests)) == (3, 3, 3)
-    assert (manifest.rows_out, manifest.rows_rejected, manifest.rows_failed, manifest.pairs_kept, manifest.pairs_rejected) == (2, 1, 1, 2, 1)
+    assert (manifest.rows_out, manifest.rows_rejected, manifest.rows_failed, manifest.pairs_kept, manifest.pairs_rejected) == (
+        2,
+        1,
+        1,
+        2,
+        1,
+    )
     assert [e["line"] for e in read_rows(tmp_path / "q" / "rows.rejected.jsonl")] == [1]
     assert [e["reason"] for e in read_rows(tmp_path / "q" / "rows.errors.jsonl")] == ["bad_field"]
 
 
-def test_annotate_keeps_every_pair_with_every_checks_verdict_and_what_filter_would_do(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
+def test_annotate_keeps_every_pair_with_every_checks_verdict_and_what_filter_would_do(
+    vlm_server: OpenAITestServer, tmp_path: Path
+) -> None:
     source = generated(vlm_server, tmp_path)
     # as in the filter test: pair 2 of every row is answerable blind, pair 3 scores 2
-    vlm_server.verdicts = ScriptedVerdicts(answerable_blind=lambda q, a: _pair_number(q) == 2, score=lambda q, a: 2 if _pair_number(q) == 3 else 4)
+    vlm_server.verdicts = ScriptedVerdicts(
+        answerable_blind=lambda q, a: _pair_number(q) == 2, score=lambda q, a: 2 if _pair_number(q) == 3 else 4
+    )
     manifest = gate(vlm_server, tmp_path, source, quality_mode="annotate")
     out = read_rows(tmp_path / "q" / "rows.jsonl")
     assert (manifest.rows_out, manifest.pairs_kept, manifest.pairs_rejected, manifest.rows_rejected) == (4, 12, 0, 0)
     assert read_rows(tmp_path / "q" / "rows.rejected.jsonl") == []
     for row in out:
         verdicts = row["vqa_provenance"]["quality"]["verdicts"]
-        assert [_pair_number(p["question"]) for p in row["qa_pairs"]] == [1, 2, 3] and row["vqa_provenance"]["quality"]["mode"] == "annotate"
+        assert [_pair_number(p["question"]) for p in row["qa_pairs"]] == [1, 2, 3] and row["vqa_provenance"]["quality"][
+            "mode"
+        ] == "annotate"
         # every check asked of every pair, the blind-answerable one's grounding too
-        assert [v["grounding"]["score"] for v in verdicts] == [4, 4, 2] and [v["blind"]["agrees"] for v in verdicts] == [False, True, False]
+        assert [v["grounding"]["score"] for v in verdicts] == [4, 4, 2] and [v["blind"]["agrees"] for v in verdicts] == [
+            False,
+            True,
+            False,
+        ]
         assert [v["rejection"] and v["rejection"]["reason"] for v in verdicts] == [None, "answerable_blind", "not_grounded"]
     names = _schema_names(vlm_server)
     assert (names.count("BlindAnswer"), names.count(AGREEMENT), names.count(GROUNDING)) == (12, 12, 12)
     # the verdicts' distribution, for the preview and the card
     assert manifest.quality_scores.dump() == {
-        "grounding_score": {"1": 0, "2": 4, "3": 0, "4": 8, "5": 0}, "blind_asked": 12, "blind_agreed": 4,
+        "grounding_score": {"1": 0, "2": 4, "3": 0, "4": 8, "5": 0},
+        "blind_asked": 12,
+        "blind_agreed": 4,
         "failing": {"answerable_blind": 4, "not_grounded": 4},
     }
     # filter, on the same verdicts, counts the same distribution from what it kept and rejected (it asks no grounding of
@@ -190,7 +241,9 @@ def test_annotate_keeps_every_pair_with_every_checks_verdict_and_what_filter_wou
     vlm_server.requests.clear()
     filtered = gate(vlm_server, tmp_path, source)
     assert filtered.quality_scores.dump() == {
-        "grounding_score": {"1": 0, "2": 4, "3": 0, "4": 4, "5": 0}, "blind_asked": 12, "blind_agreed": 4,
+        "grounding_score": {"1": 0, "2": 4, "3": 0, "4": 4, "5": 0},
+        "blind_asked": 12,
+        "blind_agreed": 4,
         "failing": {"answerable_blind": 4, "not_grounded": 4},
     }
     with pytest.raises(ConfigError, match="quality_mode"):
@@ -202,7 +255,9 @@ def test_a_pair_verdict_dumps_what_was_found_and_reads_back_as_written() -> None
 
     from vqa_operators.records import PairVerdict, QualityScores
 
-    blind_only = {"blind": {"answer": "a dog", "agrees": True, "reason": "the same animal"}}  # filter: the first failed check decides
+    blind_only = {
+        "blind": {"answer": "a dog", "agrees": True, "reason": "the same animal"}
+    }  # filter: the first failed check decides
     annotated = {**blind_only, "grounding": {"grounded": True, "score": 4, "reason": "shown"}, "rejection": None}
     would = {**annotated, "rejection": {"reason": "answerable_blind", "detail": "answered without the images: 'a dog'"}}
     for written in (blind_only, annotated, would):
@@ -211,5 +266,10 @@ def test_a_pair_verdict_dumps_what_was_found_and_reads_back_as_written() -> None
     with pytest.raises(ValidationError):
         PairVerdict.model_validate({**annotated, "grounding": {"grounded": True, "score": 9, "reason": "out of range"}})
     counts = QualityScores().add(PairVerdict.model_validate(v) for v in (blind_only, annotated, would))
-    assert (counts.grounding_score["4"], counts.blind_asked, counts.blind_agreed, counts.failing) == (2, 3, 3, {"answerable_blind": 1})
+    assert (counts.grounding_score["4"], counts.blind_asked, counts.blind_agreed, counts.failing) == (
+        2,
+        3,
+        3,
+        {"answerable_blind": 1},
+    )
     assert QualityScores.total([counts, None, counts]).blind_asked == 6 and QualityScores.total([None]) is None

@@ -46,7 +46,9 @@ def test_five_worker_commands_get_rows_out_at_every_stage(vllm_url: str, tmp_pat
 @pytest.fixture(scope="module")
 def airflow_home(tmp_path_factory: pytest.TempPathFactory, vllm_url: str, s3_endpoint: str) -> Path:
     home = tmp_path_factory.mktemp("airflow_home_vllm")
-    migrate = airflow("db", "migrate", env=airflow_env(home, s3_endpoint=s3_endpoint, vlm_base_url=vllm_url, model=real_vllm.SERVED_NAME))
+    migrate = airflow(
+        "db", "migrate", env=airflow_env(home, s3_endpoint=s3_endpoint, vlm_base_url=vllm_url, model=real_vllm.SERVED_NAME)
+    )
     assert migrate.returncode == 0, migrate.stderr[-2000:]
     return home
 
@@ -57,13 +59,24 @@ def _merge_manifest(s3: Any, bucket: str, dag_id: str, final_task: str) -> dict[
     return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-@pytest.mark.parametrize(("dag_id", "source", "final_task", "conf"), [
-    ("image_qa", "image", "generate", {"pairs_per_row": 3}),
-    ("pers_qa", "pers", "generate", {"tag": "<mam>"}),
-    ("video_qa", "video", "final", {"max_frames": 8, "max_iterations": 2, "final_pairs": 5}),
-])
+@pytest.mark.parametrize(
+    ("dag_id", "source", "final_task", "conf"),
+    [
+        ("image_qa", "image", "generate", {"pairs_per_row": 3}),
+        ("pers_qa", "pers", "generate", {"tag": "<mam>"}),
+        ("video_qa", "video", "final", {"max_frames": 8, "max_iterations": 2, "final_pairs": 5}),
+    ],
+)
 def test_dags_test_runs_each_dag_against_vllm(
-    dag_id: str, source: str, final_task: str, conf: dict[str, Any], vllm_url: str, airflow_home: Path, s3: Any, bucket: str, s3_endpoint: str,
+    dag_id: str,
+    source: str,
+    final_task: str,
+    conf: dict[str, Any],
+    vllm_url: str,
+    airflow_home: Path,
+    s3: Any,
+    bucket: str,
+    s3_endpoint: str,
     tmp_path: Path,
 ) -> None:
     # video_qa: three rows of clips, and a video file the DAG's ingest task cuts into clips and captions with vLLM
@@ -72,8 +85,12 @@ def test_dags_test_runs_each_dag_against_vllm(
         s3.put_object(Bucket=bucket, Key=f"media/{path.name}", Body=path.read_bytes())
     s3.put_object(Bucket=bucket, Key="input/rows.jsonl", Body=inputs[source].read_bytes())
     run_conf = {
-        "input_uri": f"s3://{bucket}/input/rows.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/media/",
-        "seed": 3, "rows_per_shard": 4, **conf,
+        "input_uri": f"s3://{bucket}/input/rows.jsonl",
+        "output_prefix": f"s3://{bucket}/output",
+        "media_root": f"s3://{bucket}/media/",
+        "seed": 3,
+        "rows_per_shard": 4,
+        **conf,
     }
     env = airflow_env(airflow_home, s3_endpoint=s3_endpoint, vlm_base_url=vllm_url, model=real_vllm.SERVED_NAME)
     proc = airflow("dags", "test", dag_id, "-c", json.dumps(run_conf), env=env, timeout=900)
@@ -90,25 +107,44 @@ def test_dags_test_runs_each_dag_against_vllm(
         ingest = manifest["stages"]["ingest"]
         assert (ingest["rows_out"], ingest["rows_failed"]) == (4, 0) and ingest["requests"] >= 3, ingest
         ingested = _staged_row(s3, bucket, manifest, "ingest", "video-file-0")
-        assert [(c["Start"], c["End"], len(c["Frames_Images"])) for c in ingested["Clips"]] == [(0.0, 2.0, 4), (2.0, 4.0, 4), (4.0, 5.5, 4)]
+        assert [(c["Start"], c["End"], len(c["Frames_Images"])) for c in ingested["Clips"]] == [
+            (0.0, 2.0, 4),
+            (2.0, 4.0, 4),
+            (4.0, 5.5, 4),
+        ]
         assert all(c["Description"].strip() for c in ingested["Clips"])
         # and came out of the final stage with labelled QA (the quality stage's random verdicts decide what is kept after)
         labelled = _staged_row(s3, bucket, manifest, "final", "video-file-0")
-        assert labelled["QA"] and all(set(p) == {"Label", "Question", "Answer", "Clips"} and all(0 <= c < len(labelled["Clips"]) for c in p["Clips"]) for p in labelled["QA"]), labelled["QA"]
+        assert labelled["QA"] and all(
+            set(p) == {"Label", "Question", "Answer", "Clips"} and all(0 <= c < len(labelled["Clips"]) for c in p["Clips"])
+            for p in labelled["QA"]
+        ), labelled["QA"]
     # no request refused by vLLM, in any stage (the quality stage's three schemas included)
     # every stage that asks the model names it (dedup asks none), and the manifest names every stage's errors file
     assert {name: stage["model"] for name, stage in manifest["stages"].items() if name != "dedup"} == {
         name: real_vllm.SERVED_NAME for name in manifest["stages"] if name != "dedup"
     }, manifest["stages"]
-    assert set(manifest["errors"]) == set(manifest["stages"]) - {"dedup"} and not real_vllm.REFUSED & set(manifest["failures_by_reason"]), manifest
+    assert set(manifest["errors"]) == set(manifest["stages"]) - {"dedup"} and not real_vllm.REFUSED & set(
+        manifest["failures_by_reason"]
+    ), manifest
     # every verdict that came back is schema-valid: kept pairs' (provenance) and rejected pairs' (rejected file)
     from vqa_operators.generators.quality import verdict_models
 
     _, agreement, grounding = verdict_models(300, 300)
-    out = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=manifest["output"].split("/", 3)[3])["Body"].read().decode().splitlines()]
-    rejected = [json.loads(x) for x in s3.get_object(Bucket=bucket, Key=manifest["rejected"].split("/", 3)[3])["Body"].read().decode().splitlines()]
-    verdicts = [v for row in out for v in row["vqa_provenance"]["quality"]["verdicts"]] + [e["verdicts"] for e in rejected if e["verdicts"]]
-    assert len(verdicts) >= manifest["pairs_kept"] + manifest["rejections_by_reason"].get("answerable_blind", 0) + manifest["rejections_by_reason"].get("not_grounded", 0)
+    out = [
+        json.loads(x)
+        for x in s3.get_object(Bucket=bucket, Key=manifest["output"].split("/", 3)[3])["Body"].read().decode().splitlines()
+    ]
+    rejected = [
+        json.loads(x)
+        for x in s3.get_object(Bucket=bucket, Key=manifest["rejected"].split("/", 3)[3])["Body"].read().decode().splitlines()
+    ]
+    verdicts = [v for row in out for v in row["vqa_provenance"]["quality"]["verdicts"]] + [
+        e["verdicts"] for e in rejected if e["verdicts"]
+    ]
+    assert len(verdicts) >= manifest["pairs_kept"] + manifest["rejections_by_reason"].get("answerable_blind", 0) + manifest[
+        "rejections_by_reason"
+    ].get("not_grounded", 0)
     for verdict in verdicts:
         if "blind" in verdict:
             agreement.model_validate({"reason": verdict["blind"]["reason"], "agrees": verdict["blind"]["agrees"]})
@@ -149,7 +185,9 @@ def _accounted(out: list[dict], errors: list[dict], *, good: int, faults: list[t
 def test_the_seeds_example_usage_against_vllm(vllm_url: str, seed_workdir: Path) -> None:
     from vqa_operators import APIVLMServing_openai
 
-    serving = APIVLMServing_openai(api_url=vllm_url, model_name=real_vllm.SERVED_NAME, max_workers=4, temperature=0.7, top_p=0.9, max_tokens=6000)
+    serving = APIVLMServing_openai(
+        api_url=vllm_url, model_name=real_vllm.SERVED_NAME, max_workers=4, temperature=0.7, top_p=0.9, max_tokens=6000
+    )
     image_qa_example(serving)
     pers_qa_example(serving)
     video_qa_example(serving)
@@ -161,8 +199,13 @@ def test_the_seeds_example_usage_against_vllm(vllm_url: str, seed_workdir: Path)
     _accounted(pers_out, pers_errors, good=2, faults=[("pers_qa", "bad_field")])
     video_out, video_errors = read_results(seed_workdir, "video_qa")
     assert set(r["Meta"] for r in video_out) <= {"Meta Information", "Second video"}
-    assert all(set(r) == {"Meta", "Clips", "QA"} and r["QA"] and all(set(p) == {"Label", "Question", "Answer"} for p in r["QA"]) for r in video_out)
-    _accounted(video_out, video_errors, good=2, faults=[("video_qa_initial", "bad_field"), ("video_qa_initial", "image_not_found")])
+    assert all(
+        set(r) == {"Meta", "Clips", "QA"} and r["QA"] and all(set(p) == {"Label", "Question", "Answer"} for p in r["QA"])
+        for r in video_out
+    )
+    _accounted(
+        video_out, video_errors, good=2, faults=[("video_qa_initial", "bad_field"), ("video_qa_initial", "image_not_found")]
+    )
 
 
 # --- the double is as strict as vLLM ----------------------------------------------------------
@@ -188,6 +231,7 @@ def test_a_server_without_a_speech_model_refuses_transcriptions_as_the_double_do
         wav.setsampwidth(2)
         wav.setframerate(16_000)
         wav.writeframes(b"\x00\x00" * 16_000)
+
     async def transcribe(url: str, model: str) -> None:
         client = APIVLMServing_openai(api_url=url, model_name=model, max_workers=1, max_retries=0)
         try:
@@ -197,7 +241,9 @@ def test_a_server_without_a_speech_model_refuses_transcriptions_as_the_double_do
 
     messages = []
     for url, model in ((vllm_url, real_vllm.SERVED_NAME), (vlm_server.base_url, vlm_server.model)):
-        with pytest.raises(ConfigError, match=r"has no /audio/transcriptions for .* \(is it serving a speech-to-text model\?\)") as caught:
+        with pytest.raises(
+            ConfigError, match=r"has no /audio/transcriptions for .* \(is it serving a speech-to-text model\?\)"
+        ) as caught:
             asyncio.run(transcribe(url, model))
         messages.append(str(caught.value).split("model?): ", 1)[1])
     # FastAPI's answer for a route vLLM did not register, word for word from both

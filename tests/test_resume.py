@@ -43,7 +43,9 @@ def read_uri(uri: str) -> bytes:
     return storage.read_bytes(uri) if storage.exists(uri) else b""
 
 
-def test_a_failed_try_is_resumed_with_fewer_calls_and_the_same_output(vlm_server: OpenAITestServer, tmp_path: Path, place: str) -> None:
+def test_a_failed_try_is_resumed_with_fewer_calls_and_the_same_output(
+    vlm_server: OpenAITestServer, tmp_path: Path, place: str
+) -> None:
     source = write_image_rows(tmp_path, N)
     (tmp_path / "in.jsonl").write_text((tmp_path / "in.jsonl").read_text() + "{broken\n")  # a bad line is accounted for too
     clean = run_job(job_options(vlm_server, tmp_path, source, output=f"{place}/clean.jsonl"))
@@ -51,7 +53,9 @@ def test_a_failed_try_is_resumed_with_fewer_calls_and_the_same_output(vlm_server
     vlm_server.reset()
 
     vlm_server.responder = outage_after(10)
-    opts = job_options(vlm_server, tmp_path, source, output=f"{place}/rows.jsonl", concurrency=2, checkpoint_every=3, max_consecutive_failures=4)
+    opts = job_options(
+        vlm_server, tmp_path, source, output=f"{place}/rows.jsonl", concurrency=2, checkpoint_every=3, max_consecutive_failures=4
+    )
     with pytest.raises(ServerUnavailableError) as failed:
         run_job(opts)
     assert not Storage().exists(f"{place}/rows.jsonl") and not Storage().exists(f"{place}/rows.errors.jsonl")
@@ -68,7 +72,9 @@ def test_a_failed_try_is_resumed_with_fewer_calls_and_the_same_output(vlm_server
     # byte for byte what an uninterrupted run wrote: complete, in order, no duplicates
     assert (read_uri(f"{place}/rows.jsonl"), read_uri(f"{place}/rows.errors.jsonl")) == clean_bytes
     assert clean.requests == N
-    print(f"\nresume ({place}): {manifest.rows_reused} of {N} rows reused; calls saved {1 - manifest.requests / clean.requests:.0%}")
+    print(
+        f"\nresume ({place}): {manifest.rows_reused} of {N} rows reused; calls saved {1 - manifest.requests / clean.requests:.0%}"
+    )
 
 
 def test_a_rerun_after_success_is_a_no_op(vlm_server: OpenAITestServer, tmp_path: Path) -> None:
@@ -89,7 +95,14 @@ def test_a_rerun_after_success_is_a_no_op(vlm_server: OpenAITestServer, tmp_path
 
 @pytest.mark.parametrize(
     "change",
-    [{"temperature": 0.1}, {"top_p": 0.5}, {"max_tokens": 512}, {"seed": 4}, {"params": {"pairs_per_row": 3}}, {"max_pixels": 50_000}],
+    [
+        {"temperature": 0.1},
+        {"top_p": 0.5},
+        {"max_tokens": 512},
+        {"seed": 4},
+        {"params": {"pairs_per_row": 3}},
+        {"max_pixels": 50_000},
+    ],
     ids=["temperature", "top_p", "max_tokens", "seed", "options", "image-budget"],
 )
 def test_changed_settings_are_not_reused(vlm_server: OpenAITestServer, tmp_path: Path, change: dict) -> None:
@@ -134,7 +147,9 @@ def test_identical_rows_are_each_kept(vlm_server: OpenAITestServer, tmp_path: Pa
 
 
 def test_the_task_identity_names_the_checkpoint(tmp_path: Path) -> None:
-    prefix = checkpoint_prefix("s3://b/out/video_qa/run/final.jsonl", "video_qa/final/manual__2026-11-22T10:00:00+00:00/-1", "abc123")
+    prefix = checkpoint_prefix(
+        "s3://b/out/video_qa/run/final.jsonl", "video_qa/final/manual__2026-11-22T10:00:00+00:00/-1", "abc123"
+    )
     assert prefix == "s3://b/out/video_qa/run/final.checkpoint/video_qa/final/manual__2026-11-22T10:00:00+00:00/-1/abc123/"
     assert checkpoint_prefix(str(tmp_path / "o.jsonl"), None, "f") == f"{tmp_path}/o.checkpoint/cli/f/"
     assert "/a_b/" in checkpoint_prefix("o.jsonl", "a b/x", "f")  # path-unsafe characters are replaced
@@ -160,11 +175,30 @@ def test_sigkill_mid_run_then_rerun(vlm_server: OpenAITestServer, tmp_path: Path
     rows = 40
     source = write_image_rows(tmp_path, rows)
     later = {seed for row, seed in row_seeds(source, 1).items() if row >= 12}
-    vlm_server.hold(lambda body: body.get("seed") in later)  # rows 0-11 are answered, the rest wait: the kill always lands mid-run
+    vlm_server.hold(
+        lambda body: body.get("seed") in later
+    )  # rows 0-11 are answered, the rest wait: the kill always lands mid-run
     output = tmp_path / "out" / "rows.jsonl"
     argv = [
-        sys.executable, "-m", "vqa_operators", "run", "image_qa", "--input", str(source), "--output", str(output),
-        "--media-root", str(tmp_path / "media"), "--concurrency", "2", "--seed", "1", "--checkpoint-every", "3", "--param", "pairs_per_row=2",
+        sys.executable,
+        "-m",
+        "vqa_operators",
+        "run",
+        "image_qa",
+        "--input",
+        str(source),
+        "--output",
+        str(output),
+        "--media-root",
+        str(tmp_path / "media"),
+        "--concurrency",
+        "2",
+        "--seed",
+        "1",
+        "--checkpoint-every",
+        "3",
+        "--param",
+        "pairs_per_row=2",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins"), "VQA_BASE_URL": vlm_server.base_url, "VQA_MODEL": MODEL}
     worker = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -197,8 +231,17 @@ def test_one_rule_decides_a_finished_record_for_the_writer_and_the_loader(tmp_pa
     from pydantic import ValidationError
 
     rejected = [
-        {"stage": "quality", "line": 2, "index": 0, "pair": {"question": "q", "answer": "a"}, "reason": "not_grounded", "detail": "score 1", "verdicts": None,
-         "row_rejected": False, "row": {"id": 2}}
+        {
+            "stage": "quality",
+            "line": 2,
+            "index": 0,
+            "pair": {"question": "q", "answer": "a"},
+            "reason": "not_grounded",
+            "detail": "score 1",
+            "verdicts": None,
+            "row_rejected": False,
+            "row": {"id": 2},
+        }
     ]
     kinds = {
         "kept": Finished(out={"id": 1}),
@@ -207,8 +250,15 @@ def test_one_rule_decides_a_finished_record_for_the_writer_and_the_loader(tmp_pa
         "failed": Finished(error={"stage": "image_qa", "line": 4, "reason": "bad_field", "detail": "x", "row": {"id": 4}}),
     }
     assert [r.kind for r in kinds.values()] == ["kept", "kept", "rejected", "failed"]
-    for broken in ({"out": {}, "error": {"reason": "x"}}, {}, {"pairs_kept": 0}, {"out": {}, "pairs_kept": 0}, {"error": {"detail": "no reason"}},
-                   {"pairs_kept": 0, "rejected": [{"pair": {}}]}, {"out": {}, "extra": 1}):
+    for broken in (
+        {"out": {}, "error": {"reason": "x"}},
+        {},
+        {"pairs_kept": 0},
+        {"out": {}, "pairs_kept": 0},
+        {"error": {"detail": "no reason"}},
+        {"pairs_kept": 0, "rejected": [{"pair": {}}]},
+        {"out": {}, "extra": 1},
+    ):
         with pytest.raises(ValidationError):
             Finished.model_validate(broken)
     prefix = str(tmp_path / "ck") + "/"
@@ -218,7 +268,9 @@ def test_one_rule_decides_a_finished_record_for_the_writer_and_the_loader(tmp_pa
     written.flush()
     written.close()
     # a line no writer of this rule made is skipped, not reused
-    (tmp_path / "ck" / "part-0-other-000001.jsonl").write_text(json.dumps({"key": "both", "out": {}, "error": {"reason": "x"}}) + "\n")
+    (tmp_path / "ck" / "part-0-other-000001.jsonl").write_text(
+        json.dumps({"key": "both", "out": {}, "error": {"reason": "x"}}) + "\n"
+    )
     loaded = Checkpoint(Storage(), prefix)
     assert loaded.load() == 4
     assert {key: loaded.get(key) for key in kinds} == kinds and loaded.get("both") is None

@@ -60,11 +60,20 @@ def test_a_date_without_a_logical_date_is_a_clear_error_and_a_plain_uri_needs_no
 
 
 def test_every_other_param_is_data_whatever_its_type() -> None:
-    ok = {"input_uri": "s3://b/{{ ds }}/x.jsonl", "model": "Qwen/Qwen2.5-VL-7B-Instruct", "export_formats": ["parquet"], "seed": 3, "tag": "<mam>"}
+    ok = {
+        "input_uri": "s3://b/{{ ds }}/x.jsonl",
+        "model": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "export_formats": ["parquet"],
+        "seed": 3,
+        "tag": "<mam>",
+    }
     refuse_templates(ok, dated=("input_uri",))
     for name, value in [
-        ("model", "{{ conn.vqa_vlm.password }}"), ("output_prefix", "s3://b/{{ ds }}"), ("export_formats", ["parquet", "{{ var.value.x }}"]),
-        ("tag", "{%raw%}"), ("media_root", {"nested": "{# x #}"}),
+        ("model", "{{ conn.vqa_vlm.password }}"),
+        ("output_prefix", "s3://b/{{ ds }}"),
+        ("export_formats", ["parquet", "{{ var.value.x }}"]),
+        ("tag", "{%raw%}"),
+        ("media_root", {"nested": "{# x #}"}),
     ]:
         with pytest.raises(ConfigError, match=rf"param {name} holds a template .*: params are data"):
             refuse_templates({**ok, name: value}, dated=("input_uri",))
@@ -101,7 +110,10 @@ def test_locations_lie_within_the_roots_symlinks_resolved(tmp_path: Path) -> Non
 
 def test_with_no_roots_configured_only_s3_is_allowed(tmp_path: Path) -> None:
     check_location("output_prefix", "s3://any-bucket/out", [], setting="VQA_ALLOWED_OUTPUT_ROOTS")
-    with pytest.raises(ConfigError, match=r"param output_prefix is a local path, and VQA_ALLOWED_OUTPUT_ROOTS is not set: .* only s3:// locations"):
+    with pytest.raises(
+        ConfigError,
+        match=r"param output_prefix is a local path, and VQA_ALLOWED_OUTPUT_ROOTS is not set: .* only s3:// locations",
+    ):
         check_location("output_prefix", str(tmp_path), [], setting="VQA_ALLOWED_OUTPUT_ROOTS")
 
 
@@ -111,13 +123,17 @@ def test_within_compares_whole_segments() -> None:
     assert within("/data/a/x", "/data/a") and not within("/data/ab", "/data/a")
 
 
-@pytest.mark.parametrize("name", ["/etc", "./models", "../models", "~/models", "models/../../etc", "file:///etc", "C:\\models", "s3://b/model"])
+@pytest.mark.parametrize(
+    "name", ["/etc", "./models", "../models", "~/models", "models/../../etc", "file:///etc", "C:\\models", "s3://b/model"]
+)
 def test_a_triggered_model_is_a_name_not_a_path(name: str) -> None:
     with pytest.raises(ConfigError, match="param model must name a model"):
         check_model_name("model", name)
 
 
-@pytest.mark.parametrize("name", ["Qwen/Qwen2.5-VL-7B-Instruct", "HuggingFaceTB/SmolVLM-256M-Instruct", "llava:7b", "served-model"])
+@pytest.mark.parametrize(
+    "name", ["Qwen/Qwen2.5-VL-7B-Instruct", "HuggingFaceTB/SmolVLM-256M-Instruct", "llava:7b", "served-model"]
+)
 def test_model_names_pass(name: str) -> None:
     check_model_name("model", name)
 
@@ -128,7 +144,11 @@ def test_the_roots_settings_refuse_relative_and_traversing_roots(monkeypatch: py
     monkeypatch.setenv("VQA_ALLOWED_INPUT_ROOTS", "s3://in-bucket/raw, /data/in")
     monkeypatch.setenv("VQA_ALLOWED_OUTPUT_ROOTS", "s3://out-bucket")
     env = settings.environment()
-    assert (env.allowed_input_roots, env.allowed_output_roots, env.preview_link_seconds) == (["s3://in-bucket/raw", "/data/in"], ["s3://out-bucket"], 86400)
+    assert (env.allowed_input_roots, env.allowed_output_roots, env.preview_link_seconds) == (
+        ["s3://in-bucket/raw", "/data/in"],
+        ["s3://out-bucket"],
+        86400,
+    )
     for value in ("data/in", "/data/../etc", "s3://", "ftp://x"):
         monkeypatch.setenv("VQA_ALLOWED_INPUT_ROOTS", value)
         with pytest.raises(ConfigError, match="VQA_ALLOWED_INPUT_ROOTS must be a comma-separated list of absolute folders"):
@@ -145,10 +165,18 @@ def test_the_worker_confines_its_input_and_output_when_roots_are_configured(monk
     monkeypatch.setenv("VQA_ALLOWED_INPUT_ROOTS", "s3://in-bucket/raw")
     monkeypatch.setenv("VQA_ALLOWED_OUTPUT_ROOTS", "s3://out-bucket/runs")
     base = {"generator": "image_qa", "media_root": "s3://in-bucket/", "staging_root": "s3://out-bucket/runs/image_qa/r1"}
-    check_options(JobOptions(**base, input="s3://in-bucket/raw/a.jsonl", output="s3://out-bucket/runs/image_qa/r1/generate.jsonl"))
+    check_options(
+        JobOptions(**base, input="s3://in-bucket/raw/a.jsonl", output="s3://out-bucket/runs/image_qa/r1/generate.jsonl")
+    )
     # a later stage reads what an earlier one staged in the run's folder
-    check_options(JobOptions(**base, input="s3://out-bucket/runs/image_qa/r1/ingest.jsonl", output="s3://out-bucket/runs/image_qa/r1/initial.jsonl"))
+    check_options(
+        JobOptions(
+            **base, input="s3://out-bucket/runs/image_qa/r1/ingest.jsonl", output="s3://out-bucket/runs/image_qa/r1/initial.jsonl"
+        )
+    )
     with pytest.raises(ConfigError, match=r"--input is outside the allowed input roots \(VQA_ALLOWED_INPUT_ROOTS\)"):
-        check_options(JobOptions(**base, input="s3://elsewhere/a.jsonl", output="s3://out-bucket/runs/image_qa/r1/generate.jsonl"))
+        check_options(
+            JobOptions(**base, input="s3://elsewhere/a.jsonl", output="s3://out-bucket/runs/image_qa/r1/generate.jsonl")
+        )
     with pytest.raises(ConfigError, match=r"--output is outside the allowed output roots \(VQA_ALLOWED_OUTPUT_ROOTS\)"):
         check_options(JobOptions(**base, input="s3://in-bucket/raw/a.jsonl", output="/tmp/out/generate.jsonl"))

@@ -50,7 +50,11 @@ def fake_api(monkeypatch: pytest.MonkeyPatch) -> FakeApi:
 def context(run_id: str = RUN, dag_id: str = "video_qa", active: set[tuple[str, str]] | None = None) -> dict[str, Any]:
     """A task's context; ``active``: the (dag_id, run_id) of runs that are queued or running, as Airflow would count them."""
     runs = active or set()
-    ti = SimpleNamespace(get_dr_count=lambda dag_id, run_ids, states: sum((dag_id, r) in runs for r in run_ids) if set(states) >= {"queued", "running"} else 0)
+    ti = SimpleNamespace(
+        get_dr_count=lambda dag_id, run_ids, states: (
+            sum((dag_id, r) in runs for r in run_ids) if set(states) >= {"queued", "running"} else 0
+        )
+    )
     return {"dag": SimpleNamespace(dag_id=dag_id), "run_id": run_id, "ti": ti}
 
 
@@ -67,7 +71,16 @@ def setup(startup_timeout: float = 30.0, url: str | None = None) -> Any:
 def crash_looping(message: str) -> dict[str, Any]:
     return {
         "phase": "Running",
-        "containerStatuses": [{"name": "vllm", "ready": False, "restartCount": 3, "image": "i", "imageID": "", "state": {"waiting": {"reason": "CrashLoopBackOff", "message": message}}}],
+        "containerStatuses": [
+            {
+                "name": "vllm",
+                "ready": False,
+                "restartCount": 3,
+                "image": "i",
+                "imageID": "",
+                "state": {"waiting": {"reason": "CrashLoopBackOff", "message": message}},
+            }
+        ],
     }
 
 
@@ -91,13 +104,43 @@ def test_a_server_that_becomes_healthy_is_created_scaled_and_deleted_by_the_tear
 @pytest.mark.parametrize(
     ("status", "reason"),
     [
-        (crash_looping("back-off 40s restarting failed container=vllm"), "CrashLoopBackOff: back-off 40s restarting failed container=vllm"),
         (
-            {"phase": "Pending", "containerStatuses": [{"name": "vllm", "ready": False, "restartCount": 0, "image": "i", "imageID": "", "state": {"waiting": {"reason": "ImagePullBackOff", "message": 'Back-off pulling image "vqa-worker-vllm:latest"'}}}]},
+            crash_looping("back-off 40s restarting failed container=vllm"),
+            "CrashLoopBackOff: back-off 40s restarting failed container=vllm",
+        ),
+        (
+            {
+                "phase": "Pending",
+                "containerStatuses": [
+                    {
+                        "name": "vllm",
+                        "ready": False,
+                        "restartCount": 0,
+                        "image": "i",
+                        "imageID": "",
+                        "state": {
+                            "waiting": {
+                                "reason": "ImagePullBackOff",
+                                "message": 'Back-off pulling image "vqa-worker-vllm:latest"',
+                            }
+                        },
+                    }
+                ],
+            },
             'ImagePullBackOff: Back-off pulling image "vqa-worker-vllm:latest"',
         ),
         (
-            {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."}]},
+            {
+                "phase": "Pending",
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                    }
+                ],
+            },
             "Unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
         ),
     ],
@@ -111,7 +154,9 @@ def test_a_server_that_cannot_serve_fails_at_once_and_leaves_nothing(api: FakeAp
     name = server_name("airflow", "video_qa", RUN)
     api.pod_on_scale = status  # the pod appears once the Deployment has its replica
     # a startup timeout no test would wait for: the reason ends the wait on its first look
-    with pytest.raises(ServerUnavailableError, match=f"model server cannot start: Deployment vqa/{name}: pod {name}-.*: .*{reason.split(':')[0]}") as err:
+    with pytest.raises(
+        ServerUnavailableError, match=f"model server cannot start: Deployment vqa/{name}: pod {name}-.*: .*{reason.split(':')[0]}"
+    ) as err:
         setup(startup_timeout=3600).execute(context())
     assert reason in str(err.value)
     assert api.deployments == {} and api.services == {}, "what the failed start created is deleted"
@@ -120,7 +165,13 @@ def test_a_server_that_cannot_serve_fails_at_once_and_leaves_nothing(api: FakeAp
 def test_an_unschedulable_server_waits_while_the_autoscaler_adds_a_node(api: FakeApi) -> None:
     from vqa_operators.operators.model_server import why_not_serving
 
-    api.pod_status("vqa-model-x", {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes"}]})
+    api.pod_status(
+        "vqa-model-x",
+        {
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes"}],
+        },
+    )
     pods = api.core.list_namespaced_pod("vqa").items
     assert "Unschedulable" in (why_not_serving(pods, []) or "")
     api.event(pods[0].metadata.name, "TriggeredScaleUp", "pod triggered scale-up: [{gpu-pool 0->1 (max: 4)}]")
@@ -137,24 +188,42 @@ def test_a_retry_adopts_its_own_server_and_never_another_installations(api: Fake
     name = server_name("airflow", "video_qa", RUN)
     # another installation's server under this run's name (two installations once both named "airflow", one since renamed)
     theirs, service = server_manifests(
-        name=name, namespace="vqa", model="m", placement=PodSettings(namespace="vqa"), installation="airflow-eu", dag_id="video_qa", run_id=RUN,
-        max_num_seqs=8, expires_at="2026-01-07T00:00:00+00:00",
+        name=name,
+        namespace="vqa",
+        model="m",
+        placement=PodSettings(namespace="vqa"),
+        installation="airflow-eu",
+        dag_id="video_qa",
+        run_id=RUN,
+        max_num_seqs=8,
+        expires_at="2026-01-07T00:00:00+00:00",
     )
     api.apps.create_namespaced_deployment("vqa", theirs)
     api.core.create_namespaced_service("vqa", service)
     with pytest.raises(AirflowFailException, match=r"Deployment .* exists and is not this run's \(vqa/installation='airflow-eu'"):
         setup().execute(context())
-    assert set(api.deployments) == {name} and api.deployments[name]["metadata"]["annotations"]["vqa/installation"] == "airflow-eu", "left alone"
+    assert (
+        set(api.deployments) == {name} and api.deployments[name]["metadata"]["annotations"]["vqa/installation"] == "airflow-eu"
+    ), "left alone"
     assert api.scaled == {}
     api.deployments.clear()
     api.services.clear()
     # a retry of this run's setup finds what its first try created, and adopts it
     first, _ = server_manifests(
-        name=name, namespace="vqa", model="m", placement=PodSettings(namespace="vqa"), installation="airflow", dag_id="video_qa", run_id=RUN,
-        max_num_seqs=8, expires_at="2026-01-07T00:00:00+00:00",
+        name=name,
+        namespace="vqa",
+        model="m",
+        placement=PodSettings(namespace="vqa"),
+        installation="airflow",
+        dag_id="video_qa",
+        run_id=RUN,
+        max_num_seqs=8,
+        expires_at="2026-01-07T00:00:00+00:00",
     )
     api.apps.create_namespaced_deployment("vqa", first)
-    with pytest.raises(ServerUnavailableError, match="not healthy after"):  # nothing answers here: the wait itself is the test's subject
+    with pytest.raises(
+        ServerUnavailableError, match="not healthy after"
+    ):  # nothing answers here: the wait itself is the test's subject
         setup(startup_timeout=0.5).execute(context())
     assert api.scaled == {name: 1} and ("apps", "deployments", "get") in api.calls
     assert api.deployments == {} and api.services == {}, "an adopted server that never got healthy is deleted too"
@@ -169,13 +238,22 @@ def test_servers_of_an_installation_queue_for_their_gpus(api: FakeApi, monkeypat
     monkeypatch.setenv("VQA_MAX_RUN_SERVERS", "1")
     older = server_name("airflow", "image_qa", "manual__a")
     deployment, service = server_manifests(
-        name=older, namespace="vqa", model="m", placement=PodSettings(namespace="vqa"), installation="airflow", dag_id="image_qa", run_id="manual__a",
-        max_num_seqs=8, expires_at="2099-01-01T00:00:00+00:00",
+        name=older,
+        namespace="vqa",
+        model="m",
+        placement=PodSettings(namespace="vqa"),
+        installation="airflow",
+        dag_id="image_qa",
+        run_id="manual__a",
+        max_num_seqs=8,
+        expires_at="2099-01-01T00:00:00+00:00",
     )
     api.apps.create_namespaced_deployment("vqa", deployment)
     api.core.create_namespaced_service("vqa", service)
     mine = server_name("airflow", "video_qa", RUN)
-    with pytest.raises(ServerUnavailableError, match=f"1 servers of this installation are ahead of {mine} \\(VQA_MAX_RUN_SERVERS=1\\)"):
+    with pytest.raises(
+        ServerUnavailableError, match=f"1 servers of this installation are ahead of {mine} \\(VQA_MAX_RUN_SERVERS=1\\)"
+    ):
         setup(startup_timeout=0.2).execute(context())
     assert mine not in api.scaled and set(api.deployments) == {older}, "the queued server held no GPU, and is gone"
     # the older run has ended (its teardown never ran): the janitor deletes its server, and the next setup gets its turn
@@ -193,8 +271,15 @@ def test_the_janitor_deletes_only_servers_no_live_run_needs(api: FakeApi) -> Non
     def put(installation: str, dag_id: str, run_id: str, expires_at: str) -> str:
         name = server_name(installation, dag_id, run_id)
         deployment, service = server_manifests(
-            name=name, namespace="vqa", model="m", placement=PodSettings(namespace="vqa"), installation=installation, dag_id=dag_id, run_id=run_id,
-            max_num_seqs=8, expires_at=expires_at,
+            name=name,
+            namespace="vqa",
+            model="m",
+            placement=PodSettings(namespace="vqa"),
+            installation=installation,
+            dag_id=dag_id,
+            run_id=run_id,
+            max_num_seqs=8,
+            expires_at=expires_at,
         )
         api.apps.create_namespaced_deployment("vqa", deployment)
         api.core.create_namespaced_service("vqa", service)
@@ -203,8 +288,12 @@ def test_the_janitor_deletes_only_servers_no_live_run_needs(api: FakeApi) -> Non
     live = put("airflow", "video_qa", "manual__live", "2099-01-01T00:00:00+00:00")
     ended = put("airflow", "image_qa", "manual__ended", "2099-01-01T00:00:00+00:00")  # finished, or deleted in the UI
     expired = put("airflow", "pers_qa", "manual__stuck", "2000-01-01T00:00:00+00:00")  # its run still "running" after the bound
-    other = put("airflow-eu", "image_qa", "manual__ended", "2000-01-01T00:00:00+00:00")  # another installation's: never ours to judge
-    found = VQAJanitorOperator(task_id="janitor").execute(context(active={("video_qa", "manual__live"), ("pers_qa", "manual__stuck")}))
+    other = put(
+        "airflow-eu", "image_qa", "manual__ended", "2000-01-01T00:00:00+00:00"
+    )  # another installation's: never ours to judge
+    found = VQAJanitorOperator(task_id="janitor").execute(
+        context(active={("video_qa", "manual__live"), ("pers_qa", "manual__stuck")})
+    )
     assert {d["name"] for d in found["deleted"]} == {ended, expired}
     assert {d["name"] for d in found["kept"]} == {live}
     assert set(api.deployments) == set(api.services) == {live, other}
@@ -236,7 +325,9 @@ def run_server_lifecycle(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str,
     double = OpenAITestServer().start()
     try:
         server = setup(url=double.base_url.removesuffix("/v1")).execute(context())
-        VQAStopModelServerOperator(task_id="stop_model_server").execute({"ti": SimpleNamespace(xcom_pull=lambda task_ids: server)})
+        VQAStopModelServerOperator(task_id="stop_model_server").execute(
+            {"ti": SimpleNamespace(xcom_pull=lambda task_ids: server)}
+        )
         first = setup(url=double.base_url.removesuffix("/v1")).execute(context("manual__first"))
         setup(url=double.base_url.removesuffix("/v1")).execute(context("manual__first"))  # a retry adopts
     finally:
@@ -258,4 +349,9 @@ def test_the_role_grants_every_call_of_a_run_servers_life(monkeypatch: pytest.Mo
     granted = {(group, resource, verb) for group, resource, verbs, _ in RULES for verb in verbs}
     called = run_server_lifecycle(monkeypatch)
     assert called - granted == set()
-    assert {("apps", "deployments", "create"), ("apps", "deployments/scale", "patch"), ("", "services", "delete"), ("", "events", "list")} <= called
+    assert {
+        ("apps", "deployments", "create"),
+        ("apps", "deployments/scale", "patch"),
+        ("", "services", "delete"),
+        ("", "events", "list"),
+    } <= called

@@ -78,7 +78,10 @@ def test_video_qa_example_usage(vlm_server: OpenAITestServer, seed_workdir: Path
         assert set(row) == {"Meta", "Clips", "QA"}  # the seed's output format, exactly
         assert len(row["QA"]) == 10 and all(set(p) == {"Label", "Question", "Answer"} for p in row["QA"])
     # the errors of the initial stage survive the chaining and land beside the final output
-    assert [(e["stage"], e["reason"]) for e in errors] == [("video_qa_initial", "bad_field"), ("video_qa_initial", "image_not_found")]
+    assert [(e["stage"], e["reason"]) for e in errors] == [
+        ("video_qa_initial", "bad_field"),
+        ("video_qa_initial", "image_not_found"),
+    ]
     names = [b["response_format"]["json_schema"]["name"] for b in vlm_server.requests]
     # video 1: initial, 3 x (recruit, expert, revise), final; video 2: initial, recruit -> terminate, final
     assert names.count("VideoQASet") == 2 and names.count("MasterDecision") == 4 and names.count("ExpertQASet") == 3
@@ -90,8 +93,14 @@ def test_every_seed_class_is_exported() -> None:
     import vqa_operators
 
     seed_names = {
-        "FileStorage", "APIVLMServing_openai", "LocalModelVLMServing_vllm", "ImageQAGenerate", "PersQAGenerate",
-        "MultiroleVideoQAInitialGenerator", "MultiroleVideoQAMultiAgentGenerator", "MultiroleVideoQAFinalGenerator",
+        "FileStorage",
+        "APIVLMServing_openai",
+        "LocalModelVLMServing_vllm",
+        "ImageQAGenerate",
+        "PersQAGenerate",
+        "MultiroleVideoQAInitialGenerator",
+        "MultiroleVideoQAMultiAgentGenerator",
+        "MultiroleVideoQAFinalGenerator",
     }
     assert seed_names <= set(vqa_operators.__all__)
     for name in vqa_operators.__all__:
@@ -113,11 +122,17 @@ def _absolute_rows(workdir: Path, media: Path) -> None:
     media.mkdir(parents=True, exist_ok=True)
     for name in ("street_scene.jpg", "second.jpg"):
         (media / name).write_bytes((workdir / "test" / name).read_bytes())
-    rows = [{"image": [str(media / "street_scene.jpg")]}, {"image": [str(media / "street_scene.jpg"), str(media / "second.jpg")]}, {"image": str(media / "second.jpg")}]
+    rows = [
+        {"image": [str(media / "street_scene.jpg")]},
+        {"image": [str(media / "street_scene.jpg"), str(media / "second.jpg")]},
+        {"image": str(media / "second.jpg")},
+    ]
     (workdir / "data" / "example_qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_the_seed_example_reads_absolute_paths_anywhere_as_dataflow_does(vlm_server: OpenAITestServer, seed_workdir: Path, tmp_path_factory) -> None:
+def test_the_seed_example_reads_absolute_paths_anywhere_as_dataflow_does(
+    vlm_server: OpenAITestServer, seed_workdir: Path, tmp_path_factory
+) -> None:
     media = tmp_path_factory.mktemp("elsewhere") / "photos"
     _absolute_rows(seed_workdir, media)
     image_qa_example(api_serving(vlm_server))
@@ -128,13 +143,17 @@ def test_the_seed_example_reads_absolute_paths_anywhere_as_dataflow_does(vlm_ser
 
 
 @pytest.mark.parametrize("confine", ["media_root", "allowed_media_roots"])
-def test_a_media_root_or_allowed_roots_confine_the_seed_api(vlm_server: OpenAITestServer, seed_workdir: Path, tmp_path_factory, confine: str) -> None:
+def test_a_media_root_or_allowed_roots_confine_the_seed_api(
+    vlm_server: OpenAITestServer, seed_workdir: Path, tmp_path_factory, confine: str
+) -> None:
     from vqa_operators import FileStorage, ImageQAGenerate
 
     media = tmp_path_factory.mktemp("elsewhere") / "photos"
     _absolute_rows(seed_workdir, media)
     allowed = seed_workdir / "test"
-    storage = FileStorage(first_entry_file_name="data/example_qa.jsonl", cache_path="./cache_local", file_name_prefix="imageqa", cache_type="jsonl")
+    storage = FileStorage(
+        first_entry_file_name="data/example_qa.jsonl", cache_path="./cache_local", file_name_prefix="imageqa", cache_type="jsonl"
+    )
     kwargs = {"media_root": str(allowed)} if confine == "media_root" else {"allowed_media_roots": [str(allowed)]}
     ImageQAGenerate(api_serving(vlm_server), **kwargs).run(storage=storage.step())
     out, errors = read_results(seed_workdir, "imageqa")

@@ -24,7 +24,11 @@ README = (ROOT / "README.md").read_text()
 def _mentioned_variables(path: Path) -> set[str]:
     """Every string constant in ``path`` that names a VQA_* variable."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    return {n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and re.fullmatch(r"VQA_[A-Z_]+", n.value)}
+    return {
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and re.fullmatch(r"VQA_[A-Z_]+", n.value)
+    }
 
 
 def _environment_reads(path: Path) -> list[str]:
@@ -32,7 +36,9 @@ def _environment_reads(path: Path) -> list[str]:
     tree = ast.parse(path.read_text(), filename=str(path))
     reads = []
     for node in ast.walk(tree):
-        if (isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.environ.get", "os.getenv")) or (isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ" and isinstance(node.ctx, ast.Load)):
+        if (isinstance(node, ast.Call) and ast.unparse(node.func) in ("os.environ.get", "os.getenv")) or (
+            isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ" and isinstance(node.ctx, ast.Load)
+        ):
             reads.append(ast.unparse(node))
     return reads
 
@@ -66,7 +72,12 @@ def test_a_bad_variable_is_a_config_error_that_names_it(monkeypatch: pytest.Monk
     monkeypatch.setenv("VQA_EXECUTION", " Kubernetes ")
     monkeypatch.setenv("VQA_MODEL", "")  # empty counts as unset
     env = settings.environment()
-    assert (env.vllm_port, env.allowed_media_roots, env.execution, env.model) == (8001, ["s3://media/", "/data/images"], "kubernetes", None)
+    assert (env.vllm_port, env.allowed_media_roots, env.execution, env.model) == (
+        8001,
+        ["s3://media/", "/data/images"],
+        "kubernetes",
+        None,
+    )
 
 
 def test_every_default_has_one_value_everywhere_it_is_offered() -> None:
@@ -89,18 +100,46 @@ def test_every_default_has_one_value_everywhere_it_is_offered() -> None:
     assert opts.max_pixels == settings.MAX_PIXELS
     client = inspect.signature(OpenAIServing).parameters
     local = inspect.signature(LocalModelVLMServing_vllm).parameters
-    assert (client["temperature"].default, client["top_p"].default, client["max_tokens"].default) == (settings.TEMPERATURE, settings.TOP_P, settings.MAX_TOKENS)
-    assert (local["vllm_temperature"].default, local["vllm_top_p"].default, local["vllm_max_tokens"].default) == (settings.TEMPERATURE, settings.TOP_P, settings.MAX_TOKENS)
-    assert (opts.request_timeout, opts.max_retries, opts.max_consecutive_failures) == (
-        client["timeout"].default, client["max_retries"].default, client["max_consecutive_failures"].default,
+    assert (client["temperature"].default, client["top_p"].default, client["max_tokens"].default) == (
+        settings.TEMPERATURE,
+        settings.TOP_P,
+        settings.MAX_TOKENS,
     )
-    assert (local["vllm_gpu_memory_utilization"].default, local["concurrency"].default) == (settings.VLLM_GPU_MEMORY_UTILIZATION, settings.MAX_NUM_SEQS)
+    assert (local["vllm_temperature"].default, local["vllm_top_p"].default, local["vllm_max_tokens"].default) == (
+        settings.TEMPERATURE,
+        settings.TOP_P,
+        settings.MAX_TOKENS,
+    )
+    assert (opts.request_timeout, opts.max_retries, opts.max_consecutive_failures) == (
+        client["timeout"].default,
+        client["max_retries"].default,
+        client["max_consecutive_failures"].default,
+    )
+    assert (local["vllm_gpu_memory_utilization"].default, local["concurrency"].default) == (
+        settings.VLLM_GPU_MEMORY_UTILIZATION,
+        settings.MAX_NUM_SEQS,
+    )
     checkpoint = inspect.signature(Checkpoint).parameters
-    assert (checkpoint["every_rows"].default, checkpoint["every_seconds"].default) == (settings.CHECKPOINT_EVERY, settings.CHECKPOINT_SECONDS)
+    assert (checkpoint["every_rows"].default, checkpoint["every_seconds"].default) == (
+        settings.CHECKPOINT_EVERY,
+        settings.CHECKPOINT_SECONDS,
+    )
     # the quality gate sends a video's frames and a row's images on the same budgets as the stages that made the row
-    assert QualityOptions.model_fields["max_frames"].default == VideoQAOptions.model_fields["max_frames"].default == settings.MAX_FRAMES
-    assert QualityOptions.model_fields["frame_max_pixels"].default == VideoQAOptions.model_fields["frame_max_pixels"].default == settings.FRAME_MAX_PIXELS
-    assert QualityOptions.model_fields["max_images_per_row"].default == ImageQAOptions.model_fields["max_images_per_row"].default == settings.MAX_IMAGES_PER_ROW
+    assert (
+        QualityOptions.model_fields["max_frames"].default
+        == VideoQAOptions.model_fields["max_frames"].default
+        == settings.MAX_FRAMES
+    )
+    assert (
+        QualityOptions.model_fields["frame_max_pixels"].default
+        == VideoQAOptions.model_fields["frame_max_pixels"].default
+        == settings.FRAME_MAX_PIXELS
+    )
+    assert (
+        QualityOptions.model_fields["max_images_per_row"].default
+        == ImageQAOptions.model_fields["max_images_per_row"].default
+        == settings.MAX_IMAGES_PER_ROW
+    )
 
     params = io_params("image_qa", rows_doc="", final_task="generate")
     assert params["max_shards"].value == settings.MAX_SHARDS and params["rows_per_shard"].value == settings.ROWS_PER_SHARD

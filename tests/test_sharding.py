@@ -18,7 +18,9 @@ from vqa_operators.worker import run_job
 
 
 def lines_of(storage: Storage, uri: str, shard) -> list[tuple[int, object]]:
-    return list(read_jsonl(storage.iter_lines(uri, start=shard.start, end=shard.end, version=shard.version), first_line=shard.first_line))
+    return list(
+        read_jsonl(storage.iter_lines(uri, start=shard.start, end=shard.end, version=shard.version), first_line=shard.first_line)
+    )
 
 
 @pytest.mark.parametrize(
@@ -87,11 +89,22 @@ def test_shards_run_and_merge_to_the_unsharded_result(vlm_server, tmp_path: Path
     plan = plan_shards(Storage(), str(source), rows_per_shard=4)
     assert len(plan) == 4
     manifests = [
-        run_job(job_options(vlm_server, tmp_path, source, output=str(tmp_path / "run" / "generate" / f"shard-{s.index:05d}.jsonl"), shard=s, task_key=f"d/generate/r/{s.index}"))
+        run_job(
+            job_options(
+                vlm_server,
+                tmp_path,
+                source,
+                output=str(tmp_path / "run" / "generate" / f"shard-{s.index:05d}.jsonl"),
+                shard=s,
+                task_key=f"d/generate/r/{s.index}",
+            )
+        )
         for s in reversed(plan)  # finishing order does not matter
     ]
     assert sorted(m.shard for m in manifests) == [0, 1, 2, 3] and [m.rows_in for m in manifests] == [1, 4, 4, 4]
-    merged = merge_run(Storage(), {"generate": manifests}, output=str(tmp_path / "run" / "generate.jsonl"), plan=[s.model_dump() for s in plan])
+    merged = merge_run(
+        Storage(), {"generate": manifests}, output=str(tmp_path / "run" / "generate.jsonl"), plan=[s.model_dump() for s in plan]
+    )
 
     def strip(rows: list[dict]) -> list[dict]:
         return [{k: v for k, v in r.items() if k != "vqa_provenance"} for r in rows]
@@ -112,15 +125,29 @@ def test_the_merge_refuses_a_shard_that_lost_rows(vlm_server, tmp_path: Path) ->
     source = write_image_rows(tmp_path, 4)
     plan = plan_shards(Storage(), str(source), rows_per_shard=2)
     manifests = [
-        run_job(job_options(vlm_server, tmp_path, source, output=str(tmp_path / "g" / f"shard-{s.index}.jsonl"), shard=s, task_key=str(s.index))) for s in plan
+        run_job(
+            job_options(
+                vlm_server,
+                tmp_path,
+                source,
+                output=str(tmp_path / "g" / f"shard-{s.index}.jsonl"),
+                shard=s,
+                task_key=str(s.index),
+            )
+        )
+        for s in plan
     ]
     shard_out = tmp_path / "g" / "shard-1.jsonl"
     shard_out.write_text(shard_out.read_text().splitlines()[0] + "\n")
     with pytest.raises(InputError, match="holds 1 rows but its task reported 2"):
-        merge_run(Storage(), {"generate": manifests}, output=str(tmp_path / "generate.jsonl"), plan=[s.model_dump() for s in plan])
+        merge_run(
+            Storage(), {"generate": manifests}, output=str(tmp_path / "generate.jsonl"), plan=[s.model_dump() for s in plan]
+        )
     assert not (tmp_path / "generate.jsonl").exists() and not (tmp_path / "generate.errors.jsonl").exists()
     with pytest.raises(InputError, match="1 shard results for 2 shards"):
-        merge_run(Storage(), {"generate": manifests[:1]}, output=str(tmp_path / "generate.jsonl"), plan=[s.model_dump() for s in plan])
+        merge_run(
+            Storage(), {"generate": manifests[:1]}, output=str(tmp_path / "generate.jsonl"), plan=[s.model_dump() for s in plan]
+        )
     more = [{**s.model_dump(), "rows": s.rows + 1} for s in plan]  # a plan the shards' reports do not add up to
     with pytest.raises(InputError, match="6 input rows but the shards report 4 in the output, 0 in errors files and 0 rejected"):
         merge_run(Storage(), {"generate": manifests}, output=str(tmp_path / "generate.jsonl"), plan=more)
@@ -136,13 +163,32 @@ def test_a_runs_shards_split_the_servers_budget_unless_each_serves_its_own(tmp_p
     assert len(shards) == 16 and {s.shards for s in shards} == {16}
 
     def effective_concurrency(**extra: object) -> int:
-        return JobOptions(**{"generator": "image_qa", "output": str(tmp_path / "o.jsonl"), "max_num_seqs": 256, "concurrency": None, "shard": shards[3], **extra}).effective_concurrency
+        return JobOptions(
+            **{
+                "generator": "image_qa",
+                "output": str(tmp_path / "o.jsonl"),
+                "max_num_seqs": 256,
+                "concurrency": None,
+                "shard": shards[3],
+                **extra,
+            }
+        ).effective_concurrency
 
     assert effective_concurrency() == 20  # 1.25 x 256 = 320, split 16 ways
     assert effective_concurrency(serve_vllm=True) == 320  # a pod with its own vLLM keeps the whole budget
     assert effective_concurrency(concurrency=7) == 7  # a given concurrency is the task's own
-    assert JobOptions(generator="image_qa", input=str(source), output=str(tmp_path / "o.jsonl"), max_num_seqs=256, concurrency=None).effective_concurrency == 320
+    assert (
+        JobOptions(
+            generator="image_qa", input=str(source), output=str(tmp_path / "o.jsonl"), max_num_seqs=256, concurrency=None
+        ).effective_concurrency
+        == 320
+    )
     # three shards of a 10-slot server: ceil(12 / 3)
     three = plan_shards(Storage(), str(source), rows_per_shard=22)
     assert [s.shards for s in three] == [3, 3, 3]
-    assert JobOptions(generator="image_qa", output="o.jsonl", max_num_seqs=10, concurrency=None, shard=three[0]).effective_concurrency == 4
+    assert (
+        JobOptions(
+            generator="image_qa", output="o.jsonl", max_num_seqs=10, concurrency=None, shard=three[0]
+        ).effective_concurrency
+        == 4
+    )

@@ -36,7 +36,9 @@ def test_a_bad_server_batch_size_is_a_clear_error(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("VQA_MAX_NUM_SEQS", "lots")
     with pytest.raises(ConfigError, match="VQA_MAX_NUM_SEQS must be an integer, got 'lots'"):
         options()
-    proc = run_worker("image_qa", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"), env={"VQA_MAX_NUM_SEQS": "lots"})
+    proc = run_worker(
+        "image_qa", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "o.jsonl"), env={"VQA_MAX_NUM_SEQS": "lots"}
+    )
     assert proc.returncode == 2 and "VQA_MAX_NUM_SEQS must be an integer" in proc.stderr.strip().splitlines()[-1]
 
 
@@ -59,8 +61,19 @@ def test_the_cli_runs_one_shard_and_numbers_lines_as_the_whole_input(vlm_server,
     shard = plan_shards(Storage(), str(source), rows_per_shard=3)[1]  # lines 4..6
     out = tmp_path / "shard-00001.jsonl"
     proc = run_worker(
-        "image_qa", "--input", str(source), "--output", str(out), "--base-url", vlm_server.base_url, "--model", MODEL,
-        "--media-root", str(tmp_path / "media"), "--shard", shard.model_dump_json(),
+        "image_qa",
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+        "--base-url",
+        vlm_server.base_url,
+        "--model",
+        MODEL,
+        "--media-root",
+        str(tmp_path / "media"),
+        "--shard",
+        shard.model_dump_json(),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -43,10 +43,15 @@ def smoke_run(_vlm_server: OpenAITestServer, s3_endpoint: str, cluster_airflow: 
     s3.create_bucket(Bucket=BUCKET)
     vlm_server.required_key = API_KEY
     root = f"s3://{BUCKET}"
-    env = pod_tier.env({
-        **cluster_airflow["env"], "VQA_DATA_ROOT": root, "VQA_ALLOWED_INPUT_ROOTS": f"{root}/raw", "VQA_ALLOWED_OUTPUT_ROOTS": f"{root}/output",
-        "VQA_ALLOWED_MEDIA_ROOTS": f"{root}/",
-    })
+    env = pod_tier.env(
+        {
+            **cluster_airflow["env"],
+            "VQA_DATA_ROOT": root,
+            "VQA_ALLOWED_INPUT_ROOTS": f"{root}/raw",
+            "VQA_ALLOWED_OUTPUT_ROOTS": f"{root}/output",
+            "VQA_ALLOWED_MEDIA_ROOTS": f"{root}/",
+        }
+    )
     before = len(pod_tier.pods())
     proc = airflow("dags", "test", "vqa_smoke", "-c", json.dumps({"expect_gpu": False}), env=env, timeout=900)
     yield {"proc": proc, "output": proc.stdout + proc.stderr, "pods": pod_tier.pods()[before:], "s3": s3}
@@ -56,18 +61,32 @@ def smoke_run(_vlm_server: OpenAITestServer, s3_endpoint: str, cluster_airflow: 
 def test_the_smoke_test_passes_on_the_container_tier_with_a_verdict_per_check(smoke_run: dict) -> None:
     output = smoke_run["output"]
     assert smoke_run["proc"].returncode == 0, output[-6000:]
-    verdicts = {check: mark for mark, check in re.findall(r"(PASS|FAIL|SKIP) ((?:cpu_pod|gpu_pod) [a-z -]+|image_qa estimate):", output)}
+    verdicts = {
+        check: mark for mark, check in re.findall(r"(PASS|FAIL|SKIP) ((?:cpu_pod|gpu_pod) [a-z -]+|image_qa estimate):", output)
+    }
     assert verdicts == {
-        "cpu_pod user": "PASS", "cpu_pod read-only root": "PASS", "cpu_pod data root": "PASS", "cpu_pod model server": "PASS",
-        "gpu_pod user": "PASS", "gpu_pod read-only root": "PASS", "gpu_pod data root": "PASS", "gpu_pod model server": "PASS",
-        "gpu_pod model cache": "PASS", "gpu_pod gpu": "SKIP", "image_qa estimate": "PASS",
+        "cpu_pod user": "PASS",
+        "cpu_pod read-only root": "PASS",
+        "cpu_pod data root": "PASS",
+        "cpu_pod model server": "PASS",
+        "gpu_pod user": "PASS",
+        "gpu_pod read-only root": "PASS",
+        "gpu_pod data root": "PASS",
+        "gpu_pod model server": "PASS",
+        "gpu_pod model cache": "PASS",
+        "gpu_pod gpu": "SKIP",
+        "image_qa estimate": "PASS",
     }, output[-6000:]
     assert "the smoke test passed" in output
     # the GPU's absence is said plainly: no device was given (the tier has none), and expect_gpu was off
-    assert re.search(r"SKIP gpu_pod gpu: not required \(expect_gpu is off\): .*1 GPU\(s\) requested, 0 device\(s\) in /dev", output), output[-4000:]
+    assert re.search(
+        r"SKIP gpu_pod gpu: not required \(expect_gpu is off\): .*1 GPU\(s\) requested, 0 device\(s\) in /dev", output
+    ), output[-4000:]
     assert re.search(r"PASS image_qa estimate: 4 rows in, \d+ out, 0 failed", output), output[-4000:]
     # the probes were deleted; the sample stays for the next run (the same bytes)
-    keys = [o["Key"] for o in smoke_run["s3"].list_objects_v2(Bucket=BUCKET, Prefix="output/vqa_smoke/smoke/").get("Contents", [])]
+    keys = [
+        o["Key"] for o in smoke_run["s3"].list_objects_v2(Bucket=BUCKET, Prefix="output/vqa_smoke/smoke/").get("Contents", [])
+    ]
     assert keys == []
 
 
@@ -87,7 +106,9 @@ def test_each_smoke_pod_is_placed_and_locked_down_as_its_topology(smoke_run: dic
     assert pods["generate"]["manifest"]["spec"]["activeDeadlineSeconds"] == 3620
 
 
-def test_the_role_is_exactly_what_the_components_call(smoke_run: dict, pod_tier: PodTier, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_role_is_exactly_what_the_components_call(
+    smoke_run: dict, pod_tier: PodTier, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from scripts.deploy_kit import RULES
     from tests.test_run_server_api import run_server_lifecycle
 
@@ -98,4 +119,8 @@ def test_the_role_is_exactly_what_the_components_call(smoke_run: dict, pod_tier:
     assert called - granted == set(), "the operators call what the Role does not grant: a cluster answers 403"
     assert granted - called == set(), "the Role grants what no component calls"
     # the pods' part comes from the tier's answers, the run server's from the recorded API: neither is a hand-kept list
-    assert ("", "secrets", "get") in tier and ("", "pods/exec", "create") in tier and ("apps", "deployments/scale", "patch") in server
+    assert (
+        ("", "secrets", "get") in tier
+        and ("", "pods/exec", "create") in tier
+        and ("apps", "deployments/scale", "patch") in server
+    )

@@ -187,14 +187,28 @@ def test_every_s3_client_takes_the_store_retry_policy(monkeypatch: pytest.Monkey
 
 @pytest.mark.parametrize(
     ("status", "code", "definite"),
-    [(404, "NoSuchKey", True), (403, "AccessDenied", True), (412, "PreconditionFailed", True), (416, "InvalidRange", True),
-     (503, "SlowDown", False), (500, "InternalError", False), (400, "RequestTimeout", False), (429, "TooManyRequests", False),
-     (503, "503", False), (408, "RequestTimeout", False)],
+    [
+        (404, "NoSuchKey", True),
+        (403, "AccessDenied", True),
+        (412, "PreconditionFailed", True),
+        (416, "InvalidRange", True),
+        (503, "SlowDown", False),
+        (500, "InternalError", False),
+        (400, "RequestTimeout", False),
+        (429, "TooManyRequests", False),
+        (503, "503", False),
+        (408, "RequestTimeout", False),
+    ],
 )
 def test_only_a_definite_answer_about_the_object_is_final(status: int, code: str, definite: bool) -> None:
     from botocore.exceptions import ClientError, ConnectionClosedError, ReadTimeoutError
 
     from vqa_operators.storage.uris import definite as is_definite
 
-    assert is_definite(ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")) is definite
-    assert not is_definite(ConnectionClosedError(endpoint_url="http://s3")) and not is_definite(ReadTimeoutError(endpoint_url="http://s3"))
+    assert (
+        is_definite(ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"))
+        is definite
+    )
+    assert not is_definite(ConnectionClosedError(endpoint_url="http://s3")) and not is_definite(
+        ReadTimeoutError(endpoint_url="http://s3")
+    )

@@ -54,7 +54,9 @@ def fast_store_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
     """
     from botocore.retries import standard
 
-    monkeypatch.setattr(standard.ExponentialBackoff, "_DEFAULT_BACKOFF_CONFIG", {"throttling_base_scale": 0.05, "non_throttling_base_scale": 0.05})
+    monkeypatch.setattr(
+        standard.ExponentialBackoff, "_DEFAULT_BACKOFF_CONFIG", {"throttling_base_scale": 0.05, "non_throttling_base_scale": 0.05}
+    )
 
 
 @pytest.fixture
@@ -83,8 +85,17 @@ def run_stage(server: OpenAITestServer, folder: Path, shared: str, out: str, sta
     generator, source, params = STAGES[stage]
     input_uri = f"{shared}/{source}" if source.startswith("in/") else f"{out}/{source}.jsonl"
     opts = job_options(
-        server, folder, Path(input_uri), generator=generator, output=f"{out}/{stage}.jsonl", media_root=f"{shared}/media", params=params,
-        concurrency=4, checkpoint_every=2, request_timeout=5.0, **extra,
+        server,
+        folder,
+        Path(input_uri),
+        generator=generator,
+        output=f"{out}/{stage}.jsonl",
+        media_root=f"{shared}/media",
+        params=params,
+        concurrency=4,
+        checkpoint_every=2,
+        request_timeout=5.0,
+        **extra,
     )
     opts.input = input_uri
     return run_job(opts, storage=Storage())
@@ -93,11 +104,18 @@ def run_stage(server: OpenAITestServer, folder: Path, shared: str, out: str, sta
 def files(out: str) -> dict[str, bytes]:
     """Every file under ``out`` (checkpoints aside), with ``out`` itself written as <out>: the rows, and the frames the ingest stored."""
     storage = Storage()  # an S3 listing is every key below the prefix
-    return {uri.removeprefix(out + "/"): storage.read_bytes(uri).replace(out.encode(), b"<out>") for uri in storage.list(out + "/") if ".checkpoint/" not in uri}
+    return {
+        uri.removeprefix(out + "/"): storage.read_bytes(uri).replace(out.encode(), b"<out>")
+        for uri in storage.list(out + "/")
+        if ".checkpoint/" not in uri
+    }
 
 
 def counts(manifest: Any) -> tuple[Any, ...]:
-    return tuple(getattr(manifest, k) for k in ("rows_in", "rows_out", "rows_failed", "rows_rejected", "failures_by_reason", "pairs_kept", "requests"))
+    return tuple(
+        getattr(manifest, k)
+        for k in ("rows_in", "rows_out", "rows_failed", "rows_rejected", "failures_by_reason", "pairs_kept", "requests")
+    )
 
 
 def test_every_stage_on_a_faulty_store_writes_what_it_writes_on_a_sound_one(
@@ -115,8 +133,19 @@ def test_every_stage_on_a_faulty_store_writes_what_it_writes_on_a_sound_one(
         whole = [Shard(input=f"{shared}/in/image.jsonl", index=0, first_line=1, rows=6, start=0, end=plan[-1].end).model_dump()]
         merged = {}
         for out, manifests in ((faulty_out, faulty), (clean_out, clean)):
-            deduplicated = deduplicate_shards(storage, [manifests["image_qa"]], whole, staging=f"{out}/merged", dedup=NearDuplicateSettings(near_duplicate_threshold=0.95))
-            merged[out] = merge_run(storage, {"generate": [manifests["image_qa"]], "dedup": deduplicated}, output=f"{out}/merged/generate.jsonl", plan=whole)
+            deduplicated = deduplicate_shards(
+                storage,
+                [manifests["image_qa"]],
+                whole,
+                staging=f"{out}/merged",
+                dedup=NearDuplicateSettings(near_duplicate_threshold=0.95),
+            )
+            merged[out] = merge_run(
+                storage,
+                {"generate": [manifests["image_qa"]], "dedup": deduplicated},
+                output=f"{out}/merged/generate.jsonl",
+                plan=whole,
+            )
             # the preview (it reads the images back) and the manifest, last
             finalize_run(storage, merged[out], title="t", media_root=f"{shared}/media", allowed_roots=[shared])
         injected = dict(proxy.counts)
@@ -157,11 +186,31 @@ def test_a_definite_answer_is_the_rows_and_a_fault_that_persists_fails_the_job_w
     # the worker exits 5 (StorageError), and no row is blamed for it
     faulty.rates, faulty.persistent = {}, "/media/3.jpg"
     env = {
-        **os.environ, "PYTHONPATH": f"{ROOT / 'plugins'}", "VQA_S3_MAX_ATTEMPTS": "3", "AWS_ENDPOINT_URL_S3": faulty.url,
+        **os.environ,
+        "PYTHONPATH": f"{ROOT / 'plugins'}",
+        "VQA_S3_MAX_ATTEMPTS": "3",
+        "AWS_ENDPOINT_URL_S3": faulty.url,
     }
     argv = [
-        sys.executable, "-m", "vqa_operators", "run", "image_qa", "--input", f"{shared}/in/image.jsonl", "--output", f"{out}/down.jsonl",
-        "--base-url", vlm_server.base_url, "--model", MODEL, "--media-root", f"{shared}/media", "--concurrency", "1", "--checkpoint-every", "1",
+        sys.executable,
+        "-m",
+        "vqa_operators",
+        "run",
+        "image_qa",
+        "--input",
+        f"{shared}/in/image.jsonl",
+        "--output",
+        f"{out}/down.jsonl",
+        "--base-url",
+        vlm_server.base_url,
+        "--model",
+        MODEL,
+        "--media-root",
+        f"{shared}/media",
+        "--concurrency",
+        "1",
+        "--checkpoint-every",
+        "1",
     ]
     proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == StorageError.exit_code == 5, proc.stderr[-2000:]

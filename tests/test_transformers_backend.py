@@ -23,7 +23,10 @@ from vqa_operators.worker.cli import main
 
 
 def image_message(*sizes: tuple[int, int]) -> list[dict]:
-    parts = [{"type": "image_url", "image_url": {"url": prepare_image(make_jpeg(size), source=f"{i}.jpg").data_url}} for i, size in enumerate(sizes)]
+    parts = [
+        {"type": "image_url", "image_url": {"url": prepare_image(make_jpeg(size), source=f"{i}.jpg").data_url}}
+        for i, size in enumerate(sizes)
+    ]
     return [
         {"role": "system", "content": "You write QA pairs."},
         {"role": "user", "content": [*parts, {"type": "text", "text": "Two pairs, as JSON."}]},
@@ -43,7 +46,11 @@ def test_generation_is_real_and_seeded(tiny_idefics3: Path) -> None:
 
     async def twice() -> tuple:
         await serving.check()
-        return await serving.chat(request), await serving.chat(request), await serving.chat(ChatRequest(messages=request.messages, seed=12))
+        return (
+            await serving.chat(request),
+            await serving.chat(request),
+            await serving.chat(ChatRequest(messages=request.messages, seed=12)),
+        )
 
     first, again, other = asyncio.run(twice())
     # 2 images x 4 patch tokens each went through the processor, plus the templated text
@@ -62,14 +69,23 @@ def test_guided_decoding_gets_a_random_models_rows_out(tiny_idefics3: Path, tmp_
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     opts = JobOptions(
-        generator="image_qa", backend="transformers", model=str(tiny_idefics3), input=str(source), output=str(tmp_path / "out.jsonl"),
-        media_root=str(media), seed=1, max_tokens=512, params={"pairs_per_row": 2, "max_question_chars": 40, "max_answer_chars": 60},
+        generator="image_qa",
+        backend="transformers",
+        model=str(tiny_idefics3),
+        input=str(source),
+        output=str(tmp_path / "out.jsonl"),
+        media_root=str(media),
+        seed=1,
+        max_tokens=512,
+        params={"pairs_per_row": 2, "max_question_chars": 40, "max_answer_chars": 60},
     )
     manifest = run_job(opts)
     assert (manifest.rows_in, manifest.rows_out, manifest.rows_failed) == (3, 2, 1)
     out = read_rows(tmp_path / "out.jsonl")
     for row in out:  # noise, but noise in the schema's shape and bounds
-        assert len(row["qa_pairs"]) == 2 and all(0 < len(p["question"]) <= 40 and 0 < len(p["answer"]) <= 60 for p in row["qa_pairs"])
+        assert len(row["qa_pairs"]) == 2 and all(
+            0 < len(p["question"]) <= 40 and 0 < len(p["answer"]) <= 60 for p in row["qa_pairs"]
+        )
     assert [e["reason"] for e in read_rows(tmp_path / "out.errors.jsonl")] == ["bad_image"]
     # each image row asked once, no repair needed; the broken image never reached the model
     assert manifest.requests == 2 and manifest.repairs == 0
@@ -94,7 +110,20 @@ def test_without_guided_decoding_the_same_model_writes_unusable_text(tiny_idefic
 def test_cli_backend_flag_and_a_missing_model_folder_fail_clearly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"image": "a.jpg"}) + "\n")
-    code = main(["run", "image_qa", "--backend", "transformers", "--model", str(tmp_path / "no-such-model"), "--input", str(source), "--output", str(tmp_path / "o.jsonl")])
+    code = main(
+        [
+            "run",
+            "image_qa",
+            "--backend",
+            "transformers",
+            "--model",
+            str(tmp_path / "no-such-model"),
+            "--input",
+            str(source),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+        ]
+    )
     assert code != 0
     assert "ConfigError: cannot load model" in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()

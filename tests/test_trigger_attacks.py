@@ -41,27 +41,69 @@ KEY_REF, S3_REF = "$(VQA_API_KEY)", "$(AWS_SECRET_ACCESS_KEY)"
 
 def plan_attacks(bucket: str, other: str, allowed: Path, private: Path, evil_out: Path) -> dict[str, tuple[str, dict, str]]:
     """name -> (dag_id, conf, the rule plan's message names)."""
-    base = {"input_uri": f"s3://{bucket}/input/rows.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/"}
+    base = {
+        "input_uri": f"s3://{bucket}/input/rows.jsonl",
+        "output_prefix": f"s3://{bucket}/output",
+        "media_root": f"s3://{bucket}/",
+    }
     return {
-        "template naming conn": ("image_qa", {**base, "input_uri": f"s3://{bucket}/input/{{{{ conn.vqa_vlm.password }}}}.jsonl"}, "param input_uri holds a template"),
-        "template naming var": ("pers_qa", {**base, "input_uri": f"s3://{bucket}/input/{{{{ var.value.vqa_note }}}}.jsonl"}, "param input_uri holds a template"),
-        "local file outside the roots": ("video_qa", {**base, "input_uri": str(private)}, "param input_uri lies outside the allowed roots"),
-        "traversal": ("image_qa", {**base, "input_uri": f"{allowed}/../private/secrets.jsonl"}, "param input_uri has a '.' or '..' segment"),
-        "symlink": ("pers_qa", {**base, "input_uri": str(allowed / "link.jsonl")}, "param input_uri lies outside the allowed roots"),
-        "another bucket": ("video_qa", {**base, "input_uri": f"s3://{other}/input/rows.jsonl"}, "param input_uri lies outside the allowed roots"),
-        "local output path": ("image_qa", {**base, "output_prefix": str(evil_out)}, "param output_prefix lies outside the allowed roots"),
+        "template naming conn": (
+            "image_qa",
+            {**base, "input_uri": f"s3://{bucket}/input/{{{{ conn.vqa_vlm.password }}}}.jsonl"},
+            "param input_uri holds a template",
+        ),
+        "template naming var": (
+            "pers_qa",
+            {**base, "input_uri": f"s3://{bucket}/input/{{{{ var.value.vqa_note }}}}.jsonl"},
+            "param input_uri holds a template",
+        ),
+        "local file outside the roots": (
+            "video_qa",
+            {**base, "input_uri": str(private)},
+            "param input_uri lies outside the allowed roots",
+        ),
+        "traversal": (
+            "image_qa",
+            {**base, "input_uri": f"{allowed}/../private/secrets.jsonl"},
+            "param input_uri has a '.' or '..' segment",
+        ),
+        "symlink": (
+            "pers_qa",
+            {**base, "input_uri": str(allowed / "link.jsonl")},
+            "param input_uri lies outside the allowed roots",
+        ),
+        "another bucket": (
+            "video_qa",
+            {**base, "input_uri": f"s3://{other}/input/rows.jsonl"},
+            "param input_uri lies outside the allowed roots",
+        ),
+        "local output path": (
+            "image_qa",
+            {**base, "output_prefix": str(evil_out)},
+            "param output_prefix lies outside the allowed roots",
+        ),
     }
 
 
 def reference_attacks(bucket: str) -> dict[str, tuple[str, dict, bool]]:
     """name -> (dag_id, conf, whether the run succeeds): params naming the pods' Secrets, each reaching a pod's args."""
-    base = {"input_uri": f"s3://{bucket}/input/rows.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/media/", "seed": 3}
+    base = {
+        "input_uri": f"s3://{bucket}/input/rows.jsonl",
+        "output_prefix": f"s3://{bucket}/output",
+        "media_root": f"s3://{bucket}/media/",
+        "seed": 3,
+    }
     return {
         # the tag starts every answer; the input, output and media locations name folders that hold the references as text
         "tag and locations": (
             "pers_qa",
-            {**base, "tag": KEY_REF, "input_uri": f"s3://{bucket}/input/{S3_REF}/rows.jsonl", "output_prefix": f"s3://{bucket}/output/{S3_REF}",
-             "media_root": f"s3://{bucket}/media/{KEY_REF}/"},
+            {
+                **base,
+                "tag": KEY_REF,
+                "input_uri": f"s3://{bucket}/input/{S3_REF}/rows.jsonl",
+                "output_prefix": f"s3://{bucket}/output/{S3_REF}",
+                "media_root": f"s3://{bucket}/media/{KEY_REF}/",
+            },
             True,
         ),
         "tag naming the S3 key": ("pers_qa", {**base, "tag": S3_REF}, True),
@@ -112,17 +154,27 @@ def stored(run_home: Path) -> str:
     """Everything a run left in Airflow: its task logs and the rows of the tables that hold what tasks said."""
     logs = "\n".join(p.read_text(errors="replace") for p in (run_home / "logs").rglob("*") if p.is_file())
     with sqlite3.connect(run_home / "airflow.db") as db:
-        rows = "\n".join(str(row) for table in ("xcom", "log", "task_instance", "dag_run") for row in db.execute(f"SELECT * FROM {table}"))
+        rows = "\n".join(
+            str(row) for table in ("xcom", "log", "task_instance", "dag_run") for row in db.execute(f"SELECT * FROM {table}")
+        )
     return logs + rows
 
 
 def every_object(s3) -> str:
-    everywhere = [(b["Name"], o["Key"]) for b in s3.list_buckets()["Buckets"] for o in s3.list_objects_v2(Bucket=b["Name"]).get("Contents", [])]
-    return "\n".join(key + "\n" + s3.get_object(Bucket=name, Key=key)["Body"].read().decode("utf-8", "replace") for name, key in everywhere)
+    everywhere = [
+        (b["Name"], o["Key"])
+        for b in s3.list_buckets()["Buckets"]
+        for o in s3.list_objects_v2(Bucket=b["Name"]).get("Contents", [])
+    ]
+    return "\n".join(
+        key + "\n" + s3.get_object(Bucket=name, Key=key)["Body"].read().decode("utf-8", "replace") for name, key in everywhere
+    )
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_each_plan_attack_fails_in_plan_and_leaks_nothing(_vlm_server, s3, attack_env: dict, pod_tier: PodTier, mode: str) -> None:
+def test_each_plan_attack_fails_in_plan_and_leaks_nothing(
+    _vlm_server, s3, attack_env: dict, pod_tier: PodTier, mode: str
+) -> None:
     bucket, other, root, allowed = attack_env["bucket"], attack_env["other"], attack_env["root"] / mode, attack_env["allowed"]
     for name in (bucket, other):
         if name not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
@@ -176,11 +228,15 @@ def run_dataset(s3, bucket: str, prefix: str, dag_id: str, run_id: str) -> dict[
     found = {}
     for key in sorted(k for k in keys if k.endswith(".jsonl") and k.count("/") == folder.count("/") + 1):
         text = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode()
-        found[key.rsplit("/", 1)[1]] = [json.loads(line) for line in text.replace(f"s3://{bucket}/{folder}", "<run>").splitlines()]
+        found[key.rsplit("/", 1)[1]] = [
+            json.loads(line) for line in text.replace(f"s3://{bucket}/{folder}", "<run>").splitlines()
+        ]
     return found
 
 
-def test_a_param_naming_a_secret_is_text_in_both_modes(vlm_server: OpenAITestServer, s3, attack_env: dict, pod_tier: PodTier) -> None:
+def test_a_param_naming_a_secret_is_text_in_both_modes(
+    vlm_server: OpenAITestServer, s3, attack_env: dict, pod_tier: PodTier
+) -> None:
     bucket = attack_env["bucket"]
     if bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
         s3.create_bucket(Bucket=bucket)
@@ -194,8 +250,14 @@ def test_a_param_naming_a_secret_is_text_in_both_modes(vlm_server: OpenAITestSer
 
     cases = reference_attacks(bucket)
     runs = [
-        (f"{mode}: {name}", dag_id, {**conf, "rows_per_shard": 2}, pod_tier.env(attack_env["env"]) if mode == "kubernetes" else attack_env["env"])
-        for mode in MODES for name, (dag_id, conf, _) in cases.items()
+        (
+            f"{mode}: {name}",
+            dag_id,
+            {**conf, "rows_per_shard": 2},
+            pod_tier.env(attack_env["env"]) if mode == "kubernetes" else attack_env["env"],
+        )
+        for mode in MODES
+        for name, (dag_id, conf, _) in cases.items()
     ]
     pods_before = len(pod_tier.pods())
     results = run_all(runs, attack_env)
@@ -225,7 +287,9 @@ def test_a_param_naming_a_secret_is_text_in_both_modes(vlm_server: OpenAITestSer
     assert datasets["kubernetes"] == datasets["local"]
     pods = pod_tier.pods()[pods_before:]
     assert {p["task_id"] for p in pods} >= {"generate", "quality"}
-    assert all(p["exit_code"] == (0 if p["manifest"]["metadata"]["labels"]["dag_id"] == "pers_qa" else 2) for p in pods), [(p["task_id"], p["exit_code"]) for p in pods]
+    assert all(p["exit_code"] == (0 if p["manifest"]["metadata"]["labels"]["dag_id"] == "pers_qa" else 2) for p in pods), [
+        (p["task_id"], p["exit_code"]) for p in pods
+    ]
     for pod in pods:
         for secret in SECRETS:
             assert secret not in pod["logs"] + json.dumps(pod["manifest"]), secret

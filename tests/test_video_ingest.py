@@ -1,4 +1,5 @@
-"""Video ingest: clip boundaries, frame counts and timestamps from videos PyAV writes here; bad files; captions and transcripts; the rows through the three video stages."""
+"""Video ingest: clip boundaries, frame counts and timestamps from videos PyAV writes here; bad files; captions and
+transcripts; the rows through the three video stages."""
 
 from __future__ import annotations
 
@@ -63,7 +64,9 @@ def square_left_edge(jpeg: bytes) -> int:
 
 
 @pytest.mark.parametrize("seek", [True, False])
-def test_extraction_finds_the_sampled_frames_whether_it_seeks_or_decodes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seek: bool) -> None:
+def test_extraction_finds_the_sampled_frames_whether_it_seeks_or_decodes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seek: bool
+) -> None:
     import vqa_operators.video as video
 
     # one 20 s scene with a keyframe every 3 s: the two sampled frames (5 s and 15 s) are 10 s apart, so the extraction seeks
@@ -89,7 +92,10 @@ def test_extraction_finds_the_sampled_frames_whether_it_seeks_or_decodes_on(tmp_
     # seeking skips the frames between (it lands on the keyframe at 15 s); decoding on reads all 151
     assert decoded < 80 if seek else decoded == 151
     # frame i draws its square at x = 7i mod 280: the decoded picture is frame 50's and frame 150's, not a neighbour's
-    assert [square_left_edge(data) for _, data in frames] == [pytest.approx(7 * 50 % 280, abs=2), pytest.approx(7 * 150 % 280, abs=2)]
+    assert [square_left_edge(data) for _, data in frames] == [
+        pytest.approx(7 * 50 % 280, abs=2),
+        pytest.approx(7 * 150 % 280, abs=2),
+    ]
 
 
 def test_decoding_uses_every_core_the_process_may_use() -> None:
@@ -101,8 +107,16 @@ def ingest_options(server: OpenAITestServer, folder: Path, rows: list[dict[str, 
     source = folder / "in.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     settings: dict[str, Any] = {
-        "generator": "video_ingest", "input": str(source), "output": str(folder / "run" / "ingest.jsonl"), "base_url": server.base_url,
-        "model": MODEL, "media_root": str(folder / "media"), "concurrency": 8, "seed": 3, "request_timeout": 5.0, **extra,
+        "generator": "video_ingest",
+        "input": str(source),
+        "output": str(folder / "run" / "ingest.jsonl"),
+        "base_url": server.base_url,
+        "model": MODEL,
+        "media_root": str(folder / "media"),
+        "concurrency": 8,
+        "seed": 3,
+        "request_timeout": 5.0,
+        **extra,
     }
     return JobOptions(**settings)
 
@@ -113,9 +127,13 @@ def media(tmp_path: Path) -> Path:
     return tmp_path / "media"
 
 
-def test_a_video_becomes_clips_with_stored_frames_timestamps_and_captions(vlm_server: OpenAITestServer, tmp_path: Path, media: Path) -> None:
+def test_a_video_becomes_clips_with_stored_frames_timestamps_and_captions(
+    vlm_server: OpenAITestServer, tmp_path: Path, media: Path
+) -> None:
     write_video(media / "ad.mp4", [2.0, 3.0, 1.5], fps=FPS, size=(320, 240))
-    opts = ingest_options(vlm_server, tmp_path, [{"id": "ad", "video": "ad.mp4", "Meta": "A shoe ad."}], params={"frames_per_clip": 4})
+    opts = ingest_options(
+        vlm_server, tmp_path, [{"id": "ad", "video": "ad.mp4", "Meta": "A shoe ad."}], params={"frames_per_clip": 4}
+    )
     manifest = run_job(opts)
     assert (manifest.rows_in, manifest.rows_out, manifest.rows_failed) == (1, 1, 0)
     [row] = read_rows(tmp_path / "run" / "ingest.jsonl")
@@ -136,7 +154,9 @@ def test_a_video_becomes_clips_with_stored_frames_timestamps_and_captions(vlm_se
     # one caption request per clip, showing that clip's 4 frames; the answer is its Description
     captions = [b for b in vlm_server.requests if b["response_format"]["json_schema"]["name"] == "ClipCaption"]
     assert len(captions) == 3
-    by_clip = {int(b["messages"][-1]["content"][-1]["text"].split("Clip ")[1].split(" ")[0]): b for b in captions}  # sent concurrently
+    by_clip = {
+        int(b["messages"][-1]["content"][-1]["text"].split("Clip ")[1].split(" ")[0]): b for b in captions
+    }  # sent concurrently
     for number, clip in enumerate(clips, 1):
         parts = by_clip[number]["messages"][-1]["content"]
         assert sum(p["type"] == "image_url" for p in parts) == 4
@@ -147,9 +167,16 @@ def test_a_video_becomes_clips_with_stored_frames_timestamps_and_captions(vlm_se
     assert details["video"]["codec"] == "h264" and details["video"]["frames_decoded"] == 65
 
 
-def test_a_clip_shorter_than_frames_per_clip_gives_each_frame_once_and_captions_can_be_off(vlm_server: OpenAITestServer, tmp_path: Path, media: Path) -> None:
+def test_a_clip_shorter_than_frames_per_clip_gives_each_frame_once_and_captions_can_be_off(
+    vlm_server: OpenAITestServer, tmp_path: Path, media: Path
+) -> None:
     write_video(media / "short.mp4", [0.4], fps=FPS, audio=False)
-    opts = ingest_options(vlm_server, tmp_path, [{"video": "short.mp4"}], params={"frames_per_clip": 8, "caption": False, "min_clip_s": 0.1, "clip_s": 1.0})
+    opts = ingest_options(
+        vlm_server,
+        tmp_path,
+        [{"video": "short.mp4"}],
+        params={"frames_per_clip": 8, "caption": False, "min_clip_s": 0.1, "clip_s": 1.0},
+    )
     run_job(opts)
     [row] = read_rows(tmp_path / "run" / "ingest.jsonl")
     [clip] = row["Clips"]
@@ -159,7 +186,9 @@ def test_a_clip_shorter_than_frames_per_clip_gives_each_frame_once_and_captions_
     assert row["Meta"] == "Video file short.mp4: 0.4 s, 320x240, 1 clips."
 
 
-def test_a_meta_object_is_kept_and_shown_to_the_captioner_as_json(vlm_server: OpenAITestServer, tmp_path: Path, media: Path) -> None:
+def test_a_meta_object_is_kept_and_shown_to_the_captioner_as_json(
+    vlm_server: OpenAITestServer, tmp_path: Path, media: Path
+) -> None:
     write_video(media / "ad.mp4", [1.0], fps=FPS, audio=False)
     meta = {"brand": "Trailco", "length": "1 s"}
     run_job(ingest_options(vlm_server, tmp_path, [{"video": "ad.mp4", "Meta": meta}], params={"clip_s": 1.0}))
@@ -176,7 +205,9 @@ def test_rows_with_clips_already_pass_through_unchanged(vlm_server: OpenAITestSe
     assert vlm_server.requests == []
 
 
-def test_bad_videos_go_to_errors_with_a_reason_and_every_row_is_accounted_for(vlm_server: OpenAITestServer, tmp_path: Path, media: Path) -> None:
+def test_bad_videos_go_to_errors_with_a_reason_and_every_row_is_accounted_for(
+    vlm_server: OpenAITestServer, tmp_path: Path, media: Path
+) -> None:
     write_video(media / "good.mp4", [1.0], audio=False)
     (media / "empty.mp4").write_bytes(b"")
     good = (media / "good.mp4").read_bytes()
@@ -206,9 +237,18 @@ def test_bad_videos_go_to_errors_with_a_reason_and_every_row_is_accounted_for(vl
     assert manifest.rows_in == 12 and manifest.rows_out == 0 and manifest.rows_failed == 12  # 320 wide is over max_side 300
     reasons = {e["row"]["id"]: e["reason"] for e in read_rows(tmp_path / "run" / "ingest.errors.jsonl")}
     assert reasons == {
-        "good": "bad_dimensions", "empty": "video_unreadable", "truncated": "video_unreadable", "noise": "video_unreadable",
-        "audio": "no_video_stream", "codec": "unsupported_codec", "tiny": "bad_dimensions", "wide": "bad_dimensions",
-        "missing": "video_not_found", "outside": "path_not_allowed", "both": "bad_field", "number": "bad_field",
+        "good": "bad_dimensions",
+        "empty": "video_unreadable",
+        "truncated": "video_unreadable",
+        "noise": "video_unreadable",
+        "audio": "no_video_stream",
+        "codec": "unsupported_codec",
+        "tiny": "bad_dimensions",
+        "wide": "bad_dimensions",
+        "missing": "video_not_found",
+        "outside": "path_not_allowed",
+        "both": "bad_field",
+        "number": "bad_field",
     }
     details = {e["row"]["id"]: e["detail"] for e in read_rows(tmp_path / "run" / "ingest.errors.jsonl")}
     assert details["tiny"] == "8x8: each side must be 16 to 300 pixels" and "0 bytes" in details["empty"]
@@ -228,7 +268,12 @@ def test_audio_text_comes_from_the_transcription_endpoint_when_one_is_configured
     vlm_server.transcription_model = "whisper-test"
     monkeypatch.setenv("VQA_TRANSCRIPTION_URL", vlm_server.base_url)
     monkeypatch.setenv("VQA_TRANSCRIPTION_MODEL", "whisper-test")
-    opts = ingest_options(vlm_server, tmp_path, [{"id": "talk", "video": "talk.mp4"}, {"id": "silent", "video": "silent.mp4"}], params={"caption": False})
+    opts = ingest_options(
+        vlm_server,
+        tmp_path,
+        [{"id": "talk", "video": "talk.mp4"}, {"id": "silent", "video": "silent.mp4"}],
+        params={"caption": False},
+    )
     run_job(opts)
     talk, silent = read_rows(tmp_path / "run" / "ingest.jsonl")
     # each clip's own sound, as 16 kHz WAV: 2 s and 3 s
@@ -238,7 +283,9 @@ def test_audio_text_comes_from_the_transcription_endpoint_when_one_is_configured
     assert talk["vqa_provenance"]["video_ingest"]["transcription_model"] == "whisper-test"
 
 
-def test_transcription_misconfigured_fails_the_run_not_the_rows(vlm_server: OpenAITestServer, tmp_path: Path, media: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_transcription_misconfigured_fails_the_run_not_the_rows(
+    vlm_server: OpenAITestServer, tmp_path: Path, media: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_video(media / "talk.mp4", [1.0], fps=FPS)
     rows = [{"video": "talk.mp4"}]
     with pytest.raises(ConfigError, match="no transcription endpoint is configured"):
@@ -246,7 +293,9 @@ def test_transcription_misconfigured_fails_the_run_not_the_rows(vlm_server: Open
     # a server whose model is not speech-to-text has no /audio/transcriptions: vLLM answers 404
     monkeypatch.setenv("VQA_TRANSCRIPTION_URL", vlm_server.base_url)
     monkeypatch.setenv("VQA_TRANSCRIPTION_MODEL", MODEL)
-    with pytest.raises(ConfigError, match=r"has no /audio/transcriptions for 'test-vlm' \(is it serving a speech-to-text model\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"has no /audio/transcriptions for 'test-vlm' \(is it serving a speech-to-text model\?\)"
+    ):
         run_job(ingest_options(vlm_server, tmp_path, rows, params={"caption": False}))
     # off: the endpoint is not asked
     run_job(ingest_options(vlm_server, tmp_path, rows, params={"caption": False, "transcribe": "off"}))
@@ -255,23 +304,55 @@ def test_transcription_misconfigured_fails_the_run_not_the_rows(vlm_server: Open
 
 def test_the_ingested_rows_run_through_the_three_video_stages(vlm_server: OpenAITestServer, tmp_path: Path, media: Path) -> None:
     write_video(media / "ad.mp4", [2.0, 2.0, 2.0], fps=FPS)
-    run_job(ingest_options(vlm_server, tmp_path, [{"id": "ad", "video": "ad.mp4", "Meta": "A shoe ad."}], params={"frames_per_clip": 2}))
+    run_job(
+        ingest_options(
+            vlm_server, tmp_path, [{"id": "ad", "video": "ad.mp4", "Meta": "A shoe ad."}], params={"frames_per_clip": 2}
+        )
+    )
     run = tmp_path / "run"
-    common = {"base_url": vlm_server.base_url, "model": MODEL, "media_root": str(media), "concurrency": 4, "seed": 1, "max_tokens": 4096}
+    common = {
+        "base_url": vlm_server.base_url,
+        "model": MODEL,
+        "media_root": str(media),
+        "concurrency": 4,
+        "seed": 1,
+        "max_tokens": 4096,
+    }
     # the frames lie in the run's folder, outside the media root: only the run's staging root lets a stage read them
-    confined = run_job(JobOptions(generator="video_qa_initial", input=str(run / "ingest.jsonl"), output=str(run / "confined.jsonl"), **common))
+    confined = run_job(
+        JobOptions(generator="video_qa_initial", input=str(run / "ingest.jsonl"), output=str(run / "confined.jsonl"), **common)
+    )
     assert confined.failures_by_reason == {"path_not_allowed": 1}
-    stages = [("video_qa_initial", "ingest", "initial", {}), ("video_qa_multiagent", "initial", "multiagent", {"max_iterations": 1}), ("video_qa_final", "multiagent", "final", {"final_pairs": 3})]
+    stages = [
+        ("video_qa_initial", "ingest", "initial", {}),
+        ("video_qa_multiagent", "initial", "multiagent", {"max_iterations": 1}),
+        ("video_qa_final", "multiagent", "final", {"final_pairs": 3}),
+    ]
     for generator, source, output, params in stages:
-        manifest = run_job(JobOptions(
-            generator=generator, input=str(run / f"{source}.jsonl"), output=str(run / f"{output}.jsonl"), staging_root=str(run), params=params, **common,
-        ))
+        manifest = run_job(
+            JobOptions(
+                generator=generator,
+                input=str(run / f"{source}.jsonl"),
+                output=str(run / f"{output}.jsonl"),
+                staging_root=str(run),
+                params=params,
+                **common,
+            )
+        )
         assert (manifest.rows_out, manifest.rows_failed) == (1, 0), manifest.failures_by_reason
     [row] = read_rows(run / "final.jsonl")
-    assert len(row["QA"]) == 3 and all({"Label", "Question", "Answer", "Clips"} == set(p) and all(0 <= c < len(row["Clips"]) for c in p["Clips"]) for p in row["QA"])
+    assert len(row["QA"]) == 3 and all(
+        {"Label", "Question", "Answer", "Clips"} == set(p) and all(0 <= c < len(row["Clips"]) for c in p["Clips"])
+        for p in row["QA"]
+    )
     # the initial request showed the ingested frames, and their captions
     initial = next(b for b in vlm_server.requests if b["response_format"]["json_schema"]["name"] == "VideoQASet")
-    shown = [p for m in initial["messages"] for p in (m["content"] if isinstance(m["content"], list) else []) if p["type"] == "image_url"]
+    shown = [
+        p
+        for m in initial["messages"]
+        for p in (m["content"] if isinstance(m["content"], list) else [])
+        if p["type"] == "image_url"
+    ]
     assert len(shown) == 6
     assert row["Clips"][0]["Description"] in json.dumps(initial)
 
@@ -284,10 +365,18 @@ def test_videos_and_frames_on_s3(vlm_server: OpenAITestServer, s3, bucket: str, 
     rows = [{"video": "ad.mp4"}, {"video": "gone.mp4"}, {"video": f"s3://{bucket}"}]
     source.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = f"s3://{bucket}/out/run-1/ingest/shard-00000.jsonl"
-    manifest = run_job(JobOptions(
-        generator="video_ingest", input=str(source), output=out, base_url=vlm_server.base_url, model=MODEL, media_root=f"s3://{bucket}/raw/",
-        allowed_media_roots=[f"s3://{bucket}"], params={"frames_per_clip": 2, "caption": False},
-    ))
+    manifest = run_job(
+        JobOptions(
+            generator="video_ingest",
+            input=str(source),
+            output=out,
+            base_url=vlm_server.base_url,
+            model=MODEL,
+            media_root=f"s3://{bucket}/raw/",
+            allowed_media_roots=[f"s3://{bucket}"],
+            params={"frames_per_clip": 2, "caption": False},
+        )
+    )
     assert (manifest.rows_out, manifest.failures_by_reason) == (1, {"bad_field": 1, "video_not_found": 1})
     row = json.loads(s3.get_object(Bucket=bucket, Key="out/run-1/ingest/shard-00000.jsonl")["Body"].read())
     frames = [uri for clip in row["Clips"] for uri in clip["Frames_Images"]]

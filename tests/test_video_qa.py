@@ -65,7 +65,10 @@ def user_parts(body: dict) -> list[dict]:
 
 
 def texts(body: dict) -> str:
-    return "\n".join(m["content"] if isinstance(m["content"], str) else "\n".join(p.get("text", "") for p in m["content"]) for m in body["messages"])
+    return "\n".join(
+        m["content"] if isinstance(m["content"], str) else "\n".join(p.get("text", "") for p in m["content"])
+        for m in body["messages"]
+    )
 
 
 def qa(*questions: str) -> str:
@@ -87,7 +90,13 @@ def scripted(**by_schema: Callable[[dict, int], str]) -> Callable[[dict], Reply 
 
 
 def recruit(role: str) -> str:
-    return json.dumps({"action": "recruit", "reason": "gap", "expert": {"role": role, "description": f"knows {role}", "subtask": f"ask about {role}"}})
+    return json.dumps(
+        {
+            "action": "recruit",
+            "reason": "gap",
+            "expert": {"role": role, "description": f"knows {role}", "subtask": f"ask about {role}"},
+        }
+    )
 
 
 TERMINATE = json.dumps({"action": "terminate", "reason": "the set is complete"})
@@ -132,7 +141,10 @@ def test_initial_prompt_interleaves_clips_and_frames_within_the_budget(vlm_serve
 def test_initial_output_fields_and_deduplication(vlm_server: OpenAITestServer, frames: Path) -> None:
     vlm_server.enqueue(Reply(content=qa("What is sold?", "what  is SOLD", "Who runs?")))
     fields, meta = asyncio.run(make(VideoQAInitialGenerator, vlm_server, frames).generate(video_row()))
-    assert fields["QA"] == [{"Question": "What is sold?", "Answer": "answer to What is sold?"}, {"Question": "Who runs?", "Answer": "answer to Who runs?"}]
+    assert fields["QA"] == [
+        {"Question": "What is sold?", "Answer": "answer to What is sold?"},
+        {"Question": "Who runs?", "Answer": "answer to Who runs?"},
+    ]
     assert fields["video_qa_state"] == {"experts": [], "iterations": 0, "terminated": False, "stop_reason": None}
     assert meta["duplicates_dropped"] == 1
 
@@ -176,7 +188,9 @@ def between(text: str, start: str, end: str | None) -> str:
     return tail.split(end, 1)[0] if end else tail
 
 
-def test_each_iteration_recruits_answers_and_revises_with_arguments_in_their_slots(vlm_server: OpenAITestServer, frames: Path) -> None:
+def test_each_iteration_recruits_answers_and_revises_with_arguments_in_their_slots(
+    vlm_server: OpenAITestServer, frames: Path
+) -> None:
     roles = ["Brand strategist", "Cinematographer", "Sports coach"]
     vlm_server.responder = scripted(
         MasterDecision=lambda body, n: recruit(roles[n - 1]),
@@ -221,7 +235,9 @@ def test_the_carried_set_stays_bounded(vlm_server: OpenAITestServer, frames: Pat
     gen = make(VideoQAMultiAgentGenerator, vlm_server, frames, max_iterations=6, max_pairs=5)
     fields, _ = asyncio.run(gen.generate(initial_row(*[f"init q{i}" for i in range(5)])))
     assert len(fields["QA"]) == 5
-    revise_schemas = [b["response_format"]["json_schema"]["schema"] for b in vlm_server.requests if schema_name(b) == "RevisedQASet"]
+    revise_schemas = [
+        b["response_format"]["json_schema"]["schema"] for b in vlm_server.requests if schema_name(b) == "RevisedQASet"
+    ]
     assert all(s["properties"]["qa_pairs"]["maxItems"] == 5 for s in revise_schemas)
     sizes = [len(texts(b)) for b in vlm_server.requests if schema_name(b) == "RevisedQASet"]
     assert max(sizes) - min(sizes) < 100  # prompt size does not grow with the iterations
@@ -234,7 +250,9 @@ def test_a_revision_over_the_bound_is_repaired(vlm_server: OpenAITestServer, fra
         ExpertQASet=lambda body, n: qa("new"),
         RevisedQASet=lambda body, n: too_many if n == 1 else qa("q0", "q1", "q2"),
     )
-    fields, _ = asyncio.run(make(VideoQAMultiAgentGenerator, vlm_server, frames, max_iterations=1, max_pairs=3).generate(initial_row("a")))
+    fields, _ = asyncio.run(
+        make(VideoQAMultiAgentGenerator, vlm_server, frames, max_iterations=1, max_pairs=3).generate(initial_row("a"))
+    )
     assert [p["Question"] for p in fields["QA"]] == ["q0", "q1", "q2"]
     assert "at most 3" in vlm_server.requests[-1]["messages"][-1]["content"]
 
@@ -263,7 +281,11 @@ def test_a_repeated_expert_is_repaired_then_stops_the_row_without_losing_it(vlm_
     assert names == ["MasterDecision", "ExpertQASet", "RevisedQASet", "MasterDecision", "MasterDecision"]
     assert "was already recruited" in vlm_server.requests[4]["messages"][-1]["content"]
     state = fields["video_qa_state"]
-    assert state["stop_reason"] == "duplicate_expert" and state["terminated"] and [e["role"] for e in state["experts"]] == ["Brand strategist"]
+    assert (
+        state["stop_reason"] == "duplicate_expert"
+        and state["terminated"]
+        and [e["role"] for e in state["experts"]] == ["Brand strategist"]
+    )
     assert [p["Question"] for p in fields["QA"]] == ["kept"]
 
 
@@ -291,24 +313,52 @@ def test_multiagent_needs_an_initial_set(vlm_server: OpenAITestServer, frames: P
 
 def final_answer(*items: tuple[list[str], str] | tuple[list[str], str, list[int]]) -> str:
     """The final stage's answer; each pair names the clips it is about (its third element, numbers from 1; default clip 1)."""
-    return json.dumps({"qa": [{"labels": p[0], "question": p[1], "answer": f"answer to {p[1]}", "clips": p[2] if len(p) > 2 else [1]} for p in items]})
+    return json.dumps(
+        {
+            "qa": [
+                {"labels": p[0], "question": p[1], "answer": f"answer to {p[1]}", "clips": p[2] if len(p) > 2 else [1]}
+                for p in items
+            ]
+        }
+    )
 
 
 def test_final_labels_and_the_seed_output_format(vlm_server: OpenAITestServer, frames: Path) -> None:
     vlm_server.enqueue(
-        Reply(content=final_answer((["visual_understanding"], "What is shown?", [2, 1, 2]), (["theme_and_brand", "persuasion_strategy"], "How does it sell?", [2])))
+        Reply(
+            content=final_answer(
+                (["visual_understanding"], "What is shown?", [2, 1, 2]),
+                (["theme_and_brand", "persuasion_strategy"], "How does it sell?", [2]),
+            )
+        )
     )
     gen = make(VideoQAFinalGenerator, vlm_server, frames, final_pairs=2)
-    row = {**initial_row("a", "b"), "video_qa_state": {"experts": [{"role": "R", "description": "d", "subtask": "s", "iteration": 1}], "iterations": 1, "terminated": True, "stop_reason": "master_terminated"}}
+    row = {
+        **initial_row("a", "b"),
+        "video_qa_state": {
+            "experts": [{"role": "R", "description": "d", "subtask": "s", "iteration": 1}],
+            "iterations": 1,
+            "terminated": True,
+            "stop_reason": "master_terminated",
+        },
+    }
     fields, meta = asyncio.run(gen.generate(row))
     # each pair names the clips it is about, as indices into the row's clips (a clip named twice counts once)
     assert fields["QA"] == [
         {"Label": "visual_understanding", "Question": "What is shown?", "Answer": "answer to What is shown?", "Clips": [0, 1]},
-        {"Label": "theme_and_brand, persuasion_strategy", "Question": "How does it sell?", "Answer": "answer to How does it sell?", "Clips": [1]},
+        {
+            "Label": "theme_and_brand, persuasion_strategy",
+            "Question": "How does it sell?",
+            "Answer": "answer to How does it sell?",
+            "Clips": [1],
+        },
     ]
     # the declaration reads the labels as the stage writes them
     items = gen.output_fields(gen.options).pairs(fields)
-    assert [(item.labels, item.clips) for item in items] == [(["visual_understanding"], [0, 1]), (["theme_and_brand", "persuasion_strategy"], [1])]
+    assert [(item.labels, item.clips) for item in items] == [
+        (["visual_understanding"], [0, 1]),
+        (["theme_and_brand", "persuasion_strategy"], [1]),
+    ]
     out = gen.finish_row(row, fields)
     assert set(out) == {"id", "Meta", "Clips", "QA"}  # the carried state leaves the row ...
     assert meta["state"]["experts"][0]["role"] == "R"  # ... and is kept in provenance
@@ -320,7 +370,12 @@ def test_final_labels_and_the_seed_output_format(vlm_server: OpenAITestServer, f
     assert label_items["maxItems"] == 2 and set(label_items["items"]["enum"]) == set(LABELS)
     # the clip numbers guided decoding may write are the row's: 1 to 3
     clip_items = schema["$defs"]["LabelledPair"]["properties"]["clips"]
-    assert (clip_items["items"]["minimum"], clip_items["items"]["maximum"], clip_items["minItems"], clip_items["maxItems"]) == (1, 3, 1, 3)
+    assert (clip_items["items"]["minimum"], clip_items["items"]["maximum"], clip_items["minItems"], clip_items["maxItems"]) == (
+        1,
+        3,
+        1,
+        3,
+    )
     prompt = texts(body)
     for label, description in LABELS.items():
         assert f"- {label}: {description}" in prompt
@@ -331,7 +386,9 @@ def test_final_labels_and_the_seed_output_format(vlm_server: OpenAITestServer, f
     "bad",
     [
         final_answer((["humour"], "Q1"), (["visual_understanding"], "Q2")),
-        final_answer((["visual_understanding", "emotion_recognition", "theme_and_brand"], "Q1"), (["visual_understanding"], "Q2")),
+        final_answer(
+            (["visual_understanding", "emotion_recognition", "theme_and_brand"], "Q1"), (["visual_understanding"], "Q2")
+        ),
         final_answer(([], "Q1"), (["visual_understanding"], "Q2")),
         final_answer((["visual_understanding"], "Q1")),
         final_answer((["visual_understanding"], "Q1", [4]), (["visual_understanding"], "Q2")),
@@ -349,7 +406,9 @@ def test_bad_labels_are_repaired_then_row_errors(vlm_server: OpenAITestServer, f
 
 def test_a_label_given_twice_is_one_label(vlm_server: OpenAITestServer, frames: Path) -> None:
     # the schema cannot say "distinct" in terms vLLM accepts (it refuses uniqueItems); the intent is plain
-    vlm_server.enqueue(Reply(content=final_answer((["theme_and_brand", "theme_and_brand"], "Q1"), (["visual_understanding"], "Q2"))))
+    vlm_server.enqueue(
+        Reply(content=final_answer((["theme_and_brand", "theme_and_brand"], "Q1"), (["visual_understanding"], "Q2")))
+    )
     fields, _ = asyncio.run(make(VideoQAFinalGenerator, vlm_server, frames, final_pairs=2).generate(initial_row("a")))
     assert [p["Label"] for p in fields["QA"]] == ["theme_and_brand", "visual_understanding"] and len(vlm_server.requests) == 1
 
@@ -367,14 +426,19 @@ def test_a_recruit_without_an_expert_cannot_be_written(vlm_server: OpenAITestSer
 
 
 def test_deduplication_ignores_case_punctuation_and_spacing() -> None:
-    pairs = [{"Question": q, "Answer": a} for q, a in [("What is sold?", "1"), ("what is  SOLD", "2"), ("Who runs?", "3"), ("What's sold?", "4")]]
+    pairs = [
+        {"Question": q, "Answer": a}
+        for q, a in [("What is sold?", "1"), ("what is  SOLD", "2"), ("Who runs?", "3"), ("What's sold?", "4")]
+    ]
     assert [p["Answer"] for p in dedupe(pairs)] == ["1", "3", "4"]
 
 
 # --- concurrency -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [VideoQAInitialGenerator, VideoQAMultiAgentGenerator, VideoQAFinalGenerator], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "cls", [VideoQAInitialGenerator, VideoQAMultiAgentGenerator, VideoQAFinalGenerator], ids=lambda c: c.name
+)
 def test_rows_of_every_stage_are_in_flight_together(vlm_server: OpenAITestServer, frames: Path, cls: type) -> None:
     vlm_server.latency = 0.1
     gen = make(cls, vlm_server, frames, max_frames=2, **({"max_iterations": 1} if cls is VideoQAMultiAgentGenerator else {}))

@@ -35,9 +35,21 @@ from vqa_operators.serving.vllm_server import CPU_ENV, VLLM_SERVER_MODULE
 def test_worker_serves_the_model_itself(tmp_path: Path, images: list[Path]) -> None:
     (tmp_path / "in.jsonl").write_text(json.dumps({"image": images[0].name}) + "\n")
     proc = run_worker(
-        "image_qa", "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
-        "--media-root", str(tmp_path), "--model", "served-here", "--serve-vllm",
-        env={"VQA_VLLM_COMMAND": f"{sys.executable} {ROOT / 'testkit/openai_server.py'}", "VQA_VLLM_PORT": str(free_port()), "VQA_BASE_URL": ""},
+        "image_qa",
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--output",
+        str(tmp_path / "out.jsonl"),
+        "--media-root",
+        str(tmp_path),
+        "--model",
+        "served-here",
+        "--serve-vllm",
+        env={
+            "VQA_VLLM_COMMAND": f"{sys.executable} {ROOT / 'testkit/openai_server.py'}",
+            "VQA_VLLM_PORT": str(free_port()),
+            "VQA_BASE_URL": "",
+        },
     )
     assert proc.returncode == 0, proc.stderr
     assert "starting model server" in proc.stderr
@@ -143,7 +155,9 @@ def test_seed_002_with_vllm_in_the_process(tiny_idefics3: Path, tmp_path: Path) 
     script = tmp_path / "engine_example.py"
     script.write_text(ENGINE_SCRIPT.format(plugins=str(ROOT / "plugins"), root=str(ROOT), model=str(tiny_idefics3)))
     env = {**os.environ, **CPU_ENV, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    proc = subprocess.run([str(VLLM_PYTHON), str(script)], capture_output=True, text=True, env=env, timeout=600, check=False, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), str(script)], capture_output=True, text=True, env=env, timeout=600, check=False, cwd=tmp_path
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     out, errors = read_results(tmp_path, "imageqa")
     assert len(out) == 3 and all(set(r) == {"image", "qa_pairs"} and len(r["qa_pairs"]) == 3 for r in out)
@@ -171,14 +185,27 @@ def test_a_run_scoped_vllm_serves_every_task_of_a_dag_run_and_loads_the_model_on
     del env["AIRFLOW_CONN_VQA_VLM"]  # no model service: the run serves its own
     env.update(
         {
-            **CPU_ENV, "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VQA_MODEL_SERVER": "run", "VQA_MODEL": str(tiny_idefics3),
-            "VQA_VLLM_COMMAND": f"{VLLM_PYTHON} -m {VLLM_SERVER_MODULE}", "VQA_VLLM_ARGS": shlex.join(server_args(None)), "VQA_MAX_NUM_SEQS": "8",
+            **CPU_ENV,
+            "HF_HUB_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "VQA_MODEL_SERVER": "run",
+            "VQA_MODEL": str(tiny_idefics3),
+            "VQA_VLLM_COMMAND": f"{VLLM_PYTHON} -m {VLLM_SERVER_MODULE}",
+            "VQA_VLLM_ARGS": shlex.join(server_args(None)),
+            "VQA_MAX_NUM_SEQS": "8",
         }
     )
     assert airflow("db", "migrate", env=env).returncode == 0
     conf = {
-        "input_uri": f"s3://{bucket}/input/videos.jsonl", "output_prefix": f"s3://{bucket}/output", "media_root": f"s3://{bucket}/media/",
-        "seed": 3, "rows_per_shard": 2, "max_frames": 8, "max_iterations": 1, "final_pairs": 3, "frames_per_clip": 2,
+        "input_uri": f"s3://{bucket}/input/videos.jsonl",
+        "output_prefix": f"s3://{bucket}/output",
+        "media_root": f"s3://{bucket}/media/",
+        "seed": 3,
+        "rows_per_shard": 2,
+        "max_frames": 8,
+        "max_iterations": 1,
+        "final_pairs": 3,
+        "frames_per_clip": 2,
     }
     proc = airflow("dags", "test", "video_qa", "-c", json.dumps(conf), env=env, timeout=900)
     log = proc.stdout + proc.stderr
@@ -186,8 +213,14 @@ def test_a_run_scoped_vllm_serves_every_task_of_a_dag_run_and_loads_the_model_on
     assert log.count("starting the run's model server") == 1
     with sqlite3.connect(home / "airflow.db") as db:
         states = db.execute("SELECT task_id, map_index, state FROM task_instance WHERE dag_id='video_qa'").fetchall()
-        server = json.loads(db.execute("SELECT value FROM xcom WHERE task_id='model_server' AND key='return_value'").fetchone()[0])
-    workers = [(task, index) for task, index, state in states if task in ("ingest", "initial", "multiagent", "final", "quality") and state == "success"]
+        server = json.loads(
+            db.execute("SELECT value FROM xcom WHERE task_id='model_server' AND key='return_value'").fetchone()[0]
+        )
+    workers = [
+        (task, index)
+        for task, index, state in states
+        if task in ("ingest", "initial", "multiagent", "final", "quality") and state == "success"
+    ]
     assert len(workers) == 10 and ("stop_model_server", -1, "success") in states, states
     # one server process loaded the model once, and answered every stage; the teardown stopped it
     server_log = Path(server["log"]).read_text()

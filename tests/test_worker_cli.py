@@ -42,14 +42,31 @@ def test_end_to_end_on_s3(vlm_server: OpenAITestServer, s3, bucket: str, s3_inpu
     vlm_server.responder = row1_never_parses
     output = f"s3://{bucket}/out/image_qa.jsonl"
     proc = run_worker(
-        "image_qa", "--input", s3_input, "--output", output, "--media-root", f"s3://{bucket}/",
-        "--concurrency", "1", "--seed", "42", "--param", "pairs_per_row=2",
+        "image_qa",
+        "--input",
+        s3_input,
+        "--output",
+        output,
+        "--media-root",
+        f"s3://{bucket}/",
+        "--concurrency",
+        "1",
+        "--seed",
+        "42",
+        "--param",
+        "pairs_per_row=2",
         env={"VQA_BASE_URL": vlm_server.base_url, "VQA_MODEL": MODEL, "VQA_API_KEY": "sk-test-secret-123"},
     )
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads(proc.stdout.strip().splitlines()[-1])
     assert manifest["rows_in"] == 7 and manifest["rows_out"] == 2 and manifest["rows_failed"] == 5
-    assert manifest["failures_by_reason"] == {"bad_image": 1, "image_not_found": 1, "malformed_json": 1, "missing_field": 1, "invalid_json": 1}
+    assert manifest["failures_by_reason"] == {
+        "bad_image": 1,
+        "image_not_found": 1,
+        "malformed_json": 1,
+        "missing_field": 1,
+        "invalid_json": 1,
+    }
     assert manifest["errors"] == f"s3://{bucket}/out/image_qa.errors.jsonl"
     out = read_jsonl(s3, output)
     errors = read_jsonl(s3, manifest["errors"])
@@ -94,7 +111,9 @@ def test_rerun_is_idempotent(vlm_server: OpenAITestServer, s3, bucket: str, s3_i
     ],
     ids=["missing-input", "bad-config", "server-down", "unknown-model"],
 )
-def test_job_level_failures_exit_non_zero_with_one_line(vlm_server: OpenAITestServer, s3, bucket: str, s3_input: str, args, code, message) -> None:
+def test_job_level_failures_exit_non_zero_with_one_line(
+    vlm_server: OpenAITestServer, s3, bucket: str, s3_input: str, args, code, message
+) -> None:
     base = {"--input": s3_input, "--output": f"s3://{bucket}/out/x.jsonl", "--base-url": vlm_server.base_url, "--model": MODEL}
     extra = [a.format(bucket=bucket) for a in args]
     for flag in extra[::2]:
@@ -113,7 +132,13 @@ def test_video_qa_stages_chain_through_s3(vlm_server: OpenAITestServer, s3, buck
         s3.put_object(Bucket=bucket, Key=f"video/f{i}.jpg", Body=make_jpeg((320, 180)))
     clip = {"Audio_Text": "hello", "Description": "a runner", "Frames_Images": ["video/f0.jpg", "video/f1.jpg", "video/f2.jpg"]}
     lines = [
-        json.dumps({"id": "a", "Meta": "ad one", "Clips": [clip, {**clip, "Frames_Images": ["video/f3.jpg", "video/f4.jpg", "video/f5.jpg"]}]}),
+        json.dumps(
+            {
+                "id": "a",
+                "Meta": "ad one",
+                "Clips": [clip, {**clip, "Frames_Images": ["video/f3.jpg", "video/f4.jpg", "video/f5.jpg"]}],
+            }
+        ),
         json.dumps({"id": "b", "Meta": "ad two", "Clips": [clip]}),
         json.dumps({"id": "c", "Meta": "no clips"}),
         "[1, 2]",
@@ -140,7 +165,10 @@ def test_video_qa_stages_chain_through_s3(vlm_server: OpenAITestServer, s3, buck
     assert [r["id"] for r in final] == ["a", "b"]
     for row in final:
         assert set(row) == {"id", "Meta", "Clips", "QA", "vqa_provenance"}
-        assert len(row["QA"]) == 5 and all(set(p) == {"Label", "Question", "Answer", "Clips"} and all(0 <= c < len(row["Clips"]) for c in p["Clips"]) for p in row["QA"])
+        assert len(row["QA"]) == 5 and all(
+            set(p) == {"Label", "Question", "Answer", "Clips"} and all(0 <= c < len(row["Clips"]) for c in p["Clips"])
+            for p in row["QA"]
+        )
         # each stage's provenance is kept; the final one holds the experts the state carried
         prov = row["vqa_provenance"]
         assert set(prov) == {"video_qa_initial", "video_qa_multiagent", "video_qa_final"}
@@ -153,7 +181,15 @@ def test_video_qa_stages_chain_through_s3(vlm_server: OpenAITestServer, s3, buck
 def test_pers_qa_command(vlm_server: OpenAITestServer, s3, bucket: str, s3_input: str) -> None:
     output = f"s3://{bucket}/out/pers.jsonl"
     proc = run_worker(
-        "pers_qa", "--input", s3_input, "--output", output, "--media-root", f"s3://{bucket}/", "--param", "tag=<hero>",
+        "pers_qa",
+        "--input",
+        s3_input,
+        "--output",
+        output,
+        "--media-root",
+        f"s3://{bucket}/",
+        "--param",
+        "tag=<hero>",
         env={"VQA_BASE_URL": vlm_server.base_url, "VQA_MODEL": MODEL},
     )
     assert proc.returncode == 0, proc.stderr

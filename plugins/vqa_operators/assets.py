@@ -50,7 +50,10 @@ def dataset_asset(dag_id: str) -> Asset:
 def event_extra(manifest: RunManifest) -> dict[str, Any]:
     """The asset event's ``extra``: the merged manifest's counts and the dataset's URIs, and each stage's model, prompts and errors file."""
     found = manifest.dump()
-    return {**{key: found[key] for key in EVENT_KEYS}, "stages": {name: {key: stage[key] for key in STAGE_KEYS} for name, stage in found["stages"].items()}}
+    return {
+        **{key: found[key] for key in EVENT_KEYS},
+        "stages": {name: {key: stage[key] for key in STAGE_KEYS} for name, stage in found["stages"].items()},
+    }
 
 
 def published(triggering_asset_events: Any) -> list[dict[str, Any]]:
@@ -58,5 +61,13 @@ def published(triggering_asset_events: Any) -> list[dict[str, Any]]:
     found = []
     for asset, events in triggering_asset_events.items():
         for event in events:
-            found.append({"asset": getattr(asset, "name", str(asset)), "source_dag_id": event.source_dag_id, "source_run_id": event.source_run_id, "partition_key": getattr(event, "partition_key", None), **event.extra})
+            found.append(
+                {
+                    "asset": getattr(asset, "name", str(asset)),
+                    "source_dag_id": event.source_dag_id,
+                    "source_run_id": event.source_run_id,
+                    "partition_key": getattr(event, "partition_key", None),
+                    **event.extra,
+                }
+            )
     return sorted(found, key=lambda item: (item["source_dag_id"] or "", item["source_run_id"] or ""))

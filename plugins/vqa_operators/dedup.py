@@ -185,7 +185,9 @@ class NearDuplicates:
         self._db = sqlite3.connect(self._root / "texts.sqlite", isolation_level=None)
         for pragma in ("journal_mode=OFF", "synchronous=OFF", "temp_store=FILE", f"cache_size=-{CACHE_KIB}"):
             self._db.execute(f"PRAGMA {pragma}")
-        self._db.execute("CREATE TABLE text (id INTEGER PRIMARY KEY, norm TEXT NOT NULL, first TEXT NOT NULL, sketch BLOB NOT NULL)")
+        self._db.execute(
+            "CREATE TABLE text (id INTEGER PRIMARY KEY, norm TEXT NOT NULL, first TEXT NOT NULL, sketch BLOB NOT NULL)"
+        )
         self._db.execute("BEGIN")
         self._buckets: dict[int, BinaryIO] = {}
         self._matched = False
@@ -240,7 +242,10 @@ class NearDuplicates:
         ids = np.repeat(np.arange(self.added, self.added + len(batch), dtype=np.uint32), self.bands)
         self._db.executemany(
             "INSERT INTO text VALUES (?, ?, ?, ?)",
-            ((self.added + n, norm, json.dumps(first), sketch.tobytes()) for n, (norm, (_, first), sketch) in enumerate(zip(norms, batch, sketches, strict=True))),
+            (
+                (self.added + n, norm, json.dumps(first), sketch.tobytes())
+                for n, (norm, (_, first), sketch) in enumerate(zip(norms, batch, sketches, strict=True))
+            ),
         )
         self.added += len(batch)
         _append_by_bucket(keys, ids, 64 - BUCKET_BITS, BUCKET_BITS, self._root / "keys", self._buckets)
@@ -267,10 +272,13 @@ class NearDuplicates:
             handle.close()
         kept = np.zeros(self.added, dtype=bool)
         for start in range(0, self.added, block):
-            yield from self._resolve_bounded(start, min(start + block, self.added), self._root / "pairs" / f"{start // block}", kept, np)
+            yield from self._resolve_bounded(
+                start, min(start + block, self.added), self._root / "pairs" / f"{start // block}", kept, np
+            )
 
     def _resolve_bounded(self, start: int, end: int, path: Path, kept: Any, np: Any) -> Iterator[Match | None]:
-        """``_resolve`` the texts ``start..end-1``, first split by text range while their pairs are more than ``MAX_PAIRS``; the files are deleted as they are read."""
+        """``_resolve`` the texts ``start..end-1``, first split by text range while their pairs are more than ``MAX_PAIRS``;
+        the files are deleted as they are read."""
         size = path.stat().st_size // 8 if path.exists() else 0
         if size <= MAX_PAIRS or end - start < 2:
             yield from self._resolve(start, end, path, kept, np)
@@ -305,7 +313,9 @@ class NearDuplicates:
             close = np.empty(len(later), dtype=bool)
             for low in range(0, len(later), ESTIMATE_SLICE):
                 high = low + ESTIMATE_SLICE
-                agree = (sketches[np.searchsorted(ids, later[low:high])] == sketches[np.searchsorted(ids, earlier[low:high])]).mean(axis=1)
+                agree = (
+                    sketches[np.searchsorted(ids, later[low:high])] == sketches[np.searchsorted(ids, earlier[low:high])]
+                ).mean(axis=1)
                 close[low:high] = (agree - 1 / 256) / (1 - 1 / 256) >= self.threshold - SKETCH_MARGIN
             later, earlier, hits = later[close], earlier[close], hits[close]
             del sketches
@@ -349,12 +359,16 @@ class NearDuplicates:
 
     def _sketches(self, ids: Any, np: Any) -> Any:
         """The sketches of ``ids`` (sorted), ``(ids, bands * rows)`` uint8."""
-        rows = self._db.execute("SELECT sketch FROM text WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id", (json.dumps(ids.tolist()),))
+        rows = self._db.execute(
+            "SELECT sketch FROM text WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id", (json.dumps(ids.tolist()),)
+        )
         return np.frombuffer(b"".join(row for (row,) in rows), dtype=np.uint8).reshape(len(ids), self.bands * self.rows)
 
     def _texts(self, ids: Any) -> dict[int, tuple[str, str]]:
         """Normalised text and caller's id (JSON) of each of ``ids``."""
-        rows = self._db.execute("SELECT id, norm, first FROM text WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids.tolist()),))
+        rows = self._db.execute(
+            "SELECT id, norm, first FROM text WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(ids.tolist()),)
+        )
         return {text: (norm, first) for text, norm, first in rows}
 
 

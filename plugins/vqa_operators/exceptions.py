@@ -22,7 +22,9 @@ class Reason(StrEnum):
     BAD_IMAGE = "bad_image"  # an image cannot be decoded safely
     PATH_NOT_ALLOWED = "path_not_allowed"  # an image or video lies outside the allowed media roots
     VIDEO_NOT_FOUND = "video_not_found"  # video_ingest: the video file does not exist
-    VIDEO_UNREADABLE = "video_unreadable"  # video_ingest: the file cannot be read or decoded (corrupt, truncated, empty, S3 AccessDenied)
+    VIDEO_UNREADABLE = (
+        "video_unreadable"  # video_ingest: the file cannot be read or decoded (corrupt, truncated, empty, S3 AccessDenied)
+    )
     NO_VIDEO_STREAM = "no_video_stream"  # video_ingest: the file holds no video stream (audio only)
     UNSUPPORTED_CODEC = "unsupported_codec"  # video_ingest: FFmpeg has no decoder for the video's codec
     BAD_DIMENSIONS = "bad_dimensions"  # video_ingest: a side of the picture is below min or above max pixels
@@ -33,14 +35,18 @@ class Reason(StrEnum):
     INVALID_JSON = "invalid_json"  # the answer is not JSON, after one repair
     SCHEMA_MISMATCH = "schema_mismatch"  # the answer breaks the schema, after one repair
     ANSWER_MISSING_TAG = "answer_missing_tag"  # pers_qa: the answer does not start with the tag, after one repair
-    DUPLICATE_EXPERT = "duplicate_expert"  # video_qa_multiagent: the master named a recruited role again; the rounds stop and the row is kept
+    DUPLICATE_EXPERT = (
+        "duplicate_expert"  # video_qa_multiagent: the master named a recruited role again; the rounds stop and the row is kept
+    )
 
 
 class Rejection(StrEnum):
     """Every reason a quality decision drops a pair with (the rejected file's ``reason``; README lists them all; a test checks)."""
 
     ANSWERABLE_BLIND = "answerable_blind"  # quality: the model answered the question correctly without the images
-    NOT_GROUNDED = "not_grounded"  # quality: the model judged the pair not grounded in the images, or scored it below min_judge_score
+    NOT_GROUNDED = (
+        "not_grounded"  # quality: the model judged the pair not grounded in the images, or scored it below min_judge_score
+    )
     NEAR_DUPLICATE = "near_duplicate"  # merge: the question is a near-duplicate of an earlier one in the run (the first is kept)
 
 

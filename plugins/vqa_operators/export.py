@@ -68,7 +68,9 @@ class ExportSettings(BaseModel):
     """What ``merge`` exports (the DAG params ``export_formats``, ``copy_media`` and ``embed_images``)."""
 
     export_formats: list[Format] = Field(
-        default_factory=lambda: list(DEFAULT_FORMATS), title="Export formats", json_schema_extra={"uniqueItems": True},
+        default_factory=lambda: list(DEFAULT_FORMATS),
+        title="Export formats",
+        json_schema_extra={"uniqueItems": True},
         description=(
             "Written in the run's folder, with a dataset card (README.md): hf (a Hub-ready folder: Parquet shards with the images and "
             "TRL's messages; datasets.load_dataset(folder)), sharegpt (LLaMA-Factory, registered in dataset_info.json), llava (LLaVA's "
@@ -76,11 +78,16 @@ class ExportSettings(BaseModel):
         ),
     )
     copy_media: bool = Field(
-        True, title="Copy media into the dataset",
-        description="sharegpt and llava point at copies in the run's folder (media/<sha256>.<ext>), so the folder is a self-contained dataset; off: at the media's own URIs.",
+        True,
+        title="Copy media into the dataset",
+        description=(
+            "sharegpt and llava point at copies in the run's folder (media/<sha256>.<ext>), so the folder is a "
+            "self-contained dataset; off: at the media's own URIs."
+        ),
     )
     embed_images: bool = Field(
-        False, title="Embed images in the flat Parquet",
+        False,
+        title="Embed images in the flat Parquet",
         description="The parquet format only: each image's bytes too (datasets' Image feature), not only its URI. hf always embeds them.",
     )
 
@@ -127,15 +134,23 @@ def examples(storage: Storage, manifest: RunManifest, reader: MediaReader, datas
             raise ExportError(f"{manifest.output} line {n}: {err.detail}") from None
         pairs = [
             ExportPair(
-                question=clean(p.question), answer=clean(p.answer), labels=p.labels, clips=p.clips,
-                start=p.span[0] if p.span else None, end=p.span[1] if p.span else None,
+                question=clean(p.question),
+                answer=clean(p.answer),
+                labels=p.labels,
+                clips=p.clips,
+                start=p.span[0] if p.span else None,
+                end=p.span[1] if p.span else None,
             )
             for p in shown.qa
         ]
         meta = row.get(fields.meta) if fields.meta else None
         yield Example(
-            id=str(row["id"]) if "id" in row else f"line-{n}", kind=shown.kind, media=media, pairs=pairs,
-            meta=meta if isinstance(meta, str) else None, dataset=dataset,
+            id=str(row["id"]) if "id" in row else f"line-{n}",
+            kind=shown.kind,
+            media=media,
+            pairs=pairs,
+            meta=meta if isinstance(meta, str) else None,
+            dataset=dataset,
         )
 
 
@@ -202,7 +217,10 @@ def sharegpt_item(example: Example, paths: list[str], *, as_video: bool) -> dict
     placeholders = VIDEO_TOKEN if video else IMAGE_TOKEN * len(paths)
     messages = []
     for k, pair in enumerate(example.pairs):
-        messages += [{"role": "user", "content": (placeholders if k == 0 else "") + pair.question}, {"role": "assistant", "content": pair.answer}]
+        messages += [
+            {"role": "user", "content": (placeholders if k == 0 else "") + pair.question},
+            {"role": "assistant", "content": pair.answer},
+        ]
     media: dict[str, Any] = {"videos": [paths]} if video else {"images": paths}
     return {"id": example.id, "messages": messages, **media, "qa": [asdict(p) for p in example.pairs]}
 
@@ -219,7 +237,9 @@ def messages(example: Example, images: int) -> list[dict[str, Any]]:
 def check_placeholders(example_id: str, form: str, counted: int, media: int) -> None:
     """A sample whose placeholders do not match its media is never written (the mismatch trainers refuse)."""
     if counted != media:
-        raise ExportError(f"row {example_id}: {counted} media placeholders in its {form} sample for {media} media files; nothing is exported")
+        raise ExportError(
+            f"row {example_id}: {counted} media placeholders in its {form} sample for {media} media files; nothing is exported"
+        )
 
 
 def placeholders_of(item: dict[str, Any], form: str) -> tuple[int, int]:
@@ -239,18 +259,30 @@ def placeholders_of(item: dict[str, Any], form: str) -> tuple[int, int]:
 _TEXT = {"dtype": "string", "_type": "Value"}
 _FLOAT = {"dtype": "float64", "_type": "Value"}
 _QA_FEATURES = {
-    "question": _TEXT, "answer": _TEXT, "labels": {"feature": _TEXT, "_type": "List"},
-    "clips": {"feature": {"dtype": "int64", "_type": "Value"}, "_type": "List"}, "start": _FLOAT, "end": _FLOAT,
+    "question": _TEXT,
+    "answer": _TEXT,
+    "labels": {"feature": _TEXT, "_type": "List"},
+    "clips": {"feature": {"dtype": "int64", "_type": "Value"}, "_type": "List"},
+    "start": _FLOAT,
+    "end": _FLOAT,
 }
 
 
 def _qa_type() -> Any:
     import pyarrow as pa
 
-    return pa.list_(pa.struct([
-        ("question", pa.string()), ("answer", pa.string()), ("labels", pa.list_(pa.string())), ("clips", pa.list_(pa.int64())),
-        ("start", pa.float64()), ("end", pa.float64()),
-    ]))
+    return pa.list_(
+        pa.struct(
+            [
+                ("question", pa.string()),
+                ("answer", pa.string()),
+                ("labels", pa.list_(pa.string())),
+                ("clips", pa.list_(pa.int64())),
+                ("start", pa.float64()),
+                ("end", pa.float64()),
+            ]
+        )
+    )
 
 
 def hf_schema() -> Any:
@@ -260,13 +292,23 @@ def hf_schema() -> Any:
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     part = pa.struct([("type", pa.string()), ("text", pa.string())])
     fields = [
-        ("id", pa.string()), ("images", pa.list_(image)), ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.list_(part))]))),
-        ("qa", _qa_type()), ("meta", pa.string()), ("dataset", pa.string()),
+        ("id", pa.string()),
+        ("images", pa.list_(image)),
+        ("messages", pa.list_(pa.struct([("role", pa.string()), ("content", pa.list_(part))]))),
+        ("qa", _qa_type()),
+        ("meta", pa.string()),
+        ("dataset", pa.string()),
     ]
     features = {
-        "id": _TEXT, "images": {"feature": {"_type": "Image"}, "_type": "List"},
-        "messages": {"feature": {"role": _TEXT, "content": {"feature": {"type": _TEXT, "text": _TEXT}, "_type": "List"}}, "_type": "List"},
-        "qa": {"feature": _QA_FEATURES, "_type": "List"}, "meta": _TEXT, "dataset": _TEXT,
+        "id": _TEXT,
+        "images": {"feature": {"_type": "Image"}, "_type": "List"},
+        "messages": {
+            "feature": {"role": _TEXT, "content": {"feature": {"type": _TEXT, "text": _TEXT}, "_type": "List"}},
+            "_type": "List",
+        },
+        "qa": {"feature": _QA_FEATURES, "_type": "List"},
+        "meta": _TEXT,
+        "dataset": _TEXT,
     }
     return pa.schema(fields, metadata={"huggingface": json.dumps({"info": {"features": features}})})
 
@@ -313,12 +355,20 @@ def parquet_schema(embed_images: bool) -> Any:
 
     image = pa.struct([("bytes", pa.binary()), ("path", pa.string())]) if embed_images else pa.string()
     fields = [
-        ("id", pa.string()), ("images", pa.list_(image)), ("qa", _qa_type()),
-        ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))), ("meta", pa.string()), ("dataset", pa.string()),
+        ("id", pa.string()),
+        ("images", pa.list_(image)),
+        ("qa", _qa_type()),
+        ("conversations", pa.list_(pa.struct([("from", pa.string()), ("value", pa.string())]))),
+        ("meta", pa.string()),
+        ("dataset", pa.string()),
     ]
     features = {
-        "id": _TEXT, "images": {"feature": {"_type": "Image"} if embed_images else _TEXT, "_type": "List"}, "qa": {"feature": _QA_FEATURES, "_type": "List"},
-        "conversations": {"feature": {"from": _TEXT, "value": _TEXT}, "_type": "List"}, "meta": _TEXT, "dataset": _TEXT,
+        "id": _TEXT,
+        "images": {"feature": {"_type": "Image"} if embed_images else _TEXT, "_type": "List"},
+        "qa": {"feature": _QA_FEATURES, "_type": "List"},
+        "conversations": {"feature": {"from": _TEXT, "value": _TEXT}, "_type": "List"},
+        "meta": _TEXT,
+        "dataset": _TEXT,
     }
     return pa.schema(fields, metadata={"huggingface": json.dumps({"info": {"features": features}})})
 
@@ -360,7 +410,9 @@ class _HfShards:
 
             self.open = contextlib.ExitStack()
             uri = f"{self.folder}/data/train-{len(self.shards):05d}.parquet"
-            self.writer = self.open.enter_context(pq.ParquetWriter(self.open.enter_context(self.storage.open_atomic(uri)), self.schema, compression="zstd"))
+            self.writer = self.open.enter_context(
+                pq.ParquetWriter(self.open.enter_context(self.storage.open_atomic(uri)), self.schema, compression="zstd")
+            )
             self.shards.append(uri)
             self.size = 0
         self.batch.append(row)
@@ -450,7 +502,9 @@ class LlavaExport(Exporter):
         return {"llava": beside(self.output, ".llava.json")}
 
     def open(self, stack: contextlib.ExitStack) -> None:
-        self.items = _JsonArray(stack.enter_context(self.storage.open_atomic(self.uris["llava"], content_type="application/json")))
+        self.items = _JsonArray(
+            stack.enter_context(self.storage.open_atomic(self.uris["llava"], content_type="application/json"))
+        )
 
     def add(self, example: Example, prepared: Prepared, media: MediaFiles) -> None:
         item = llava_item(example, prepared.paths)
@@ -472,7 +526,9 @@ class ShareGPTExport(Exporter):
         return {"sharegpt": beside(self.output, ".sharegpt.json"), "dataset_info": f"{self.folder}/{DATASET_INFO}"}
 
     def open(self, stack: contextlib.ExitStack) -> None:
-        self.items = _JsonArray(stack.enter_context(self.storage.open_atomic(self.uris["sharegpt"], content_type="application/json")))
+        self.items = _JsonArray(
+            stack.enter_context(self.storage.open_atomic(self.uris["sharegpt"], content_type="application/json"))
+        )
         self.columns: set[str] = set()
 
     def add(self, example: Example, prepared: Prepared, media: MediaFiles) -> None:
@@ -507,11 +563,17 @@ class HfExport(Exporter):
 
     def add(self, example: Example, prepared: Prepared, media: MediaFiles) -> None:
         row = {
-            "id": example.id, "images": [{"bytes": data, "path": medium} for medium, data in prepared.read],
-            "messages": messages(example, len(prepared.read)), "qa": [asdict(p) for p in example.pairs], "meta": example.meta, "dataset": self.dataset,
+            "id": example.id,
+            "images": [{"bytes": data, "path": medium} for medium, data in prepared.read],
+            "messages": messages(example, len(prepared.read)),
+            "qa": [asdict(p) for p in example.pairs],
+            "meta": example.meta,
+            "dataset": self.dataset,
         }
         check_placeholders(example.id, "hf", *placeholders_of(row, "hf"))
-        self.shards.add(row, sum(len(data) for _, data in prepared.read) + sum(len(p.question) + len(p.answer) for p in example.pairs))
+        self.shards.add(
+            row, sum(len(data) for _, data in prepared.read) + sum(len(p.question) + len(p.answer) for p in example.pairs)
+        )
 
     def close(self) -> None:
         self.shards.finish()
@@ -543,12 +605,27 @@ class ParquetExport(Exporter):
     def open(self, stack: contextlib.ExitStack) -> None:
         import pyarrow.parquet as pq
 
-        self.writer = stack.enter_context(pq.ParquetWriter(stack.enter_context(self.storage.open_atomic(self.uris["parquet"])), self.schema, compression="zstd"))
+        self.writer = stack.enter_context(
+            pq.ParquetWriter(stack.enter_context(self.storage.open_atomic(self.uris["parquet"])), self.schema, compression="zstd")
+        )
 
     def add(self, example: Example, prepared: Prepared, media: MediaFiles) -> None:
-        images: list[Any] = [{"bytes": data, "path": uri} for uri, (_, data) in zip(example.media, prepared.read, strict=True)] if self.embed_images else list(example.media)
+        images: list[Any] = (
+            [{"bytes": data, "path": uri} for uri, (_, data) in zip(example.media, prepared.read, strict=True)]
+            if self.embed_images
+            else list(example.media)
+        )
         turns = llava_item(example, list(example.media))["conversations"]
-        self.batch.append({"id": example.id, "images": images, "qa": [asdict(p) for p in example.pairs], "conversations": turns, "meta": example.meta, "dataset": self.dataset})
+        self.batch.append(
+            {
+                "id": example.id,
+                "images": images,
+                "qa": [asdict(p) for p in example.pairs],
+                "conversations": turns,
+                "meta": example.meta,
+                "dataset": self.dataset,
+            }
+        )
         if len(self.batch) >= BATCH_ROWS:
             _write(self.writer, self.batch, self.schema)
 
@@ -557,7 +634,12 @@ class ParquetExport(Exporter):
 
 
 # the formats, in the order their files are listed
-EXPORTERS: dict[Format, type[Exporter]] = {"hf": HfExport, "sharegpt": ShareGPTExport, "llava": LlavaExport, "parquet": ParquetExport}
+EXPORTERS: dict[Format, type[Exporter]] = {
+    "hf": HfExport,
+    "sharegpt": ShareGPTExport,
+    "llava": LlavaExport,
+    "parquet": ParquetExport,
+}
 
 
 def export_run(
@@ -583,7 +665,11 @@ def export_run(
         raise ConfigError(f"unknown export formats {unknown}; choose from {list(FORMATS)}")
     folder = manifest.output.rsplit("/", 1)[0]
     name = dataset or manifest.generator
-    exporters = [cls(storage, manifest.output, dataset=name, embed_images=embed_images, shard_bytes=shard_bytes) for fmt, cls in EXPORTERS.items() if fmt in formats]
+    exporters = [
+        cls(storage, manifest.output, dataset=name, embed_images=embed_images, shard_bytes=shard_bytes)
+        for fmt, cls in EXPORTERS.items()
+        if fmt in formats
+    ]
     uris = {key: uri for exporter in exporters for key, uri in exporter.uris.items()}
     reader = MediaReader(storage, media_root=media_root, allowed_roots=allowed_roots)
     # only the formats that name media files use the copies; hf embeds the bytes themselves
@@ -596,7 +682,9 @@ def export_run(
                 exporter.open(stack)
             for example in examples(storage, manifest, reader, name):
                 read = [media.read(uri, example.id) for uri in example.media] if needs_bytes else []
-                prepared = Prepared(read=read, paths=[media.path(uri) for uri in example.media] if needs_bytes else list(example.media))
+                prepared = Prepared(
+                    read=read, paths=[media.path(uri) for uri in example.media] if needs_bytes else list(example.media)
+                )
                 for exporter in exporters:
                     exporter.add(example, prepared, media)
                 rows += 1
@@ -613,12 +701,18 @@ def export_run(
         raise
     if media.copy:
         uris["media"] = f"{folder}/{MEDIA_FOLDER}"
-    facts = CardFacts(manifest=manifest, dataset=name, run_id=run_id, rows=rows, pairs=pairs, labels=labels, video="video" in kinds)
+    facts = CardFacts(
+        manifest=manifest, dataset=name, run_id=run_id, rows=rows, pairs=pairs, labels=labels, video="video" in kinds
+    )
     for exporter in exporters:
         exporter.after(facts, uris)
     card = f"{folder}/{CARD_NAME}"
     with storage.open_atomic(card, content_type="text/markdown; charset=utf-8") as handle:
-        handle.write(dataset_card(facts, uris, data_files=f"{HF_FOLDER}/data/train-*.parquet" if "hf" in uris else None, here=folder).encode("utf-8"))
+        handle.write(
+            dataset_card(
+                facts, uris, data_files=f"{HF_FOLDER}/data/train-*.parquet" if "hf" in uris else None, here=folder
+            ).encode("utf-8")
+        )
     return {**uris, "card": card}
 
 
@@ -658,7 +752,13 @@ class CardFacts:
 
 def size_category(rows: int) -> str:
     """The Hub's size category for a dataset of ``rows`` examples."""
-    for bound, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M"), (10_000_000, "1M<n<10M")):
+    for bound, name in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+        (10_000_000, "1M<n<10M"),
+    ):
         if rows < bound:
             return name
     return "10M<n<100M"
@@ -673,9 +773,15 @@ def dataset_card(facts: CardFacts, uris: dict[str, str], *, data_files: str | No
         "# license: set the license of your data here (https://huggingface.co/docs/hub/repositories-licenses)",
         "license: other",
         f"pretty_name: {json.dumps(f'{facts.dataset} ({facts.run_id})' if facts.run_id else facts.dataset)}",
-        "task_categories:", "- visual-question-answering", "- image-text-to-text",
-        "tags:", "- synthetic", "- vqa", *(["- video"] if facts.video else []),
-        "size_categories:", f"- {size_category(facts.rows)}",
+        "task_categories:",
+        "- visual-question-answering",
+        "- image-text-to-text",
+        "tags:",
+        "- synthetic",
+        "- vqa",
+        *(["- video"] if facts.video else []),
+        "size_categories:",
+        f"- {size_category(facts.rows)}",
     ]
     if data_files:
         lines += ["configs:", "- config_name: default", "  data_files:", "  - split: train", f"    path: {data_files}"]
@@ -686,35 +792,73 @@ def dataset_card(facts: CardFacts, uris: dict[str, str], *, data_files: str | No
     lines += [
         f"- **Rows**: {facts.rows} in the dataset, of {manifest.rows_in} input rows "
         f"({manifest.rows_failed} failed, {manifest.rows_rejected} rejected by the quality checks).",
-        f"- **QA pairs**: {facts.pairs}" + (f"; the quality checks kept {manifest.pairs_kept} of {judged} judged (acceptance rate {rate:.1%})." if rate is not None else "."),
+        f"- **QA pairs**: {facts.pairs}"
+        + (
+            f"; the quality checks kept {manifest.pairs_kept} of {judged} judged (acceptance rate {rate:.1%})."
+            if rate is not None
+            else "."
+        ),
     ]
     if manifest.quality_scores:
         lines.append(
-            "- **Verdicts**: " + manifest.quality_scores.describe()
+            "- **Verdicts**: "
+            + manifest.quality_scores.describe()
             + ". Each pair's are in `vqa_provenance.quality.verdicts` (with `rejection` where a check failed, when the run annotated instead of filtering)."
         )
     if manifest.rejections_by_reason:
-        lines.append("- **Rejected pairs by reason**: " + ", ".join(f"`{k}` {v}" for k, v in manifest.rejections_by_reason.items()) + ".")
+        lines.append(
+            "- **Rejected pairs by reason**: " + ", ".join(f"`{k}` {v}" for k, v in manifest.rejections_by_reason.items()) + "."
+        )
     if manifest.failures_by_reason:
-        lines.append("- **Failed rows by reason**: " + ", ".join(f"`{k}` {v}" for k, v in manifest.failures_by_reason.items()) + ".")
+        lines.append(
+            "- **Failed rows by reason**: " + ", ".join(f"`{k}` {v}" for k, v in manifest.failures_by_reason.items()) + "."
+        )
     if facts.labels:
         lines.append("- **Labels**: " + ", ".join(f"`{k}` {v}" for k, v in facts.labels.most_common()) + ".")
-    lines += [f"- **Input**: `{manifest.input}`", f"- **DAG**: `{manifest.dag_id}`" if manifest.dag_id else "", f"- **Run**: `{facts.run_id}`" if facts.run_id else "", ""]
-    lines += ["## How it was made", "", "| stage | generator | model | prompt SHA-256 | rows failed | errors file |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        f"- **Input**: `{manifest.input}`",
+        f"- **DAG**: `{manifest.dag_id}`" if manifest.dag_id else "",
+        f"- **Run**: `{facts.run_id}`" if facts.run_id else "",
+        "",
+    ]
+    lines += [
+        "## How it was made",
+        "",
+        "| stage | generator | model | prompt SHA-256 | rows failed | errors file |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for stage, summary in manifest.stages.items():
         errors = f"`{summary.errors}`" if summary.errors else ""
-        lines.append(f"| {stage} | {summary.generator or summary.kind} | `{summary.model}` | `{(summary.prompt_sha256 or '')[:16]}` | {summary.rows_failed} | {errors} |")
+        lines.append(
+            f"| {stage} | {summary.generator or summary.kind} | `{summary.model}` | `{(summary.prompt_sha256 or '')[:16]}` | {summary.rows_failed} | {errors} |"
+        )
     lines += ["", "## Files", ""]
     if "hf" in uris:
-        lines.append(f"- `{relative(uris['hf'])}/`: Parquet shards under `data/` with the images embedded and TRL's `messages` (`datasets.load_dataset`, `push_to_hub`).")
+        lines.append(
+            f"- `{relative(uris['hf'])}/`: Parquet shards under `data/` with the images embedded and TRL's `messages` (`datasets.load_dataset`, `push_to_hub`)."
+        )
     if "sharegpt" in uris:
-        lines.append(f"- `{relative(uris['sharegpt'])}`, registered in `{relative(uris['dataset_info'])}`: LLaMA-Factory's ShareGPT form (`messages` with `images`, or `videos` for frames of one size).")
+        lines.append(
+            f"- `{relative(uris['sharegpt'])}`, registered in `{relative(uris['dataset_info'])}`: LLaMA-Factory's "
+            f"ShareGPT form (`messages` with `images`, or `videos` for frames of one size)."
+        )
     if "llava" in uris:
         lines.append(f"- `{relative(uris['llava'])}`: LLaVA's `{{id, image, conversations}}`, one `{IMAGE_TOKEN}` per image.")
     if "parquet" in uris:
         lines.append(f"- `{relative(uris['parquet'])}`: one flat Parquet file with the media's own URIs.")
     if "media" in uris:
-        lines.append(f"- `{MEDIA_FOLDER}/`: the images (for video, the frames the model was shown), named by their SHA-256; the files above name them by relative path.")
+        lines.append(
+            f"- `{MEDIA_FOLDER}/`: the images (for video, the frames the model was shown), named by their SHA-256; the files above name them by relative path."
+        )
     if data_files:
-        lines += ["", "## Load", "", "```python", "from datasets import load_dataset", "", 'ds = load_dataset("<this folder>")["train"]', "```"]
+        lines += [
+            "",
+            "## Load",
+            "",
+            "```python",
+            "from datasets import load_dataset",
+            "",
+            'ds = load_dataset("<this folder>")["train"]',
+            "```",
+        ]
     return "\n".join(lines) + "\n"

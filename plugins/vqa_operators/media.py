@@ -110,7 +110,12 @@ def _sendable_as_is(img: Any, data: bytes, orientation: int, fits: bool) -> bool
 def _prepared(source: str, data: bytes, subtype: str, sent: tuple[int, int], original: tuple[int, int]) -> PreparedImage:
     encoded = base64.b64encode(data).decode("ascii")
     return PreparedImage(
-        source=source, data_url=f"data:image/{subtype};base64,{encoded}", width=sent[0], height=sent[1], original_width=original[0], original_height=original[1]
+        source=source,
+        data_url=f"data:image/{subtype};base64,{encoded}",
+        width=sent[0],
+        height=sent[1],
+        original_width=original[0],
+        original_height=original[1],
     )
 
 

@@ -72,7 +72,12 @@ def _next_verdict(verdicts: Iterator[Any]) -> Any:
 
 
 def deduplicate_shards(
-    storage: Storage, manifests: list[StageManifest | dict[str, Any]], plan: list[Shard | dict[str, Any]], *, staging: str, dedup: NearDuplicateSettings
+    storage: Storage,
+    manifests: list[StageManifest | dict[str, Any]],
+    plan: list[Shard | dict[str, Any]],
+    *,
+    staging: str,
+    dedup: NearDuplicateSettings,
 ) -> list[StageManifest]:
     """Drop, across all the shards of a run and before any is judged, the pairs whose text nearly repeats an earlier one's.
 
@@ -111,7 +116,13 @@ def deduplicate_shards(
         for manifest in ordered:
             for count, row, _, items in shard_rows(manifest):
                 line = input_line(row, count)
-                yield from ((item.question if dedup.near_duplicate_key == "question" else f"{item.question} {item.answer}", [line, item.index]) for item in items)
+                yield from (
+                    (
+                        item.question if dedup.near_duplicate_key == "question" else f"{item.question} {item.answer}",
+                        [line, item.index],
+                    )
+                    for item in items
+                )
 
     results = []
     with contextlib.ExitStack() as stack:
@@ -120,7 +131,9 @@ def deduplicate_shards(
         if index is not None:
             index.add_many(texts())
         verdicts = index.matches() if index is not None else None
-        ran = NearDuplicateIndex(**dict(dedup), **({"bands": index.bands, "rows_per_band": index.rows} if index is not None else {}))
+        ran = NearDuplicateIndex(
+            **dict(dedup), **({"bands": index.bands, "rows_per_band": index.rows} if index is not None else {})
+        )
         for manifest in ordered:
             started = time.monotonic()
             shard = manifest.shard or 0
@@ -144,7 +157,10 @@ def deduplicate_shards(
                             continue
                         first_line, first_index = match.first
                         rejection = PairRejection(
-                            index=item.index, pair=item.raw, reason=Rejection.NEAR_DUPLICATE, verdicts=None,
+                            index=item.index,
+                            pair=item.raw,
+                            reason=Rejection.NEAR_DUPLICATE,
+                            verdicts=None,
                             detail=f"repeats the pair {first_index} of line {first_line} (similarity {match.similarity} >= {dedup.near_duplicate_threshold})",
                             duplicate_of=DuplicateOf(line=first_line, index=first_index),
                         )
@@ -159,11 +175,25 @@ def deduplicate_shards(
                         counts["rows_rejected"] += 1
             results.append(
                 StageManifest(
-                    kind="dedup", generator=None, source=manifest.generator, shard=manifest.shard, input=manifest.output, output=output, errors=None,
-                    rejected=rejected_uri, rows_in=counts["rows_in"], rows_out=counts["rows_out"], rows_failed=0, rows_rejected=counts["rows_rejected"],
-                    pairs_kept=counts["pairs_kept"], pairs_rejected=counts["pairs_rejected"],
-                    rejections_by_reason={Rejection.NEAR_DUPLICATE.value: counts["pairs_rejected"]} if counts["pairs_rejected"] else {},
-                    near_duplicates=ran, duration_s=round(time.monotonic() - started, 3),
+                    kind="dedup",
+                    generator=None,
+                    source=manifest.generator,
+                    shard=manifest.shard,
+                    input=manifest.output,
+                    output=output,
+                    errors=None,
+                    rejected=rejected_uri,
+                    rows_in=counts["rows_in"],
+                    rows_out=counts["rows_out"],
+                    rows_failed=0,
+                    rows_rejected=counts["rows_rejected"],
+                    pairs_kept=counts["pairs_kept"],
+                    pairs_rejected=counts["pairs_rejected"],
+                    rejections_by_reason={Rejection.NEAR_DUPLICATE.value: counts["pairs_rejected"]}
+                    if counts["pairs_rejected"]
+                    else {},
+                    near_duplicates=ran,
+                    duration_s=round(time.monotonic() - started, 3),
                 )
             )
         if verdicts is not None and next(verdicts, _END) is not _END:
@@ -182,7 +212,9 @@ def _concatenate(storage: Storage, out: Any, sources: list[tuple[str, int]]) -> 
             raise InputError(f"{uri} holds {count} rows but its task reported {expected}; rerun that shard")
 
 
-def _stage_summary(manifests: list[StageManifest], *, output: str | None, errors: str | None, rejected: str | None) -> StageSummary:
+def _stage_summary(
+    manifests: list[StageManifest], *, output: str | None, errors: str | None, rejected: str | None
+) -> StageSummary:
     """One stage's counts over its shards, and where its merged files are."""
     reasons: Counter[str] = Counter()
     rejections: Counter[str] = Counter()
@@ -190,12 +222,33 @@ def _stage_summary(manifests: list[StageManifest], *, output: str | None, errors
         reasons.update(manifest.failures_by_reason)
         rejections.update(manifest.rejections_by_reason)
     first = manifests[0]
-    summed = ("rows_in", "rows_out", "rows_failed", "rows_reused", "rows_rejected", "pairs_kept", "pairs_rejected", "requests", "repairs", "prompt_tokens", "completion_tokens")
+    summed = (
+        "rows_in",
+        "rows_out",
+        "rows_failed",
+        "rows_reused",
+        "rows_rejected",
+        "pairs_kept",
+        "pairs_rejected",
+        "requests",
+        "repairs",
+        "prompt_tokens",
+        "completion_tokens",
+    )
     return StageSummary(
-        kind=first.kind, generator=first.generator, output=output, errors=errors, rejected=rejected, shards=len(manifests),
+        kind=first.kind,
+        generator=first.generator,
+        output=output,
+        errors=errors,
+        rejected=rejected,
+        shards=len(manifests),
         **{key: sum(getattr(m, key) for m in manifests) for key in summed},
-        failures_by_reason=dict(sorted(reasons.items())), rejections_by_reason=dict(sorted(rejections.items())),
-        model=first.model, prompt_sha256=first.prompt_sha256, seed=first.seed, slowest_shard_s=max(m.duration_s for m in manifests),
+        failures_by_reason=dict(sorted(reasons.items())),
+        rejections_by_reason=dict(sorted(rejections.items())),
+        model=first.model,
+        prompt_sha256=first.prompt_sha256,
+        seed=first.seed,
+        slowest_shard_s=max(m.duration_s for m in manifests),
     )
 
 
@@ -242,21 +295,32 @@ def merge_run(
     failed = sum(m.rows_failed for manifests in ordered.values() for m in manifests)
     rejected_rows = sum(m.rows_rejected for manifests in ordered.values() for m in manifests)
     if out + failed + rejected_rows != rows:
-        raise InputError(f"{rows} input rows but the shards report {out} in the output, {failed} in errors files and {rejected_rows} rejected")
+        raise InputError(
+            f"{rows} input rows but the shards report {out} in the output, {failed} in errors files and {rejected_rows} rejected"
+        )
     # a stage whose rows cannot fail (dedup) has no errors file
     errors = {name: f"{folder}/{name}.errors.jsonl" for name in names if any(m.errors for m in ordered[name])}
     rejected_uri = rejected_uri_for(output)
     gates = [name for name in names if any(m.rejected for m in ordered[name])]
     with contextlib.ExitStack() as stack:
         for name, uri in errors.items():
-            _concatenate(storage, stack.enter_context(storage.open_atomic(uri)), [(m.errors, m.rows_failed) for m in ordered[name] if m.errors])
+            _concatenate(
+                storage,
+                stack.enter_context(storage.open_atomic(uri)),
+                [(m.errors, m.rows_failed) for m in ordered[name] if m.errors],
+            )
         output_file = stack.enter_context(storage.open_atomic(output))
         rejected_file = stack.enter_context(storage.open_atomic(rejected_uri)) if gates else None
         for name in gates:
             _concatenate(storage, rejected_file, [(m.rejected, m.pairs_rejected) for m in ordered[name] if m.rejected])
         _concatenate(storage, output_file, [(m.output, m.rows_out) for m in last])
     merged = {
-        name: _stage_summary(ordered[name], output=output if name == names[-1] else None, errors=errors.get(name), rejected=rejected_uri if name in gates else None)
+        name: _stage_summary(
+            ordered[name],
+            output=output if name == names[-1] else None,
+            errors=errors.get(name),
+            rejected=rejected_uri if name in gates else None,
+        )
         for name in names
     }
     reasons: Counter[str] = Counter()
@@ -272,21 +336,43 @@ def merge_run(
     totals = {key: sum(getattr(m, key) for m in merged.values()) for key in ("rows_reused", "repairs", *Cost.model_fields)}
     cost = Cost.per(totals, pairs_kept)
     return RunManifest(
-        dag_id=dag_id, run_id=run_id, generator=dataset_generator(merged), shards=len(shards), input=ordered[names[0]][0].input,
-        output=output, errors=errors, rejected=rejected_uri if gates else None,
-        rows_in=rows, rows_out=out, rows_failed=failed, rows_rejected=rejected_rows, failures_by_reason=dict(sorted(reasons.items())),
-        pairs_kept=pairs_kept, pairs_rejected=pairs_rejected, rejections_by_reason=dict(sorted(rejections.items())), acceptance_rate=acceptance,
+        dag_id=dag_id,
+        run_id=run_id,
+        generator=dataset_generator(merged),
+        shards=len(shards),
+        input=ordered[names[0]][0].input,
+        output=output,
+        errors=errors,
+        rejected=rejected_uri if gates else None,
+        rows_in=rows,
+        rows_out=out,
+        rows_failed=failed,
+        rows_rejected=rejected_rows,
+        failures_by_reason=dict(sorted(reasons.items())),
+        pairs_kept=pairs_kept,
+        pairs_rejected=pairs_rejected,
+        rejections_by_reason=dict(sorted(rejections.items())),
+        acceptance_rate=acceptance,
         near_duplicates=_dedup_summary(merged, ordered),
         quality_scores=QualityScores.total(m.quality_scores for manifests in ordered.values() for m in manifests),
         **totals,
-        cost_per_kept_pair=cost, stages=merged,
+        cost_per_kept_pair=cost,
+        stages=merged,
         estimate=estimate(shards, merged, totals, pairs_kept, cost=cost, acceptance=acceptance, requests_per_s=requests_per_s),
-        manifest=beside(output, ".manifest.json"), preview=beside(output, ".preview.html"),
+        manifest=beside(output, ".manifest.json"),
+        preview=beside(output, ".preview.html"),
     )
 
 
 def estimate(
-    plan: list[Shard], stages: dict[str, StageSummary], totals: dict[str, int], pairs_kept: int, *, cost: Cost | None, acceptance: float | None, requests_per_s: float | None
+    plan: list[Shard],
+    stages: dict[str, StageSummary],
+    totals: dict[str, int],
+    pairs_kept: int,
+    *,
+    cost: Cost | None,
+    acceptance: float | None,
+    requests_per_s: float | None,
 ) -> Estimate | None:
     """What the whole input would cost, projected from a sample's run (None for a run of the whole input).
 
@@ -304,8 +390,14 @@ def estimate(
     rate = requests_per_s or measured
     projected = Projected(**{key: round(totals[key] * scale) for key in Cost.model_fields}, pairs_kept=round(pairs_kept * scale))
     return Estimate(
-        sample_rows=sample, input_rows=whole, per_row=Cost.per(totals, sample), per_kept_pair=cost, acceptance_rate=acceptance, projected=projected,
-        requests_per_s=round(rate, 3) if rate else None, throughput="given" if requests_per_s else "measured on the sample",
+        sample_rows=sample,
+        input_rows=whole,
+        per_row=Cost.per(totals, sample),
+        per_kept_pair=cost,
+        acceptance_rate=acceptance,
+        projected=projected,
+        requests_per_s=round(rate, 3) if rate else None,
+        throughput="given" if requests_per_s else "measured on the sample",
         server_hours=round(projected.requests / rate / 3600, 3) if rate else None,
     )
 
@@ -325,8 +417,12 @@ def _dedup_summary(merged: dict[str, StageSummary], ordered: dict[str, list[Stag
     per_pair = calls / pairs if pairs else 0.0
     ran = ordered[DEDUP_STAGE][0].near_duplicates or NearDuplicateIndex()
     return NearDuplicateSummary(
-        **dict(ran), pairs_checked=stage.pairs_kept + stage.pairs_rejected, duplicates=stage.pairs_rejected, rows_rejected=stage.rows_rejected,
-        judge_calls_per_pair=round(per_pair, 3), judge_calls_saved=round(stage.pairs_rejected * per_pair),
+        **dict(ran),
+        pairs_checked=stage.pairs_kept + stage.pairs_rejected,
+        duplicates=stage.pairs_rejected,
+        rows_rejected=stage.rows_rejected,
+        judge_calls_per_pair=round(per_pair, 3),
+        judge_calls_saved=round(stage.pairs_rejected * per_pair),
     )
 
 
@@ -352,8 +448,15 @@ def finalize_run(
         from vqa_operators.export import export_run
 
         exports = export_run(
-            storage, manifest, formats=list(export.export_formats), copy_media=export.copy_media, embed_images=export.embed_images, media_root=media_root,
-            allowed_roots=allowed_roots, dataset=dataset, run_id=manifest.run_id or "",
+            storage,
+            manifest,
+            formats=list(export.export_formats),
+            copy_media=export.copy_media,
+            embed_images=export.embed_images,
+            media_root=media_root,
+            allowed_roots=allowed_roots,
+            dataset=dataset,
+            run_id=manifest.run_id or "",
         )
         manifest = manifest.model_copy(update={"exports": exports})
     write_manifest(storage, manifest)
@@ -372,8 +475,14 @@ def report(manifest: RunManifest, log: logging.Logger | Any) -> None:
         _report_estimate(manifest.estimate, log)
     log.info(
         "merged %d shard(s): %d rows in, %d out, %d failed %s, %d rejected, %d reused from earlier tries -> %s",
-        manifest.shards, manifest.rows_in, manifest.rows_out, manifest.rows_failed, manifest.failures_by_reason,
-        manifest.rows_rejected, manifest.rows_reused, manifest.output,
+        manifest.shards,
+        manifest.rows_in,
+        manifest.rows_out,
+        manifest.rows_failed,
+        manifest.failures_by_reason,
+        manifest.rows_rejected,
+        manifest.rows_reused,
+        manifest.output,
     )
     for stage, uri in manifest.errors.items():
         log.info("errors of %s: %d rows -> %s", stage, manifest.stages[stage].rows_failed, uri)
@@ -381,18 +490,28 @@ def report(manifest: RunManifest, log: logging.Logger | Any) -> None:
         dedup = manifest.near_duplicates
         log.info(
             "near-duplicates: %d of %d pairs dropped before judging, about %d judge calls saved (%.2f a pair)",
-            dedup.duplicates, dedup.pairs_checked, dedup.judge_calls_saved, dedup.judge_calls_per_pair,
+            dedup.duplicates,
+            dedup.pairs_checked,
+            dedup.judge_calls_saved,
+            dedup.judge_calls_per_pair,
         )
     if manifest.cost_per_kept_pair is not None:
         cost = manifest.cost_per_kept_pair
         log.info(
             "cost per kept pair: %.2f model calls, %.0f prompt and %.0f completion tokens (%d pairs kept)",
-            cost.requests, cost.prompt_tokens, cost.completion_tokens, manifest.pairs_kept,
+            cost.requests,
+            cost.prompt_tokens,
+            cost.completion_tokens,
+            manifest.pairs_kept,
         )
     if manifest.acceptance_rate is not None:
         log.info(
             "quality: kept %d of %d pairs (acceptance rate %.1f%%), rejected %s -> %s",
-            manifest.pairs_kept, manifest.pairs_kept + manifest.pairs_rejected, 100 * manifest.acceptance_rate, manifest.rejections_by_reason, manifest.rejected,
+            manifest.pairs_kept,
+            manifest.pairs_kept + manifest.pairs_rejected,
+            100 * manifest.acceptance_rate,
+            manifest.rejections_by_reason,
+            manifest.rejected,
         )
 
 
@@ -401,13 +520,26 @@ def _report_estimate(estimate: Estimate, log: logging.Logger | Any) -> None:
     per_row, per_pair, projected = estimate.per_row, estimate.per_kept_pair, estimate.projected
     log.info(
         "estimate from %d of %d rows: per row %.2f calls, %.0f prompt and %.0f completion tokens; per kept pair %s; acceptance %s",
-        estimate.sample_rows, estimate.input_rows, per_row.requests if per_row else 0, per_row.prompt_tokens if per_row else 0,
+        estimate.sample_rows,
+        estimate.input_rows,
+        per_row.requests if per_row else 0,
+        per_row.prompt_tokens if per_row else 0,
         per_row.completion_tokens if per_row else 0,
-        f"{per_pair.requests:.2f} calls, {per_pair.prompt_tokens:.0f} prompt and {per_pair.completion_tokens:.0f} completion tokens" if per_pair else "n/a (no pair kept)",
+        f"{per_pair.requests:.2f} calls, {per_pair.prompt_tokens:.0f} prompt and {per_pair.completion_tokens:.0f} completion tokens"
+        if per_pair
+        else "n/a (no pair kept)",
         "n/a" if estimate.acceptance_rate is None else f"{100 * estimate.acceptance_rate:.1f}%",
     )
-    hours = "n/a" if estimate.server_hours is None else f"{estimate.server_hours:.2f} hours of one model server at {estimate.requests_per_s} requests/s ({estimate.throughput})"
+    hours = (
+        "n/a"
+        if estimate.server_hours is None
+        else f"{estimate.server_hours:.2f} hours of one model server at {estimate.requests_per_s} requests/s ({estimate.throughput})"
+    )
     log.info(
         "estimate for the whole input: %d model calls, %d prompt and %d completion tokens, about %d pairs kept; %s",
-        projected.requests, projected.prompt_tokens, projected.completion_tokens, projected.pairs_kept, hours,
+        projected.requests,
+        projected.prompt_tokens,
+        projected.completion_tokens,
+        projected.pairs_kept,
+        hours,
     )

@@ -142,7 +142,9 @@ def extract_json(text: str, *, truncated: bool = False) -> Any:
         depth, in_string = _scan(body, start)
         if truncated or depth > 0 or in_string:
             limit = " (the server hit max_tokens)" if truncated else ""
-            raise ParseError(f"truncated JSON: output ended before the value was closed{limit}", reason=Reason.TRUNCATED_OUTPUT) from None
+            raise ParseError(
+                f"truncated JSON: output ended before the value was closed{limit}", reason=Reason.TRUNCATED_OUTPUT
+            ) from None
         raise ParseError(f"invalid JSON: {first.msg} at {_where(body, first.pos)}") from None
 
 
@@ -162,4 +164,6 @@ def parse_structured(text: str, model: type[M], *, truncated: bool = False) -> M
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ParseError(f"output does not match the schema: {describe_validation_error(err)}", reason=Reason.SCHEMA_MISMATCH) from None
+        raise ParseError(
+            f"output does not match the schema: {describe_validation_error(err)}", reason=Reason.SCHEMA_MISMATCH
+        ) from None

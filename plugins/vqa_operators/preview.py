@@ -96,7 +96,9 @@ def failure_groups(storage: Storage, error_files: list[str], examples_per_reason
                         "stage": entry.get("stage", ""),
                         "line": entry.get("line", ""),
                         "detail": str(entry.get("detail", ""))[:DETAIL_SHOWN],
-                        "raw_output": str(entry.get("raw_output") or entry.get("raw_line") or entry.get("pair") or "")[:RAW_OUTPUT_SHOWN],
+                        "raw_output": str(entry.get("raw_output") or entry.get("raw_line") or entry.get("pair") or "")[
+                            :RAW_OUTPUT_SHOWN
+                        ],
                     }
                 )
     return sorted(groups.values(), key=lambda g: (-g.count, g.reason))
@@ -113,7 +115,11 @@ def render_preview(
     examples_per_reason: int = 5,
 ) -> bytes:
     """The HTML page for a merged run ``manifest`` (from ``merge.merge_run``)."""
-    shown = [(n, row) for n, row in itertools.islice(read_jsonl(storage.iter_lines(manifest.output)), max_rows) if isinstance(row, dict)]
+    shown = [
+        (n, row)
+        for n, row in itertools.islice(read_jsonl(storage.iter_lines(manifest.output)), max_rows)
+        if isinstance(row, dict)
+    ]
     rejected_file = manifest.rejected
     lines = {input_line(row, n): n for n, row in shown}
     by_line: dict[int, list[RejectedEntry]] = {}
@@ -132,7 +138,12 @@ def render_preview(
         log.warning("the errors files hold %d rows but the manifest reports %d failed", counted, manifest.rows_failed)
     rejections = failure_groups(storage, [rejected_file], examples_per_reason) if rejected_file else []
     page = _template().render(
-        title=title, manifest=manifest, rows=rows, failures=groups, rejections=rejections, acceptance=manifest.acceptance_rate,
+        title=title,
+        manifest=manifest,
+        rows=rows,
+        failures=groups,
+        rejections=rejections,
+        acceptance=manifest.acceptance_rate,
         scores=manifest.quality_scores.describe() if manifest.quality_scores else None,
     )
     return page.encode("utf-8")

@@ -262,19 +262,27 @@ class NearDuplicateSettings(Record):
     """The run's near-duplicate check, before any pair is judged: on or off, the Jaccard threshold, and what text is compared."""
 
     remove_near_duplicates: bool = Field(
-        True, title="Remove near-duplicates",
+        True,
+        title="Remove near-duplicates",
         description=(
             "Across all shards, before any pair is judged (the dedup task): a pair whose question nearly repeats an earlier one's is "
             "rejected (near_duplicate); the first is kept. No model calls, and none spent judging duplicates."
         ),
     )
     near_duplicate_threshold: float = Field(
-        settings.NEAR_DUPLICATE_THRESHOLD, gt=0.0, le=1.0, title="Near-duplicate threshold",
+        settings.NEAR_DUPLICATE_THRESHOLD,
+        gt=0.0,
+        le=1.0,
+        title="Near-duplicate threshold",
         description="Jaccard similarity of character 3-grams (lower case, punctuation ignored) at or above which two questions are near-duplicates.",
     )
     near_duplicate_key: Literal["question", "question_answer"] = Field(
-        "question", title="Near-duplicates compare",
-        description="question: the questions alone; question_answer: question and answer together (two pairs with one question and different answers are both kept).",
+        "question",
+        title="Near-duplicates compare",
+        description=(
+            "question: the questions alone; question_answer: question and answer together (two pairs with one "
+            "question and different answers are both kept)."
+        ),
     )
 
 

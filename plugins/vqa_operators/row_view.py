@@ -61,8 +61,12 @@ def describe_row(fields: OutputFields, n: int, row: dict[str, Any], rejected: li
     verdicts = pair_verdicts(row)
     qa = [
         ShownPair(
-            labels=item.labels, question=item.question, answer=item.answer, score=verdicts[k].score if k < len(verdicts) else None,
-            clips=item.clips, span=fields.span(row, item),
+            labels=item.labels,
+            question=item.question,
+            answer=item.answer,
+            score=verdicts[k].score if k < len(verdicts) else None,
+            clips=item.clips,
+            span=fields.span(row, item),
         )
         for k, item in enumerate(fields.pairs(row))
     ]
@@ -71,9 +75,19 @@ def describe_row(fields: OutputFields, n: int, row: dict[str, Any], rejected: li
         pair = fields.pairs({fields.qa: [entry.pair] if fields.form != "text" else entry.pair})
         if pair:
             score = entry.verdicts.score if entry.verdicts is not None else None
-            dropped.append(DroppedPair(question=pair[0].question, answer=pair[0].answer, reason=entry.reason, score=score, detail=entry.detail[:DETAIL_SHOWN]))
+            dropped.append(
+                DroppedPair(
+                    question=pair[0].question,
+                    answer=pair[0].answer,
+                    reason=entry.reason,
+                    score=score,
+                    detail=entry.detail[:DETAIL_SHOWN],
+                )
+            )
     if fields.clips is not None:
         frames, frames_total = fields.frames_shown(row)
-        return RowView(kind="video", n=n, title=fields.title(row)[:160], paths=frames, qa=qa, rejected=dropped, frames_total=frames_total)
+        return RowView(
+            kind="video", n=n, title=fields.title(row)[:160], paths=frames, qa=qa, rejected=dropped, frames_total=frames_total
+        )
     paths = path_list(row.get(fields.images)) if fields.images else []
     return RowView(kind="image", n=n, title=", ".join(paths)[:160], paths=paths, qa=qa, rejected=dropped)

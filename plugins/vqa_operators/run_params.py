@@ -64,7 +64,9 @@ def refuse_templates(params: Mapping[str, Any], *, dated: Collection[str] = ()) 
             if name in dated:
                 fill_run_dates(text, None, param=name, check_only=True)
             elif looks_like_template(text):
-                raise ConfigError(f"param {name} holds a template ({{{{ }}}}, {{% %}} or {{# #}}): params are data, and only input_uri may hold the run's dates")
+                raise ConfigError(
+                    f"param {name} holds a template ({{{{ }}}}, {{% %}} or {{# #}}): params are data, and only input_uri may hold the run's dates"
+                )
 
 
 def fill_run_dates(text: str, logical_date: datetime | None, *, param: str = "input_uri", check_only: bool = False) -> str:
@@ -80,7 +82,9 @@ def fill_run_dates(text: str, logical_date: datetime | None, *, param: str = "in
         expression = match.group(1).strip()
         days = _DS_ADD.fullmatch(expression)
         if expression not in RUN_DATES and expression not in ISO_DATES and days is None:
-            raise ConfigError(f"param {param} holds a template that is not one of the run's dates: params are data; the only placeholders are {PLACEHOLDERS}")
+            raise ConfigError(
+                f"param {param} holds a template that is not one of the run's dates: params are data; the only placeholders are {PLACEHOLDERS}"
+            )
         if check_only:
             return ""
         if logical_date is None:
@@ -97,7 +101,9 @@ def fill_run_dates(text: str, logical_date: datetime | None, *, param: str = "in
 
     filled = _EXPRESSION.sub(replace, text)
     if looks_like_template(filled):
-        raise ConfigError(f"param {param} holds a template that is not one of the run's dates: params are data; the only placeholders are {PLACEHOLDERS}")
+        raise ConfigError(
+            f"param {param} holds a template that is not one of the run's dates: params are data; the only placeholders are {PLACEHOLDERS}"
+        )
     return text if check_only else filled
 
 
@@ -113,7 +119,9 @@ def check_location(param: str, uri: str, roots: list[str], *, setting: str) -> N
         raise ConfigError(f"param {param} has a '.' or '..' segment: a location is named without traversal")
     if not roots:
         if not is_s3(uri):
-            raise ConfigError(f"param {param} is a local path, and {setting} is not set: with no allowed roots configured, only s3:// locations are allowed")
+            raise ConfigError(
+                f"param {param} is a local path, and {setting} is not set: with no allowed roots configured, only s3:// locations are allowed"
+            )
         return
     if not any(within(uri, root) for root in roots):
         raise ConfigError(

@@ -112,7 +112,9 @@ def _comma_separated(value: Any) -> Any:
 def _roots(roots: list[str]) -> list[str]:
     for root in roots:
         if not ROOT.fullmatch(root) or any(part in (".", "..") for part in root.split("/")):
-            raise ValueError(f"a comma-separated list of absolute folders and s3://bucket[/prefix]es without . or .. segments ({root!r} is not one)")
+            raise ValueError(
+                f"a comma-separated list of absolute folders and s3://bucket[/prefix]es without . or .. segments ({root!r} is not one)"
+            )
     return roots
 
 
@@ -128,22 +130,33 @@ class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=PREFIX, env_ignore_empty=True, extra="ignore", case_sensitive=False)
 
     backend: Backend = Field(
-        "openai", json_schema_extra=WORKER,
+        "openai",
+        json_schema_extra=WORKER,
         description="openai: an OpenAI-compatible server such as vllm serve; transformers: the model on this machine's CPU (the demo)",
     )
     base_url: str | None = Field(None, json_schema_extra=WORKER, description="the model server's OpenAI-compatible /v1 URL")
     model: str | None = Field(
-        None, title="Model", json_schema_extra=WORKER,
+        None,
+        title="Model",
+        json_schema_extra=WORKER,
         description=(
             "The served model's name (vLLM), or with VQA_BACKEND=transformers a Hub id or a local folder. "
             "Empty: the vqa_vlm connection's extra.model, else VQA_MODEL."
         ),
     )
     max_num_seqs: int = Field(
-        MAX_NUM_SEQS, ge=1, le=65536, json_schema_extra=WORKER, description="the model server's batch size, vLLM's --max-num-seqs",
+        MAX_NUM_SEQS,
+        ge=1,
+        le=65536,
+        json_schema_extra=WORKER,
+        description="the model server's batch size, vLLM's --max-num-seqs",
     )
     concurrency: int | None = Field(
-        None, ge=1, le=4096, title="Requests in flight", json_schema_extra=WORKER,
+        None,
+        ge=1,
+        le=4096,
+        title="Requests in flight",
+        json_schema_extra=WORKER,
         description=(
             "Model requests each task keeps in flight. Empty: the server's batch size (VQA_MAX_NUM_SEQS, vLLM's --max-num-seqs, "
             f"{MAX_NUM_SEQS} by default) and a quarter more, split between the run's shards, which share the server "
@@ -151,16 +164,22 @@ class WorkerSettings(BaseSettings):
         ),
     )
     media_root: str = Field(
-        ".", title="Media root", json_schema_extra=WORKER,
+        ".",
+        title="Media root",
+        json_schema_extra=WORKER,
         description="Folder or s3:// prefix that relative image paths are resolved against, within the deployment's allowed media roots.",
     )
     # where a run may read media, read its input and write its output: deployment settings, not run parameters
     # (for a DAG run, none configured means s3:// only; see run_params)
     allowed_media_roots: Roots = Field(
-        default_factory=list, json_schema_extra=WORKER, description="folders and s3://bucket[/prefix]es rows may read media from (default: the media root)",
+        default_factory=list,
+        json_schema_extra=WORKER,
+        description="folders and s3://bucket[/prefix]es rows may read media from (default: the media root)",
     )
     allowed_input_roots: Roots = Field(default_factory=list, json_schema_extra=WORKER, description="where the input may be read")
-    allowed_output_roots: Roots = Field(default_factory=list, json_schema_extra=WORKER, description="where the output, errors and staging may be written")
+    allowed_output_roots: Roots = Field(
+        default_factory=list, json_schema_extra=WORKER, description="where the output, errors and staging may be written"
+    )
 
     @property
     def effective_concurrency(self) -> int:
@@ -236,14 +255,18 @@ class Environment(WorkerSettings):
         except json.JSONDecodeError:
             found = None
         if not isinstance(found, dict):
-            raise ValueError('a JSON object of PodSettings fields, e.g. {"s3_secret": null, "service_account_name": "vqa-worker"}')
+            raise ValueError(
+                'a JSON object of PodSettings fields, e.g. {"s3_secret": null, "service_account_name": "vqa-worker"}'
+            )
         return found
 
     @field_validator("data_root")
     @classmethod
     def _data_root(cls, root: str | None) -> str | None:
         if root is not None and (not DATA_ROOT.fullmatch(root) or any(part in (".", "..") for part in root.split("/"))):
-            raise ValueError("an absolute folder or s3://bucket[/prefix] (a bucket name of 3 to 63 characters), without . or .. segments")
+            raise ValueError(
+                "an absolute folder or s3://bucket[/prefix] (a bucket name of 3 to 63 characters), without . or .. segments"
+            )
         return root
 
     def task_timeout(self, rows: int | None) -> int | None:

@@ -27,7 +27,9 @@ def plan_shards(
     (an estimate's run); every shard then says how many lines the whole input has (``sample_of``).
     """
     if rows_per_shard < 1 or not 1 <= max_shards <= settings.MAX_SHARDS_LIMIT:
-        raise InputError(f"rows_per_shard must be >= 1 and max_shards 1..{settings.MAX_SHARDS_LIMIT}, got {rows_per_shard} and {max_shards}")
+        raise InputError(
+            f"rows_per_shard must be >= 1 and max_shards 1..{settings.MAX_SHARDS_LIMIT}, got {rows_per_shard} and {max_shards}"
+        )
     before = storage.version(input_uri)
     if before is None:
         raise InputError(f"cannot read {input_uri}: it does not exist")
@@ -50,8 +52,15 @@ def plan_shards(
     size = step * group
     return [
         Shard(
-            input=input_uri, index=i, first_line=1 + i * size, rows=min(size, lines - i * size), start=bounds[i], end=bounds[i + 1], version=before.token,
-            shards=len(bounds) - 1, sample_of=total if sample is not None else None,
+            input=input_uri,
+            index=i,
+            first_line=1 + i * size,
+            rows=min(size, lines - i * size),
+            start=bounds[i],
+            end=bounds[i + 1],
+            version=before.token,
+            shards=len(bounds) - 1,
+            sample_of=total if sample is not None else None,
         )
         for i in range(len(bounds) - 1)
     ]

@@ -79,7 +79,8 @@ def data_root(storage: Any, root: str, name: str) -> str:
 
 
 def model_server(base_url: str, model: str | None, api_key: str | None) -> str:
-    request = urllib.request.Request(base_url.rstrip("/") + "/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})  # noqa: S310
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(base_url.rstrip("/") + "/models", headers=headers)  # noqa: S310 - the deployment's model server
     with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 - the deployment's model server
         served = [m["id"] for m in json.load(resp)["data"]]
     if model and model not in served:
@@ -106,8 +107,17 @@ def gpu(requested: int) -> str:
 
 
 def run_checks(
-    *, storage: Any, root: str, name: str, expected_uid: int, base_url: str | None, model: str | None, api_key: str | None,
-    model_cache: str | None, gpus: int, expect_gpu: bool,
+    *,
+    storage: Any,
+    root: str,
+    name: str,
+    expected_uid: int,
+    base_url: str | None,
+    model: str | None,
+    api_key: str | None,
+    model_cache: str | None,
+    gpus: int,
+    expect_gpu: bool,
 ) -> list[Verdict]:
     """Every check this pod can answer; the ones not asked of it are SKIP with why."""
     found = [

@@ -38,7 +38,9 @@ from vqa_operators.exceptions import Reason, RowError
 THUMB_SIZE = (64, 36)
 THUMB_SAMPLES = 2
 # 8-bit planar YUV: the planes are read as they are; any other pixel format is converted first
-PLANAR_YUV = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "yuv440p", "yuvj440p", "yuv411p", "yuv410p"})
+PLANAR_YUV = frozenset(
+    {"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "yuv440p", "yuvj440p", "yuv411p", "yuv410p"}
+)
 # seek instead of decoding on when the next sampled frame is this far ahead (a keyframe is usually nearer)
 SEEK_GAP_S = 4.0
 # what a transcription endpoint is sent: Whisper's input
@@ -77,9 +79,12 @@ class VideoInfo:
 
     def summary(self) -> dict[str, Any]:
         return {
-            "codec": self.codec, "width": self.width, "height": self.height,
+            "codec": self.codec,
+            "width": self.width,
+            "height": self.height,
             "duration_s": None if self.duration_s is None else round(self.duration_s, 3),
-            "fps": None if self.fps is None else round(self.fps, 3), "has_audio": self.has_audio,
+            "fps": None if self.fps is None else round(self.fps, 3),
+            "has_audio": self.has_audio,
         }
 
 
@@ -143,9 +148,7 @@ def _video_stream(container: Any, rules: ClipRules) -> tuple[Any, VideoInfo]:
         raise RowError(Reason.UNSUPPORTED_CODEC, "FFmpeg has no decoder for the video stream's codec")
     width, height = context.width, context.height
     if min(width, height) < rules.min_side or max(width, height) > rules.max_side:
-        raise RowError(
-            Reason.BAD_DIMENSIONS, f"{width}x{height}: each side must be {rules.min_side} to {rules.max_side} pixels"
-        )
+        raise RowError(Reason.BAD_DIMENSIONS, f"{width}x{height}: each side must be {rules.min_side} to {rules.max_side} pixels")
     duration = None
     if stream.duration is not None and stream.time_base is not None:
         duration = float(stream.duration * stream.time_base)
@@ -155,8 +158,12 @@ def _video_stream(container: Any, rules: ClipRules) -> tuple[Any, VideoInfo]:
         raise RowError(Reason.VIDEO_TOO_LONG, f"{duration:.0f} s; the limit is {rules.max_duration_s:.0f} s (max_video_s)")
     rate = stream.average_rate or stream.guessed_rate
     info = VideoInfo(
-        codec=context.name, width=width, height=height, duration_s=duration,
-        fps=float(rate) if rate else None, has_audio=bool(container.streams.audio),
+        codec=context.name,
+        width=width,
+        height=height,
+        duration_s=duration,
+        fps=float(rate) if rate else None,
+        has_audio=bool(container.streams.audio),
     )
     stream.thread_type = "AUTO"
     stream.thread_count = decoding_threads(rules)
@@ -219,10 +226,9 @@ def scene_signature(frame: Any) -> Any:
         pixels = np.frombuffer(plane, np.uint8).reshape(plane.height, plane.line_size)[:, : plane.width]
         rows, cols = height * k, width * k
         sampled = pixels[:: max(1, plane.height // rows), :: max(1, plane.width // cols)][:rows, :cols].astype(np.float32)
-        if sampled.shape == (rows, cols):
-            sampled = sampled.reshape(height, k, width, k).mean(axis=(1, 3))
-        else:  # a plane smaller than the grid: compared point for point
-            sampled = np.resize(sampled, (height, width))
+        # a plane smaller than the grid is compared point for point
+        whole = sampled.shape == (rows, cols)
+        sampled = sampled.reshape(height, k, width, k).mean(axis=(1, 3)) if whole else np.resize(sampled, (height, width))
         parts.append(sampled.ravel())
     return np.concatenate(parts)
 
@@ -306,7 +312,9 @@ def extract(path: str, result: Scan, wanted: list[int], rules: ClipRules, *, max
                 if index < wanted[k]:
                     continue
                 if index > wanted[k]:
-                    raise RowError(Reason.VIDEO_UNREADABLE, f"frame {wanted[k]} ({result.times[wanted[k]]:.3f} s) did not decode again")
+                    raise RowError(
+                        Reason.VIDEO_UNREADABLE, f"frame {wanted[k]} ({result.times[wanted[k]]:.3f} s) did not decode again"
+                    )
                 image = frame.to_image()
                 size = target_size(image.width, image.height, max_pixels)
                 if size != image.size:
@@ -323,7 +331,10 @@ def extract(path: str, result: Scan, wanted: list[int], rules: ClipRules, *, max
                     seeked = True
                     break
             if not seeked:
-                raise RowError(Reason.VIDEO_UNREADABLE, f"the video ended before frame {wanted[k]} ({result.times[wanted[k]]:.3f} s) decoded again")
+                raise RowError(
+                    Reason.VIDEO_UNREADABLE,
+                    f"the video ended before frame {wanted[k]} ({result.times[wanted[k]]:.3f} s) decoded again",
+                )
 
 
 def audio_wav(path: str, start_s: float, end_s: float) -> bytes:

@@ -58,7 +58,17 @@ def main(path: str, image_folder: str, model_dir: str) -> None:
     model.eval()
     with torch.no_grad():
         losses = [float(model(**batch).loss) for batch in batches]
-    print(json.dumps({"trainer": "llava through the model's processor", "samples": len(items), "steps": 1, "step_loss": float(step_loss), "sample_losses": losses}))
+    print(
+        json.dumps(
+            {
+                "trainer": "llava through the model's processor",
+                "samples": len(items),
+                "steps": 1,
+                "step_loss": float(step_loss),
+                "sample_losses": losses,
+            }
+        )
+    )
     assert all(math.isfinite(x) for x in [float(step_loss), *losses])
 
 

@@ -21,8 +21,17 @@ def main(data: str, model_dir: str, work: str) -> None:
     processor = AutoProcessor.from_pretrained(model_dir)
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     config = SFTConfig(
-        output_dir=f"{work}/out", max_steps=1, per_device_train_batch_size=len(dataset), learning_rate=1e-3, logging_steps=1,
-        report_to="none", use_cpu=True, save_strategy="no", max_length=None, seed=0, dataloader_num_workers=0,
+        output_dir=f"{work}/out",
+        max_steps=1,
+        per_device_train_batch_size=len(dataset),
+        learning_rate=1e-3,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+        save_strategy="no",
+        max_length=None,
+        seed=0,
+        dataloader_num_workers=0,
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=processor)
     result = trainer.train()
@@ -32,7 +41,17 @@ def main(data: str, model_dir: str, work: str) -> None:
         batch = trainer.data_collator([example])
         with torch.no_grad():
             losses.append(float(model(**{k: v for k, v in batch.items() if k != "labels"}, labels=batch["labels"]).loss))
-    print(json.dumps({"trainer": f"trl {__version__}", "samples": len(dataset), "steps": result.global_step, "step_loss": result.training_loss, "sample_losses": losses}))
+    print(
+        json.dumps(
+            {
+                "trainer": f"trl {__version__}",
+                "samples": len(dataset),
+                "steps": result.global_step,
+                "step_loss": result.training_loss,
+                "sample_losses": losses,
+            }
+        )
+    )
     assert all(math.isfinite(x) for x in [result.training_loss, *losses])
 
 

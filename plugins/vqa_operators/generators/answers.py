@@ -60,13 +60,16 @@ def bounded_text(max_chars: int) -> Any:
 
 def qa_pair_model(limits: TextLimits, name: str = "QAPairOut") -> type[BaseModel]:
     """``{"question", "answer"}`` within ``limits``."""
-    return create_model(name, __config__=STRICT, question=(str, bounded_text(limits.question)), answer=(str, bounded_text(limits.answer)))
+    return create_model(
+        name, __config__=STRICT, question=(str, bounded_text(limits.question)), answer=(str, bounded_text(limits.answer))
+    )
 
 
 def qa_set_model(name: str, max_pairs: int, limits: TextLimits, *, min_pairs: int = 1) -> type[BaseModel]:
     """``{"qa_pairs": [{"question", "answer"}]}`` with ``min_pairs``..``max_pairs`` pairs."""
     pair = qa_pair_model(limits)
-    return create_model(name, __config__=ConfigDict(extra="forbid"), qa_pairs=(list[pair], Field(min_length=min_pairs, max_length=max_pairs)))  # type: ignore[valid-type]
+    pairs = (list[pair], Field(min_length=min_pairs, max_length=max_pairs))  # type: ignore[valid-type]
+    return create_model(name, __config__=ConfigDict(extra="forbid"), qa_pairs=pairs)
 
 
 # what may stand between a tag and the rest of the sentence ("<mam>, who ..." / "<mam>'s jacket")

@@ -49,7 +49,10 @@ class AnswerTextOptions(GeneratorOptions):
     """Options of generators whose model writes answers."""
 
     max_answer_chars: int = Field(
-        600, ge=20, le=20_000, description="longest answer, in characters: the answer schema's bound, which guided decoding enforces"
+        600,
+        ge=20,
+        le=20_000,
+        description="longest answer, in characters: the answer schema's bound, which guided decoding enforces",
     )
 
 
@@ -57,7 +60,10 @@ class QATextOptions(AnswerTextOptions):
     """Options of generators whose model writes questions and answers."""
 
     max_question_chars: int = Field(
-        300, ge=20, le=5_000, description="longest question, in characters: the answer schema's bound, which guided decoding enforces"
+        300,
+        ge=20,
+        le=5_000,
+        description="longest question, in characters: the answer schema's bound, which guided decoding enforces",
     )
 
     @property
@@ -81,7 +87,9 @@ class ImageRowOptions(ImageLimitOptions):
 class FrameOptions(GeneratorOptions):
     """Options of generators that send a video's frames."""
 
-    max_frames: int = Field(settings.MAX_FRAMES, ge=1, le=256, title="Frames per request", description="Sampled evenly across the video's clips.")
+    max_frames: int = Field(
+        settings.MAX_FRAMES, ge=1, le=256, title="Frames per request", description="Sampled evenly across the video's clips."
+    )
     frame_max_pixels: int = Field(settings.FRAME_MAX_PIXELS, ge=28 * 28, le=4_000_000, description="pixel budget per frame")
 
 
@@ -191,8 +199,14 @@ class OutputFields:
                 clips = element.get(self.pair_clips) if self.pair_clips else None
                 items.append(
                     QAItem(
-                        index, element[question], element[answer], raw=element, labels=self.labels(element.get("Label")),
-                        clips=[c for c in clips if isinstance(c, int) and not isinstance(c, bool)] if isinstance(clips, list) else [],
+                        index,
+                        element[question],
+                        element[answer],
+                        raw=element,
+                        labels=self.labels(element.get("Label")),
+                        clips=[c for c in clips if isinstance(c, int) and not isinstance(c, bool)]
+                        if isinstance(clips, list)
+                        else [],
                     )
                 )
         return items
@@ -222,7 +236,9 @@ class OutputFields:
         """A video row's frames as the model was shown them (else every clip's frames), and how many frames the video had (None: unknown)."""
         details = ((row.get(PROVENANCE_KEY) or {}).get(self.sent) or {}) if self.sent else {}
         sent = details.get(FRAMES_SENT) if isinstance(details, dict) else None
-        frames = [f["path"] for f in sent if isinstance(f, dict) and isinstance(f.get("path"), str)] if isinstance(sent, list) else []
+        frames = (
+            [f["path"] for f in sent if isinstance(f, dict) and isinstance(f.get("path"), str)] if isinstance(sent, list) else []
+        )
         clips = row.get(self.clips) if self.clips else None
         if not frames and isinstance(clips, list):
             frames = [path for clip in clips if isinstance(clip, dict) for path in path_list(clip.get(CLIP_FRAMES))]
@@ -406,7 +422,10 @@ class Generator(ABC):
         """
         chars = prompt_chars(messages)
         if chars > self.options.max_prompt_chars:
-            raise RowError(Reason.PROMPT_TOO_LONG, f"the prompt has {chars} characters of text; the budget is {self.options.max_prompt_chars} (max_prompt_chars)")
+            raise RowError(
+                Reason.PROMPT_TOO_LONG,
+                f"the prompt has {chars} characters of text; the budget is {self.options.max_prompt_chars} (max_prompt_chars)",
+            )
         schema = answer_model.model_json_schema()
         name = answer_model.__name__
         seed = derive_seed(self.seed, key)

@@ -13,7 +13,9 @@ from vqa_operators.generators.base import Generator, ImageRowOptions, OutputFiel
 class ImageQAOptions(ImageRowOptions, QATextOptions):
     """Options of the image QA generator."""
 
-    pairs_per_row: int = Field(3, ge=1, le=20, title="QA pairs per row", description="Question-answer pairs generated for each row's images.")
+    pairs_per_row: int = Field(
+        3, ge=1, le=20, title="QA pairs per row", description="Question-answer pairs generated for each row's images."
+    )
     output_key: str = Field("qa_pairs", min_length=1, description="output field for the QA pairs")
 
 

@@ -58,7 +58,9 @@ def load_question_bank(prompts: PromptSet, tag: str) -> list[Question]:
         if category not in CATEGORIES:
             raise ConfigError(f"pers_qa question bank line {number}: unknown category {category!r}; use one of {CATEGORIES}")
         if not kinds or not kinds <= {ANY, *SUBJECT_TYPES}:
-            raise ConfigError(f"pers_qa question bank line {number}: kinds must be 'any' or from {SUBJECT_TYPES}, got {kinds_text!r}")
+            raise ConfigError(
+                f"pers_qa question bank line {number}: kinds must be 'any' or from {SUBJECT_TYPES}, got {kinds_text!r}"
+            )
         if tag not in text:
             raise ConfigError(f"pers_qa question bank line {number}: the question does not contain the tag {tag!r}")
         bank.append(Question(category, kinds, text))
@@ -83,14 +85,25 @@ def one_line(text: str) -> str:
 class PersQAOptions(ImageRowOptions, AnswerTextOptions):
     """Options of the personalised QA generator."""
 
-    tag: str = Field("<mam>", min_length=1, max_length=40, pattern=r"^\S+$", title="Main character tag", description="Name the model must use for the main character; every answer starts with it.")
+    tag: str = Field(
+        "<mam>",
+        min_length=1,
+        max_length=40,
+        pattern=r"^\S+$",
+        title="Main character tag",
+        description="Name the model must use for the main character; every answer starts with it.",
+    )
     max_answer_chars: int = Field(
-        PATTERN_MAX_CHARS, ge=50, le=PATTERN_MAX_CHARS,
+        PATTERN_MAX_CHARS,
+        ge=50,
+        le=PATTERN_MAX_CHARS,
         description=f"longest answer, tag included: the answer pattern's bound (at most {PATTERN_MAX_CHARS}, what vLLM's xgrammar compiles)",
     )
     output_key: str = Field("pers_qa", min_length=1, description="output field for 'Question: ... Answer: ...'")
     subject_key: str = Field(
-        "subject_type", min_length=1, description="optional input field: person, pet or object (rows without it get questions that suit any)"
+        "subject_type",
+        min_length=1,
+        description="optional input field: person, pet or object (rows without it get questions that suit any)",
     )
 
 
@@ -126,7 +139,9 @@ class PersQAGenerator(Generator):
         tag, limit = self.options.tag, self.options.max_answer_chars
         text = answer.answer
         if not text.startswith(tag):
-            raise ParseError(f"the answer must start with {tag!r}, but it starts with {text[:30]!r}", reason=Reason.ANSWER_MISSING_TAG)
+            raise ParseError(
+                f"the answer must start with {tag!r}, but it starts with {text[:30]!r}", reason=Reason.ANSWER_MISSING_TAG
+            )
         if not text[len(tag) :].strip(AFTER_TAG + " \t\n"):
             raise ParseError(f"the answer is only the tag {tag!r}; say something about {tag}", reason=Reason.ANSWER_MISSING_TAG)
         if len(text) > limit:
@@ -143,7 +158,8 @@ class PersQAGenerator(Generator):
         messages = [
             {"role": "system", "content": self.prompts.render("system", tag=opts.tag)},
             self.user_message(
-                images, self.prompts.render("user", image_count=len(images), tag=opts.tag, subject=subject, question=question.text)
+                images,
+                self.prompts.render("user", image_count=len(images), tag=opts.tag, subject=subject, question=question.text),
             ),
         ]
         answer = await self.ask(messages, self.answer_model, key=key, check=self.check_answer)

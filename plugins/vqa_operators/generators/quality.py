@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, Field, create_model, field_validator
 
@@ -74,27 +74,35 @@ def sources() -> tuple[str, ...]:
 class QualityOptions(FrameOptions, ImageLimitOptions):
     """Options of the quality gate."""
 
-    source: str = Field(description="the generator whose rows are judged: one that makes a dataset's rows (image_qa, pers_qa, video_qa_final)")
+    source: str = Field(
+        description="the generator whose rows are judged: one that makes a dataset's rows (image_qa, pers_qa, video_qa_final)"
+    )
     blind_check: bool = Field(
-        True, title="Check: needs the picture",
+        True,
+        title="Check: needs the picture",
         description=(
             "Ask each question without the images (video: with only its meta) and reject the pair (answerable_blind) if the model's "
             "blind answer agrees with the reference. 2 text-only model calls per pair."
         ),
     )
     grounding_check: bool = Field(
-        True, title="Check: grounded in the picture",
+        True,
+        title="Check: grounded in the picture",
         description=(
             "Show the model the images (video: the sampled frames) with the pair; reject it (not_grounded) if judged not grounded or "
             "scored below the minimum. 1 call with the images per pair the first check kept."
         ),
     )
     min_judge_score: int = Field(
-        settings.MIN_JUDGE_SCORE, ge=1, le=5, title="Lowest grounding score",
+        settings.MIN_JUDGE_SCORE,
+        ge=1,
+        le=5,
+        title="Lowest grounding score",
         description="Pairs the grounding check scores below this (1 contradicted ... 5 fully supported) are rejected as not_grounded.",
     )
     quality_mode: Literal["filter", "annotate"] = Field(
-        "filter", title="What the checks do",
+        "filter",
+        title="What the checks do",
         description=(
             "filter: drop the pairs that fail a check (to the rejected file, with the reason). annotate: keep every pair, ask every "
             "check of each (3 calls a pair), and write its verdicts, score and would-be rejection into vqa_provenance.quality.verdicts, "
@@ -121,6 +129,13 @@ class GroundingVerdict(BaseModel):
     score: int = Field(ge=1, le=5)
 
 
+class BlindAnswer(BaseModel):
+    """The model's answer to a question asked without the images."""
+
+    model_config = STRICT
+    answer: str
+
+
 class AgreementVerdict(BaseModel):
     """The vision-dependency check's verdict on a blind answer."""
 
@@ -129,9 +144,9 @@ class AgreementVerdict(BaseModel):
     agrees: bool
 
 
-def verdict_models(max_reason: int, max_answer: int) -> tuple[type[BaseModel], type[BaseModel], type[BaseModel]]:
+def verdict_models(max_reason: int, max_answer: int) -> tuple[type[BlindAnswer], type[AgreementVerdict], type[GroundingVerdict]]:
     """(blind answer, agreement verdict, grounding verdict) with their text bounds in the schema."""
-    blind = create_model("BlindAnswer", __config__=STRICT, answer=(str, bounded_text(max_answer)))
+    blind = create_model("BlindAnswer", __base__=BlindAnswer, answer=(str, bounded_text(max_answer)))
     agreement = create_model("AgreementVerdict", __base__=AgreementVerdict, reason=(str, bounded_text(max_reason)))
     grounding = create_model("GroundingVerdict", __base__=GroundingVerdict, reason=(str, bounded_text(max_reason)))
     return blind, agreement, grounding
@@ -160,7 +175,9 @@ class QualityGate(Generator):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         opts = self.options
-        self.blind_model, self.agreement_model, self.grounding_model = verdict_models(opts.max_reason_chars, opts.max_answer_chars)
+        self.blind_model, self.agreement_model, self.grounding_model = verdict_models(
+            opts.max_reason_chars, opts.max_answer_chars
+        )
         self._fields: dict[str, OutputFields] = {}
 
     def answer_models(self) -> list[type[BaseModel]]:
@@ -202,7 +219,11 @@ class QualityGate(Generator):
         for item, (verdict, rejection) in zip(items, verdicts, strict=True):
             if annotate:
                 kept.append(item.index)
-                kept_verdicts.append(verdict.model_copy(update={"rejection": None if rejection is None else WouldReject(reason=rejection[0], detail=rejection[1])}))
+                kept_verdicts.append(
+                    verdict.model_copy(
+                        update={"rejection": None if rejection is None else WouldReject(reason=rejection[0], detail=rejection[1])}
+                    )
+                )
             elif rejection is None:
                 kept.append(item.index)
                 kept_verdicts.append(verdict)
@@ -211,7 +232,12 @@ class QualityGate(Generator):
                 rejected.append(PairRejection(index=item.index, pair=item.raw, reason=reason, detail=detail, verdicts=verdict))
         trimmed = fields.keep(row, kept)
         out_fields = {fields.qa: trimmed[fields.qa]} if fields.qa in trimmed else {}
-        meta = {VERDICTS: [v.model_dump(mode="json") for v in kept_verdicts], "pairs_in": len(items), "rejected": [{"index": r.index, "reason": r.reason} for r in rejected], "mode": self.options.quality_mode}
+        meta = {
+            VERDICTS: [v.model_dump(mode="json") for v in kept_verdicts],
+            "pairs_in": len(items),
+            "rejected": [{"index": r.index, "reason": r.reason} for r in rejected],
+            "mode": self.options.quality_mode,
+        }
         if images.loaded:
             meta["images_sent"] = len(images.value or [])
         return Generated(out_fields, meta, rejected=rejected, pairs_kept=len(kept))
@@ -230,32 +256,43 @@ class QualityGate(Generator):
                 {"role": "system", "content": self.prompts.render("system")},
                 {"role": "user", "content": self.prompts.render("blind", question=item.question, meta=meta)},
             ]
-            blind = await self.ask(messages, self.blind_model, key=f"{pair_key}:blind")
+            blind = cast(BlindAnswer, await self.ask(messages, self.blind_model, key=f"{pair_key}:blind"))
             judge = [
                 {"role": "system", "content": self.prompts.render("system")},
                 {
                     "role": "user",
-                    "content": self.prompts.render("agreement", question=item.question, reference=item.answer, candidate=blind.answer),  # type: ignore[attr-defined]
+                    "content": self.prompts.render(
+                        "agreement", question=item.question, reference=item.answer, candidate=blind.answer
+                    ),
                 },
             ]
-            agreement = await self.ask(judge, self.agreement_model, key=f"{pair_key}:agreement")
-            verdict.blind = BlindCheck(answer=blind.answer, agrees=agreement.agrees, reason=agreement.reason)  # type: ignore[attr-defined]
-            if agreement.agrees:  # type: ignore[attr-defined]
-                failed = (Rejection.ANSWERABLE_BLIND, f"answered without the images: {blind.answer!r}")  # type: ignore[attr-defined]
+            agreement = cast(AgreementVerdict, await self.ask(judge, self.agreement_model, key=f"{pair_key}:agreement"))
+            verdict.blind = BlindCheck(answer=blind.answer, agrees=agreement.agrees, reason=agreement.reason)
+            if agreement.agrees:
+                failed = (Rejection.ANSWERABLE_BLIND, f"answered without the images: {blind.answer!r}")
                 if opts.quality_mode == "filter":
                     return verdict, failed
         if opts.grounding_check:
             prepared = await images.get()
             text = self.prompts.render(
-                "grounding", question=item.question, answer=item.answer, labels=item.labels, meta=self._meta(row, fields),
-                image_count=len(prepared), video=fields.clips is not None,
+                "grounding",
+                question=item.question,
+                answer=item.answer,
+                labels=item.labels,
+                meta=self._meta(row, fields),
+                image_count=len(prepared),
+                video=fields.clips is not None,
             )
             messages = [{"role": "system", "content": self.prompts.render("system")}, self.user_message(prepared, text)]
-            grounding = await self.ask(messages, self.grounding_model, key=f"{pair_key}:grounding")
-            verdict.grounding = GroundingCheck(grounded=grounding.grounded, score=grounding.score, reason=grounding.reason)  # type: ignore[attr-defined]
-            if not grounding.grounded or grounding.score < opts.min_judge_score:  # type: ignore[attr-defined]
-                why = "not grounded" if not grounding.grounded else f"score {grounding.score} < min_judge_score {opts.min_judge_score}"  # type: ignore[attr-defined]
-                failed = failed or (Rejection.NOT_GROUNDED, f"{why}: {grounding.reason}")  # type: ignore[attr-defined]
+            grounding = cast(GroundingVerdict, await self.ask(messages, self.grounding_model, key=f"{pair_key}:grounding"))
+            verdict.grounding = GroundingCheck(grounded=grounding.grounded, score=grounding.score, reason=grounding.reason)
+            if not grounding.grounded or grounding.score < opts.min_judge_score:
+                why = (
+                    "not grounded"
+                    if not grounding.grounded
+                    else f"score {grounding.score} < min_judge_score {opts.min_judge_score}"
+                )
+                failed = failed or (Rejection.NOT_GROUNDED, f"{why}: {grounding.reason}")
         return verdict, failed
 
     def _meta(self, row: dict[str, Any], fields: OutputFields) -> str | None:

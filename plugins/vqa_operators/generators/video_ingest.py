@@ -42,24 +42,60 @@ class VideoIngestOptions(GeneratorOptions):
     """How videos are cut, sampled and described."""
 
     video_key: str = Field("video", min_length=1, description="input field with the video's path or s3:// URI")
-    meta_key: str = Field("Meta", min_length=1, description="input field with the video's meta text (kept; made from the file if absent)")
-    clips_key: str = Field("Clips", min_length=1, description="the clips field written (a row that has one and no video passes through)")
+    meta_key: str = Field(
+        "Meta", min_length=1, description="input field with the video's meta text (kept; made from the file if absent)"
+    )
+    clips_key: str = Field(
+        "Clips", min_length=1, description="the clips field written (a row that has one and no video passes through)"
+    )
     frames_per_clip: int = Field(
-        ClipRules.frames_per_clip, ge=1, le=64, title="Frames per clip",
+        ClipRules.frames_per_clip,
+        ge=1,
+        le=64,
+        title="Frames per clip",
         description="Video files: frames sampled evenly within each clip and stored as JPEG under the run's folder, each with its timestamp.",
     )
     scene_threshold: float = Field(
-        ClipRules.scene_threshold, ge=0.0, le=1.0, title="Scene-change threshold",
-        description="How much the picture must change from one frame to the next (0-1, mean pixel change of a small thumbnail) to start a new clip. 0: cut every clip_s seconds.",
+        ClipRules.scene_threshold,
+        ge=0.0,
+        le=1.0,
+        title="Scene-change threshold",
+        description=(
+            "How much the picture must change from one frame to the next (0-1, mean pixel change of a small "
+            "thumbnail) to start a new clip. 0: cut every clip_s seconds."
+        ),
     )
-    min_clip_s: float = Field(ClipRules.min_clip_s, gt=0, le=3600, title="Shortest clip (s)", description="A scene change sooner than this after the clip began is ignored.")
-    max_clip_s: float = Field(ClipRules.max_clip_s, gt=0, le=3600, title="Longest clip (s)", description="A longer scene is split into equal clips.")
-    clip_s: float = Field(ClipRules.clip_s, gt=0, le=3600, title="Fixed clip length (s)", description="A video with no scene change (or a threshold of 0) is cut into clips this long.")
-    max_video_s: float = Field(ClipRules.max_duration_s, gt=0, le=86_400, description="longer videos go to errors (video_too_long)")
-    max_side: int = Field(ClipRules.max_side, ge=16, le=65_536, description="a picture side above this many pixels goes to errors (bad_dimensions)")
-    caption: bool = Field(True, title="Caption each clip", description="Ask the model for each clip's Description from its frames (1 request per clip). Off: empty.")
+    min_clip_s: float = Field(
+        ClipRules.min_clip_s,
+        gt=0,
+        le=3600,
+        title="Shortest clip (s)",
+        description="A scene change sooner than this after the clip began is ignored.",
+    )
+    max_clip_s: float = Field(
+        ClipRules.max_clip_s, gt=0, le=3600, title="Longest clip (s)", description="A longer scene is split into equal clips."
+    )
+    clip_s: float = Field(
+        ClipRules.clip_s,
+        gt=0,
+        le=3600,
+        title="Fixed clip length (s)",
+        description="A video with no scene change (or a threshold of 0) is cut into clips this long.",
+    )
+    max_video_s: float = Field(
+        ClipRules.max_duration_s, gt=0, le=86_400, description="longer videos go to errors (video_too_long)"
+    )
+    max_side: int = Field(
+        ClipRules.max_side, ge=16, le=65_536, description="a picture side above this many pixels goes to errors (bad_dimensions)"
+    )
+    caption: bool = Field(
+        True,
+        title="Caption each clip",
+        description="Ask the model for each clip's Description from its frames (1 request per clip). Off: empty.",
+    )
     transcribe: Literal["auto", "on", "off"] = Field(
-        "auto", title="Transcribe each clip",
+        "auto",
+        title="Transcribe each clip",
         description=(
             "Audio_Text from the speech-to-text endpoint VQA_TRANSCRIPTION_URL (vLLM serving Whisper): auto uses it if set, else leaves "
             "Audio_Text empty; on fails the run if none is set."
@@ -68,7 +104,10 @@ class VideoIngestOptions(GeneratorOptions):
     max_caption_chars: int = Field(300, ge=20, le=2000, description="longest Description: the caption schema's bound")
     frames_prefix: str | None = Field(None, description="where the frames go (default: beside the output, <output name>.frames/)")
     video_concurrency: int = Field(
-        16, ge=1, le=1024, description="videos decoded and captioned at once: each holds its sampled frames until its captions come back"
+        16,
+        ge=1,
+        le=1024,
+        description="videos decoded and captioned at once: each holds its sampled frames until its captions come back",
     )
 
     @model_validator(mode="after")
@@ -76,14 +115,21 @@ class VideoIngestOptions(GeneratorOptions):
         if self.min_clip_s > self.max_clip_s:
             raise ValueError(f"min_clip_s ({self.min_clip_s}) is above max_clip_s ({self.max_clip_s})")
         if not self.min_clip_s <= self.clip_s <= self.max_clip_s:
-            raise ValueError(f"clip_s ({self.clip_s}) must lie within min_clip_s and max_clip_s ({self.min_clip_s}-{self.max_clip_s})")
+            raise ValueError(
+                f"clip_s ({self.clip_s}) must lie within min_clip_s and max_clip_s ({self.min_clip_s}-{self.max_clip_s})"
+            )
         return self
 
     @property
     def rules(self) -> ClipRules:
         return ClipRules(
-            frames_per_clip=self.frames_per_clip, scene_threshold=self.scene_threshold, min_clip_s=self.min_clip_s,
-            max_clip_s=self.max_clip_s, clip_s=self.clip_s, max_side=self.max_side, max_duration_s=self.max_video_s,
+            frames_per_clip=self.frames_per_clip,
+            scene_threshold=self.scene_threshold,
+            min_clip_s=self.min_clip_s,
+            max_clip_s=self.max_clip_s,
+            clip_s=self.clip_s,
+            max_side=self.max_side,
+            max_duration_s=self.max_video_s,
         )
 
 
@@ -109,12 +155,18 @@ class VideoIngestGenerator(Generator):
         self.transcriber: Any = None
         if opts.transcribe != "off" and env.transcription_url:
             if not env.transcription_model:
-                raise ConfigError("VQA_TRANSCRIPTION_URL is set but VQA_TRANSCRIPTION_MODEL is not: name the speech-to-text model")
+                raise ConfigError(
+                    "VQA_TRANSCRIPTION_URL is set but VQA_TRANSCRIPTION_MODEL is not: name the speech-to-text model"
+                )
             from vqa_operators.serving.openai_api import OpenAIServing
 
-            self.transcriber = OpenAIServing(base_url=env.transcription_url, model=env.transcription_model, concurrency=max(1, self.serving.concurrency))
+            self.transcriber = OpenAIServing(
+                base_url=env.transcription_url, model=env.transcription_model, concurrency=max(1, self.serving.concurrency)
+            )
         elif opts.transcribe == "on":
-            raise ConfigError("transcribe is on but no transcription endpoint is configured: set VQA_TRANSCRIPTION_URL and VQA_TRANSCRIPTION_MODEL")
+            raise ConfigError(
+                "transcribe is on but no transcription endpoint is configured: set VQA_TRANSCRIPTION_URL and VQA_TRANSCRIPTION_MODEL"
+            )
 
     @property
     def frames_root(self) -> str:
@@ -166,20 +218,29 @@ class VideoIngestGenerator(Generator):
             if meta is None or (isinstance(meta, str) and not meta.strip()):
                 meta = self._describe_file(path, result, clips)
             about = meta if isinstance(meta, str) else json.dumps(meta, ensure_ascii=False)  # the seeds allow an object
-            texts = await asyncio.gather(*(self._clip_texts(local, clip, len(clips), frames[clip.index], about, key) for clip in clips))
+            texts = await asyncio.gather(
+                *(self._clip_texts(local, clip, len(clips), frames[clip.index], about, key) for clip in clips)
+            )
         out_clips = []
         for clip, (description, audio) in zip(clips, texts, strict=True):
-            out_clips.append({
-                "Description": description,
-                "Audio_Text": audio,
-                CLIP_FRAMES: [uri for uri, _ in frames[clip.index]],
-                "Start": round(clip.start_s, 3),
-                "End": round(clip.end_s, 3),
-                "Frame_Times": [round(result.times[i], 3) for i in clip.frames],
-            })
+            out_clips.append(
+                {
+                    "Description": description,
+                    "Audio_Text": audio,
+                    CLIP_FRAMES: [uri for uri, _ in frames[clip.index]],
+                    "Start": round(clip.start_s, 3),
+                    "End": round(clip.end_s, 3),
+                    "Frame_Times": [round(result.times[i], 3) for i in clip.frames],
+                }
+            )
         scene_changes = sum(1 for c in clips[1:] if result.changes[c.first] >= opts.scene_threshold > 0)
         details = {
-            "video": {"path": path, **result.info.summary(), "frames_decoded": len(result.times), "end_s": round(result.end_s, 3)},
+            "video": {
+                "path": path,
+                **result.info.summary(),
+                "frames_decoded": len(result.times),
+                "end_s": round(result.end_s, 3),
+            },
             "clips": len(clips),
             "scene_changes": scene_changes,
             "frames": sum(len(c.frames) for c in clips),
@@ -213,7 +274,9 @@ class VideoIngestGenerator(Generator):
             raise RowError(Reason.VIDEO_UNREADABLE, f"{path}: the object is empty (0 bytes)")
         return handle.name
 
-    def _cut_and_store(self, local: str, key: str) -> tuple[Scan, list[ClipPlan], dict[int, list[tuple[str, PreparedImage | None]]]]:
+    def _cut_and_store(
+        self, local: str, key: str
+    ) -> tuple[Scan, list[ClipPlan], dict[int, list[tuple[str, PreparedImage | None]]]]:
         """Scan, plan the clips, extract their frames and store them; per clip, each frame's URI (and its image, to caption)."""
         rules = self.opts.rules
         result = scan(local, rules)
@@ -242,8 +305,14 @@ class VideoIngestGenerator(Generator):
         if self.opts.caption:
             images = [image for _, image in frames if image is not None]
             text = self.prompts.render(
-                "caption", meta=meta, number=clip.index + 1, total=total, start=clip.start_s, end=clip.end_s,
-                shown=len(images), max_chars=self.opts.max_caption_chars,
+                "caption",
+                meta=meta,
+                number=clip.index + 1,
+                total=total,
+                start=clip.start_s,
+                end=clip.end_s,
+                shown=len(images),
+                max_chars=self.opts.max_caption_chars,
             )
             messages = [{"role": "system", "content": self.prompts.render("system")}, self.user_message(images, text)]
             answer = await self.ask(messages, self.caption_answer, key=f"{key}:caption:{clip.index}")

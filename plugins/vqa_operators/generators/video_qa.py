@@ -192,7 +192,8 @@ def labelled_pair_model(limits: TextLimits, clips: int | None = None) -> type[Ba
 def final_model(pairs: int, limits: TextLimits, clips: int | None = None) -> type[BaseModel]:
     """``{"qa": [{"labels", "question", "answer"[, "clips"]}]}`` with exactly ``pairs`` pairs; ``clips``: the row's clip count."""
     pair = labelled_pair_model(limits, clips)
-    return create_model("VideoQAFinal", __config__=ConfigDict(extra="forbid"), qa=(list[pair], Field(min_length=pairs, max_length=pairs)))  # type: ignore[valid-type]
+    qa = (list[pair], Field(min_length=pairs, max_length=pairs))  # type: ignore[valid-type]
+    return create_model("VideoQAFinal", __config__=ConfigDict(extra="forbid"), qa=qa)
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -224,7 +225,11 @@ def to_rows(pairs: list[Any]) -> list[dict[str, str]]:
 
 def qa_json(pairs: list[dict[str, Any]]) -> str:
     """A QA set as it appears in prompts: JSON, one pair per line."""
-    return "[\n" + ",\n".join(json.dumps({"question": p["Question"], "answer": p["Answer"]}, ensure_ascii=False) for p in pairs) + "\n]"
+    return (
+        "[\n"
+        + ",\n".join(json.dumps({"question": p["Question"], "answer": p["Answer"]}, ensure_ascii=False) for p in pairs)
+        + "\n]"
+    )
 
 
 class VideoQAOptions(QATextOptions, FrameOptions):
@@ -285,21 +290,32 @@ class _VideoQAStage(Generator):
             {
                 "type": "text",
                 "text": self.prompts.render(
-                    "video", meta=video.meta, clip_count=len(video.clips), frames_sent=len(images or []), frames_total=video.frames_total
+                    "video",
+                    meta=video.meta,
+                    clip_count=len(video.clips),
+                    frames_sent=len(images or []),
+                    frames_total=video.frames_total,
                 ),
             }
         ]
         for number, clip in enumerate(video.clips, start=1):
             frames = shown.get(number - 1, [])
             text = self.prompts.render(
-                "clip", number=number, total=len(video.clips), description=clip.description, audio=clip.audio_text,
-                shown=len(frames), frames=len(clip.frames),
+                "clip",
+                number=number,
+                total=len(video.clips),
+                description=clip.description,
+                audio=clip.audio_text,
+                shown=len(frames),
+                frames=len(clip.frames),
             )
             parts.append({"type": "text", "text": text})
             parts.extend(self.image_part(img) for img in frames)
         return parts
 
-    def messages(self, video: Video, images: list[PreparedImage] | None, task: str, *, system: str | None = None) -> list[dict[str, Any]]:
+    def messages(
+        self, video: Video, images: list[PreparedImage] | None, task: str, *, system: str | None = None
+    ) -> list[dict[str, Any]]:
         """System turn plus one user turn: the video parts, then the task text."""
         content = [*self.video_parts(video, images), {"type": "text", "text": task}]
         return [{"role": "system", "content": system or self.prompts.render("system")}, {"role": "user", "content": content}]
@@ -308,7 +324,12 @@ class _VideoQAStage(Generator):
     def output_fields(cls, options: VideoQAOptions) -> OutputFields:
         """The QA set in ``output_key`` ({"Question", "Answer"}, labelled after the final stage), about the clips' frames."""
         return OutputFields(
-            qa=options.output_key, form="labelled", clips=options.clips_key, meta=options.meta_key, label_separator=LABEL_SEPARATOR, pair_clips=PAIR_CLIPS,
+            qa=options.output_key,
+            form="labelled",
+            clips=options.clips_key,
+            meta=options.meta_key,
+            label_separator=LABEL_SEPARATOR,
+            pair_clips=PAIR_CLIPS,
             sent=VideoQAInitialGenerator.name,
         )
 
@@ -321,7 +342,9 @@ class _VideoQAStage(Generator):
         try:
             pairs = [QAPair.model_validate({"question": p.get("Question"), "answer": p.get("Answer")}) for p in value]
         except (AttributeError, TypeError, ValidationError):
-            raise RowError(Reason.BAD_FIELD, f"{key!r} must be a list of {{'Question', 'Answer'}} objects with non-empty text") from None
+            raise RowError(
+                Reason.BAD_FIELD, f"{key!r} must be a list of {{'Question', 'Answer'}} objects with non-empty text"
+            ) from None
         if not pairs:
             raise RowError(Reason.BAD_FIELD, f"{key!r} is an empty QA set")
         return to_rows(pairs)
@@ -375,7 +398,13 @@ class VideoQAInitialGenerator(_VideoQAStage):
 
 
 class VideoQAMultiAgentOptions(VideoQAOptions):
-    max_iterations: int = Field(3, ge=0, le=20, title="Expert rounds", description="Multi-agent recruit-answer-revise rounds in all (the state counts them); the master may stop earlier.")
+    max_iterations: int = Field(
+        3,
+        ge=0,
+        le=20,
+        title="Expert rounds",
+        description="Multi-agent recruit-answer-revise rounds in all (the state counts them); the master may stop earlier.",
+    )
     expert_pairs: int = Field(5, ge=1, le=30, description="at most this many new pairs per expert")
     max_pairs: int = Field(20, ge=1, le=100, description="the revised set is kept to at most this many pairs")
 
@@ -429,7 +458,9 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
                     self.messages(video, images, task, system=system), self.expert_model, key=f"{key}:expert:{iteration}"
                 )
                 expert_rows = to_rows(added.qa_pairs)  # type: ignore[attr-defined]
-                current = await self.revise(video, current=current, expert_pairs=expert_rows, role=expert.role, key=f"{key}:revise:{iteration}")
+                current = await self.revise(
+                    video, current=current, expert_pairs=expert_rows, role=expert.role, key=f"{key}:revise:{iteration}"
+                )
                 state.experts.append(ExpertRecord(**expert.model_dump(), iteration=iteration))
                 state.iterations = iteration
                 ran += 1
@@ -443,33 +474,51 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
         meta = {"iterations_run": ran, **(self.frames_meta(video) if images is not None else {})}
         return fields, meta
 
-    async def _recruit(self, video: Video, current: list[dict[str, str]], state: VideoQAState, iteration: int, key: str) -> Recruit | Terminate | None:
+    async def _recruit(
+        self, video: Video, current: list[dict[str, str]], state: VideoQAState, iteration: int, key: str
+    ) -> Recruit | Terminate | None:
         """The master's decision, or None if it kept naming an expert it already had."""
         taken = {comparable(e.role) for e in state.experts}
 
         def check(decision: MasterDecision) -> None:
             move = decision.root
             if isinstance(move, Recruit) and comparable(move.expert.role) in taken:
-                raise ParseError(f"the role {move.expert.role!r} was already recruited; name a different expert or terminate", reason=Reason.DUPLICATE_EXPERT)
+                raise ParseError(
+                    f"the role {move.expert.role!r} was already recruited; name a different expert or terminate",
+                    reason=Reason.DUPLICATE_EXPERT,
+                )
 
         task = self.prompts.render(
-            "recruit", iteration=iteration, max_iterations=self.options.max_iterations, current_qa=qa_json(current),
-            current_count=len(current), experts=state.experts,
+            "recruit",
+            iteration=iteration,
+            max_iterations=self.options.max_iterations,
+            current_qa=qa_json(current),
+            current_count=len(current),
+            experts=state.experts,
         )
         try:
-            decision = await self.ask(self.messages(video, None, task), MasterDecision, key=f"{key}:recruit:{iteration}", check=check)
+            decision = await self.ask(
+                self.messages(video, None, task), MasterDecision, key=f"{key}:recruit:{iteration}", check=check
+            )
         except RowError as err:
             if err.reason == Reason.DUPLICATE_EXPERT:
                 return None
             raise
         return decision.root
 
-    async def revise(self, video: Video, *, current: list[dict[str, str]], expert_pairs: list[dict[str, str]], role: str, key: str) -> list[dict[str, str]]:
+    async def revise(
+        self, video: Video, *, current: list[dict[str, str]], expert_pairs: list[dict[str, str]], role: str, key: str
+    ) -> list[dict[str, str]]:
         """The master merges the expert's pairs into the current set; the result replaces it."""
         opts = self.options
         task = self.prompts.render(
-            "revise", current_qa=qa_json(current), current_count=len(current), expert_qa=qa_json(expert_pairs),
-            expert_count=len(expert_pairs), role=role, max_pairs=opts.max_pairs,
+            "revise",
+            current_qa=qa_json(current),
+            current_count=len(current),
+            expert_qa=qa_json(expert_pairs),
+            expert_count=len(expert_pairs),
+            role=role,
+            max_pairs=opts.max_pairs,
         )
         revised = await self.ask(self.messages(video, None, task), self.revised_model, key=key)
         return dedupe(to_rows(revised.qa_pairs))  # type: ignore[attr-defined]
@@ -479,8 +528,13 @@ class VideoQAMultiAgentGenerator(_VideoQAStage):
 
 
 class VideoQAFinalOptions(VideoQAOptions):
-    final_pairs: int = Field(10, ge=1, le=50, title="Final QA pairs per video", description="Labelled Question/Answer pairs in each video's QA list.")
-    name_clips: bool = Field(True, description='each final pair names the clips it is about ("Clips": indices into the row\'s clips, from 0); off: the seed\'s three keys only')
+    final_pairs: int = Field(
+        10, ge=1, le=50, title="Final QA pairs per video", description="Labelled Question/Answer pairs in each video's QA list."
+    )
+    name_clips: bool = Field(
+        True,
+        description="each final pair names the clips it is about (\"Clips\": indices into the row's clips, from 0); off: the seed's three keys only",
+    )
 
 
 class VideoQAFinalGenerator(_VideoQAStage):
@@ -511,12 +565,23 @@ class VideoQAFinalGenerator(_VideoQAStage):
         current = self.current_set(row)
         state = self.read_state(row)
         task = self.prompts.render(
-            "final", current_qa=qa_json(current), current_count=len(current), pairs=opts.final_pairs, labels=LABELS,
+            "final",
+            current_qa=qa_json(current),
+            current_count=len(current),
+            pairs=opts.final_pairs,
+            labels=LABELS,
             clip_count=len(video.clips) if opts.name_clips else 0,
         )
-        answer = await self.ask(self.messages(video, None, task), self.answer_model_for(len(video.clips)), key=f"{origin_key(row)}:final")
+        answer = await self.ask(
+            self.messages(video, None, task), self.answer_model_for(len(video.clips)), key=f"{origin_key(row)}:final"
+        )
         pairs = [
-            {"Label": LABEL_SEPARATOR.join(p.labels), "Question": p.question, "Answer": p.answer, **({PAIR_CLIPS: [n - 1 for n in p.clips]} if opts.name_clips else {})}
+            {
+                "Label": LABEL_SEPARATOR.join(p.labels),
+                "Question": p.question,
+                "Answer": p.answer,
+                **({PAIR_CLIPS: [n - 1 for n in p.clips]} if opts.name_clips else {}),
+            }
             for p in answer.qa  # type: ignore[attr-defined]
         ]
         unique = dedupe(pairs)
@@ -524,5 +589,8 @@ class VideoQAFinalGenerator(_VideoQAStage):
         if opts.name_clips:
             # a pair's seconds: from its first clip's Start to its last clip's End, where the clips have them (the video ingest's)
             raw = row.get(opts.clips_key) or []
-            meta["clip_spans"] = [[c.get("Start"), c.get("End")] if isinstance(c, dict) and isinstance(c.get("Start"), int | float) else None for c in raw]
+            meta["clip_spans"] = [
+                [c.get("Start"), c.get("End")] if isinstance(c, dict) and isinstance(c.get("Start"), int | float) else None
+                for c in raw
+            ]
         return {opts.output_key: unique}, meta

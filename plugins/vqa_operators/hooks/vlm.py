@@ -62,7 +62,13 @@ class VLMHook(BaseHook):
 
         endpoint = self.get_endpoint()
         try:
-            serving = OpenAIServing(base_url=endpoint.base_url or "", model=endpoint.model or "", concurrency=1, api_key=endpoint.api_key, max_retries=0)
+            serving = OpenAIServing(
+                base_url=endpoint.base_url or "",
+                model=endpoint.model or "",
+                concurrency=1,
+                api_key=endpoint.api_key,
+                max_retries=0,
+            )
             asyncio.run(serving.check())
         except JobError as err:
             return False, str(err)

@@ -28,8 +28,22 @@ from vqa_operators.operators.spec import STAGED_OUTPUT_URI, WorkerSpec, staged_o
 MODES: tuple[str, ...] = get_args(settings.Environment.model_fields["execution"].annotation)
 
 __all__ = [
-    "MODES", "STAGED_OUTPUT_URI", "Placement", "PodSettings", "VQAMergeOperator", "VQAShardPlanOperator", "VQAWorkerOperator", "WorkerSpec",
-    "execution_mode", "judge_and_merge", "merge_shards", "model_server", "quality_task", "shard_plan", "staged_output", "worker_task",
+    "MODES",
+    "STAGED_OUTPUT_URI",
+    "Placement",
+    "PodSettings",
+    "VQAMergeOperator",
+    "VQAShardPlanOperator",
+    "VQAWorkerOperator",
+    "WorkerSpec",
+    "execution_mode",
+    "judge_and_merge",
+    "merge_shards",
+    "model_server",
+    "quality_task",
+    "shard_plan",
+    "staged_output",
+    "worker_task",
 ]
 
 
@@ -48,7 +62,15 @@ def pod_settings(pods: Placement | PodSettings | None, task_id: str) -> PodSetti
     return pods.for_task(task_id) if isinstance(pods, Placement) else pods
 
 
-def worker_task(*, task_id: str, spec: WorkerSpec, shards: Any = None, mode: str | None = None, pods: Placement | PodSettings | None = None, **kwargs: Any) -> Any:
+def worker_task(
+    *,
+    task_id: str,
+    spec: WorkerSpec,
+    shards: Any = None,
+    mode: str | None = None,
+    pods: Placement | PodSettings | None = None,
+    **kwargs: Any,
+) -> Any:
     """The operator that runs ``spec``: in-process (local) or in a pod (kubernetes; ``pods`` places it).
 
     With ``shards`` (the plan task), one mapped task instance per shard: N pods, or N in-process
@@ -72,7 +94,9 @@ def worker_task(*, task_id: str, spec: WorkerSpec, shards: Any = None, mode: str
     return cls.partial(task_id=task_id, spec=spec, **kwargs).expand(shard=shards)
 
 
-def model_server(plan: VQAShardPlanOperator, workers: list[Any], *, pods: Placement | PodSettings | None = None) -> tuple[Any, Any]:
+def model_server(
+    plan: VQAShardPlanOperator, workers: list[Any], *, pods: Placement | PodSettings | None = None
+) -> tuple[Any, Any]:
     """The run's model server around ``workers``: a setup task after ``plan`` (a bad param spends no GPU), a teardown after them.
 
     Airflow runs the teardown when the workers are done, failed or not, once the setup succeeded.
@@ -89,14 +113,25 @@ def model_server(plan: VQAShardPlanOperator, workers: list[Any], *, pods: Placem
 def shard_plan(task_id: str = "plan") -> VQAShardPlanOperator:
     """The task that checks the run's params and splits its ``input_uri`` by ``rows_per_shard`` and ``max_shards``."""
     return VQAShardPlanOperator(
-        task_id=task_id, input="{{ params.input_uri or '' }}", rows_per_shard="{{ params.rows_per_shard }}", max_shards="{{ params.max_shards }}",
+        task_id=task_id,
+        input="{{ params.input_uri or '' }}",
+        rows_per_shard="{{ params.rows_per_shard }}",
+        max_shards="{{ params.max_shards }}",
         sample="{{ params.estimate_rows or '' }}",
-        output_prefix="{{ params.output_prefix or '' }}", media_root="{{ params.media_root or '' }}", model="{{ params.model or '' }}",
+        output_prefix="{{ params.output_prefix or '' }}",
+        media_root="{{ params.media_root or '' }}",
+        model="{{ params.model or '' }}",
     )
 
 
 def quality_task(
-    plan: VQAShardPlanOperator, *, source: str, after: str, params: dict[str, Any] | None = None, pods: Placement | PodSettings | None = None, **options: Any
+    plan: VQAShardPlanOperator,
+    *,
+    source: str,
+    after: str,
+    params: dict[str, Any] | None = None,
+    pods: Placement | PodSettings | None = None,
+    **options: Any,
 ) -> Any:
     """The quality stage mapped over ``plan``: it judges the pairs ``source``'s task ``after`` staged for each shard.
 
@@ -105,7 +140,9 @@ def quality_task(
     """
     from vqa_operators.operators.dag_config import QUALITY_OPTIONS
 
-    spec = WorkerSpec("quality", input=staged_output(after), params={"source": source, **QUALITY_OPTIONS, **(params or {})}, **options)
+    spec = WorkerSpec(
+        "quality", input=staged_output(after), params={"source": source, **QUALITY_OPTIONS, **(params or {})}, **options
+    )
     return worker_task(task_id="quality", shards=plan, spec=spec, pods=pods)
 
 
@@ -135,12 +172,20 @@ def judge_and_merge(
     from vqa_operators.operators.spec import STAGING_ROOT
 
     last = list(stages)[-1]
-    dedup = VQADedupOperator(task_id=DEDUP_STAGE, upstream=stages[last].output, plan=plan.output, staging_root=STAGING_ROOT, near_duplicates=NEAR_DUPLICATES)
+    dedup = VQADedupOperator(
+        task_id=DEDUP_STAGE,
+        upstream=stages[last].output,
+        plan=plan.output,
+        staging_root=STAGING_ROOT,
+        near_duplicates=NEAR_DUPLICATES,
+    )
     quality = quality_task(plan, source=source, after=DEDUP_STAGE, params=params, pods=pods, **options)
     dedup >> quality
     if runs_own_server():
         model_server(plan, [*stages.values(), quality], pods=pods)
-    return merge_shards({**stages, DEDUP_STAGE: dedup, "quality": quality}, plan, output=last, export=EXPORT, publishes=dataset_asset(dataset))
+    return merge_shards(
+        {**stages, DEDUP_STAGE: dedup, "quality": quality}, plan, output=last, export=EXPORT, publishes=dataset_asset(dataset)
+    )
 
 
 def merge_shards(

@@ -37,8 +37,16 @@ def volumes(placement: PodSettings, tmp_size: str, *, loads_model: bool) -> tupl
     ]
     mounts = [k8s.V1VolumeMount(name="dshm", mount_path="/dev/shm"), k8s.V1VolumeMount(name="tmp", mount_path="/tmp")]
     if loads_model:
-        cache = k8s.V1PersistentVolumeClaimVolumeSource(claim_name=placement.model_cache_claim) if placement.model_cache_claim else None
-        found.append(k8s.V1Volume(name="model-cache", persistent_volume_claim=cache, empty_dir=None if cache else k8s.V1EmptyDirVolumeSource()))
+        cache = (
+            k8s.V1PersistentVolumeClaimVolumeSource(claim_name=placement.model_cache_claim)
+            if placement.model_cache_claim
+            else None
+        )
+        found.append(
+            k8s.V1Volume(
+                name="model-cache", persistent_volume_claim=cache, empty_dir=None if cache else k8s.V1EmptyDirVolumeSource()
+            )
+        )
         mounts.append(k8s.V1VolumeMount(name="model-cache", mount_path=MODEL_CACHE))
     return found, mounts
 
@@ -106,7 +114,9 @@ def missing_secrets(read_secret: Any, placements: Iterable[PodSettings]) -> list
         if found is None:
             problems.append(f"Secret {name!r} ({', '.join(sorted(set(keys.values())))}) does not exist")
             continue
-        problems += [f"Secret {name!r} has no key {key!r} ({setting})" for key, setting in sorted(keys.items()) if key and key not in found]
+        problems += [
+            f"Secret {name!r} has no key {key!r} ({setting})" for key, setting in sorted(keys.items()) if key and key not in found
+        ]
     return problems
 
 
@@ -128,7 +138,9 @@ def waiting_in(remote_pod: k8s.V1Pod | None, reasons: tuple[str, ...]) -> k8s.V1
 
 def locked_down() -> k8s.V1SecurityContext:
     """A container that cannot gain privileges, holds no capabilities and cannot write its image's files."""
-    return k8s.V1SecurityContext(allow_privilege_escalation=False, read_only_root_filesystem=True, capabilities=k8s.V1Capabilities(drop=["ALL"]))
+    return k8s.V1SecurityContext(
+        allow_privilege_escalation=False, read_only_root_filesystem=True, capabilities=k8s.V1Capabilities(drop=["ALL"])
+    )
 
 
 def kubelet_literal(text: str) -> str:
@@ -157,7 +169,14 @@ class Workload:
 
     @classmethod
     def of(
-        cls, placement: PodSettings, *, role: str, loads_model: bool, command: Iterable[str], args: Iterable[str], env: Mapping[str, str]
+        cls,
+        placement: PodSettings,
+        *,
+        role: str,
+        loads_model: bool,
+        command: Iterable[str],
+        args: Iterable[str],
+        env: Mapping[str, str],
     ) -> Workload:
         """The container of ``role`` (a task id, or ``model_server``): vLLM's image, a GPU, GPU placement and the model cache where
         it ``loads_model``; the worker image on a CPU node otherwise."""
@@ -183,8 +202,15 @@ class Workload:
     def container(self, name: str, *, env: list[k8s.V1EnvVar] | None = None, **more: Any) -> k8s.V1Container:
         """The container, with ``env`` after the process's own and ``more`` of ``V1Container``'s fields (ports, probes)."""
         return k8s.V1Container(
-            name=name, image=self.image, command=self.process.command, args=self.process.args, env=[*self.process.env, *(env or [])],
-            resources=self.resources, volume_mounts=self.mounts, security_context=self.security, **more,
+            name=name,
+            image=self.image,
+            command=self.process.command,
+            args=self.process.args,
+            env=[*self.process.env, *(env or [])],
+            resources=self.resources,
+            volume_mounts=self.mounts,
+            security_context=self.security,
+            **more,
         )
 
     def pod_spec(self, containers: list[k8s.V1Container], placement: PodSettings) -> k8s.V1PodSpec:

@@ -66,7 +66,19 @@ RUN_OPTIONS: dict[str, Any] = from_params("model", "media_root", "seed", "concur
 
 
 # what a trigger-form param takes from an options model's JSON schema
-_SCHEMA_KEYS = ("type", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum", "pattern", "minLength", "maxLength", "items", "uniqueItems")
+_SCHEMA_KEYS = (
+    "type",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "enum",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "items",
+    "uniqueItems",
+)
 
 
 def option_param(options: type[BaseModel], field: str, *, default: Any = ..., **schema: Any) -> Param:
@@ -76,7 +88,9 @@ def option_param(options: type[BaseModel], field: str, *, default: Any = ..., **
     found = _schema(options, field)
     described = {"title": found.get("title") or field.replace("_", " ").capitalize(), "description": found.get("description")}
     own = options.model_fields[field].get_default(call_default_factory=True)
-    return Param(own if default is ... else default, **{**described, **{key: found[key] for key in _SCHEMA_KEYS if key in found}, **schema})
+    return Param(
+        own if default is ... else default, **{**described, **{key: found[key] for key in _SCHEMA_KEYS if key in found}, **schema}
+    )
 
 
 def option_params(options: type[BaseModel], *fields: str) -> dict[str, Param]:
@@ -111,7 +125,11 @@ def data_defaults(dag_id: str) -> dict[str, str | None]:
     root = (settings.environment().data_root or "").rstrip("/")
     if not root:
         return {"input_uri": None, "output_prefix": None, "media_root": None}
-    return {"input_uri": f"{root}/raw/{dag_id}/{{{{ ds }}}}/input.jsonl", "output_prefix": f"{root}/output", "media_root": f"{root}/"}
+    return {
+        "input_uri": f"{root}/raw/{dag_id}/{{{{ ds }}}}/input.jsonl",
+        "output_prefix": f"{root}/output",
+        "media_root": f"{root}/",
+    }
 
 
 def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param]:
@@ -143,7 +161,11 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
         ),
         "model": option_param(JobOptions, "model"),
         "media_root": option_param(
-            JobOptions, "media_root", default=defaults["media_root"], type=["null", "string"], pattern="^(s3://[a-z0-9.-]{3,63}/?.*|/.*)$",
+            JobOptions,
+            "media_root",
+            default=defaults["media_root"],
+            type=["null", "string"],
+            pattern="^(s3://[a-z0-9.-]{3,63}/?.*|/.*)$",
             description=f"{_schema(JobOptions, 'media_root')['description']} Default: VQA_DATA_ROOT.",
         ),
         "concurrency": option_param(JobOptions, "concurrency"),
@@ -180,7 +202,10 @@ def io_params(dag_id: str, *, rows_doc: str, final_task: str) -> dict[str, Param
             type=["null", "number"],
             exclusiveMinimum=0,
             title="Estimate at this throughput (requests/s)",
-            description="The model server's throughput to project the hours with (what it serves at full load). Empty: the rate the sample measured, which a small sample seldom reaches full load for: its hours are a ceiling.",
+            description=(
+                "The model server's throughput to project the hours with (what it serves at full load). Empty: "
+                "the rate the sample measured, which a small sample seldom reaches full load for: its hours are a ceiling."
+            ),
         ),
         "seed": option_param(JobOptions, "seed", default=0, type="integer"),
     }
@@ -224,7 +249,9 @@ def ingest_params() -> dict[str, Param]:
 
 
 # the ingest's options from the run's params (the WorkerSpec ``params`` of a ``video_ingest`` task)
-INGEST_OPTIONS: dict[str, Any] = from_params("frames_per_clip", "scene_threshold", "min_clip_s", "max_clip_s", "clip_s", "caption", "transcribe")
+INGEST_OPTIONS: dict[str, Any] = from_params(
+    "frames_per_clip", "scene_threshold", "min_clip_s", "max_clip_s", "clip_s", "caption", "transcribe"
+)
 
 # the merge's export settings from the run's params (merge_shards' ``export``)
 EXPORT: dict[str, Any] = from_params("export_formats", "copy_media", "embed_images")

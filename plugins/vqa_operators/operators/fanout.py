@@ -113,7 +113,10 @@ class VQAShardPlanOperator(BaseOperator):
         except ApiException as err:
             if err.status != 403:
                 raise
-            self.log.warning("could not check the pods' Secrets in %s (403: this account may not get Secrets; deploy/rbac.yaml grants it)", namespace)
+            self.log.warning(
+                "could not check the pods' Secrets in %s (403: this account may not get Secrets; deploy/rbac.yaml grants it)",
+                namespace,
+            )
             return
         if problems:
             raise ConfigError(
@@ -132,14 +135,19 @@ class VQAShardPlanOperator(BaseOperator):
         rules.refuse_templates(context.get("params") or {}, dated=("input_uri",))
         for param, value in (("input_uri", self.input), ("output_prefix", self.output_prefix), ("media_root", self.media_root)):
             if value == "":  # the DAG's default derives from VQA_DATA_ROOT, which is not set; the run did not give one
-                raise ConfigError(f"param {param} is not given, and VQA_DATA_ROOT is not set: give {param}, or set VQA_DATA_ROOT to the data's location (s3://bucket[/prefix]) so that the DAGs' defaults derive from it")
+                raise ConfigError(
+                    f"param {param} is not given, and VQA_DATA_ROOT is not set: give {param}, or set VQA_DATA_ROOT to "
+                    f"the data's location (s3://bucket[/prefix]) so that the DAGs' defaults derive from it"
+                )
         input_uri = rules.fill_run_dates(self.input, context.get("logical_date"), param="input_uri")
         rules.check_location("input_uri", input_uri, env.allowed_input_roots, setting=rules.INPUT_ROOTS)
         if self.output_prefix is not None:
             rules.check_location("output_prefix", self.output_prefix, env.allowed_output_roots, setting=rules.OUTPUT_ROOTS)
             # the run writes under <output_prefix>/<dag_id>/<run_id>: a run id of '..' would leave the prefix's folder
             run_folder = f"{self.output_prefix.rstrip('/')}/{context['dag'].dag_id}/{context['run_id']}"
-            rules.check_location("output_prefix (with the DAG id and run id)", run_folder, env.allowed_output_roots, setting=rules.OUTPUT_ROOTS)
+            rules.check_location(
+                "output_prefix (with the DAG id and run id)", run_folder, env.allowed_output_roots, setting=rules.OUTPUT_ROOTS
+            )
         if self.media_root is not None:
             rules.check_location("media_root", self.media_root, env.allowed_media_roots, setting=rules.MEDIA_ROOTS)
         if self.model:
@@ -165,7 +173,13 @@ class VQAShardPlanOperator(BaseOperator):
                 self.check_secrets()
             # a missing or forbidden input is an InputError: another try would find the same
             sample = int(self.sample) if self.sample not in (None, "", 0, "0") else None
-            plan = plan_shards(s3_storage(self.aws_conn_id), input_uri, rows_per_shard=int(self.rows_per_shard), max_shards=int(self.max_shards), sample=sample)
+            plan = plan_shards(
+                s3_storage(self.aws_conn_id),
+                input_uri,
+                rows_per_shard=int(self.rows_per_shard),
+                max_shards=int(self.max_shards),
+                sample=sample,
+            )
         rows = sum(s.rows for s in plan)
         self.log.info("%s: %d rows in %d shard(s) of up to %d rows", input_uri, rows, len(plan), max(s.rows for s in plan))
         if sample is not None:
@@ -205,7 +219,14 @@ class VQADedupOperator(BaseOperator):
     ui_color = "#e3f0fd"
 
     def __init__(
-        self, *, upstream: Any, plan: Any, staging_root: str, near_duplicates: dict[str, Any], aws_conn_id: str | None = "aws_default", **kwargs: Any
+        self,
+        *,
+        upstream: Any,
+        plan: Any,
+        staging_root: str,
+        near_duplicates: dict[str, Any],
+        aws_conn_id: str | None = "aws_default",
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.upstream = upstream
@@ -229,13 +250,20 @@ class VQADedupOperator(BaseOperator):
                 settings_ = NearDuplicateSettings.model_validate(resolve(self.near_duplicates, context.get("params") or {}))
             except ValidationError as err:
                 raise ConfigError(f"invalid near-duplicate parameters: {describe_validation_error(err)}") from None
-            manifests = deduplicate_shards(s3_storage(self.aws_conn_id), list(self.upstream), list(self.plan), staging=self.staging_root, dedup=settings_)
+            manifests = deduplicate_shards(
+                s3_storage(self.aws_conn_id), list(self.upstream), list(self.plan), staging=self.staging_root, dedup=settings_
+            )
         pairs = sum(m.pairs_kept + m.pairs_rejected for m in manifests)
         dropped = sum(m.pairs_rejected for m in manifests)
         if settings_.remove_near_duplicates:
             self.log.info(
                 "near-duplicates (%s, threshold %s): %d of %d pairs dropped across %d shard(s) before judging, %d rows left with none",
-                settings_.near_duplicate_key, settings_.near_duplicate_threshold, dropped, pairs, len(manifests), sum(m.rows_rejected for m in manifests),
+                settings_.near_duplicate_key,
+                settings_.near_duplicate_threshold,
+                dropped,
+                pairs,
+                len(manifests),
+                sum(m.rows_rejected for m in manifests),
             )
         else:
             self.log.info("near-duplicates: off; %d pairs passed through to judging", pairs)
@@ -289,18 +317,32 @@ class VQAMergeOperator(BaseOperator):
         dag_id, run_id = context["dag"].dag_id, context["run_id"]
         with fail_fast():
             try:
-                export = None if self.export is None else ExportSettings.model_validate(resolve(self.export, context.get("params") or {}))
+                export = (
+                    None
+                    if self.export is None
+                    else ExportSettings.model_validate(resolve(self.export, context.get("params") or {}))
+                )
             except ValidationError as err:
                 raise ConfigError(f"invalid export parameters: {describe_validation_error(err)}") from None
             storage = s3_storage(self.aws_conn_id)
             rate = float(self.requests_per_s) if self.requests_per_s not in (None, "") else None
             stages = {name: list(manifests) for name, manifests in self.stages.items()}
-            manifest = merge_run(storage, stages, output=self.output_uri, plan=list(self.plan), requests_per_s=rate, dag_id=dag_id, run_id=run_id)
+            manifest = merge_run(
+                storage, stages, output=self.output_uri, plan=list(self.plan), requests_per_s=rate, dag_id=dag_id, run_id=run_id
+            )
             report(manifest, self.log)
             # the media roots, and the run's folder, where the video ingest stored its frames
-            allowed = readable_roots(self.media_root, settings.environment().allowed_media_roots, posixpath.dirname(manifest.output))
+            allowed = readable_roots(
+                self.media_root, settings.environment().allowed_media_roots, posixpath.dirname(manifest.output)
+            )
             manifest = finalize_run(
-                storage, manifest, title=f"{dag_id} · {run_id}", media_root=self.media_root, allowed_roots=allowed, export=export, dataset=dag_id
+                storage,
+                manifest,
+                title=f"{dag_id} · {run_id}",
+                media_root=self.media_root,
+                allowed_roots=allowed,
+                export=export,
+                dataset=dag_id,
             )
         self.log.info("QA preview: %s", manifest.preview)
         for name, uri in manifest.exports.items():
@@ -310,7 +352,11 @@ class VQAMergeOperator(BaseOperator):
         if link_seconds:
             # anyone holding the link can open the page until it expires: it is logged, and kept as the task's extra link
             self.preview_url = storage.url(manifest.preview, expires_s=link_seconds)
-            self.log.info("QA preview in a browser (link valid %s; also the task's 'QA preview' button): %s", lifetime(link_seconds), self.preview_url)
+            self.log.info(
+                "QA preview in a browser (link valid %s; also the task's 'QA preview' button): %s",
+                lifetime(link_seconds),
+                self.preview_url,
+            )
         self.announce(context, manifest)
         return manifest.dump()
 
@@ -326,4 +372,10 @@ class VQAMergeOperator(BaseOperator):
             event.extra.update(extra)
             if partition:
                 event.add_partitions(partition)
-            self.log.info("announcing %s%s: %d rows out -> %s", asset.name, f" (partition {partition})" if partition else "", manifest.rows_out, manifest.output)
+            self.log.info(
+                "announcing %s%s: %d rows out -> %s",
+                asset.name,
+                f" (partition {partition})" if partition else "",
+                manifest.rows_out,
+                manifest.output,
+            )

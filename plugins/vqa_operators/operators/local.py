@@ -22,7 +22,13 @@ class VQAWorkerOperator(BaseOperator):
     ui_color = "#e8f4fd"
 
     def __init__(
-        self, *, spec: WorkerSpec, shard: dict[str, Any] | None = None, vlm_conn_id: str = "vqa_vlm", aws_conn_id: str | None = "aws_default", **kwargs: Any
+        self,
+        *,
+        spec: WorkerSpec,
+        shard: dict[str, Any] | None = None,
+        vlm_conn_id: str = "vqa_vlm",
+        aws_conn_id: str | None = "aws_default",
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         # Airflow renders template fields in place, and mapped instances share partial()'s spec
@@ -56,9 +62,20 @@ class VQAWorkerOperator(BaseOperator):
             if self.calls_run_server:
                 run_server_url(values.get("base_url"))
             opts = job_options(
-                values, model=values.get("model") or endpoint.model, base_url=values.get("base_url") or endpoint.base_url, shard=self.shard, api_key=endpoint.api_key
+                values,
+                model=values.get("model") or endpoint.model,
+                base_url=values.get("base_url") or endpoint.base_url,
+                shard=self.shard,
+                api_key=endpoint.api_key,
             )
-            self.log.info("try %s of %s: running %s in-process: %s -> %s", ti.try_number, ti.max_tries + 1, spec.generator, opts.input, opts.output)
+            self.log.info(
+                "try %s of %s: running %s in-process: %s -> %s",
+                ti.try_number,
+                ti.max_tries + 1,
+                spec.generator,
+                opts.input,
+                opts.output,
+            )
             # Airflow stops a task with SIGINT, then SIGTERM: either stops the run cleanly, its finished rows checkpointed
             stop_on = STOP_SIGNALS if threading.current_thread() is threading.main_thread() else ()
             manifest = run_job(opts, storage=s3_storage(self.aws_conn_id), stop_on=stop_on).dump()

@@ -37,8 +37,12 @@ RUN_SERVER_URL = "{{ (ti.xcom_pull(task_ids='" + SETUP_TASK + "') or {}).get('ba
 def run_server_url(spec_base_url: str | None) -> str:
     """A worker's rendered base URL when the run serves its own model: a ConfigError if the setup task said none."""
     if not spec_base_url:
-        raise ConfigError(f"the run's model server gave no base_url: the {SETUP_TASK} task's XCom is missing (was it cleared without its setup?)")
+        raise ConfigError(
+            f"the run's model server gave no base_url: the {SETUP_TASK} task's XCom is missing (was it cleared without its setup?)"
+        )
     return spec_base_url
+
+
 SERVER_PORT = 8000
 SERVER_COMMAND = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
 APP_LABEL = "vqa-model-server"
@@ -67,8 +71,18 @@ def installation_servers(installation: str) -> str:
 
 
 def server_manifests(
-    *, name: str, namespace: str, model: str, placement: PodSettings, installation: str, dag_id: str, run_id: str, max_num_seqs: int,
-    expires_at: str, startup_timeout: float = 1800.0, vllm_args: Sequence[str] = (),
+    *,
+    name: str,
+    namespace: str,
+    model: str,
+    placement: PodSettings,
+    installation: str,
+    dag_id: str,
+    run_id: str,
+    max_num_seqs: int,
+    expires_at: str,
+    startup_timeout: float = 1800.0,
+    vllm_args: Sequence[str] = (),
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The Deployment and the Service of a run's model server: one vLLM pod on a GPU node, reached at ``http://<name>:8000``.
 
@@ -84,7 +98,12 @@ def server_manifests(
 
     from vqa_operators.operators.containers import Workload
 
-    labels = {"app.kubernetes.io/name": APP_LABEL, "app.kubernetes.io/instance": name, INSTALLATION: installation, **placement.labels}
+    labels = {
+        "app.kubernetes.io/name": APP_LABEL,
+        "app.kubernetes.io/instance": name,
+        INSTALLATION: installation,
+        **placement.labels,
+    }
     annotations = {**owner(installation, dag_id, run_id), EXPIRES: expires_at, **placement.annotations}
     args = ["--model", model, "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--max-num-seqs", str(max_num_seqs), *vllm_args]  # noqa: S104 - the Service reaches it
     # the model (a run's param) and the flags reach vLLM as typed: escaped for the kubelet's $(VAR) expansion (containers.Process)
@@ -92,9 +111,19 @@ def server_manifests(
     env = []
     for secret in workload.secrets:
         if secret.deploy_target == settings.API_KEY_ENV:  # the server checks the key the workers send
-            env.append(k8s.V1EnvVar(name="VLLM_API_KEY", value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=secret.secret, key=secret.key))))
+            env.append(
+                k8s.V1EnvVar(
+                    name="VLLM_API_KEY",
+                    value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=secret.secret, key=secret.key)),
+                )
+            )
         elif secret.deploy_target and secret.key:
-            env.append(k8s.V1EnvVar(name=secret.deploy_target, value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=secret.secret, key=secret.key))))
+            env.append(
+                k8s.V1EnvVar(
+                    name=secret.deploy_target,
+                    value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(name=secret.secret, key=secret.key)),
+                )
+            )
     health = k8s.V1HTTPGetAction(path="/health", port="http")
     container = workload.container(
         "vllm",
@@ -123,7 +152,10 @@ def server_manifests(
         api_version="v1",
         kind="Service",
         metadata=k8s.V1ObjectMeta(name=name, namespace=namespace, labels=labels, annotations=annotations),
-        spec=k8s.V1ServiceSpec(selector={"app.kubernetes.io/instance": name}, ports=[k8s.V1ServicePort(name="http", port=SERVER_PORT, target_port="http")]),
+        spec=k8s.V1ServiceSpec(
+            selector={"app.kubernetes.io/instance": name},
+            ports=[k8s.V1ServicePort(name="http", port=SERVER_PORT, target_port="http")],
+        ),
     )
     client = ApiClient()
     return client.sanitize_for_serialization(deployment), client.sanitize_for_serialization(service)
@@ -187,7 +219,9 @@ class VQAModelServerOperator(BaseOperator):
 
         model = self.model or VLMHook(self.vlm_conn_id).get_endpoint().model or settings.environment().model
         if not model:
-            raise ConfigError("the run's model server needs a model: give the model param, the vqa_vlm connection's extra.model, or VQA_MODEL")
+            raise ConfigError(
+                "the run's model server needs a model: give the model param, the vqa_vlm connection's extra.model, or VQA_MODEL"
+            )
         return model
 
     def execute(self, context: Any) -> dict[str, Any]:
@@ -211,7 +245,14 @@ class VQAModelServerOperator(BaseOperator):
         self.log.info("starting the run's model server (%s) on this machine; its log: %s", model, log_path)
         server = start_server(model, log_path=log_path, max_num_seqs=env.max_num_seqs, startup_timeout=self.startup_timeout)
         self.log.info("the run's model server is healthy at %s (pid %d)", server.base_url, server.pid)
-        return {"mode": "local", "base_url": server.base_url, "model": model, "pid": server.pid, "started": server.started, "log": log_path}
+        return {
+            "mode": "local",
+            "base_url": server.base_url,
+            "model": model,
+            "pid": server.pid,
+            "started": server.started,
+            "log": log_path,
+        }
 
     def start_deployment(self, context: Any, model: str) -> dict[str, Any]:
         """kubernetes mode: a Deployment and a Service; healthy when ``/health`` answers through the Service.
@@ -236,22 +277,40 @@ class VQAModelServerOperator(BaseOperator):
         name = server_name(env.installation, dag_id, run_id)
         expires = dt.datetime.now(dt.UTC) + dt.timedelta(hours=env.run_server_max_hours)
         deployment, service = server_manifests(
-            name=name, namespace=namespace, model=model, placement=placement, installation=env.installation, dag_id=dag_id, run_id=run_id,
-            max_num_seqs=env.max_num_seqs, expires_at=expires.isoformat(timespec="seconds"), startup_timeout=self.startup_timeout,
+            name=name,
+            namespace=namespace,
+            model=model,
+            placement=placement,
+            installation=env.installation,
+            dag_id=dag_id,
+            run_id=run_id,
+            max_num_seqs=env.max_num_seqs,
+            expires_at=expires.isoformat(timespec="seconds"),
+            startup_timeout=self.startup_timeout,
             vllm_args=shlex.split(env.vllm_args),
         )
         client = hook.get_conn()
         apps, core = AppsV1Api(client), CoreV1Api(client)
         mine = owner(env.installation, dag_id, run_id)
         try:
-            self.create_or_adopt(lambda: apps.create_namespaced_deployment(namespace, deployment), lambda: apps.read_namespaced_deployment(name, namespace), mine)
-            self.create_or_adopt(lambda: core.create_namespaced_service(namespace, service), lambda: core.read_namespaced_service(name, namespace), mine)
+            self.create_or_adopt(
+                lambda: apps.create_namespaced_deployment(namespace, deployment),
+                lambda: apps.read_namespaced_deployment(name, namespace),
+                mine,
+            )
+            self.create_or_adopt(
+                lambda: core.create_namespaced_service(namespace, service),
+                lambda: core.read_namespaced_service(name, namespace),
+                mine,
+            )
             self.wait_for_a_place(apps, namespace, name, env)
             base = self.service_url(name, namespace)
             self.log.info("the run's model server %s/%s (%s) is starting; waiting for %s/health", namespace, name, model, base)
             selector = f"app.kubernetes.io/instance={name}"
             wait_healthy(
-                f"{base}/health", self.startup_timeout, what=f"Deployment {namespace}/{name}",
+                f"{base}/health",
+                self.startup_timeout,
+                what=f"Deployment {namespace}/{name}",
                 cannot_serve=lambda: why_not_serving(
                     core.list_namespaced_pod(namespace, label_selector=selector).items,
                     core.list_namespaced_event(namespace, field_selector="involvedObject.kind=Pod").items,
@@ -286,7 +345,9 @@ class VQAModelServerOperator(BaseOperator):
                     f"{found.kind or 'an object'} {found.metadata.name} exists and is not this run's ({theirs}): another Airflow installation "
                     "shares the namespace under the same VQA_INSTALLATION; give each installation its own"
                 ) from None
-            self.log.info("adopted %s %s, which an earlier try of this run created", found.kind or "the object", found.metadata.name)
+            self.log.info(
+                "adopted %s %s, which an earlier try of this run created", found.kind or "the object", found.metadata.name
+            )
 
     def wait_for_a_place(self, apps: Any, namespace: str, name: str, env: settings.Environment) -> None:
         """Give the Deployment its replica once fewer than ``VQA_MAX_RUN_SERVERS`` of the installation's servers are ahead of it."""
@@ -296,12 +357,21 @@ class VQAModelServerOperator(BaseOperator):
 
         deadline = time.monotonic() + self.startup_timeout
         while env.max_run_servers:
-            ahead = server_position(apps.list_namespaced_deployment(namespace, label_selector=installation_servers(env.installation)).items, name)
+            ahead = server_position(
+                apps.list_namespaced_deployment(namespace, label_selector=installation_servers(env.installation)).items, name
+            )
             if ahead < env.max_run_servers:
                 break
             if time.monotonic() > deadline:
-                raise ServerUnavailableError(f"{ahead} servers of this installation are ahead of {name} (VQA_MAX_RUN_SERVERS={env.max_run_servers}) after {self.startup_timeout:.0f}s")
-            self.log.info("%d of this installation's run servers are ahead of %s (VQA_MAX_RUN_SERVERS=%d): waiting", ahead, name, env.max_run_servers)
+                raise ServerUnavailableError(
+                    f"{ahead} servers of this installation are ahead of {name} (VQA_MAX_RUN_SERVERS={env.max_run_servers}) after {self.startup_timeout:.0f}s"
+                )
+            self.log.info(
+                "%d of this installation's run servers are ahead of %s (VQA_MAX_RUN_SERVERS=%d): waiting",
+                ahead,
+                name,
+                env.max_run_servers,
+            )
             time.sleep(QUEUE_POLL_S)
         apps.patch_namespaced_deployment_scale(name, namespace, {"spec": {"replicas": 1}})
 
@@ -314,7 +384,10 @@ def delete_server(apps: Any, core: Any, name: str, namespace: str) -> None:
     """Delete a server's Service and Deployment (already gone is fine)."""
     from kubernetes.client.exceptions import ApiException
 
-    for delete in (lambda: core.delete_namespaced_service(name, namespace), lambda: apps.delete_namespaced_deployment(name, namespace)):
+    for delete in (
+        lambda: core.delete_namespaced_service(name, namespace),
+        lambda: apps.delete_namespaced_deployment(name, namespace),
+    ):
         try:
             delete()
         except ApiException as err:
@@ -327,7 +400,9 @@ class VQAStopModelServerOperator(BaseOperator):
 
     ui_color = "#fde3e3"
 
-    def __init__(self, *, setup_task_id: str = SETUP_TASK, kubernetes_conn_id: str | None = "kubernetes_default", **kwargs: Any) -> None:
+    def __init__(
+        self, *, setup_task_id: str = SETUP_TASK, kubernetes_conn_id: str | None = "kubernetes_default", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.setup_task_id = setup_task_id
         self.kubernetes_conn_id = kubernetes_conn_id
@@ -366,7 +441,9 @@ class VQAJanitorOperator(BaseOperator):
     ui_color = "#fde3e3"
     ACTIVE = ("queued", "running")
 
-    def __init__(self, *, namespace: str | None = None, kubernetes_conn_id: str | None = "kubernetes_default", **kwargs: Any) -> None:
+    def __init__(
+        self, *, namespace: str | None = None, kubernetes_conn_id: str | None = "kubernetes_default", **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.namespace = namespace
         self.kubernetes_conn_id = kubernetes_conn_id

@@ -90,7 +90,9 @@ class PodSettings(BaseModel):
             if name in OWN_VARIABLES:
                 raise ValueError(f"VQA_POD_DEFAULTS sets {name!r}: set {OWN_VARIABLES[name]} instead")
             if name not in cls.model_fields:
-                raise ValueError(f"VQA_POD_DEFAULTS sets {name!r}, which is not a PodSettings field ({', '.join(sorted(cls.model_fields))})")
+                raise ValueError(
+                    f"VQA_POD_DEFAULTS sets {name!r}, which is not a PodSettings field ({', '.join(sorted(cls.model_fields))})"
+                )
         return {**defaults, **data}
 
     # pods that call a model service run the worker image; pods that run vLLM (and the run's server) the vLLM image
@@ -142,7 +144,9 @@ class PodSettings(BaseModel):
     keep_failed_pods: bool = False
     # the XCom sidecar: None runs it from the pod's own image (already on the node, in your registry: no Docker Hub pull)
     xcom_sidecar_image: str | None = None
-    xcom_sidecar_resources: dict[str, dict[str, str]] = Field(default_factory=lambda: {k: dict(v) for k, v in XCOM_SIDECAR_RESOURCES.items()})
+    xcom_sidecar_resources: dict[str, dict[str, str]] = Field(
+        default_factory=lambda: {k: dict(v) for k, v in XCOM_SIDECAR_RESOURCES.items()}
+    )
     # what the worker may take to stop after SIGTERM (it checkpoints its finished rows within seconds, then stops vLLM)
     termination_grace_period: int = Field(settings.POD_GRACE_PERIOD_S, ge=5, le=3600)
     # wait for the pod in the triggerer instead of a worker slot: for pods that run for hours (needs a running triggerer);
@@ -156,7 +160,9 @@ class PodSettings(BaseModel):
         default = GPU_SIZE if gpu else CPU_SIZES.get(generator, CPU_SIZE)
         tmp = CPU_SIZES.get(generator, default).tmp
         return Size(
-            cpu=self.cpu or default.cpu, memory=self.memory or default.memory, tmp=self.tmp_size or tmp,
+            cpu=self.cpu or default.cpu,
+            memory=self.memory or default.memory,
+            tmp=self.tmp_size or tmp,
             cpu_limit=self.cpu_limit or (None if self.cpu else default.cpu_limit),
             memory_limit=self.memory_limit or (None if self.memory else default.memory_limit),
         )

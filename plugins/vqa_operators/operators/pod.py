@@ -48,7 +48,10 @@ def refuse_credentials_in(url: str | None, what: str) -> None:
     from vqa_operators.exceptions import ConfigError
 
     if url and (urlsplit(url).password or urlsplit(url).username):
-        raise ConfigError(f"{what} holds credentials (user:password@): a pod spec carries it in clear; put the key in the vqa_vlm connection's password (the vqa-vlm Secret) instead")
+        raise ConfigError(
+            f"{what} holds credentials (user:password@): a pod spec carries it in clear; put the key in the vqa_vlm "
+            f"connection's password (the vqa-vlm Secret) instead"
+        )
 
 
 class VQAWorkerPodOperator(KubernetesPodOperator):
@@ -114,7 +117,9 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         self.active_deadline_seconds = task_timeout(self.shard)
         if self.execution_timeout is None and self.active_deadline_seconds is not None:
             waits = max(sum(self.placement.timeouts(gpu=True)), sum(self.placement.timeouts(gpu=False)))
-            self.execution_timeout = dt.timedelta(seconds=self.active_deadline_seconds + waits + self.placement.termination_grace_period)
+            self.execution_timeout = dt.timedelta(
+                seconds=self.active_deadline_seconds + waits + self.placement.termination_grace_period
+            )
 
     def execute(self, context: Any) -> Any:
         """The pod operator's run, with the job errors no retry can fix (a bad setting, say) failing the task at once."""
@@ -164,7 +169,14 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         }
         # params, shard and settings reach the worker as typed: escaped for the kubelet's $(VAR) expansion (containers.Process);
         # a pod that only calls a model service needs no vLLM, torch or CUDA: the worker image; one that serves the model, vLLM's
-        workload = Workload.of(placement, role=generator, loads_model=serves_model, command=WORKER_COMMAND, args=self.worker_args(context, serves_model), env=env)
+        workload = Workload.of(
+            placement,
+            role=generator,
+            loads_model=serves_model,
+            command=WORKER_COMMAND,
+            args=self.worker_args(context, serves_model),
+            env=env,
+        )
         self.cmds, self.arguments, self.env_vars = workload.process.command, workload.process.args, workload.process.env
         self.image, self.secrets, self.container_resources = workload.image, workload.secrets, workload.resources
         self.node_selector, self.tolerations = workload.node_selector, workload.tolerations
@@ -177,7 +189,9 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         # no service-link variables: a Service named vllm would give the worker VLLM_PORT=tcp://..., which vLLM refuses
         pod.spec.enable_service_links = False
         for container in pod.spec.containers:
-            if container.name == PodDefaults.SIDECAR_CONTAINER_NAME:  # from the pod's own image (no Docker Hub pull), with limits a quota can count
+            if (
+                container.name == PodDefaults.SIDECAR_CONTAINER_NAME
+            ):  # from the pod's own image (no Docker Hub pull), with limits a quota can count
                 container.image = placement.xcom_sidecar_image or self.image
                 container.resources = k8s.V1ResourceRequirements(**placement.xcom_sidecar_resources)
         return pod
@@ -222,11 +236,15 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
         except AirflowException as err:
             if unstarted is not None:
                 self.pod_manager.delete_pod(remote_pod)
-                raise AirflowFailException(f"the pod {pod.metadata.name} could not start: {unstarted}; another try would fail the same way") from err
+                raise AirflowFailException(
+                    f"the pod {pod.metadata.name} could not start: {unstarted}; another try would fail the same way"
+                ) from err
             code = worker_exit_code(remote_pod, self.base_container_name)
             final = final_error_for_exit_code(code)
             if final is not None:
-                raise AirflowFailException(f"the worker exited with code {code} ({final.__name__}): another try would fail the same way\n{err}") from err
+                raise AirflowFailException(
+                    f"the worker exited with code {code} ({final.__name__}): another try would fail the same way\n{err}"
+                ) from err
             if terminated_reason(remote_pod, self.base_container_name) == "OOMKilled":
                 limit = (self.container_resources.limits or {}).get("memory") if self.container_resources else None
                 raise AirflowException(
@@ -239,7 +257,9 @@ class VQAWorkerPodOperator(KubernetesPodOperator):
 def cannot_start(remote_pod: k8s.V1Pod | None) -> str | None:
     """Why one of the pod's containers cannot start (its waiting reason and the kubelet's message), if it is one of ``NEVER_STARTS``."""
     status = waiting_in(remote_pod, NEVER_STARTS)
-    return f"container {status.name}: {status.state.waiting.reason}: {status.state.waiting.message}" if status is not None else None
+    return (
+        f"container {status.name}: {status.state.waiting.reason}: {status.state.waiting.message}" if status is not None else None
+    )
 
 
 class StartWatchingPodManager(PodManager):

@@ -42,9 +42,18 @@ class VQASmokePodOperator(VQAWorkerPodOperator):
         gpus = self.placement.gpu_count(serves_model=serves_model)
         expect = str(self.expect_gpu).strip().lower() in ("true", "1")
         return [
-            "smoke", "--data-root", self.data_root, "--name", self.task_id, "--uid", str(self.placement.run_as_user),
-            *(["--model-cache", MODEL_CACHE] if serves_model else []), *(["--gpus", str(gpus)] if gpus else []),
-            *(["--expect-gpu"] if expect else []), "--xcom-file", XCOM_FILE,
+            "smoke",
+            "--data-root",
+            self.data_root,
+            "--name",
+            self.task_id,
+            "--uid",
+            str(self.placement.run_as_user),
+            *(["--model-cache", MODEL_CACHE] if serves_model else []),
+            *(["--gpus", str(gpus)] if gpus else []),
+            *(["--expect-gpu"] if expect else []),
+            "--xcom-file",
+            XCOM_FILE,
         ]
 
 
@@ -84,7 +93,9 @@ class VQASmokeSampleOperator(BaseOperator):
         from vqa_operators.hooks.storage import s3_storage
 
         if not self.folder:
-            raise AirflowFailException("VQA_DATA_ROOT is not set: the smoke test writes its sample and probes under the data's location")
+            raise AirflowFailException(
+                "VQA_DATA_ROOT is not set: the smoke test writes its sample and probes under the data's location"
+            )
         storage = s3_storage(self.aws_conn_id)
         files = sample_rows(self.folder.rstrip("/"))
         for uri, data in files:

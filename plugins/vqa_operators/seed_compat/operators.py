@@ -40,7 +40,9 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
 
 
-async def _process(generator: Generator, items: list[tuple[int, dict[str, Any] | BadLine]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+async def _process(
+    generator: Generator, items: list[tuple[int, dict[str, Any] | BadLine]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     good: list[dict[str, Any]] = []
     bad: list[dict[str, Any]] = []
     try:
@@ -55,9 +57,7 @@ async def _process(generator: Generator, items: list[tuple[int, dict[str, Any] |
     return good, bad
 
 
-def run_step(
-    generator: Generator, storage: FileStorage | None = None, df: pd.DataFrame | None = None
-) -> pd.DataFrame:
+def run_step(generator: Generator, storage: FileStorage | None = None, df: pd.DataFrame | None = None) -> pd.DataFrame:
     """Read rows (from ``df`` or the storage step), generate, write results and errors to storage, return the results.
 
     Errors of earlier stages carried in ``df.attrs["vqa_errors"]`` are written (and passed on) too.
@@ -114,8 +114,11 @@ class _SeedOperator:
     def _generator(self, cls: type[Generator], storage: FileStorage | None, **overrides: Any) -> Generator:
         confined = self.media_root is not None or bool(self.allowed_media_roots)
         media = MediaReader(
-            storage.storage if storage else Storage(), media_root=self.media_root or ".", max_pixels=self.max_pixels,
-            allowed_roots=self.allowed_media_roots, confined=confined,
+            storage.storage if storage else Storage(),
+            media_root=self.media_root or ".",
+            max_pixels=self.max_pixels,
+            allowed_roots=self.allowed_media_roots,
+            confined=confined,
         )
         return cls(self.serving, options={**self.options, **overrides}, media=media, seed=self.seed)
 
@@ -161,7 +164,12 @@ class _MultiroleVideoQAStage(_SeedOperator):
         from vqa_operators.generators import generator_class
 
         generator = self._generator(
-            generator_class(self.stage), storage, meta_key=input_meta_key, clips_key=input_clips_key, output_key=output_key, **self.seed_format
+            generator_class(self.stage),
+            storage,
+            meta_key=input_meta_key,
+            clips_key=input_clips_key,
+            output_key=output_key,
+            **self.seed_format,
         )
         return run_step(generator, storage, df)
 

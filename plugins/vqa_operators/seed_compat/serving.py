@@ -38,7 +38,9 @@ class APIVLMServing_openai(OpenAIServing):  # noqa: N801 - the original toolkit'
             max_workers = env.effective_concurrency if max_workers is None else max_workers
         if max_workers < 1:
             raise ConfigError(f"max_workers must be >= 1, got {max_workers}")
-        super().__init__(base_url=api_url, model=model_name or "", concurrency=max_workers, api_key_env=key_name_of_api_key, **options)
+        super().__init__(
+            base_url=api_url, model=model_name or "", concurrency=max_workers, api_key_env=key_name_of_api_key, **options
+        )
 
     @property
     def model_name(self) -> str:
@@ -70,10 +72,19 @@ class LocalModelVLMServing_vllm(VLLMEngineServing):  # noqa: N801 - the original
         if not hf_model_name_or_path:
             raise ConfigError("hf_model_name_or_path is required")
         super().__init__(
-            hf_model_name_or_path, download_dir=hf_local_dir or hf_cache_dir, tensor_parallel_size=vllm_tensor_parallel_size,
-            temperature=vllm_temperature, top_p=vllm_top_p, max_tokens=vllm_max_tokens, max_model_len=vllm_max_model_len,
-            gpu_memory_utilization=vllm_gpu_memory_utilization, seed=vllm_seed, concurrency=concurrency,
-            max_images_per_prompt=max_images_per_prompt, engine_args=engine_args, engine=engine,
+            hf_model_name_or_path,
+            download_dir=hf_local_dir or hf_cache_dir,
+            tensor_parallel_size=vllm_tensor_parallel_size,
+            temperature=vllm_temperature,
+            top_p=vllm_top_p,
+            max_tokens=vllm_max_tokens,
+            max_model_len=vllm_max_model_len,
+            gpu_memory_utilization=vllm_gpu_memory_utilization,
+            seed=vllm_seed,
+            concurrency=concurrency,
+            max_images_per_prompt=max_images_per_prompt,
+            engine_args=engine_args,
+            engine=engine,
         )
 
     @property

@@ -133,7 +133,9 @@ class OpenAIServing:
         self._outage = _Outage(max_consecutive_failures)
 
     def __repr__(self) -> str:  # never show the key
-        return f"{type(self).__name__}(base_url={redact_url(self.base_url)!r}, model={self.model!r}, concurrency={self.concurrency})"
+        return (
+            f"{type(self).__name__}(base_url={redact_url(self.base_url)!r}, model={self.model!r}, concurrency={self.concurrency})"
+        )
 
     def _bound(self) -> tuple[Any, asyncio.Semaphore]:
         # httpx connections and semaphores belong to one event loop; the seed API runs one loop per run()
@@ -141,9 +143,7 @@ class OpenAIServing:
         if self._loop is not loop:
             from openai import AsyncOpenAI
 
-            self._client = AsyncOpenAI(
-                base_url=self.base_url, api_key=self._api_key, max_retries=0, timeout=self.timeout
-            )
+            self._client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, max_retries=0, timeout=self.timeout)
             self._in_flight = asyncio.Semaphore(self.concurrency)
             self._loop = loop
         assert self._in_flight is not None
@@ -247,7 +247,9 @@ class OpenAIServing:
                 model=self.model, file=(filename, audio, "audio/wav"), response_format="json", temperature=0.0
             )
 
-        result = await self._call(send, not_found=f"{where} has no /audio/transcriptions for {self.model!r} (is it serving a speech-to-text model?)")
+        result = await self._call(
+            send, not_found=f"{where} has no /audio/transcriptions for {self.model!r} (is it serving a speech-to-text model?)"
+        )
         return result.text.strip()
 
     async def check(self) -> None:

@@ -111,7 +111,9 @@ class TransformersServing:
             import xgrammar
 
             vocab = model.get_output_embeddings().weight.shape[0]  # may be larger than the tokenizer's (padding)
-            self._grammars = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(processor.tokenizer, vocab_size=vocab))
+            self._grammars = xgrammar.GrammarCompiler(
+                xgrammar.TokenizerInfo.from_huggingface(processor.tokenizer, vocab_size=vocab)
+            )
             self._processor, self._model = processor, model
             log.info("loaded %s (%s) on %s in %.1fs", self.model, type(model).__name__, self.device, time.monotonic() - started)
 
@@ -138,7 +140,11 @@ class TransformersServing:
         with self._lock, torch.inference_mode():
             if seed is not None:
                 torch.manual_seed(seed)
-            kwargs: dict[str, Any] = {"max_new_tokens": self.sampling.max_tokens, "do_sample": sample, "logits_processor": self._guide(request.schema)}
+            kwargs: dict[str, Any] = {
+                "max_new_tokens": self.sampling.max_tokens,
+                "do_sample": sample,
+                "logits_processor": self._guide(request.schema),
+            }
             if sample:
                 kwargs.update(temperature=self.sampling.temperature, top_p=self.sampling.top_p)
             output = self._model.generate(**inputs, **kwargs)

@@ -44,8 +44,11 @@ CPU_ENV = {"VLLM_TARGET_DEVICE": "cpu", "VLLM_CPU_KVCACHE_SPACE": "1"}
 CPU_MAX_MODEL_LEN = 16384
 # the same for vLLM in-process (VLLMEngineServing(engine_args=...))
 CPU_ENGINE_ARGS = {
-    "dtype": "float32", "enforce_eager": True, "enable_chunked_prefill": False,
-    "max_model_len": CPU_MAX_MODEL_LEN, "max_num_batched_tokens": CPU_MAX_MODEL_LEN,
+    "dtype": "float32",
+    "enforce_eager": True,
+    "enable_chunked_prefill": False,
+    "max_model_len": CPU_MAX_MODEL_LEN,
+    "max_num_batched_tokens": CPU_MAX_MODEL_LEN,
 }
 
 
@@ -55,7 +58,12 @@ def cpu_args(max_model_len: int) -> list[str]:
 
 
 def vllm_command(
-    model: str, port: int, max_num_seqs: int | None = None, *, command: Sequence[str] | None = None, args: Sequence[str] | None = None
+    model: str,
+    port: int,
+    max_num_seqs: int | None = None,
+    *,
+    command: Sequence[str] | None = None,
+    args: Sequence[str] | None = None,
 ) -> list[str]:
     """The argv that serves ``model`` on ``127.0.0.1:port`` with the batch size the client sizes its concurrency for.
 
@@ -127,7 +135,11 @@ def serve_vllm(
 
 
 def wait_healthy(
-    health: str, timeout: float, *, exited: Callable[[], int | None] = lambda: None, cannot_serve: Callable[[], str | None] = lambda: None,
+    health: str,
+    timeout: float,
+    *,
+    exited: Callable[[], int | None] = lambda: None,
+    cannot_serve: Callable[[], str | None] = lambda: None,
     what: str = "model server",
 ) -> None:
     """Poll ``health`` until it answers 200; ServerUnavailableError after ``timeout`` s, or at once when ``exited()`` reports an
@@ -211,7 +223,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(model: str, *, log_path: str, max_num_seqs: int | None = None, port: int | None = None, startup_timeout: float = 1800.0) -> RunningServer:
+def start_server(
+    model: str, *, log_path: str, max_num_seqs: int | None = None, port: int | None = None, startup_timeout: float = 1800.0
+) -> RunningServer:
     """Start vLLM's server on ``model`` in a session of its own, wait until it is healthy and leave it running.
 
     Its output goes to ``log_path``. If it exits or stays unhealthy, it is stopped and the error

@@ -54,7 +54,14 @@ def checkpoint_prefix(output_uri: str, task: str | None, settings_hash: str) -> 
 class Checkpoint:
     """Finished records by row key: loaded from earlier tries, added to as rows finish, flushed in parts."""
 
-    def __init__(self, storage: Storage, prefix: str, *, every_rows: int = settings.CHECKPOINT_EVERY, every_seconds: float = settings.CHECKPOINT_SECONDS) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        prefix: str,
+        *,
+        every_rows: int = settings.CHECKPOINT_EVERY,
+        every_seconds: float = settings.CHECKPOINT_SECONDS,
+    ) -> None:
         self.storage = storage
         self.prefix = prefix
         self.every_rows = every_rows
@@ -66,7 +73,9 @@ class Checkpoint:
         self._seq = 0
         self._dir = tempfile.TemporaryDirectory(prefix="vqa-checkpoint-")
         self._db = sqlite3.connect(f"{self._dir.name}/index.sqlite3")
-        self._db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; CREATE TABLE done (key TEXT PRIMARY KEY, record TEXT NOT NULL);")
+        self._db.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; CREATE TABLE done (key TEXT PRIMARY KEY, record TEXT NOT NULL);"
+        )
 
     def load(self) -> int:
         """Index every record of earlier tries; return how many rows they finished."""
@@ -83,7 +92,9 @@ class Checkpoint:
                 except (ValueError, ValidationError):
                     skipped += 1
                     continue
-                self._db.execute("INSERT OR REPLACE INTO done VALUES (?, ?)", (key, record.model_dump_json(exclude_defaults=True)))
+                self._db.execute(
+                    "INSERT OR REPLACE INTO done VALUES (?, ?)", (key, record.model_dump_json(exclude_defaults=True))
+                )
         if skipped:
             log.warning("checkpoint %s: %d unusable record(s) ignored; their rows will be generated again", self.prefix, skipped)
         self.loaded = self._db.execute("SELECT COUNT(*) FROM done").fetchone()[0]

@@ -27,7 +27,16 @@ log = logging.getLogger("vqa_operators.storage")
 
 # S3 error codes that say the service, not the object, failed
 TRANSIENT_S3_CODES = frozenset(
-    {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "RequestTimeTooSkewed", "Throttling", "ThrottlingException", "TooManyRequests"}
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequests",
+    }
 )
 # S3's answers that an object is not there
 MISSING_S3_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "NotFound", "404"})
@@ -176,7 +185,9 @@ class Storage:
         """A store fault that outlasted every attempt: the job's failure (exit 5), which Airflow's retry may clear."""
         return StorageError(f"cannot read {uri}: {s3_error_code(exc) or type(exc).__name__} (after {self.attempts} attempts)")
 
-    def _read_s3(self, uri: str, *, start: int = 0, end: int | None = None, version: str | None = None) -> Generator[bytes, None, None]:
+    def _read_s3(
+        self, uri: str, *, start: int = 0, end: int | None = None, version: str | None = None
+    ) -> Generator[bytes, None, None]:
         """The bytes ``[start, end)`` of an object in chunks; a body cut off mid-way is read on from where it stopped.
 
         boto attempts each GET itself (``store_config``); what it does not attempt again is a body that
@@ -213,10 +224,19 @@ class Storage:
                 if definite(exc) or failures + 1 >= self.attempts:
                     raise
                 failures += 1
-                log.warning("S3 read of %s cut off at byte %d (%s); reading on, attempt %d of %d", uri, position, type(exc).__name__, failures + 1, self.attempts)
+                log.warning(
+                    "S3 read of %s cut off at byte %d (%s); reading on, attempt %d of %d",
+                    uri,
+                    position,
+                    type(exc).__name__,
+                    failures + 1,
+                    self.attempts,
+                )
                 _pause(failures)
 
-    def iter_lines(self, uri: str, *, start: int = 0, end: int | None = None, version: str | None = None, keepends: bool = False) -> Iterator[bytes]:
+    def iter_lines(
+        self, uri: str, *, start: int = 0, end: int | None = None, version: str | None = None, keepends: bool = False
+    ) -> Iterator[bytes]:
         """Stream the lines of a file or object, or of its bytes ``[start, end)``, without loading it whole.
 
         Lines end at ``\\n`` only (a trailing ``\\r`` is dropped unless ``keepends``), locally and on S3
@@ -428,15 +448,21 @@ class Storage:
                 raise StorageError(f"cannot write {uri}: {_RACED} ({code})") from None
             raise StorageError(f"cannot write {uri}: {code or type(exc).__name__}") from exc
 
-    def _multipart_s3(self, bucket: str, key: str, spool: IO[bytes], digest: str, condition: dict[str, str], headers: dict[str, str]) -> None:
-        upload = self.s3.create_multipart_upload(Bucket=bucket, Key=key, Metadata={SHA256_METADATA: digest}, **headers)["UploadId"]
+    def _multipart_s3(
+        self, bucket: str, key: str, spool: IO[bytes], digest: str, condition: dict[str, str], headers: dict[str, str]
+    ) -> None:
+        upload = self.s3.create_multipart_upload(Bucket=bucket, Key=key, Metadata={SHA256_METADATA: digest}, **headers)[
+            "UploadId"
+        ]
         try:
             parts: list[dict[str, Any]] = []
             while chunk := spool.read(S3_PART_SIZE):
                 number = len(parts) + 1
                 etag = self.s3.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=number, Body=chunk)["ETag"]
                 parts.append({"PartNumber": number, "ETag": etag})
-            self.s3.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}, **condition)
+            self.s3.complete_multipart_upload(
+                Bucket=bucket, Key=key, UploadId=upload, MultipartUpload={"Parts": parts}, **condition
+            )
         except BaseException:
             with contextlib.suppress(Exception):
                 self.s3.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=upload)

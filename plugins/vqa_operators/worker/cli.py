@@ -69,7 +69,14 @@ def add_options(parser: argparse.ArgumentParser, model: type[JobOptions] = JobOp
             parser.add_argument(flag, dest=name, action="store_true", default=None, help=text)
         elif repeated(info):
             is_mapping = TypeAdapter(info.rebuild_annotation()).json_schema().get("type") == "object"
-            parser.add_argument(flag, dest=name, action="append", type=_param if is_mapping else str, metavar="KEY=VALUE" if is_mapping else None, help=text)
+            parser.add_argument(
+                flag,
+                dest=name,
+                action="append",
+                type=_param if is_mapping else str,
+                metavar="KEY=VALUE" if is_mapping else None,
+                help=text,
+            )
         else:
             parser.add_argument(flag, dest=name, choices=choices, required=info.is_required(), help=text)
 
@@ -81,13 +88,18 @@ def build_parser(model: type[JobOptions] = JobOptions) -> argparse.ArgumentParse
     run = sub.add_parser("run", help="run one generator over a JSONL file")
     add_options(run, model)
     run.add_argument("--xcom-file", help="also write the manifest here (KubernetesPodOperator XCom) [VQA_XCOM_FILE]")
-    smoke = sub.add_parser("smoke", help="check what a worker needs of this pod (vqa_smoke): user, read-only root, data root, model server, cache, GPU")
+    smoke = sub.add_parser(
+        "smoke",
+        help="check what a worker needs of this pod (vqa_smoke): user, read-only root, data root, model server, cache, GPU",
+    )
     smoke.add_argument("--data-root", required=True, help="folder or s3:// prefix to write a probe object under (<root>/smoke/)")
     smoke.add_argument("--name", default="pod", help="this pod's role, in the probe object's name")
     smoke.add_argument("--uid", type=int, required=True, help="the user the pod must run as")
     smoke.add_argument("--model-cache", help="the model cache's folder, which must be writable")
     smoke.add_argument("--gpus", type=int, default=0, help="GPUs requested: each must be a device in /dev")
-    smoke.add_argument("--expect-gpu", action="store_true", help="a missing GPU fails the check (else it is reported, not required)")
+    smoke.add_argument(
+        "--expect-gpu", action="store_true", help="a missing GPU fails the check (else it is reported, not required)"
+    )
     smoke.add_argument("--xcom-file", help="also write the verdicts here (KubernetesPodOperator XCom)")
     return parser
 
@@ -103,8 +115,16 @@ def smoke(args: argparse.Namespace) -> int:
 
     env = settings.environment()
     verdicts = run_checks(
-        storage=Storage(), root=args.data_root, name=args.name, expected_uid=args.uid, base_url=env.base_url, model=env.model,
-        api_key=settings.variable(settings.API_KEY_ENV), model_cache=args.model_cache, gpus=args.gpus, expect_gpu=args.expect_gpu,
+        storage=Storage(),
+        root=args.data_root,
+        name=args.name,
+        expected_uid=args.uid,
+        base_url=env.base_url,
+        model=env.model,
+        api_key=settings.variable(settings.API_KEY_ENV),
+        model_cache=args.model_cache,
+        gpus=args.gpus,
+        expect_gpu=args.expect_gpu,
     )
     for verdict in verdicts:
         print(verdict.line(), flush=True)

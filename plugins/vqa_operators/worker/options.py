@@ -56,33 +56,54 @@ class JobOptions(settings.WorkerSettings):
     model_config = SettingsConfigDict(extra="forbid")
 
     generator: str = Field(json_schema_extra=POSITIONAL, description="the generator to run")
-    input: str | None = Field(None, min_length=1, description="input JSONL: a path or s3://bucket/key (default: the shard's input)")
+    input: str | None = Field(
+        None, min_length=1, description="input JSONL: a path or s3://bucket/key (default: the shard's input)"
+    )
     output: str = Field(min_length=1, description="output JSONL: a path or s3://bucket/key")
     errors: str | None = Field(None, description="errors JSONL (default: <output name>.errors.jsonl)")
-    api_key: SecretStr | None = Field(None, json_schema_extra=NO_FLAG, description="the model server's key (default: VQA_API_KEY)")
+    api_key: SecretStr | None = Field(
+        None, json_schema_extra=NO_FLAG, description="the model server's key (default: VQA_API_KEY)"
+    )
     seed: int | None = Field(
-        None, ge=0, title="Sampling seed", description="Per-row seeds (and choices such as pers_qa's question) derive from it, so reruns ask the same way."
+        None,
+        ge=0,
+        title="Sampling seed",
+        description="Per-row seeds (and choices such as pers_qa's question) derive from it, so reruns ask the same way.",
     )
     temperature: float = Field(settings.TEMPERATURE, ge=0.0, le=2.0, description="sampling temperature")
     top_p: float = Field(settings.TOP_P, gt=0.0, le=1.0, description="nucleus sampling's top_p")
     max_tokens: int | None = Field(
-        None, ge=16, le=65536, description=f"completion token limit (default: the generator's own, {settings.MAX_TOKENS}; video QA's stages 4096)"
+        None,
+        ge=16,
+        le=65536,
+        description=f"completion token limit (default: the generator's own, {settings.MAX_TOKENS}; video QA's stages 4096)",
     )
     max_pixels: int = Field(settings.MAX_PIXELS, ge=28 * 28, le=50_000_000, description="pixel budget per image")
     staging_root: str | None = Field(
-        None, description="the run's staging folder or s3:// prefix: media an earlier task of the run wrote there (the video ingest's frames) may be read"
+        None,
+        description="the run's staging folder or s3:// prefix: media an earlier task of the run wrote there (the video ingest's frames) may be read",
     )
     params: dict[str, Any] = Field(default_factory=dict, description="generator option, e.g. pairs_per_row=5")
-    serve_vllm: bool = Field(False, description="start vLLM's server on MODEL here, use it, and stop it [VQA_VLLM_COMMAND, VQA_VLLM_ARGS, VQA_VLLM_PORT]")
+    serve_vllm: bool = Field(
+        False,
+        description="start vLLM's server on MODEL here, use it, and stop it [VQA_VLLM_COMMAND, VQA_VLLM_ARGS, VQA_VLLM_PORT]",
+    )
     request_timeout: float = Field(settings.REQUEST_TIMEOUT_S, gt=0, description="seconds per HTTP request")
     max_retries: int = Field(settings.MAX_RETRIES, ge=0, le=20, description="HTTP retries per request, backoff with jitter")
     max_consecutive_failures: int = Field(
-        settings.MAX_CONSECUTIVE_FAILURES, ge=1, le=10_000, description="fail fast after this many failed requests in a row: the server is down"
+        settings.MAX_CONSECUTIVE_FAILURES,
+        ge=1,
+        le=10_000,
+        description="fail fast after this many failed requests in a row: the server is down",
     )
     task_key: str | None = Field(None, description="the task's identity (dag/task/run/map index): names the checkpoint")
-    checkpoint_every: int = Field(settings.CHECKPOINT_EVERY, ge=1, le=100_000, description="checkpoint after this many finished rows")
+    checkpoint_every: int = Field(
+        settings.CHECKPOINT_EVERY, ge=1, le=100_000, description="checkpoint after this many finished rows"
+    )
     checkpoint_seconds: float = Field(settings.CHECKPOINT_SECONDS, gt=0, description="... or after this many seconds")
-    shard: Shard | None = Field(None, description="one shard of the input, as JSON (what the DAG's plan task returns; default: the whole input)")
+    shard: Shard | None = Field(
+        None, description="one shard of the input, as JSON (what the DAG's plan task returns; default: the whole input)"
+    )
     try_number: int | None = Field(None, ge=1, description="the Airflow try this run is (logged, and kept in the manifest)")
 
     @classmethod
@@ -192,7 +213,10 @@ def cli_kind(info: FieldInfo) -> bool | str:
 
 def is_model(info: FieldInfo) -> bool:
     """A field whose value is a model (the shard): given as JSON."""
-    return any(isinstance(arg, type) and issubclass(arg, BaseModel) for arg in (info.annotation, *getattr(info.annotation, "__args__", ())))
+    return any(
+        isinstance(arg, type) and issubclass(arg, BaseModel)
+        for arg in (info.annotation, *getattr(info.annotation, "__args__", ()))
+    )
 
 
 def repeated(info: FieldInfo) -> bool:
@@ -220,7 +244,11 @@ def argv(values: Mapping[str, Any], model: type[JobOptions] = JobOptions) -> lis
         elif is_model(info):
             args += [flag, json.dumps(value.model_dump() if isinstance(value, BaseModel) else value, sort_keys=True)]
         elif isinstance(value, Mapping):
-            args += [part for key, item in value.items() for part in (flag, f"{key}={item if isinstance(item, str) else json.dumps(item)}")]
+            args += [
+                part
+                for key, item in value.items()
+                for part in (flag, f"{key}={item if isinstance(item, str) else json.dumps(item)}")
+            ]
         elif isinstance(value, list | tuple):
             args += [part for item in value for part in (flag, str(item))]
         else:

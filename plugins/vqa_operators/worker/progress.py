@@ -51,7 +51,10 @@ class Progress:
             self.judges = True
             self.pairs_kept += record.pairs_kept
             # a rejected pair's verdicts with the rejection filter made, as annotate writes a kept pair's
-            dropped = [(e.verdicts or PairVerdict()).model_copy(update={"rejection": WouldReject(reason=str(e.reason))}) for e in record.rejected]
+            dropped = [
+                (e.verdicts or PairVerdict()).model_copy(update={"rejection": WouldReject(reason=str(e.reason))})
+                for e in record.rejected
+            ]
             self.scores = (self.scores or QualityScores()).add([*pair_verdicts(record.out, self.name), *dropped])
         for entry in record.rejected:
             self.rejections[str(entry.reason)] += 1
@@ -97,8 +100,12 @@ class Progress:
     def snapshot(self) -> TryProgress:
         """What a failed try had done: the job error carries it to the failure callback."""
         return TryProgress(
-            rows_total=self.total, rows_done=self.done, rows_finished=self.finished, rows_reused=self.reused,
-            rows_failed=self.failed, failures_by_reason=dict(sorted(self.reasons.items())),
+            rows_total=self.total,
+            rows_done=self.done,
+            rows_finished=self.finished,
+            rows_reused=self.reused,
+            rows_failed=self.failed,
+            failures_by_reason=dict(sorted(self.reasons.items())),
         )
 
 

@@ -33,6 +33,7 @@ from vqa_operators.worker.signals import StopOnSignals
 
 log = logging.getLogger("vqa_operators.worker")
 
+
 def _provenance(generator: Generator, prior: Any, key: str, meta: dict[str, Any]) -> dict[str, Any]:
     merged = dict(prior) if isinstance(prior, dict) else {}
     merged[generator.name] = {**generator.provenance(), "row_key": key, **meta}
@@ -60,18 +61,28 @@ def _record(generator: Generator, outcome: RowOutcome) -> Finished:
     row = None
     if made.kept:
         row = generator.finish_row(outcome.row, made.fields)
-        row[PROVENANCE_KEY] = _provenance(generator, outcome.row.get(PROVENANCE_KEY), origin_key(outcome.row), {"line": line, **made.meta})
+        row[PROVENANCE_KEY] = _provenance(
+            generator, outcome.row.get(PROVENANCE_KEY), origin_key(outcome.row), {"line": line, **made.meta}
+        )
     return Finished(out=row, pairs_kept=made.pairs_kept, rejected=rejected)
 
 
 def settings_fingerprint(generator: Generator, opts: JobOptions) -> str:
     """What decides each row's result: generator, options, prompts, model, sampling and image budget."""
     return fingerprint(
-        {"format": CHECKPOINT_FORMAT, "generator": generator.name, **generator.provenance(), "max_pixels": opts.max_pixels, "media_root": opts.media_root}
+        {
+            "format": CHECKPOINT_FORMAT,
+            "generator": generator.name,
+            **generator.provenance(),
+            "max_pixels": opts.max_pixels,
+            "media_root": opts.media_root,
+        }
     )
 
 
-async def process(generator: Generator, storage: Storage, opts: JobOptions, *, stop_on: tuple[signal.Signals, ...] = ()) -> StageManifest:
+async def process(
+    generator: Generator, storage: Storage, opts: JobOptions, *, stop_on: tuple[signal.Signals, ...] = ()
+) -> StageManifest:
     """Run every row of ``opts.input`` and write the output and errors files; return the manifest.
 
     On any failure (and on a signal in ``stop_on``) the rows this try finished are checkpointed, and
@@ -92,13 +103,20 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
     assert opts.input is not None
     run_fingerprint = settings_fingerprint(generator, opts)
     checkpoint = Checkpoint(
-        storage, checkpoint_prefix(opts.output, opts.task_key, run_fingerprint), every_rows=opts.checkpoint_every, every_seconds=opts.checkpoint_seconds
+        storage,
+        checkpoint_prefix(opts.output, opts.task_key, run_fingerprint),
+        every_rows=opts.checkpoint_every,
+        every_seconds=opts.checkpoint_seconds,
     )
     keys: dict[int, str] = {}
 
     # the shard's byte range, if the input is the file that was split (a later stage reads its own file whole)
     shard = opts.shard if opts.shard and opts.shard.input == opts.input else None
-    lines = storage.iter_lines(opts.input, start=shard.start, end=shard.end, version=shard.version) if shard else storage.iter_lines(opts.input)
+    lines = (
+        storage.iter_lines(opts.input, start=shard.start, end=shard.end, version=shard.version)
+        if shard
+        else storage.iter_lines(opts.input)
+    )
     # a later stage's input is the upstream shard's output, which may hold fewer rows: its total is unknown
     total = shard.rows if shard else None
     progress = Progress(generator.name, total, progress_batch(total, opts.effective_concurrency))
@@ -121,7 +139,13 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
     try:
         loaded = checkpoint.load()
         if loaded or (opts.try_number or 1) > 1:
-            log.info("%s: %s%d rows finished by earlier tries will be reused (checkpoint %s)", generator.name, opts.attempt, loaded, checkpoint.prefix)
+            log.info(
+                "%s: %s%d rows finished by earlier tries will be reused (checkpoint %s)",
+                generator.name,
+                opts.attempt,
+                loaded,
+                checkpoint.prefix,
+            )
         await generator.serving.check()
         with contextlib.ExitStack() as files:
             out = JsonlWriter(files.enter_context(storage.open_atomic(opts.output)))
@@ -129,7 +153,9 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
             # only a quality gate drops pairs: its rejected file is written even when it drops none
             rej = JsonlWriter(files.enter_context(storage.open_atomic(opts.rejected_uri))) if generator.gate else None
             try:
-                async for outcome in run_rows(generator, items(), concurrency=2 * opts.effective_concurrency, on_finished=finished):
+                async for outcome in run_rows(
+                    generator, items(), concurrency=2 * opts.effective_concurrency, on_finished=finished
+                ):
                     del keys[outcome.line]
                     record = outcome.record
                     assert record is not None
@@ -138,14 +164,18 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
                         err.write(record.error.dump())
                     if record.out is not None:
                         out.write(record.out)
-                        progress.pairs_out += record.pairs_kept if record.pairs_kept is not None else len(output_fields.pairs(record.out))
+                        progress.pairs_out += (
+                            record.pairs_kept if record.pairs_kept is not None else len(output_fields.pairs(record.out))
+                        )
                     if rej is not None:
                         for entry in record.rejected:
                             rej.write(entry.dump())
                     if progress.due():
                         log.info("%s", progress.line(generator.usage))
                 if shard is not None and progress.done != shard.rows:
-                    raise InputError(f"shard {shard.index} of {opts.input} has {progress.done} rows, not the {shard.rows} planned: the input changed")
+                    raise InputError(
+                        f"shard {shard.index} of {opts.input} has {progress.done} rows, not the {shard.rows} planned: the input changed"
+                    )
             finally:
                 # whatever happens, keep the rows this try finished for the next one
                 checkpoint.flush()
@@ -171,21 +201,48 @@ async def _process(generator: Generator, storage: Storage, opts: JobOptions, sto
         finally:
             await generator.serving.aclose()
     usage = generator.usage
-    spent = {"requests": usage.requests, "repairs": usage.repairs, "prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens}
+    spent = {
+        "requests": usage.requests,
+        "repairs": usage.repairs,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+    }
     return StageManifest(
-        generator=generator.name, input=opts.input, shard=opts.shard.index if opts.shard else None, try_number=opts.try_number, output=opts.output,
-        errors=opts.errors_uri, rows_in=progress.done, rows_out=progress.out, rows_failed=progress.failed, rows_reused=progress.reused,
-        failures_by_reason=dict(sorted(progress.reasons.items())), rejected=opts.rejected_uri if generator.gate else None,
-        rows_rejected=progress.rows_rejected, pairs_kept=progress.pairs_kept, pairs_rejected=progress.pairs_rejected,
-        rejections_by_reason=dict(sorted(progress.rejections.items())), model=generator.serving.model, prompt_sha256=generator.prompts.sha256,
-        seed=opts.seed, checkpoint=checkpoint.prefix, **spent, pairs_out=progress.pairs_out, quality_scores=progress.scores,
+        generator=generator.name,
+        input=opts.input,
+        shard=opts.shard.index if opts.shard else None,
+        try_number=opts.try_number,
+        output=opts.output,
+        errors=opts.errors_uri,
+        rows_in=progress.done,
+        rows_out=progress.out,
+        rows_failed=progress.failed,
+        rows_reused=progress.reused,
+        failures_by_reason=dict(sorted(progress.reasons.items())),
+        rejected=opts.rejected_uri if generator.gate else None,
+        rows_rejected=progress.rows_rejected,
+        pairs_kept=progress.pairs_kept,
+        pairs_rejected=progress.pairs_rejected,
+        rejections_by_reason=dict(sorted(progress.rejections.items())),
+        model=generator.serving.model,
+        prompt_sha256=generator.prompts.sha256,
+        seed=opts.seed,
+        checkpoint=checkpoint.prefix,
+        **spent,
+        pairs_out=progress.pairs_out,
+        quality_scores=progress.scores,
         # this stage's model calls and tokens per pair it wrote (None: it wrote none)
-        cost_per_pair=Cost.per(spent, progress.pairs_out), duration_s=round(time.monotonic() - progress.started, 3),
+        cost_per_pair=Cost.per(spent, progress.pairs_out),
+        duration_s=round(time.monotonic() - progress.started, 3),
     )
 
 
 def run_job(
-    opts: JobOptions, *, storage: Storage | None = None, serving: VLMServing | None = None, stop_on: tuple[signal.Signals, ...] = ()
+    opts: JobOptions,
+    *,
+    storage: Storage | None = None,
+    serving: VLMServing | None = None,
+    stop_on: tuple[signal.Signals, ...] = (),
 ) -> StageManifest:
     """Run one generator over one input file and return the manifest; raise JobError for job-level failures.
 
@@ -199,17 +256,38 @@ def run_job(
     with contextlib.ExitStack() as stack:
         serving = serving or open_serving(opts, stack)
         executor = stack.enter_context(ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="vqa-media"))
-        media = MediaReader(storage, media_root=opts.media_root, max_pixels=opts.max_pixels, executor=executor, allowed_roots=opts.media_roots)
+        media = MediaReader(
+            storage, media_root=opts.media_root, max_pixels=opts.max_pixels, executor=executor, allowed_roots=opts.media_roots
+        )
         generator = cls(serving, options=opts.params, media=media, seed=opts.seed, output=opts.output)
-        split = f", the server's budget split between {opts.sharing} shards" if opts.sharing > 1 and opts.concurrency is None else ""
-        log.info("%s: %s -> %s (model %s, concurrency %d%s)", cls.name, opts.input, opts.output, serving.model, serving.concurrency, split)
+        split = (
+            f", the server's budget split between {opts.sharing} shards" if opts.sharing > 1 and opts.concurrency is None else ""
+        )
+        log.info(
+            "%s: %s -> %s (model %s, concurrency %d%s)",
+            cls.name,
+            opts.input,
+            opts.output,
+            serving.model,
+            serving.concurrency,
+            split,
+        )
         manifest = asyncio.run(process(generator, storage, opts, stop_on=stop_on))
-    judged = f", {manifest.rows_rejected} rejected, {manifest.pairs_kept} pairs kept, {manifest.pairs_rejected} rejected {manifest.rejections_by_reason}" if manifest.rejected else ""
+    judged = (
+        f", {manifest.rows_rejected} rejected, {manifest.pairs_kept} pairs kept, {manifest.pairs_rejected} rejected {manifest.rejections_by_reason}"
+        if manifest.rejected
+        else ""
+    )
     log.info(
         "%s: %s%d rows in, %d out, %d failed %s%s, %d reused from earlier tries, %d model requests",
-        manifest.generator, opts.attempt, manifest.rows_in, manifest.rows_out,
-        manifest.rows_failed, manifest.failures_by_reason, judged, manifest.rows_reused, manifest.requests,
+        manifest.generator,
+        opts.attempt,
+        manifest.rows_in,
+        manifest.rows_out,
+        manifest.rows_failed,
+        manifest.failures_by_reason,
+        judged,
+        manifest.rows_reused,
+        manifest.requests,
     )
     return manifest
-
-

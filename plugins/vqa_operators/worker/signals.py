@@ -34,7 +34,9 @@ class StopOnSignals:
         def stop(sig: signal.Signals) -> None:
             if self.received is None:
                 self.received = sig
-                log.warning("%s received: taking no new rows, cancelling the requests in flight, checkpointing finished rows", sig.name)
+                log.warning(
+                    "%s received: taking no new rows, cancelling the requests in flight, checkpointing finished rows", sig.name
+                )
                 task.cancel()
 
         for sig in self.signals:
