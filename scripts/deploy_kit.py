@@ -2,12 +2,12 @@
 
 ``run-server.yaml``: the run-scoped model server's Deployment and Service, what
 ``operators.model_server.server_manifests`` makes for an example run, so it cannot drift from the
-code (``tests/test_deploy.py`` compares them).
+code (``tests/deploy/test_deploy.py`` compares them).
 
 ``rbac.yaml``: what Airflow's components may do in the pods' namespace (``RULES``), bound to the
 accounts the official chart gives a release: ``<release>-worker``, ``<release>-scheduler`` and
 ``<release>-triggerer``. ``RULES`` is what the operators call, no more: the container tier and the
-run server's recorded API derive it from the calls they answer (``tests/test_smoke.py``).
+run server's recorded API derive it from the calls they answer (``tests/operators/test_smoke.py``).
 
 ``.venv/bin/python scripts/deploy_kit.py`` rewrites both (for the release ``airflow``);
 ``.venv/bin/python scripts/deploy_kit.py rbac --release <name> [--airflow-namespace <ns>]`` prints the

@@ -3,7 +3,7 @@
 It is not a model. It speaks real HTTP and refuses what vLLM 0.32/0.33 refuses, with vLLM's
 status codes and error bodies (``vllm_rules.py``: unknown model 404; too many images, bad image
 URLs, out-of-range sampling fields, JSON schemas vLLM's structured-output backends refuse 400; a
-schema xgrammar's compiler fails on 500), as ``tests/test_real_vllm.py`` checks against vLLM
+schema xgrammar's compiler fails on 500), as ``tests/serving/test_real_vllm.py`` checks against vLLM
 itself. It answers with JSON built from the requested schema, as guided decoding would: strings
 stop at their ``maxLength``, follow their ``pattern``, and (on vLLM's default backend) end with
 the raw control characters xgrammar lets through; each answer is checked against xgrammar's own

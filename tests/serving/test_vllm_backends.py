@@ -1,7 +1,7 @@
 """vLLM started by the worker (``--serve-vllm``), vLLM in the process (``LocalModelVLMServing_vllm``) and a run's own vLLM.
 
 Each is run for real in the slow tier, with vLLM's CPU build on the tiny random-weight Idefics3 (the
-worker's ``--serve-vllm`` inside a GPU pod, as its spec stands: ``tests/test_pods_run.py``).
+worker's ``--serve-vllm`` inside a GPU pod, as its spec stands: ``tests/operators/test_pods_run.py``).
 The fast tier covers the pieces around them: the worker starting a process and waiting for
 ``/health`` (the test double in vLLM's place), a server that dies, and the batching adapter
 driven with a stand-in engine that has ``vllm.LLM.chat``'s signature.

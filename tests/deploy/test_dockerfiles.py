@@ -1,4 +1,4 @@
-"""Every Dockerfile is clean under hadolint; the worker images are built and run by the container tier (tests/test_images.py)."""
+"""Every Dockerfile is clean under hadolint; the worker images are built and run by the container tier (tests/deploy/test_images.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ from vqa_operators.exceptions import (
     StorageError,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("error", [ConfigError("bad"), InputError("gone"), ExportError("damaged")])
@@ -53,7 +53,7 @@ def test_plan_fails_at_once_on_a_missing_input(s3, bucket: str) -> None:
     from airflow.dag_processing.dagbag import DagBag
     from airflow.sdk.exceptions import AirflowFailException
 
-    from tests.test_params import plan_context, run_plan
+    from tests.operators.test_params import plan_context, run_plan
 
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["image_qa"]
     with pytest.raises(AirflowFailException, match=rf"InputError: cannot read s3://{bucket}/nothing\.jsonl: it does not exist"):

@@ -30,7 +30,7 @@ from vqa_operators.records import NearDuplicateSettings, Shard, StageManifest
 from vqa_operators.sharding import plan_shards
 from vqa_operators.storage import Storage
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RATES = {"slowdown": 0.1, "internal": 0.1, "drop": 0.1, "drop_after": 0.04, "cut": 0.1, "slow": 0.04}
 # stage -> (generator, where its input comes from, params): every worker stage, chained as the DAGs chain them
 STAGES: dict[str, tuple[str, str, dict[str, Any]]] = {

@@ -16,7 +16,7 @@ from vqa_operators.operators.callbacks import summary
 from vqa_operators.records import Finished
 from vqa_operators.worker.progress import Progress, progress_batch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FORM = {
     "input_uri",
     "output_prefix",

@@ -304,7 +304,7 @@ def test_the_janitor_dag_exists_only_where_run_servers_do(monkeypatch: pytest.Mo
 
     from airflow.dag_processing.dagbag import DagBag
 
-    dags = Path(__file__).resolve().parents[1] / "dags"
+    dags = Path(__file__).resolve().parents[2] / "dags"
     monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
     monkeypatch.setenv("VQA_MODEL_SERVER", "run")
     bag = DagBag(dag_folder=str(dags / "vqa_janitor.py"))
@@ -343,7 +343,7 @@ def run_server_lifecycle(monkeypatch: pytest.MonkeyPatch) -> set[tuple[str, str,
 
 
 def test_the_role_grants_every_call_of_a_run_servers_life(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The fast half of the RBAC derivation (the pods' half needs the container tier: tests/test_smoke.py)."""
+    """The fast half of the RBAC derivation (the pods' half needs the container tier: tests/operators/test_smoke.py)."""
     from scripts.deploy_kit import RULES
 
     granted = {(group, resource, verb) for group, resource, verbs, _ in RULES for verb in verbs}

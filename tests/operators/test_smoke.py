@@ -110,7 +110,7 @@ def test_the_role_is_exactly_what_the_components_call(
     smoke_run: dict, pod_tier: PodTier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from scripts.deploy_kit import RULES
-    from tests.test_run_server_api import run_server_lifecycle
+    from tests.operators.test_run_server_api import run_server_lifecycle
 
     granted = {(group, resource, verb) for group, resource, verbs, _ in RULES for verb in verbs}
     tier = pod_tier.namespace.calls()

@@ -22,7 +22,7 @@ from vqa_operators.storage import Storage
 from vqa_operators.storage.checkpoint import Checkpoint, checkpoint_prefix
 from vqa_operators.worker import JobOptions, run_job, settings_fingerprint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 N = 24
 pytestmark = pytest.mark.usefixtures("fast_backoff")
 

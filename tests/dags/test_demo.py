@@ -15,7 +15,7 @@ import pytest
 from testkit.data import MODEL
 from testkit.openai_server import OpenAITestServer, Reply
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_demo(env: dict[str, str], timeout: int = 30) -> subprocess.CompletedProcess[str]:

@@ -1,7 +1,7 @@
 """One model server per DAG run (``VQA_MODEL_SERVER=run``): its setup and teardown tasks, locally and as Kubernetes manifests.
 
 The local server here is the test double started as vLLM would be (it takes vLLM's flags);
-``tests/test_real_vllm.py`` runs a whole DAG on a run-scoped vLLM.
+``tests/serving/test_real_vllm.py`` runs a whole DAG on a run-scoped vLLM.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 os.environ.setdefault("AIRFLOW_HOME", "/tmp/vqa-model-server-test")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOUBLE = f"{sys.executable} -m testkit.openai_server"
 
 
@@ -177,7 +177,7 @@ def test_the_kubernetes_server_is_one_gpu_pod_behind_a_service(monkeypatch: pyte
 
 
 def test_worker_pods_are_restricted_and_so_is_their_xcom_sidecar(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_pod_spec import build_manifest
+    from tests.operators.test_pod_spec import build_manifest
 
     monkeypatch.setenv(
         "AIRFLOW_CONN_VQA_VLM",
@@ -233,7 +233,7 @@ def test_without_a_run_scoped_server_the_dags_have_no_setup(monkeypatch: pytest.
 
 
 def test_a_worker_pod_of_a_run_scoped_server_is_a_cpu_pod_that_calls_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.test_pod_spec import PARAMS, RUN_ID, SHARD
+    from tests.operators.test_pod_spec import PARAMS, RUN_ID, SHARD
 
     monkeypatch.setenv("VQA_MODEL_SERVER", "run")
     monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
@@ -281,7 +281,7 @@ def test_the_setup_gives_up_on_a_server_that_never_answers() -> None:
 
 def test_the_run_servers_model_and_flags_reach_vllm_as_typed(monkeypatch: pytest.MonkeyPatch) -> None:
     """The run's ``model`` param is text to the server's container too: the kubelet's expansion gives back what was typed."""
-    from tests.test_pod_spec import NAMESPACE_SECRETS, SECRET_KEY, as_the_kubelet_starts_it
+    from tests.operators.test_pod_spec import NAMESPACE_SECRETS, SECRET_KEY, as_the_kubelet_starts_it
     from vqa_operators.operators.model_server import server_manifests
     from vqa_operators.operators.placement import PodSettings
 

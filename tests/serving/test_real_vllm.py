@@ -5,8 +5,8 @@
 - the seeds' three Example Usage blocks;
 - the test double and vLLM, sent the same requests, answer with the same statuses.
 
-``tests/test_real_vllm_guidance.py`` runs the five worker commands again on vLLM's ``guidance``
-backend; ``tests/test_vllm_backends.py`` runs vLLM in the process (``LocalModelVLMServing_vllm``)
+``tests/serving/test_real_vllm_guidance.py`` runs the five worker commands again on vLLM's ``guidance``
+backend; ``tests/serving/test_vllm_backends.py`` runs vLLM in the process (``LocalModelVLMServing_vllm``)
 and started by the worker (``--serve-vllm``), each on its own (not beside this module's server).
 """
 

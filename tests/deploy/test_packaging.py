@@ -18,7 +18,7 @@ from testkit.openai_server import OpenAITestServer
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_package_installs_with_its_templates_and_its_worker_runs(vlm_server: OpenAITestServer, tmp_path: Path) -> None:

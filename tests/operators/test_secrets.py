@@ -11,7 +11,7 @@ from pathlib import Path
 from testkit.data import MODEL, make_jpeg
 from testkit.openai_server import OpenAITestServer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "sk-live-7f3a9c1e5b-never-print-me"
 AWS_SECRET = "aws-secret-5d2b8e0c4f-never-print-me"
 

@@ -18,7 +18,7 @@ import yaml
 
 os.environ.setdefault("AIRFLOW_HOME", "/tmp/vqa-deploy-test")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KIT = ROOT / "deploy"
 MANIFESTS = sorted(p for p in KIT.glob("*.yaml"))
 

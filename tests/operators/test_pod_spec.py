@@ -1,6 +1,6 @@
 """Kubernetes mode: worker pods built without a cluster (from the rendered task, as Airflow builds them) and validated against the schema.
 
-``tests/test_pods_run.py`` runs such pods as their specs stand; this file checks what the specs say.
+``tests/operators/test_pods_run.py`` runs such pods as their specs stand; this file checks what the specs say.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def build_manifest(
 
     monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
     monkeypatch.setenv("VQA_WORKER_IMAGE", "registry.example/vqa-worker:1.0")
-    dag = dag or DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "dags")).dags[dag_id]
+    dag = dag or DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "..", "dags")).dags[dag_id]
     shard = shard or SHARD
     task = dag.get_task(task_id).unmap({"shard": shard})  # the mapped task instance for the shard, as Airflow builds it
     context = {
@@ -182,7 +182,7 @@ def test_default_params_give_no_empty_argument_and_a_shard_is_never_rendered(
     from airflow.dag_processing.dagbag import DagBag
 
     monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
-    dag = DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "dags")).dags["image_qa"]
+    dag = DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "..", "dags")).dags["image_qa"]
     shard = {**SHARD, "input": "s3://in/{{ 7 * 7 }}.jsonl"}  # a template in the input cannot pass plan; if it did, it stays text
     params = {"input_uri": "s3://in/rows.jsonl", "output_prefix": "s3://out/prefix", "media_root": "s3://in/"}
     manifest = build_manifest(monkeypatch, params=params, dag=dag, shard=shard)
@@ -504,7 +504,7 @@ def test_params_reach_the_worker_as_typed_whatever_the_kubelet_expands(
         "VQA_VLLM_ARGS", "--served-model-name 'a$b'"
     )  # a deployment setting with a $ of its own reaches the pod as set
     monkeypatch.setenv("VQA_EXECUTION", "kubernetes")
-    dags = DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "dags")).dags
+    dags = DagBag(dag_folder=os.path.join(os.path.dirname(__file__), "..", "..", "dags")).dags
     reference = f"$({secret_name})"
     typed = {
         "pers_qa": {
