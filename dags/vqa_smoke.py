@@ -24,6 +24,7 @@ from airflow.sdk import DAG, Param
 
 from vqa_operators.operators import Placement, WorkerSpec, execution_mode, judge_and_merge, shard_plan, worker_task
 from vqa_operators.operators.dag_config import DAG_DEFAULTS, RUN_OPTIONS, data_defaults, export_params, io_params, quality_params
+from vqa_operators.operators.spec import FromParam
 
 PODS = Placement()
 
@@ -77,10 +78,10 @@ if execution_mode() == "kubernetes":
         probes = f"{defaults['output_prefix'].rstrip('/')}/vqa_smoke" if defaults["output_prefix"] else ""
         pods = [
             VQASmokePodOperator(
-                task_id="cpu_pod", gpu=False, data_root=probes, expect_gpu="{{ params.expect_gpu }}", pod=PODS.for_task("cpu_pod")
+                task_id="cpu_pod", gpu=False, data_root=probes, expect_gpu=FromParam("expect_gpu"), pod=PODS.for_task("cpu_pod")
             ),
             VQASmokePodOperator(
-                task_id="gpu_pod", gpu=True, data_root=probes, expect_gpu="{{ params.expect_gpu }}", pod=PODS.for_task("gpu_pod")
+                task_id="gpu_pod", gpu=True, data_root=probes, expect_gpu=FromParam("expect_gpu"), pod=PODS.for_task("gpu_pod")
             ),
         ]
         sample = VQASmokeSampleOperator(task_id="sample", folder=f"{root}/{SAMPLE_FOLDER}" if root else None)

@@ -372,3 +372,20 @@ def test_the_retry_line_names_the_try_the_error_and_what_the_try_did() -> None:
     )
     assert plain == "d.merge try 4 of 4 failed for good: ValueError: x"
     assert json.dumps(dataclasses.asdict(error.progress))  # the summary's counts are plain data, as the manifest's
+
+
+def test_a_spec_reads_params_natively_and_refuses_one_the_dag_does_not_declare() -> None:
+    from types import SimpleNamespace
+
+    from vqa_operators.exceptions import ConfigError
+    from vqa_operators.operators.spec import FromParam, WorkerSpec, from_params
+
+    context = {"params": {"concurrency": 12, "pairs_per_row": 2, "model": None}, "ti": SimpleNamespace(try_number=3)}
+    spec = WorkerSpec("image_qa", task_key="k", **from_params("concurrency", "model"), params=from_params("pairs_per_row"))
+    values = spec.values(context)
+    # as typed in the form: an int stays an int, an empty param is None (not given), never the text of a template
+    assert (values["concurrency"], values["model"], values["params"], values["try_number"]) == (12, None, {"pairs_per_row": 2}, 3)
+    with pytest.raises(ConfigError, match="'pairs_per_rows', which this DAG does not declare"):
+        WorkerSpec("image_qa", task_key="k", params={"pairs_per_row": FromParam("pairs_per_rows")}).values(context)
+    with pytest.raises(TypeError, match="max_workers is not a worker option"):
+        WorkerSpec("image_qa", max_workers=4)

@@ -90,3 +90,22 @@ def test_a_bad_variable_of_a_shared_setting_is_named(monkeypatch: pytest.MonkeyP
     assert JobOptions(**BASE).output == "/data/out.jsonl"
     with pytest.raises(ConfigError, match="output"):
         job_options({"generator": "image_qa", "input": "/data/in.jsonl"})
+
+
+def test_the_dags_concurrency_param_is_the_options_field() -> None:
+    """What the form offers for ``concurrency`` is what the worker accepts: the field's bounds and description, one home."""
+    from annotated_types import Ge, Le
+    from pydantic import ValidationError
+
+    from vqa_operators.operators.dag_config import io_params
+
+    field = JobOptions.model_fields["concurrency"]
+    bounds = {type(m): m for m in field.metadata}
+    param = io_params("image_qa", rows_doc="rows", final_task="generate")["concurrency"]
+    assert (param.schema["minimum"], param.schema["maximum"]) == (bounds[Ge].ge, bounds[Le].le) == (1, 4096)
+    assert param.description == field.description and param.value is None and param.schema["type"] == ["integer", "null"]
+    # one value too many is refused by the form's schema and by the options alike
+    with pytest.raises(ValueError, match="4097"):
+        param.resolve(4097)
+    with pytest.raises(ValidationError):
+        JobOptions(**BASE, concurrency=4097)

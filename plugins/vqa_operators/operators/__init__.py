@@ -23,7 +23,7 @@ from vqa_operators.operators.model_server import (
     VQAStopModelServerOperator,
 )
 from vqa_operators.operators.placement import Placement, PodSettings
-from vqa_operators.operators.spec import STAGED_OUTPUT_URI, WorkerSpec, staged_output
+from vqa_operators.operators.spec import STAGED_OUTPUT_URI, FromParam, WorkerSpec, staged_output
 
 MODES: tuple[str, ...] = get_args(settings.Environment.model_fields["execution"].annotation)
 
@@ -101,7 +101,7 @@ def model_server(
 
     Airflow runs the teardown when the workers are done, failed or not, once the setup succeeded.
     """
-    setup = VQAModelServerOperator(task_id=SETUP_TASK, model="{{ params.model or '' }}", pod=pod_settings(pods, SETUP_TASK))
+    setup = VQAModelServerOperator(task_id=SETUP_TASK, model=FromParam("model"), pod=pod_settings(pods, SETUP_TASK))
     teardown = VQAStopModelServerOperator(task_id=TEARDOWN_TASK)
     plan >> setup
     for worker in workers:
@@ -111,17 +111,9 @@ def model_server(
 
 
 def shard_plan(task_id: str = "plan") -> VQAShardPlanOperator:
-    """The task that checks the run's params and splits its ``input_uri`` by ``rows_per_shard`` and ``max_shards``."""
-    return VQAShardPlanOperator(
-        task_id=task_id,
-        input="{{ params.input_uri or '' }}",
-        rows_per_shard="{{ params.rows_per_shard }}",
-        max_shards="{{ params.max_shards }}",
-        sample="{{ params.estimate_rows or '' }}",
-        output_prefix="{{ params.output_prefix or '' }}",
-        media_root="{{ params.media_root or '' }}",
-        model="{{ params.model or '' }}",
-    )
+    """The task that checks the run's params and splits its ``input_uri`` by ``rows_per_shard`` and ``max_shards`` (each read
+    from the run's params as the form gave it: ``VQAShardPlanOperator``'s defaults)."""
+    return VQAShardPlanOperator(task_id=task_id)
 
 
 def quality_task(
@@ -209,8 +201,8 @@ def merge_shards(
         stages={name: task.output for name, task in stages.items()},
         output_uri=staged_output(output or list(stages)[-1]),
         plan=plan.output,
-        media_root="{{ params.media_root }}",
+        media_root=FromParam("media_root"),
         export=export,
-        requests_per_s="{{ params.estimate_requests_per_s or '' }}",
+        requests_per_s=FromParam("estimate_requests_per_s"),
         outlets=[publishes] if publishes is not None else [],
     )

@@ -16,7 +16,7 @@ from airflow.sdk import BaseOperator, BaseOperatorLink
 
 from vqa_operators import settings
 from vqa_operators.hooks.storage import s3_storage
-from vqa_operators.operators.spec import WorkerSpec, resolve
+from vqa_operators.operators.spec import FromParam, WorkerSpec, resolve
 
 if TYPE_CHECKING:
     from vqa_operators.records import RunManifest
@@ -25,28 +25,27 @@ if TYPE_CHECKING:
 class VQAShardPlanOperator(BaseOperator):
     """Check the run's parameters, split ``input`` into shards of ``rows_per_shard`` lines (at most ``max_shards``); return the plan.
 
-    The params are data (``run_params``): none is rendered as a template. ``input`` (the
-    ``input_uri`` param) may hold the run's date placeholders, which are filled in here from the
-    run's logical date alone; anything else template-like in any param fails this task. The input,
+    The params are data (``run_params``): none is rendered as a template; each argument is the run's param as the form
+    gave it (``FromParam``, the default of each), or a value. ``input`` (the ``input_uri`` param) may hold the run's date
+    placeholders, which are filled in here from the run's logical date alone; anything else template-like in any param fails this task. The input,
     ``output_prefix`` (and the run's folder under it) and ``media_root`` must lie within the
     deployment's allowed roots. The worker specs of the tasks mapped over this plan are validated
     too (rendered with this run's params). All of it happens before a byte is read or written, and
     a bad parameter fails this task at once, without retries, with the param and the rule.
     """
 
-    template_fields: Sequence[str] = ("input", "output_prefix", "media_root", "model", "rows_per_shard", "max_shards", "sample")
     ui_color = "#fdf6e3"
 
     def __init__(
         self,
         *,
-        input: str,  # noqa: A002 - the worker's option name
-        rows_per_shard: int | str,
-        max_shards: int | str = settings.MAX_SHARDS,
-        output_prefix: str | None = None,
-        media_root: str | None = None,
-        model: str | None = None,
-        sample: int | str | None = None,
+        input: Any = FromParam("input_uri"),  # noqa: A002 - the worker's option name
+        rows_per_shard: Any = FromParam("rows_per_shard"),
+        max_shards: Any = FromParam("max_shards"),
+        output_prefix: Any = FromParam("output_prefix"),
+        media_root: Any = FromParam("media_root"),
+        model: Any = FromParam("model"),
+        sample: Any = FromParam("estimate_rows"),
         aws_conn_id: str | None = "aws_default",
         **kwargs: Any,
     ) -> None:
@@ -132,26 +131,30 @@ class VQAShardPlanOperator(BaseOperator):
         from vqa_operators.worker import validate_spec
 
         env = settings.environment()
-        rules.refuse_templates(context.get("params") or {}, dated=("input_uri",))
-        for param, value in (("input_uri", self.input), ("output_prefix", self.output_prefix), ("media_root", self.media_root)):
-            if value == "":  # the DAG's default derives from VQA_DATA_ROOT, which is not set; the run did not give one
+        params = context.get("params") or {}
+        rules.refuse_templates(params, dated=("input_uri",))
+        locations = {"input_uri": self.input, "output_prefix": self.output_prefix, "media_root": self.media_root}
+        given = {param: resolve(value, params) for param, value in locations.items()}
+        for param, value in given.items():
+            if (
+                value is None or value == ""
+            ):  # the DAG's default derives from VQA_DATA_ROOT, which is not set; the run did not give one
                 raise ConfigError(
                     f"param {param} is not given, and VQA_DATA_ROOT is not set: give {param}, or set VQA_DATA_ROOT to "
                     f"the data's location (s3://bucket[/prefix]) so that the DAGs' defaults derive from it"
                 )
-        input_uri = rules.fill_run_dates(self.input, context.get("logical_date"), param="input_uri")
+        input_uri = rules.fill_run_dates(given["input_uri"], context.get("logical_date"), param="input_uri")
         rules.check_location("input_uri", input_uri, env.allowed_input_roots, setting=rules.INPUT_ROOTS)
-        if self.output_prefix is not None:
-            rules.check_location("output_prefix", self.output_prefix, env.allowed_output_roots, setting=rules.OUTPUT_ROOTS)
-            # the run writes under <output_prefix>/<dag_id>/<run_id>: a run id of '..' would leave the prefix's folder
-            run_folder = f"{self.output_prefix.rstrip('/')}/{context['dag'].dag_id}/{context['run_id']}"
-            rules.check_location(
-                "output_prefix (with the DAG id and run id)", run_folder, env.allowed_output_roots, setting=rules.OUTPUT_ROOTS
-            )
-        if self.media_root is not None:
-            rules.check_location("media_root", self.media_root, env.allowed_media_roots, setting=rules.MEDIA_ROOTS)
-        if self.model:
-            rules.check_model_name("model", self.model)
+        output_prefix = given["output_prefix"]
+        rules.check_location("output_prefix", output_prefix, env.allowed_output_roots, setting=rules.OUTPUT_ROOTS)
+        # the run writes under <output_prefix>/<dag_id>/<run_id>: a run id of '..' would leave the prefix's folder
+        run_folder = f"{output_prefix.rstrip('/')}/{context['dag'].dag_id}/{context['run_id']}"
+        rules.check_location(
+            "output_prefix (with the DAG id and run id)", run_folder, env.allowed_output_roots, setting=rules.OUTPUT_ROOTS
+        )
+        rules.check_location("media_root", given["media_root"], env.allowed_media_roots, setting=rules.MEDIA_ROOTS)
+        if model := resolve(self.model, params):
+            rules.check_model_name("model", model)
         for spec in self.worker_specs():
             # rendered as the worker task will render it, on a copy: the DAG's spec stays as written
             rendered = self.render_template(copy.deepcopy(spec), context)
@@ -172,12 +175,13 @@ class VQAShardPlanOperator(BaseOperator):
             if settings.environment().execution == "kubernetes":
                 self.check_secrets()
             # a missing or forbidden input is an InputError: another try would find the same
-            sample = int(self.sample) if self.sample not in (None, "", 0, "0") else None
+            params = context.get("params") or {}
+            sample = resolve(self.sample, params) or None
             plan = plan_shards(
                 s3_storage(self.aws_conn_id),
                 input_uri,
-                rows_per_shard=int(self.rows_per_shard),
-                max_shards=int(self.max_shards),
+                rows_per_shard=resolve(self.rows_per_shard, params),
+                max_shards=resolve(self.max_shards, params),
                 sample=sample,
             )
         rows = sum(s.rows for s in plan)
@@ -273,7 +277,7 @@ class VQADedupOperator(BaseOperator):
 class VQAMergeOperator(BaseOperator):
     """Concatenate each stage's shard outputs in order into ``output_uri`` (and errors files), write the QA preview; return the combined manifest."""
 
-    template_fields: Sequence[str] = ("stages", "output_uri", "plan", "media_root", "export", "requests_per_s")
+    template_fields: Sequence[str] = ("stages", "output_uri", "plan")
     ui_color = "#e3fdec"
     operator_extra_links = (QAPreviewLink(),)
 
@@ -283,8 +287,8 @@ class VQAMergeOperator(BaseOperator):
         stages: dict[str, Any],
         output_uri: str,
         plan: Any,
-        media_root: str = ".",
-        requests_per_s: float | str | None = None,
+        media_root: Any = ".",
+        requests_per_s: Any = None,
         export: dict[str, Any] | None = None,
         aws_conn_id: str | None = "aws_default",
         **kwargs: Any,
@@ -315,31 +319,26 @@ class VQAMergeOperator(BaseOperator):
         from vqa_operators.parsing import describe_validation_error
 
         dag_id, run_id = context["dag"].dag_id, context["run_id"]
+        params = context.get("params") or {}
         with fail_fast():
             try:
-                export = (
-                    None
-                    if self.export is None
-                    else ExportSettings.model_validate(resolve(self.export, context.get("params") or {}))
-                )
+                export = None if self.export is None else ExportSettings.model_validate(resolve(self.export, params))
             except ValidationError as err:
                 raise ConfigError(f"invalid export parameters: {describe_validation_error(err)}") from None
             storage = s3_storage(self.aws_conn_id)
-            rate = float(self.requests_per_s) if self.requests_per_s not in (None, "") else None
+            media_root, rate = resolve(self.media_root, params), resolve(self.requests_per_s, params)
             stages = {name: list(manifests) for name, manifests in self.stages.items()}
             manifest = merge_run(
                 storage, stages, output=self.output_uri, plan=list(self.plan), requests_per_s=rate, dag_id=dag_id, run_id=run_id
             )
             report(manifest, self.log)
             # the media roots, and the run's folder, where the video ingest stored its frames
-            allowed = readable_roots(
-                self.media_root, settings.environment().allowed_media_roots, posixpath.dirname(manifest.output)
-            )
+            allowed = readable_roots(media_root, settings.environment().allowed_media_roots, posixpath.dirname(manifest.output))
             manifest = finalize_run(
                 storage,
                 manifest,
                 title=f"{dag_id} · {run_id}",
-                media_root=self.media_root,
+                media_root=media_root,
                 allowed_roots=allowed,
                 export=export,
                 dataset=dag_id,

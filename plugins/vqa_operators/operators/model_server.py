@@ -191,13 +191,12 @@ def server_position(deployments: list[Any], name: str) -> int:
 class VQAModelServerOperator(BaseOperator):
     """Setup: start the run's model server and return where it is (``base_url``) and how to stop it."""
 
-    template_fields: Sequence[str] = ("model",)
     ui_color = "#fde3e3"
 
     def __init__(
         self,
         *,
-        model: str | None = None,
+        model: Any = None,
         mode: str | None = None,
         pod: PodSettings | None = None,
         vlm_conn_id: str = "vqa_vlm",
@@ -213,11 +212,14 @@ class VQAModelServerOperator(BaseOperator):
         self.kubernetes_conn_id = kubernetes_conn_id
         self.startup_timeout = startup_timeout
 
-    def served_model(self) -> str:
-        """The run's ``model`` param, else the vqa_vlm connection's ``extra.model``, else ``VQA_MODEL``."""
+    def served_model(self, params: dict[str, Any] | None = None) -> str:
+        """The run's ``model`` param (``model``: a value, or ``FromParam``), else the vqa_vlm connection's ``extra.model``, else ``VQA_MODEL``."""
         from vqa_operators.hooks.vlm import VLMHook
+        from vqa_operators.operators.spec import resolve
 
-        model = self.model or VLMHook(self.vlm_conn_id).get_endpoint().model or settings.environment().model
+        model = (
+            resolve(self.model, params or {}) or VLMHook(self.vlm_conn_id).get_endpoint().model or settings.environment().model
+        )
         if not model:
             raise ConfigError(
                 "the run's model server needs a model: give the model param, the vqa_vlm connection's extra.model, or VQA_MODEL"
@@ -229,7 +231,7 @@ class VQAModelServerOperator(BaseOperator):
         from vqa_operators.operators.failures import fail_fast
 
         with fail_fast():
-            model = self.served_model()
+            model = self.served_model(context.get("params"))
             mode = self.mode or settings.environment().execution
             if mode == "kubernetes":
                 return self.start_deployment(context, model)

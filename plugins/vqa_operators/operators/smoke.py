@@ -11,7 +11,7 @@ from typing import Any
 from airflow.sdk import BaseOperator
 
 from vqa_operators.operators.pod import XCOM_FILE, VQAWorkerPodOperator
-from vqa_operators.operators.spec import WorkerSpec
+from vqa_operators.operators.spec import WorkerSpec, resolve
 
 # the sample image_qa estimates on: rows of one small image each, written by the DAG's first task
 SAMPLE_ROWS = 4
@@ -23,9 +23,9 @@ class VQASmokePodOperator(VQAWorkerPodOperator):
     """A pod of one topology (``gpu``: the vLLM image on a GPU node with the model cache; else the worker image calling the model
     service), placed and locked down as the workers' pods are, running ``python -m vqa_operators smoke`` instead of a generator."""
 
-    template_fields: Sequence[str] = (*VQAWorkerPodOperator.template_fields, "data_root", "expect_gpu")
+    template_fields: Sequence[str] = (*VQAWorkerPodOperator.template_fields, "data_root")
 
-    def __init__(self, *, gpu: bool, data_root: str, expect_gpu: bool | str = True, **kwargs: Any) -> None:
+    def __init__(self, *, gpu: bool, data_root: str, expect_gpu: Any = True, **kwargs: Any) -> None:
         super().__init__(spec=WorkerSpec(generator="smoke"), **kwargs)
         self.gpu = gpu
         self.data_root = data_root
@@ -40,7 +40,7 @@ class VQASmokePodOperator(VQAWorkerPodOperator):
         if not self.data_root:
             raise ConfigError("VQA_DATA_ROOT is not set: the smoke pods write their probe objects under the data's location")
         gpus = self.placement.gpu_count(serves_model=serves_model)
-        expect = str(self.expect_gpu).strip().lower() in ("true", "1")
+        expect = bool(resolve(self.expect_gpu, context.get("params") or {}))
         return [
             "smoke",
             "--data-root",

@@ -45,9 +45,14 @@ class FromParam:
 
 
 def resolve(value: Any, params: Mapping[str, Any]) -> Any:
-    """``value`` with each ``FromParam`` in it (at any depth of dicts) replaced by the run's param."""
+    """``value`` with each ``FromParam`` in it (at any depth of dicts) replaced by the run's param; a ConfigError if the DAG
+    declares no such param (a misspelt name would otherwise leave the option at its default, unseen)."""
     if isinstance(value, FromParam):
-        return params.get(value.name)
+        if value.name not in params:
+            from vqa_operators.exceptions import ConfigError
+
+            raise ConfigError(f"an option reads the param {value.name!r}, which this DAG does not declare")
+        return params[value.name]
     if isinstance(value, dict):
         return {key: resolve(item, params) for key, item in value.items()}
     return value

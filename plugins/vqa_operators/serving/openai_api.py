@@ -129,7 +129,7 @@ class OpenAIServing:
         self._api_key = api_key or settings.variable(api_key_env) or "EMPTY"
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: Any = None
-        self._in_flight: asyncio.Semaphore | None = None
+        self._concurrency: asyncio.Semaphore | None = None
         self._outage = _Outage(max_consecutive_failures)
 
     def __repr__(self) -> str:  # never show the key
@@ -144,10 +144,10 @@ class OpenAIServing:
             from openai import AsyncOpenAI
 
             self._client = AsyncOpenAI(base_url=self.base_url, api_key=self._api_key, max_retries=0, timeout=self.timeout)
-            self._in_flight = asyncio.Semaphore(self.concurrency)
+            self._concurrency = asyncio.Semaphore(self.concurrency)
             self._loop = loop
-        assert self._in_flight is not None
-        return self._client, self._in_flight
+        assert self._concurrency is not None
+        return self._client, self._concurrency
 
     def request_body(self, request: ChatRequest) -> dict[str, Any]:
         """The JSON body POSTed to ``/chat/completions`` for ``request``."""
@@ -266,7 +266,7 @@ class OpenAIServing:
         """Close the HTTP client of the current event loop."""
         if self._client is not None:
             await self._client.close()
-        self._client, self._loop, self._in_flight = None, None, None
+        self._client, self._loop, self._concurrency = None, None, None
         self._outage = _Outage(self._outage.limit)
 
 
