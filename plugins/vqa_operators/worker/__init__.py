@@ -17,7 +17,26 @@ Its rooms: ``options`` (what a run is given, checked before any I/O), ``run_loop
 the generator, progress, records, checkpoints), ``backends`` (which model server) and ``cli``.
 """
 
-from vqa_operators.worker.options import JobOptions, check_options, validate_spec
-from vqa_operators.worker.run_loop import run_job, settings_fingerprint
+from __future__ import annotations
 
-__all__ = ["JobOptions", "check_options", "run_job", "settings_fingerprint", "validate_spec"]
+from importlib import import_module
+from typing import Any
+
+# imported on first use: a DAG file that reads JobOptions (its params' bounds) does not load the run loop
+_EXPORTS = {
+    "JobOptions": "vqa_operators.worker.options",
+    "check_options": "vqa_operators.worker.options",
+    "validate_spec": "vqa_operators.worker.options",
+    "run_job": "vqa_operators.worker.run_loop",
+    "settings_fingerprint": "vqa_operators.worker.run_loop",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vqa_operators.worker' has no attribute {name!r}")
