@@ -18,8 +18,9 @@ from testkit.data import job_options, make_jpeg, read_rows
 from testkit.verdicts import ScriptedVerdicts
 from tests.helpers import run_manifest
 from vqa_operators.exceptions import ExportError
-from vqa_operators.export import IMAGE_TOKEN, VIDEO_TOKEN, ExportSettings, export_run
+from vqa_operators.export import IMAGE_TOKEN, VIDEO_TOKEN, export_run
 from vqa_operators.merge import merge_run
+from vqa_operators.records import ExportSettings
 from vqa_operators.sharding import plan_shards
 from vqa_operators.storage import Storage
 from vqa_operators.worker import run_job

@@ -38,19 +38,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field
-
 from vqa_operators.exceptions import ConfigError, ExportError, RowError
 from vqa_operators.generators import row_output_fields
 from vqa_operators.media import MediaReader
-from vqa_operators.records import RunManifest
+from vqa_operators.records import FORMATS, Format, RunManifest
 from vqa_operators.row_view import describe_row
 from vqa_operators.storage import Storage, read_jsonl
 from vqa_operators.storage.uris import beside
 
-Format = Literal["hf", "sharegpt", "llava", "parquet"]
-FORMATS: tuple[Format, ...] = ("hf", "sharegpt", "llava", "parquet")
-DEFAULT_FORMATS: tuple[Format, ...] = ("hf", "sharegpt", "llava")
 IMAGE_TOKEN = "<image>"  # noqa: S105 - a placeholder, not a secret
 VIDEO_TOKEN = "<video>"  # noqa: S105
 # rows per Parquet row group (and per write)
@@ -62,34 +57,6 @@ MEDIA_FOLDER = "media"
 HF_FOLDER = "hf"
 DATASET_INFO = "dataset_info.json"
 EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "GIF": "gif", "BMP": "bmp", "TIFF": "tiff", "MPO": "jpg"}
-
-
-class ExportSettings(BaseModel):
-    """What ``merge`` exports (the DAG params ``export_formats``, ``copy_media`` and ``embed_images``)."""
-
-    export_formats: list[Format] = Field(
-        default_factory=lambda: list(DEFAULT_FORMATS),
-        title="Export formats",
-        json_schema_extra={"uniqueItems": True},
-        description=(
-            "Written in the run's folder, with a dataset card (README.md): hf (a Hub-ready folder: Parquet shards with the images and "
-            "TRL's messages; datasets.load_dataset(folder)), sharegpt (LLaMA-Factory, registered in dataset_info.json), llava (LLaVA's "
-            "conversation JSON), parquet (one flat file with the media's own URIs). Empty: the JSONL and the card only."
-        ),
-    )
-    copy_media: bool = Field(
-        True,
-        title="Copy media into the dataset",
-        description=(
-            "sharegpt and llava point at copies in the run's folder (media/<sha256>.<ext>), so the folder is a "
-            "self-contained dataset; off: at the media's own URIs."
-        ),
-    )
-    embed_images: bool = Field(
-        False,
-        title="Embed images in the flat Parquet",
-        description="The parquet format only: each image's bytes too (datasets' Image feature), not only its URI. hf always embeds them.",
-    )
 
 
 @dataclass

@@ -436,7 +436,7 @@ def finalize_run(
     export: Any = None,
     dataset: str = "",
 ) -> RunManifest:
-    """The merged run's preview page, its exports (``export``: ``export.ExportSettings``, or None), then its manifest, last.
+    """The merged run's preview page, its exports (``export``: ``records.ExportSettings``, or None), then its manifest, last.
 
     The manifest names the exports, and is written only once every file it names is there: a
     consumer that finds it can read them all. Returns the manifest as written.

@@ -376,6 +376,40 @@ class StageSummary(StageCounts):
     slowest_shard_s: float
 
 
+# the training-ready formats the merge writes (export.py), and those a run writes unless it says otherwise
+Format = Literal["hf", "sharegpt", "llava", "parquet"]
+FORMATS: tuple[Format, ...] = ("hf", "sharegpt", "llava", "parquet")
+DEFAULT_FORMATS: tuple[Format, ...] = ("hf", "sharegpt", "llava")
+
+
+class ExportSettings(BaseModel):
+    """What ``merge`` exports (the DAG params ``export_formats``, ``copy_media`` and ``embed_images``)."""
+
+    export_formats: list[Format] = Field(
+        default_factory=lambda: list(DEFAULT_FORMATS),
+        title="Export formats",
+        json_schema_extra={"uniqueItems": True},
+        description=(
+            "Written in the run's folder, with a dataset card (README.md): hf (a Hub-ready folder: Parquet shards with the images and "
+            "TRL's messages; datasets.load_dataset(folder)), sharegpt (LLaMA-Factory, registered in dataset_info.json), llava (LLaVA's "
+            "conversation JSON), parquet (one flat file with the media's own URIs). Empty: the JSONL and the card only."
+        ),
+    )
+    copy_media: bool = Field(
+        True,
+        title="Copy media into the dataset",
+        description=(
+            "sharegpt and llava point at copies in the run's folder (media/<sha256>.<ext>), so the folder is a "
+            "self-contained dataset; off: at the media's own URIs."
+        ),
+    )
+    embed_images: bool = Field(
+        False,
+        title="Embed images in the flat Parquet",
+        description="The parquet format only: each image's bytes too (datasets' Image feature), not only its URI. hf always embeds them.",
+    )
+
+
 class Projected(Record):
     """What the whole input would take: model calls, tokens and kept pairs."""
 

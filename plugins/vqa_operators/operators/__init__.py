@@ -193,7 +193,7 @@ def merge_shards(
 
     ``output``: the stage whose name the output takes (default the last; a quality gate after
     ``generate`` leaves the dataset at ``generate.jsonl``).
-    ``export``: the training-ready copies to write (``export.ExportSettings`` fields; values may be
+    ``export``: the training-ready copies to write (``records.ExportSettings`` fields; values may be
     templates), or None for none. ``publishes``: the dataset's Asset (``assets.dataset_asset``), announced when the merge succeeds.
     """
     return VQAMergeOperator(

@@ -236,7 +236,7 @@ NEAR_DUPLICATES: dict[str, Any] = from_params("remove_near_duplicates", "near_du
 
 def export_params() -> dict[str, Param]:
     """The training-ready copies ``merge`` writes in the run's folder, documented for the trigger form."""
-    from vqa_operators.export import ExportSettings
+    from vqa_operators.records import ExportSettings
 
     return option_params(ExportSettings, "export_formats", "copy_media", "embed_images")
 

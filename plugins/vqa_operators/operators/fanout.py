@@ -312,11 +312,11 @@ class VQAMergeOperator(BaseOperator):
         from pydantic import ValidationError
 
         from vqa_operators.exceptions import ConfigError
-        from vqa_operators.export import ExportSettings
         from vqa_operators.media import readable_roots
         from vqa_operators.merge import finalize_run, merge_run, report
         from vqa_operators.operators.failures import fail_fast
         from vqa_operators.parsing import describe_validation_error
+        from vqa_operators.records import ExportSettings
 
         dag_id, run_id = context["dag"].dag_id, context["run_id"]
         params = context.get("params") or {}
