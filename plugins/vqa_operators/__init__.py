@@ -6,8 +6,7 @@ package (as every DAG file does) stays cheap.
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from vqa_operators.lazy import lazy_exports
 
 _EXPORTS = {
     "FileStorage": "vqa_operators.seed_compat.file_storage",
@@ -28,13 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'vqa_operators' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

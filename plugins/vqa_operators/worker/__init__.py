@@ -19,8 +19,7 @@ the generator, progress, records, checkpoints), ``backends`` (which model server
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import Any
+from vqa_operators.lazy import lazy_exports
 
 # imported on first use: a DAG file that reads JobOptions (its params' bounds) does not load the run loop
 _EXPORTS = {
@@ -34,9 +33,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'vqa_operators.worker' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
