@@ -428,11 +428,12 @@ class Exporter:
 
     name: ClassVar[Format]
     # reads each medium's bytes (hf embeds them; sharegpt reads a video's frame sizes); names media files (copies, where copied)
-    needs_bytes: ClassVar[bool] = True
+    needs_bytes: bool = True
     names_media: ClassVar[bool] = False
 
     def __init__(self, storage: Storage, output: str, *, dataset: str, embed_images: bool, shard_bytes: int) -> None:
         self.storage, self.output, self.dataset = storage, output, dataset
+        self.embed_images, self.shard_bytes = embed_images, shard_bytes
         self.folder = output.rsplit("/", 1)[0]
 
     @property
@@ -520,9 +521,9 @@ class HfExport(Exporter):
 
     name = "hf"
 
-    def __init__(self, storage: Storage, output: str, *, dataset: str, embed_images: bool, shard_bytes: int) -> None:
-        super().__init__(storage, output, dataset=dataset, embed_images=embed_images, shard_bytes=shard_bytes)
-        self.shards = _HfShards(storage, self.uris["hf"], shard_bytes)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shards = _HfShards(self.storage, self.uris["hf"], self.shard_bytes)
 
     @property
     def uris(self) -> dict[str, str]:
@@ -558,11 +559,10 @@ class ParquetExport(Exporter):
 
     name = "parquet"
 
-    def __init__(self, storage: Storage, output: str, *, dataset: str, embed_images: bool, shard_bytes: int) -> None:
-        super().__init__(storage, output, dataset=dataset, embed_images=embed_images, shard_bytes=shard_bytes)
-        self.embed_images = embed_images
-        self.needs_bytes = embed_images  # type: ignore[misc]
-        self.schema = parquet_schema(embed_images)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.needs_bytes = self.embed_images
+        self.schema = parquet_schema(self.embed_images)
         self.batch: list[dict[str, Any]] = []
 
     @property

@@ -281,10 +281,10 @@ def environment() -> Environment:
     try:
         return Environment()
     except ValidationError as err:
-        raise ConfigError("; ".join(_explain(e) for e in err.errors())) from None
+        raise ConfigError("; ".join(explain(e) for e in err.errors())) from None
 
 
-def _explain(error: Any, field_name: str | None = None) -> str:
+def explain(error: Any, field_name: str | None = None) -> str:
     """``VQA_MAX_NUM_SEQS must be an integer, got 'lots'``: the error of the variable of ``field_name`` (default: the error's)."""
     field_name = field_name or (str(error["loc"][0]) if error["loc"] else "?")
     kind = error["type"]

@@ -137,7 +137,13 @@ def test_the_dags_are_daily_without_catchup_unless_told_otherwise(dagbag, monkey
 def plan_context(dag, **extra) -> dict:
     # no VQA_DATA_ROOT in the tests: the locations a run would otherwise default to
     params = {**dag.params.dump(), "output_prefix": "s3://data/out", "media_root": "s3://data/", **extra.pop("params", {})}
-    return {"params": params, "dag": dag, "run_id": "manual__x", "ti": SimpleNamespace(map_index=-1, try_number=1), **extra}
+    return {
+        "params": params,
+        "dag": dag,
+        "run_id": "manual__x",
+        "ti": SimpleNamespace(task_id="plan", map_index=-1, try_number=1),
+        **extra,
+    }
 
 
 def run_plan(dag, context: dict):

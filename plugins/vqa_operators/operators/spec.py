@@ -100,6 +100,6 @@ class WorkerSpec:
         (which names its checkpoint: every try of one task instance shares it) and try."""
         ti = context["ti"]
         identity = {"try_number": ti.try_number}
-        if "task_key" not in self.options and hasattr(ti, "task_id"):
+        if "task_key" not in self.options:
             identity["task_key"] = f"{context['dag'].dag_id}/{ti.task_id}/{context['run_id']}/{ti.map_index}"
         return {"generator": self.generator, **identity, **resolve(self.options, context.get("params") or {})}

@@ -17,13 +17,12 @@ import sys
 from types import FrameType
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import TypeAdapter
 from pydantic.fields import FieldInfo
 
 from vqa_operators import settings
 from vqa_operators.exceptions import ConfigError, Interrupted, JobError, UnexpectedError
 from vqa_operators.generators import GENERATORS
-from vqa_operators.worker.options import JobOptions, cli_kind, flag_of, job_options, repeated
+from vqa_operators.worker.options import JobOptions, cli_kind, flag_of, form_of, job_options
 from vqa_operators.worker.run_loop import run_job
 from vqa_operators.worker.signals import STOP_SIGNALS
 
@@ -47,7 +46,7 @@ def help_of(name: str, info: FieldInfo) -> str:
     if default not in (None, False, [], {}, ""):
         parts.append(f"(default {default:g})" if isinstance(default, float) else f"(default {default})")
     if settings.is_worker_setting(info):
-        parts.append(f"[{settings.PREFIX}{name.upper()}{', comma-separated' if repeated(info) else ''}]")
+        parts.append(f"[{settings.PREFIX}{name.upper()}{', comma-separated' if form_of(info) == 'list' else ''}]")
     return " ".join(parts)
 
 
@@ -63,18 +62,18 @@ def add_options(parser: argparse.ArgumentParser, model: type[JobOptions] = JobOp
             continue
         if kind is not True:
             continue
-        flag, text = flag_of(name, info), help_of(name, info)
+        flag, text, form = flag_of(name, info), help_of(name, info), form_of(info)
         choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
-        if info.annotation is bool:
+        if form == "switch":
             parser.add_argument(flag, dest=name, action="store_true", default=None, help=text)
-        elif repeated(info):
-            is_mapping = TypeAdapter(info.rebuild_annotation()).json_schema().get("type") == "object"
+        elif form in ("list", "mapping"):
+            mapping = form == "mapping"
             parser.add_argument(
                 flag,
                 dest=name,
                 action="append",
-                type=_param if is_mapping else str,
-                metavar="KEY=VALUE" if is_mapping else None,
+                type=_param if mapping else str,
+                metavar="KEY=VALUE" if mapping else None,
                 help=text,
             )
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, Field, SecretStr, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.fields import FieldInfo
@@ -44,7 +44,7 @@ class WorkerVariables(EnvSettingsSource):
             try:
                 TypeAdapter(info.rebuild_annotation()).validate_python(value)
             except ValidationError as err:
-                raise ConfigError("; ".join(settings._explain(e, name) for e in err.errors())) from None
+                raise ConfigError("; ".join(settings.explain(e, name) for e in err.errors())) from None
             found[name] = value
         return found
 
@@ -211,22 +211,29 @@ def cli_kind(info: FieldInfo) -> bool | str:
     return extra.get("cli", True)  # type: ignore[return-value]
 
 
-def is_model(info: FieldInfo) -> bool:
-    """A field whose value is a model (the shard): given as JSON."""
-    return any(
-        isinstance(arg, type) and issubclass(arg, BaseModel)
-        for arg in (info.annotation, *getattr(info.annotation, "__args__", ()))
-    )
+# how a field is written on a command line: a switch alone, a list's items or a mapping's KEY=VALUE pairs each with the
+# flag repeated, a model as JSON, any other value as its text
+Form = Literal["switch", "list", "mapping", "model", "value"]
 
 
-def repeated(info: FieldInfo) -> bool:
-    """A list or a mapping: given as a repeated flag."""
-    return not is_model(info) and TypeAdapter(info.rebuild_annotation()).json_schema().get("type") in ("array", "object")
+def form_of(info: FieldInfo) -> Form:
+    """How ``info``'s field is written on a command line, from its annotation (``X | None`` as ``X``)."""
+    if info.annotation is bool:
+        return "switch"
+    for kind in (info.annotation, *get_args(info.annotation)):
+        origin = get_origin(kind) or kind
+        if isinstance(origin, type) and issubclass(origin, BaseModel):
+            return "model"
+        if origin is list:
+            return "list"
+        if origin is dict:
+            return "mapping"
+    return "value"
 
 
 def flag_of(name: str, info: FieldInfo) -> str:
     """The field's flag: its name in kebab case, in the singular where it repeats."""
-    return "--" + (name.removesuffix("s") if repeated(info) else name).replace("_", "-")
+    return "--" + (name.removesuffix("s") if form_of(info) in ("list", "mapping") else name).replace("_", "-")
 
 
 def argv(values: Mapping[str, Any], model: type[JobOptions] = JobOptions) -> list[str]:
@@ -238,18 +245,18 @@ def argv(values: Mapping[str, Any], model: type[JobOptions] = JobOptions) -> lis
         info, value = model.model_fields[name], values.get(name)
         if cli_kind(info) is not True or value is None or value == "" or value is False:
             continue
-        flag = flag_of(name, info)
-        if value is True:
+        flag, form = flag_of(name, info), form_of(info)
+        if form == "switch":
             args.append(flag)
-        elif is_model(info):
+        elif form == "model":
             args += [flag, json.dumps(value.model_dump() if isinstance(value, BaseModel) else value, sort_keys=True)]
-        elif isinstance(value, Mapping):
+        elif form == "mapping":
             args += [
                 part
                 for key, item in value.items()
                 for part in (flag, f"{key}={item if isinstance(item, str) else json.dumps(item)}")
             ]
-        elif isinstance(value, list | tuple):
+        elif form == "list":
             args += [part for item in value for part in (flag, str(item))]
         else:
             args += [flag, str(value)]
